@@ -1,0 +1,7 @@
+"""mptkit: pretrain, finetune, evaluate and serve MPT-style language models."""
+
+__version__ = "0.1.0"
+
+from mptkit.errors import MPTKitError  # noqa: E402
+
+__all__ = ["__version__", "MPTKitError"]

@@ -1,0 +1,32 @@
+"""One exception type per domain. Messages say what was wrong, where, and what was expected.
+
+The CLI prints an ``MPTKitError`` as one line (no traceback) unless ``--debug`` is given.
+"""
+
+
+class MPTKitError(Exception):
+    """Base class of every error mptkit raises on purpose."""
+
+
+class ConfigError(MPTKitError, ValueError):
+    """A model, run or recipe configuration is invalid."""
+
+
+class CheckpointError(MPTKitError):
+    """A weights folder or trainer checkpoint is missing, corrupt or does not match the model."""
+
+
+class DataError(MPTKitError):
+    """A corpus, tokenizer or prepared dataset is unusable."""
+
+
+class TrainError(MPTKitError):
+    """A training run cannot start or continue."""
+
+
+class InferenceError(MPTKitError):
+    """Generation or serving was asked for something it cannot do."""
+
+
+class ExportError(MPTKitError):
+    """A model cannot be written in the requested format."""

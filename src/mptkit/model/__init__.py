@@ -1,0 +1,16 @@
+"""The MPT model: config, attention, blocks, the causal LM, init and checkpoint I/O."""
+
+from mptkit.model.attention import alibi_slopes, attention
+from mptkit.model.checkpoint_io import load_tokenizer
+from mptkit.model.config import MPTConfig, load_model_config
+from mptkit.model.model import CausalLMOutput, MPTForCausalLM
+
+__all__ = [
+    "MPTConfig",
+    "MPTForCausalLM",
+    "CausalLMOutput",
+    "alibi_slopes",
+    "attention",
+    "load_model_config",
+    "load_tokenizer",
+]

@@ -1,0 +1,270 @@
+"""ALiBi attention for MPT: the slopes, the attention module (fused Wqkv, MHA/MQA/GQA, clip_qkv, qk_ln)
+and the scaled-dot-product backends behind one function, :func:`attention`.
+
+Conventions used by every backend
+---------------------------------
+* ``q``: (B, H, Tq, D); ``k``, ``v``: (B, Hkv, Tk, D) with ``H % Hkv == 0``; query head ``h`` reads
+  key/value head ``h // (H // Hkv)`` (llm-foundry's ``repeat_kv_for_gqa``).
+* Queries are the *last* ``Tq`` positions of the ``Tk`` keys (bottom-right alignment): query ``i`` sits at
+  position ``Tk - Tq + i``. This is what a KV cache needs and what flash-attn's ``alibi_slopes`` assumes.
+* Causal ALiBi bias for query position ``p`` and key position ``j <= p``: ``-slope_h * (p - j)``. MPT's own
+  key-only bias ``slope_h * (j - (L-1))`` differs by a per-row constant, which softmax removes.
+* ``key_padding_mask``: (B, Tk) bool, True = a real token. ``sequence_id``: (B, Tk) int; a query only sees
+  keys with the same id (packed documents). Both apply on top of causality.
+* Returned: (B, Tq, H, D).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mptkit.errors import ConfigError
+
+# ----------------------------------------------------------------------------- ALiBi slopes
+
+
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8, device: torch.device | str | None = None) -> torch.Tensor:
+    """MPT's ALiBi slopes, shape (n_heads,), fp32.
+
+    n = 2^ceil(log2 H); m_j = j * bias_max / n for j = 1..n; slope_j = 2^-m_j. When n != H (non power of
+    two), MPT interleaves: the odd-indexed slopes first, then the even-indexed, and keeps the first H.
+    """
+    n = 2 ** math.ceil(math.log2(n_heads))
+    m = torch.arange(1, n + 1, dtype=torch.float32, device=device) * (float(alibi_bias_max) / n)
+    slopes = torch.pow(2.0, -m)
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
+
+
+# ----------------------------------------------------------------------------- masks / bias
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """A large finite negative: a fully masked row (left padding) gives finite output instead of NaN."""
+    return torch.finfo(dtype).min
+
+
+def build_attn_bias(
+    *,
+    batch: int,
+    n_heads: int,
+    tq: int,
+    tk: int,
+    slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    sequence_id: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    q_start: int | None = None,
+) -> torch.Tensor:
+    """The additive bias (B|1, H|1, Tq, Tk): ALiBi plus causal/padding/sequence masks.
+
+    This materialises Tq x Tk; the memory-bounded backends never call it on the whole sequence.
+    ``q_start`` (default ``tk - tq``) is the position of the first query.
+    """
+    q0 = tk - tq if q_start is None else q_start
+    qpos = torch.arange(q0, q0 + tq, device=device)
+    kpos = torch.arange(tk, device=device)
+    rel = kpos[None, :] - qpos[:, None]  # (Tq, Tk), <= 0 where allowed
+    allowed = (rel <= 0)[None, None]  # (1,1,Tq,Tk)
+    if slopes is not None:
+        bias = (slopes.to(device=device, dtype=torch.float32)[:, None, None] * rel[None].to(torch.float32))[None]
+    else:
+        bias = torch.zeros((1, 1, tq, tk), device=device, dtype=torch.float32)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    if sequence_id is not None:
+        sq = sequence_id[:, q0 : q0 + tq] if sequence_id.shape[1] == tk else sequence_id
+        allowed = allowed & (sq[:, None, :, None] == sequence_id[:, None, None, :])
+    bias = bias.to(dtype).masked_fill(~allowed, mask_value(dtype))
+    return bias
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv*n_rep, T, D), head h reading kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    b, hkv, t, d = x.shape
+    return x[:, :, None].expand(b, hkv, n_rep, t, d).reshape(b, hkv * n_rep, t, d)
+
+
+# ----------------------------------------------------------------------------- backends
+
+AttnFn = Callable[..., torch.Tensor]
+BACKENDS: dict[str, AttnFn] = {}
+
+
+def register_backend(name: str) -> Callable[[AttnFn], AttnFn]:
+    def deco(fn: AttnFn) -> AttnFn:
+        BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_backend("torch")
+def eager_attention(
+    q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False
+):
+    """The reference: explicit scores, bias and softmax in fp32."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    n_rep = h // k.shape[1]
+    k = repeat_kv(k, n_rep)
+    v = repeat_kv(v, n_rep)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * softmax_scale
+    bias = build_attn_bias(
+        batch=b, n_heads=h, tq=tq, tk=tk, slopes=slopes, key_padding_mask=key_padding_mask,
+        sequence_id=sequence_id, dtype=torch.float32, device=q.device,
+    )
+    probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
+    if dropout_p and training:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, v)
+    return out.transpose(1, 2)
+
+
+@register_backend("sdpa")
+def sdpa_attention(
+    q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False
+):
+    """PyTorch's scaled_dot_product_attention; the ALiBi/mask bias is passed as a float attn_mask."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    n_rep = h // k.shape[1]
+    dp = dropout_p if training else 0.0
+    if slopes is None and key_padding_mask is None and sequence_id is None:
+        if tq == tk:
+            out = F.scaled_dot_product_attention(
+                q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True, dropout_p=dp, scale=softmax_scale
+            )
+            return out.transpose(1, 2)
+        if tq == 1:  # one new token sees every cached key
+            out = F.scaled_dot_product_attention(
+                q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), dropout_p=dp, scale=softmax_scale
+            )
+            return out.transpose(1, 2)
+    bias = build_attn_bias(
+        batch=b, n_heads=h, tq=tq, tk=tk, slopes=slopes, key_padding_mask=key_padding_mask,
+        sequence_id=sequence_id, dtype=q.dtype, device=q.device,
+    )
+    out = F.scaled_dot_product_attention(
+        q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=bias, dropout_p=dp, scale=softmax_scale
+    )
+    return out.transpose(1, 2)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Map ``auto`` (and MPT's legacy ``triton``) to a concrete backend for this device and dtype."""
+    if impl in ("auto", "triton"):
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and "flash" in BACKENDS:
+            try:
+                import flash_attn  # noqa: F401
+
+                return "flash"
+            except ImportError:
+                pass
+        return "sdpa"
+    if impl not in BACKENDS:
+        raise ConfigError(
+            f"attn_config.attn_impl '{impl}' is not available here (available: {sorted(BACKENDS)})"
+        )
+    return impl
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    slopes: torch.Tensor | None,
+    softmax_scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+    sequence_id: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Dispatch to the backend named by ``impl`` (see the module docstring for shapes and semantics)."""
+    if q.shape[1] % k.shape[1]:
+        raise ConfigError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    name = resolve_impl(impl, q.device, q.dtype)
+    return BACKENDS[name](
+        q, k, v, slopes=slopes, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
+        sequence_id=sequence_id, dropout_p=dropout_p, training=training,
+    )
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class LayerKVCache(Protocol):
+    """What the attention module needs from a KV cache for one layer (see mptkit.infer.cache)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, Hkv, T, D) keys/values; return all keys/values so far."""
+        ...
+
+
+class MPTAttention(nn.Module):
+    """MPT's attention: fused Wqkv (rows Q | K | V), optional clip_qkv and qk_ln, out_proj."""
+
+    def __init__(self, config, norm_factory: Callable[[int], nn.Module]):
+        super().__init__()
+        self.d_model = config.d_model
+        self.n_heads = config.n_heads
+        self.kv_n_heads = config.kv_n_heads
+        self.head_dim = config.head_dim
+        self.softmax_scale = config.softmax_scale
+        self.clip_qkv = config.attn_config["clip_qkv"]
+        self.attn_pdrop = float(config.attn_config["attn_pdrop"])
+        self.attn_impl = config.attn_impl
+        bias = not config.no_bias
+        kv_dim = self.kv_n_heads * self.head_dim
+        self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * kv_dim, bias=bias)
+        # Fused init: q, k, v slices are initialised separately (as llm-foundry's `_fused`).
+        self.Wqkv._fused = (0, [self.d_model, self.d_model + kv_dim])
+        self.qk_ln = bool(config.attn_config["qk_ln"])
+        if self.qk_ln:
+            self.q_ln = norm_factory(self.d_model)
+            self.k_ln = norm_factory(kv_dim)
+        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias)
+        self.out_proj._is_residual = True
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        slopes: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None = None,
+        sequence_id: torch.Tensor | None = None,
+        layer_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.Wqkv(x)
+        if self.clip_qkv:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        kv_dim = self.kv_n_heads * self.head_dim
+        q, k, v = qkv.split([self.d_model, kv_dim, kv_dim], dim=-1)
+        if self.qk_ln:
+            dtype = q.dtype
+            q = self.q_ln(q).to(dtype)
+            k = self.k_ln(k).to(dtype)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        if layer_cache is not None:
+            k, v = layer_cache.update(k, v)
+        out = attention(
+            q, k, v, slopes=slopes, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
+            sequence_id=sequence_id, dropout_p=self.attn_pdrop, training=self.training, impl=self.attn_impl,
+        )
+        return self.out_proj(out.reshape(b, t, self.d_model))

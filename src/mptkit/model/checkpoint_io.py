@@ -1,0 +1,285 @@
+"""Weights on disk in the HF layout: config.json + safetensors (sharded with an index above a size).
+
+Read: ``model.safetensors``, ``model.safetensors.index.json`` (shards), and — only with
+``torch.load(weights_only=True)`` — ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``.
+Tensor names are MPT's; a folder with missing, unexpected or mis-shaped tensors is refused with their
+names. Writes are atomic per file, and the index (or single file) is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from mptkit.errors import CheckpointError, ConfigError
+from mptkit.model.config import MPTConfig
+from mptkit.utils.fs import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def parse_size(s: int | str) -> int:
+    """'5GB' / '500MB' / '10KiB' / int -> bytes."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(s), re.I)
+    if not m:
+        raise ConfigError(f"max_shard_size: cannot read size '{s}' (use e.g. 5GB, 500MB)")
+    num = float(m.group(1))
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(num * base**power)
+
+
+# ------------------------------------------------------------------------------------ saving
+
+
+def _state_for_saving(model) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_pretrained(
+    model,
+    folder: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    layout: str | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
+) -> Path:
+    """Write config.json and safetensors weights (one file, or shards + index above ``max_shard_size``).
+
+    ``dtype`` casts floating tensors on the way out (e.g. torch.bfloat16 for a smaller export).
+    ``tokenizer``: a transformers tokenizer (or a folder holding tokenizer files) saved alongside.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = _state_for_saving(model)
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt"}
+    # Remove weights of an earlier save in a different shard layout only after the new ones are in place.
+    old = set(_weight_files(folder))
+    written: set[Path] = set()
+    if len(shards) == 1:
+        target = folder / SAFE_SINGLE
+        with atomic_path(target) as tmp:
+            save_file(shards[0], str(tmp), metadata=meta)
+        written.add(target)
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            with atomic_path(folder / name) as tmp:
+                save_file(shard, str(tmp), metadata=meta)
+            written.add(folder / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        atomic_write_json(folder / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.add(folder / SAFE_INDEX)
+    model.config.save(folder, layout=layout)
+    for p in old - written:
+        p.unlink(missing_ok=True)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            import shutil
+
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer) / name
+                if src.exists() and src.resolve() != (folder / name).resolve():
+                    shutil.copyfile(src, folder / name)
+        else:
+            tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    pats = ("model.safetensors", "model-*-of-*.safetensors", SAFE_INDEX)
+    out: list[Path] = []
+    for p in pats:
+        out.extend(folder.glob(p))
+    return out
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        idx = json.loads(path.read_text(encoding="utf-8"))
+        wm = idx["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError("weight_map is not a mapping")
+        return wm
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid shard index ({e})") from None
+
+
+def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in the folder's weights, file by file (CPU, lazily per file)."""
+    folder = Path(folder)
+    files: list[Path]
+    if (folder / SAFE_INDEX).exists():
+        files = sorted({folder / f for f in _read_index(folder / SAFE_INDEX).values()})
+        kind = "safe"
+    elif (folder / SAFE_SINGLE).exists():
+        files, kind = [folder / SAFE_SINGLE], "safe"
+    elif (folder / BIN_INDEX).exists():
+        files = sorted({folder / f for f in _read_index(folder / BIN_INDEX).values()})
+        kind = "bin"
+    elif (folder / BIN_SINGLE).exists():
+        files, kind = [folder / BIN_SINGLE], "bin"
+    else:
+        singles = sorted(folder.glob("*.safetensors"))
+        if not singles:
+            raise CheckpointError(
+                f"{folder}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+            )
+        files, kind = singles, "safe"
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{f}: listed in the shard index but missing")
+        if kind == "safe":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as sf:
+                    for k in sf.keys():
+                        yield k, sf.get_tensor(k)
+            except SafetensorError as e:
+                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+            except OSError as e:
+                raise CheckpointError(f"{f}: cannot read ({e})") from None
+        else:
+            try:
+                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # pickle errors, non-tensor payloads refused by weights_only
+                raise CheckpointError(f"{f}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f}: expected a dict of tensors, got {type(sd).__name__}")
+            yield from sd.items()
+
+
+def _normalise_key(k: str) -> str:
+    for prefix in ("model.transformer.", "module.transformer."):  # Composer / DDP-wrapped names
+        if k.startswith(prefix):
+            return k[len(prefix) - len("transformer."):]
+    if k.startswith("model.lm_head."):
+        return k[len("model."):]
+    return k
+
+
+def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device) -> None:
+    """Check names and shapes against the model, then assign the tensors (no second copy in memory)."""
+    expected = {k: v for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    got: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for k, t in tensors:
+        k = _normalise_key(k)
+        if k == "lm_head.weight" and tied:
+            continue  # transformers may store the tied head; it is wte
+        if k.endswith(("attn.masked_bias", "attn.bias")) and k not in expected:
+            continue  # legacy buffers some exporters wrote
+        if k not in expected:
+            unexpected.append(k)
+            continue
+        got[k] = t
+    missing = [k for k in expected if k not in got]
+    shape_bad = [
+        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in got
+        if tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}" + (" …" if len(unexpected) > 8 else "")
+        )
+    if shape_bad:
+        problems.append(f"mis-shaped tensors ({len(shape_bad)}): " + "; ".join(shape_bad[:8]))
+    if problems:
+        raise CheckpointError(
+            f"{source}: weights do not match config.json — " + " | ".join(problems)
+            + " (check d_model / n_heads / n_layers / vocab_size / attn_config / tie_word_embeddings)"
+        )
+    final = {}
+    for k, t in got.items():
+        want_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        final[k] = t.to(device=device, dtype=want_dtype)
+    model.load_state_dict(final, strict=True, assign=True)
+
+
+def load_pretrained(
+    folder: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_impl: str | None = None,
+    **config_overrides: Any,
+):
+    """Build an MPTForCausalLM from a HF-layout folder without allocating it twice (meta, then assign)."""
+    from mptkit.model.model import MPTForCausalLM
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder}: not a folder. mptkit loads local HF-layout folders (config.json + *.safetensors); "
+            "download a hub model first (e.g. `huggingface-cli download mosaicml/mpt-7b --local-dir DIR`)"
+        )
+    cfg = MPTConfig.from_json_file(folder / "config.json")
+    if attn_impl is not None:
+        config_overrides.setdefault("attn_config", {})["attn_impl"] = attn_impl
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    cfg.init_device = "meta"
+    model = MPTForCausalLM(cfg, init=False)
+    load_state_into(model, iter_checkpoint_tensors(folder), source=str(folder), dtype=dtype, device=device)
+    model.config.init_device = "cpu"
+    model.reset_buffers()
+    model.eval()
+    return model
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The transformers tokenizer stored beside the weights (local files only), or None if there is none."""
+    folder = Path(folder)
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({type(e).__name__}: {e})") from None

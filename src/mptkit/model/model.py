@@ -1,0 +1,236 @@
+"""MPTForCausalLM: one plain ``torch.nn.Module`` for training, finetuning, eval and inference.
+
+Parameter names are MPT's HF names (``transformer.wte.weight``, ``transformer.blocks.N.attn.Wqkv.weight``
+…), so a state dict is a checkpoint as-is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mptkit.errors import ConfigError
+from mptkit.model.attention import alibi_slopes
+from mptkit.model.blocks import MPTBlock, norm_factory
+from mptkit.model.config import MPTConfig, load_model_config
+from mptkit.model.init import init_weights
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: logits[:, t] predicts labels[:, t+1]; mean over non-ignored targets."""
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+
+
+class MPTModel(nn.Module):
+    """The decoder stack (``transformer.*``): embeddings, blocks, final norm."""
+
+    def __init__(self, config: MPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        if config.use_learned_pos_emb:
+            self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.emb_drop = nn.Dropout(config.emb_pdrop)
+        self.blocks = nn.ModuleList([MPTBlock(config) for _ in range(config.n_layers)])
+        self.norm_f = norm_factory(config)(config.d_model)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        slopes: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        sequence_id: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        past = cache.seq_len if cache is not None else 0
+        kpm = None
+        if attention_mask is not None:
+            kpm = attention_mask.to(torch.bool)
+            if kpm.shape != (b, past + t):
+                raise ConfigError(
+                    f"attention_mask has shape {tuple(kpm.shape)}; expected (batch, past + new tokens) = "
+                    f"({b}, {past + t})"
+                )
+        if sequence_id is not None and not cfg.attn_config["attn_uses_sequence_id"]:
+            sequence_id = None  # MPT ignores it unless attn_uses_sequence_id is set
+        if hasattr(self, "wpe"):
+            if past + t > cfg.max_seq_len:
+                raise ConfigError(
+                    f"sequence of {past + t} tokens exceeds max_seq_len={cfg.max_seq_len}: this model uses "
+                    "learned position embeddings, which have no entry past their table (ALiBi models do not "
+                    "have this limit)"
+                )
+            if kpm is not None:  # left padding: positions count real tokens only (as llm-foundry)
+                pos = (kpm.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                pos = torch.arange(past, past + t, device=x.device)[None]
+            x = x + self.wpe(pos)
+        if cfg.embedding_fraction != 1:
+            f = cfg.embedding_fraction
+            x = x * f + x.detach() * (1 - f)
+        x = self.emb_drop(x)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            lc = cache.layer(i) if cache is not None else None
+            if use_ckpt:
+                x = checkpoint(block, x, slopes, kpm, sequence_id, lc, use_reentrant=False)
+            else:
+                x = block(x, slopes, kpm, sequence_id, lc)
+        if cache is not None:
+            cache.advance(t)
+        return self.norm_f(x)
+
+
+class MPTForCausalLM(nn.Module):
+    """An MPT decoder with a language-model head (tied to ``wte`` unless ``tie_word_embeddings`` is false)."""
+
+    def __init__(self, config: MPTConfig | dict | str, *, init: bool = True):
+        super().__init__()
+        config = load_model_config(config)
+        self.config = config
+        device = None if config.init_device in (None, "cpu", "mixed") else config.init_device
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.transformer = MPTModel(config)
+            if not config.tie_word_embeddings:
+                self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        if init and not self.is_meta:
+            init_weights(self, config)
+
+    # ---------------------------------------------------------------- buffers / init / meta
+    @property
+    def is_meta(self) -> bool:
+        return any(p.is_meta for p in self.parameters())
+
+    def reset_buffers(self) -> None:
+        """(Re)compute non-persistent buffers (ALiBi slopes) on the parameters' device."""
+        dev = self.transformer.wte.weight.device
+        if self.config.alibi:
+            self.alibi_slopes = alibi_slopes(self.config.n_heads, self.config.attn_config["alibi_bias_max"], device=dev)
+        else:
+            self.alibi_slopes = torch.empty(0, device=dev)
+
+    def init_weights(self) -> None:
+        """MPT init in place; with a meta model, call after ``to_empty(device=...)``."""
+        self.reset_buffers()
+        init_weights(self, self.config)
+
+    def materialize(self, device: str | torch.device = "cpu") -> "MPTForCausalLM":
+        """Allocate a meta-device model on ``device`` and initialise it (torchtitan-style)."""
+        self.to_empty(device=device)
+        self.init_weights()
+        return self
+
+    # ---------------------------------------------------------------- forward
+    @property
+    def slopes(self) -> torch.Tensor | None:
+        return self.alibi_slopes if self.config.alibi else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        sequence_id: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+    ) -> CausalLMOutput:
+        """``input_ids`` (B, T) -> logits (B, T, V); ``labels`` (B, T) gives the next-token loss
+        (ignore index -100). ``attention_mask`` (B, past+T): 1 for real tokens (left padding).
+        ``sequence_id`` (B, T): packed-document ids (used when ``attn_uses_sequence_id``).
+        ``cache``: a KV cache (mptkit.infer.cache) to read and extend. ``logits_to_keep=k`` computes only
+        the last k positions' logits (generation)."""
+        h = self.transformer(
+            input_ids, slopes=self.slopes, attention_mask=attention_mask, sequence_id=sequence_id,
+            cache=cache, inputs_embeds=inputs_embeds,
+        )
+        hk = h[:, -logits_to_keep:] if logits_to_keep else h
+        logits = self.logits(hk)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=h if return_hidden else None)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        out = F.linear(h, w)
+        s = self.config.logit_scale_value
+        if s is not None:
+            out = out * s
+        return out
+
+    # ---------------------------------------------------------------- sizes
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel()
+            if hasattr(self.transformer, "wpe"):
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), llm-foundry's formula:
+        6 * N + 12 * n_layers * d_model * seq_len (N = all parameters, attention included)."""
+        t = self.config.max_seq_len if seq_len is None else seq_len
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layers * c.d_model * t
+
+    def flops_per_batch(self, batch_size: int, seq_len: int) -> int:
+        return batch_size * seq_len * self.flops_per_token(seq_len)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.transformer.gradient_checkpointing = enabled
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch every layer's attention backend (``auto``, ``torch``, ``sdpa``, …)."""
+        from mptkit.model.config import ATTN_IMPLS
+
+        if impl not in ATTN_IMPLS:
+            raise ConfigError(f"attn_impl '{impl}' is not one of {ATTN_IMPLS}")
+        self.config.attn_config["attn_impl"] = impl
+        for blk in self.transformer.blocks:
+            blk.attn.attn_impl = impl
+
+    # ---------------------------------------------------------------- I/O
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_impl: str | None = None,
+        **config_overrides: Any,
+    ) -> "MPTForCausalLM":
+        from mptkit.model.checkpoint_io import load_pretrained
+
+        return load_pretrained(folder, dtype=dtype, device=device, attn_impl=attn_impl, **config_overrides)
+
+    def save_pretrained(self, folder: str | os.PathLike, **kw: Any):
+        from mptkit.model.checkpoint_io import save_pretrained
+
+        return save_pretrained(self, folder, **kw)
