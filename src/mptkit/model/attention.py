@@ -207,7 +207,16 @@ def attention(
 
 
 class LayerKVCache(Protocol):
-    """What the attention module needs from a KV cache for one layer (see mptkit.infer.cache)."""
+    """What the attention module needs from a KV cache for one layer (see mptkit.infer.cache).
+
+    The model-level cache passed as ``cache=`` to ``MPTForCausalLM.forward`` has ``seq_len`` (tokens
+    already cached, used for positions and mask shapes), ``layer(i)`` -> a LayerKVCache, and
+    ``advance(t)`` (called once after all layers have consumed ``t`` new tokens).
+
+    A layer cache may also define ``attend(q, k, v, *, slopes, softmax_scale) -> (B, Tq, H, D)``; then
+    the attention module calls it instead of :func:`attention` (for cache layouts where sequences of a
+    batch have different lengths, e.g. continuous batching).
+    """
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, Hkv, T, D) keys/values; return all keys/values so far."""
@@ -261,10 +270,15 @@ class MPTAttention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_n_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        attend = None
         if layer_cache is not None:
             k, v = layer_cache.update(k, v)
-        out = attention(
-            q, k, v, slopes=slopes, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
-            sequence_id=sequence_id, dropout_p=self.attn_pdrop, training=self.training, impl=self.attn_impl,
-        )
+            attend = getattr(layer_cache, "attend", None)
+        if attend is not None:  # a cache with its own layout (per-slot lengths) computes attention itself
+            out = attend(q, k, v, slopes=slopes, softmax_scale=self.softmax_scale)
+        else:
+            out = attention(
+                q, k, v, slopes=slopes, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
+                sequence_id=sequence_id, dropout_p=self.attn_pdrop, training=self.training, impl=self.attn_impl,
+            )
         return self.out_proj(out.reshape(b, t, self.d_model))
