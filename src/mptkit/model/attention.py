@@ -11,6 +11,9 @@ Conventions used by every backend
   key-only bias ``slope_h * (j - (L-1))`` differs by a per-row constant, which softmax removes.
 * ``key_padding_mask``: (B, Tk) bool, True = a real token. ``sequence_id``: (B, Tk) int; a query only sees
   keys with the same id (packed documents). Both apply on top of causality.
+* A query always sees its own position (the diagonal), even when ``key_padding_mask`` marks it as padding:
+  a left-padding query then attends only to itself, so its output is finite, identical in every backend
+  and independent of the real tokens (no NaN, no leak from later tokens into the gradient).
 * Returned: (B, Tq, H, D).
 """
 
@@ -82,6 +85,8 @@ def build_attn_bias(
     if sequence_id is not None:
         sq = sequence_id[:, q0 : q0 + tq] if sequence_id.shape[1] == tk else sequence_id
         allowed = allowed & (sq[:, None, :, None] == sequence_id[:, None, None, :])
+    if key_padding_mask is not None:
+        allowed = allowed | (rel == 0)[None, None]  # a padding query sees itself (see module docstring)
     bias = bias.to(dtype).masked_fill(~allowed, mask_value(dtype))
     return bias
 
