@@ -20,6 +20,7 @@ from mptkit.errors import ConfigError
 from mptkit.model.attention import alibi_slopes
 from mptkit.model.blocks import MPTBlock, norm_factory
 from mptkit.model.config import MPTConfig, load_model_config
+from mptkit.model.fused_loss import linear_cross_entropy, shifted_labels
 from mptkit.model.init import init_weights
 
 
@@ -31,10 +32,14 @@ class CausalLMOutput:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy: logits[:, t] predicts labels[:, t+1]; mean over non-ignored targets."""
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    """Next-token cross-entropy: logits[:, t] predicts labels[:, t+1]; mean over non-ignored targets.
+
+    The labels are shifted instead of the logits (the last position gets ``ignore_index``), so the (B, T, V)
+    logits are neither sliced into a copy nor, when already fp32, cast into one."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return F.cross_entropy(flat, shifted_labels(labels, ignore_index).reshape(-1), ignore_index=ignore_index)
 
 
 class MPTModel(nn.Module):
@@ -160,16 +165,28 @@ class MPTForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """``input_ids`` (B, T) -> logits (B, T, V); ``labels`` (B, T) gives the next-token loss
         (ignore index -100). ``attention_mask`` (B, past+T): 1 for real tokens (left padding).
         ``sequence_id`` (B, T): packed-document ids (used when ``attn_uses_sequence_id``).
         ``cache``: a KV cache (mptkit.infer.cache) to read and extend. ``logits_to_keep=k`` computes only
-        the last k positions' logits (generation)."""
+        the last k positions' logits (generation). ``return_logits=False`` returns ``logits=None`` and, with
+        ``labels``, computes the loss fused with the LM head in chunks, so the (B, T, V) logits are never
+        held (the training step's choice: faster, and memory independent of the vocabulary)."""
         h = self.transformer(
             input_ids, slopes=self.slopes, attention_mask=attention_mask, sequence_id=sequence_id,
             cache=cache, inputs_embeds=inputs_embeds,
         )
+        if not return_logits:
+            loss = None
+            if labels is not None:
+                w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+                loss = linear_cross_entropy(
+                    h.reshape(-1, h.shape[-1]), w, shifted_labels(labels).reshape(-1),
+                    scale=self.config.logit_scale_value,
+                )
+            return CausalLMOutput(logits=None, loss=loss, hidden_states=h if return_hidden else None)
         hk = h[:, -logits_to_keep:] if logits_to_keep else h
         logits = self.logits(hk)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
