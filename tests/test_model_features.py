@@ -268,3 +268,21 @@ def test_meta_model_materializes_and_runs():
     m.materialize("cpu")
     assert not m.is_meta and m.alibi_slopes.shape == (4,)
     assert torch.isfinite(m(torch.randint(0, 211, (1, 8))).logits).all()
+
+
+def test_low_precision_layernorm_runs_in_autocast_dtype():
+    """Under autocast, MPT's LPLayerNorm casts input and weights to the autocast dtype (and returns it);
+    plain LayerNorm under CPU autocast stays fp32. Outside autocast both equal F.layer_norm."""
+    from mptkit.model.blocks import LayerNorm, LPLayerNorm
+
+    lp, ln = LPLayerNorm(32, bias=False), LayerNorm(32, bias=False)
+    with torch.no_grad():
+        lp.weight.uniform_(0.5, 1.5)
+        ln.weight.copy_(lp.weight)
+    x = torch.randn(4, 32)
+    assert torch.equal(lp(x), F.layer_norm(x, (32,), lp.weight, None, 1e-5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lp(x)
+    assert y.dtype == torch.bfloat16
+    ref = F.layer_norm(x.bfloat16(), (32,), lp.weight.bfloat16(), None, 1e-5)
+    assert torch.equal(y, ref)
