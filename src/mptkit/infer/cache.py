@@ -1,0 +1,254 @@
+"""A pre-allocated KV cache with per-sequence lengths ("slots").
+
+One :class:`KVCache` holds, for every layer, key and value tensors of shape
+``(slots, kv_heads, capacity, head_dim)``. Each slot is one sequence with its own length, so sequences of
+different lengths share one batch without padding: ALiBi depends only on the distance between a query
+and a key, and each slot's bias is computed from its own length (per-sequence positions). This is what
+batched generation and continuous batching (requests joining and leaving between decode steps) need.
+
+The cache talks to the model through the KV-cache protocol of :mod:`mptkit.model.attention`:
+``seq_len``, ``layer(i)`` -> a layer cache with ``update(k, v)`` and ``attend(q, k, v, ...)``, and
+``advance(t)``. Two modes, chosen before each forward pass:
+
+* ``begin_prefill(slot, t)``: ``t`` tokens of one slot (batch 1). Chunked prefill works: the new queries
+  see the slot's cached keys plus themselves, causally.
+* ``begin_decode(n)``: one new token for each of slots ``0..n-1`` (batch ``n``); a slot that is idle in
+  this step gets a dummy token whose result the caller ignores (``active`` marks the real ones, only
+  those advance). Keys are read in place (no gather), the ALiBi bias row is computed once per step and
+  shared by every layer.
+
+Capacity grows (the tensors are re-allocated, doubling) up to ``max_context``. A model with learned
+position embeddings cannot go past its table (``max_seq_len``); an ALiBi model can, up to the
+configured context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mptkit.errors import InferenceError
+from mptkit.model.attention import attention
+
+log = logging.getLogger(__name__)
+
+
+def context_limit(config, max_context: int | None) -> int:
+    """The longest sequence (prompt + generated) this model may run to.
+
+    ALiBi models: ``max_context`` if given (any length), else ``max_seq_len``. Models with learned
+    position embeddings: at most ``max_seq_len``; asking for more is an error."""
+    if config.use_learned_pos_emb:
+        if max_context is not None and max_context > config.max_seq_len:
+            raise InferenceError(
+                f"max context {max_context} exceeds this model's max_seq_len={config.max_seq_len}: it uses "
+                "learned position embeddings, which have no entry past their table (ALiBi models have no "
+                "such limit)"
+            )
+        return max_context or config.max_seq_len
+    if max_context is not None and max_context < 1:
+        raise InferenceError(f"max context must be positive, got {max_context}")
+    return max_context or config.max_seq_len
+
+
+class _LayerCache:
+    __slots__ = ("cache", "i")
+
+    def __init__(self, cache: "KVCache", i: int):
+        self.cache = cache
+        self.i = i
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return self.cache._update(self.i, k, v)
+
+    def attend(self, q, k, v, *, slopes, softmax_scale):
+        return self.cache._attend(q, k, v, slopes=slopes, softmax_scale=softmax_scale)
+
+
+class KVCache:
+    """Per-layer K/V tensors ``(slots, kv_heads, capacity, head_dim)`` with a length per slot."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        slots: int = 1,
+        capacity: int | None = None,
+        max_context: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.config = config
+        self.n_layers = config.n_layers
+        self.kv_heads = config.kv_n_heads
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.max_context = context_limit(config, max_context)
+        self.slots = slots
+        self.dtype = dtype
+        self.device = torch.device(device)
+        cap = capacity if capacity is not None else min(self.max_context, 256)
+        self.capacity = max(1, min(cap, self.max_context))
+        self.k = [self._alloc(self.capacity) for _ in range(self.n_layers)]
+        self.v = [self._alloc(self.capacity) for _ in range(self.n_layers)]
+        self.lengths = [0] * slots  # tokens cached per slot (python ints: no device sync)
+        self._layers = [_LayerCache(self, i) for i in range(self.n_layers)]
+        self._slopes = None
+        self._ramp = None
+        # per-forward state
+        self._mode = None
+        self._slot = 0
+        self._t = 0
+        self._n = 0
+        self._active: list[bool] | None = None
+        self._pos = None
+        self._bias = None
+        self.seq_len = 0
+
+    # ------------------------------------------------------------------ storage
+    def _alloc(self, cap: int) -> torch.Tensor:
+        return torch.zeros((self.slots, self.kv_heads, cap, self.head_dim), dtype=self.dtype, device=self.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Make room for ``needed`` tokens in every slot (re-allocating, doubling, up to max_context)."""
+        if needed > self.max_context:
+            raise InferenceError(
+                f"sequence of {needed} tokens exceeds the context limit of {self.max_context} tokens"
+            )
+        if needed <= self.capacity:
+            return
+        new_cap = min(self.max_context, max(needed, 2 * self.capacity))
+        log.debug("KV cache grows from %d to %d tokens", self.capacity, new_cap)
+        for i in range(self.n_layers):
+            for store in (self.k, self.v):
+                t = self._alloc(new_cap)
+                t[:, :, : self.capacity].copy_(store[i])
+                store[i] = t
+        self.capacity = new_cap
+        self._ramp = None
+
+    def reset_slot(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.slots
+
+    def free_slots(self) -> list[int]:
+        return [i for i, n in enumerate(self.lengths) if n == 0]
+
+    # ------------------------------------------------------------------ modes
+    def set_slopes(self, slopes: torch.Tensor | None) -> None:
+        self._slopes = None if slopes is None else slopes.to(device=self.device, dtype=torch.float32)
+        self._ramp = None
+
+    def _alibi_ramp(self) -> torch.Tensor:
+        """(H, 1, capacity): slope_h * (j - (capacity-1)); the last L columns are a decode row for length L."""
+        if self._ramp is None:
+            j = torch.arange(-(self.capacity - 1), 1, device=self.device, dtype=torch.float32)
+            self._ramp = (self._slopes[:, None, None] * j[None, None, :]).to(self.dtype)
+        return self._ramp
+
+    def begin_prefill(self, slot: int, t: int) -> None:
+        """The next forward pass feeds ``t`` tokens of ``slot`` (batch 1)."""
+        self.ensure_capacity(self.lengths[slot] + t)
+        self._mode = "prefill"
+        self._slot = slot
+        self._t = t
+        self.seq_len = self.lengths[slot]
+
+    def begin_decode(self, n: int, active: list[bool] | None = None) -> None:
+        """The next forward pass feeds one token to each of slots ``0..n-1``; only ``active`` slots advance."""
+        lens = self.lengths[:n]
+        act = active if active is not None else [True] * n
+        top = max(ln for ln, a in zip(lens, act) if a) if any(act) else 0
+        self.ensure_capacity(top + 1)
+        self._mode = "decode"
+        self._n = n
+        self._active = act
+        tk = top + 1
+        self.seq_len = top  # what the model sees as "past" (positions for learned embeddings use a mask)
+        if n == 1:
+            self._pos = None
+            if self._slopes is not None:
+                self._bias = self._alibi_ramp()[:, :, self.capacity - tk :]  # (H, 1, tk), a view
+            else:
+                self._bias = None
+            return
+        pos = torch.tensor(lens, device=self.device)
+        self._pos = pos
+        kpos = torch.arange(tk, device=self.device)
+        rel = (kpos[None, :] - pos[:, None]).to(torch.float32)  # (n, tk), <= 0 where visible
+        allowed = rel <= 0
+        if self._slopes is not None:
+            bias = self._slopes[None, :, None, None] * rel[:, None, None, :]
+        else:
+            bias = torch.zeros((n, 1, 1, tk), device=self.device)
+        self._bias = bias.masked_fill(~allowed[:, None, None, :], torch.finfo(torch.float32).min).to(self.dtype)
+
+    def decode_attention_mask(self) -> torch.Tensor:
+        """For learned-position models in a multi-slot decode: an (n, past+1) mask whose cumulative sum gives
+        each slot's own position to ``MPTModel`` (which derives positions from the mask)."""
+        n, past = self._n, self.seq_len
+        lens = torch.tensor(self.lengths[:n], device=self.device)
+        m = torch.arange(past + 1, device=self.device)[None, :] < lens[:, None]
+        m[:, -1] = True
+        return m.long()
+
+    # ------------------------------------------------------------------ protocol
+    def layer(self, i: int) -> _LayerCache:
+        return self._layers[i]
+
+    def advance(self, t: int) -> None:
+        if self._mode == "prefill":
+            self.lengths[self._slot] += t
+        elif self._mode == "decode":
+            for s in range(self._n):
+                if self._active[s]:
+                    self.lengths[s] += 1
+        self._mode = None
+
+    def _update(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        if self._mode == "prefill":
+            s, start, t = self._slot, self.lengths[self._slot], self._t
+            self.k[i][s : s + 1, :, start : start + t].copy_(k)
+            self.v[i][s : s + 1, :, start : start + t].copy_(v)
+            return self.k[i][s : s + 1, :, : start + t], self.v[i][s : s + 1, :, : start + t]
+        if self._mode == "decode":
+            n, tk = self._n, self.seq_len + 1
+            if n == 1:
+                p = self.lengths[0]
+                self.k[i][0:1, :, p : p + 1].copy_(k)
+                self.v[i][0:1, :, p : p + 1].copy_(v)
+            else:
+                rows = torch.arange(n, device=self.device)
+                self.k[i][rows, :, self._pos] = k[:, :, 0]
+                self.v[i][rows, :, self._pos] = v[:, :, 0]
+            return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
+        raise InferenceError("KVCache used without begin_prefill()/begin_decode()")
+
+    def _attend(self, q, k, v, *, slopes, softmax_scale):
+        if self._mode == "prefill":
+            return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")
+        # decode: q (n, H, 1, D), k/v (n, Hkv, tk, D)
+        n_rep = self.n_heads // self.kv_heads
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias, scale=softmax_scale)
+        return out.transpose(1, 2)
+
+
+def cache_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
+    """K and V bytes one token occupies across all layers."""
+    es = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layers * config.kv_n_heads * config.head_dim * es
+
+
+def round_capacity(n: int, multiple: int = 64) -> int:
+    return int(math.ceil(n / multiple) * multiple)

@@ -1,0 +1,362 @@
+"""Generation: prefill + decode over a :class:`~mptkit.infer.cache.KVCache`, streaming text with stop
+strings, batched generation with per-sequence positions (no padding), and ``generate_text``.
+
+The per-token path is kept lean: one forward of (n, 1) tokens, cache writes in place, ALiBi bias from a
+precomputed ramp, logits only for the last position (``logits_to_keep=1``), no T x T work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence as Seq
+
+import torch
+
+from mptkit.errors import InferenceError
+from mptkit.infer.cache import KVCache, context_limit
+from mptkit.infer.sampling import SamplingParams, SequenceSampler, token_logprobs
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------- incremental text
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a multi-byte character.
+
+    It decodes a small window (``prefix`` .. end) and emits what the newest tokens added, so the cost per
+    token is constant. A few prompt tokens seed the window so tokenizers that drop a leading space on the
+    first token still produce the right text."""
+
+    def __init__(self, tokenizer, prompt_ids: Seq[int] = ()):
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _dec(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        prev = self._dec(self.ids[self.prefix : self.read])
+        new = self._dec(self.ids[self.prefix :])
+        if len(new) > len(prev) and not new.endswith("\ufffd"):
+            delta = new[len(prev) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prev = self._dec(self.ids[self.prefix : self.read])
+        new = self._dec(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return new[len(prev) :] if len(new) > len(prev) else ""
+
+
+# ----------------------------------------------------------------------------- one sequence
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    time_to_first_token: float | None = None
+    elapsed: float | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Sequence:
+    """One sequence being generated: sampling state, stop rules and the text emitted so far."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        tokenizer=None,
+        vocab_size: int,
+        eos_token_id: int | None,
+        context_limit: int,
+        device="cpu",
+    ):
+        if not prompt_ids:
+            raise InferenceError("the prompt is empty (0 tokens); give at least one token")
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sampler = SequenceSampler(params, self.prompt_ids, vocab_size, device)
+        self.tokenizer = tokenizer
+        self.detok = Detokenizer(tokenizer, self.prompt_ids) if tokenizer is not None else None
+        self.stop_ids = set(params.stop_token_ids)
+        if eos_token_id is not None and not params.ignore_eos:
+            self.stop_ids.add(int(eos_token_id))
+        self.context_limit = context_limit
+        self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.text = ""  # all text decoded so far (may run past a stop string)
+        self.emitted = 0  # chars of text already handed out
+        self.finish_reason: str | None = None
+        self.final_text: str | None = None
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+        if params.min_tokens > 0 and self.stop_ids:
+            self.sampler.suppress = sorted(self.stop_ids)
+        if params.max_tokens == 0:
+            self.finish_reason = "length"
+            self.final_text = ""
+        elif len(self.prompt_ids) >= context_limit:
+            raise InferenceError(
+                f"the prompt has {len(self.prompt_ids)} tokens; the context limit is {context_limit} tokens "
+                "(prompt + at least one new token must fit)"
+            )
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def step(self, logits: torch.Tensor) -> tuple[int, str]:
+        """Choose the next token from (V,) logits, apply stop rules; return (token, text delta)."""
+        tok = self.sampler.choose(logits)
+        if self.logprobs is not None:
+            lp, top = token_logprobs(logits, tok, self.params.logprobs or 0)
+            self.logprobs.append(TokenLogprob(tok, lp, top))
+        return tok, self.append(tok)
+
+    def append(self, tok: int) -> str:
+        self.sampler.observe(tok)
+        if self.sampler.suppress and self.sampler.n_out >= self.params.min_tokens:
+            self.sampler.suppress = []
+        self.output_ids.append(tok)
+        if tok in self.stop_ids:  # a stop token ends the text and is not part of it
+            self.finish_reason = "stop"
+            tail = self.detok.flush() if self.detok else ""
+            self.text += tail
+            return self._finish_text(len(self.text))
+        if self.detok is not None:
+            self.text += self.detok.add(tok)
+        if self.params.stop:
+            start = max(0, self.emitted - self.max_stop)
+            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                self.finish_reason = "stop"
+                return self._finish_text(min(hits))
+        if len(self.output_ids) >= self.params.max_tokens or self.total_len >= self.context_limit:
+            self.finish_reason = "length"
+            if self.detok is not None:
+                self.text += self.detok.flush()
+            return self._finish_text(len(self.text))
+        # hold back a suffix that might be the start of a stop string
+        safe = len(self.text)
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        delta = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return delta
+
+    def _finish_text(self, end: int) -> str:
+        end = max(end, self.emitted)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        self.final_text = self.text[:end]
+        return delta
+
+    def output(self) -> GenerationOutput:
+        text = self.final_text if self.final_text is not None else self.text[: self.emitted]
+        return GenerationOutput(
+            text=text, token_ids=list(self.output_ids), finish_reason=self.finish_reason or "length",
+            prompt_tokens=len(self.prompt_ids), logprobs=self.logprobs,
+        )
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which sequence of the batch
+    token: int
+    text: str  # text delta (may be "")
+    finished: bool
+    finish_reason: str | None = None
+
+
+class Generator:
+    """Runs a model with a KV cache: prefill and decode for one or many sequences."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_context: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        compile: bool = False,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_context = context_limit(self.config, max_context)
+        self.prefill_chunk = prefill_chunk
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.learned_pos = bool(self.config.use_learned_pos_emb)
+        self._decode_fn = self._forward_last
+        if compile:
+            self._decode_fn = torch.compile(self._forward_last, dynamic=True)
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def eos_token_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InferenceError("a text prompt needs a tokenizer (this model folder has none); pass token ids")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InferenceError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def new_cache(self, slots: int = 1, capacity: int | None = None) -> KVCache:
+        cache = KVCache(
+            self.config, slots=slots, capacity=capacity, max_context=self.max_context, dtype=self.dtype,
+            device=self.device,
+        )
+        cache.set_slopes(self.model.slopes)
+        return cache
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        return Sequence(
+            prompt_ids, params, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
+            eos_token_id=self.eos_token_id, context_limit=self.max_context, device=self.device,
+        )
+
+    def _forward_last(self, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None):
+        return self.model(ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    # -------------------------------------------------------------- model steps
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, slot: int, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` into ``slot`` (in chunks); return the last position's logits (V,)."""
+        logits = None
+        t = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        for s in range(0, len(ids), self.prefill_chunk):
+            chunk = t[:, s : s + self.prefill_chunk]
+            cache.begin_prefill(slot, chunk.shape[1])
+            logits = self._forward_last(chunk, cache, None)
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, cache: KVCache, tokens: list[int], active: list[bool] | None = None) -> torch.Tensor:
+        """One token for each of slots ``0..len(tokens)-1`` -> logits (n, V)."""
+        n = len(tokens)
+        cache.begin_decode(n, active)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        mask = cache.decode_attention_mask() if (self.learned_pos and n > 1) else None
+        return self._decode_fn(ids, cache, mask)
+
+    # -------------------------------------------------------------- generation
+    def stream(
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams],
+        *,
+        on_start: Callable[[list[Sequence]], Any] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Generate for a batch of prompts (each in its own cache slot: per-sequence positions, no padding),
+        yielding a :class:`StreamEvent` per new token."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        seqs = [self.new_sequence(self.encode(p), sp) for p, sp in zip(prompts, plist)]
+        if on_start is not None:
+            on_start(seqs)
+        n = len(seqs)
+        if n == 0:
+            return
+        longest = max(s.total_len for s in seqs)
+        cache = self.new_cache(slots=n, capacity=min(self.max_context, longest + max(s.params.max_tokens for s in seqs)))
+        nxt = [0] * n
+        for i, s in enumerate(seqs):
+            if s.finished:
+                continue
+            logits = self.prefill(cache, i, s.prompt_ids)
+            tok, delta = s.step(logits)
+            nxt[i] = tok
+            yield StreamEvent(i, tok, delta, s.finished, s.finish_reason)
+        while True:
+            active = [not s.finished for s in seqs]
+            if not any(active):
+                break
+            hi = max(i for i, a in enumerate(active) if a) + 1
+            logits = self.decode(cache, nxt[:hi], active[:hi])
+            for i in range(hi):
+                if not active[i]:
+                    continue
+                tok, delta = seqs[i].step(logits[i])
+                nxt[i] = tok
+                yield StreamEvent(i, tok, delta, seqs[i].finished, seqs[i].finish_reason)
+
+    def generate(
+        self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None, **kw
+    ) -> list[GenerationOutput]:
+        """Generate for every prompt (batched); returns one :class:`GenerationOutput` per prompt."""
+        if params is None:
+            params = SamplingParams.from_kwargs(**kw)
+        holder: list[list[Sequence]] = []
+        t0 = time.perf_counter()
+        first: dict[int, float] = {}
+        for ev in self.stream(prompts, params, on_start=holder.append):
+            first.setdefault(ev.index, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        outs = []
+        for i, s in enumerate(holder[0]):
+            o = s.output()
+            o.time_to_first_token = first.get(i)
+            o.elapsed = elapsed
+            outs.append(o)
+        return outs
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    **sampling,
+) -> str:
+    """The completion of ``prompt`` (text only): greedy by default, else sampled with ``seed``.
+
+    Extra keyword arguments are :class:`SamplingParams` fields (top_k, top_p, min_p, stop, …)."""
+    max_context = sampling.pop("max_context", None)
+    params = SamplingParams.from_kwargs(max_tokens=max_new_tokens, temperature=temperature, seed=seed, **sampling)
+    gen = Generator(model, tokenizer, max_context=max_context)
+    return gen.generate([prompt], params)[0].text
