@@ -1,0 +1,59 @@
+"""`mptkit export hf|gguf`: thin wrappers over mptkit.export.hf / mptkit.export.gguf."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _hf(args: argparse.Namespace) -> int:
+    from mptkit.export.hf import export_hf
+
+    r = export_hf(args.src, args.out, dtype=args.dtype, layout=args.layout, max_shard_size=args.max_shard_size,
+                  tokenizer=args.tokenizer, overwrite=args.overwrite)
+    log.info("exported %s (%s, %s layout): %s", r.folder, r.dtype, r.layout, ", ".join(r.files))
+    return 0
+
+
+def _gguf(args: argparse.Namespace) -> int:
+    from mptkit.export.gguf import export_gguf
+
+    r = export_gguf(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
+    log.info("exported %s: %d tensors, %.1f MB (%s)", r.path, r.n_tensors, r.n_bytes / 1e6, r.dtype)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model as a HF folder (transformers) or a GGUF file (llama.cpp)",
+                       description="Export a model folder, a training run or a checkpoint.")
+    ex = p.add_subparsers(dest="export_format", metavar="FORMAT")
+    ex.required = True
+
+    h = ex.add_parser("hf", help="a HF folder: config.json + safetensors + tokenizer",
+                      description="Write SRC (a model folder, a training run or a checkpoint: the newest valid "
+                                  "checkpoint is used) as a self-contained HF folder OUT that mptkit and "
+                                  "transformers' AutoModelForCausalLM load. Written atomically.")
+    h.add_argument("src", metavar="SRC", help="model folder, training run (save_folder) or checkpoint folder")
+    h.add_argument("out", metavar="OUT", help="the folder to write")
+    h.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
+    h.add_argument("--layout", default="transformers", choices=["transformers", "mosaicml"],
+                   help="config.json layout: transformers' MptForCausalLM (default) or MosaicML's MPTForCausalLM")
+    h.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (5GB)")
+    h.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder to include, when the model folder / run has none")
+    h.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    h.set_defaults(func=_hf)
+
+    g = ex.add_parser("gguf", help="a GGUF file for llama.cpp (architecture mpt)",
+                      description="Write MODEL (a model folder, a training run or a checkpoint) as one GGUF file "
+                                  "in llama.cpp's mpt architecture, tokenizer embedded. Settings llama.cpp "
+                                  "cannot compute are refused with the key named.")
+    g.add_argument("model", metavar="MODEL", help="model folder, training run or checkpoint folder")
+    g.add_argument("out", metavar="OUT.gguf", help="the file to write")
+    g.add_argument("--dtype", default="f32", choices=["f32", "f16"],
+                   help="type of the weight matrices (norms and biases stay f32); default f32")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder to embed, when the model folder / run has none")
+    g.set_defaults(func=_gguf)

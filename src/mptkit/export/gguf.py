@@ -1,0 +1,410 @@
+"""`mptkit export gguf`: an MPT model folder -> one GGUF file in llama.cpp's ``mpt`` architecture.
+
+Written with the ``gguf`` package's ``GGUFWriter`` (``pip install mptkit[gguf]``), tensors streamed one at a
+time (a 7B checkpoint is never held in memory as a whole), into a temporary file renamed onto ``OUT`` only
+when complete.
+
+What llama.cpp's MPT graph computes (``src/models/mpt.cpp`` in llama.cpp), and so what can be exported:
+
+* LayerNorm (optional bias) before attention and FFN, and at the end; one epsilon for all of them.
+* Fused QKV (optional bias; MHA, MQA or GQA via ``head_count_kv``), clamped to ``±clamp_kqv`` before the
+  split (MPT's ``clip_qkv``), optional LayerNorm on Q and K over all heads (MPT's ``qk_ln``; llama.cpp
+  sizes the K norm by ``n_embd``, so qk_ln needs as many K heads as Q heads).
+* Scores ``q·k / sqrt(head_dim)`` plus ALiBi with ``max_alibi_bias`` (ggml's slopes equal MPT's for any head
+  count); no ALiBi when it is 0. An MPT ``softmax_scale`` other than ``1/sqrt(head_dim)`` is folded into the
+  Q projection (or the Q LayerNorm), which is exact unless ``clip_qkv`` would then clamp different values.
+* Optional learned positions (``position_embd``, ``context_length`` rows).
+* FFN up -> GELU -> down (optional biases), any hidden size (``feed_forward_length``). ggml's GELU is the
+  tanh approximation (MPT uses the exact erf form): logits differ slightly, see docs/export.md.
+* Output head: ``output`` if present, else the token embedding (tied). An MPT ``logit_scale`` is folded into
+  an explicit ``output`` tensor.
+
+Refused, naming the key: ``norm_type`` rmsnorm (llama.cpp's MPT uses LayerNorm), ``ffn_type: mptglu``,
+``qk_ln`` with fewer K/V heads than heads, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
+tokenizer that is not byte-level BPE or has more tokens than ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from mptkit.errors import ExportError
+from mptkit.export.source import (
+    TensorStore,
+    find_tokenizer_folder,
+    load_config,
+    publish_permissions,
+    resolve_model_folder,
+)
+from mptkit.utils.fs import atomic_path
+
+log = logging.getLogger(__name__)
+
+ARCH = "mpt"
+GGUF_DTYPES = ("f32", "f16")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the 'gguf' package: pip install 'mptkit[gguf]' (or pip install gguf)") from None
+    return gguf
+
+
+# ------------------------------------------------------------------------------------ compatibility
+
+
+def llama_cpp_incompatibilities(cfg) -> list[str]:
+    """Settings of ``cfg`` that llama.cpp's ``mpt`` graph cannot compute; empty when it can export."""
+    out = []
+    a = cfg.attn_config
+    if cfg.norm_type not in ("layernorm", "low_precision_layernorm"):
+        out.append(f"norm_type={cfg.norm_type} (llama.cpp's mpt graph uses LayerNorm only)")
+    if cfg.ffn_config.get("ffn_type", "mptmlp") != "mptmlp":
+        out.append(f"ffn_config.ffn_type={cfg.ffn_config['ffn_type']} (llama.cpp's mpt graph has a plain "
+                   "up -> GELU -> down FFN, no gate)")
+    if a["qk_ln"] and cfg.kv_n_heads != cfg.n_heads:
+        out.append(f"attn_config.qk_ln=true with {cfg.kv_n_heads} kv heads < n_heads={cfg.n_heads} (llama.cpp "
+                   "sizes the K LayerNorm by d_model)")
+    if _softmax_fold(cfg) != 1.0 and a["clip_qkv"] is not None and not a["qk_ln"]:
+        out.append(f"attn_config.softmax_scale={a['softmax_scale']} together with attn_config.clip_qkv="
+                   f"{a['clip_qkv']} (llama.cpp scales by 1/sqrt(head_dim) and the scale cannot be folded into "
+                   "the Q projection before the clamp)")
+    return out
+
+
+def _softmax_fold(cfg) -> float:
+    """Factor to multiply Q by so that llama.cpp's fixed 1/sqrt(head_dim) equals MPT's softmax_scale."""
+    s = cfg.attn_config.get("softmax_scale")
+    if s is None:
+        return 1.0
+    r = float(s) * math.sqrt(cfg.head_dim)
+    return 1.0 if abs(r - 1.0) < 1e-12 else r
+
+
+# ------------------------------------------------------------------------------------ tensors
+
+
+def tensor_name_map(cfg) -> dict[str, str]:
+    """mptkit (HF) tensor name -> GGUF tensor name, for every tensor the model has."""
+    m = {
+        "transformer.wte.weight": "token_embd.weight",
+        "transformer.wpe.weight": "position_embd.weight",
+        "transformer.norm_f.weight": "output_norm.weight",
+        "transformer.norm_f.bias": "output_norm.bias",
+        "lm_head.weight": "output.weight",
+    }
+    per_block = {
+        "norm_1": "attn_norm", "attn.Wqkv": "attn_qkv", "attn.out_proj": "attn_output",
+        "attn.q_ln": "attn_q_norm", "attn.k_ln": "attn_k_norm",
+        "norm_2": "ffn_norm", "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down",
+    }
+    for i in range(cfg.n_layers):
+        for src, dst in per_block.items():
+            for kind in ("weight", "bias"):
+                m[f"transformer.blocks.{i}.{src}.{kind}"] = f"blk.{i}.{dst}.{kind}"
+    return m
+
+
+def _ordered_names(cfg, store: TensorStore) -> list[str]:
+    """The source tensors to write, in llama.cpp's usual order (embeddings, blocks, output)."""
+    from mptkit.export.source import expected_shapes
+
+    want = list(expected_shapes(cfg))
+    head = [n for n in want if not n.startswith("transformer.blocks.")]
+    blocks = [n for n in want if n.startswith("transformer.blocks.")]
+    first = [n for n in head if n.startswith(("transformer.wte", "transformer.wpe"))]
+    last = [n for n in head if n not in first]
+    return first + blocks + last
+
+
+def _tensor_plan(cfg, store: TensorStore) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(GGUF name, source name, shape) of every tensor written, in order, without reading any data."""
+    names = tensor_name_map(cfg)
+    plan = []
+    for src in _ordered_names(cfg, store):
+        if cfg.logit_scale_value is not None and src == "lm_head.weight":
+            continue  # replaced by the scaled output below
+        plan.append((names[src], src, store.shape(src)))
+    if cfg.logit_scale_value is not None:
+        src = "transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        plan.append(("output.weight", src, store.shape(src)))
+    return plan
+
+
+def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> np.ndarray:
+    t = store.get(src).to(torch.float32)
+    r = _softmax_fold(cfg)
+    if r != 1.0:
+        if cfg.attn_config["qk_ln"] and ".attn.q_ln." in src:
+            t = t * r
+        elif not cfg.attn_config["qk_ln"] and ".attn.Wqkv." in src:
+            t = t.clone()
+            t[: cfg.d_model] *= r
+    if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
+        t = t * cfg.logit_scale_value
+    a = t.contiguous().numpy()
+    # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
+    if dtype == "f16" and a.ndim >= 2:
+        a = a.astype(np.float16)
+    return a
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+@dataclass
+class GGUFTokenizer:
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    pre: str
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    unk_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    padded: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _special(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _byte_level_pre(pre: dict | None) -> tuple[bool, str]:
+    """Is this HF pre-tokenizer GPT-2's byte-level one (what llama.cpp's gpt2/mpt pre-tokenizer does)?"""
+    if pre is None:
+        return False, "no pre_tokenizer"
+    t = pre.get("type")
+    if t == "Sequence":
+        subs = pre.get("pretokenizers") or []
+        if len(subs) == 1:
+            return _byte_level_pre(subs[0])
+        return False, f"a Sequence pre_tokenizer ({', '.join(str(s.get('type')) for s in subs)})"
+    if t != "ByteLevel":
+        return False, f"pre_tokenizer {t}"
+    if pre.get("add_prefix_space"):
+        return False, "ByteLevel pre_tokenizer with add_prefix_space=true"
+    if pre.get("use_regex") is False:
+        return False, "ByteLevel pre_tokenizer with use_regex=false"
+    return True, ""
+
+
+def read_tokenizer(folder: Path, vocab_size: int) -> GGUFTokenizer:
+    """The BPE tokenizer in ``folder`` as llama.cpp's ``gpt2`` tokenizer, padded to ``vocab_size`` tokens."""
+    gguf = _gguf()
+    tj = folder / "tokenizer.json"
+    notes: list[str] = []
+    if tj.exists():
+        try:
+            data = json.loads(tj.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"{tj}: unreadable ({e})") from None
+        model = data.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ExportError(f"{tj}: tokenizer model is {model.get('type')!r}; the GGUF export supports byte-level "
+                              "BPE tokenizers (GPT-NeoX / GPT-2 style) only")
+        ok, why = _byte_level_pre(data.get("pre_tokenizer"))
+        if not ok:
+            raise ExportError(f"{tj}: {why}; llama.cpp's gpt2/mpt tokenizer splits text like GPT-2's byte-level "
+                              "pre-tokenizer only, so it would tokenize differently")
+        norm = data.get("normalizer")
+        pre_name = "gpt-2"
+        if norm is not None:
+            if norm.get("type") == "NFC":
+                pre_name = "mpt"  # GPT-NeoX-20B's tokenizer (MPT's): NFC + byte-level BPE
+                notes.append("the tokenizer NFC-normalises text; llama.cpp does not (same result for NFC text)")
+            else:
+                raise ExportError(f"{tj}: normalizer {norm.get('type')} is not supported by llama.cpp's gpt2 tokenizer")
+        vocab: dict[str, int] = dict(model.get("vocab") or {})
+        raw_merges = model.get("merges") or []
+        merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+        added = data.get("added_tokens") or []
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = [ln for ln in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if ln and not ln.startswith("#version")]
+        added = []
+        pre_name = "gpt-2"
+    else:
+        raise ExportError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt) to embed in the GGUF file")
+
+    cfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    smap_path = folder / "special_tokens_map.json"
+    smap = json.loads(smap_path.read_text(encoding="utf-8")) if smap_path.exists() else {}
+    for k, v in (tcfg.get("added_tokens_decoder") or {}).items():
+        added.append({"id": int(k), "content": v.get("content"), "special": v.get("special", True)})
+
+    by_id: dict[int, tuple[str, int]] = {}
+    for tok, i in vocab.items():
+        by_id[int(i)] = (tok, int(gguf.TokenType.NORMAL))
+    for a in added:
+        i, content = int(a["id"]), a.get("content")
+        ttype = gguf.TokenType.CONTROL if a.get("special", True) else gguf.TokenType.USER_DEFINED
+        by_id[i] = (content, int(ttype))
+    n = max(by_id) + 1 if by_id else 0
+    if n > vocab_size:
+        raise ExportError(f"{folder}: the tokenizer has ids up to {n - 1}, but the model's vocab_size is {vocab_size}")
+    tokens: list[str] = []
+    types: list[int] = []
+    padded = 0
+    for i in range(vocab_size):
+        if i in by_id:
+            tok, tt = by_id[i]
+        else:  # embedding rows past the tokenizer (vocab padded to a multiple of 64) and any holes
+            tok, tt = f"[PAD{i}]", int(gguf.TokenType.UNUSED)
+            padded += 1
+        tokens.append(tok)
+        types.append(tt)
+
+    def tid(key: str) -> int | None:
+        s = _special(tcfg.get(key)) or _special(smap.get(key))
+        if s is None:
+            return None
+        for i, (tok, _) in by_id.items():
+            if tok == s:
+                return i
+        notes.append(f"{key} '{s}' is not in the vocabulary; not recorded")
+        return None
+
+    bos, eos, pad, unk = tid("bos_token"), tid("eos_token"), tid("pad_token"), tid("unk_token")
+    if bos is None and eos is not None:
+        bos = eos  # GPT-NeoX / MPT: <|endoftext|> serves as both
+    tmpl = tcfg.get("chat_template")
+    if tmpl is None and (folder / "chat_template.jinja").exists():
+        tmpl = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return GGUFTokenizer(
+        tokens=tokens, token_types=types, merges=merges, pre=pre_name, bos_id=bos, eos_id=eos, pad_id=pad,
+        unk_id=unk, add_bos=bool(tcfg.get("add_bos_token", False)), add_eos=bool(tcfg.get("add_eos_token", False)),
+        chat_template=tmpl if isinstance(tmpl, str) else None, padded=padded, notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+@dataclass
+class GGUFExportResult:
+    path: Path
+    source: Path
+    dtype: str
+    n_tensors: int
+    n_bytes: int
+    tokenizer_from: Path
+    folded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def export_gguf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f32",
+    tokenizer: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> GGUFExportResult:
+    """Write ``src`` (a model folder, run or checkpoint) as a GGUF file for llama.cpp at ``out``."""
+    gguf = _gguf()
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
+    src = Path(src)
+    out = Path(out)
+    folder = resolve_model_folder(src)
+    if out.exists() and out.is_dir():
+        raise ExportError(f"{out}: is a folder; give the path of the .gguf file to write")
+    cfg = load_config(folder)
+    problems = llama_cpp_incompatibilities(cfg)
+    if problems:
+        raise ExportError(
+            f"{folder}: llama.cpp's mpt architecture cannot express " + "; ".join(problems)
+        )
+    tok_folder = find_tokenizer_folder(folder, src, tokenizer)
+    if tok_folder is None:
+        raise ExportError(f"{src}: no tokenizer files found beside the model or the run; a GGUF file embeds the "
+                          "tokenizer: pass --tokenizer DIR")
+    tok = read_tokenizer(tok_folder, cfg.vocab_size)
+    store = TensorStore(folder)
+    store.check_against(cfg)
+    plan = _tensor_plan(cfg, store)
+
+    folded = []
+    if _softmax_fold(cfg) != 1.0:
+        folded.append(f"attn_config.softmax_scale={cfg.attn_config['softmax_scale']} folded into the "
+                      + ("Q LayerNorm" if cfg.attn_config["qk_ln"] else "Q projection"))
+    if cfg.logit_scale_value is not None:
+        folded.append(f"logit_scale={cfg.logit_scale} folded into an explicit output tensor")
+    for f in folded:
+        log.info("%s", f)
+    for nt in tok.notes:
+        log.warning("tokenizer: %s", nt)
+    if cfg.use_learned_pos_emb:
+        log.warning("learned positions: llama.cpp has %d position rows (max_seq_len); do not run it with a "
+                    "longer context", cfg.max_seq_len)
+
+    n_bytes = 0
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            w.add_name(name or folder.resolve().name)
+            w.add_context_length(int(cfg.max_seq_len))
+            w.add_embedding_length(int(cfg.d_model))
+            w.add_block_count(int(cfg.n_layers))
+            w.add_feed_forward_length(int(cfg.ffn_hidden_size))
+            w.add_head_count(int(cfg.n_heads))
+            w.add_head_count_kv(int(cfg.kv_n_heads))
+            w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
+            w.add_max_alibi_bias(float(cfg.attn_config["alibi_bias_max"]) if cfg.alibi else 0.0)
+            if cfg.attn_config["clip_qkv"] is not None:
+                w.add_clamp_kqv(float(cfg.attn_config["clip_qkv"]))
+            w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(tok.pre)
+            w.add_token_list(tok.tokens)
+            w.add_token_types(tok.token_types)
+            w.add_token_merges(tok.merges)
+            for setter, v in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
+                              (w.add_pad_token_id, tok.pad_id), (w.add_unk_token_id, tok.unk_id)):
+                if v is not None:
+                    setter(int(v))
+            w.add_add_bos_token(tok.add_bos)
+            w.add_add_eos_token(tok.add_eos)
+            if tok.chat_template:
+                w.add_chat_template(tok.chat_template)
+            # Tensor infos first (shapes only), then the data, one tensor at a time.
+            for gname, _src, shape in plan:
+                is_f16 = dtype == "f16" and len(shape) >= 2
+                np_dtype = np.dtype(np.float16 if is_f16 else np.float32)
+                nbytes = int(np.prod(shape)) * np_dtype.itemsize
+                w.add_tensor_info(gname, shape, np_dtype, nbytes)
+                n_bytes += nbytes
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for gname, src_name, _shape in plan:
+                w.write_tensor_data(_prepare(cfg, store, gname, src_name, dtype))
+        finally:
+            w.close()
+        publish_permissions(tmp)
+    log.info("wrote %s: %d tensors, %.1f MB of %s weights, %d tokens (%d padding)", out, len(plan), n_bytes / 1e6,
+             dtype, len(tok.tokens), tok.padded)
+    return GGUFExportResult(path=out, source=folder, dtype=dtype, n_tensors=len(plan), n_bytes=n_bytes,
+                            tokenizer_from=tok_folder, folded=folded, notes=tok.notes)
+
+
+__all__ = ["export_gguf", "GGUFExportResult", "llama_cpp_incompatibilities", "read_tokenizer", "tensor_name_map"]

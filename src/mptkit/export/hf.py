@@ -1,0 +1,147 @@
+"""`mptkit export hf`: a model folder, training run or checkpoint -> a self-contained HF folder.
+
+The output is config.json (MPT's keys; transformers' ``MptForCausalLM`` layout by default, or MosaicML's
+``MPTForCausalLM`` layout), safetensors weights (sharded above ``max_shard_size``) and the tokenizer files.
+It is written into a temporary folder beside ``OUT`` and moved into place only when complete, so ``OUT`` is
+never a half-written folder. What transformers' native MPT cannot express (it hard-codes ALiBi with bias
+max 8, MHA, a 4x GELU MLP, …) is logged as a warning, one line per item: such a folder still loads in
+mptkit, but transformers would compute a different model from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mptkit.errors import ConfigError, ExportError
+from mptkit.export.source import (
+    TOKENIZER_FILES,
+    find_tokenizer_folder,
+    is_model_folder,
+    load_config,
+    publish_permissions,
+    resolve_model_folder,
+)
+from mptkit.utils.fs import atomic_dir
+
+log = logging.getLogger(__name__)
+
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f16": "fp16", "half": "fp16"}
+LAYOUTS = ("transformers", "mosaicml")
+
+
+@dataclass
+class HFExportResult:
+    folder: Path
+    source: Path
+    dtype: str
+    layout: str
+    files: list[str] = field(default_factory=list)
+    tokenizer_from: Path | None = None
+    incompatibilities: list[str] = field(default_factory=list)
+
+
+def _check_out(src: Path, model_folder: Path, out: Path, overwrite: bool) -> None:
+    """Refuse outputs that would destroy the source or an unrelated folder."""
+    o = out.resolve()
+    for s in {src.resolve(), model_folder.resolve()}:
+        if o == s or o in s.parents:
+            raise ExportError(f"{out}: the output would replace the source {s}; choose another folder")
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out}: exists and is not a folder")
+        entries = list(out.iterdir())
+        if entries and not (overwrite and (out / "config.json").exists()):
+            raise ExportError(
+                f"{out}: exists and is not empty; an export replaces only an earlier export (a folder with "
+                "config.json) and only with --overwrite"
+            )
+
+
+def export_hf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    layout: str = "transformers",
+    max_shard_size: int | str = "5GB",
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> HFExportResult:
+    """Write ``src``'s model (a model folder, a run or a checkpoint) as a HF folder at ``out``.
+
+    ``dtype``: fp32 | bf16 | fp16 (floating tensors are cast; config.json records it).
+    ``layout``: transformers (``MptForCausalLM``, loads without trust_remote_code) | mosaicml.
+    ``tokenizer``: a folder with tokenizer files, when neither the model folder nor the run has one.
+    ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
+    """
+    from mptkit.model.checkpoint_io import parse_size, save_pretrained
+    from mptkit.model.config import transformers_incompatibilities
+    from mptkit.model.model import MPTForCausalLM
+
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in HF_DTYPES:
+        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(HF_DTYPES)}")
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+    try:
+        parse_size(max_shard_size)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    src = Path(src)
+    out = Path(out)
+    folder = resolve_model_folder(src)
+    _check_out(src, folder, out, overwrite)
+    cfg = load_config(folder)
+    incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []
+    if incompat:
+        log.warning("transformers' MptForCausalLM cannot express %d setting(s) of this model; the folder loads "
+                    "in mptkit, but transformers would compute a different model:", len(incompat))
+        for item in incompat:
+            log.warning("  - %s", item)
+    tok_folder = find_tokenizer_folder(folder, src, tokenizer)
+    if tok_folder is None:
+        log.warning("%s: no tokenizer files found beside the model or the run; the export has none "
+                    "(pass --tokenizer DIR to include one)", src)
+
+    torch_dtype = HF_DTYPES[dtype]
+    try:
+        model = MPTForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except ConfigError as e:
+        raise ExportError(f"cannot export {folder}: {e}") from None
+    except Exception as e:
+        from mptkit.errors import MPTKitError
+
+        if isinstance(e, MPTKitError):
+            raise ExportError(f"cannot export {folder}: {e}") from None
+        raise
+    # config.json records the dtype (transformers >= 5 reads "dtype", older versions "torch_dtype").
+    model.config = copy.deepcopy(model.config)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+    model.config.extra.pop("dtype", None)
+    model.config.extra["torch_dtype"] = name
+    model.config.init_device = "cpu"
+
+    log.info("exporting %s -> %s (%s, %s layout)", folder, out, dtype, layout)
+    with atomic_dir(out) as tmp:
+        save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype)
+        if tok_folder is not None:
+            for fname in TOKENIZER_FILES:
+                f = tok_folder / fname
+                if f.is_file():
+                    shutil.copyfile(f, tmp / fname)
+        files = sorted(p.name for p in tmp.iterdir())
+        publish_permissions(tmp)
+    log.info("wrote %s: %s", out, ", ".join(files))
+    return HFExportResult(folder=out, source=folder, dtype=dtype, layout=layout, files=files,
+                          tokenizer_from=tok_folder, incompatibilities=incompat)
+
+
+__all__ = ["export_hf", "HFExportResult", "HF_DTYPES", "LAYOUTS", "is_model_folder"]

@@ -1,0 +1,218 @@
+"""What an export reads: the model folder behind a user's path, its tensors (one at a time), its tokenizer.
+
+``SRC`` may be a model folder (config.json + weights), or a trainer run / save / checkpoint folder, which
+the trainer's ``mptkit.train.checkpoint.model_folder`` resolves to the model folder inside the newest valid
+checkpoint. Tensors are read lazily, one at a time, so exporting a 7B checkpoint does not hold it in memory
+twice (the GGUF writer streams them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mptkit.errors import CheckpointError, ConfigError, ExportError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                   "pytorch_model.bin", "pytorch_model.bin.index.json", "*.safetensors")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# Files a transformers tokenizer may consist of (copied verbatim into an export).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def publish_permissions(path: Path) -> None:
+    """Give a finished export the permissions an ordinary write would (temp files are created 0600/0700)."""
+    m = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~m)
+        for f in path.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~m)
+    elif path.is_file():
+        os.chmod(path, 0o666 & ~m)
+
+
+def is_model_folder(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS)
+
+
+def resolve_model_folder(src: str | os.PathLike) -> Path:
+    """The HF-layout model folder behind ``src`` (itself, or the newest valid checkpoint's model folder)."""
+    p = Path(src)
+    if not p.exists():
+        raise ExportError(f"{p}: no such file or folder (expected a model folder, a training run or a checkpoint)")
+    if not p.is_dir():
+        raise ExportError(f"{p}: not a folder (expected a model folder with config.json + *.safetensors, "
+                          "a training run or a checkpoint)")
+    if is_model_folder(p):
+        return p
+    try:
+        from mptkit.train.checkpoint import model_folder
+    except ImportError:
+        raise ExportError(
+            f"{p}: not a model folder (no config.json with *.safetensors weights), and this installation has "
+            "no trainer checkpoint reader (mptkit.train.checkpoint) to look for checkpoints in it"
+        ) from None
+    try:
+        folder = Path(model_folder(p))
+    except CheckpointError as e:
+        raise ExportError(f"{p}: not a model folder, and no usable checkpoint in it: {e}") from None
+    log.info("%s: exporting the newest valid checkpoint, %s", p, folder)
+    return folder
+
+
+def find_tokenizer_folder(model_folder: Path, src: Path | None = None, explicit: str | os.PathLike | None = None
+                          ) -> Path | None:
+    """Where the tokenizer files are: ``explicit``, else the model folder, else ``src`` and its parents up to
+    two levels (a run folder keeps the tokenizer beside its checkpoints), else None."""
+    if explicit is not None:
+        e = Path(explicit)
+        if not (e.is_dir() and any((e / m).exists() for m in TOKENIZER_MARKERS)):
+            raise ExportError(f"--tokenizer {e}: not a folder with tokenizer files ({', '.join(TOKENIZER_MARKERS)})")
+        return e
+    cands = [model_folder]
+    if src is not None:
+        cands += [src, *list(src.parents)[:2]]
+    cands += list(model_folder.parents)[:3]
+    for c in cands:
+        if c.is_dir() and any((c / m).exists() for m in TOKENIZER_MARKERS):
+            return c
+        if (c / "tokenizer").is_dir() and any((c / "tokenizer" / m).exists() for m in TOKENIZER_MARKERS):
+            return c / "tokenizer"
+    return None
+
+
+def load_config(folder: Path):
+    from mptkit.model.config import MPTConfig
+
+    try:
+        return MPTConfig.from_json_file(folder / "config.json")
+    except ConfigError as e:
+        raise ExportError(f"cannot export: {e}") from None
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the model ``cfg`` describes (built on the meta device: no memory)."""
+    from mptkit.model.model import MPTForCausalLM
+
+    c = cfg.replace(init_device="meta")
+    m = MPTForCausalLM(c, init=False)
+    out = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _normalise_key(k: str) -> str:
+    for prefix in ("model.transformer.", "module.transformer."):  # Composer / DDP-wrapped names
+        if k.startswith(prefix):
+            return k[len(prefix) - len("transformer."):]
+    if k.startswith("model.lm_head."):
+        return k[len("model."):]
+    return k
+
+
+class TensorStore:
+    """Lazy access by name to the tensors of a model folder's weights (safetensors, or torch .bin via mmap)."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        self.folder = folder
+        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._handles: list = []
+        files: list[Path]
+        idx = None
+        for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (folder / name).exists():
+                idx = folder / name
+                break
+        if idx is not None:
+            try:
+                wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted({folder / f for f in wm.values()})
+            except (ValueError, KeyError, TypeError) as e:
+                raise ExportError(f"{idx}: not a valid shard index ({e})") from None
+        elif (folder / "model.safetensors").exists():
+            files = [folder / "model.safetensors"]
+        elif (folder / "pytorch_model.bin").exists():
+            files = [folder / "pytorch_model.bin"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{folder}: no weights found (expected model.safetensors or shards with an index)")
+        for f in files:
+            if not f.exists():
+                raise ExportError(f"{f}: listed in the shard index but missing")
+            if f.suffix == ".safetensors":
+                self._add_safetensors(f)
+            else:
+                self._add_bin(f)
+
+    def _add_safetensors(self, f: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            h = safe_open(str(f), framework="pt", device="cpu")
+            self._handles.append(h)
+            for k in h.keys():
+                name = _normalise_key(k)
+                self._shapes[name] = tuple(h.get_slice(k).get_shape())
+                self._getters[name] = (lambda h=h, k=k: h.get_tensor(k))
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
+
+    def _add_bin(self, f: Path) -> None:
+        try:
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle errors, payloads refused by weights_only
+            raise ExportError(f"{f}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+        for k, v in sd.items():
+            name = _normalise_key(k)
+            self._shapes[name] = tuple(v.shape)
+            self._getters[name] = (lambda v=v: v)
+
+    def names(self) -> list[str]:
+        return list(self._getters)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._getters
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._getters[name]()
+        except KeyError:
+            raise ExportError(f"{self.folder}: tensor '{name}' is missing") from None
+
+    def check_against(self, cfg) -> None:
+        """Refuse weights that do not match config.json (missing or mis-shaped tensors), naming them."""
+        want = expected_shapes(cfg)
+        missing = [k for k in want if k not in self._getters]
+        bad = [f"{k}: file {self._shapes[k]} vs config {want[k]}" for k in want
+               if k in self._shapes and self._shapes[k] != want[k]]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): " + ", ".join(missing[:8]) + (" …" if len(missing) > 8 else ""))
+        if bad:
+            problems.append(f"mis-shaped tensors ({len(bad)}): " + "; ".join(bad[:8]))
+        if problems:
+            raise ExportError(f"{self.folder}: weights do not match config.json — " + " | ".join(problems))
