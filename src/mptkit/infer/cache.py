@@ -28,7 +28,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from mptkit.errors import InferenceError
 from mptkit.model.attention import attention
@@ -188,7 +187,7 @@ class KVCache:
         if self._slopes is not None:
             bias = self._slopes[None, :, None, None] * rel[:, None, None, :]
         else:
-            bias = torch.zeros((n, 1, 1, tk), device=self.device)
+            bias = torch.zeros((n, self.n_heads, 1, tk), device=self.device)
         self._bias = bias.masked_fill(~allowed[:, None, None, :], torch.finfo(torch.float32).min).to(self.dtype)
 
     def decode_attention_mask(self) -> torch.Tensor:
@@ -235,13 +234,21 @@ class KVCache:
     def _attend(self, q, k, v, *, slopes, softmax_scale):
         if self._mode == "prefill":
             return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")
-        # decode: q (n, H, 1, D), k/v (n, Hkv, tk, D)
-        n_rep = self.n_heads // self.kv_heads
-        if n_rep > 1:
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias, scale=softmax_scale)
-        return out.transpose(1, 2)
+        # decode: q (n, H, 1, D), k/v (n, Hkv, tk, D) read in place. Query heads sharing a kv head are
+        # batched as rows of one bmm, so GQA/MQA need no repeated keys; the bias is shared by all layers.
+        n, h, _, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        rep = h // hkv
+        qq = q.reshape(n * hkv, rep, d)
+        kk = k.reshape(n * hkv, tk, d)
+        vv = v.reshape(n * hkv, tk, d)
+        if self._bias is None:
+            s = torch.bmm(qq, kk.transpose(1, 2)) * softmax_scale
+        else:
+            s = torch.baddbmm(self._bias.reshape(-1, rep, tk), qq, kk.transpose(1, 2), alpha=softmax_scale)
+        p = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
+        out = torch.bmm(p, vv)  # (n*hkv, rep, d)
+        return out.view(n, h, 1, d).transpose(1, 2)
 
 
 def cache_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
