@@ -1,0 +1,132 @@
+"""`mptkit tokenizer train`, `mptkit data prepare`, `mptkit data inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="files, folders or globs (.txt/.md/.py/any text, .jsonl/.json, .parquet, .csv, a local "
+                        "datasets folder); none = the Python standard library source tree")
+    p.add_argument("--text-field", default="text", help="JSON/CSV/Parquet field holding the text (default: text)")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N files of the corpus")
+    p.add_argument("--max-bytes", type=int, default=None, help="use only the first files up to N bytes")
+    p.add_argument("--hf-split", default=None, help="split of a local datasets DatasetDict folder (default: train)")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad input (default: skip and count)")
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from mptkit.data.tokenizer import load_tokenizer, padded_vocab_size, tokenizer_fingerprint, train_tokenizer
+
+    out = train_tokenizer(args.inputs or None, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                          text_field=args.text_field, max_files=args.max_files, max_bytes=args.max_bytes,
+                          hf_split=args.hf_split, strict=args.strict, show_progress=not args.quiet)
+    tok = load_tokenizer(out)
+    print(f"tokenizer   {out}")
+    print(f"tokens      {len(tok)} (model vocab_size {padded_vocab_size(tok)})")
+    print(f"fingerprint {tokenizer_fingerprint(tok)}")
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from mptkit.data.prepare import prepare_dataset
+
+    m = prepare_dataset(args.inputs or None, args.tokenizer, args.out, args.max_seq_len, text_field=args.text_field,
+                        eos_text=args.eos_text, bos_text=args.bos_text, wrap=not args.no_wrap,
+                        val_fraction=args.val_fraction, split_seed=args.split_seed, max_files=args.max_files,
+                        max_bytes=args.max_bytes, hf_split=args.hf_split, strict=args.strict,
+                        num_workers=args.workers, model_vocab_size=args.model_vocab_size, force=args.force,
+                        keep_parts=args.keep_parts, progress=False if args.quiet else None)
+    _print_summary(args.out, m)
+    return 0
+
+
+def _print_summary(folder, m: dict) -> None:
+    print(f"dataset      {folder}")
+    print(f"tokenizer    {m['tokenizer']['path']} ({m['tokenizer_vocab_size']} tokens, model vocab_size "
+          f"{m['vocab_size']}, {m['tokenizer_fingerprint']})")
+    print(f"samples      train {m['num_samples']['train']:,}  val {m['num_samples']['val']:,}  "
+          f"x {m['max_seq_len']} tokens ({m['dtype']}, {'wrap' if m['wrap'] else 'no-wrap'})")
+    print(f"tokens       train {m['num_tokens']['train']:,}  val {m['num_tokens']['val']:,}")
+    docs = sum(s['documents'] for s in m['sources'])
+    print(f"sources      {len(m['sources'])} files, {docs:,} documents"
+          + (" (Python stdlib source)" if m.get("default_corpus") else ""))
+    bad = m["bad_inputs"]
+    if bad["total"]:
+        print(f"bad inputs   {bad['total']} skipped: " + ", ".join(f"{k} {v}" for k, v in bad["counts"].items()))
+    st = m.get("stats", {})
+    if st:
+        print(f"speed        {st.get('tokens_per_s', 0):,} tokens/s ({st.get('elapsed_s')} s)")
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from mptkit.data.prepare import read_manifest
+    from mptkit.data.shards import TokenDataset
+
+    m = read_manifest(args.folder)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    _print_summary(args.folder, m)
+    ds = TokenDataset(args.folder, args.split, verify=args.verify)
+    if args.verify:
+        print(f"verified     all {args.split} shards match their sha256")
+    if args.show and len(ds):
+        from mptkit.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer or m["tokenizer"]["path"])
+        for i in range(min(args.show, len(ds))):
+            print(f"--- {args.split}[{i}]")
+            print(tok.decode(ds[i]["input_ids"].tolist()))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    # mptkit tokenizer ...
+    tp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                        description="Tokenizer tools.")
+    tsub = tp.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    tt = tsub.add_parser("train", help="train a GPT-NeoX-style byte-level BPE on a corpus",
+                         description="Train a GPT-NeoX-style byte-level BPE (specials <|endoftext|> <|padding|> "
+                                     "<|im_start|> <|im_end|>) and save it as an HF tokenizer folder.")
+    _add_corpus_args(tt)
+    tt.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (rounded up to a multiple of 64)")
+    tt.add_argument("--out", required=True, help="output folder")
+    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.set_defaults(func=_tokenizer_train)
+    tp.set_defaults(func=lambda a: (tp.print_help(), 0)[1])
+
+    # mptkit data ...
+    dp = sub.add_parser("data", help="prepare and inspect token datasets", description="Dataset tools.")
+    dsub = dp.add_subparsers(dest="data_command", metavar="ACTION")
+    pp = dsub.add_parser("prepare", help="tokenize a corpus into packed shards + manifest",
+                         description="Tokenize a corpus in parallel into fixed-length samples (numpy shards + "
+                                     "manifest.json). Re-running on unchanged inputs is a no-op; an interrupted "
+                                     "run resumes.")
+    _add_corpus_args(pp)
+    pp.add_argument("--tokenizer", required=True, help="a local HF tokenizer folder (or model folder)")
+    pp.add_argument("--max-seq-len", type=int, required=True, help="tokens per sample")
+    pp.add_argument("--out", required=True, help="output folder")
+    pp.add_argument("--eos-text", default=None, help="document separator (default: the tokenizer's EOS token)")
+    pp.add_argument("--bos-text", default=None, help="text prepended to every document (default: none)")
+    pp.add_argument("--no-wrap", action="store_true",
+                    help="start every sample at a document start (drop the rest of a sample's last document)")
+    pp.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for val (default 0.01)")
+    pp.add_argument("--split-seed", type=int, default=0)
+    pp.add_argument("--workers", type=int, default=None, help="tokenization threads (default: all cores)")
+    pp.add_argument("--model-vocab-size", type=int, default=None,
+                    help="refuse a tokenizer with more tokens than this model vocabulary")
+    pp.add_argument("--force", action="store_true", help="prepare again even if the folder is up to date")
+    pp.add_argument("--keep-parts", action="store_true", help="keep the per-part token cache (.parts/)")
+    pp.set_defaults(func=_data_prepare)
+    ip = dsub.add_parser("inspect", help="summarize a prepared folder (and decode samples)")
+    ip.add_argument("folder")
+    ip.add_argument("--split", default="train")
+    ip.add_argument("--show", type=int, default=0, help="decode the first N samples")
+    ip.add_argument("--tokenizer", default=None, help="tokenizer for --show (default: the one in the manifest)")
+    ip.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    ip.add_argument("--json", action="store_true", help="print the manifest")
+    ip.set_defaults(func=_data_inspect)
+    dp.set_defaults(func=lambda a: (dp.print_help(), 0)[1])

@@ -1,0 +1,514 @@
+"""Corpus -> packed token shards + manifest (``mptkit data prepare``).
+
+Pipeline (one pass, deterministic):
+
+1. Resolve the inputs to a sorted file list and hash every file (sha256). The *key* of the run is a hash
+   of the tokenizer fingerprint, the sources and every option; if ``manifest.json`` already holds that key
+   and its shards are intact, the call is a no-op.
+2. Read documents (see :mod:`mptkit.data.corpus`) and group consecutive ones into *parts* of about
+   ``part_bytes`` of text. Each part is tokenized with the tokenizer's Rust ``encode_batch`` over all cores
+   (long documents are cut at safe line breaks first so the cores stay balanced; the ids are identical to
+   encoding the whole document), each document becomes ``[bos] ids [eos]`` (llm-foundry's
+   ``concat_tokens``), and is routed to the ``train`` or ``val`` split by a seeded hash of (file sha256,
+   line). Finished parts are cached under ``.parts/`` (atomic writes), so an interrupted run resumes
+   without tokenizing them again.
+3. Each split's token stream is cut into samples of ``max_seq_len`` tokens: ``wrap`` (default) chops the
+   continuous stream; no-wrap starts every sample at a document start and drops the rest of the buffer
+   once a sample is emitted (llm-foundry's ``--no_wrap``). The tail shorter than ``max_seq_len`` is
+   dropped (counted in the manifest). Samples are written to ``<split>/shard-NNNNN.bin`` (raw C-order
+   ``(num_samples, max_seq_len)`` arrays of uint16, or uint32 when a token id exceeds 65535).
+4. ``manifest.json`` is written last, atomically: a folder without it (a crash) is never taken as
+   complete; the old manifest is removed before anything is rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mptkit.data.corpus import Issues, file_sha256, iter_documents, resolve_inputs
+from mptkit.data.tokenizer import _backend, load_tokenizer, padded_vocab_size, tokenizer_fingerprint
+from mptkit.errors import DataError
+from mptkit.utils.fs import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mptkit.tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+_CHUNK_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _split_of(seed: int, sha: str, line: int, val_fraction: float) -> int:
+    """0 = train, 1 = val: a seeded hash of the document's identity (its file's sha256 and its line)."""
+    if val_fraction <= 0:
+        return 0
+    h = hashlib.blake2b(f"{seed}|{sha}|{line}".encode(), digest_size=8).digest()
+    return int(int.from_bytes(h, "little") / 2.0**64 < val_fraction)
+
+
+def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
+    """Cut ``text`` right after a newline that is preceded and followed by non-space ASCII characters.
+
+    At such a point a byte-level (GPT-2/NeoX regex) pre-tokenizer always separates the lone ``\\n`` and the
+    next word, and NFC cannot compose across it, so encoding the pieces and concatenating the ids gives
+    exactly the ids of the whole text. Text without such a point stays whole.
+    """
+    n = len(text)
+    if n <= max_chars:
+        return [text]
+    out, start = [], 0
+    while n - start > max_chars:
+        i = text.find("\n", start + max_chars)
+        while i != -1:
+            a, b = text[i - 1], text[i + 1] if i + 1 < n else ""
+            if b and not a.isspace() and b.isascii() and not b.isspace():
+                break
+            i = text.find("\n", i + 1)
+        if i == -1:
+            break
+        out.append(text[start:i + 1])
+        start = i + 1
+    out.append(text[start:])
+    return out
+
+
+@contextlib.contextmanager
+def _tokenizers_parallelism(on: bool):
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if on else "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Serialize concurrent prepares of one folder (e.g. every rank of a torchrun job calling it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Encoder:
+    """Encodes batches of documents into flat id arrays with the tokenizer's Rust backend."""
+
+    def __init__(self, tok, num_workers: int):
+        self.tok = tok
+        backend = _backend(tok)
+        self.num_workers = num_workers
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            b = Tokenizer.from_str(backend.to_str())  # a private copy: settings below stay local
+            b.no_truncation()
+            b.no_padding()
+            if hasattr(b, "encode_special_tokens"):
+                b.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not an EOS
+            self.backend = b
+        else:
+            self.backend = None
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        if self.backend is None:  # slow tokenizer: Python, one core
+            return [np.asarray(self.tok.encode(t, add_special_tokens=False), dtype=np.int64) for t in texts]
+        pieces, owner = [], []
+        for i, t in enumerate(texts):
+            for c in _safe_chunks(t):
+                pieces.append(c)
+                owner.append(i)
+        enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        with _tokenizers_parallelism(self.num_workers > 1):
+            encs = enc(pieces, add_special_tokens=False)
+        out: list[list[np.ndarray]] = [[] for _ in texts]
+        for i, e in zip(owner, encs):
+            out[i].append(np.asarray(e.ids, dtype=np.int64))
+        return [a[0] if len(a) == 1 else np.concatenate(a) for a in out]
+
+
+class _ShardWriter:
+    """Writes (n, T) sample arrays into ``<split>/shard-NNNNN.bin`` files, each one atomically."""
+
+    def __init__(self, root: Path, split: str, seq_len: int, dtype, samples_per_shard: int):
+        self.root, self.split, self.T, self.dtype = root, split, seq_len, np.dtype(dtype)
+        self.per_shard = max(1, samples_per_shard)
+        self.shards: list[dict] = []
+        self._cm = self._f = self._sha = None
+        self._n = 0
+
+    def _open(self):
+        rel = f"{self.split}/shard-{len(self.shards):05d}.bin"
+        self._rel = rel
+        self._cm = atomic_path(self.root / rel)
+        tmp = self._cm.__enter__()
+        self._f = open(tmp, "wb")
+        self._sha = hashlib.sha256()
+        self._n = 0
+
+    def _close(self):
+        self._f.close()
+        self._cm.__exit__(None, None, None)
+        self.shards.append({"file": self._rel, "num_samples": self._n,
+                            "bytes": self._n * self.T * self.dtype.itemsize, "sha256": self._sha.hexdigest()})
+        self._cm = self._f = None
+
+    def write(self, samples: np.ndarray) -> None:
+        i = 0
+        while i < len(samples):
+            if self._f is None:
+                self._open()
+            take = min(len(samples) - i, self.per_shard - self._n)
+            b = np.ascontiguousarray(samples[i:i + take], dtype=self.dtype.newbyteorder("<")).tobytes()
+            self._f.write(b)
+            self._sha.update(b)
+            self._n += take
+            i += take
+            if self._n == self.per_shard:
+                self._close()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            with contextlib.suppress(BaseException):
+                self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._cm = self._f = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["num_samples"] for s in self.shards) + (self._n if self._f is not None else 0)
+
+
+class _Packer:
+    """Cuts one split's document stream into fixed-length samples (wrap or llm-foundry no-wrap)."""
+
+    def __init__(self, writer: _ShardWriter, seq_len: int, wrap: bool):
+        self.w, self.T, self.wrap = writer, seq_len, wrap
+        self.buf = np.empty(0, dtype=np.int64)
+        self.pieces: list[np.ndarray] = []
+        self.cur = 0
+        self.tokens_in = self.dropped = self.documents = 0
+
+    def add(self, tokens: np.ndarray, doclens: np.ndarray) -> None:
+        self.tokens_in += len(tokens)
+        self.documents += len(doclens)
+        T = self.T
+        if self.wrap:
+            data = np.concatenate([self.buf, tokens]) if len(self.buf) else tokens
+            n = len(data) // T
+            if n:
+                self.w.write(data[: n * T].reshape(n, T))
+            self.buf = data[n * T:].copy()
+            return
+        offs = np.concatenate([[0], np.cumsum(doclens)])
+        for a, b in zip(offs[:-1], offs[1:]):
+            self.pieces.append(tokens[a:b])
+            self.cur += b - a
+            if self.cur >= T:
+                data = np.concatenate(self.pieces)
+                self.w.write(data[:T].reshape(1, T))
+                self.dropped += self.cur - T
+                self.pieces, self.cur = [], 0
+
+    def finish(self) -> None:
+        self.dropped += len(self.buf) + self.cur
+        self.buf = np.empty(0, dtype=np.int64)
+        self.pieces, self.cur = [], 0
+        self.w.close()
+
+
+def _progress(enabled: bool | None, total_bytes: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=(None if enabled is None
+                                                                                        else not enabled),
+                dynamic_ncols=True, leave=True)
+
+
+def _shards_intact(root: Path, manifest: dict) -> bool:
+    try:
+        T = manifest["max_seq_len"]
+        item = np.dtype(manifest["dtype"]).itemsize
+        for split in manifest["splits"].values():
+            for s in split["shards"]:
+                p = root / s["file"]
+                if not p.is_file() or p.stat().st_size != s["num_samples"] * T * item:
+                    return False
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def read_manifest(folder) -> dict:
+    """The manifest of a prepared folder, or :class:`DataError` saying why it is unusable."""
+    folder = Path(folder)
+    mp = folder / "manifest.json"
+    if not mp.is_file():
+        extra = (" (an interrupted or running prepare: run it again to finish)" if (folder / ".parts").exists()
+                 or any(folder.glob("*/shard-*.bin")) else "")
+        raise DataError(f"{folder}: no manifest.json, not a prepared dataset{extra}")
+    try:
+        m = json.loads(mp.read_text())
+    except ValueError as e:
+        raise DataError(f"{mp}: unreadable manifest ({e})") from None
+    if m.get("format") != FORMAT:
+        raise DataError(f"{mp}: not an mptkit token manifest (format {m.get('format')!r}, expected {FORMAT!r})")
+    if m.get("format_version", 0) > FORMAT_VERSION:
+        raise DataError(f"{mp}: format_version {m.get('format_version')} is newer than this mptkit supports "
+                        f"({FORMAT_VERSION}); upgrade mptkit")
+    return m
+
+
+# ------------------------------------------------------------------------------------------ main
+def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: int, *, text_field: str = "text",
+                    eos_text: str | None = None, bos_text: str | None = None, wrap: bool = True,
+                    val_fraction: float = 0.01, split_seed: int = 0, max_files: int | None = None,
+                    max_bytes: int | None = None, hf_split: str | None = None, strict: bool = False,
+                    num_workers: int | None = None, part_bytes: int = 8 << 20, shard_bytes: int = 256 << 20,
+                    model_vocab_size: int | None = None, force: bool = False, keep_parts: bool = False,
+                    progress: bool | None = None) -> dict:
+    """Tokenize ``inputs`` (``None`` = the default stdlib corpus) into packed shards under ``out_dir``.
+
+    Returns the manifest (also written to ``out_dir/manifest.json``). A no-op returning the existing
+    manifest when the inputs (by sha256), the tokenizer (by fingerprint) and the options are unchanged,
+    unless ``force``. Options:
+
+    - ``text_field``: the JSON/CSV/Parquet/Arrow field holding the text (dotted paths for nested JSON).
+    - ``eos_text`` / ``bos_text``: separators appended / prepended to every document (default: the
+      tokenizer's EOS token, no BOS; ``""`` for none).
+    - ``wrap``: wrap documents across samples (default) or start each sample at a document (no-wrap).
+    - ``val_fraction`` / ``split_seed``: documents go to ``val`` with this probability (seeded hash).
+    - ``max_files`` / ``max_bytes``: use only the first files of the corpus (e.g. a quick start).
+    - ``strict``: fail on the first bad input instead of skipping and counting it.
+    - ``num_workers``: cores for tokenization (default: all).
+    - ``model_vocab_size``: refuse a tokenizer with more tokens than the model's vocabulary.
+    """
+    t0 = time.perf_counter()
+    if int(max_seq_len) < 1:
+        raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    T = int(max_seq_len)
+    out = Path(out_dir)
+    tok_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", "")
+    tok = load_tokenizer(tokenizer)
+    n_tok = len(tok)
+    if model_vocab_size is not None and n_tok > int(model_vocab_size):
+        raise DataError(f"tokenizer {tok_path or ''} has {n_tok} tokens but the model's vocab_size is "
+                        f"{model_vocab_size}: ids >= {model_vocab_size} would index past the embedding; use the "
+                        "model's own tokenizer or a model with vocab_size >= " + str(padded_vocab_size(n_tok)))
+    fp = tokenizer_fingerprint(tok)
+    if eos_text is None:
+        eos_text = tok.eos_token or ""
+        if not eos_text:
+            raise DataError(f"tokenizer {tok_path}: has no EOS token; pass eos_text (--eos-text) explicitly, "
+                            "or '' for no separator")
+    bos_text = bos_text or ""
+    eos_ids = tok.encode(eos_text, add_special_tokens=False) if eos_text else []
+    bos_ids = tok.encode(bos_text, add_special_tokens=False) if bos_text else []
+    max_id = max(n_tok - 1, max(tok.get_vocab().values(), default=0))
+    dtype = "uint16" if max_id <= 0xFFFF else "uint32"
+    num_workers = int(num_workers or os.cpu_count() or 1)
+
+    files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split)
+    sources = [{"path": str(f), "sha256": file_sha256(f), "bytes": f.stat().st_size} for f in files]
+    settings = {
+        "format_version": FORMAT_VERSION, "tokenizer_fingerprint": fp, "text_field": text_field,
+        "eos_ids": eos_ids, "bos_ids": bos_ids, "val_fraction": float(val_fraction), "split_seed": int(split_seed),
+        "dtype": dtype, "part_bytes": int(part_bytes),
+    }
+    pack = {"max_seq_len": T, "wrap": bool(wrap), "shard_bytes": int(shard_bytes), "strict": bool(strict)}
+    key = _hash({"settings": settings, "pack": pack, "sources": [(s["path"], s["sha256"]) for s in sources]})
+
+    with _folder_lock(out):
+        mp = out / "manifest.json"
+        if mp.is_file() and not force:
+            try:
+                old = json.loads(mp.read_text())
+            except ValueError:
+                old = {}
+            if old.get("key") == key and _shards_intact(out, old):
+                log.info("%s is up to date (same inputs, tokenizer and options): nothing to do", out)
+                return old
+        if mp.exists():
+            mp.unlink()  # from here on the folder does not look complete until the new manifest lands
+        manifest = _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype,
+                        n_tok, num_workers, strict, progress, keep_parts, t0,
+                        limits={"max_files": max_files, "max_bytes": max_bytes, "hf_split": hf_split},
+                        default_corpus=not inputs)
+    return manifest
+
+
+def _iter_parts(sources, text_field, issues, part_bytes, doc_counts) -> Iterator[list[tuple[int, int, str]]]:
+    """Group documents into parts of about ``part_bytes`` characters: lists of (source index, line, text)."""
+    batch, chars = [], 0
+    for si, s in enumerate(sources):
+        for line, text in iter_documents(Path(s["path"]), text_field=text_field, issues=issues):
+            batch.append((si, line, text))
+            doc_counts[si] += 1
+            chars += len(text)
+            if chars >= part_bytes:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype, n_tok, num_workers,
+         strict, progress, keep_parts, t0, limits, default_corpus) -> dict:
+    parts_dir = out / ".parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    issues = Issues(strict=strict)
+    encoder = _Encoder(tok, num_workers)
+    eos = np.asarray(settings["eos_ids"], dtype=np.int64)
+    bos = np.asarray(settings["bos_ids"], dtype=np.int64)
+    samples_per_shard = max(1, pack["shard_bytes"] // (T * np.dtype(dtype).itemsize))
+    writers = {s: _ShardWriter(out, s, T, dtype, samples_per_shard) for s in SPLITS}
+    packers = {s: _Packer(writers[s], T, pack["wrap"]) for s in SPLITS}
+    doc_counts = [0] * len(sources)
+    used_parts, reused, tokenized_tokens, tokenized_s = set(), 0, 0, 0.0
+    bar = _progress(progress, sum(s["bytes"] for s in sources))
+    total_tokens = 0
+    try:
+        for pi, batch in enumerate(_iter_parts(sources, settings["text_field"], issues, settings["part_bytes"],
+                                               doc_counts)):
+            ident = [(sources[si]["sha256"], line) for si, line, _ in batch]
+            pkey = _hash({"settings": settings, "docs": ident})[:24]
+            ppath = parts_dir / f"part-{pi:06d}-{pkey}.npz"
+            used_parts.add(ppath.name)
+            part = None
+            if ppath.is_file():
+                try:
+                    with np.load(ppath, allow_pickle=False) as z:
+                        part = {k: z[k] for k in z.files}
+                    reused += 1
+                except (OSError, ValueError, KeyError):
+                    part = None  # a damaged cache entry: tokenize again
+            if part is None:
+                ts = time.perf_counter()
+                ids = encoder.encode([text for _, _, text in batch])
+                tokenized_s += time.perf_counter() - ts
+                part = {}
+                for split_i, name in enumerate(SPLITS):
+                    sel = [k for k, (si, line, _) in enumerate(batch)
+                           if _split_of(settings["split_seed"], sources[si]["sha256"], line,
+                                        settings["val_fraction"]) == split_i]
+                    docs = [np.concatenate([bos, ids[k], eos]) for k in sel]
+                    part[f"{name}_tokens"] = (np.concatenate(docs) if docs else np.empty(0, np.int64)).astype(dtype)
+                    part[f"{name}_doclens"] = np.asarray([len(d) for d in docs], dtype=np.int64)
+                tokenized_tokens += sum(len(a) for a in ids)
+                with atomic_path(ppath) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, **part)
+            for name in SPLITS:
+                toks = part[f"{name}_tokens"].astype(np.int64)
+                total_tokens += len(toks)
+                packers[name].add(toks, part[f"{name}_doclens"])
+            if bar is not None:
+                bar.update(min(sum(len(text) for _, _, text in batch), max(bar.total - bar.n, 0)))
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{total_tokens / el / 1e3:,.0f}K tok/s, {total_tokens:,} tok", refresh=False)
+        for p in packers.values():
+            p.finish()
+        if bar is not None:
+            bar.update(max(bar.total - bar.n, 0))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if sum(doc_counts) == 0:
+        raise DataError(f"no usable documents in {len(sources)} input files ({issues.total} bad inputs skipped: "
+                        f"{issues.counts}); see the warnings above")
+    if packers["train"].w.num_samples == 0:
+        raise DataError(f"the corpus yields no training sample of {T} tokens ({packers['train'].tokens_in} train "
+                        "tokens); use more data or a smaller --max-seq-len")
+    if settings["val_fraction"] > 0 and packers["val"].w.num_samples == 0:
+        log.warning("the validation split is empty (%d documents; %d val tokens): use more documents, a larger "
+                    "val_fraction or a smaller max_seq_len", sum(doc_counts), packers["val"].tokens_in)
+
+    # remove shards of an earlier run that this one did not rewrite
+    keep = {s["file"] for w in writers.values() for s in w.shards}
+    for name in SPLITS:
+        for f in (out / name).glob("shard-*.bin") if (out / name).is_dir() else []:
+            if f"{name}/{f.name}" not in keep:
+                f.unlink()
+    elapsed = time.perf_counter() - t0
+    eos_id = settings["eos_ids"][0] if len(settings["eos_ids"]) == 1 else None
+    bos_id = settings["bos_ids"][0] if len(settings["bos_ids"]) == 1 else None
+    splits = {}
+    for name in SPLITS:
+        p, w = packers[name], writers[name]
+        splits[name] = {"num_samples": w.num_samples, "num_documents": p.documents, "num_tokens": p.tokens_in,
+                        "tokens_in_samples": w.num_samples * T, "dropped_tokens": p.dropped, "shards": w.shards}
+    from mptkit import __version__
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "mptkit_version": __version__, "key": key,
+        "tokenizer_fingerprint": fp,
+        "tokenizer": {"path": tok_path, "class": type(tok).__name__, "size": n_tok},
+        "vocab_size": padded_vocab_size(n_tok), "tokenizer_vocab_size": n_tok,
+        "max_seq_len": T, "dtype": dtype, "wrap": pack["wrap"],
+        "eos_text": eos_text, "bos_text": bos_text, "eos_ids": settings["eos_ids"], "bos_ids": settings["bos_ids"],
+        "eos_token_id": eos_id, "bos_token_id": bos_id,
+        "pad_token_id": getattr(tok, "pad_token_id", None),
+        "text_field": settings["text_field"], "val_fraction": settings["val_fraction"],
+        "split_seed": settings["split_seed"],
+        "num_samples": {n: splits[n]["num_samples"] for n in SPLITS},
+        "num_tokens": {n: splits[n]["num_tokens"] for n in SPLITS},
+        "splits": splits,
+        "sources": [{**s, "documents": doc_counts[i]} for i, s in enumerate(sources)],
+        "default_corpus": default_corpus, "limits": limits,
+        "bad_inputs": issues.as_dict(),
+        "stats": {"elapsed_s": round(elapsed, 3), "tokens_per_s": round(total_tokens / max(elapsed, 1e-9)),
+                  "parts": len(used_parts), "parts_reused": reused, "tokenized_tokens": tokenized_tokens,
+                  "tokenize_s": round(tokenized_s, 3), "num_workers": num_workers},
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    if not keep_parts:
+        for f in parts_dir.glob("*"):
+            f.unlink()
+        with contextlib.suppress(OSError):
+            parts_dir.rmdir()
+    else:
+        for f in parts_dir.glob("part-*.npz"):
+            if f.name not in used_parts:
+                f.unlink()
+    log.info("prepared %s: %d train / %d val samples of %d tokens (%s tokens, %.1fs, %s tok/s; %d bad inputs skipped"
+             "%s)", out, splits["train"]["num_samples"], splits["val"]["num_samples"], T, f"{total_tokens:,}", elapsed,
+             f"{total_tokens / max(elapsed, 1e-9):,.0f}", issues.total,
+             f"; {reused} of {len(used_parts)} parts reused" if reused else "")
+    return manifest
