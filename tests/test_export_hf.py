@@ -1,0 +1,178 @@
+"""`mptkit export hf`: the exported folder loads in transformers (no remote code) with mptkit's logits and
+tokenizer; dtypes, shards, layouts, run/checkpoint sources, warnings, refusals and atomic replacement."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mptkit.cli import main as cli_main
+from mptkit.errors import CheckpointError, ExportError
+from mptkit.export.hf import export_hf
+from mptkit.model import MPTForCausalLM
+from tests._export_models import make_model
+
+X = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(7))
+TEXT = "def load(fp, *, cls=None):\n    return json.loads(fp.read())  # naïve\n"
+
+
+def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path, make_tokenizer):
+    """The default export is transformers' MptForCausalLM layout: AutoModelForCausalLM loads it without
+    trust_remote_code and computes mptkit's logits (<= 1e-4); AutoTokenizer encodes like the source."""
+    tok = make_tokenizer()
+    model = make_model(tmp_path / "m", tok, expansion_ratio=4, attn_config={"clip_qkv": 1.5})
+    res = export_hf(tmp_path / "m", tmp_path / "out")
+    assert res.incompatibilities == []
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == ["MptForCausalLM"] and "auto_map" not in cfg
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == "MptForCausalLM"
+    with torch.no_grad():
+        a = hf(X).logits
+        b = model(X).logits
+    assert a.std() > 0.5  # the comparison is not trivially satisfied
+    assert (a - b).abs().max().item() <= 1e-4
+    t_src = AutoTokenizer.from_pretrained(str(tok))
+    t_out = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    ids = t_out(TEXT)["input_ids"]
+    assert ids == t_src(TEXT)["input_ids"] and len(ids) > 5
+    assert t_out.decode(ids) == TEXT
+    assert t_out.eos_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_reduced_precision_export_stores_rounded_weights(tmp_path, make_tokenizer, dtype, torch_dtype):
+    """--dtype bf16/fp16: every tensor is stored in that dtype with the rounded values; config.json says so;
+    transformers loads it and its logits stay close to mptkit's fp32 ones."""
+    model = make_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
+    export_hf(tmp_path / "m", tmp_path / "out", dtype=dtype)
+    sd = model.state_dict()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            assert t.dtype == torch_dtype, k
+            assert torch.equal(t, sd[k].to(torch_dtype)), k
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["torch_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        err = (hf(X).logits - model(X).logits).abs().max().item()
+    assert err < 0.25 if dtype == "bf16" else err < 0.05
+
+
+def test_shards_and_mosaicml_layout(tmp_path, make_tokenizer):
+    """--max-shard-size splits the weights with an index that transformers follows; --layout mosaicml writes
+    MosaicML's config (MPTForCausalLM + auto_map) that mptkit reads back to the same model."""
+    model = make_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
+    export_hf(tmp_path / "m", tmp_path / "sharded", max_shard_size="40KB")
+    idx = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = set(idx["weight_map"].values())
+    assert len(shards) >= 3 and all((tmp_path / "sharded" / s).exists() for s in shards)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    with torch.no_grad():
+        assert (hf(X).logits - model(X).logits).abs().max().item() <= 1e-4
+
+    export_hf(tmp_path / "m", tmp_path / "mosaic", layout="mosaicml")
+    cfg = json.loads((tmp_path / "mosaic" / "config.json").read_text())
+    assert cfg["architectures"] == ["MPTForCausalLM"] and "AutoModelForCausalLM" in cfg["auto_map"]
+    back = MPTForCausalLM.from_pretrained(tmp_path / "mosaic")
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, model(X).logits)
+
+
+def test_settings_transformers_cannot_express_are_warned_and_listed(tmp_path, make_tokenizer, caplog):
+    """A GQA + qk_ln model exports (mptkit reads it back exactly) with one warning line per setting."""
+    model = make_model(tmp_path / "m", make_tokenizer(), attn_config={
+        "qk_ln": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2})
+    with caplog.at_level(logging.WARNING, logger="mptkit.export.hf"):
+        res = export_hf(tmp_path / "m", tmp_path / "out")
+    assert any("kv heads" in s for s in res.incompatibilities)
+    assert any("qk_ln" in s for s in res.incompatibilities)
+    for item in res.incompatibilities:
+        assert item in caplog.text
+    back = MPTForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, model(X).logits)
+
+
+def test_run_folder_resolves_to_the_newest_checkpoint_via_the_trainer(tmp_path, make_tokenizer, monkeypatch):
+    """SRC that is not a model folder is handed to mptkit.train.checkpoint.model_folder (stubbed here);
+    the tokenizer kept at the run's top level is found and copied; a run without checkpoints is an error."""
+    run = tmp_path / "run"
+    make_tokenizer(run)
+    model = make_model(run / "checkpoints" / "ba20" / "model")
+    seen = []
+
+    def model_folder(p):
+        seen.append(p)
+        if not (p / "checkpoints").exists():
+            raise CheckpointError(f"{p}: no valid checkpoint")
+        return p / "checkpoints" / "ba20" / "model"
+
+    fake = types.ModuleType("mptkit.train.checkpoint")
+    fake.model_folder = model_folder
+    monkeypatch.setitem(sys.modules, "mptkit.train.checkpoint", fake)
+    res = export_hf(run, tmp_path / "out")
+    assert seen and res.tokenizer_from == run
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    back = MPTForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, model(X).logits)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no valid checkpoint"):
+        export_hf(tmp_path / "empty", tmp_path / "out2")
+
+
+def test_refuses_to_clobber_sources_and_unrelated_folders(tmp_path, make_tokenizer):
+    make_model(tmp_path / "m", make_tokenizer())
+    with pytest.raises(ExportError, match="replace the source"):
+        export_hf(tmp_path / "m", tmp_path / "m", overwrite=True)
+    with pytest.raises(ExportError, match="replace the source"):
+        export_hf(tmp_path / "m", tmp_path, overwrite=True)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty"):
+        export_hf(tmp_path / "m", tmp_path / "docs", overwrite=True)
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match="no such file"):
+        export_hf(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ExportError, match="--dtype"):
+        export_hf(tmp_path / "m", tmp_path / "out", dtype="int8")
+
+
+def test_failed_overwrite_keeps_the_previous_export(tmp_path, make_tokenizer, monkeypatch):
+    """--overwrite builds the new folder beside the old one: a failure mid-way leaves the old export whole."""
+    import mptkit.model.checkpoint_io as cio
+
+    make_model(tmp_path / "m", make_tokenizer())
+    export_hf(tmp_path / "m", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ExportError, match="not empty"):
+        export_hf(tmp_path / "m", tmp_path / "out")  # without --overwrite
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(cio.MPTConfig, "save", boom)
+    with pytest.raises(OSError, match="simulated"):
+        export_hf(tmp_path / "m", tmp_path / "out", dtype="bf16", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out", "tok"]
+
+
+def test_cli_export_hf(tmp_path, make_tokenizer, capsys):
+    model = make_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
+    rc = cli_main(["export", "hf", str(tmp_path / "m"), str(tmp_path / "out"), "--dtype", "fp32"])
+    assert rc == 0
+    back = MPTForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, model(X).logits)
+    rc = cli_main(["export", "hf", str(tmp_path / "nope"), str(tmp_path / "out2")])
+    assert rc == 2 and "no such file" in capsys.readouterr().err
