@@ -1,0 +1,203 @@
+"""Trainer checkpoints: atomic folders with a checksum manifest, keep-last-N, newest-valid lookup.
+
+A checkpoint is a folder ``<save_folder>/ep{E}-ba{B}/``::
+
+    model/              a complete HF-layout model folder (config.json, model.safetensors, tokenizer files)
+    trainer_state.pt    optimizer, step counters, data position, RNG states, grad scaler (torch.save;
+                        read back only with torch.load(weights_only=True))
+    run_config.json     the validated run configuration
+    manifest.json       {"format": "mptkit-checkpoint", "step", "epoch", "files": {path: {sha256, bytes}}}
+
+It is written into a temporary folder beside the final name and renamed into place only when complete
+(``mptkit.utils.fs.atomic_dir``); the manifest is written last inside it. A checkpoint whose manifest is
+missing or whose files do not match their checksums is *invalid* and skipped by
+:func:`find_latest_checkpoint`, so a crash (or SIGKILL) mid-save can never replace a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptkit.errors import CheckpointError
+from mptkit.utils.fs import atomic_dir, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
+FORMAT = "mptkit-checkpoint"
+_NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"ep{epoch}-ba{step}"
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def save_checkpoint(
+    save_folder: str | os.PathLike,
+    *,
+    model,
+    trainer_state: dict,
+    epoch: int,
+    step: int,
+    tokenizer: Any = None,
+    run_config: dict | None = None,
+) -> Path:
+    """Write one checkpoint atomically and return its final path."""
+    save_folder = Path(save_folder)
+    final = save_folder / checkpoint_name(epoch, step)
+    t0 = time.perf_counter()
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp / MODEL_DIR, tokenizer=tokenizer)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        if run_config is not None:
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        files = {}
+        for p in _files_under(tmp):
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        manifest = {"format": FORMAT, "version": 1, "step": int(step), "epoch": int(epoch),
+                    "time": time.time(), "files": files}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("saved checkpoint %s (%.1f s)", final, time.perf_counter() - t0)
+    return final
+
+
+def read_manifest(ckpt: str | os.PathLike) -> dict | None:
+    p = Path(ckpt) / MANIFEST
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+        return None
+    return m
+
+
+def verify_checkpoint(ckpt: str | os.PathLike, *, checksums: bool = True) -> str | None:
+    """None if ``ckpt`` is a complete, uncorrupted checkpoint; else the reason it is not."""
+    ckpt = Path(ckpt)
+    m = read_manifest(ckpt)
+    if m is None:
+        return "no valid manifest.json (incomplete write?)"
+    for rel, info in m["files"].items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != info.get("bytes"):
+            return f"{rel} has {p.stat().st_size} bytes, manifest says {info.get('bytes')} (truncated?)"
+        if checksums and sha256_file(p) != info.get("sha256"):
+            return f"{rel} checksum mismatch (corrupted)"
+    if STATE_FILE not in m["files"] or f"{MODEL_DIR}/config.json" not in m["files"]:
+        return "manifest lacks trainer_state.pt or model/config.json"
+    return None
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders (named ep{E}-ba{B}) under ``folder`` or ``folder/checkpoints``, newest step first."""
+    folder = Path(folder)
+    found: list[tuple[int, int, Path]] = []
+    for base in (folder, folder / "checkpoints"):
+        if not base.is_dir():
+            continue
+        for p in base.iterdir():
+            m = _NAME_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(2)), int(m.group(1)), p))
+    found.sort(key=lambda x: (x[0], x[1]), reverse=True)
+    return [p for _, _, p in found]
+
+
+def find_latest_checkpoint(run_or_save_folder: str | os.PathLike, *, checksums: bool = True) -> Path | None:
+    """The newest *valid* checkpoint in a run folder, a save folder, or the checkpoint itself; else None.
+
+    Invalid ones (no manifest, truncated or corrupted files) are skipped with a warning."""
+    p = Path(run_or_save_folder)
+    if (p / MANIFEST).exists():
+        reason = verify_checkpoint(p, checksums=checksums)
+        if reason is None:
+            return p
+        log.warning("checkpoint %s is invalid: %s", p, reason)
+        return None
+    for c in list_checkpoints(p):
+        reason = verify_checkpoint(c, checksums=checksums)
+        if reason is None:
+            return c
+        log.warning("skipping invalid checkpoint %s: %s", c, reason)
+    return None
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The HF model folder for a run folder, save folder or checkpoint (newest valid checkpoint's model/).
+
+    A folder that already is an HF model folder (holds config.json) is returned as is."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such run, save folder or checkpoint")
+    if (p / "config.json").is_file() and not (p / MANIFEST).exists():
+        return p
+    ck = find_latest_checkpoint(p)
+    if ck is None:
+        raise CheckpointError(
+            f"{p}: no valid checkpoint found (looked for ep*-ba* folders with a manifest.json in {p} "
+            f"and {p / 'checkpoints'})"
+        )
+    return ck / MODEL_DIR
+
+
+def load_trainer_state(ckpt: str | os.PathLike) -> dict:
+    """The trainer state of a checkpoint (``torch.load(weights_only=True)``: tensors and plain data only)."""
+    p = Path(ckpt) / STATE_FILE
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: no {STATE_FILE}") from None
+    except Exception as e:  # noqa: BLE001 - corrupted pickles raise many types
+        raise CheckpointError(f"{p}: unreadable trainer state ({type(e).__name__}: {e})") from None
+
+
+def prune_checkpoints(save_folder: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0: keep all). Returns what was deleted.
+
+    Invalid checkpoints never count toward ``keep``: the newest ``keep`` *valid* ones always survive."""
+    if keep is None or keep <= 0:
+        return []
+    all_ck = list_checkpoints(save_folder)
+    kept = 0
+    removed = []
+    for c in all_ck:
+        if kept < keep and verify_checkpoint(c, checksums=False) is None:
+            kept += 1
+            continue
+        if kept < keep:
+            continue  # an invalid one newer than the kept ones: leave it for inspection
+        shutil.rmtree(c, ignore_errors=True)
+        removed.append(c)
+    if removed:
+        log.info("removed old checkpoints: %s", ", ".join(p.name for p in removed))
+    return removed
+
+
+def clean_stale_temp(save_folder: str | os.PathLike) -> None:
+    """Remove temporary folders left by a save that was killed (``.ep*-ba*.*.tmp``)."""
+    folder = Path(save_folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(".ep") and (p.name.endswith(".tmp") or ".old-" in p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)

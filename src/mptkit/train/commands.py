@@ -1,0 +1,60 @@
+"""`mptkit train RECIPE.yaml [key.sub=value ...]` and `mptkit plot RUN`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mptkit.train.config import load_run_config
+    from mptkit.train.trainer import Trainer
+
+    cfg = load_run_config(args.recipe, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False), end="")
+        return 0
+    t = Trainer(cfg)
+    summary = t.fit()
+    if not t.dist.is_main:
+        return 0
+    print(f"run {summary['run_name']}: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+          f"{summary['train_wall_s']:.0f} s")
+    if summary.get("eval_loss") is not None:
+        print(f"validation loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
+    print(f"metrics: {summary['run_folder']}/metrics.jsonl  (plot: mptkit plot {summary['run_folder']})")
+    if summary.get("last_checkpoint"):
+        print(f"checkpoint: {summary['last_checkpoint']}")
+    if summary.get("export_folder"):
+        print(f"model (HF folder): {summary['export_folder']}")
+    if summary.get("sample"):
+        print("sample:\n" + summary["sample"])
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from mptkit.train.plot import plot_run
+
+    out = plot_run(args.run, args.out)
+    print(out)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model from a YAML recipe (llm-foundry keys)",
+        description="Train (pretrain or continue) an MPT model from a YAML recipe. Overrides are key.sub=value "
+                    "(YAML values), e.g. max_duration=50ba optimizer.lr=1e-3 model.n_layers=2. "
+                    "Launch with torchrun for several processes.")
+    p.add_argument("recipe", help="the recipe YAML (e.g. configs/pretrain/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--print-config", action="store_true", help="print the validated configuration and exit")
+    p.set_defaults(func=_train)
+
+    q = sub.add_parser("plot", help="PNG of a run's loss and throughput curves (needs matplotlib)",
+                       description="Read RUN/metrics.jsonl and write RUN/curves.png (or --out).")
+    q.add_argument("run", help="a run folder (holding metrics.jsonl) or a metrics.jsonl file")
+    q.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
+    q.set_defaults(func=_plot)

@@ -1,0 +1,106 @@
+"""torch.distributed set-up for `torchrun`: read RANK / WORLD_SIZE / LOCAL_RANK, gloo on CPU, nccl on GPU.
+
+Without those variables (a plain `mptkit train`) everything is single-process and no process group is
+created. Only rank 0 writes files; every rank reads the same config and data and takes its slice of each
+global batch from the data sampler (rank / world_size).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mptkit.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise TrainError(f"environment variable {name}={v!r} is not an integer (set by torchrun)") from None
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device: cuda was requested but no CUDA GPU is available (use device=cpu)")
+    if torch.cuda.is_available() and requested in ("auto", "cuda"):
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group from torchrun's environment (no-op for one process)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    device = pick_device(requested_device, local)
+    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    if world <= 1:
+        return info
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_available():
+        raise TrainError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise TrainError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        info.initialized_here = True
+        log.info("torch.distributed: rank %d of %d, backend %s, device %s", rank, world, backend, device)
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not (info.enabled and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,193 @@
+"""Training metrics: throughput, MFU, memory, JSONL / TensorBoard logging, loss-spike and NaN monitor.
+
+MFU follows llm-foundry: FLOPs per batch = 3 * B * (2 * N * T + n_layers * 4 * d_model * T^2) (the model's
+``flops_per_batch``), MFU = achieved FLOP/s / (world_size * peak FLOP/s per device). The peak is the
+recipe's ``peak_tflops`` when given, a datasheet value for known GPUs, or else a measured matmul peak
+of this machine at the training precision; the log states which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from mptkit.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+# Dense datasheet peaks (FLOP/s) per device, by (name fragment, precision).
+GPU_PEAKS = {
+    ("H200", "bf16"): 989e12, ("H200", "fp16"): 989e12, ("H200", "fp32"): 67e12,
+    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
+    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,
+    ("A10G", "bf16"): 125e12, ("A10G", "fp16"): 125e12, ("A10G", "fp32"): 31.2e12,
+    ("L4", "bf16"): 121e12, ("L4", "fp16"): 121e12, ("L4", "fp32"): 30.3e12,
+}
+
+
+def measure_matmul_peak(device: torch.device | str, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """Best observed FLOP/s of an n x n x n matmul on this device (a practical peak)."""
+    device = torch.device(device)
+    n = n or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / max(time.perf_counter() - t, 1e-9))
+    return best
+
+
+def peak_flops(device: torch.device, precision: str, declared_tflops: float | None) -> tuple[float, str]:
+    """(peak FLOP/s per device, how it was obtained) for MFU."""
+    prec = {"fp32": "fp32", "amp_bf16": "bf16", "amp_fp16": "fp16"}[precision]
+    if declared_tflops:
+        return declared_tflops * 1e12, f"declared peak_tflops={declared_tflops}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for (frag, p), v in GPU_PEAKS.items():
+            if frag in name and p == prec:
+                return v, f"datasheet {prec} peak of {name} ({v / 1e12:.0f} TFLOP/s)"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    v = measure_matmul_peak(device, dtype)
+    return v, f"measured {prec} matmul peak of this {device.type} ({v / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads)"
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+                "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"mem_rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per line, flushed) and TensorBoard when installed and enabled."""
+
+    def __init__(self, run_folder: Path, *, enabled: bool = True, tensorboard: bool | dict = True):
+        self.enabled = enabled
+        self.path = Path(run_folder) / "metrics.jsonl"
+        self._f = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            except Exception:  # noqa: BLE001
+                log.debug("tensorboard not installed: metrics go to %s only", self.path)
+            else:
+                log_dir = (tensorboard.get("log_dir") if isinstance(tensorboard, dict) else None) or (
+                    Path(run_folder) / "tb")
+                self._tb = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._f.write(json.dumps(rec, default=_jsonable) + "\n")
+        self._f.flush()
+        if self._tb is not None and "step" in rec:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k.replace("_", "/", 1) if k.startswith(("train_", "eval_")) else k, v,
+                                        rec["step"])
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+class LossSpikeMonitor:
+    """NaN/inf losses stop the run at once; a loss above ``outlier_multiplier`` x the running mean of the
+    last ``window_size`` steps for ``patience`` consecutive steps is a spike (llm-foundry's
+    kill_loss_spike): logged, and it stops the run unless ``log_only``. ``loss_cap``: any loss above it
+    counts as an outlier too."""
+
+    def __init__(self, patience: int = 4, outlier_multiplier: float = 2.0, window_size: int = 100,
+                 loss_cap: float | None = None, log_only: bool = True):
+        self.patience = int(patience)
+        self.mult = float(outlier_multiplier)
+        self.window: deque[float] = deque(maxlen=int(window_size))
+        self.min_window = min(int(window_size), 10)
+        self.loss_cap = loss_cap
+        self.log_only = log_only
+        self.bad = 0
+        self.spikes = 0
+
+    def __call__(self, step: int, loss: float) -> bool:
+        if not math.isfinite(loss):
+            raise TrainError(
+                f"loss is {loss} at step {step}: training diverged. Lower optimizer.lr, raise scheduler.t_warmup, "
+                "set algorithms.gradient_clipping, or use precision=amp_bf16 instead of amp_fp16; then resume "
+                "from the last checkpoint (autoresume: true)"
+            )
+        spike = False
+        if len(self.window) >= self.min_window:
+            mean = sum(self.window) / len(self.window)
+            outlier = loss > self.mult * mean or (self.loss_cap is not None and loss > self.loss_cap)
+            if outlier:
+                self.bad += 1
+                if self.bad >= self.patience:
+                    spike = True
+                    self.spikes += 1
+                    msg = (f"loss spike at step {step}: {loss:.4f} > {self.mult} x running mean {mean:.4f} "
+                           f"for {self.patience} steps")
+                    if not self.log_only:
+                        raise TrainError(msg + " (callbacks.kill_loss_spike stopped the run; resume from a "
+                                               "checkpoint with a lower lr)")
+                    log.warning(msg)
+                    self.bad = 0
+                return spike  # outliers do not enter the running mean
+            self.bad = 0
+        self.window.append(loss)
+        return spike
+
+
+class Throughput:
+    """Tokens/s over a sliding window of steps (llm-foundry's speed_monitor window_size)."""
+
+    def __init__(self, window: int = 10):
+        self.steps: deque[tuple[float, int]] = deque(maxlen=max(1, window))
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.steps.append((seconds, tokens))
+
+    @property
+    def tokens_per_s(self) -> float:
+        s = sum(x for x, _ in self.steps)
+        return sum(t for _, t in self.steps) / s if s > 0 else 0.0
+
+    @property
+    def step_s(self) -> float:
+        return sum(x for x, _ in self.steps) / len(self.steps) if self.steps else 0.0
+
+
+def rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,141 @@
+"""Optimizers: decoupled AdamW and decoupled LionW (MPT-7B's), plus torch's AdamW; parameter groups.
+
+*Decoupled* weight decay (Loshchilov & Hutter; composer / llm-foundry semantics): the decay is not scaled
+by the learning rate itself but by the schedule's multiplier ``lr / initial_lr``, so ``weight_decay`` is
+the per-step decay fraction at peak lr::
+
+    p <- p * (1 - (lr / initial_lr) * weight_decay)
+
+DecoupledAdamW then applies Adam's bias-corrected update. DecoupledLionW applies Lion (Chen et al. 2023,
+"Symbolic Discovery of Optimization Algorithms")::
+
+    c = beta1 * m + (1 - beta1) * g ;  p <- p - lr * sign(c) ;  m <- beta2 * m + (1 - beta2) * g
+
+Weight decay applies only to parameters with two or more dimensions (matrices, embeddings); norms'
+weights and biases are not decayed (nanoGPT's rule). The updates are written with plain per-tensor
+ops, so a run is bitwise reproducible on CPU at a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mptkit.errors import ConfigError
+
+
+class DecoupledAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ConfigError(f"optimizer.lr must be positive, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            decay = lr / group["initial_lr"] * wd if group["initial_lr"] else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] += 1
+                step = int(st["step"].item())
+                if decay:
+                    p.mul_(1.0 - decay)
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.lerp_(g, 1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                bc1 = 1.0 - b1**step
+                bc2 = 1.0 - b2**step
+                denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / bc1)
+        return loss
+
+
+class DecoupledLionW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ConfigError(f"optimizer.lr must be positive, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            decay = lr / group["initial_lr"] * wd if group["initial_lr"] else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m = st["exp_avg"]
+                if decay:
+                    p.mul_(1.0 - decay)
+                update = m.lerp(g, 1.0 - b1).sign_()
+                p.add_(update, alpha=-lr)
+                m.lerp_(g, 1.0 - b2)
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: >= 2-D weights (decayed) and the rest (norm weights, biases: not decayed).
+
+    Tied parameters appear once (``model.parameters()`` deduplicates)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
+    """From the recipe's ``optimizer`` section (name, lr, betas, eps, weight_decay)."""
+    name = spec.get("name", "decoupled_adamw")
+    lr = float(spec.get("lr", 6e-4))
+    wd = float(spec.get("weight_decay", 0.0))
+    groups = param_groups(model, wd)
+    if name == "decoupled_adamw":
+        return DecoupledAdamW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.95)), eps=float(spec.get("eps", 1e-8)))
+    if name == "decoupled_lionw":
+        return DecoupledLionW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.99)))
+    if name == "adamw":
+        # torch's AdamW: decay scaled by lr (p <- p * (1 - lr * wd)). Single-tensor path for reproducibility.
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.95))),
+                                eps=float(spec.get("eps", 1e-8)), foreach=False)
+        for g in opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        return opt
+    raise ConfigError(f"optimizer.name: unknown optimizer '{name}' (decoupled_adamw, decoupled_lionw, adamw)")
+
+
+def set_lr(opt: torch.optim.Optimizer, multiplier: float) -> float:
+    """Set every group's lr to ``initial_lr * multiplier``; returns the first group's lr."""
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * multiplier
+    return opt.param_groups[0]["lr"]

@@ -1,0 +1,223 @@
+"""Recipe -> tokenizer, datasets and model (the pieces `mptkit train` builds from a YAML).
+
+``data_prep`` (an mptkit key) makes a recipe self-contained: when the tokenizer folder is missing it is
+trained, and the corpus is prepared into ``train_loader.dataset.local`` (both cached: preparation is a
+no-op when inputs, tokenizer and options are unchanged). Without ``data_prep`` the data must have been
+prepared with `mptkit data prepare`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptkit.errors import ConfigError, DataError
+from mptkit.train.config import RunConfig
+from mptkit.train.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_path(cfg: RunConfig) -> str | None:
+    t = cfg.tokenizer
+    if t is None:
+        return None
+    if isinstance(t, str):
+        return t
+    if isinstance(t, dict):
+        name = t.get("name")
+        if not name:
+            raise ConfigError("tokenizer.name: the tokenizer folder is required")
+        return str(name)
+    raise ConfigError("tokenizer: expected a folder path or {name: FOLDER, kwargs: {...}}")
+
+
+def _dataset_section(cfg: RunConfig, which: str) -> dict | None:
+    ld = getattr(cfg, which)
+    if not ld:
+        return None
+    return ld.get("dataset") or {}
+
+
+def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
+    """Train the tokenizer and prepare the corpus named by ``data_prep`` (rank 0; others wait)."""
+    dp = cfg.data_prep
+    if not dp:
+        return
+    tr = _dataset_section(cfg, "train_loader")
+    if tr is None:
+        raise ConfigError("data_prep needs train_loader.dataset.local (where the prepared shards go)")
+    tok_dir = tokenizer_path(cfg)
+    if tok_dir is None:
+        raise ConfigError("data_prep needs tokenizer.name (the folder to train the tokenizer into, or to read it from)")
+    if dist.is_main:
+        from mptkit.data.prepare import prepare_dataset
+        from mptkit.data.tokenizer import train_tokenizer
+
+        inputs = dp.get("inputs")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not (Path(tok_dir) / "tokenizer.json").exists():
+            vs = dp.get("vocab_size")
+            if not vs:
+                raise ConfigError("data_prep.vocab_size: needed to train the tokenizer "
+                                  f"({tok_dir} does not exist yet)")
+            log.info("training a %d-token tokenizer into %s (first run only)", vs, tok_dir)
+            train_tokenizer(inputs, int(vs), tok_dir, max_files=dp.get("max_files"), max_bytes=dp.get("max_bytes"))
+        seq = tr.get("max_seq_len") or cfg.max_seq_len
+        if not seq:
+            raise ConfigError("data_prep: set max_seq_len (or train_loader.dataset.max_seq_len)")
+        opts = dict(dp.get("options") or {})
+        for k in ("max_files", "max_bytes", "val_fraction"):
+            if dp.get(k) is not None:
+                opts[k] = dp[k]
+        prepare_dataset(inputs, tok_dir, tr["local"], int(seq), **opts)
+    barrier(dist)
+
+
+def _open_split(local: str, split: str, which: str):
+    from mptkit.data.shards import TokenDataset
+
+    p = Path(local)
+    if not p.exists():
+        raise DataError(
+            f"{which}.dataset.local: {p} does not exist. Prepare it first (`mptkit data prepare INPUTS --tokenizer "
+            f"TOK --out {p}`), or add a data_prep section to the recipe so `mptkit train` prepares it")
+    if not (p / "manifest.json").exists():
+        raise DataError(f"{which}.dataset.local: {p} holds no prepared data (no manifest.json); "
+                        "prepare it with `mptkit data prepare`")
+    try:
+        return TokenDataset(p, split=split)
+    except DataError:
+        raise
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise DataError(f"{which}.dataset.local: {p} has no usable '{split}' split ({e})") from None
+
+
+def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
+    """(tokenizer, train dataset, eval dataset or None, info) from the recipe; validated."""
+    prepare_if_needed(cfg, dist)
+    tr = _dataset_section(cfg, "train_loader")
+    if tr is None:
+        raise ConfigError("train_loader: the recipe names no training data (train_loader.dataset.local)")
+    train = _open_split(tr["local"], tr.get("split", "train"), "train_loader")
+    man = dict(getattr(train, "manifest", {}) or {})
+    tok_dir = tokenizer_path(cfg)
+    if tokenizer is None and tok_dir is not None:
+        from mptkit.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_dir)
+    if tokenizer is not None and man.get("tokenizer_fingerprint"):
+        from mptkit.data.tokenizer import tokenizer_fingerprint
+
+        fp = tokenizer_fingerprint(tokenizer)
+        if fp != man["tokenizer_fingerprint"]:
+            raise DataError(
+                f"tokenizer mismatch: {tok_dir} (fingerprint {fp}) is not the tokenizer the data in {tr['local']} "
+                f"was prepared with ({man['tokenizer_fingerprint']}); use that tokenizer or re-prepare the data")
+    want = tr.get("max_seq_len") or cfg.max_seq_len
+    have = man.get("max_seq_len")
+    if want and have and int(want) != int(have):
+        raise ConfigError(f"max_seq_len {want} does not match the prepared data in {tr['local']} "
+                          f"(samples of {have} tokens); set max_seq_len={have} or re-prepare the data")
+    ev = None
+    es = _dataset_section(cfg, "eval_loader")
+    if es is not None:
+        split = es.get("split", "val")
+        if split == "validation":
+            split = "val"
+        try:
+            ev = _open_split(es["local"], split, "eval_loader")
+        except DataError as e:
+            if Path(es["local"]).resolve() == Path(tr["local"]).resolve():
+                log.warning("no evaluation data: %s", e)
+                ev = None
+            else:
+                raise
+        if ev is not None and len(ev) == 0:
+            log.warning("eval_loader: the '%s' split is empty; no evaluation", split)
+            ev = None
+        if ev is not None and tokenizer is not None:
+            m2 = getattr(ev, "manifest", {}) or {}
+            if m2.get("tokenizer_fingerprint") and m2["tokenizer_fingerprint"] != man.get("tokenizer_fingerprint"):
+                raise DataError("eval_loader: the evaluation data was prepared with a different tokenizer "
+                                "than the training data")
+    info = {"vocab_size": man.get("vocab_size"), "max_seq_len": have, "eos_token_id": man.get("eos_token_id")}
+    return tokenizer, train, ev, info
+
+
+# ----------------------------------------------------------------------------------- the model
+
+_MODEL_META_KEYS = {"name", "pretrained_model_name_or_path", "pretrained", "recipe", "init_device", "loss_fn",
+                    "config_overrides"}
+
+
+def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = None):
+    """The model the recipe names: a recipe name / YAML / folder, or a mapping of MPT keys.
+
+    Mapping form (llm-foundry style): ``{name: mpt_causal_lm, d_model: ..., ...}``; ``recipe: mpt-tiny``
+    starts from a bundled recipe and overrides keys; ``pretrained_model_name_or_path: FOLDER`` with
+    ``pretrained: true`` loads weights to start from."""
+    from mptkit.model import MPTForCausalLM, load_model_config
+    from mptkit.model.config import MPTConfig
+
+    spec = cfg.model
+    pretrained = None
+    overrides: dict = {}
+    if isinstance(spec, (str, Path)):
+        p = Path(str(spec))
+        if p.is_dir() and (p / "config.json").exists():
+            pretrained = p
+            mcfg = load_model_config(p)
+        else:
+            mcfg = load_model_config(str(spec))
+    elif isinstance(spec, dict):
+        spec = copy.deepcopy(spec)
+        name = spec.get("name", "mpt_causal_lm")
+        if name not in ("mpt_causal_lm", "mpt"):
+            raise ConfigError(f"model.name: '{name}' is not supported; mptkit trains MPT models (mpt_causal_lm)")
+        base = spec.get("recipe")
+        src = spec.get("pretrained_model_name_or_path")
+        if src and spec.get("pretrained", True):
+            pretrained = Path(src)
+            if not (pretrained / "config.json").exists():
+                raise ConfigError(f"model.pretrained_model_name_or_path: {src} is not a local model folder with a "
+                                  "config.json")
+        overrides = {k: v for k, v in spec.items() if k not in _MODEL_META_KEYS}
+        overrides.update(spec.get("config_overrides") or {})
+        if pretrained is not None:
+            mcfg = load_model_config(pretrained)
+        elif base is not None:
+            mcfg = load_model_config(str(base))
+        else:
+            mcfg = None
+        if mcfg is None:
+            if cfg.max_seq_len and "max_seq_len" not in overrides:
+                overrides["max_seq_len"] = cfg.max_seq_len
+            mcfg = MPTConfig.from_dict(overrides, where="model", strict=True)
+        elif overrides:
+            bad = [k for k in overrides if k not in MPTConfig._FIELDS]
+            if bad:
+                from mptkit.utils.keys import did_you_mean
+
+                raise ConfigError(f"model: unknown key '{bad[0]}'" + did_you_mean(bad[0], MPTConfig._FIELDS))
+            mcfg = mcfg.replace(**overrides)
+    else:
+        raise ConfigError("model: expected a recipe name, a model folder, or a mapping of MPT config keys")
+    if pretrained is not None:
+        model = MPTForCausalLM.from_pretrained(pretrained, device=device, **({} if not overrides else {}))
+        if overrides:
+            model.config = model.config.replace(**overrides)
+        model.train()
+        log.info("starting from the weights in %s", pretrained)
+        return model
+    mcfg.init_device = "meta"
+    model = MPTForCausalLM(mcfg)
+    model.materialize(device)
+    model.config.init_device = "cpu"
+    model.train()
+    return model

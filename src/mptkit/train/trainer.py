@@ -1,0 +1,712 @@
+"""The training loop: one loop for pretraining and finetuning, single process or torchrun (DDP).
+
+    from mptkit.train import Trainer, load_run_config
+    cfg = load_run_config("configs/pretrain/quickstart.yaml", ["max_duration=20ba"])
+    summary = Trainer(cfg).fit()
+
+Pluggable parts: pass ``model=``, ``tokenizer=``, ``train_dataset=`` / ``eval_dataset=`` (map-style
+datasets of dicts of LongTensors, see :mod:`mptkit.train.data`), ``collate=`` and ``loss_fn=``
+(``loss_fn(model, microbatch) -> mean loss over the microbatch's targets``; targets are counted by
+``count_targets(microbatch)`` so that gradient accumulation weights microbatches by their targets).
+
+Everything that can be checked is checked before the first step (data folder, tokenizer fingerprint,
+vocabulary, batch arithmetic, a writable save folder, precision vs device); see :meth:`Trainer.setup`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError
+from mptkit.train import checkpoint as ckpt_mod
+from mptkit.train.config import Duration, RunConfig, parse_duration
+from mptkit.train.data import BatchStream, default_collate, make_sampler
+from mptkit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from mptkit.train.metrics import LossSpikeMonitor, MetricsWriter, Throughput, memory_stats, peak_flops
+from mptkit.train.optim import build_optimizer, set_lr
+from mptkit.train.schedule import build_schedule
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- loss
+
+
+def count_targets(mb: dict) -> int:
+    """Positions that carry a next-token loss: labels[:, 1:] != -100 (labels default to input_ids)."""
+    labels = mb.get("labels")
+    if labels is None:
+        ids = mb["input_ids"]
+        return ids.shape[0] * (ids.shape[1] - 1)
+    return int((labels[:, 1:] != -100).sum())
+
+
+def causal_lm_loss(model: nn.Module, mb: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy of a microbatch (labels = input_ids unless the batch has labels)."""
+    labels = mb.get("labels", mb["input_ids"])
+    kw = {}
+    if mb.get("sequence_id") is not None:
+        kw["sequence_id"] = mb["sequence_id"]
+    if mb.get("attention_mask") is not None:
+        kw["attention_mask"] = mb["attention_mask"]
+    if _accepts_return_logits(model):
+        kw["return_logits"] = False  # fused, chunked LM-head loss: the (B, T, V) logits are never held
+    return model(mb["input_ids"], labels=labels, **kw).loss
+
+
+_RL_CACHE: dict[type, bool] = {}
+
+
+def _accepts_return_logits(model: nn.Module) -> bool:
+    m = model.module if hasattr(model, "module") else model
+    t = type(m)
+    if t not in _RL_CACHE:
+        try:
+            _RL_CACHE[t] = "return_logits" in inspect.signature(m.forward).parameters
+        except (TypeError, ValueError):
+            _RL_CACHE[t] = False
+    return _RL_CACHE[t]
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+# ----------------------------------------------------------------------------------- RNG
+
+
+def get_rng_state(device: torch.device) -> dict:
+    import numpy as np
+
+    st = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"name": st[0], "keys": torch.from_numpy(st[1].astype("int64")), "pos": int(st[2]),
+                  "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
+        "python": {"version": py[0], "state": list(py[1]), "gauss": py[2]},
+    }
+
+
+def set_rng_state(st: dict, device: torch.device) -> None:
+    import numpy as np
+
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(st["cuda"], device)
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        collate: Callable[[list], dict] = default_collate,
+        loss_fn: Callable[[nn.Module, dict], torch.Tensor] = causal_lm_loss,
+        count_targets_fn: Callable[[dict], int] = count_targets,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.collate = collate
+        self.loss_fn = loss_fn
+        self.count_targets = count_targets_fn
+        self._setup_done = False
+        self.step = 0
+        self.tokens = 0
+        self.samples = 0
+        self.last_eval: dict | None = None
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        """Build and validate everything; raises a clear error before any training step."""
+        if self._setup_done:
+            return self
+        cfg = self.cfg
+        self.dist: DistInfo = init_distributed(cfg.device, cfg.dist_timeout)
+        self.device = self.dist.device
+        if self.device.type == "cpu" and cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self._check_precision()
+        self.run_name = cfg.run_name or os.environ.get("RUN_NAME") or "run"
+        self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
+        self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
+        if self.dist.is_main:
+            _check_writable(self.run_folder, "run_folder")
+            if self.save_folder is not None:
+                _check_writable(self.save_folder, "save_folder")
+        # data and tokenizer
+        from mptkit.train.recipe_data import build_data
+
+        if self.train_dataset is None:
+            self.tokenizer, self.train_dataset, self.eval_dataset, self.data_info = build_data(
+                cfg, self.dist, tokenizer=self.tokenizer)
+        else:
+            self.data_info = {}
+        seq_len = self._sample_len(self.train_dataset)
+        self.seq_len = seq_len
+        # model
+        seed_everything(cfg.seed)
+        if self.model is None:
+            from mptkit.train.recipe_data import build_model
+
+            self.model = build_model(cfg, self.device, seq_len=seq_len)
+        else:
+            self.model.to(self.device)
+        self._check_model_vs_data()
+        if cfg.activation_checkpointing and hasattr(self.model, "set_gradient_checkpointing"):
+            self.model.set_gradient_checkpointing(True)
+        # batch arithmetic
+        world = self.dist.world_size
+        gb = cfg.global_train_batch_size
+        if gb % world:
+            raise ConfigError(f"global_train_batch_size ({gb}) is not divisible by the number of ranks ({world})")
+        self.per_rank_batch = gb // world
+        mb = cfg.device_train_microbatch_size
+        self.auto_microbatch = mb == "auto"
+        if self.auto_microbatch:
+            mb = self.per_rank_batch
+        elif self.per_rank_batch % mb:
+            raise ConfigError(
+                f"global_train_batch_size ({gb}) / ranks ({world}) = {self.per_rank_batch} per rank is not divisible "
+                f"by device_train_microbatch_size ({mb}); pick a microbatch size that divides it, or 'auto'")
+        self.microbatch = mb
+        # data stream
+        ld = (cfg.train_loader or {}).get("dataset", {}) if cfg.train_loader else {}
+        shuffle_seed = ld.get("shuffle_seed", cfg.seed)
+        sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=bool(ld.get("shuffle", True)),
+                               rank=self.dist.rank, world_size=world, drop_last=True)
+        self.stream = BatchStream(self.train_dataset, sampler, self.per_rank_batch, self.collate)
+        if self.stream.batches_per_epoch == 0:
+            raise DataError(
+                f"the training data has {len(self.train_dataset)} samples: fewer than one global batch "
+                f"({gb}); prepare more data or lower global_train_batch_size")
+        self.tokens_per_batch = gb * seq_len
+        self.max_steps = self._to_batches(cfg.duration)
+        self.eval_every = self._interval(cfg.eval_interval, "eval_interval", int_unit="ep")
+        self.save_every = self._interval(cfg.save_interval, "save_interval", int_unit="ep")
+        self.log_every = max(1, self._interval(cfg.console_log_interval, "console_log_interval", int_unit="ba"))
+        # optimizer + schedule
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.schedule = build_schedule(cfg.scheduler, max_steps=self.max_steps, to_batches=self._to_batches)
+        gc = cfg.algorithms.get("gradient_clipping") if cfg.algorithms else None
+        self.clip = float(gc.get("clipping_threshold", 1.0)) if gc else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp_fp16" else None
+        spike_cfg = (cfg.callbacks or {}).get("kill_loss_spike")
+        self.spike = LossSpikeMonitor(**({"log_only": False, **spike_cfg} if isinstance(spike_cfg, dict) else {}))
+        # DDP
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # resume
+        self._maybe_resume()
+        # rank-specific RNG stream after init (dropout differs across ranks), unless restored
+        if self.resumed_from is None and self.dist.enabled:
+            torch.manual_seed(cfg.seed + self.dist.rank)
+        self._setup_done = True
+        return self
+
+    def _check_precision(self) -> None:
+        p = self.cfg.precision
+        if p == "fp32":
+            return
+        if self.device.type != "cuda":
+            if p == "amp_fp16":
+                raise ConfigError("precision amp_fp16 needs a CUDA GPU (it uses a GPU grad scaler); on CPU use "
+                                  "precision=fp32")
+            log.warning("precision %s on CPU: bf16 matmuls are usually far slower than fp32 on CPUs; "
+                        "precision=fp32 is the CPU default", p)
+        elif p == "amp_bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision amp_bf16: this GPU does not support bfloat16; use amp_fp16")
+
+    def autocast(self):
+        p = self.cfg.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "amp_bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @staticmethod
+    def _sample_len(ds) -> int:
+        if len(ds) == 0:
+            raise DataError("the training dataset is empty")
+        return int(ds[0]["input_ids"].shape[-1])
+
+    def _check_model_vs_data(self) -> None:
+        mc = getattr(self.model, "config", None)
+        if mc is None:
+            return
+        vocab = self.data_info.get("vocab_size")
+        if vocab is not None and vocab > mc.vocab_size:
+            raise ConfigError(
+                f"the prepared data uses a vocabulary of {vocab} tokens but the model's vocab_size is "
+                f"{mc.vocab_size}; set model.vocab_size >= {vocab}")
+        if self.tokenizer is not None and len(self.tokenizer) > mc.vocab_size:
+            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but model.vocab_size is "
+                              f"{mc.vocab_size}; set model.vocab_size >= {len(self.tokenizer)}")
+        if self.seq_len > mc.max_seq_len:
+            if not mc.alibi:
+                raise ConfigError(f"training samples have {self.seq_len} tokens, more than the model's max_seq_len "
+                                  f"({mc.max_seq_len}) with learned positions")
+            log.warning("training samples (%d tokens) are longer than model max_seq_len (%d); ALiBi allows it",
+                        self.seq_len, mc.max_seq_len)
+
+    def _to_batches(self, d: Duration) -> int:
+        return d.to_batches(batches_per_epoch=self.stream.batches_per_epoch, tokens_per_batch=self.tokens_per_batch,
+                            samples_per_batch=self.cfg.global_train_batch_size)
+
+    def _interval(self, v, key: str, int_unit: str) -> int:
+        d = parse_duration(v, key, int_unit=int_unit)
+        n = self._to_batches(d)
+        return n  # 0 = never
+
+    # ------------------------------------------------------------------------------ resume
+    def _maybe_resume(self) -> None:
+        cfg = self.cfg
+        ck = None
+        if self.save_folder is not None and self.save_folder.exists():
+            if self.dist.is_main:
+                ckpt_mod.clean_stale_temp(self.save_folder)
+            existing = ckpt_mod.list_checkpoints(self.save_folder)
+            if cfg.autoresume:
+                ck = ckpt_mod.find_latest_checkpoint(self.save_folder)
+                if ck is None and existing:
+                    log.warning("autoresume: no valid checkpoint among %d in %s; starting from scratch",
+                                len(existing), self.save_folder)
+            elif existing and not cfg.load_path:
+                if cfg.save_overwrite:
+                    if self.dist.is_main:
+                        import shutil
+
+                        for p in existing:
+                            shutil.rmtree(p, ignore_errors=True)
+                else:
+                    raise TrainError(
+                        f"save_folder {self.save_folder} already holds checkpoints ({existing[0].name} …) from an "
+                        "earlier run: set autoresume=true to continue it, save_overwrite=true to start over, or "
+                        "choose another save_folder")
+        if ck is None and cfg.load_path:
+            ck = ckpt_mod.find_latest_checkpoint(cfg.load_path)
+            if ck is None:
+                raise CheckpointError(f"load_path {cfg.load_path}: no valid checkpoint there")
+        barrier(self.dist)
+        if ck is not None:
+            self.load_checkpoint(ck)
+        elif self.dist.is_main and self.run_folder.joinpath("metrics.jsonl").exists():
+            self.run_folder.joinpath("metrics.jsonl").unlink()  # a fresh run: start the log afresh
+
+    def load_checkpoint(self, ck: Path) -> None:
+        from safetensors.torch import load_file
+
+        st = ckpt_mod.load_trainer_state(ck)
+        wfile = ck / ckpt_mod.MODEL_DIR / "model.safetensors"
+        if wfile.exists():
+            sd = load_file(str(wfile), device=str(self.device))
+        else:
+            from mptkit.model.checkpoint_io import iter_checkpoint_tensors
+
+            sd = dict(iter_checkpoint_tensors(ck / ckpt_mod.MODEL_DIR))
+        try:
+            self.model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{ck}: weights do not match the recipe's model ({str(e).splitlines()[0]}); "
+                                  "the recipe's model changed since the checkpoint was written") from None
+        try:
+            self.optimizer.load_state_dict(st["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") from None
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        if st.get("world_size", 1) != self.dist.world_size:
+            log.warning("resuming a %d-rank checkpoint on %d ranks: data order will differ from the original run",
+                        st.get("world_size", 1), self.dist.world_size)
+        if st.get("global_train_batch_size") not in (None, self.cfg.global_train_batch_size):
+            log.warning("global_train_batch_size changed since the checkpoint (%s -> %s)",
+                        st.get("global_train_batch_size"), self.cfg.global_train_batch_size)
+        self.step = int(st["step"])
+        self.tokens = int(st["tokens"])
+        self.samples = int(st["samples"])
+        self.stream.load_state_dict(st["data"][self.dist.rank] if isinstance(st["data"], list) else st["data"])
+        if self.auto_microbatch and st.get("microbatch"):
+            self.microbatch = min(int(st["microbatch"]), self.per_rank_batch)
+        rngs = st.get("rng")
+        if isinstance(rngs, list):
+            rngs = rngs[self.dist.rank] if self.dist.rank < len(rngs) else None
+        if rngs:
+            set_rng_state(rngs, self.device)
+        self.resumed_from = ck
+        log.info("resumed from %s at step %d (%d tokens)", ck, self.step, self.tokens)
+
+    def trainer_state(self) -> dict:
+        rng = get_rng_state(self.device)
+        data = self.stream.state_dict()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            rngs: list = [None] * self.dist.world_size
+            datas: list = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(datas, data)
+            rng, data = rngs, datas
+        return {
+            "format": "mptkit-trainer-state", "version": 1,
+            "step": self.step, "epoch": self.stream.epoch, "tokens": self.tokens, "samples": self.samples,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": data, "rng": rng, "microbatch": self.microbatch,
+            "world_size": self.dist.world_size, "global_train_batch_size": self.cfg.global_train_batch_size,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self.save_folder is None:
+            return None
+        state = self.trainer_state()  # collective under DDP: every rank takes part
+        path = None
+        if self.dist.is_main:
+            path = ckpt_mod.save_checkpoint(
+                self.save_folder, model=self.model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
+                tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+            ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
+        barrier(self.dist)
+        self._last_saved = self.step
+        return path
+
+    # ------------------------------------------------------------------------------ steps
+    def _split(self, batch: dict, mb: int) -> list[dict]:
+        n = batch["input_ids"].shape[0]
+        out = []
+        for s in range(0, n, mb):
+            out.append({k: (v[s:s + mb].to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v[s:s + mb])
+                        for k, v in batch.items()})
+        return out
+
+    def _train_step(self, batch: dict) -> tuple[float, float]:
+        """One optimizer step on this rank's share of a global batch; returns (loss, grad_norm)."""
+        while True:
+            try:
+                return self._train_step_once(batch, self.microbatch)
+            except Exception as e:  # noqa: BLE001
+                if not _is_oom(e):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.auto_microbatch and self.microbatch > 1 and not self.dist.enabled:
+                    new = self.microbatch // 2
+                    while self.per_rank_batch % new:
+                        new -= 1
+                    log.warning("out of memory with microbatch %d: retrying the step with %d", self.microbatch, new)
+                    self.microbatch = new
+                    continue
+                hint = ("lower device_train_microbatch_size, or set it to 'auto'" if not self.auto_microbatch else
+                        "even a microbatch of 1 does not fit: use a smaller model, a shorter max_seq_len, "
+                        "activation_checkpointing=true or more GPUs" if self.microbatch == 1 else
+                        "with several ranks set device_train_microbatch_size explicitly")
+                raise TrainError(f"out of memory at step {self.step} with device_train_microbatch_size="
+                                 f"{self.microbatch}: {hint}") from None
+
+    def _train_step_once(self, batch: dict, mb: int) -> tuple[float, float]:
+        lr_mult = self.schedule(self.step)
+        set_lr(self.optimizer, lr_mult)
+        mbs = self._split(batch, mb)
+        counts = [self.count_targets(m) for m in mbs]
+        total = torch.tensor(float(sum(counts)), dtype=torch.float64)
+        total = float(all_reduce_sum(total.to(self.device) if self.dist.enabled and self.device.type == "cuda"
+                                     else total, self.dist))
+        if total <= 0:
+            raise DataError(f"step {self.step}: the batch has no target tokens (all labels are -100)")
+        world = self.dist.world_size
+        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, m in enumerate(mbs):
+            last = i == len(mbs) - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = self.loss_fn(self.train_model, m)
+                w = counts[i] / total
+                scaled = loss * (w * world)  # DDP averages gradients over ranks
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            loss_acc += loss.detach().float() * w
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip is not None:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        else:
+            gnorm = _total_norm(params)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_acc = all_reduce_sum(loss_acc, self.dist)
+        return float(loss_acc), float(gnorm)
+
+    # ------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        ds = self.eval_dataset
+        if ds is None or len(ds) == 0:
+            return None
+        cfg = self.cfg
+        bs = cfg.device_eval_batch_size or max(1, self.microbatch)
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        idx = list(range(self.dist.rank, len(ds), self.dist.world_size))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b, s in enumerate(range(0, len(idx), bs)):
+            if cfg.eval_subset_num_batches > 0 and b >= cfg.eval_subset_num_batches:
+                break
+            batch = self.collate([ds[i] for i in idx[s:s + bs]])
+            batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            n = self.count_targets(batch)
+            if n == 0:
+                continue
+            with self.autocast():
+                loss = self.loss_fn(self.model, batch)
+            loss_sum += loss.double() * n
+            n_sum += n
+        all_reduce_sum(loss_sum, self.dist)
+        all_reduce_sum(n_sum, self.dist)
+        if was_training:
+            self.model.train()
+        if float(n_sum) == 0:
+            return None
+        import math
+
+        val = float(loss_sum / n_sum)
+        rec = {"step": self.step, "eval_loss": val, "eval_perplexity": math.exp(min(val, 50.0)),
+               "eval_tokens": int(n_sum), "eval_s": time.perf_counter() - t0}
+        self.last_eval = rec
+        return rec
+
+    # ------------------------------------------------------------------------------ fit
+    def fit(self) -> dict:
+        self.setup()
+        cfg = self.cfg
+        main = self.dist.is_main
+        t_start = time.perf_counter()
+        if main:
+            self._write_run_config()
+        writer = MetricsWriter(self.run_folder, enabled=main,
+                               tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        flops_per_batch = self._flops_per_batch()
+        peak, peak_src = peak_flops(self.device, cfg.precision, cfg.peak_tflops)
+        if main:
+            log.info("run %s: %s params, %d steps of %d samples x %d tokens (%s), microbatch %s%s, %d rank(s), "
+                     "device %s, precision %s", self.run_name, f"{n_params:,}", self.max_steps,
+                     cfg.global_train_batch_size, self.seq_len, cfg.duration, self.microbatch,
+                     " (auto)" if self.auto_microbatch else "", self.dist.world_size, self.device, cfg.precision)
+            log.info("MFU is measured against the %s per device", peak_src)
+            writer.write({"event": "start", "run_name": self.run_name, "params": n_params, "max_steps": self.max_steps,
+                          "peak_flops": peak, "peak_source": peak_src, "world_size": self.dist.world_size,
+                          "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                          "start_step": self.step})
+        bar = None
+        if main and cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, unit="ba", dynamic_ncols=True,
+                       disable=None)
+        tput = Throughput(window=int(((cfg.callbacks or {}).get("speed_monitor") or {}).get("window_size", 10)))
+        self._last_saved = self.step if self.resumed_from is not None else -1
+        self.model.train()
+        try:
+            if cfg.eval_first and self.step == 0:
+                self._log_eval(writer)
+            while self.step < self.max_steps:
+                t0 = time.perf_counter()
+                batch = self.stream.next_batch()
+                loss, gnorm = self._train_step(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.step += 1
+                self.samples += self.cfg.global_train_batch_size
+                self.tokens += self.tokens_per_batch
+                tput.add(dt, self.tokens_per_batch)
+                self.spike(self.step, loss)
+                if main:
+                    rec = {"step": self.step, "epoch": self.stream.epoch, "train_loss": loss, "lr": lr,
+                           "grad_norm": gnorm, "tokens": self.tokens, "samples": self.samples,
+                           "step_s": dt, "tokens_per_s": tput.tokens_per_s,
+                           "mfu": flops_per_batch / tput.step_s / (peak * self.dist.world_size) if tput.step_s else 0.0,
+                           "microbatch": self.microbatch, **memory_stats(self.device)}
+                    writer.write(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tput.tokens_per_s:,.0f}",
+                                        mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+                        bar.update(1)
+                    elif cfg.log_to_console and self.step % self.log_every == 0:
+                        remaining = (self.max_steps - self.step) * tput.step_s
+                        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tok/s MFU %.1f%% ETA %s",
+                                 self.step, self.max_steps, loss, lr, gnorm, tput.tokens_per_s, 100 * rec["mfu"],
+                                 _fmt_s(remaining))
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
+                    self._log_eval(writer, bar)
+                if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
+                    self.save_checkpoint()
+            # the end: final eval, checkpoint, export, sample
+            final_eval = self._log_eval(writer, bar) if self.eval_dataset is not None else None
+            if self.save_folder is not None and self._last_saved != self.step:
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        wall = time.perf_counter() - t_start
+        summary = {"run_name": self.run_name, "run_folder": str(self.run_folder), "steps": self.step,
+                   "tokens": self.tokens, "train_wall_s": wall,
+                   "eval_loss": final_eval["eval_loss"] if final_eval else None,
+                   "eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "last_checkpoint": None, "export_folder": None, "sample": None}
+        if self.save_folder is not None and main:
+            last = ckpt_mod.find_latest_checkpoint(self.save_folder, checksums=False)
+            summary["last_checkpoint"] = str(last) if last else None
+        if main and cfg.export_folder:
+            out = Path(cfg.export_folder.format(run_name=self.run_name))
+            self.export(out)
+            summary["export_folder"] = str(out)
+        if main and cfg.sample_prompt and self.tokenizer is not None:
+            summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_max_new_tokens)
+        if main:
+            writer.write({"event": "end", **summary})
+            from mptkit.utils.fs import atomic_write_json
+
+            atomic_write_json(self.run_folder / "summary.json", summary)
+        writer.close()
+        barrier(self.dist)
+        shutdown(self.dist)
+        return summary
+
+    def _log_eval(self, writer: MetricsWriter, bar=None) -> dict | None:
+        rec = self.evaluate()
+        if rec is None or not self.dist.is_main:
+            return rec
+        writer.write(rec)
+        msg = (f"eval at step {rec['step']}: loss {rec['eval_loss']:.4f}, perplexity {rec['eval_perplexity']:.2f} "
+               f"({rec['eval_tokens']:,} tokens, {rec['eval_s']:.1f} s)")
+        if bar is not None:
+            bar.write(msg)
+        log.info(msg)
+        return rec
+
+    def _flops_per_batch(self) -> float:
+        m = self.model
+        gb = self.cfg.global_train_batch_size
+        if hasattr(m, "flops_per_batch"):
+            return float(m.flops_per_batch(gb, self.seq_len))
+        return 6.0 * sum(p.numel() for p in m.parameters()) * gb * self.seq_len
+
+    def _write_run_config(self) -> None:
+        import yaml
+
+        from mptkit.utils.fs import atomic_write_text
+
+        d = self.cfg.to_dict()
+        d["run_name"] = self.run_name
+        text = "# The validated configuration of this run (written by mptkit train).\n" + yaml.safe_dump(
+            json.loads(json.dumps(d, default=str)), sort_keys=False)
+        atomic_write_text(self.run_folder / "config.yaml", text)
+
+    # ------------------------------------------------------------------------------ outputs
+    def export(self, out: str | os.PathLike) -> Path:
+        """Write the current model as an HF folder (config.json + safetensors + tokenizer)."""
+        from mptkit.utils.fs import atomic_dir
+
+        out = Path(out)
+        with atomic_dir(out) as tmp:
+            self.model.save_pretrained(tmp, tokenizer=self.tokenizer)
+        log.info("exported the model to %s", out)
+        return out
+
+    def sample(self, prompt: str, max_new_tokens: int = 64) -> str | None:
+        try:
+            from mptkit.infer import generate_text
+        except ImportError:
+            try:
+                from mptkit.infer.generate import generate_text
+            except ImportError:
+                log.info("mptkit.infer is not available: no sample")
+                return None
+        was = self.model.training
+        self.model.eval()
+        try:
+            text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+        finally:
+            self.model.train(was)
+        return prompt + text
+
+
+def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"{key} {folder} is not writable ({e.strerror or e}); choose another {key}") from None
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    h, r = divmod(s, 3600)
+    m, sec = divmod(r, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"

@@ -1,0 +1,79 @@
+"""Run-config parsing: llm-foundry keys, ${var} interpolation, overrides, durations, typo errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from mptkit.errors import ConfigError
+from mptkit.train.config import apply_overrides, config_from_dict, interpolate, load_run_config, parse_duration
+
+
+def test_durations_parse_units_and_multipliers():
+    """'Nba', 'Nep', 'Ntok' with K/M/B suffixes and bare ints parse to the right value and unit."""
+    assert parse_duration("200ba", "d").value == 200 and parse_duration("200ba", "d").unit == "ba"
+    assert parse_duration("1ep", "d").unit == "ep"
+    assert parse_duration("5Mtok", "d").value == 5_000_000
+    assert parse_duration("2.5e9tok", "d").value == 2.5e9
+    assert parse_duration(3, "d", int_unit="ep").unit == "ep"
+    d = parse_duration("5Mtok", "d")
+    assert d.to_batches(batches_per_epoch=None, tokens_per_batch=1000, samples_per_batch=4) == 5000
+    assert parse_duration("2ep", "d").to_batches(batches_per_epoch=7, tokens_per_batch=1, samples_per_batch=1) == 14
+    with pytest.raises(ConfigError, match="Nba"):
+        parse_duration("100 batches", "max_duration")
+
+
+def test_interpolation_keeps_types_and_substitutes_text():
+    """${x} alone takes x's value and type; inside a string it is substituted as text; nested refs work."""
+    out = interpolate({"max_seq_len": 128, "v": {"name": "c4"}, "model": {"max_seq_len": "${max_seq_len}"},
+                       "path": "./data/${v.name}-${max_seq_len}", "seed": "${model.max_seq_len}"})
+    assert out["model"]["max_seq_len"] == 128
+    assert out["path"] == "./data/c4-128"
+    assert out["seed"] == 128
+    with pytest.raises(ConfigError, match="max_seq_lne|did you mean"):
+        interpolate({"max_seq_len": 1, "a": "${max_seq_lne}"})
+    with pytest.raises(ConfigError, match="cycle"):
+        interpolate({"a": "${b}", "b": "${a}"})
+
+
+def test_llm_foundry_style_variables_are_allowed_and_typos_are_not():
+    """Top-level keys used only through ${...} (data_local, global_seed) are variables, not errors;
+    a misspelled run key names the closest valid one."""
+    cfg = config_from_dict({"data_local": "./c4", "global_seed": 17, "seed": "${global_seed}",
+                            "train_loader": {"name": "text", "dataset": {"local": "${data_local}", "split": "train"}},
+                            "max_duration": "10ba"})
+    assert cfg.seed == 17 and cfg.train_loader["dataset"]["local"] == "./c4"
+    with pytest.raises(ConfigError, match="global_train_batch_size"):
+        config_from_dict({"global_train_batch_sise": 8})
+    with pytest.raises(ConfigError, match="optimizer.weight_decay"):
+        config_from_dict({"optimizer": {"name": "decoupled_adamw", "weight_decy": 0.1}})
+    with pytest.raises(ConfigError, match="decoupled_lionw"):
+        config_from_dict({"optimizer": {"name": "decoupled_lion"}})
+    with pytest.raises(ConfigError, match="cosine_with_warmup"):
+        config_from_dict({"scheduler": {"name": "cosine_warmup"}})
+    with pytest.raises(ConfigError, match="'auto'"):
+        config_from_dict({"device_train_microbatch_size": "big"})
+
+
+def test_overrides_parse_yaml_values_and_nest(tmp_path):
+    """key.sub=value overrides apply before interpolation, with YAML-typed values."""
+    p = tmp_path / "r.yaml"
+    p.write_text("max_seq_len: 64\nmodel:\n  d_model: 32\n  max_seq_len: ${max_seq_len}\n"
+                 "optimizer: {name: decoupled_adamw, lr: 1.0e-3}\n")
+    cfg = load_run_config(p, ["max_seq_len=32", "optimizer.lr=0.01", "optimizer.betas=[0.8, 0.9]",
+                              "autoresume=true"])
+    assert cfg.model["max_seq_len"] == 32
+    assert cfg.optimizer["lr"] == 0.01 and cfg.optimizer["betas"] == [0.8, 0.9]
+    assert cfg.autoresume is True and cfg.run_name == "r"
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_bundled_recipes_validate():
+    """Every recipe under configs/pretrain parses and validates (keys, durations, optimizer, scheduler)."""
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
+    assert {r.stem for r in recipes} >= {"quickstart", "mpt-125m", "mpt-1b", "mpt-7b"}
+    for r in recipes:
+        cfg = load_run_config(r)
+        assert cfg.global_train_batch_size > 0, r

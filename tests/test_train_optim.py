@@ -1,0 +1,122 @@
+"""Optimizers and schedules against their published formulas, written out independently here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mptkit.train.optim import DecoupledAdamW, DecoupledLionW, build_optimizer, param_groups
+from mptkit.train.schedule import Schedule, build_schedule
+from mptkit.train.config import Duration
+
+
+def _to_b(d: Duration) -> int:
+    assert d.unit == "ba"
+    return int(d.value)
+
+
+@pytest.mark.parametrize("alpha_f", [0.0, 0.1])
+def test_cosine_linear_constant_schedules_match_formulas(alpha_f):
+    """Warmup t/t_w, then cosine / linear decay to alpha_f at t_max, or constant."""
+    tw, tm = 10, 110
+    cos = build_schedule({"name": "cosine_with_warmup", "t_warmup": "10ba", "alpha_f": alpha_f}, max_steps=tm,
+                         to_batches=_to_b)
+    lin = build_schedule({"name": "linear_decay_with_warmup", "t_warmup": "10ba", "alpha_f": alpha_f},
+                         max_steps=tm, to_batches=_to_b)
+    const = build_schedule({"name": "constant_with_warmup", "t_warmup": "10ba"}, max_steps=tm, to_batches=_to_b)
+    for t in [0, 1, 5, 9, 10, 11, 50, 60, 109, 110, 200]:
+        if t < tw:
+            want = t / tw
+            assert cos(t) == pytest.approx(want) and lin(t) == pytest.approx(want) and const(t) == pytest.approx(want)
+            continue
+        tau = min((t - tw) / (tm - tw), 1.0)
+        assert cos(t) == pytest.approx(alpha_f + (1 - alpha_f) * 0.5 * (1 + math.cos(math.pi * tau)))
+        assert lin(t) == pytest.approx(1 - (1 - alpha_f) * tau)
+        assert const(t) == pytest.approx(1.0)
+    assert cos(0) == 0.0 and cos(tm) == pytest.approx(alpha_f)
+
+
+def test_inv_sqrt_schedule_matches_formula():
+    """inv_sqrt_with_warmup: alpha_f + (1-alpha_f)/sqrt((t - t_w + t_s)/t_s), then linear cooldown."""
+    s = build_schedule({"name": "inv_sqrt_with_warmup", "t_warmup": "4ba", "t_scale": "4ba", "t_cooldown": "10ba",
+                        "alpha_f_decay": 0.1, "alpha_f_cooldown": 0.0}, max_steps=100, to_batches=_to_b)
+    for t in [4, 8, 20, 89]:
+        assert s(t) == pytest.approx(0.1 + 0.9 / math.sqrt((t - 4 + 4) / 4))
+    a_i = 0.1 + 0.9 / math.sqrt((90 - 4 + 4) / 4)
+    assert s(95) == pytest.approx(a_i + 0.5 * (0.0 - a_i))
+    assert s(100) == pytest.approx(0.0)
+    assert s(2) == pytest.approx(0.5)
+
+
+def _tiny_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 4, generator=g).requires_grad_()
+    b = torch.randn(4, generator=g).requires_grad_()
+    return w, b
+
+
+def test_lionw_matches_published_update_rule():
+    """Lion (Chen et al. 2023): c = b1*m + (1-b1)*g; p -= lr*sign(c); m = b2*m + (1-b2)*g, with decoupled
+    decay p *= 1 - (lr/lr0)*wd on >=2-D weights only. Compared step by step with a reference."""
+    w, b = _tiny_params()
+    ref_w, ref_b = w.detach().clone(), b.detach().clone()
+    m_w, m_b = torch.zeros_like(ref_w), torch.zeros_like(ref_b)
+    lr0, b1, b2, wd = 0.01, 0.9, 0.99, 0.1
+    opt = DecoupledLionW([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=lr0,
+                         betas=(b1, b2))
+    g = torch.Generator().manual_seed(1)
+    for step, mult in enumerate([1.0, 0.5, 0.25, 1.0]):
+        gw, gb = torch.randn(5, 4, generator=g), torch.randn(4, generator=g)
+        for grp in opt.param_groups:
+            grp["lr"] = lr0 * mult
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        lr = lr0 * mult
+        for ref, m, grad, decay in ((ref_w, m_w, gw, wd), (ref_b, m_b, gb, 0.0)):
+            ref.mul_(1 - (lr / lr0) * decay)
+            c = b1 * m + (1 - b1) * grad
+            ref.sub_(lr * torch.sign(c))
+            m.copy_(b2 * m + (1 - b2) * grad)
+        torch.testing.assert_close(w.detach(), ref_w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.detach(), ref_b, rtol=0, atol=1e-6)
+
+
+def test_decoupled_adamw_matches_reference():
+    """Decoupled AdamW: p *= 1 - (lr/lr0)*wd; Adam bias-corrected step (reference written out here)."""
+    w, _ = _tiny_params(3)
+    ref = w.detach().clone()
+    m, v = torch.zeros_like(ref), torch.zeros_like(ref)
+    lr0, b1, b2, eps, wd = 0.01, 0.9, 0.95, 1e-8, 0.01
+    opt = DecoupledAdamW([{"params": [w], "weight_decay": wd}], lr=lr0, betas=(b1, b2), eps=eps)
+    g = torch.Generator().manual_seed(2)
+    for t, mult in enumerate([1.0, 0.3, 0.7], start=1):
+        grad = torch.randn(5, 4, generator=g)
+        opt.param_groups[0]["lr"] = lr0 * mult
+        w.grad = grad.clone()
+        opt.step()
+        lr = lr0 * mult
+        ref.mul_(1 - lr / lr0 * wd)
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        mhat, vhat = m / (1 - b1**t), v / (1 - b2**t)
+        ref.sub_(lr * mhat / (vhat.sqrt() + eps))
+        torch.testing.assert_close(w.detach(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_only_on_matrices():
+    """Parameter groups: >=2-D weights decayed, norm weights not; the tied embedding appears once."""
+    from mptkit.model import MPTForCausalLM
+
+    from tests.conftest import tiny_cfg
+
+    model = MPTForCausalLM(tiny_cfg())
+    groups = param_groups(model, 0.1)
+    assert groups[0]["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.dim() < 2 for p in groups[1]["params"])
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(model.parameters()))
+    for name in ("decoupled_adamw", "decoupled_lionw", "adamw"):
+        opt = build_optimizer(model, {"name": name, "lr": 1e-3, "weight_decay": 0.1})
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
