@@ -1,0 +1,69 @@
+"""SIGKILL mid-run, then autoresume: the final weights equal an uninterrupted run's, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mptkit.train import checkpoint as ck
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests._train_helpers import datasets, make_cfg
+from mptkit.train.trainer import Trainer
+tmp = Path(sys.argv[1])
+cfg = make_cfg(tmp, max_duration="150ba", save_interval="5ba", autoresume=True, save_num_checkpoints_to_keep=3)
+tr, ev = datasets()
+Trainer(cfg, train_dataset=tr, eval_dataset=ev).fit()
+"""
+
+
+def _run(folder: Path, kill_after_step: int | None = None) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=str(ROOT)), str(folder)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after_step is None:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        return p.returncode
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        cks = ck.list_checkpoints(folder / "ck")
+        if cks and int(cks[0].name.split("-ba")[1]) >= kill_after_step:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    p.wait(timeout=60)
+    return p.returncode
+
+
+@pytest.mark.slow
+def test_sigkill_then_autoresume_is_bitwise_identical(tmp_path):
+    """Kill -9 a training process after its step-10 checkpoint, rerun the same command (autoresume):
+    the resumed run finishes with exactly the uninterrupted run's weights."""
+    _run(tmp_path / "full")
+    rc = _run(tmp_path / "killed", kill_after_step=10)
+    assert rc == -signal.SIGKILL, "the process finished before it could be killed: make the run longer"
+    before = ck.find_latest_checkpoint(tmp_path / "killed" / "ck")
+    assert before is not None and int(before.name.split("-ba")[1]) < 150
+    _run(tmp_path / "killed")
+    a = load_file(str(tmp_path / "full" / "ck" / ck.list_checkpoints(tmp_path / "full" / "ck")[0].name / "model" /
+                      "model.safetensors"))
+    last = ck.find_latest_checkpoint(tmp_path / "killed" / "ck")
+    assert last.name.endswith("-ba150")
+    b = load_file(str(last / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
