@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,28 +61,28 @@ def _split_of(seed: int, sha: str, line: int, val_fraction: float) -> int:
     return int(int.from_bytes(h, "little") / 2.0**64 < val_fraction)
 
 
-def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
-    """Cut ``text`` right after a newline that is preceded and followed by non-space ASCII characters.
+# Safe cut points for a byte-level (GPT-2/NeoX regex) pre-tokenizer + NFC: (a) after a lone "\n" that
+# follows a non-space character and precedes a printable ASCII one: the "\n" is a pre-token of its own
+# either way; (b) before a " " that follows ASCII whitespace and precedes a printable ASCII character:
+# the pre-tokenizer splits the whitespace run right there (" word" takes the last space). In both cases
+# no pre-token spans the cut and NFC cannot compose across it.
+_SAFE_CUT = re.compile(r"(?<=[^\s]\n)(?=[!-~])|(?<=[ \t\n\r])(?= [!-~])")
 
-    At such a point a byte-level (GPT-2/NeoX regex) pre-tokenizer always separates the lone ``\\n`` and the
-    next word, and NFC cannot compose across it, so encoding the pieces and concatenating the ids gives
-    exactly the ids of the whole text. Text without such a point stays whole.
+
+def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
+    """Cut ``text`` into pieces of about ``max_chars`` at points where encoding the pieces and concatenating
+    the ids gives exactly the ids of the whole text (see ``_SAFE_CUT``). Text without such points stays whole.
     """
     n = len(text)
     if n <= max_chars:
         return [text]
     out, start = [], 0
     while n - start > max_chars:
-        i = text.find("\n", start + max_chars)
-        while i != -1:
-            a, b = text[i - 1], text[i + 1] if i + 1 < n else ""
-            if b and not a.isspace() and b.isascii() and not b.isspace():
-                break
-            i = text.find("\n", i + 1)
-        if i == -1:
+        m = _SAFE_CUT.search(text, start + max_chars)
+        if m is None:
             break
-        out.append(text[start:i + 1])
-        start = i + 1
+        out.append(text[start:m.start()])
+        start = m.start()
     out.append(text[start:])
     return out
 
@@ -229,7 +230,7 @@ class _Packer:
                 self.w.write(data[: n * T].reshape(n, T))
             self.buf = data[n * T:].copy()
             return
-        offs = np.concatenate([[0], np.cumsum(doclens)])
+        offs = [0] + np.cumsum(doclens).tolist()
         for a, b in zip(offs[:-1], offs[1:]):
             self.pieces.append(tokens[a:b])
             self.cur += b - a
@@ -240,7 +241,7 @@ class _Packer:
                 self.pieces, self.cur = [], 0
 
     def finish(self) -> None:
-        self.dropped += len(self.buf) + self.cur
+        self.dropped = int(self.dropped + len(self.buf) + self.cur)
         self.buf = np.empty(0, dtype=np.int64)
         self.pieces, self.cur = [], 0
         self.w.close()

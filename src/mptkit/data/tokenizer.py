@@ -4,8 +4,8 @@ The trained tokenizer follows GPT-NeoX-20B (the one MPT uses): NFC normalizer, b
 pre-tokenizer without a prefix space, byte-level BPE without unknown token, byte-level decoder. Special
 tokens: ``<|endoftext|>`` (id 0; bos, eos and unk as in GPT-NeoX), ``<|padding|>`` (id 1, pad) and the
 ChatML markers ``<|im_start|>`` / ``<|im_end|>`` (ids 2, 3) reserved for chat finetuning. The requested
-vocabulary size is rounded up to a multiple of 64 (MPT pads GPT-NeoX's 50277 tokens to 50432
-embeddings). The folder it writes loads with ``transformers.AutoTokenizer.from_pretrained``.
+vocabulary size is rounded up to a multiple of 64 (MPT's embedding holds 50432 rows, a multiple of 64,
+for GPT-NeoX's 50277 tokens). The folder it writes loads with ``transformers.AutoTokenizer.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def round_up(n: int, multiple: int = 64) -> int:
 
 
 def padded_vocab_size(tok_or_size, multiple: int = 64) -> int:
-    """The model vocabulary for a tokenizer: its size rounded up to a multiple of 64 (50277 -> 50432)."""
+    """The smallest model vocabulary for a tokenizer: its size rounded up to a multiple of 64 (50277 -> 50304;
+    MPT-7B itself uses 50432)."""
     n = tok_or_size if isinstance(tok_or_size, int) else len(tok_or_size)
     return round_up(n, multiple)
 
