@@ -30,9 +30,31 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_limits(spec: str) -> tuple[int, int]:
+    """(vocab_size, max_seq_len) of a model spec (recipe name, YAML, config.json or model folder)."""
+    from mptkit.errors import DataError
+
+    try:
+        from mptkit.model import load_model_config
+
+        cfg = load_model_config(spec)
+    except DataError:
+        raise
+    except Exception as e:  # ConfigError / CheckpointError from the model area
+        raise DataError(f"--model {spec}: {e}") from None
+    return int(cfg.vocab_size), int(cfg.max_seq_len)
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     from mptkit.data.prepare import prepare_dataset
+    from mptkit.errors import DataError
 
+    if args.model:
+        vocab, seq = _model_limits(args.model)
+        if args.model_vocab_size is None:
+            args.model_vocab_size = vocab
+        if args.max_seq_len > seq:
+            raise DataError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {seq} ({args.model})")
     m = prepare_dataset(args.inputs or None, args.tokenizer, args.out, args.max_seq_len, text_field=args.text_field,
                         eos_text=args.eos_text, bos_text=args.bos_text, wrap=not args.no_wrap,
                         val_fraction=args.val_fraction, split_seed=args.split_seed, max_files=args.max_files,
@@ -118,6 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--workers", type=int, default=None, help="tokenization threads (default: all cores)")
     pp.add_argument("--model-vocab-size", type=int, default=None,
                     help="refuse a tokenizer with more tokens than this model vocabulary")
+    pp.add_argument("--model", default=None,
+                    help="check the tokenizer and --max-seq-len against this model (recipe, YAML, config.json, folder)")
     pp.add_argument("--force", action="store_true", help="prepare again even if the folder is up to date")
     pp.add_argument("--keep-parts", action="store_true", help="keep the per-part token cache (.parts/)")
     pp.set_defaults(func=_data_prepare)

@@ -10,7 +10,7 @@ by default, raised as :class:`~mptkit.errors.DataError` when ``strict``.
 
 The default corpus (no input given) is the running interpreter's standard library source tree: every
 ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, sorted by relative path, excluding
-``site-packages``/``dist-packages`` and the test suites (``test/``, ``tests/``, ``idle_test/``). On
+``site-packages``/``dist-packages``, empty files and the test suites (``test/``, ``tests/``, ``idle_test/``). On
 CPython 3.11 that is about 730 files, 12 MB of text, 3.2 M tokens with an 8K BPE vocabulary.
 """
 
@@ -56,8 +56,8 @@ def stdlib_root() -> Path:
 def default_corpus_files(*, include_tests: bool = False) -> list[Path]:
     """The running interpreter's standard-library ``.py`` files, sorted by relative path (deterministic).
 
-    Excludes ``site-packages``/``dist-packages``/``__pycache__`` and, unless ``include_tests``, the test
-    suites (``test``, ``tests``, ``idle_test`` folders). About 730 files / 12 MB on CPython 3.11.
+    Excludes ``site-packages``/``dist-packages``/``__pycache__``, empty files and, unless ``include_tests``,
+    the test suites (``test``, ``tests``, ``idle_test`` folders). About 730 files / 12 MB on CPython 3.11.
     """
     root = stdlib_root()
     out = []
@@ -68,8 +68,9 @@ def default_corpus_files(*, include_tests: bool = False) -> list[Path]:
         if rel.parts and (set(rel.parts) & skip):
             continue
         for fn in filenames:
-            if fn.endswith(".py"):
-                out.append(Path(dirpath) / fn)
+            f = Path(dirpath) / fn
+            if fn.endswith(".py") and f.stat().st_size > 0:  # skip the empty __init__.py files
+                out.append(f)
     out.sort(key=lambda p: p.relative_to(root).as_posix())
     if not out:
         raise DataError(f"the default corpus is empty: no .py files under {root} (is the stdlib source installed?)")

@@ -401,6 +401,7 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
     used_parts, reused, tokenized_tokens, tokenized_s = set(), 0, 0, 0.0
     bar = _progress(progress, sum(s["bytes"] for s in sources))
     total_tokens = 0
+    t_loop = time.perf_counter()
     try:
         for pi, batch in enumerate(_iter_parts(sources, settings["text_field"], issues, settings["part_bytes"],
                                                doc_counts)):
@@ -437,7 +438,7 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
                 packers[name].add(toks, part[f"{name}_doclens"])
             if bar is not None:
                 bar.update(min(sum(len(text) for _, _, text in batch), max(bar.total - bar.n, 0)))
-                el = max(time.perf_counter() - t0, 1e-9)
+                el = max(time.perf_counter() - t_loop, 1e-9)
                 bar.set_postfix_str(f"{total_tokens / el / 1e3:,.0f}K tok/s, {total_tokens:,} tok", refresh=False)
         for p in packers.values():
             p.finish()
@@ -468,6 +469,7 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
             if f"{name}/{f.name}" not in keep:
                 f.unlink()
     elapsed = time.perf_counter() - t0
+    loop_s = time.perf_counter() - t_loop
     eos_id = settings["eos_ids"][0] if len(settings["eos_ids"]) == 1 else None
     bos_id = settings["bos_ids"][0] if len(settings["bos_ids"]) == 1 else None
     splits = {}
@@ -494,7 +496,7 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
         "sources": [{**s, "documents": doc_counts[i]} for i, s in enumerate(sources)],
         "default_corpus": default_corpus, "limits": limits,
         "bad_inputs": issues.as_dict(),
-        "stats": {"elapsed_s": round(elapsed, 3), "tokens_per_s": round(total_tokens / max(elapsed, 1e-9)),
+        "stats": {"elapsed_s": round(elapsed, 3), "tokens_per_s": round(total_tokens / max(loop_s, 1e-9)),
                   "parts": len(used_parts), "parts_reused": reused, "tokenized_tokens": tokenized_tokens,
                   "tokenize_s": round(tokenized_s, 3), "num_workers": num_workers},
     }
@@ -510,6 +512,6 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
                 f.unlink()
     log.info("prepared %s: %d train / %d val samples of %d tokens (%s tokens, %.1fs, %s tok/s; %d bad inputs skipped"
              "%s)", out, splits["train"]["num_samples"], splits["val"]["num_samples"], T, f"{total_tokens:,}", elapsed,
-             f"{total_tokens / max(elapsed, 1e-9):,.0f}", issues.total,
+             f"{total_tokens / max(loop_s, 1e-9):,.0f}", issues.total,
              f"; {reused} of {len(used_parts)} parts reused" if reused else "")
     return manifest
