@@ -54,7 +54,7 @@ CONFIGS = {
     "mha-alibi": {},
     "untied-clip": dict(tie_word_embeddings=False, attn_config={"clip_qkv": 0.8}),
     "gqa-6heads": dict(d_model=96, n_heads=6, attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2}),
-    "qkln-bias": dict(no_bias=False, attn_config={"qk_ln": True}),
+    "biases-mqa": dict(no_bias=False, d_model=96, n_heads=6, attn_config={"attn_type": "multiquery_attention"}),
     "learned-pos-no-alibi": dict(learned_pos_emb=True, attn_config={"alibi": False}, expansion_ratio=3),
 }
 
@@ -164,7 +164,7 @@ def test_softmax_scale_and_logit_scale_are_folded(tmp_path, make_tokenizer):
 REFUSED = {
     "norm_type": dict(norm_type="rmsnorm"),
     "ffn_type": dict(ffn_config={"ffn_type": "mptglu"}),
-    "qk_ln": dict(attn_config={"qk_ln": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2}),
+    "qk_ln": dict(attn_config={"qk_ln": True}),
     "softmax_scale": dict(attn_config={"softmax_scale": 0.1, "clip_qkv": 1.0}),
 }
 

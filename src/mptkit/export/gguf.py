@@ -8,11 +8,11 @@ What llama.cpp's MPT graph computes (``src/models/mpt.cpp`` in llama.cpp), and s
 
 * LayerNorm (optional bias) before attention and FFN, and at the end; one epsilon for all of them.
 * Fused QKV (optional bias; MHA, MQA or GQA via ``head_count_kv``), clamped to ``±clamp_kqv`` before the
-  split (MPT's ``clip_qkv``), optional LayerNorm on Q and K over all heads (MPT's ``qk_ln``; llama.cpp
-  sizes the K norm by ``n_embd``, so qk_ln needs as many K heads as Q heads).
+  split (MPT's ``clip_qkv``). llama.cpp's graph has a Q/K LayerNorm branch (MPT's ``qk_ln``), but it aborts
+  on it (a reshape of a non-contiguous view), so qk_ln is refused.
 * Scores ``q·k / sqrt(head_dim)`` plus ALiBi with ``max_alibi_bias`` (ggml's slopes equal MPT's for any head
   count); no ALiBi when it is 0. An MPT ``softmax_scale`` other than ``1/sqrt(head_dim)`` is folded into the
-  Q projection (or the Q LayerNorm), which is exact unless ``clip_qkv`` would then clamp different values.
+  Q rows of the fused QKV projection (exact); not possible together with ``clip_qkv`` (the clamp comes first).
 * Optional learned positions (``position_embd``, ``context_length`` rows).
 * FFN up -> GELU -> down (optional biases), any hidden size (``feed_forward_length``). ggml's GELU is the
   tanh approximation (MPT uses the exact erf form): logits differ slightly, see docs/export.md.
@@ -20,7 +20,7 @@ What llama.cpp's MPT graph computes (``src/models/mpt.cpp`` in llama.cpp), and s
   an explicit ``output`` tensor.
 
 Refused, naming the key: ``norm_type`` rmsnorm (llama.cpp's MPT uses LayerNorm), ``ffn_type: mptglu``,
-``qk_ln`` with fewer K/V heads than heads, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
+``qk_ln``, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
 tokenizer that is not byte-level BPE or has more tokens than ``vocab_size``.
 """
 
@@ -73,10 +73,11 @@ def llama_cpp_incompatibilities(cfg) -> list[str]:
     if cfg.ffn_config.get("ffn_type", "mptmlp") != "mptmlp":
         out.append(f"ffn_config.ffn_type={cfg.ffn_config['ffn_type']} (llama.cpp's mpt graph has a plain "
                    "up -> GELU -> down FFN, no gate)")
-    if a["qk_ln"] and cfg.kv_n_heads != cfg.n_heads:
-        out.append(f"attn_config.qk_ln=true with {cfg.kv_n_heads} kv heads < n_heads={cfg.n_heads} (llama.cpp "
-                   "sizes the K LayerNorm by d_model)")
-    if _softmax_fold(cfg) != 1.0 and a["clip_qkv"] is not None and not a["qk_ln"]:
+    if a["qk_ln"]:
+        out.append("attn_config.qk_ln=true (llama.cpp's mpt graph has a Q/K LayerNorm path, but it aborts on it: "
+                   "GGML_ASSERT(ggml_is_contiguous(a)) when reshaping the Q view of the fused QKV, seen with the "
+                   "llama.cpp of llama-cpp-python 0.3.36; it also sizes the K norm by d_model, wrong for GQA)")
+    if _softmax_fold(cfg) != 1.0 and a["clip_qkv"] is not None:
         out.append(f"attn_config.softmax_scale={a['softmax_scale']} together with attn_config.clip_qkv="
                    f"{a['clip_qkv']} (llama.cpp scales by 1/sqrt(head_dim) and the scale cannot be folded into "
                    "the Q projection before the clamp)")
@@ -145,12 +146,9 @@ def _tensor_plan(cfg, store: TensorStore) -> list[tuple[str, str, tuple[int, ...
 def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> np.ndarray:
     t = store.get(src).to(torch.float32)
     r = _softmax_fold(cfg)
-    if r != 1.0:
-        if cfg.attn_config["qk_ln"] and ".attn.q_ln." in src:
-            t = t * r
-        elif not cfg.attn_config["qk_ln"] and ".attn.Wqkv." in src:
-            t = t.clone()
-            t[: cfg.d_model] *= r
+    if r != 1.0 and ".attn.Wqkv." in src:  # weight rows and bias entries of Q
+        t = t.clone()
+        t[: cfg.d_model] *= r
     if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
         t = t * cfg.logit_scale_value
     a = t.contiguous().numpy()
@@ -345,8 +343,7 @@ def export_gguf(
 
     folded = []
     if _softmax_fold(cfg) != 1.0:
-        folded.append(f"attn_config.softmax_scale={cfg.attn_config['softmax_scale']} folded into the "
-                      + ("Q LayerNorm" if cfg.attn_config["qk_ln"] else "Q projection"))
+        folded.append(f"attn_config.softmax_scale={cfg.attn_config['softmax_scale']} folded into the Q projection")
     if cfg.logit_scale_value is not None:
         folded.append(f"logit_scale={cfg.logit_scale} folded into an explicit output tensor")
     for f in folded:
