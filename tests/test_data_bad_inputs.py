@@ -41,6 +41,7 @@ def _corpus(d):
         f.write(b'{"text": "bad \xff utf8"}\n')      # line 7 invalid UTF-8
     (d / "empty.jsonl").write_text("")
     (d / "t.csv").write_text("id,body\n1,x\n")       # no text column
+    (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": GOOD}).encode() + b"\n")  # BOM: fine
     return d
 
 
@@ -63,7 +64,7 @@ def test_bad_inputs_are_skipped_and_counted_with_file_and_line(tmp_path, tok_dir
     assert f"{d / 'data.jsonl'}:7: invalid UTF-8" in ex
     assert f"{d / 't.csv'}:1: no column 'text'" in ex
     assert "skipped bad input" in caplog.text
-    assert sum(s["documents"] for s in m["sources"]) == 2  # good.txt and data.jsonl:1
+    assert sum(s["documents"] for s in m["sources"]) == 3  # good.txt, data.jsonl:1, bom.jsonl:1
     assert len(TokenDataset(tmp_path / "out")) > 0
 
 
@@ -151,3 +152,11 @@ def test_mds_reader_needs_streaming_extra(tmp_path):
     ds = open_token_dataset(tmp_path / "mds", eos_token_id=0, max_seq_len=8)
     assert len(ds) == 5 and ds[2]["input_ids"].tolist() == rows[2].tolist()
     assert ds[2]["sequence_id"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # older llm-foundry: raw int64 bytes, in a split subfolder
+    with MDSWriter(out=str(tmp_path / "old" / "train"), columns={"tokens": "bytes"}) as w:
+        for r in rows:
+            w.write({"tokens": r.astype(np.int64).tobytes()})
+    old = open_token_dataset(tmp_path / "old", "train", eos_token_id=0)
+    assert [old[i]["input_ids"].tolist() for i in range(5)] == rows.tolist()
+    with pytest.raises(DataError, match="expected max_seq_len 4"):
+        MDSTokenDataset(tmp_path / "old", "train", max_seq_len=4)[0]

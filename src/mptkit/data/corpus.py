@@ -256,7 +256,7 @@ def _read_text(path: Path, issues: Issues) -> Iterator[tuple[int, str]]:
         return
     text = _decode_utf8(data, str(path), issues)
     if text is not None:
-        yield 1, text
+        yield 1, text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
 
 
 def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
@@ -268,7 +268,7 @@ def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[i
             nonblank += 1
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 issues.report("invalid_utf8", where, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                                      f"{e.start + 1}); line skipped")
