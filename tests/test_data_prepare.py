@@ -240,3 +240,20 @@ def test_input_formats(tmp_path, tok_dir):
         pieces = text.split("<|endoftext|>")
         assert pieces[: len(want) - 1] == want[:-1] and want[-1].startswith(pieces[len(want) - 1])
         assert sum(s["documents"] for s in m["sources"]) == len(want)
+
+
+def test_ids_above_65535_use_uint32(tmp_path):
+    """A tokenizer with ids beyond 65535 gets uint32 shards (uint16 would wrap them), and the manifest's
+    vocab sizes cover the largest id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "c": 70_000, "<|endoftext|>": 70_001}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(
+        str(tmp_path / "wl"))
+    src = _write_jsonl(tmp_path / "c.jsonl", ["a c b c"] * 10)
+    m = prepare_dataset([str(src)], tmp_path / "wl", tmp_path / "out", 5, val_fraction=0.0, progress=False)
+    assert m["dtype"] == "uint32" and m["tokenizer_vocab_size"] == 70_002 and m["vocab_size"] == 70_016
+    assert TokenDataset(tmp_path / "out")[0]["input_ids"].tolist() == [1, 70_000, 2, 70_000, 70_001]

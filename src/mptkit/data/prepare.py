@@ -324,7 +324,8 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     out = Path(out_dir)
     tok_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", "")
     tok = load_tokenizer(tokenizer)
-    n_tok = len(tok)
+    # the number of ids the data can hold (len(tok), or more when the vocabulary has gaps)
+    n_tok = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
     if model_vocab_size is not None and n_tok > int(model_vocab_size):
         raise DataError(f"tokenizer {tok_path or ''} has {n_tok} tokens but the model's vocab_size is "
                         f"{model_vocab_size}: ids >= {model_vocab_size} would index past the embedding; use the "
@@ -338,8 +339,7 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     bos_text = bos_text or ""
     eos_ids = tok.encode(eos_text, add_special_tokens=False) if eos_text else []
     bos_ids = tok.encode(bos_text, add_special_tokens=False) if bos_text else []
-    max_id = max(n_tok - 1, max(tok.get_vocab().values(), default=0))
-    dtype = "uint16" if max_id <= 0xFFFF else "uint32"
+    dtype = "uint16" if n_tok - 1 <= 0xFFFF else "uint32"
     num_workers = int(num_workers or os.cpu_count() or 1)
 
     files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split)
@@ -482,7 +482,7 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "mptkit_version": __version__, "key": key,
         "tokenizer_fingerprint": fp,
-        "tokenizer": {"path": tok_path, "class": type(tok).__name__, "size": n_tok},
+        "tokenizer": {"path": tok_path, "class": type(tok).__name__, "size": len(tok)},
         "vocab_size": padded_vocab_size(n_tok), "tokenizer_vocab_size": n_tok,
         "max_seq_len": T, "dtype": dtype, "wrap": pack["wrap"],
         "eos_text": eos_text, "bos_text": bos_text, "eos_ids": settings["eos_ids"], "bos_ids": settings["bos_ids"],
