@@ -59,7 +59,7 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("max_seq_len: 64\nmodel:\n  d_model: 32\n  max_seq_len: ${max_seq_len}\n"
                  "optimizer: {name: decoupled_adamw, lr: 1.0e-3}\n")
-    cfg = load_run_config(p, ["max_seq_len=32", "optimizer.lr=0.01", "optimizer.betas=[0.8, 0.9]",
+    cfg = load_run_config(p, ["max_seq_len=32", "optimizer.lr=1e-2", "optimizer.betas=[0.8, 0.9]",
                               "autoresume=true"])
     assert cfg.model["max_seq_len"] == 32
     assert cfg.optimizer["lr"] == 0.01 and cfg.optimizer["betas"] == [0.8, 0.9]

@@ -152,6 +152,34 @@ def _referenced_top_keys(cfg: Any) -> set[str]:
     return out
 
 
+# ----------------------------------------------------------------------------------- YAML
+
+
+def _loader():
+    """A safe YAML loader that reads 1e-3 / 6e-4 as floats (YAML 1.1 wants a dot: 1.0e-3), as OmegaConf does."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
+
+
+def yaml_load(text: str):
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 # ----------------------------------------------------------------------------------- overrides
 
 
@@ -168,7 +196,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         if not key:
             raise ConfigError(f"override '{ov}': empty key")
         try:
-            val = yaml.safe_load(raw) if raw.strip() else ""
+            val = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             val = raw
         cur = cfg
@@ -453,7 +481,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
                 near = f" (did you mean '{p.parent / c}'?)" if c else ""
             raise ConfigError(f"{p}: no such recipe file{near}")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = yaml_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
