@@ -386,6 +386,49 @@ def _iter_parts(sources, text_field, issues, part_bytes, doc_counts) -> Iterator
         yield batch
 
 
+def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
+    """Run ``it`` in a background thread, ``depth`` items ahead (reading and parsing the next part while
+    the current one is tokenized: the Rust encoder releases the GIL). Exceptions are re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in it:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as e:  # handed to the consumer
+            put((e, None))
+
+    th = threading.Thread(target=work, name="mptkit-prepare-reader", daemon=True)
+    th.start()
+    try:
+        while True:
+            err, item = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
 def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype, n_tok, num_workers,
          strict, progress, keep_parts, t0, limits, default_corpus) -> dict:
     parts_dir = out / ".parts"
@@ -403,8 +446,8 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
     total_tokens = 0
     t_loop = time.perf_counter()
     try:
-        for pi, batch in enumerate(_iter_parts(sources, settings["text_field"], issues, settings["part_bytes"],
-                                               doc_counts)):
+        parts = _prefetch(_iter_parts(sources, settings["text_field"], issues, settings["part_bytes"], doc_counts))
+        for pi, batch in enumerate(parts):
             ident = [(sources[si]["sha256"], line) for si, line, _ in batch]
             pkey = _hash({"settings": settings, "docs": ident})[:24]
             ppath = parts_dir / f"part-{pi:06d}-{pkey}.npz"
@@ -422,13 +465,17 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
                 ids = encoder.encode([text for _, _, text in batch])
                 tokenized_s += time.perf_counter() - ts
                 part = {}
+                which = [_split_of(settings["split_seed"], sources[si]["sha256"], line, settings["val_fraction"])
+                         for si, line, _ in batch]
+                extra = len(bos) + len(eos)
                 for split_i, name in enumerate(SPLITS):
-                    sel = [k for k, (si, line, _) in enumerate(batch)
-                           if _split_of(settings["split_seed"], sources[si]["sha256"], line,
-                                        settings["val_fraction"]) == split_i]
-                    docs = [np.concatenate([bos, ids[k], eos]) for k in sel]
-                    part[f"{name}_tokens"] = (np.concatenate(docs) if docs else np.empty(0, np.int64)).astype(dtype)
-                    part[f"{name}_doclens"] = np.asarray([len(d) for d in docs], dtype=np.int64)
+                    pieces, lens = [], []
+                    for k, w in enumerate(which):
+                        if w == split_i:
+                            pieces += (bos, ids[k], eos)
+                            lens.append(len(ids[k]) + extra)
+                    part[f"{name}_tokens"] = np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype)
+                    part[f"{name}_doclens"] = np.asarray(lens, dtype=np.int64)
                 tokenized_tokens += sum(len(a) for a in ids)
                 with atomic_path(ppath) as tmp, open(tmp, "wb") as f:
                     np.savez(f, **part)
