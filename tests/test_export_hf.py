@@ -176,3 +176,35 @@ def test_cli_export_hf(tmp_path, make_tokenizer, capsys):
         assert torch.equal(back(X).logits, model(X).logits)
     rc = cli_main(["export", "hf", str(tmp_path / "nope"), str(tmp_path / "out2")])
     assert rc == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_real_trainer_checkpoints_newest_valid_one_is_exported(tmp_path, make_tokenizer):
+    """With the trainer's checkpoint format: two checkpoints in a run, the newest truncated; the export
+    (HF and GGUF) takes the newest *valid* one, with its tokenizer."""
+    ckpt = pytest.importorskip("mptkit.train.checkpoint")
+    tok = make_tokenizer()
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(tok))
+    run = tmp_path / "run"
+    old = make_model(tmp_path / "old", seed=1, expansion_ratio=4)
+    new = make_model(tmp_path / "new", seed=2, expansion_ratio=4)
+    ckpt.save_checkpoint(run, model=old, trainer_state={"step": 10}, epoch=0, step=10, tokenizer=t)
+    c20 = ckpt.save_checkpoint(run, model=new, trainer_state={"step": 20}, epoch=0, step=20, tokenizer=t)
+    with torch.no_grad():
+        want_old = old(X).logits
+    w = c20 / "model" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # the newest checkpoint is truncated
+    res = export_hf(run, tmp_path / "out")
+    assert res.source.parent.name == "ep0-ba10"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (hf(X).logits - want_old).abs().max().item() <= 1e-4
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out"))(TEXT)["input_ids"] == t(TEXT)["input_ids"]
+    gguf = pytest.importorskip("gguf")
+    from mptkit.export.gguf import export_gguf
+
+    export_gguf(run, tmp_path / "run.gguf")
+    r = gguf.GGUFReader(str(tmp_path / "run.gguf"))
+    emb = {x.name: x for x in r.tensors}["token_embd.weight"]
+    assert torch.equal(torch.from_numpy(emb.data.copy()), old.transformer.wte.weight.detach())
