@@ -14,12 +14,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from mptkit.cli import main as cli_main  # noqa: E402
-from mptkit.errors import ExportError  # noqa: E402
-from mptkit.export.gguf import export_gguf, llama_cpp_incompatibilities  # noqa: E402
-from mptkit.model.config import MPTConfig  # noqa: E402
-from tests._export_models import VOCAB, make_model  # noqa: E402
-from tests.conftest import tiny_cfg  # noqa: E402
+from mptkit.cli import main as cli_main
+from mptkit.errors import ExportError
+from mptkit.export.gguf import export_gguf, llama_cpp_incompatibilities
+from mptkit.model.config import MPTConfig
+from tests._export_models import VOCAB, make_model
+from tests.conftest import tiny_cfg
 
 
 def _read(path):

@@ -20,8 +20,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow  # about a minute in all on a busy 2-core machine
 pytest.importorskip("gguf")
 
-from mptkit.export.gguf import export_gguf  # noqa: E402
-from tests._export_models import make_model  # noqa: E402
+from mptkit.export.gguf import export_gguf
+from tests._export_models import make_model
 
 N_NEW = 24
 TEXT = "def load(fp, *, cls=None):\n    return json.loads(fp.read())  # naïve\n\tx = [1, 22, 333]  'quoted'\n"

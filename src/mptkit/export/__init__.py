@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["export_hf", "export_gguf"]
+__all__ = ["export_gguf", "export_hf"]
 
 
 def __getattr__(name: str):

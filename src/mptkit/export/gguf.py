@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -404,4 +404,4 @@ def export_gguf(
                             tokenizer_from=tok_folder, folded=folded, notes=tok.notes)
 
 
-__all__ = ["export_gguf", "GGUFExportResult", "llama_cpp_incompatibilities", "read_tokenizer", "tensor_name_map"]
+__all__ = ["GGUFExportResult", "export_gguf", "llama_cpp_incompatibilities", "read_tokenizer", "tensor_name_map"]

@@ -144,4 +144,4 @@ def export_hf(
                           tokenizer_from=tok_folder, incompatibilities=incompat)
 
 
-__all__ = ["export_hf", "HFExportResult", "HF_DTYPES", "LAYOUTS", "is_model_folder"]
+__all__ = ["HF_DTYPES", "LAYOUTS", "HFExportResult", "export_hf", "is_model_folder"]
