@@ -168,6 +168,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=False)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self._check_precision()
+        if cfg.fsdp_config and self.dist.enabled:
+            log.warning("fsdp_config is accepted for llm-foundry YAMLs, but mptkit trains with DDP (a full model "
+                        "replica per rank); sharding is not implemented")
         self.run_name = cfg.run_name or os.environ.get("RUN_NAME") or "run"
         self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
