@@ -115,7 +115,7 @@ def test_cli_prints_one_line_errors_and_strict(tmp_path, tok_dir, capsys):
                "--out", str(tmp_path / "out"), "--strict"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert f"data.jsonl:2: malformed JSON" in err
+    assert "data.jsonl:2: malformed JSON" in err
     rc = main(["-q", "data", "prepare", str(d), "--tokenizer", str(tok_dir), "--max-seq-len", "8", "--out",
                str(tmp_path / "out"), "--val-fraction", "0"])
     out = capsys.readouterr().out

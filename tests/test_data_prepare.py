@@ -119,7 +119,7 @@ def test_deterministic_and_noop_rerun(tmp_path, tok_dir):
         (src / f"f{i:02d}.txt").write_text(d)
     m1 = prepare_dataset([str(src)], tok_dir, tmp_path / "a", 32, val_fraction=0.2, progress=False)
     m2 = prepare_dataset([str(src)], tok_dir, tmp_path / "b", 32, val_fraction=0.2, progress=False)
-    sha = lambda m: [s["sha256"] for sp in m["splits"].values() for s in sp["shards"]]  # noqa: E731
+    sha = lambda m: [s["sha256"] for sp in m["splits"].values() for s in sp["shards"]]
     assert sha(m1) == sha(m2) and m1["key"] == m2["key"]
     shard = tmp_path / "a" / m1["splits"]["train"]["shards"][0]["file"]
     mtime = shard.stat().st_mtime_ns
@@ -137,7 +137,7 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes(tmp_path, tok_dir, 
     """A crash mid-run leaves no manifest (the folder is refused as incomplete); the next run reuses the
     parts already tokenized and produces exactly what an uninterrupted run produces."""
     src = _write_jsonl(tmp_path / "c.jsonl", _docs(80, seed=3))
-    kw = dict(val_fraction=0.1, part_bytes=2000, progress=False)
+    kw = {"val_fraction": 0.1, "part_bytes": 2000, "progress": False}
     clean = prepare_dataset([str(src)], tok_dir, tmp_path / "clean", 32, **kw)
     calls = {"n": 0}
     real = prep._Encoder.encode
@@ -219,9 +219,9 @@ def test_input_formats(tmp_path, tok_dir):
     pq.write_table(pa.table({"body": [docs[9]], "n": [1]}), tmp_path / "p.parquet")
     hf = tmp_path / "hfds"
     hf.mkdir()
-    with pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, pa.schema([("body", pa.string())])) as w:
-            w.write_table(pa.table({"body": [docs[10], docs[11]]}))
+    with pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, pa.schema([("body", pa.string())])) as w:
+        w.write_table(pa.table({"body": [docs[10], docs[11]]}))
     (hf / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     (hf / "dataset_info.json").write_text("{}")
 

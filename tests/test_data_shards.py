@@ -29,7 +29,7 @@ def prepared(tmp_path_factory):
 def test_dataset_items_and_manifest_contract(prepared):
     """Items are LongTensors of max_seq_len; sequence_id starts at 0 and increments right after each EOS;
     the manifest carries the fields the trainer relies on; samples span several shard files."""
-    folder, tok = prepared
+    folder, _ = prepared
     ds = TokenDataset(folder)
     m = ds.manifest
     for k in ("tokenizer_fingerprint", "vocab_size", "max_seq_len", "eos_token_id", "num_samples"):

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 from mptkit.data.corpus import default_corpus_files, limit_files
-from mptkit.data.tokenizer import (SPECIAL_TOKENS, load_tokenizer, padded_vocab_size, tokenizer_fingerprint,
-                                   train_tokenizer)
+from mptkit.data.tokenizer import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    padded_vocab_size,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 from mptkit.errors import DataError
 
 
@@ -110,3 +115,19 @@ def test_train_refuses_tiny_vocab_and_foreign_folder(tmp_path):
     with pytest.raises(DataError, match="refusing"):
         train_tokenizer(None, 512, tmp_path / "notatok", max_files=1)
     assert (tmp_path / "notatok" / "keep.txt").read_text() == "precious"
+
+
+def test_cli_tokenizer_train(tmp_path, capsys):
+    """`mptkit tokenizer train FILE --vocab-size N --out DIR` trains on the given file and prints the size
+    and fingerprint; the folder loads."""
+    from mptkit.cli import main
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"body": f"line {i} " * 20}) + "\n" for i in range(50)))
+    rc = main(["-q", "tokenizer", "train", str(src), "--text-field", "body", "--vocab-size", "300", "--out",
+               str(tmp_path / "tok")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fingerprint sha256:" in out
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.decode(tok.encode("line 7 line 8", add_special_tokens=False)) == "line 7 line 8"
+    assert tokenizer_fingerprint(tok) in out

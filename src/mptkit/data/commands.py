@@ -18,7 +18,12 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from mptkit.data.tokenizer import load_tokenizer, padded_vocab_size, tokenizer_fingerprint, train_tokenizer
+    from mptkit.data.tokenizer import (
+        load_tokenizer,
+        padded_vocab_size,
+        tokenizer_fingerprint,
+        train_tokenizer,
+    )
 
     out = train_tokenizer(args.inputs or None, args.vocab_size, args.out, min_frequency=args.min_frequency,
                           text_field=args.text_field, max_files=args.max_files, max_bytes=args.max_bytes,
@@ -32,7 +37,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 def _model_limits(spec: str) -> tuple[int, int]:
     """(vocab_size, max_seq_len) of a model spec (recipe name, YAML, config.json or model folder)."""
-    from mptkit.errors import DataError
+    from mptkit.errors import DataError, MPTKitError
 
     try:
         from mptkit.model import load_model_config
@@ -40,7 +45,7 @@ def _model_limits(spec: str) -> tuple[int, int]:
         cfg = load_model_config(spec)
     except DataError:
         raise
-    except Exception as e:  # ConfigError / CheckpointError from the model area
+    except MPTKitError as e:  # ConfigError / CheckpointError from the model area
         raise DataError(f"--model {spec}: {e}") from None
     return int(cfg.vocab_size), int(cfg.max_seq_len)
 

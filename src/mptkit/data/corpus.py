@@ -23,9 +23,9 @@ import json
 import logging
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from mptkit.errors import DataError
 

@@ -49,7 +49,7 @@ class MDSTokenDataset(torch.utils.data.Dataset):
         StreamingDataset = _streaming()
         try:
             self._ds = StreamingDataset(local=str(local), split=split, shuffle=False)
-        except Exception as e:  # streaming raises many types
+        except Exception as e:  # noqa: BLE001 - streaming raises many types
             raise DataError(f"{local}: cannot open as MDS ({type(e).__name__}: {e})") from None
         self.eos_token_id, self.bos_token_id = eos_token_id, bos_token_id
         self.max_seq_len = max_seq_len

@@ -30,8 +30,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -168,7 +169,7 @@ class _ShardWriter:
         self._rel = rel
         self._cm = atomic_path(self.root / rel)
         tmp = self._cm.__enter__()
-        self._f = open(tmp, "wb")
+        self._f = open(tmp, "wb")  # noqa: SIM115 - closed in _close/abort
         self._sha = hashlib.sha256()
         self._n = 0
 
@@ -231,7 +232,7 @@ class _Packer:
             self.buf = data[n * T:].copy()
             return
         offs = [0] + np.cumsum(doclens).tolist()
-        for a, b in zip(offs[:-1], offs[1:]):
+        for a, b in zip(offs[:-1], offs[1:]):  # noqa: RUF007 (py3.10)
             self.pieces.append(tokens[a:b])
             self.cur += b - a
             if self.cur >= T:
@@ -411,7 +412,7 @@ def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
                 if not put((None, item)):
                     return
             put((None, done))
-        except BaseException as e:  # handed to the consumer
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
             put((e, None))
 
     th = threading.Thread(target=work, name="mptkit-prepare-reader", daemon=True)

@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mptkit.errors import DataError
 
@@ -157,7 +158,7 @@ def load_tokenizer(path):
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except DataError:
         raise
-    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError, ...)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (OSError, ValueError, KeyError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"tokenizer {p}: cannot be loaded ({type(e).__name__}: {msg})") from None
     if not getattr(tok, "is_fast", False):
