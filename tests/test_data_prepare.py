@@ -257,3 +257,25 @@ def test_ids_above_65535_use_uint32(tmp_path):
     m = prepare_dataset([str(src)], tmp_path / "wl", tmp_path / "out", 5, val_fraction=0.0, progress=False)
     assert m["dtype"] == "uint32" and m["tokenizer_vocab_size"] == 70_002 and m["vocab_size"] == 70_016
     assert TokenDataset(tmp_path / "out")[0]["input_ids"].tolist() == [1, 70_000, 2, 70_000, 70_001]
+
+
+def test_tokenizers_that_cannot_be_cut_encode_long_documents_whole(tmp_path, tok_dir):
+    """A tokenizer with non-special added tokens (like GPT-NeoX-20B's whitespace-run tokens) or another
+    pre-tokenizer is never cut: a long indented document gives exactly the ids of encoding it whole."""
+    import textwrap
+
+    from tokenizers import AddedToken
+
+    tok = load_tokenizer(tok_dir)
+    tok.backend_tokenizer.add_tokens([AddedToken(" " * n, normalized=True, special=False) for n in (2, 4, 8)])
+    tok.save_pretrained(str(tmp_path / "ws"))
+    ws = load_tokenizer(tmp_path / "ws")
+    assert len(ws) == len(load_tokenizer(tok_dir)) + 3
+    assert not prep._Encoder(ws, 1).chunk and prep._Encoder(load_tokenizer(tok_dir), 1).chunk
+    doc = (inspect.getsource(textwrap) * 4)[:70_000]
+    assert len(_safe_chunks(doc)) > 1
+    src = _write_jsonl(tmp_path / "c.jsonl", [doc])
+    prepare_dataset([str(src)], tmp_path / "ws", tmp_path / "out", 8, val_fraction=0.0, progress=False)
+    whole = ws.backend_tokenizer.encode(doc, add_special_tokens=False).ids + [EOS]
+    rows = _all_rows(tmp_path / "out").reshape(-1).tolist()
+    assert rows == whole[: len(rows)] and len(whole) - len(rows) < 8

@@ -88,6 +88,18 @@ def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
     return out
 
 
+def _chunking_safe(spec: dict) -> bool:
+    """Whether ``_safe_chunks`` cuts keep the ids of this tokenizer (its ``tokenizer.json`` as a dict): a BPE
+    with the GPT-2/NeoX byte-level regex pre-tokenizer without prefix space, no normalizer or NFC, and no
+    non-special added tokens (GPT-NeoX-20B's added whitespace-run tokens could span a cut). Anything else
+    is encoded whole: slower on very long documents, never different."""
+    pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    return ((spec.get("model") or {}).get("type") == "BPE"
+            and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+            and (norm is None or norm.get("type") == "NFC")
+            and all(a.get("special") for a in spec.get("added_tokens") or []))
+
+
 @contextlib.contextmanager
 def _tokenizers_parallelism(on: bool):
     old = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -131,18 +143,23 @@ class _Encoder:
             b = Tokenizer.from_str(backend.to_str())  # a private copy: settings below stay local
             b.no_truncation()
             b.no_padding()
-            if hasattr(b, "encode_special_tokens"):
+            specials_as_text = hasattr(b, "encode_special_tokens")
+            if specials_as_text:
                 b.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not an EOS
             self.backend = b
+            self.chunk = specials_as_text and _chunking_safe(json.loads(b.to_str()))
         else:
             self.backend = None
+            self.chunk = False
+        if not self.chunk:
+            log.debug("long documents are encoded whole (the tokenizer is not a plain byte-level BPE)")
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         if self.backend is None:  # slow tokenizer: Python, one core
             return [np.asarray(self.tok.encode(t, add_special_tokens=False), dtype=np.int64) for t in texts]
         pieces, owner = [], []
         for i, t in enumerate(texts):
-            for c in _safe_chunks(t):
+            for c in (_safe_chunks(t) if self.chunk else (t,)):
                 pieces.append(c)
                 owner.append(i)
         enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
