@@ -171,3 +171,37 @@ def test_bad_inputs_fail_before_the_first_step(tmp_path):
 
     with pytest.raises(TrainError, match="diverged"):
         _fit(make_cfg(tmp_path / "g", save_folder=None), loss_fn=nan_loss)
+
+
+def test_start_from_pretrained_folder(tmp_path):
+    """model: FOLDER starts from that folder's weights (not a fresh init)."""
+    _fit(make_cfg(tmp_path / "a", max_duration="3ba", export_folder=str(tmp_path / "hf"), save_folder=None))
+    src = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    tr, ev = datasets()
+    t = Trainer(make_cfg(tmp_path / "b", model=str(tmp_path / "hf"), max_duration="3ba", save_folder=None),
+                train_dataset=tr, eval_dataset=ev).setup()
+    sd = t.model.state_dict()
+    assert all(torch.equal(sd[k], src[k]) for k in src)
+    t.fit()
+    assert not all(torch.equal(t.model.state_dict()[k], src[k]) for k in src)
+
+
+def test_loss_spike_monitor():
+    """A loss above 2x the running mean for `patience` steps is a spike (raises unless log_only);
+    NaN raises at once."""
+    from mptkit.train.metrics import LossSpikeMonitor
+
+    m = LossSpikeMonitor(patience=3, outlier_multiplier=2.0, window_size=20, log_only=False)
+    for i in range(20):
+        assert m(i, 2.0 + 0.01 * (i % 3)) is False
+    m(20, 9.0)
+    m(21, 9.0)
+    with pytest.raises(TrainError, match="loss spike"):
+        m(22, 9.0)
+    quiet = LossSpikeMonitor(patience=2, window_size=10, log_only=True)
+    for i in range(10):
+        quiet(i, 1.0)
+    quiet(10, 5.0)
+    assert quiet(11, 5.0) is True and quiet.spikes == 1
+    with pytest.raises(TrainError, match="diverged"):
+        quiet(12, float("inf"))

@@ -82,6 +82,10 @@ _INTERP = re.compile(r"\$\{([^${}]+)\}")
 
 def _lookup(root: dict, dotted: str, where: str) -> Any:
     dotted = dotted.strip()
+    if dotted == "mptkit:stdlib":  # the running interpreter's standard-library folder (the default corpus)
+        import sysconfig
+
+        return str(Path(sysconfig.get_paths()["stdlib"]).resolve())
     if dotted.startswith("oc.env:") or dotted.startswith("env:"):
         name, _, default = dotted.split(":", 1)[1].partition(",")
         val = os.environ.get(name.strip())

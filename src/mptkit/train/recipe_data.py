@@ -68,6 +68,19 @@ def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
                                   f"({tok_dir} does not exist yet)")
             log.info("training a %d-token tokenizer into %s (first run only)", vs, tok_dir)
             train_tokenizer(inputs, int(vs), tok_dir, max_files=dp.get("max_files"), max_bytes=dp.get("max_bytes"))
+        else:
+            meta = Path(tok_dir) / "mptkit_tokenizer.json"
+            try:
+                import json
+
+                asked = json.loads(meta.read_text()).get("requested_vocab_size") if meta.exists() else None
+            except (OSError, ValueError):
+                asked = None
+            if asked is not None and dp.get("vocab_size") and int(asked) != int(dp["vocab_size"]):
+                raise ConfigError(
+                    f"data_prep.vocab_size is {dp['vocab_size']} but the cached tokenizer {tok_dir} was trained "
+                    f"with {asked}: delete {tok_dir} (and the prepared data) to retrain, or point tokenizer.name "
+                    "elsewhere")
         seq = tr.get("max_seq_len") or cfg.max_seq_len
         if not seq:
             raise ConfigError("data_prep: set max_seq_len (or train_loader.dataset.max_seq_len)")

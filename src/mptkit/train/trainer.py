@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -555,11 +556,13 @@ class Trainer:
                           "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                           "start_step": self.step})
         bar = None
-        if main and cfg.progress_bar:
+        if main and cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, unit="ba", dynamic_ncols=True,
-                       disable=None)
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, unit="ba", dynamic_ncols=True)
+        elif main and cfg.progress_bar and cfg.log_to_console:
+            log.info("stderr is not a terminal: logging progress every %d steps instead of a progress bar",
+                     self.log_every)
         tput = Throughput(window=int(((cfg.callbacks or {}).get("speed_monitor") or {}).get("window_size", 10)))
         self._last_saved = self.step if self.resumed_from is not None else -1
         self.model.train()
