@@ -259,23 +259,39 @@ def test_ids_above_65535_use_uint32(tmp_path):
     assert TokenDataset(tmp_path / "out")[0]["input_ids"].tolist() == [1, 70_000, 2, 70_000, 70_001]
 
 
-def test_tokenizers_that_cannot_be_cut_encode_long_documents_whole(tmp_path, tok_dir):
-    """A tokenizer with non-special added tokens (like GPT-NeoX-20B's whitespace-run tokens) or another
-    pre-tokenizer is never cut: a long indented document gives exactly the ids of encoding it whole."""
+def test_tokenizers_with_added_tokens_are_cut_only_where_safe(tmp_path, tok_dir):
+    """A tokenizer with non-special added tokens (like GPT-NeoX-20B's whitespace-run tokens) is cut only at
+    lone newlines (a whitespace-run token could span the other kind of cut), one whose added token holds a
+    newline or strips whitespace is never cut; in every case a long indented document and random text give
+    exactly the ids of encoding them whole, through prepare_dataset too."""
     import textwrap
 
     from tokenizers import AddedToken
 
-    tok = load_tokenizer(tok_dir)
-    tok.backend_tokenizer.add_tokens([AddedToken(" " * n, normalized=True, special=False) for n in (2, 4, 8)])
-    tok.save_pretrained(str(tmp_path / "ws"))
-    ws = load_tokenizer(tmp_path / "ws")
-    assert len(ws) == len(load_tokenizer(tok_dir)) + 3
-    assert not prep._Encoder(ws, 1).chunk and prep._Encoder(load_tokenizer(tok_dir), 1).chunk
-    doc = (inspect.getsource(textwrap) * 4)[:70_000]
-    assert len(_safe_chunks(doc)) > 1
+    ws_dir, nl_dir = tmp_path / "ws", tmp_path / "nl"
+    ws = load_tokenizer(tok_dir)
+    ws.backend_tokenizer.add_tokens([AddedToken(" " * n, normalized=True, special=False) for n in (2, 4, 8)])
+    ws.save_pretrained(str(ws_dir))
+    nl = load_tokenizer(tok_dir)
+    nl.backend_tokenizer.add_tokens([AddedToken("x\nd", normalized=True, special=False)])
+    nl.save_pretrained(str(nl_dir))
+    assert prep._Encoder(load_tokenizer(tok_dir), 1).chunk is prep._SAFE_CUT
+    assert prep._Encoder(load_tokenizer(ws_dir), 1).chunk is prep._NEWLINE_CUT
+    assert prep._Encoder(load_tokenizer(nl_dir), 1).chunk is None
+    rng = random.Random(1)
+    alphabet = list("ab xy  \n\n\t09.,'(-_") + ["é", "x\nd"]
+    doc = (inspect.getsource(textwrap) * 4)[:70_000] + "".join(rng.choice(alphabet) for _ in range(20_000))
+    for d in (ws_dir, nl_dir):
+        b = load_tokenizer(d).backend_tokenizer
+        whole = b.encode(doc, add_special_tokens=False).ids
+        enc = prep._Encoder(load_tokenizer(d), 1)
+        assert enc.encode([doc])[0].tolist() == whole
+        if enc.chunk is not None:
+            assert len(_safe_chunks(doc, 2000, enc.chunk)) > 10
+            assert [i for c in _safe_chunks(doc, 2000, enc.chunk) for i in b.encode(c, add_special_tokens=False).ids] \
+                == whole
     src = _write_jsonl(tmp_path / "c.jsonl", [doc])
-    prepare_dataset([str(src)], tmp_path / "ws", tmp_path / "out", 8, val_fraction=0.0, progress=False)
-    whole = ws.backend_tokenizer.encode(doc, add_special_tokens=False).ids + [EOS]
+    prepare_dataset([str(src)], ws_dir, tmp_path / "out", 8, val_fraction=0.0, progress=False)
+    whole = load_tokenizer(ws_dir).backend_tokenizer.encode(doc, add_special_tokens=False).ids + [EOS]
     rows = _all_rows(tmp_path / "out").reshape(-1).tolist()
     assert rows == whole[: len(rows)] and len(whole) - len(rows) < 8

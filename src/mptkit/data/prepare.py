@@ -68,9 +68,10 @@ def _split_of(seed: int, sha: str, line: int, val_fraction: float) -> int:
 # the pre-tokenizer splits the whitespace run right there (" word" takes the last space). In both cases
 # no pre-token spans the cut and NFC cannot compose across it.
 _SAFE_CUT = re.compile(r"(?<=[^\s]\n)(?=[!-~])|(?<=[ \t\n\r])(?= [!-~])")
+_NEWLINE_CUT = re.compile(r"(?<=[^\s]\n)(?=[!-~])")  # rule (a) only
 
 
-def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
+def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS, pattern: re.Pattern = _SAFE_CUT) -> list[str]:
     """Cut ``text`` into pieces of about ``max_chars`` at points where encoding the pieces and concatenating
     the ids gives exactly the ids of the whole text (see ``_SAFE_CUT``). Text without such points stays whole.
     """
@@ -79,7 +80,7 @@ def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
         return [text]
     out, start = [], 0
     while n - start > max_chars:
-        m = _SAFE_CUT.search(text, start + max_chars)
+        m = pattern.search(text, start + max_chars)
         if m is None:
             break
         out.append(text[start:m.start()])
@@ -88,16 +89,26 @@ def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
     return out
 
 
-def _chunking_safe(spec: dict) -> bool:
-    """Whether ``_safe_chunks`` cuts keep the ids of this tokenizer (its ``tokenizer.json`` as a dict): a BPE
-    with the GPT-2/NeoX byte-level regex pre-tokenizer without prefix space, no normalizer or NFC, and no
-    non-special added tokens (GPT-NeoX-20B's added whitespace-run tokens could span a cut). Anything else
-    is encoded whole: slower on very long documents, never different."""
+def _cut_pattern(spec: dict) -> re.Pattern | None:
+    """Which cuts keep the ids of this tokenizer (its ``tokenizer.json`` as a dict), or None for no cuts.
+
+    Needs a BPE with the GPT-2/NeoX byte-level regex pre-tokenizer without prefix space and no normalizer or
+    NFC. With only special added tokens (encoded as text here): both rules. With non-special added tokens
+    (GPT-NeoX-20B's whitespace-run tokens) that contain no newline and strip nothing: the lone-newline rule
+    only (a whitespace-run token could span a rule (b) cut). Anything else is encoded whole: slower on very
+    long documents, never different."""
     pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
-    return ((spec.get("model") or {}).get("type") == "BPE"
+    if not ((spec.get("model") or {}).get("type") == "BPE"
             and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
-            and (norm is None or norm.get("type") == "NFC")
-            and all(a.get("special") for a in spec.get("added_tokens") or []))
+            and (norm is None or norm.get("type") == "NFC")):
+        return None
+    added = [a for a in spec.get("added_tokens") or [] if not a.get("special")]
+    if not added:
+        return _SAFE_CUT
+    if all("\n" not in a.get("content", "") and not (a.get("lstrip") or a.get("rstrip") or a.get("single_word"))
+           for a in added):
+        return _NEWLINE_CUT
+    return None
 
 
 @contextlib.contextmanager
@@ -147,11 +158,11 @@ class _Encoder:
             if specials_as_text:
                 b.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not an EOS
             self.backend = b
-            self.chunk = specials_as_text and _chunking_safe(json.loads(b.to_str()))
+            self.chunk = _cut_pattern(json.loads(b.to_str())) if specials_as_text else None
         else:
             self.backend = None
-            self.chunk = False
-        if not self.chunk:
+            self.chunk = None
+        if self.chunk is None:
             log.debug("long documents are encoded whole (the tokenizer is not a plain byte-level BPE)")
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -159,7 +170,7 @@ class _Encoder:
             return [np.asarray(self.tok.encode(t, add_special_tokens=False), dtype=np.int64) for t in texts]
         pieces, owner = [], []
         for i, t in enumerate(texts):
-            for c in (_safe_chunks(t) if self.chunk else (t,)):
+            for c in (_safe_chunks(t, pattern=self.chunk) if self.chunk is not None else (t,)):
                 pieces.append(c)
                 owner.append(i)
         enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
