@@ -109,3 +109,30 @@ def test_embedded_tokenizer_tokenizes_like_the_hf_tokenizer(tmp_path, make_token
     assert got == want and len(want) > 10
     assert llm.detokenize(got).decode("utf-8") == TEXT
     assert llm.token_eos() == hf.eos_token_id
+
+
+def test_mptkit_trained_tokenizer_with_chatml_tokens(tmp_path):
+    """mptkit's own tokenizer (GPT-NeoX style: NFC + byte-level BPE, ChatML special tokens) is embedded with
+    pre 'mpt'; llama.cpp tokenizes plain text and ChatML-formatted text (special tokens parsed) like HF."""
+    tokmod = pytest.importorskip("mptkit.data.tokenizer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((TEXT * 3 + "Hello world, numbers 12345 and ünïcödé.\n") * 20)
+    tok = tokmod.train_tokenizer([str(corpus)], 384, tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tok))
+    vocab = tokmod.padded_vocab_size(len(hf))
+    make_model(tmp_path / "m", tok, vocab_size=vocab)
+    # --tokenizer: save_pretrained(tokenizer=<folder>) does not copy chat_template.jinja into the model folder
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", tokenizer=tok)
+    import gguf
+
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "m.gguf")).fields.items()}
+    assert fields["tokenizer.ggml.pre"] == "mpt"
+    assert hf.chat_template and fields["tokenizer.chat_template"] == hf.chat_template
+    llm = _llama(tmp_path / "m.gguf", "f32")
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == hf(TEXT)["input_ids"]
+    chat = "<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
+    want = hf(chat)["input_ids"]
+    assert hf.convert_tokens_to_ids("<|im_start|>") in want
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == want

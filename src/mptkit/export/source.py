@@ -25,7 +25,7 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 # Files a transformers tokenizer may consist of (copied verbatim into an export).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "mptkit_tokenizer.json",
 )
 
 
