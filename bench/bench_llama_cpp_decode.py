@@ -89,13 +89,22 @@ def main() -> int:
             ttfts.append(t_first - t0)
             rates.append((args.new - 1) / (t_end - t_first))
     rate = statistics.median(rates)
+    torch.set_num_threads(args.threads)
+    buf = torch.ones(256 * 2**20)  # 1 GiB of f32: the machine's read bandwidth, for the roofline
+    bw = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        buf.sum()
+        bw.append(buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    del buf
     out = {
         "model": f"d{args.d_model}/{args.n_layers}L/{args.n_heads}H vocab {args.vocab}",
         "params": params, "gguf_dtype": args.dtype, "weight_bytes": res.n_bytes, "threads": args.threads,
         "prompt": args.prompt, "new_tokens": args.new,
         "ttft_ms_median": 1e3 * statistics.median(ttfts), "decode_tok_s_median": rate,
         "decode_tok_s_all": [round(r, 1) for r in rates],
-        "weight_GB_s": res.n_bytes * rate / 1e9, "load_avg_1m": os.getloadavg()[0],
+        "weight_GB_s": res.n_bytes * rate / 1e9, "read_bandwidth_GB_s_best": max(bw),
+        "decode_tok_s_bound": max(bw) * 1e9 / res.n_bytes, "load_avg_1m": os.getloadavg()[0],
     }
     if args.json:
         print(json.dumps(out))

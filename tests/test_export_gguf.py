@@ -248,3 +248,18 @@ def test_cli_writes_the_file_and_reports_errors_in_one_line(tmp_path, make_token
     assert rc == 0
     fields, _ = _read(tmp_path / "ok.gguf")
     assert fields["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def test_f16_overflow_is_refused(tmp_path, make_tokenizer):
+    """A weight beyond f16's range would become inf in an f16 file: refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    make_model(tmp_path / "m", make_tokenizer())
+    f = tmp_path / "m" / "model.safetensors"
+    sd = load_file(str(f))
+    sd["transformer.blocks.1.ffn.up_proj.weight"][0, 0] = 1e6
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"blocks\.1\.ffn\.up_proj.*--dtype f32"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype="f16")
+    assert not (tmp_path / "m.gguf").exists()
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype="f32")

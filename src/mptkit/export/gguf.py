@@ -155,6 +155,9 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
         a = a.astype(np.float16)
+        if not np.isfinite(a).all() and np.isfinite(t.numpy()).all():
+            raise ExportError(f"{src}: values beyond f16's range (max |x| = {float(t.abs().max()):.4g} > 65504); "
+                              "export with --dtype f32")
     return a
 
 
