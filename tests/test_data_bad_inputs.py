@@ -1,5 +1,5 @@
 """Bad input: each kind is reported with file and line, skipped and counted by default, fatal with
-strict=True / --strict, and never a traceback from the CLI. Also the optional MDS reader's message."""
+strict=True / --strict, and never a traceback from the CLI."""
 
 from __future__ import annotations
 
@@ -126,37 +126,3 @@ def test_cli_prints_one_line_errors_and_strict(tmp_path, tok_dir, capsys):
     assert rc == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
     rc = main(["-q", "data", "inspect", str(tmp_path / "out"), "--verify"])
     assert rc == 0 and "verified" in capsys.readouterr().out
-
-
-def test_mds_reader_needs_streaming_extra(tmp_path):
-    """Reading an MDS folder without mosaicml-streaming installed raises a DataError that names the extra;
-    with it installed, a foundry-style MDS folder (tokens column) reads back the same token arrays."""
-    import numpy as np
-
-    from mptkit.data.mds import MDSTokenDataset, open_token_dataset
-
-    try:
-        from streaming import MDSWriter
-    except ImportError:
-        (tmp_path / "index.json").write_text('{"version": 2, "shards": []}')
-        with pytest.raises(DataError, match="mosaicml-streaming"):
-            open_token_dataset(tmp_path)
-        with pytest.raises(DataError, match="not an MDS dataset"):
-            MDSTokenDataset(tmp_path / "nothing")
-        return
-    rows = np.arange(40, dtype=np.int32).reshape(5, 8)
-    rows[2, 3] = 0
-    with MDSWriter(out=str(tmp_path / "mds"), columns={"tokens": "ndarray:int32"}) as w:
-        for r in rows:
-            w.write({"tokens": r})
-    ds = open_token_dataset(tmp_path / "mds", eos_token_id=0, max_seq_len=8)
-    assert len(ds) == 5 and ds[2]["input_ids"].tolist() == rows[2].tolist()
-    assert ds[2]["sequence_id"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    # older llm-foundry: raw int64 bytes, in a split subfolder
-    with MDSWriter(out=str(tmp_path / "old" / "train"), columns={"tokens": "bytes"}) as w:
-        for r in rows:
-            w.write({"tokens": r.astype(np.int64).tobytes()})
-    old = open_token_dataset(tmp_path / "old", "train", eos_token_id=0)
-    assert [old[i]["input_ids"].tolist() for i in range(5)] == rows.tolist()
-    with pytest.raises(DataError, match="expected max_seq_len 4"):
-        MDSTokenDataset(tmp_path / "old", "train", max_seq_len=4)[0]
