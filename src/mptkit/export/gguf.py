@@ -154,7 +154,8 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
     a = t.contiguous().numpy()
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
-        a = a.astype(np.float16)
+        with np.errstate(over="ignore"):
+            a = a.astype(np.float16)
         if not np.isfinite(a).all() and np.isfinite(t.numpy()).all():
             raise ExportError(f"{src}: values beyond f16's range (max |x| = {float(t.abs().max()):.4g} > 65504); "
                               "export with --dtype f32")
