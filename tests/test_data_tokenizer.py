@@ -131,3 +131,21 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.decode(tok.encode("line 7 line 8", add_special_tokens=False)) == "line 7 line 8"
     assert tokenizer_fingerprint(tok) in out
+
+
+def test_gpt_neox_style_folder_is_accepted(tok_dir, tmp_path):
+    """A folder laid out like EleutherAI/gpt-neox-20b (tokenizer.json + a tokenizer_config.json naming
+    GPTNeoXTokenizer) loads through load_tokenizer with the same ids and the same fingerprint."""
+    import shutil
+
+    neox = tmp_path / "neox"
+    neox.mkdir()
+    shutil.copy(tok_dir / "tokenizer.json", neox / "tokenizer.json")
+    (neox / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "tokenizer_class": "GPTNeoXTokenizer"}))
+    tok = load_tokenizer(neox)
+    ref = load_tokenizer(tok_dir)
+    text = "import os\n\nclass A:\n    def f(self):  return 1\n"
+    assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+    assert tok.eos_token_id == 0 and tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok_dir)
