@@ -110,9 +110,10 @@ def test_train_val_split_partitions_documents_deterministically(tmp_path, tok_di
     assert split_docs(tmp_path / "c", 1)["val"] != a["val"]
 
 
-def test_deterministic_and_noop_rerun(tmp_path, tok_dir):
+def test_deterministic_and_noop_rerun(tmp_path, tok_dir, monkeypatch):
     """Two runs over the same inputs give byte-identical shards; re-running into a finished folder is a
-    no-op (shards untouched); changing an option or an input prepares again."""
+    no-op (shards untouched, unchanged files not even re-hashed); changing an option or an input prepares
+    again."""
     src = tmp_path / "corpus"
     src.mkdir()
     for i, d in enumerate(_docs(30, seed=2)):
@@ -123,12 +124,16 @@ def test_deterministic_and_noop_rerun(tmp_path, tok_dir):
     assert sha(m1) == sha(m2) and m1["key"] == m2["key"]
     shard = tmp_path / "a" / m1["splits"]["train"]["shards"][0]["file"]
     mtime = shard.stat().st_mtime_ns
+    hashed = []
+    real_sha = prep.file_sha256
+    monkeypatch.setattr(prep, "file_sha256", lambda f: hashed.append(f) or real_sha(f))
     m3 = prepare_dataset([str(src)], tok_dir, tmp_path / "a", 32, val_fraction=0.2, progress=False)
-    assert m3 == m1 and shard.stat().st_mtime_ns == mtime
+    assert m3 == m1 and shard.stat().st_mtime_ns == mtime and hashed == []
     m4 = prepare_dataset([str(src)], tok_dir, tmp_path / "a", 16, val_fraction=0.2, progress=False)
     assert m4["max_seq_len"] == 16 and m4["key"] != m1["key"]
     (src / "f00.txt").write_text("changed text")
     m5 = prepare_dataset([str(src)], tok_dir, tmp_path / "a", 16, val_fraction=0.2, progress=False)
+    assert [f.name for f in hashed] == ["f00.txt"]
     assert m5["key"] != m4["key"] and m5["sources"][0]["sha256"] != m4["sources"][0]["sha256"]
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["key"] == m5["key"]
 

@@ -300,6 +300,30 @@ def _shards_intact(root: Path, manifest: dict) -> bool:
     return True
 
 
+def _hash_sources(files: list[Path], manifest_path: Path, *, trust_mtime: bool) -> list[dict]:
+    """``{path, sha256, bytes, mtime_ns}`` per file. A file whose path, size and modification time equal
+    those in the existing manifest keeps its recorded sha256 (no re-read: a no-op check of a large corpus
+    stays cheap); ``force`` re-hashes everything."""
+    known = {}
+    if trust_mtime and manifest_path.is_file():
+        try:
+            for s in json.loads(manifest_path.read_text()).get("sources", []):
+                if "mtime_ns" in s:
+                    known[s["path"]] = s
+        except (ValueError, AttributeError, TypeError, KeyError):
+            known = {}
+    out = []
+    for f in files:
+        st = f.stat()
+        k = known.get(str(f))
+        if k is not None and k.get("bytes") == st.st_size and k.get("mtime_ns") == st.st_mtime_ns:
+            sha = k["sha256"]
+        else:
+            sha = file_sha256(f)
+        out.append({"path": str(f), "sha256": sha, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
 def read_manifest(folder) -> dict:
     """The manifest of a prepared folder, or :class:`DataError` saying why it is unusable."""
     folder = Path(folder)
@@ -372,7 +396,7 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     num_workers = int(num_workers or os.cpu_count() or 1)
 
     files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split)
-    sources = [{"path": str(f), "sha256": file_sha256(f), "bytes": f.stat().st_size} for f in files]
+    sources = _hash_sources(files, out / "manifest.json", trust_mtime=not force)
     settings = {
         "format_version": FORMAT_VERSION, "tokenizer_fingerprint": fp, "text_field": text_field,
         "eos_ids": eos_ids, "bos_ids": bos_ids, "val_fraction": float(val_fraction), "split_seed": int(split_seed),
