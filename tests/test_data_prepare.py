@@ -300,3 +300,26 @@ def test_tokenizers_with_added_tokens_are_cut_only_where_safe(tmp_path, tok_dir)
     whole = load_tokenizer(ws_dir).backend_tokenizer.encode(doc, add_special_tokens=False).ids + [EOS]
     rows = _all_rows(tmp_path / "out").reshape(-1).tolist()
     assert rows == whole[: len(rows)] and len(whole) - len(rows) < 8
+
+
+def test_datasetdict_folder_split_choice(tmp_path):
+    """A local DatasetDict folder (datasets.save_to_disk) reads its 'train' split by default, another with
+    hf_split, and an unknown split is a DataError listing the splits."""
+    import pyarrow as pa
+
+    from mptkit.data.corpus import iter_documents, resolve_inputs
+
+    root = tmp_path / "dd"
+    for split, texts in (("train", ["t1", "t2"]), ("test", ["x1"])):
+        (root / split).mkdir(parents=True)
+        with pa.OSFile(str(root / split / "data-00000-of-00001.arrow"), "wb") as sink, \
+                pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+            w.write_table(pa.table({"text": texts}))
+        (root / split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+        (root / split / "dataset_info.json").write_text("{}")
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    read = lambda files: [t for f in files for _, t in iter_documents(f)]
+    assert read(resolve_inputs([str(root)])) == ["t1", "t2"]
+    assert read(resolve_inputs([str(root)], hf_split="test")) == ["x1"]
+    with pytest.raises(DataError, match=r"splits \['train', 'test'\]"):
+        resolve_inputs([str(root)], hf_split="validation")
