@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
-log = logging.getLogger(__name__)
 
 
 def _hf(args: argparse.Namespace) -> int:
     from mptkit.export.hf import export_hf
 
-    r = export_hf(args.src, args.out, dtype=args.dtype, layout=args.layout, max_shard_size=args.max_shard_size,
-                  tokenizer=args.tokenizer, overwrite=args.overwrite)
-    log.info("exported %s (%s, %s layout): %s", r.folder, r.dtype, r.layout, ", ".join(r.files))
+    export_hf(args.src, args.out, dtype=args.dtype, layout=args.layout, max_shard_size=args.max_shard_size,
+              tokenizer=args.tokenizer, overwrite=args.overwrite)  # logs what it wrote
     return 0
 
 
 def _gguf(args: argparse.Namespace) -> int:
     from mptkit.export.gguf import export_gguf
 
-    r = export_gguf(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
-    log.info("exported %s: %d tensors, %.1f MB (%s)", r.path, r.n_tensors, r.n_bytes / 1e6, r.dtype)
+    export_gguf(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer)  # logs what it wrote
     return 0
 
 
