@@ -131,6 +131,10 @@ def test_deterministic_and_noop_rerun(tmp_path, tok_dir, monkeypatch):
     assert m3 == m1 and shard.stat().st_mtime_ns == mtime and hashed == []
     m4 = prepare_dataset([str(src)], tok_dir, tmp_path / "a", 16, val_fraction=0.2, progress=False)
     assert m4["max_seq_len"] == 16 and m4["key"] != m1["key"]
+    m_in = prepare_dataset([str(src)], tok_dir, src / "prepared", 16, val_fraction=0.2, progress=False)
+    assert prepare_dataset([str(src)], tok_dir, src / "prepared", 16, val_fraction=0.2, progress=False) == m_in
+    assert len(m_in["sources"]) == len(m4["sources"]) == 30  # its own output is never read as input
+    hashed.clear()
     (src / "f00.txt").write_text("changed text")
     m5 = prepare_dataset([str(src)], tok_dir, tmp_path / "a", 16, val_fraction=0.2, progress=False)
     assert [f.name for f in hashed] == ["f00.txt"]

@@ -91,6 +91,15 @@ def limit_files(files: list[Path], *, max_files: int | None = None, max_bytes: i
     return out
 
 
+def _is_prepared_dir(p: Path) -> bool:
+    """A folder written by ``mptkit data prepare`` (never read back as corpus text)."""
+    try:
+        with open(p / "manifest.json", "rb") as f:
+            return b'"mptkit.tokens"' in f.read(256)
+    except OSError:
+        return False
+
+
 def _is_hf_datasets_dir(p: Path) -> bool:
     return p.is_dir() and ((p / "dataset_dict.json").is_file() or
                            ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()))
@@ -117,10 +126,12 @@ def _hf_dataset_arrow_files(p: Path, split: str | None) -> list[Path]:
 
 
 def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, max_bytes: int | None = None,
-                   hf_split: str | None = None, include_tests: bool = False) -> list[Path]:
+                   hf_split: str | None = None, include_tests: bool = False,
+                   exclude: list | None = None) -> list[Path]:
     """Expand files, folders (walked recursively, hidden entries and binary suffixes skipped) and globs
     into a deterministic list of files. ``None`` or ``[]`` means the default corpus (stdlib source).
-    A local ``datasets`` folder (``save_to_disk``) expands to its Arrow files."""
+    A local ``datasets`` folder (``save_to_disk``) expands to its Arrow files. Files inside an ``exclude``
+    folder (e.g. the output folder, when it lies inside an input folder) are left out."""
     if not inputs:
         files = default_corpus_files(include_tests=include_tests)
         return limit_files(files, max_files=max_files, max_bytes=max_bytes)
@@ -132,6 +143,10 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
         elif p.is_dir():
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
+                if "manifest.json" in filenames and _is_prepared_dir(Path(dirpath)):
+                    dirnames[:] = []
+                    log.info("skipping %s: an mptkit prepared dataset, not corpus text", dirpath)
+                    continue
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SITE_DIRS)
                 for fn in filenames:
                     f = Path(dirpath) / fn
@@ -151,9 +166,12 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
         else:
             raise DataError(f"input {item!r}: no such file or folder")
     # de-duplicate, keep first occurrence
+    skip = [Path(x).resolve() for x in exclude or []]
     seen, uniq = set(), []
     for f in files:
         k = f.resolve()
+        if any(s == k or s in k.parents for s in skip):
+            continue
         if k not in seen:
             seen.add(k)
             uniq.append(f)

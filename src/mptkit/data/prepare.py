@@ -395,7 +395,7 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     dtype = "uint16" if n_tok - 1 <= 0xFFFF else "uint32"
     num_workers = int(num_workers or os.cpu_count() or 1)
 
-    files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split)
+    files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split, exclude=[out])
     sources = _hash_sources(files, out / "manifest.json", trust_mtime=not force)
     settings = {
         "format_version": FORMAT_VERSION, "tokenizer_fingerprint": fp, "text_field": text_field,

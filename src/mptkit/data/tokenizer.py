@@ -83,7 +83,7 @@ def train_tokenizer(inputs: list[str] | None, vocab_size: int, out_dir, *, min_f
                              (any(out_dir.iterdir()) and not (out_dir / "tokenizer.json").exists())):
         raise DataError(f"--out {out_dir}: exists and is not a tokenizer folder; refusing to replace it "
                         "(choose a new folder)")
-    files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split)
+    files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split, exclude=[out_dir])
     issues = Issues(strict=strict)
     stats = {"documents": 0, "chars": 0}
 
