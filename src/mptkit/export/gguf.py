@@ -362,7 +362,7 @@ def export_gguf(
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), ARCH)
         try:
-            w.add_name(name or folder.resolve().name)
+            w.add_name(name or src.resolve().name)
             w.add_context_length(int(cfg.max_seq_len))
             w.add_embedding_length(int(cfg.d_model))
             w.add_block_count(int(cfg.n_layers))
