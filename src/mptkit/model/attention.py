@@ -135,15 +135,31 @@ def eager_attention(
     return out.transpose(1, 2)
 
 
+# A T x T float bias bigger than this (elements, B*H*Tq*Tk) is avoided by ``auto``: it goes blockwise.
+BIAS_ELEMS_LIMIT = 1 << 25  # 128 MB in fp32
+SDPA_ALIBI_CHUNK = 1024  # query rows per call of the CPU kernel (see attention_sdpa_alibi)
+
+
 @register_backend("sdpa")
 def sdpa_attention(
     q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False
 ):
-    """PyTorch's scaled_dot_product_attention; the ALiBi/mask bias is passed as a float attn_mask."""
+    """PyTorch's scaled_dot_product_attention.
+
+    Causal attention without padding/packing masks on CPU runs ALiBi on the fused CPU flash kernel (exact,
+    O(T) memory, the masked half skipped; see :mod:`mptkit.model.attention_sdpa_alibi`). Otherwise the
+    ALiBi/mask bias is passed as a float ``attn_mask`` (Tq x Tk per head)."""
+    from mptkit.model import attention_sdpa_alibi
+
     b, h, tq, d = q.shape
     tk = k.shape[2]
     n_rep = h // k.shape[1]
     dp = dropout_p if training else 0.0
+    plain = key_padding_mask is None and sequence_id is None and dp == 0.0
+    if plain and tq > 16 and attention_sdpa_alibi.available(q):
+        return attention_sdpa_alibi.sdpa_alibi_attention(
+            q, k, v, slopes=slopes, softmax_scale=softmax_scale, chunk=SDPA_ALIBI_CHUNK
+        )
     if slopes is None and key_padding_mask is None and sequence_id is None:
         if tq == tk:
             out = F.scaled_dot_product_attention(
@@ -165,16 +181,64 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map ``auto`` (and MPT's legacy ``triton``) to a concrete backend for this device and dtype."""
-    if impl in ("auto", "triton"):
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and "flash" in BACKENDS:
-            try:
-                import flash_attn  # noqa: F401
+@register_backend("blockwise")
+def _blockwise(q, k, v, **kw):
+    """Online softmax over key blocks, forward and backward: never T x T (attention_blockwise)."""
+    from mptkit.model.attention_blockwise import blockwise_attention
 
-                return "flash"
-            except ImportError:
-                pass
+    return blockwise_attention(q, k, v, **kw)
+
+
+@register_backend("flex")
+def _flex(q, k, v, **kw):
+    """Compiled FlexAttention with an ALiBi score_mod and a block mask (attention_flex)."""
+    from mptkit.model.attention_flex import flex_attention_alibi
+
+    return flex_attention_alibi(q, k, v, **kw)
+
+
+@register_backend("flash")
+def _flash(q, k, v, **kw):
+    """flash-attn >= 2.4 with ``alibi_slopes`` (CUDA, fp16/bf16; attention_flash)."""
+    from mptkit.model.attention_flash import flash_attention_alibi
+
+    return flash_attention_alibi(q, k, v, **kw)
+
+
+def _flash_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from mptkit.model.attention_flash import flash_attn_version
+
+    return flash_attn_version() is not None
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tq: int = 0,
+    tk: int = 0,
+    batch_heads: int = 1,
+    masked: bool = False,
+    dropout: bool = False,
+) -> str:
+    """Map ``auto`` (and MPT's legacy ``triton``) to a concrete backend for this call.
+
+    ``auto``: flash-attn on CUDA in fp16/bf16 when installed (no attention dropout with padding/packing,
+    which flash's varlen path would need); else ``sdpa`` when its T x T bias is small or not needed (CPU
+    causal attention runs on the fused kernel in O(T) memory); else ``blockwise`` (padded or packed inputs
+    whose bias would exceed ``BIAS_ELEMS_LIMIT`` elements, and long sequences on other devices).
+    ``sdpa`` is also the fallback for attention dropout, which blockwise does not implement."""
+    if impl in ("auto", "triton"):
+        if _flash_usable(device, dtype) and not masked:
+            return "flash"
+        if dropout:
+            return "sdpa"
+        needs_bias = masked or device.type != "cpu"
+        if needs_bias and batch_heads * tq * tk > BIAS_ELEMS_LIMIT:
+            return "blockwise"
         return "sdpa"
     if impl not in BACKENDS:
         raise ConfigError(
@@ -201,7 +265,10 @@ def attention(
         raise ConfigError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     if key_padding_mask is not None and bool(key_padding_mask.all()):
         key_padding_mask = None
-    name = resolve_impl(impl, q.device, q.dtype)
+    name = resolve_impl(
+        impl, q.device, q.dtype, tq=q.shape[2], tk=k.shape[2], batch_heads=q.shape[0] * q.shape[1],
+        masked=key_padding_mask is not None or sequence_id is not None, dropout=bool(dropout_p and training),
+    )
     return BACKENDS[name](
         q, k, v, slopes=slopes, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
         sequence_id=sequence_id, dropout_p=dropout_p, training=training,

@@ -1,0 +1,142 @@
+"""Exact ALiBi on PyTorch's fused CPU attention kernel, in O(T) memory, forward and backward.
+
+PyTorch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) skips the masked half of
+causal attention and keeps only the output and the log-sum-exp, but it takes no ALiBi. Two observations make
+it compute ALiBi exactly anyway:
+
+1. **ALiBi as one more head dimension.** For a query block and a constant ``c``, append ``slope / scale`` to
+   every query and ``j - c`` to key ``j`` (and a zero to the values). The kernel's score becomes
+   ``scale * q.k + slope * (j - c)``, which differs from MPT's ``-slope * (p - j)`` by a per-row constant that
+   softmax removes. Choosing ``c`` inside the query block keeps the added term small for the keys that
+   matter (near the diagonal), so fp32 rounding stays at the level of the scores themselves.
+2. **Causal blocks merged by log-sum-exp.** Queries are cut into chunks of ``chunk`` rows. For chunk
+   [q0, q1) (absolute positions, bottom-right aligned) the kernel runs twice: the keys before the chunk
+   (no mask) and the chunk's own square (``is_causal``). The two partial outputs merge by their
+   log-sum-exps. In backward, calling the kernel's backward on each part with the *merged* output and
+   log-sum-exp yields exactly that part's share of dQ and its dK, dV (FlashAttention's backward needs only
+   P = exp(S - LSE) and rowsum(dO * O), both global quantities).
+
+Covers causal attention with ALiBi (or none), MHA/MQA/GQA and KV-cache offsets. Padding masks and packed
+``sequence_id`` need a mask: :mod:`mptkit.model.attention` routes those elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 256
+
+
+def _ops():
+    try:
+        return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def available(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16) and _ops() is not None
+
+
+def _augment(q, k, v, slopes, scale, n_rep):
+    """q' = [q, slope/scale], k' = [k, pos], v' = [v, 0]; kv heads repeated for the kernel."""
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    qa = q.new_empty((b, h, tq, d + 1))
+    qa[..., :d] = q
+    if slopes is not None:
+        qa[..., d] = (slopes.to(torch.float32) / scale).to(q.dtype).view(1, h, 1)
+    else:
+        qa[..., d] = 0
+    ka = k.new_empty((b, hkv, tk, d + 1))
+    ka[..., :d] = k
+    ka[..., d] = 0  # filled per query chunk with (j - c)
+    va = F.pad(v, (0, 1))
+    if n_rep > 1:
+        ka = ka[:, :, None].expand(b, hkv, n_rep, tk, d + 1).contiguous().view(b, h, tk, d + 1)
+        va = va[:, :, None].expand(b, hkv, n_rep, tk, d + 1).contiguous().view(b, h, tk, d + 1)
+    return qa, ka, va
+
+
+def _plan(tq, tk, chunk):
+    off = tk - tq
+    for q0 in range(0, tq, chunk):
+        q1 = min(tq, q0 + chunk)
+        yield q0, q1, off + q0, off + q1  # query rows, absolute positions [a0, a1) of the chunk
+
+
+class _SdpaAlibi(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, scale, chunk):
+        fwd, _ = _ops()
+        b, h, tq, d = q.shape
+        tk = k.shape[2]
+        n_rep = h // k.shape[1]
+        qa, ka, va = _augment(q, k, v, slopes, scale, n_rep)
+        pos = torch.arange(tk, device=q.device, dtype=torch.float32)
+        out = q.new_empty((b, h, tq, d + 1))
+        lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
+        for q0, q1, a0, a1 in _plan(tq, tk, chunk):
+            c = float(a0 + (a1 - a0) // 2)
+            ka[..., :a1, d] = (pos[:a1] - c).to(ka.dtype)
+            qc = qa[:, :, q0:q1]
+            o2, l2 = fwd(qc, ka[:, :, a0:a1], va[:, :, a0:a1], 0.0, True, scale=scale)
+            if a0 > 0:
+                o1, l1 = fwd(qc, ka[:, :, :a0], va[:, :, :a0], 0.0, False, scale=scale)
+                l1 = l1.float()
+                l2 = l2.float()
+                lm = torch.logaddexp(l1, l2)
+                out[:, :, q0:q1] = o1 * torch.exp(l1 - lm).unsqueeze(-1).to(o1.dtype) + \
+                    o2 * torch.exp(l2 - lm).unsqueeze(-1).to(o2.dtype)
+                lse[:, :, q0:q1] = lm
+            else:
+                out[:, :, q0:q1] = o2
+                lse[:, :, q0:q1] = l2
+        ctx.save_for_backward(q, k, v, slopes, out, lse)
+        ctx.scale = scale
+        ctx.chunk = chunk
+        return out[..., :d]
+
+    @staticmethod
+    def backward(ctx, dout):
+        _, bwd = _ops()
+        q, k, v, slopes, out, lse = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        b, h, tq, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        n_rep = h // hkv
+        qa, ka, va = _augment(q, k, v, slopes, scale, n_rep)
+        doa = F.pad(dout, (0, 1))
+        pos = torch.arange(tk, device=q.device, dtype=torch.float32)
+        dq = torch.zeros((b, h, tq, d), dtype=torch.float32, device=q.device)
+        dk = torch.zeros((b, h, tk, d), dtype=torch.float32, device=q.device)
+        dv = torch.zeros((b, h, tk, d), dtype=torch.float32, device=q.device)
+        lse_dt = lse
+        for q0, q1, a0, a1 in _plan(tq, tk, chunk):
+            c = float(a0 + (a1 - a0) // 2)
+            ka[..., :a1, d] = (pos[:a1] - c).to(ka.dtype)
+            qc = qa[:, :, q0:q1]
+            oc = out[:, :, q0:q1]
+            lc = lse_dt[:, :, q0:q1]
+            gc = doa[:, :, q0:q1]
+            gq, gk, gv = bwd(gc, qc, ka[:, :, a0:a1], va[:, :, a0:a1], oc, lc, 0.0, True, scale=scale)
+            dq[:, :, q0:q1] += gq[..., :d]
+            dk[:, :, a0:a1] += gk[..., :d]
+            dv[:, :, a0:a1] += gv[..., :d]
+            if a0 > 0:
+                gq, gk, gv = bwd(gc, qc, ka[:, :, :a0], va[:, :, :a0], oc, lc, 0.0, False, scale=scale)
+                dq[:, :, q0:q1] += gq[..., :d]
+                dk[:, :, :a0] += gk[..., :d]
+                dv[:, :, :a0] += gv[..., :d]
+        if n_rep > 1:
+            dk = dk.view(b, hkv, n_rep, tk, d).sum(2)
+            dv = dv.view(b, hkv, n_rep, tk, d).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def sdpa_alibi_attention(q, k, v, *, slopes, softmax_scale, chunk: int = CHUNK):
+    """Causal (bottom-right aligned) ALiBi attention on the CPU flash kernel; returns (B, Tq, H, D)."""
+    out = _SdpaAlibi.apply(q.contiguous(), k.contiguous(), v.contiguous(), slopes, float(softmax_scale), int(chunk))
+    return out.transpose(1, 2)
