@@ -227,3 +227,27 @@ def test_dataloader_workers_do_not_copy_memmaps(prepared):
     s.set_epoch(0)
     b = [b["input_ids"] for b in torch.utils.data.DataLoader(ds, batch_size=8, sampler=s, num_workers=0)]
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_large_corpus_order_is_a_seeded_bijection(n, monkeypatch):
+    """Above PERMUTATION_LIMIT the order is a Feistel permutation computed per position: a bijection of
+    [0, n) (every sample exactly once), fixed by (seed, epoch), different across epochs; ranks, padding and
+    resumption work the same as with the array permutation."""
+    monkeypatch.setattr(ResumableSampler, "PERMUTATION_LIMIT", 0)
+    s = ResumableSampler(n, seed=5)
+    o0, o1 = s.order(0), s.order(1)
+    assert sorted(o0.tolist()) == list(range(n)) and sorted(o1.tolist()) == list(range(n))
+    assert o0.tolist() == ResumableSampler(n, seed=5).order(0).tolist()
+    if n >= 64:
+        assert o0.tolist() != o1.tolist() and o0.tolist() != ResumableSampler(n, seed=6).order(0).tolist()
+        assert o0.tolist() != list(range(n))
+    world = 3 if n >= 3 else 1
+    per_rank = [list(ResumableSampler(n, seed=5, rank=r, world_size=world, drop_last=False)) for r in range(world)]
+    flat = [i for p in per_rank for i in p]
+    assert set(flat) == set(range(n)) and len(flat) == -(-n // world) * world
+    it = iter(s)
+    head = [next(it) for _ in range(n // 2)]
+    s2 = ResumableSampler(n, seed=5)
+    s2.load_state_dict(s.state_dict())
+    assert head + list(s2) == o0.tolist()

@@ -144,11 +144,42 @@ class TokenDataset(torch.utils.data.Dataset):
         check_compatible(self.manifest, where=str(self.folder), **kw)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _feistel_permute(q: np.ndarray, n: int, seed: int, epoch: int, rounds: int = 6) -> np.ndarray:
+    """A seeded pseudo-random bijection of ``[0, n)`` evaluated at ``q``, in O(len(q)) memory: a balanced
+    Feistel network on ``2*h`` bits (``4**h >= n``) with splitmix64 round functions, and cycle walking
+    (re-apply until the value falls below ``n``; a bijection of the larger domain restricted this way is a
+    bijection of ``[0, n)``)."""
+    h = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    keys = np.random.SeedSequence([int(seed), int(epoch), 0x5EED]).generate_state(rounds, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        def enc(x: np.ndarray) -> np.ndarray:
+            left, right = x >> np.uint64(h), x & mask
+            for k in keys:
+                left, right = right, left ^ (_mix64(right ^ k) & mask)
+            return (left << np.uint64(h)) | right
+
+        x = enc(q.astype(np.uint64))
+        bad = x >= np.uint64(n)
+        while bad.any():
+            x[bad] = enc(x[bad])
+            bad = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
 class ResumableSampler(torch.utils.data.Sampler):
     """Deterministic, rank-sharded, exactly resumable sampler over ``num_samples`` indices.
 
     Each epoch has one global order: ``numpy.random.default_rng([seed, epoch]).permutation(num_samples)``
-    (or ``0..n-1`` without shuffle). Rank ``r`` of ``world_size`` W takes positions ``r, r+W, ...``:
+    (or ``0..n-1`` without shuffle); above ``PERMUTATION_LIMIT`` (16M) samples, a seeded Feistel-network
+    permutation computed per position, so a trillion-token corpus needs no multi-GB index array. Rank ``r`` of ``world_size`` W takes positions ``r, r+W, ...``:
     no overlap, every sample once per epoch. With ``drop_last`` the last ``n % W`` positions are skipped
     (every rank gets the same count); without it the order is padded by repeating its start.
 
@@ -185,12 +216,27 @@ class ResumableSampler(torch.utils.data.Sampler):
         n, w = self.num_samples, self.world_size
         return (n // w) * w if self.drop_last else -(-n // w) * w
 
+    # above this many samples the order is computed per position (no O(n) permutation array)
+    PERMUTATION_LIMIT = 1 << 24
+
+    def at(self, positions, epoch: int | None = None) -> np.ndarray:
+        """Sample indices at global ``positions`` of an epoch's order (positions >= num_samples wrap around,
+        the padding of ``drop_last=False``)."""
+        e = self.epoch if epoch is None else int(epoch)
+        q = np.asarray(positions, dtype=np.int64) % self.num_samples
+        if not self.shuffle:
+            return q
+        if self.num_samples <= self.PERMUTATION_LIMIT:
+            key = (e, "perm")
+            if getattr(self, "_cache_key", None) != key:
+                self._cache = np.random.default_rng([self.seed, e]).permutation(self.num_samples)
+                self._cache_key = key
+            return self._cache[q]
+        return _feistel_permute(q, self.num_samples, self.seed, e)
+
     def order(self, epoch: int | None = None) -> np.ndarray:
         """The global order of an epoch (all ranks), length ``num_samples``."""
-        e = self.epoch if epoch is None else int(epoch)
-        if self.shuffle:
-            return np.random.default_rng([self.seed, e]).permutation(self.num_samples)
-        return np.arange(self.num_samples)
+        return self.at(np.arange(self.num_samples), epoch)
 
     def __len__(self) -> int:
         return self._total() // self.world_size
@@ -201,16 +247,15 @@ class ResumableSampler(torch.utils.data.Sampler):
         return len(range(pos + self.rank, self._total(), self.world_size))
 
     def __iter__(self):
-        order = self.order()
         total = self._total()
-        if total > len(order):
-            order = np.resize(order, total)
         start = self._pos
         self._yielded = 0
         epoch = self.epoch
-        for p in range(start + self.rank, total, self.world_size):
-            self._yielded += 1
-            yield int(order[p])
+        block = 8192 * self.world_size
+        for b in range(start + self.rank, total, block):
+            for i in self.at(np.arange(b, min(b + block, total), self.world_size), epoch).tolist():
+                self._yielded += 1
+                yield i
         if self.epoch == epoch and self._pos == start:  # exhausted: next iteration is the next epoch
             self.epoch, self._pos, self._yielded = epoch + 1, 0, 0
 
