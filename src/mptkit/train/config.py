@@ -282,6 +282,8 @@ class RunConfig:
     export_folder: str | None = None  # write the final model as an HF folder here
     sample_prompt: str | None = None  # generate a sample from this prompt at the end
     sample_max_new_tokens: int = 64
+    sample_temperature: float = 0.0  # 0 = greedy
+    sample_top_k: int | None = None
     activation_checkpointing: bool = False
     dist_timeout: float = 600.0
     variables: dict = field(default_factory=dict)
@@ -396,6 +398,9 @@ class RunConfig:
         if self.peak_tflops is not None:
             _need_num("peak_tflops", self.peak_tflops, positive=True)
         _need_int("sample_max_new_tokens", self.sample_max_new_tokens, 0)
+        _need_num("sample_temperature", self.sample_temperature)
+        if self.sample_top_k is not None:
+            _need_int("sample_top_k", self.sample_top_k, 1)
         if self.run_name is not None and (not isinstance(self.run_name, str) or "/" in self.run_name
                                           or not self.run_name.strip()):
             raise ConfigError(f"run_name: expected a plain name (no '/'), got {self.run_name!r}")

@@ -688,7 +688,9 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         try:
-            text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+            kw = {"top_k": self.cfg.sample_top_k} if self.cfg.sample_top_k else {}
+            text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                 temperature=float(self.cfg.sample_temperature), seed=self.cfg.seed, **kw)
         finally:
             self.model.train(was)
         return prompt + text
