@@ -53,6 +53,8 @@ def flex_attention_alibi(
             "attn_impl 'flex' has no backward pass on CPU in this torch: train with attn_impl 'auto', 'sdpa' or "
             "'blockwise' (flex is for CPU inference and for CUDA)"
         )
+    if q.device.type == "cpu":  # no grad wanted here (checked above); flex refuses inputs that require it
+        q, k, v = q.detach(), k.detach(), v.detach()
     compiled = compile_enabled()
     flex, create_block_mask = _flex_fn(compiled)
     b, h, tq, d = q.shape
@@ -76,12 +78,16 @@ def flex_attention_alibi(
         sid[:, :tk] = sequence_id
         # padded queries (positions >= tk) need an id too: give them their own (-1)
 
+    # Lengths enter as tensors, not Python ints, so that a new length in the same bucket reuses the kernel.
+    off_t = torch.tensor(off, device=dev)
+    tk_t = torch.tensor(tk, device=dev)
+
     def score_mod(score, bi, hi, qi, ki):
-        return score + sl[hi] * (ki - qi - off).to(torch.float32)
+        return score + sl[hi] * (ki - qi - off_t).to(torch.float32)
 
     def mask_mod(bi, hi, qi, ki):
-        p = qi + off
-        ok = (ki <= p) & (ki < tk)
+        p = qi + off_t
+        ok = (ki <= p) & (ki < tk_t)
         if kpm is not None:
             ok = ok & (kpm[bi, ki] | (ki == p))
         if sid is not None:
