@@ -147,6 +147,10 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
                     dirnames[:] = []
                     log.info("skipping %s: an mptkit prepared dataset, not corpus text", dirpath)
                     continue
+                if Path(dirpath) != p and _is_hf_datasets_dir(Path(dirpath)):  # a nested save_to_disk folder
+                    dirnames[:] = []
+                    found.extend(_hf_dataset_arrow_files(Path(dirpath), hf_split))
+                    continue
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SITE_DIRS)
                 for fn in filenames:
                     f = Path(dirpath) / fn
