@@ -74,69 +74,79 @@ class _SdpaAlibi(torch.autograd.Function):
         b, h, tq, d = q.shape
         tk = k.shape[2]
         n_rep = h // k.shape[1]
-        qa, ka, va = _augment(q, k, v, slopes, scale, n_rep)
+        qa, ka, va = _augment(q, k, v, slopes, scale, n_rep)  # reads strided q/k/v: the only copy
         pos = torch.arange(tk, device=q.device, dtype=torch.float32)
-        out = q.new_empty((b, h, tq, d + 1))
-        lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
-        for q0, q1, a0, a1 in _plan(tq, tk, chunk):
-            c = float(a0 + (a1 - a0) // 2)
-            ka[..., :a1, d] = (pos[:a1] - c).to(ka.dtype)
-            qc = qa[:, :, q0:q1]
-            o2, l2 = fwd(qc, ka[:, :, a0:a1], va[:, :, a0:a1], 0.0, True, scale=scale)
-            if a0 > 0:
-                o1, l1 = fwd(qc, ka[:, :, :a0], va[:, :, :a0], 0.0, False, scale=scale)
-                l1 = l1.float()
-                l2 = l2.float()
-                lm = torch.logaddexp(l1, l2)
-                out[:, :, q0:q1] = o1 * torch.exp(l1 - lm).unsqueeze(-1).to(o1.dtype) + \
-                    o2 * torch.exp(l2 - lm).unsqueeze(-1).to(o2.dtype)
-                lse[:, :, q0:q1] = lm
-            else:
-                out[:, :, q0:q1] = o2
-                lse[:, :, q0:q1] = l2
-        ctx.save_for_backward(q, k, v, slopes, out, lse)
+        plan = list(_plan(tq, tk, chunk))
+        if len(plan) == 1 and plan[0][2] == 0:  # one chunk, no keys before it: no merge, no extra buffers
+            c = float(tk // 2)
+            ka[..., d] = (pos - c).to(ka.dtype)
+            out, lse = fwd(qa, ka, va, 0.0, True, scale=scale)
+        else:
+            out = q.new_empty((b, h, tq, d + 1))
+            lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
+            for q0, q1, a0, a1 in plan:
+                c = float(a0 + (a1 - a0) // 2)
+                ka[..., :a1, d] = (pos[:a1] - c).to(ka.dtype)
+                qc = qa[:, :, q0:q1]
+                o2, l2 = fwd(qc, ka[:, :, a0:a1], va[:, :, a0:a1], 0.0, True, scale=scale)
+                if a0 > 0:
+                    o1, l1 = fwd(qc, ka[:, :, :a0], va[:, :, :a0], 0.0, False, scale=scale)
+                    l1 = l1.float()
+                    l2 = l2.float()
+                    lm = torch.logaddexp(l1, l2)
+                    out[:, :, q0:q1] = o1 * torch.exp(l1 - lm).unsqueeze(-1).to(o1.dtype) + \
+                        o2 * torch.exp(l2 - lm).unsqueeze(-1).to(o2.dtype)
+                    lse[:, :, q0:q1] = lm
+                else:
+                    out[:, :, q0:q1] = o2
+                    lse[:, :, q0:q1] = l2
+        ctx.save_for_backward(qa, ka, va, out, lse)
         ctx.scale = scale
         ctx.chunk = chunk
+        ctx.shape = (b, h, tq, d, k.shape[1], tk, q.dtype, k.dtype, v.dtype)
         return out[..., :d]
 
     @staticmethod
     def backward(ctx, dout):
         _, bwd = _ops()
-        q, k, v, slopes, out, lse = ctx.saved_tensors
+        qa, ka, va, out, lse = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
-        b, h, tq, d = q.shape
-        hkv, tk = k.shape[1], k.shape[2]
+        b, h, tq, d, hkv, tk, qdt, kdt, vdt = ctx.shape
         n_rep = h // hkv
-        qa, ka, va = _augment(q, k, v, slopes, scale, n_rep)
         doa = F.pad(dout, (0, 1))
-        pos = torch.arange(tk, device=q.device, dtype=torch.float32)
-        dq = torch.zeros((b, h, tq, d), dtype=torch.float32, device=q.device)
-        dk = torch.zeros((b, h, tk, d), dtype=torch.float32, device=q.device)
-        dv = torch.zeros((b, h, tk, d), dtype=torch.float32, device=q.device)
-        lse_dt = lse
-        for q0, q1, a0, a1 in _plan(tq, tk, chunk):
-            c = float(a0 + (a1 - a0) // 2)
-            ka[..., :a1, d] = (pos[:a1] - c).to(ka.dtype)
-            qc = qa[:, :, q0:q1]
-            oc = out[:, :, q0:q1]
-            lc = lse_dt[:, :, q0:q1]
-            gc = doa[:, :, q0:q1]
-            gq, gk, gv = bwd(gc, qc, ka[:, :, a0:a1], va[:, :, a0:a1], oc, lc, 0.0, True, scale=scale)
-            dq[:, :, q0:q1] += gq[..., :d]
-            dk[:, :, a0:a1] += gk[..., :d]
-            dv[:, :, a0:a1] += gv[..., :d]
-            if a0 > 0:
-                gq, gk, gv = bwd(gc, qc, ka[:, :, :a0], va[:, :, :a0], oc, lc, 0.0, False, scale=scale)
+        pos = torch.arange(tk, device=qa.device, dtype=torch.float32)
+        plan = list(_plan(tq, tk, chunk))
+        if len(plan) == 1 and plan[0][2] == 0:
+            ka[..., d] = (pos - float(tk // 2)).to(ka.dtype)
+            gq, gk, gv = bwd(doa, qa, ka, va, out, lse, 0.0, True, scale=scale)
+            dq, dk, dv = gq[..., :d], gk[..., :d], gv[..., :d]
+        else:
+            dq = torch.zeros((b, h, tq, d), dtype=torch.float32, device=qa.device)
+            dk = torch.zeros((b, h, tk, d), dtype=torch.float32, device=qa.device)
+            dv = torch.zeros((b, h, tk, d), dtype=torch.float32, device=qa.device)
+            for q0, q1, a0, a1 in plan:
+                c = float(a0 + (a1 - a0) // 2)
+                ka[..., :a1, d] = (pos[:a1] - c).to(ka.dtype)
+                qc = qa[:, :, q0:q1]
+                oc = out[:, :, q0:q1]
+                lc = lse[:, :, q0:q1]
+                gc = doa[:, :, q0:q1]
+                gq, gk, gv = bwd(gc, qc, ka[:, :, a0:a1], va[:, :, a0:a1], oc, lc, 0.0, True, scale=scale)
                 dq[:, :, q0:q1] += gq[..., :d]
-                dk[:, :, :a0] += gk[..., :d]
-                dv[:, :, :a0] += gv[..., :d]
+                dk[:, :, a0:a1] += gk[..., :d]
+                dv[:, :, a0:a1] += gv[..., :d]
+                if a0 > 0:
+                    gq, gk, gv = bwd(gc, qc, ka[:, :, :a0], va[:, :, :a0], oc, lc, 0.0, False, scale=scale)
+                    dq[:, :, q0:q1] += gq[..., :d]
+                    dk[:, :, :a0] += gk[..., :d]
+                    dv[:, :, :a0] += gv[..., :d]
         if n_rep > 1:
-            dk = dk.view(b, hkv, n_rep, tk, d).sum(2)
-            dv = dv.view(b, hkv, n_rep, tk, d).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+            dk = dk.reshape(b, hkv, n_rep, tk, d).sum(2)
+            dv = dv.reshape(b, hkv, n_rep, tk, d).sum(2)
+        return dq.to(qdt), dk.to(kdt), dv.to(vdt), None, None, None
 
 
 def sdpa_alibi_attention(q, k, v, *, slopes, softmax_scale, chunk: int = CHUNK):
     """Causal (bottom-right aligned) ALiBi attention on the CPU flash kernel; returns (B, Tq, H, D)."""
-    out = _SdpaAlibi.apply(q.contiguous(), k.contiguous(), v.contiguous(), slopes, float(softmax_scale), int(chunk))
+    out = _SdpaAlibi.apply(q, k, v, slopes, float(softmax_scale), int(chunk))
     return out.transpose(1, 2)
