@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MB in fp32)
+DEFAULT_CHUNK_ELEMS = 1 << 25  # logits per chunk (128 MB in fp32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -24,7 +24,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid_all.sum()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if want_h else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        dw = None  # fp32 (V, d), allocated by the first chunk's matmul
         for s in range(0, n, chunk):
             hc = h[s : s + chunk]
             lc = labels[s : s + chunk]
@@ -47,10 +47,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_h:
                     dh[s : s + chunk] = torch.matmul(g, w).to(h.dtype)
                 if want_w:
-                    dw += torch.matmul(g.t(), hc.to(g.dtype)).float()
+                    if dw is None:
+                        dw = torch.matmul(g.t(), hc.to(g.dtype)).float()
+                    elif g.dtype == torch.float32 and hc.dtype == torch.float32:
+                        dw.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
+                    else:
+                        dw += torch.matmul(g.t(), hc.to(g.dtype)).float()
                 del g
             del logits
         denom = count.clamp(min=1).to(torch.float32)
+        if want_w and dw is None:  # no rows
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         ctx.save_for_backward(dh if want_h else None, dw if want_w else None, denom)
         ctx.w_dtype = w.dtype
         return total / denom
