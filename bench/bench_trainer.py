@@ -4,8 +4,10 @@ One process. Both sides get an identical copy of the model (same init), the same
 (DecoupledAdamW, fp32), the same batch shape and microbatching; the bare loop is just
 ``loss = model(x, labels=x, return_logits=False).loss; loss.backward(); opt.step(); opt.zero_grad()``.
 The trainer runs its full loop (data stream, lr schedule, target counting, grad-norm, loss-spike monitor,
-metrics.jsonl, progress bar off) with no eval and no checkpoints. Rounds alternate (bare, trainer, bare,
-trainer, ...) so a noisy shared machine disturbs both alike; the median step time of each side is compared.
+metrics.jsonl, progress bar off) with no eval and no checkpoints; its per-iteration time is the gap between
+consecutive metrics.jsonl records. Rounds alternate (bare, trainer, bare, trainer, ...) so a noisy shared
+machine disturbs both alike; the median step time of each side is compared (the first step of every round
+is dropped on both sides).
 
     flock /tmp/mptkit-bench.lock python bench/bench_trainer.py
     flock /tmp/mptkit-bench.lock python bench/bench_trainer.py --d-model 512 --n-layers 8 --seq 512 --batch 8
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import statistics
 import sys
@@ -30,12 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--microbatch", type=int, default=None, help="default: the whole batch")
-    p.add_argument("--steps", type=int, default=8, help="steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="steps per round")
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -77,11 +80,11 @@ def main(argv=None) -> int:
                 loss.backward()
             bare_opt.step()
             bare_opt.zero_grad(set_to_none=True)
-            float(loss)
+            float(loss.detach())
             if args.device == "cuda":
                 torch.cuda.synchronize()
             out.append(time.perf_counter() - t0)
-        return out
+        return out[1:]  # like the trainer side: the first step of a round has no predecessor
 
     # trainer
     tmp = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
@@ -102,10 +105,12 @@ def main(argv=None) -> int:
         t.setup()
         t.step = done[0] - steps  # continue where the previous round stopped (same data, fresh optimizer state)
         t.stream.load_state_dict({"epoch": 0, "offset": t.step * args.batch})
-        t0 = time.perf_counter()
         t.fit()
-        wall = time.perf_counter() - t0
-        return [wall / steps] * steps
+        # per-iteration time of the trainer's loop = gaps between consecutive step records' wall-clock stamps
+        # (everything in the loop: data, step, metrics, logging; not the run's one-off start and end work)
+        recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        stamps = [r["time"] for r in recs if "train_loss" in r]
+        return [b - a for a, b in zip(stamps, stamps[1:])]
 
     bare_round(1)  # warm-up both
     trainer_round(1)

@@ -587,7 +587,7 @@ class Trainer:
                            "grad_norm": gnorm, "tokens": self.tokens, "samples": self.samples,
                            "step_s": dt, "tokens_per_s": tput.tokens_per_s,
                            "mfu": flops_per_batch / tput.step_s / (peak * self.dist.world_size) if tput.step_s else 0.0,
-                           "microbatch": self.microbatch, **memory_stats(self.device)}
+                           "microbatch": self.microbatch, "time": time.time(), **memory_stats(self.device)}
                     writer.write(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tput.tokens_per_s:,.0f}",
