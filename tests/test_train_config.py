@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from mptkit.errors import ConfigError
-from mptkit.train.config import apply_overrides, config_from_dict, interpolate, load_run_config, parse_duration
+from mptkit.train.config import (
+    apply_overrides,
+    config_from_dict,
+    interpolate,
+    load_run_config,
+    parse_duration,
+)
 
 
 def test_durations_parse_units_and_multipliers():

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from mptkit.train.optim import DecoupledAdamW, DecoupledLionW, build_optimizer, param_groups
-from mptkit.train.schedule import Schedule, build_schedule
 from mptkit.train.config import Duration
+from mptkit.train.optim import DecoupledAdamW, DecoupledLionW, build_optimizer, param_groups
+from mptkit.train.schedule import build_schedule
 
 
 def _to_b(d: Duration) -> int:
@@ -108,7 +108,6 @@ def test_decoupled_adamw_matches_reference():
 def test_weight_decay_only_on_matrices():
     """Parameter groups: >=2-D weights decayed, norm weights not; the tied embedding appears once."""
     from mptkit.model import MPTForCausalLM
-
     from tests.conftest import tiny_cfg
 
     model = MPTForCausalLM(tiny_cfg())

@@ -86,7 +86,7 @@ def _lookup(root: dict, dotted: str, where: str) -> Any:
         import sysconfig
 
         return str(Path(sysconfig.get_paths()["stdlib"]).resolve())
-    if dotted.startswith("oc.env:") or dotted.startswith("env:"):
+    if dotted.startswith(("oc.env:", "env:")):
         name, _, default = dotted.split(":", 1)[1].partition(",")
         val = os.environ.get(name.strip())
         if val is None:
@@ -173,7 +173,7 @@ def _loader():
                     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                     |\.[0-9_]+(?:[eE][-+][0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
+                    |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
         list("-+0123456789."))
     return Loader
 
@@ -181,7 +181,7 @@ def _loader():
 def yaml_load(text: str):
     import yaml
 
-    return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_loader())
 
 
 # ----------------------------------------------------------------------------------- overrides
@@ -301,7 +301,7 @@ class RunConfig:
         return out
 
     # ------------------------------------------------------------------------------ validation
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         self._max_duration = parse_duration(self.max_duration, "max_duration", allow_zero=False)
         parse_duration(self.eval_interval, "eval_interval", int_unit="ep")
         parse_duration(self.save_interval, "save_interval", int_unit="ep")
@@ -468,9 +468,9 @@ def config_from_dict(raw: dict, *, where: str = "recipe") -> RunConfig:
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.optimizer is not None and isinstance(cfg.optimizer, dict):
-        cfg.optimizer = {**{"name": "decoupled_adamw"}, **cfg.optimizer}
+        cfg.optimizer = {"name": "decoupled_adamw", **cfg.optimizer}
     if cfg.scheduler is not None and isinstance(cfg.scheduler, dict):
-        cfg.scheduler = {**{"name": "cosine_with_warmup"}, **cfg.scheduler}
+        cfg.scheduler = {"name": "cosine_with_warmup", **cfg.scheduler}
     return cfg.validate()
 
 

@@ -11,7 +11,8 @@ checkpoint stores to resume at exactly the next sample.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -30,7 +30,7 @@ class DecoupledAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         if lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {lr}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         for g in self.param_groups:
             g.setdefault("initial_lr", g["lr"])
 
@@ -70,7 +70,7 @@ class DecoupledLionW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
         if lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {lr}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
         for g in self.param_groups:
             g.setdefault("initial_lr", g["lr"])
 

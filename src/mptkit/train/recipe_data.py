@@ -222,7 +222,7 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
     else:
         raise ConfigError("model: expected a recipe name, a model folder, or a mapping of MPT config keys")
     if pretrained is not None:
-        model = MPTForCausalLM.from_pretrained(pretrained, device=device, **({} if not overrides else {}))
+        model = MPTForCausalLM.from_pretrained(pretrained, device=device)
         if overrides:
             model.config = model.config.replace(**overrides)
         model.train()

@@ -85,4 +85,4 @@ def build_schedule(spec: dict, *, max_steps: int, to_batches) -> Schedule:
     return s
 
 
-__all__ = ["Schedule", "build_schedule", "Duration"]
+__all__ = ["Duration", "Schedule", "build_schedule"]

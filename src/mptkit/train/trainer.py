@@ -23,8 +23,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,7 +157,7 @@ class Trainer:
         self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------------------ set-up
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         """Build and validate everything; raises a clear error before any training step."""
         if self._setup_done:
             return self
@@ -431,7 +432,7 @@ class Trainer:
         while True:
             try:
                 return self._train_step_once(batch, self.microbatch)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if not _is_oom(e):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
