@@ -188,6 +188,11 @@ class Trainer:
                 cfg, self.dist, tokenizer=self.tokenizer)
         else:
             self.data_info = {}
+            if self.tokenizer is None and cfg.tokenizer is not None:  # own data, the recipe's tokenizer
+                from mptkit.data.tokenizer import load_tokenizer
+                from mptkit.train.recipe_data import tokenizer_path
+
+                self.tokenizer = load_tokenizer(tokenizer_path(cfg))
         seq_len = self._sample_len(self.train_dataset)
         self.seq_len = seq_len
         # model
