@@ -25,6 +25,7 @@ import time
 def run_case(who: str, mode: str, t: int, impl: str, vocab: int, threads: int) -> dict:
     import torch
 
+    torch.set_flush_denormal(True)  # before the thread pool starts (see bench_train_step.py --no-ftz)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = {"d_model": 256, "n_heads": 4, "n_layers": 2, "expansion_ratio": 4, "max_seq_len": 2048,
