@@ -31,18 +31,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             vc = valid_all[s : s + chunk]
             logits = torch.matmul(hc, w.t())
             if scale is not None:
-                logits = logits * scale
+                logits = logits.mul_(scale)
             logits = logits.float()
-            lse = torch.logsumexp(logits, dim=-1)
             idx = lc.clamp(min=0).unsqueeze(1)
             tgt = logits.gather(1, idx).squeeze(1)
+            # One pass of exp over the chunk: softmax in place, log-sum-exp from its normaliser.
+            mx = logits.amax(dim=-1, keepdim=True)
+            g = logits.sub_(mx).exp_()
+            ssum = g.sum(dim=-1, keepdim=True)
+            lse = (mx + torch.log(ssum)).squeeze(1)
             total += ((lse - tgt) * vc).sum()
             if want_h or want_w:
-                g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-                g.scatter_add_(1, idx, -vc.to(g.dtype).unsqueeze(1))
-                g.mul_(vc.to(g.dtype).unsqueeze(1))
+                # d(sum of row losses)/d(pre-scale logits) = (softmax - onehot) * scale on counted rows,
+                # in two passes: g * (f / sum), then -f at the target (f = scale on counted rows, else 0).
+                f = vc.to(g.dtype).unsqueeze(1)
                 if scale is not None:
-                    g.mul_(scale)
+                    f = f * scale
+                g.mul_(f / ssum)
+                g.scatter_add_(1, idx, -f)
                 g = g.to(w.dtype)
                 if want_h:
                     dh[s : s + chunk] = torch.matmul(g, w).to(h.dtype)
