@@ -166,7 +166,8 @@ class KVCache:
         lens = self.lengths[:n]
         act = active if active is not None else [True] * n
         top = max(ln for ln, a in zip(lens, act) if a) if any(act) else 0
-        self.ensure_capacity(top + 1)
+        # idle slots get a dummy write at their own length: room for every slot's next position
+        self.ensure_capacity(max(lens) + 1)
         self._mode = "decode"
         self._n = n
         self._active = act

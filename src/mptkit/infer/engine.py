@@ -1,0 +1,294 @@
+"""The continuous-batching engine: one thread owns the model and a multi-slot KV cache.
+
+Requests wait in a queue; between decode steps the engine admits waiting sequences into free cache slots,
+runs at most one prefill chunk (so a long prompt does not stall the running batch), then one decode step
+for every running sequence together. A sequence that finishes, or whose request is cancelled (a client
+that went away), leaves its slot at once and the slot is reused by the next waiting sequence.
+
+Events are delivered through a per-request callback, called on the engine thread; the server wraps it to
+hand events to its asyncio loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mptkit.errors import InferenceError
+from mptkit.infer.generate import Generator, Sequence, TokenLogprob
+from mptkit.infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(InferenceError):
+    """The queue is full; try again later."""
+
+
+class EngineStopped(InferenceError):
+    """The engine is not running (shutting down or crashed)."""
+
+
+@dataclass
+class Event:
+    choice: int
+    text: str
+    token: int | None
+    logprob: TokenLogprob | None
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Handle:
+    """A submitted request: its sequences (one per choice) and its callback."""
+
+    rid: int
+    seqs: list[Sequence]
+    callback: Callable[[Event], None]
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    done_count: int = 0
+    cancelled: bool = False
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done_count >= len(self.seqs)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seqs[0].prompt_ids) if self.seqs else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.output_ids) for s in self.seqs)
+
+
+@dataclass
+class _Slot:
+    handle: Handle
+    choice: int
+    seq: Sequence
+    fed: int = 0  # prompt tokens already in the cache
+    next_token: int | None = None  # token to feed at the next decode step
+
+    @property
+    def decoding(self) -> bool:
+        return self.next_token is not None and not self.seq.finished
+
+
+class Engine:
+    """Continuous batching over ``max_batch`` cache slots; ``max_queue`` sequences may wait."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        initial_capacity: int = 512,
+    ):
+        self.gen = generator
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.cache = generator.new_cache(slots=max_batch, capacity=min(generator.max_context, initial_capacity))
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: collections.deque[_Slot] = collections.deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        # counters (read by /metrics)
+        self.steps = 0
+        self.tokens_generated = 0
+        self.prompt_tokens = 0
+        self.requests_finished = 0
+        self.requests_cancelled = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mptkit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    # ---------------------------------------------------------------- API (any thread)
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, prompt_ids: list[int], params: list[SamplingParams], callback: Callable[[Event], None]) -> Handle:
+        """Queue a request with one sequence per entry of ``params`` (the ``n`` choices)."""
+        if not self.running:
+            raise EngineStopped("the generation engine is not running" + (f": {self.error}" if self.error else ""))
+        seqs = [self.gen.new_sequence(prompt_ids, p) for p in params]
+        h = Handle(next(self._ids), seqs, callback)
+        with self._cv:
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise EngineOverloaded(
+                    f"server at capacity: {self.num_running} sequences running, {len(self.waiting)} waiting "
+                    f"(queue limit {self.max_queue})"
+                )
+            for i, s in enumerate(seqs):
+                if s.finished:  # max_tokens=0
+                    h.done_count += 1
+                    continue
+                self.waiting.append(_Slot(h, i, s))
+            self._cv.notify_all()
+        if h.finished:
+            for i, s in enumerate(seqs):
+                callback(Event(i, "", None, None, True, s.finish_reason or "length"))
+        return h
+
+    def cancel(self, h: Handle) -> None:
+        """Stop a request: its sequences leave the batch before the next step."""
+        with self._cv:
+            if not h.finished:
+                h.cancelled = True
+                self._cv.notify_all()
+
+    # ---------------------------------------------------------------- the loop (engine thread)
+    def _free(self, i: int) -> None:
+        self.slots[i] = None
+        self.cache.reset_slot(i)
+
+    def _finish_seq(self, sl: _Slot) -> None:
+        h = sl.handle
+        h.done_count += 1
+        if h.finished:
+            h.finished_at = time.perf_counter()
+            self.requests_finished += 1
+
+    def _emit(self, sl: _Slot, tok: int, delta: str) -> None:
+        h = sl.handle
+        if h.first_token is None:
+            h.first_token = time.perf_counter()
+        self.tokens_generated += 1
+        lp = sl.seq.logprobs[-1] if sl.seq.logprobs else None
+        fin = sl.seq.finished
+        if fin:
+            self._finish_seq(sl)
+        try:
+            h.callback(Event(sl.choice, delta, tok, lp, fin, sl.seq.finish_reason if fin else None))
+        except Exception:  # a broken consumer must not kill the engine
+            log.exception("engine: event callback failed; cancelling request %d", h.rid)
+            h.cancelled = True
+
+    def _sweep(self) -> None:
+        """Free slots of finished or cancelled sequences; drop cancelled waiting ones."""
+        for i, sl in enumerate(self.slots):
+            if sl is None:
+                continue
+            if sl.seq.finished:
+                self._free(i)
+            elif sl.handle.cancelled:
+                self._free(i)
+                self._finish_seq(sl)
+                if sl.handle.finished:
+                    self.requests_cancelled += 1
+        if any(w.handle.cancelled for w in self.waiting):
+            keep = collections.deque()
+            for w in self.waiting:
+                if w.handle.cancelled:
+                    self._finish_seq(w)
+                    if w.handle.finished:
+                        self.requests_cancelled += 1
+                else:
+                    keep.append(w)
+            self.waiting = keep
+
+    def _admit(self) -> None:
+        for i in range(self.max_batch):
+            if not self.waiting:
+                return
+            if self.slots[i] is None:
+                sl = self.waiting.popleft()
+                self.cache.reset_slot(i)
+                self.slots[i] = sl
+                self.prompt_tokens += len(sl.seq.prompt_ids)
+
+    def _prefill_one(self) -> None:
+        """One chunk of prefill for the first slot that needs it."""
+        for i, sl in enumerate(self.slots):
+            if sl is None or sl.next_token is not None:
+                continue
+            ids = sl.seq.prompt_ids
+            chunk = ids[sl.fed : sl.fed + self.prefill_chunk]
+            self.cache.begin_prefill(i, len(chunk))
+            with torch.inference_mode():
+                t = torch.tensor(chunk, dtype=torch.long, device=self.gen.device)[None]
+                logits = self.gen._forward_last(t, self.cache, None)[0]
+            sl.fed += len(chunk)
+            if sl.fed >= len(ids):
+                tok, delta = sl.seq.step(logits)
+                sl.next_token = tok
+                self._emit(sl, tok, delta)
+            return
+
+    def _decode(self) -> None:
+        active = [sl is not None and sl.decoding and not sl.handle.cancelled for sl in self.slots]
+        if not any(active):
+            return
+        hi = max(i for i, a in enumerate(active) if a) + 1
+        tokens = [(sl.next_token if (sl is not None and sl.next_token is not None) else 0) for sl in self.slots[:hi]]
+        logits = self.gen.decode(self.cache, tokens, active[:hi])
+        self.steps += 1
+        for i in range(hi):
+            if not active[i]:
+                continue
+            sl = self.slots[i]
+            tok, delta = sl.seq.step(logits[i])
+            sl.next_token = tok
+            self._emit(sl, tok, delta)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    self._sweep()
+                    while not self._stop and not self.waiting and all(s is None for s in self.slots):
+                        self._cv.wait(timeout=1.0)
+                        self._sweep()
+                    if self._stop:
+                        break
+                    self._admit()
+                self._prefill_one()
+                self._decode()
+        except Exception as e:  # report to every waiting consumer, then stop
+            log.exception("engine crashed")
+            self.error = f"{type(e).__name__}: {e}"
+            self._stop = True
+            for sl in list(self.slots) + list(self.waiting):
+                if sl is not None and not sl.seq.finished:
+                    try:
+                        sl.handle.callback(Event(sl.choice, "", None, None, True, "error", error=self.error))
+                    except Exception:
+                        pass
