@@ -1,0 +1,195 @@
+"""`mptkit generate`, `mptkit chat` and `mptkit serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from mptkit.errors import InferenceError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="HF-layout model folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="longest prompt + reply in tokens (default: max_seq_len; ALiBi models may go past it)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+
+
+def _params(args, **over):
+    from mptkit.infer.sampling import SamplingParams
+
+    kw = dict(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=list(args.stop), ignore_eos=args.ignore_eos,
+    )
+    kw.update(over)
+    return SamplingParams(**kw)
+
+
+def _load(args, *, need_tokenizer: bool = True):
+    import torch
+
+    from mptkit.infer.generate import Generator
+    from mptkit.model import MPTForCausalLM, load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = MPTForCausalLM.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    tok = load_tokenizer(args.model)
+    if tok is None and need_tokenizer:
+        raise InferenceError(f"{args.model}: no tokenizer files (tokenizer.json) next to the weights")
+    return Generator(model, tok, max_context=args.max_context, compile=args.compile)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args) -> int:
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty() and prompt is None:
+            raise InferenceError("give --prompt TEXT, or pipe the prompt on stdin")
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise InferenceError("the prompt is empty")
+    gen = _load(args)
+    params = _params(args)
+    out = sys.stdout
+    if args.echo:
+        out.write(prompt)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for ev in gen.stream([prompt], params):
+        if first is None:
+            first = time.perf_counter() - t0
+        n += 1
+        if ev.text:
+            out.write(ev.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    dt = time.perf_counter() - t0
+    if not args.quiet_stats:
+        rate = (n - 1) / (dt - first) if n > 1 and dt > first else float("nan")
+        print(f"[{n} tokens, first after {first or 0:.3f}s, {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def cmd_chat(args) -> int:
+    from mptkit.infer.chat import ChatSession
+
+    gen = _load(args)
+    system = None if args.no_system else args.system
+    session = ChatSession(gen, system_prompt=system, params=_params(args))
+    print(f"mptkit chat ({args.model}, context {gen.max_context} tokens). /reset clears, /quit or Ctrl-D exits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            session.history.clear()
+            continue
+        sys.stdout.write("assistant> ")
+        try:
+            for delta in session.send(text):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except InferenceError as e:
+            session.history = session.history[:-1]
+            print(f"\n[error: {e}]", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from mptkit.infer.server import ServerLimits, build_server, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", args.host)
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
+                          max_batch=args.max_batch, max_queue=args.max_queue)
+    srv = build_server(args.model, max_context=args.max_context, api_key=args.api_key, limits=limits,
+                       model_name=args.model_name, compile=args.compile,
+                       dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
+    serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    _add_model_args(p)
+    p.add_argument("--prompt", default=None, help="the prompt (default or '-': read stdin)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    p.add_argument("--quiet-stats", action="store_true", help="do not print tokens/s to stderr")
+    _add_sampling_args(p, temperature=0.0, max_new=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal (ChatML, as MPT-7B-Chat)")
+    _add_model_args(p)
+    from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT
+
+    p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt")
+    p.add_argument("--no-system", action="store_true", help="no system message")
+    _add_sampling_args(p, temperature=0.7, max_new=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting before 429")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--quiet-http", action="store_true", help="no per-request access log")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,679 @@
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream over SSE with
+``stream: true``, ending ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
+(Prometheus text) and ``GET /`` (a small web chat page).
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: invalid parameters and
+malformed JSON -> 400 naming the field, unknown model -> 404, bad or missing key -> 401, body too large
+-> 413, over capacity -> 429 with ``Retry-After``, engine down -> 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from mptkit.errors import InferenceError
+from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, IM_END, im_end_token_id, render_chatml
+from mptkit.infer.engine import Engine, EngineOverloaded, EngineStopped, Event
+from mptkit.infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError:  # pragma: no cover - the serve extra is optional
+    FastAPI = None  # type: ignore[assignment]
+    BaseModel = object  # type: ignore[assignment,misc]
+
+    def Field(*a, **k):  # type: ignore[no-redef]
+        return None
+
+    def ConfigDict(**k):  # type: ignore[no-redef]
+        return {}
+
+
+STATIC = Path(__file__).with_name("static")
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+@dataclass
+class ServerLimits:
+    max_body_bytes: int = 1 << 20  # 1 MiB
+    max_tokens: int = 2048  # most new tokens one choice may ask for
+    default_max_tokens: int = 16  # /v1/completions default, as OpenAI
+    default_chat_max_tokens: int = 512
+    max_n: int = 8
+    max_batch: int = 8  # sequences decoded together
+    max_queue: int = 64  # sequences waiting for a slot
+    retry_after_s: int = 1
+
+
+# ----------------------------------------------------------------------------- request schemas
+
+
+class _Base(BaseModel):  # type: ignore[misc,valid-type]
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class _Sampling(_Base):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, type_: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                              413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.headers = headers
+
+    def response(self) -> "JSONResponse":
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Counters and a latency histogram, written as Prometheus text."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.lat_counts = [0] * (len(self.BUCKETS) + 1)
+        self.lat_sum = 0.0
+        self.lat_n = 0
+        self.ttft_sum = 0.0
+        self.ttft_n = 0
+        self.in_flight = 0
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+
+    def latency(self, seconds: float) -> None:
+        self.lat_sum += seconds
+        self.lat_n += 1
+        for i, b in enumerate(self.BUCKETS):
+            if seconds <= b:
+                self.lat_counts[i] += 1
+                return
+        self.lat_counts[-1] += 1
+
+    def render(self, engine: Engine) -> str:
+        lines = [
+            "# HELP mptkit_requests_total HTTP requests by endpoint and status.",
+            "# TYPE mptkit_requests_total counter",
+        ]
+        for (ep, st), n in sorted(self.requests.items()):
+            lines.append(f'mptkit_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
+        lines += [
+            "# HELP mptkit_prompt_tokens_total Prompt tokens processed.",
+            "# TYPE mptkit_prompt_tokens_total counter",
+            f"mptkit_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP mptkit_generation_tokens_total Tokens generated.",
+            "# TYPE mptkit_generation_tokens_total counter",
+            f"mptkit_generation_tokens_total {engine.tokens_generated}",
+            "# HELP mptkit_queue_depth Sequences waiting for a batch slot.",
+            "# TYPE mptkit_queue_depth gauge",
+            f"mptkit_queue_depth {engine.num_waiting}",
+            "# HELP mptkit_running_sequences Sequences in the running batch.",
+            "# TYPE mptkit_running_sequences gauge",
+            f"mptkit_running_sequences {engine.num_running}",
+            "# HELP mptkit_requests_in_flight Generation requests being served.",
+            "# TYPE mptkit_requests_in_flight gauge",
+            f"mptkit_requests_in_flight {self.in_flight}",
+            "# HELP mptkit_decode_steps_total Batched decode steps run.",
+            "# TYPE mptkit_decode_steps_total counter",
+            f"mptkit_decode_steps_total {engine.steps}",
+            "# HELP mptkit_request_latency_seconds Time from arrival to the last token.",
+            "# TYPE mptkit_request_latency_seconds histogram",
+        ]
+        cum = 0
+        for b, c in zip(self.BUCKETS, self.lat_counts):
+            cum += c
+            lines.append(f'mptkit_request_latency_seconds_bucket{{le="{b}"}} {cum}')
+        lines.append(f'mptkit_request_latency_seconds_bucket{{le="+Inf"}} {self.lat_n}')
+        lines.append(f"mptkit_request_latency_seconds_sum {self.lat_sum:.6f}")
+        lines.append(f"mptkit_request_latency_seconds_count {self.lat_n}")
+        lines += [
+            "# HELP mptkit_time_to_first_token_seconds Time from arrival to the first token.",
+            "# TYPE mptkit_time_to_first_token_seconds summary",
+            f"mptkit_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+            f"mptkit_time_to_first_token_seconds_count {self.ttft_n}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- body-size guard
+
+
+class BodyLimit:
+    """ASGI middleware: reject bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
+
+    def __init__(self, app, limit: int, metrics: "Metrics | None" = None):
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.metrics is not None:
+            path, inner_send = scope.get("path", ""), send
+            if path not in KNOWN_PATHS:
+                path = "other"
+
+            async def send(msg, _path=path, _send=inner_send):
+                if msg["type"] == "http.response.start":
+                    self.metrics.request(_path, msg["status"])
+                await _send(msg)
+
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    n = int(v)
+                except ValueError:
+                    n = self.limit + 1
+                if n > self.limit:
+                    return await self._reject(send, n)
+        seen = 0
+
+        async def guarded():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(seen)
+            return msg
+
+        try:
+            await self.app(scope, guarded, send)
+        except _TooLarge as e:
+            await self._reject(send, e.args[0])
+
+    async def _reject(self, send, n):
+        body = json.dumps({"error": {"message": f"request body of {n} bytes exceeds the limit of {self.limit} bytes",
+                                     "type": "invalid_request_error", "param": None, "code": "body_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class Server:
+    """Holds the engine, tokenizer and limits; builds the FastAPI app."""
+
+    def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None,
+                 limits: ServerLimits | None = None):
+        if FastAPI is None:
+            raise InferenceError("serving needs fastapi and uvicorn: pip install 'mptkit[serve]'")
+        self.engine = engine
+        self.gen = engine.gen
+        self.tok = engine.gen.tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.limits = limits or ServerLimits()
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.im_end_id = im_end_token_id(self.tok)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def max_context(self) -> int:
+        return self.gen.max_context
+
+    def check_auth(self, request: "Request") -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def encode(self, prompt: Any, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tok is None:
+                raise APIError(400, "this model has no tokenizer; send token ids", param=param)
+            return list(self.tok.encode(prompt, add_special_tokens=False))
+        ids = list(prompt)
+        v = self.gen.config.vocab_size
+        for i in ids:
+            if not 0 <= i < v:
+                raise APIError(400, f"token id {i} is outside the vocabulary (0..{v - 1})", param=param)
+        return ids
+
+    def sampling(self, req: _Sampling, *, max_tokens: int | None, default_max: int, prompt_len: int,
+                 logprobs: int | None, extra_stop: list[str] = (), extra_stop_ids: list[int] = ()) -> list[SamplingParams]:
+        lim = self.limits
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty (0 tokens)", param="prompt")
+        room = self.max_context - prompt_len
+        if room < 1:
+            raise APIError(400, f"the prompt has {prompt_len} tokens but this model's context is {self.max_context} "
+                                f"tokens; at most {self.max_context - 1} prompt tokens fit", param="prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            mt = min(default_max, room, lim.max_tokens)
+        else:
+            if max_tokens > lim.max_tokens:
+                raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {lim.max_tokens}",
+                               param="max_tokens")
+            if prompt_len + max_tokens > self.max_context:
+                raise APIError(400, f"this model's context is {self.max_context} tokens; you asked for "
+                                    f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
+                               param="max_tokens", code="context_length_exceeded")
+            mt = max_tokens
+        if req.n > lim.max_n:
+            raise APIError(400, f"n={req.n} exceeds this server's limit of {lim.max_n}", param="n")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 + len(extra_stop):
+            raise APIError(400, "at most 4 stop sequences", param="stop")
+        out = []
+        for i in range(req.n):
+            try:
+                out.append(SamplingParams(
+                    max_tokens=mt, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    repetition_penalty=req.repetition_penalty,
+                    seed=None if req.seed is None else req.seed + i,
+                    stop=stop + list(extra_stop), stop_token_ids=list(req.stop_token_ids or []) + list(extra_stop_ids),
+                    ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
+                ))
+            except InferenceError as e:
+                raise APIError(400, str(e)) from None
+        return out
+
+    def token_str(self, t: int) -> str:
+        return self.tok.decode([t]) if self.tok is not None else str(t)
+
+    # ---------------------------------------------------------------- running a request
+    def start(self, prompt_ids: list[int], params: list[SamplingParams]):
+        """Submit to the engine (errors become 429/503/400 before any response starts)."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+
+        def cb(ev: Event) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        try:
+            h = self.engine.submit(prompt_ids, params, cb)
+        except EngineOverloaded as e:
+            raise APIError(429, str(e), code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)})
+        except EngineStopped as e:
+            raise APIError(503, str(e), code="unavailable", headers={"Retry-After": str(self.limits.retry_after_s)})
+        except InferenceError as e:
+            raise APIError(400, str(e), param="prompt")
+        self.metrics.prompt_tokens += len(prompt_ids)
+        self.metrics.in_flight += 1
+        return h, q
+
+    async def events(self, request: "Request", h, q: "asyncio.Queue[Event]"):
+        """Yield the engine's events for ``h`` until every choice is done; cancel it if we stop early."""
+        done = 0
+        t0 = time.perf_counter()
+        first = True
+        try:
+            while done < len(h.seqs):
+                try:
+                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if ev.error:
+                    raise APIError(503, f"generation failed: {ev.error}", headers={"Retry-After": "1"})
+                if first and ev.token is not None:
+                    first = False
+                    self.metrics.ttft_sum += time.perf_counter() - t0
+                    self.metrics.ttft_n += 1
+                if ev.finished:
+                    done += 1
+                yield ev
+            self.metrics.latency(time.perf_counter() - t0)
+            self.metrics.completion_tokens += h.completion_tokens
+        finally:
+            self.metrics.in_flight -= 1
+            if not h.finished:
+                self.engine.cancel(h)  # client went away (or we failed): free the slots now
+
+    # ---------------------------------------------------------------- endpoints
+    async def completions(self, req: CompletionRequest, request: "Request"):
+        self.check_auth(request)
+        self.check_model(req.model)
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, "this server takes one prompt per request (send a string or one token list)",
+                               param="prompt")
+            p = p[0]
+        ids = self.encode(p, "prompt")
+        params = self.sampling(req, max_tokens=req.max_tokens, default_max=self.limits.default_max_tokens,
+                               prompt_len=len(ids), logprobs=req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        echo = (self.tok.decode(ids) if self.tok is not None else "") if req.echo else ""
+        n = len(params)
+
+        def lp_obj(evs: list[Event], offset0: int) -> dict:
+            tokens, lps, tops, offs = [], [], [], []
+            off = offset0
+            for e in evs:
+                if e.logprob is None:
+                    continue
+                s = self.token_str(e.logprob.token)
+                tokens.append(s)
+                lps.append(e.logprob.logprob)
+                tops.append({self.token_str(t): v for t, v in e.logprob.top})
+                offs.append(off)
+                off += len(s)
+            return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+        h, q = self.start(ids, params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse():
+                toks = 0
+                if echo:
+                    for i in range(n):
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                                    "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]})
+                async for ev in self.events(request, h, q):
+                    if ev.token is not None:
+                        toks += 1
+                    if not ev.text and not ev.finished and req.logprobs is None:
+                        continue
+                    ch = {"index": ev.choice, "text": ev.text,
+                          "logprobs": lp_obj([ev], 0) if req.logprobs is not None and ev.logprob else None,
+                          "finish_reason": ev.finish_reason if ev.finished else None}
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                                "choices": [ch]})
+                if include_usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                                "choices": [], "usage": _usage(len(ids), toks)})
+                yield "data: [DONE]\n\n"
+
+            return self._stream(sse())
+        texts = [[] for _ in range(n)]
+        evs: list[list[Event]] = [[] for _ in range(n)]
+        reasons = [None] * n
+        toks = 0
+        async for ev in self.events(request, h, q):
+            texts[ev.choice].append(ev.text)
+            evs[ev.choice].append(ev)
+            toks += ev.token is not None
+            if ev.finished:
+                reasons[ev.choice] = ev.finish_reason
+        choices = [{"index": i, "text": echo + "".join(texts[i]),
+                    "logprobs": lp_obj(evs[i], len(echo)) if req.logprobs is not None else None,
+                    "finish_reason": reasons[i] or "length"} for i in range(n)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": _usage(len(ids), toks)}
+
+    async def chat(self, req: ChatRequest, request: "Request"):
+        self.check_auth(request)
+        self.check_model(req.model)
+        if req.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if req.response_format and req.response_format.get("type") not in (None, "text"):
+            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
+        try:
+            prompt = render_chatml(msgs, default_system=DEFAULT_SYSTEM_PROMPT)
+        except InferenceError as e:
+            raise APIError(400, str(e), param="messages")
+        ids = self.encode(prompt, "messages")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling(req, max_tokens=max_tokens, default_max=self.limits.default_chat_max_tokens,
+                               prompt_len=len(ids), logprobs=k, extra_stop=[IM_END],
+                               extra_stop_ids=[self.im_end_id] if self.im_end_id is not None else [])
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        n = len(params)
+
+        def lp_content(evs: list[Event]) -> list[dict]:
+            out = []
+            for e in evs:
+                if e.logprob is None:
+                    continue
+                s = self.token_str(e.logprob.token)
+                out.append({"token": s, "logprob": e.logprob.logprob, "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": self.token_str(t), "logprob": v,
+                                              "bytes": list(self.token_str(t).encode())} for t, v in e.logprob.top]})
+            return out
+
+        h, q = self.start(ids, params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choices, usage=None):
+                d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                     "choices": choices}
+                if usage is not None:
+                    d["usage"] = usage
+                return _sse(d)
+
+            async def sse():
+                toks = 0
+                for i in range(n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for ev in self.events(request, h, q):
+                    if ev.token is not None:
+                        toks += 1
+                    if not ev.text and not ev.finished and not req.logprobs:
+                        continue
+                    delta = {"content": ev.text} if ev.text else {}
+                    yield chunk([{"index": ev.choice, "delta": delta,
+                                  "logprobs": {"content": lp_content([ev])} if req.logprobs else None,
+                                  "finish_reason": ev.finish_reason if ev.finished else None}])
+                if include_usage:
+                    yield chunk([], _usage(len(ids), toks))
+                yield "data: [DONE]\n\n"
+
+            return self._stream(sse())
+        texts = [[] for _ in range(n)]
+        evs: list[list[Event]] = [[] for _ in range(n)]
+        reasons = [None] * n
+        toks = 0
+        async for ev in self.events(request, h, q):
+            texts[ev.choice].append(ev.text)
+            evs[ev.choice].append(ev)
+            toks += ev.token is not None
+            if ev.finished:
+                reasons[ev.choice] = ev.finish_reason
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                    "logprobs": {"content": lp_content(evs[i])} if req.logprobs else None,
+                    "finish_reason": reasons[i] or "length"} for i in range(n)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": _usage(len(ids), toks)}
+
+    def _stream(self, agen):
+        return StreamingResponse(agen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---------------------------------------------------------------- app
+    def app(self) -> "FastAPI":
+        app = FastAPI(title="mptkit", version="1", docs_url=None, redoc_url=None)
+        srv = self
+
+        @app.exception_handler(APIError)
+        async def _api_error(request, exc: APIError):
+            return exc.response()
+
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(request, exc: RequestValidationError):
+            errs = exc.errors()
+            first = errs[0] if errs else {}
+            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+            if first.get("type") == "json_invalid":
+                return APIError(400, f"malformed JSON body: {first.get('msg', '')}", code="invalid_json").response()
+            param = ".".join(loc) or None
+            msg = f"invalid value for '{param}': {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
+            return APIError(400, msg, param=param).response()
+
+        @app.exception_handler(Exception)
+        async def _unexpected(request, exc: Exception):
+            log.exception("unexpected error")
+            return APIError(500, f"internal error: {type(exc).__name__}").response()
+
+        @app.post("/v1/completions")
+        async def completions(req: CompletionRequest, request: Request):
+            return await srv.completions(req, request)
+
+        @app.post("/v1/chat/completions")
+        async def chat(req: ChatRequest, request: Request):
+            return await srv.chat(req, request)
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            srv.check_auth(request)
+            return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
+                                                "owned_by": "mptkit", "max_model_len": srv.max_context}]}
+
+        @app.get("/v1/models/{name:path}")
+        async def model(name: str, request: Request):
+            srv.check_auth(request)
+            srv.check_model(name)
+            return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "mptkit",
+                    "max_model_len": srv.max_context}
+
+        @app.get("/health")
+        async def health():
+            if not srv.engine.running:
+                return JSONResponse({"status": "unavailable", "error": srv.engine.error}, status_code=503,
+                                    headers={"Retry-After": str(srv.limits.retry_after_s)})
+            return {"status": "ok", "model": srv.model_name, "running": srv.engine.num_running,
+                    "waiting": srv.engine.num_waiting}
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(srv.metrics.render(srv.engine), media_type="text/plain; version=0.0.4")
+
+        @app.get("/", response_class=HTMLResponse)
+        async def index():
+            html = (STATIC / "index.html").read_text(encoding="utf-8")
+            return HTMLResponse(html.replace("{{MODEL}}", srv.model_name).replace(
+                "{{NEEDS_KEY}}", "true" if srv.api_key else "false"))
+
+        return BodyLimit(app, self.limits.max_body_bytes, self.metrics)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(p: int, c: int) -> dict:
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+# ----------------------------------------------------------------------------- building and running
+
+
+def build_server(model_path: str, *, max_context: int | None = None, api_key: str | None = None,
+                 limits: ServerLimits | None = None, model_name: str | None = None, compile: bool = False,
+                 dtype=None, device: str = "cpu"):
+    """Load a model folder and return a started :class:`Server` (call ``.app()`` for the ASGI app)."""
+    import torch
+
+    from mptkit.infer.generate import Generator
+    from mptkit.model import MPTForCausalLM, load_tokenizer
+
+    limits = limits or ServerLimits()
+    model = MPTForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32, device=device)
+    tok = load_tokenizer(model_path)
+    gen = Generator(model, tok, max_context=max_context, compile=compile)
+    engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
+    name = model_name or Path(model_path).resolve().name
+    return Server(engine, model_name=name, api_key=api_key, limits=limits)
+
+
+def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    try:
+        uvicorn.run(server.app(), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        server.engine.stop()
