@@ -1,0 +1,123 @@
+"""The OpenAI-compatible server: the official openai client (plain and streaming) works against it, and bad
+input gets the documented status codes without killing the server. Starts its own 127.0.0.1 server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from mptkit.model import MPTForCausalLM, load_tokenizer
+from tests.conftest import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    uvicorn = pytest.importorskip("uvicorn")
+    from mptkit.infer.server import ServerLimits, build_server
+
+    import inspect, json
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("m")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(inspect.getsource(json).splitlines(), tr)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
+    torch.manual_seed(0)
+    MPTForCausalLM(tiny_cfg(vocab_size=len(fast), max_seq_len=512)).save_pretrained(folder, tokenizer=fast)
+    srv = build_server(str(folder), model_name="tiny", limits=ServerLimits(max_tokens=64, max_body_bytes=20000,
+                                                                         max_batch=4, max_queue=8))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning")
+    us = uvicorn.Server(cfg)
+    th = threading.Thread(target=us.run, daemon=True)
+    th.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield base, srv
+    us.should_exit = True
+    th.join(10)
+    srv.engine.stop()
+
+
+def test_openai_client_plain_and_streaming(server):
+    """The official openai client: completions and chat, non-streaming and streaming; usage reported;
+    streamed text equals the non-streamed text (greedy)."""
+    openai = pytest.importorskip("openai")
+    base, _ = server
+    c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=30)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = c.completions.create(model="tiny", prompt="def load(", max_tokens=8, temperature=0)
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="def load(", max_tokens=8, temperature=0, stream=True) if ch.choices)
+    assert streamed == r.choices[0].text
+    cr = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                   max_completion_tokens=6, temperature=0)
+    assert cr.choices[0].message.role == "assistant" and cr.usage.total_tokens > 6
+    parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=6, temperature=0,
+        stream=True) if ch.choices]
+    assert "".join(parts) == cr.choices[0].message.content
+    r2 = c.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=0.9, seed=3, n=2, logprobs=2)
+    assert len(r2.choices) == 2 and len(r2.choices[0].logprobs.token_logprobs) == 5
+
+
+def test_sse_framing_ends_with_done(server):
+    """Raw SSE: every event is `data: {...}` and the last is `data: [DONE]`."""
+    base, _ = server
+    with httpx.stream("POST", base + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 3,
+                                                                 "stream": True}, timeout=30) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_bad_inputs(server):
+    """Unknown model 404; invalid field 400 naming it; prompt too long 400 with numbers; body too large 413;
+    malformed JSON 400; and the server still answers afterwards."""
+    base, _ = server
+    u = base + "/v1/completions"
+    r = httpx.post(u, json={"model": "nope", "prompt": "a"})
+    assert r.status_code == 404
+    r = httpx.post(u, json={"model": "tiny", "prompt": "a", "temperature": 7})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(u, json={"model": "tiny", "prompt": [5] * 600})
+    assert r.status_code == 400 and "600" in r.json()["error"]["message"] and "512" in r.json()["error"]["message"]
+    r = httpx.post(u, json={"model": "tiny", "prompt": "a", "max_tokens": 1000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(u, content=b"{" + b"x" * 30000)
+    assert r.status_code == 413
+    for body in (b"{", b"[]", b"null", b'{"prompt": {}}', b"\xff\xfe", b'{"model": 1, "prompt": 2}'):
+        r = httpx.post(u, content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422), (body, r.status_code)
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    m = httpx.get(base + "/metrics").text
+    assert "mptkit_requests_total" in m and "mptkit_queue_depth" in m
+
+
+def test_disconnect_frees_slot(server):
+    """A client that disconnects mid-stream has its sequence removed from the running batch."""
+    base, srv = server
+    with httpx.stream("POST", base + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 64,
+                                                                 "stream": True, "ignore_eos": True}, timeout=30) as r:
+        next(r.iter_lines())
+    t = time.time()
+    while srv.engine.num_running and time.time() - t < 10:
+        time.sleep(0.05)
+    assert srv.engine.num_running == 0
