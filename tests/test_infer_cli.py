@@ -1,0 +1,49 @@
+"""`mptkit generate` (prompt flag and stdin) and `mptkit chat` (ChatML, history trimmed) run end to end."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import torch
+
+from mptkit.cli import main
+from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, render_chatml, trim_history
+from mptkit.model import MPTForCausalLM, load_tokenizer
+from tests.conftest import tiny_cfg
+
+
+def _folder(tmp_path, make_tokenizer):
+    tok = load_tokenizer(make_tokenizer())
+    torch.manual_seed(0)
+    d = tmp_path / "m"
+    MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=256)).save_pretrained(d, tokenizer=tok)
+    return d
+
+
+def test_generate_cli_flag_and_stdin(tmp_path, make_tokenizer, capsys, monkeypatch):
+    """The same greedy continuation from --prompt and from stdin; exit code 0."""
+    d = _folder(tmp_path, make_tokenizer)
+    assert main(["generate", str(d), "--prompt", "def f(x):", "--max-new-tokens", "6", "--ignore-eos"]) == 0
+    a = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):"))
+    assert main(["generate", str(d), "--max-new-tokens", "6", "--ignore-eos", "--seed", "1"]) == 0
+    b = capsys.readouterr().out
+    assert a == b and a.strip()
+    assert main(["generate", str(d), "--prompt", "x", "--temperature", "-1"]) == 2  # user error, no traceback
+
+
+def test_chat_repl_and_trimming(tmp_path, make_tokenizer, capsys, monkeypatch):
+    """The chat REPL answers two turns; ChatML renders as MPT-7B-Chat; old turns are dropped to fit."""
+    d = _folder(tmp_path, make_tokenizer)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n/quit\n"))
+    assert main(["chat", str(d), "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 2
+    p = render_chatml([{"role": "user", "content": "hi"}], default_system=DEFAULT_SYSTEM_PROMPT)
+    assert p == (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+    msgs = [{"role": "system", "content": "s"}] + [{"role": r, "content": "x" * 10} for r in ["user", "assistant"] * 5]
+    msgs.append({"role": "user", "content": "last"})
+    kept = trim_history(msgs, lambda m: len(render_chatml(m)), 120)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last" and kept[1]["role"] == "user"
+    assert len(render_chatml(kept)) <= 120 < len(render_chatml(msgs))
