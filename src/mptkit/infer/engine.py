@@ -236,12 +236,18 @@ class Engine:
                 self.prompt_tokens += len(sl.seq.prompt_ids)
 
     def _prefill_one(self) -> None:
-        """One chunk of prefill for the first slot that needs it."""
+        """Prefill chunks (up to ``prefill_chunk`` prompt tokens in all) for slots that need it."""
+        budget = self.prefill_chunk
+        while budget > 0 and self._prefill_chunk(budget):
+            budget -= self._last_chunk
+
+    def _prefill_chunk(self, budget: int) -> bool:
         for i, sl in enumerate(self.slots):
-            if sl is None or sl.next_token is not None:
+            if sl is None or sl.next_token is not None or sl.handle.cancelled:
                 continue
             ids = sl.seq.prompt_ids
-            chunk = ids[sl.fed : sl.fed + self.prefill_chunk]
+            chunk = ids[sl.fed : sl.fed + budget]
+            self._last_chunk = len(chunk)
             self.cache.begin_prefill(i, len(chunk))
             with torch.inference_mode():
                 t = torch.tensor(chunk, dtype=torch.long, device=self.gen.device)[None]
@@ -251,7 +257,8 @@ class Engine:
                 tok, delta = sl.seq.step(logits)
                 sl.next_token = tok
                 self._emit(sl, tok, delta)
-            return
+            return True
+        return False
 
     def _decode(self) -> None:
         active = [sl is not None and sl.decoding and not sl.handle.cancelled for sl in self.slots]
