@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -130,12 +131,17 @@ class BatchStream:
         if self.batches_per_epoch == 0:
             raise ValueError(f"dataset has {self.samples_per_epoch} samples per rank, fewer than one batch "
                              f"of {self.bs}")
-        order = self._epoch_order()
-        if self.offset + self.bs > len(order):
+        if self.offset + self.bs > self.samples_per_epoch:
             self.epoch += 1
             self.offset = 0
-            order = self._epoch_order()
-        idx = order[self.offset:self.offset + self.bs]
+        if hasattr(self.sampler, "at") and hasattr(self.sampler, "world_size"):
+            # positional access: this rank's j-th sample of the epoch is global position j*W + rank, so no
+            # per-epoch list of every index is built (at 1T tokens that list would hold ~500M entries)
+            w, r = int(self.sampler.world_size), int(self.sampler.rank)
+            pos = np.arange(self.offset, self.offset + self.bs, dtype=np.int64) * w + r
+            idx = [int(i) for i in self.sampler.at(pos, self.epoch)]
+        else:
+            idx = self._epoch_order()[self.offset:self.offset + self.bs]
         self.offset += self.bs
         return idx
 

@@ -16,6 +16,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide, toggling it later races other threads
+
+
+def _public_mode(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create owner-only (0600/0700) entries; give the final file the mode a plain ``open``
+    or ``mkdir`` would have (0666/0777 less the umask), so other users and containers can read exports."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if is_dir else 0o666) & ~_UMASK)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory entry (so a rename survives a power cut). No-op where unsupported."""
     try:
@@ -45,6 +61,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _public_mode(tmp_path, is_dir=False)
         os.replace(tmp_path, final)
         fsync_dir(final.parent)
     except BaseException:
@@ -78,6 +95,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_dir(tmp)
+        _public_mode(tmp, is_dir=True)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
