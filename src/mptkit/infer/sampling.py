@@ -118,22 +118,29 @@ class SequenceSampler:
     def observe(self, token: int) -> None:
         self.n_out += 1
         if self.out_counts is not None and 0 <= token < self.vocab_size:
-            self.out_counts[token] += 1
-            self.seen[token] = True
+            # The counts may have been made inside torch.inference_mode (an engine thread, a caller's
+            # context) and be updated outside it, or the reverse: update in inference mode, where an in-place
+            # write is allowed on both inference and normal tensors.
+            with torch.inference_mode():
+                self.out_counts[token] += 1
+                self.seen[token] = True
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """(V,) raw logits -> processed fp32 logits (penalties, temperature, truncation)."""
+        """(V,) raw logits -> processed fp32 logits (penalties, temperature, truncation).
+
+        Never writes into ``logits``: they are the model's output (an inference tensor, and the raw
+        distribution that ``token_logprobs`` reports after the choice), so every step below makes new
+        tensors."""
         p = self.p
-        x = logits.float()
+        x = logits.float()  # the same tensor when logits are fp32: only out-of-place ops on x below
         if self.out_counts is not None:
             if p.repetition_penalty != 1.0:
-                sel = x[self.seen]
-                x[self.seen] = torch.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+                rp = p.repetition_penalty
+                x = torch.where(self.seen, torch.where(x > 0, x / rp, x * rp), x)
             if p.frequency_penalty or p.presence_penalty:
                 x = x - p.frequency_penalty * self.out_counts - p.presence_penalty * (self.out_counts > 0).float()
         if self.suppress:
-            x = x.clone() if x is logits else x
-            x[self.suppress] = float("-inf")
+            x = x.index_fill(0, torch.tensor(self.suppress, device=x.device), float("-inf"))
         if p.greedy:
             return x
         x = x / p.temperature
