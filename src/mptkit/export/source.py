@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mptkit.errors import CheckpointError, ConfigError, ExportError
+from mptkit.model.checkpoint_io import normalise_key
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,6 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _normalise_key(k: str) -> str:
-    for prefix in ("model.transformer.", "module.transformer."):  # Composer / DDP-wrapped names
-        if k.startswith(prefix):
-            return k[len(prefix) - len("transformer."):]
-    if k.startswith("model.lm_head."):
-        return k[len("model."):]
-    return k
-
-
 class TensorStore:
     """Lazy access by name to the tensors of a model folder's weights (safetensors, or torch .bin via mmap)."""
 
@@ -172,7 +164,7 @@ class TensorStore:
             h = safe_open(str(f), framework="pt", device="cpu")
             self._handles.append(h)
             for k in h.keys():
-                name = _normalise_key(k)
+                name = normalise_key(k)
                 self._shapes[name] = tuple(h.get_slice(k).get_shape())
                 self._getters[name] = (lambda h=h, k=k: h.get_tensor(k))
         except (SafetensorError, OSError) as e:
@@ -184,7 +176,7 @@ class TensorStore:
         except Exception as e:  # pickle errors, payloads refused by weights_only
             raise ExportError(f"{f}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
         for k, v in sd.items():
-            name = _normalise_key(k)
+            name = normalise_key(k)
             self._shapes[name] = tuple(v.shape)
             self._getters[name] = (lambda v=v: v)
 

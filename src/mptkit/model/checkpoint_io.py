@@ -192,7 +192,8 @@ def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, to
             yield from sd.items()
 
 
-def _normalise_key(k: str) -> str:
+def normalise_key(k: str) -> str:
+    """MPT's own tensor name for a key saved by Composer (``model.transformer.*``) or a DDP wrapper."""
     for prefix in ("model.transformer.", "module.transformer."):  # Composer / DDP-wrapped names
         if k.startswith(prefix):
             return k[len(prefix) - len("transformer."):]
@@ -208,7 +209,7 @@ def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, sourc
     got: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for k, t in tensors:
-        k = _normalise_key(k)
+        k = normalise_key(k)
         if k == "lm_head.weight" and tied:
             continue  # transformers may store the tied head; it is wte
         if k.endswith(("attn.masked_bias", "attn.bias")) and k not in expected:
