@@ -232,6 +232,28 @@ class KVCache:
             return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
         raise InferenceError("KVCache used without begin_prefill()/begin_decode()")
 
+    def decode1(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+        """Batch-1 decode of layer ``i`` in one call: write the new key/value row at the slot's position and
+        attend over the slot's keys, on 2-D rows. ``q`` (1, H*D), ``k``/``v`` (1, Hkv*D) -> (1, H*D).
+
+        The same arithmetic as ``_update`` + ``_attend`` at n=1 (bmm rows per kv head, the ALiBi row from the
+        ramp), without the (B, H, T, D) views in between."""
+        p, tk = self.lengths[0], self.seq_len + 1
+        hkv, d = self.kv_heads, self.head_dim
+        rep = self.n_heads // hkv
+        kc = self.k[i][0]  # (Hkv, capacity, D)
+        vc = self.v[i][0]
+        kc.select(1, p).copy_(k.view(hkv, d))
+        vc.select(1, p).copy_(v.view(hkv, d))
+        qq = q.view(hkv, rep, d)
+        kk = kc.narrow(1, 0, tk)
+        if self._bias is None:
+            s = torch.bmm(qq, kk.transpose(1, 2)) * softmax_scale
+        else:
+            s = torch.baddbmm(self._bias.view(hkv, rep, tk), qq, kk.transpose(1, 2), alpha=softmax_scale)
+        pr = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
+        return torch.bmm(pr, vc.narrow(1, 0, tk)).view(1, hkv * rep * d)
+
     def _attend(self, q, k, v, *, slopes, softmax_scale):
         if self._mode == "prefill":
             return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")

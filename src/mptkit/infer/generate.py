@@ -16,6 +16,7 @@ import torch
 
 from mptkit.errors import InferenceError
 from mptkit.infer.cache import KVCache, context_limit
+from mptkit.infer.decode import FastDecoder
 from mptkit.infer.sampling import SamplingParams, SequenceSampler, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class Generator:
         max_context: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         compile: bool = False,
+        fast_decode: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -226,8 +228,10 @@ class Generator:
         self.device, self.dtype = p.device, p.dtype
         self.learned_pos = bool(self.config.use_learned_pos_emb)
         self._decode_fn = self._forward_last
+        self.fast = FastDecoder(model) if fast_decode else None
         if compile:
             self._decode_fn = torch.compile(self._forward_last, dynamic=True)
+            self.fast = None
 
     # -------------------------------------------------------------- helpers
     @property
@@ -279,6 +283,10 @@ class Generator:
         """One token for each of slots ``0..len(tokens)-1`` -> logits (n, V)."""
         n = len(tokens)
         cache.begin_decode(n, active)
+        if self.fast is not None and self.fast.usable():
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            pos = torch.tensor(cache.lengths[:n], device=self.device) if (self.learned_pos and n > 1) else None
+            return self.fast(ids, cache, pos)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         mask = cache.decode_attention_mask() if (self.learned_pos and n > 1) else None
         return self._decode_fn(ids, cache, mask)
