@@ -138,6 +138,8 @@ def eager_attention(
 # A T x T float bias bigger than this (elements, B*H*Tq*Tk) is avoided by ``auto``: it goes blockwise.
 BIAS_ELEMS_LIMIT = 1 << 25  # 128 MB in fp32
 SDPA_ALIBI_CHUNK = 1024  # query rows per call of the CPU kernel (see attention_sdpa_alibi)
+# MPTAttention hands its fused qkv straight to that kernel path when it applies (False: always split q/k/v).
+PACKED_QKV = True
 
 
 @register_backend("sdpa")
@@ -333,6 +335,14 @@ class MPTAttention(nn.Module):
         qkv = self.Wqkv(x)
         if self.clip_qkv:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        if layer_cache is None and not self.qk_ln and self._packed_path(qkv, key_padding_mask, sequence_id):
+            from mptkit.model.attention_sdpa_alibi import sdpa_alibi_attention_packed
+
+            out = sdpa_alibi_attention_packed(
+                qkv, n_heads=self.n_heads, kv_heads=self.kv_n_heads, slopes=slopes,
+                softmax_scale=self.softmax_scale, chunk=SDPA_ALIBI_CHUNK,
+            )
+            return self.out_proj(out)
         kv_dim = self.kv_n_heads * self.head_dim
         q, k, v = qkv.split([self.d_model, kv_dim, kv_dim], dim=-1)
         if self.qk_ln:
@@ -354,3 +364,23 @@ class MPTAttention(nn.Module):
                 sequence_id=sequence_id, dropout_p=self.attn_pdrop, training=self.training, impl=self.attn_impl,
             )
         return self.out_proj(out.reshape(b, t, self.d_model))
+
+    def _packed_path(self, qkv, key_padding_mask, sequence_id) -> bool:
+        """True when :func:`attention` would run this call on the CPU flash-kernel ALiBi path (causal
+        self-attention, no padding/packing mask, no attention dropout): then the packed variant, which reads
+        q, k, v from ``qkv`` and returns the gradient of ``qkv`` in one piece, computes the same thing."""
+        if not PACKED_QKV or sequence_id is not None or (self.attn_pdrop and self.training):
+            return False
+        if key_padding_mask is not None and not bool(key_padding_mask.all()):
+            return False
+        t = qkv.shape[1]
+        if t <= 16 or self.d_model % self.n_heads:
+            return False
+        from mptkit.model import attention_sdpa_alibi
+
+        if not attention_sdpa_alibi.available(qkv):
+            return False
+        name = resolve_impl(
+            self.attn_impl, qkv.device, qkv.dtype, tq=t, tk=t, batch_heads=qkv.shape[0] * self.n_heads
+        )
+        return name == "sdpa"
