@@ -182,6 +182,10 @@ class KVCache:
             return
         pos = torch.tensor(lens, device=self.device)
         self._pos = pos
+        # rows of the (slots*Hkv*capacity, D) view of a layer's K/V where each slot's new key/value goes
+        self._rows = ((torch.arange(n, device=self.device)[:, None] * self.kv_heads
+                       + torch.arange(self.kv_heads, device=self.device)[None]) * self.capacity
+                      + pos[:, None]).reshape(-1)
         kpos = torch.arange(tk, device=self.device)
         rel = (kpos[None, :] - pos[:, None]).to(torch.float32)  # (n, tk), <= 0 where visible
         allowed = rel <= 0
@@ -226,9 +230,9 @@ class KVCache:
                 self.k[i][0:1, :, p : p + 1].copy_(k)
                 self.v[i][0:1, :, p : p + 1].copy_(v)
             else:
-                rows = torch.arange(n, device=self.device)
-                self.k[i][rows, :, self._pos] = k[:, :, 0]
-                self.v[i][rows, :, self._pos] = v[:, :, 0]
+                d = self.head_dim
+                self.k[i].view(-1, d).index_copy_(0, self._rows, k.reshape(-1, d))
+                self.v[i].view(-1, d).index_copy_(0, self._rows, v.reshape(-1, d))
             return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
         raise InferenceError("KVCache used without begin_prefill()/begin_decode()")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,8 +98,10 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         initial_capacity: int = 512,
+        switch_interval: float | None = 0.0005,
     ):
         self.gen = generator
+        self.switch_interval = switch_interval
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -120,6 +123,12 @@ class Engine:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "Engine":
         if self._thread is None:
+            # The engine thread gives up and re-takes the GIL around every torch op; while HTTP/event-loop
+            # threads run Python, each re-take waits up to the interpreter's switch interval (5 ms by
+            # default), stalling the whole batch. A shorter interval bounds that wait (process-wide setting;
+            # ``switch_interval=None`` leaves it alone).
+            if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
+                sys.setswitchinterval(self.switch_interval)
             self._thread = threading.Thread(target=self._run, name="mptkit-engine", daemon=True)
             self._thread.start()
         return self

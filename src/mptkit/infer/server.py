@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -272,6 +273,43 @@ class _TooLarge(Exception):
     pass
 
 
+# ----------------------------------------------------------------------------- engine thread -> event loop
+
+
+class _Relay:
+    """Hands engine events (engine thread) to the requests' asyncio queues on one event loop.
+
+    ``call_soon_threadsafe`` wakes the loop through its self-pipe (a syscall and a GIL hand-off) each time;
+    a decode step emits one event per running sequence, so events are buffered and the loop is woken once
+    for everything that arrived before it ran the flush."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def put(self, q: "asyncio.Queue[Event]", ev: Event) -> None:
+        with self.lock:
+            self.pending.append((q, ev))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+            with self.lock:
+                self.pending.clear()
+                self.scheduled = False
+            raise  # the engine cancels the request
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for q, ev in items:
+            q.put_nowait(ev)
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -291,6 +329,7 @@ class Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.im_end_id = im_end_token_id(self.tok)
+        self._relays: dict[asyncio.AbstractEventLoop, _Relay] = {}
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -372,9 +411,12 @@ class Server:
         """Submit to the engine (errors become 429/503/400 before any response starts)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
+        relay = self._relays.get(loop)
+        if relay is None:
+            relay = self._relays[loop] = _Relay(loop)
 
-        def cb(ev: Event) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, ev)
+        def cb(ev: Event, _put=relay.put) -> None:
+            _put(q, ev)
 
         try:
             h = self.engine.submit(prompt_ids, params, cb)
@@ -395,12 +437,15 @@ class Server:
         first = True
         try:
             while done < len(h.seqs):
-                try:
-                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                if not q.empty():  # events of one decode step arrive together: no timer per event
+                    ev = q.get_nowait()
+                else:
+                    try:
+                        ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
                 if ev.error:
                     raise APIError(503, f"generation failed: {ev.error}", headers={"Retry-After": "1"})
                 if first and ev.token is not None:
