@@ -74,8 +74,79 @@ def norm_factory(config) -> Callable[[int], nn.Module]:
     return lambda d: cls(d, eps=eps, bias=bias)
 
 
+MLP_CHUNK = 2048  # token rows per step of the chunked CPU MLP (0: always the plain three-op MLP)
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """``down(gelu(up(x)))`` (no biases) that keeps only ``up(x)`` for backward and runs GELU, the down
+    projection and the whole backward in chunks of token rows through two small reused buffers.
+
+    The plain MLP allocates three more (tokens x ffn_hidden) tensors per step (GELU output, its gradient and
+    the pre-GELU gradient): 128 MB each at B=8, T=2048, d_ffn=2048, which glibc maps afresh and the CPU
+    page-faults in on every step. Here GELU is recomputed in backward from the saved ``up(x)`` (exactly the same
+    values) and the weight gradients are summed over chunks (fp32, a different summation order only)."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, chunk):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        n = x2.shape[0]
+        h = torch.matmul(x2, w_up.t())
+        out = x2.new_empty((n, w_down.shape[0]))
+        buf = h.new_empty((min(chunk, n), h.shape[1]))
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            a = torch.ops.aten.gelu.out(h[s:e], approximate="none", out=buf[: e - s])
+            torch.matmul(a, w_down.t(), out=out[s:e])
+        ctx.save_for_backward(x2, h, w_up, w_down)
+        ctx.chunk = chunk
+        ctx.shape = shape
+        return out.view(*shape[:-1], w_down.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, w_up, w_down = ctx.saved_tensors
+        chunk = ctx.chunk
+        n = x2.shape[0]
+        dy2 = dy.reshape(n, -1)
+        dx = torch.empty_like(x2)
+        abuf = h.new_empty((min(chunk, n), h.shape[1]))
+        dbuf = torch.empty_like(abuf)
+        dwu = dwd = None
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            hc, dyc, xc = h[s:e], dy2[s:e], x2[s:e]
+            a = torch.ops.aten.gelu.out(hc, approximate="none", out=abuf[: e - s])
+            if dwd is None:
+                dwd = torch.matmul(dyc.t(), a)
+            else:
+                dwd.addmm_(dyc.t(), a)
+            da = torch.matmul(dyc, w_down, out=dbuf[: e - s])
+            dh = torch.ops.aten.gelu_backward.grad_input(da, hc, approximate="none", grad_input=abuf[: e - s])
+            if dwu is None:
+                dwu = torch.matmul(dh.t(), xc)
+            else:
+                dwu.addmm_(dh.t(), xc)
+            torch.matmul(dh, w_up, out=dx[s:e])
+        return dx.view(ctx.shape), dwu, dwd, None
+
+
+def _chunked_mlp_ok(x: torch.Tensor, up: nn.Linear, down: nn.Linear) -> bool:
+    """CPU training without biases or autocast, rows to chunk: where the chunked MLP pays off."""
+    return (
+        MLP_CHUNK > 0
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and up.bias is None
+        and down.bias is None
+        and not torch.is_autocast_enabled("cpu")
+        and x.dtype == up.weight.dtype == down.weight.dtype
+        and x.numel() // x.shape[-1] > MLP_CHUNK
+    )
+
+
 class MPTMLP(nn.Module):
-    """up_proj -> GELU (exact) -> down_proj."""
+    """up_proj -> GELU (exact) -> down_proj (on CPU training: chunked, see ``_ChunkedMLP``)."""
 
     def __init__(self, config):
         super().__init__()
@@ -86,6 +157,8 @@ class MPTMLP(nn.Module):
         self.down_proj._is_residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _chunked_mlp_ok(x, self.up_proj, self.down_proj):
+            return _ChunkedMLP.apply(x, self.up_proj.weight, self.down_proj.weight, MLP_CHUNK)
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
