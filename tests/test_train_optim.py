@@ -119,3 +119,29 @@ def test_weight_decay_only_on_matrices():
     for name in ("decoupled_adamw", "decoupled_lionw", "adamw"):
         opt = build_optimizer(model, {"name": name, "lr": 1e-3, "weight_decay": 0.1})
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_decoupled_adamw_fused_equals_loop():
+    """The fused kernel path (default) and the per-tensor loop give the same weights and state, with weight
+    decay on one group, none on the other, and a changing lr (the decay follows lr / initial_lr)."""
+    torch.manual_seed(0)
+    ps = [torch.randn(50, 40, requires_grad=True), torch.randn(40, requires_grad=True)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    fused = DecoupledAdamW([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
+                           lr=0.01)
+    loop = DecoupledAdamW([{"params": qs[:1], "weight_decay": 0.1}, {"params": qs[1:], "weight_decay": 0.0}],
+                          lr=0.01, fused=False)
+    for t in range(6):
+        grads = [torch.randn_like(p) for p in ps]
+        for opt, params in ((fused, ps), (loop, qs)):
+            for g, p in zip(grads, params):
+                p.grad = g.clone()
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * (1 - t / 6)
+            opt.step()
+    for a, b in zip(ps, qs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fused.state[a]["exp_avg_sq"], loop.state[b]["exp_avg_sq"], rtol=1e-6, atol=0)
+    assert float(fused.state[ps[0]]["step"]) == 6.0
+    grads = [p.grad for p in ps]
+    assert fused._can_fuse(ps) == all(g is not None for g in grads)  # CPU float32: the fused path was used
