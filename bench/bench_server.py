@@ -12,20 +12,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import tempfile
-import threading
 import time
 
 import httpx
 import torch
-import uvicorn
 
 from mptkit.infer.engine import Engine
 from mptkit.infer.generate import Generator
 from mptkit.infer.sampling import SamplingParams
-from mptkit.infer.server import Server, ServerLimits
+from mptkit.infer.server import BackgroundServer, Server, ServerLimits
 from mptkit.model import MPTForCausalLM
 
 
@@ -103,19 +99,8 @@ def main() -> None:
     gen = Generator(model, tok)
     eng = Engine(gen, max_batch=max(8, args.clients)).start()
     srv = Server(eng, model_name="bench", limits=ServerLimits(max_batch=max(8, args.clients)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    us = uvicorn.Server(uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=us.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(base + "/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    bg = BackgroundServer(srv)
+    base = bg.base_url
     asyncio.run(wave(base, 1, 8))  # warm-up
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
     print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f}")
@@ -139,8 +124,7 @@ def main() -> None:
     e1, ek = engine_wave(eng, 1, args.new), engine_wave(eng, args.clients, args.new)
     print(f"engine only: 1 sequence {e1:7.1f} tokens/s, {args.clients} sequences {ek:7.1f} tokens/s, "
           f"ratio {ek / e1:.2f}x")
-    us.should_exit = True
-    th.join(10)
+    bg.stop()
     eng.stop()
 
 

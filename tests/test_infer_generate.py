@@ -7,7 +7,6 @@ import torch
 
 from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams, generate_text
-from mptkit.infer.cache import KVCache
 from mptkit.model import MPTForCausalLM, load_tokenizer
 from tests.conftest import tiny_cfg
 

@@ -102,30 +102,15 @@ def test_engine_with_penalties_equals_generate():
 
 def test_server_with_penalties(tmp_path):
     """Proves the HTTP path: a completion with all three penalties (plain and streaming) answers 200."""
-    uvicorn = pytest.importorskip("uvicorn")
-    import socket
-    import threading
-
+    pytest.importorskip("uvicorn")
     import httpx
 
-    from mptkit.infer.server import ServerLimits, build_server
+    from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
     _model().save_pretrained(tmp_path / "m")
     srv = build_server(str(tmp_path / "m"), model_name="tiny", limits=ServerLimits(max_tokens=16, max_batch=2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    us = uvicorn.Server(uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=us.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with BackgroundServer(srv) as bg:
+        base = bg.base_url
         body = {"model": "tiny", "prompt": [5, 9, 5, 17], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                 "repetition_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5}
         r = httpx.post(base + "/v1/completions", json=body, timeout=30)
@@ -134,7 +119,3 @@ def test_server_with_penalties(tmp_path):
         with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
             lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
         assert r.status_code == 200 and lines[-1] == "data: [DONE]" and "error" not in "".join(lines)
-    finally:
-        us.should_exit = True
-        th.join(10)
-        srv.engine.stop()

@@ -3,22 +3,20 @@ input gets the documented status codes without killing the server. Starts its ow
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
 
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.model import MPTForCausalLM
 from tests.conftest import tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    uvicorn = pytest.importorskip("uvicorn")
-    from mptkit.infer.server import ServerLimits, build_server
+    pytest.importorskip("uvicorn")
+    from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
     import inspect, json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -36,24 +34,9 @@ def server(tmp_path_factory):
     MPTForCausalLM(tiny_cfg(vocab_size=len(fast), max_seq_len=512)).save_pretrained(folder, tokenizer=fast)
     srv = build_server(str(folder), model_name="tiny", limits=ServerLimits(max_tokens=64, max_body_bytes=20000,
                                                                          max_batch=4, max_queue=8))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning")
-    us = uvicorn.Server(cfg)
-    th = threading.Thread(target=us.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base, srv
-    us.should_exit = True
-    th.join(10)
-    srv.engine.stop()
+    bg = BackgroundServer(srv)
+    yield bg.base_url, srv
+    bg.stop()
 
 
 def test_openai_client_plain_and_streaming(server):

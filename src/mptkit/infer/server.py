@@ -722,3 +722,42 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
         uvicorn.run(server.app(), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         server.engine.stop()
+
+
+class BackgroundServer:
+    """A server running uvicorn in a daemon thread (notebooks, tests, benchmarks): ``base_url`` once healthy;
+    ``stop()`` (or leaving the ``with`` block) shuts uvicorn down and stops the engine."""
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 ready_timeout: float = 30.0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:  # pick a free port
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.server = server
+        self.base_url = f"http://{host}:{port}"
+        self._uv = uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level))
+        self._thread = threading.Thread(target=self._uv.run, name="mptkit-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + ready_timeout
+        while not self._uv.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise InferenceError(f"the server did not start on {host}:{port} within {ready_timeout:.0f} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._uv.should_exit = True
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(10)
+        self.server.engine.stop()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
