@@ -18,8 +18,9 @@ from mptkit.train import checkpoint as ck
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import os, signal, sys, threading, time
+import logging, os, signal, sys, threading, time
 from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 sys.path.insert(0, {root!r})
 from tests._train_helpers import datasets, make_cfg
 from mptkit.train import checkpoint as ck
@@ -67,6 +68,8 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_bitwise_identica
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     # the fault really happened, in the first attempt, and torchrun (not a person) restarted the worker
     assert (tmp_path / "faulty" / "crashed-once").read_text() == "0"
+    # ... and the restarted worker continued from a checkpoint instead of starting over
+    assert "resumed from" in faulty.stderr and "resumed from" not in clean.stderr, faulty.stderr[-3000:]
     a, b = _final_weights(tmp_path / "clean"), _final_weights(tmp_path / "faulty")
     assert a.keys() == b.keys()
     for k in a:
