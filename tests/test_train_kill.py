@@ -18,8 +18,9 @@ from mptkit.train import checkpoint as ck
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import sys
+import logging, sys
 from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 sys.path.insert(0, {root!r})
 from tests._train_helpers import datasets, make_cfg
 from mptkit.train.trainer import Trainer
@@ -30,14 +31,14 @@ Trainer(cfg, train_dataset=tr, eval_dataset=ev).fit()
 """
 
 
-def _run(folder: Path, kill_after_step: int | None = None) -> int:
+def _run(folder: Path, kill_after_step: int | None = None) -> tuple[int, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=str(ROOT)), str(folder)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if kill_after_step is None:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
-        return p.returncode
+        return p.returncode, err.decode()
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
         cks = ck.list_checkpoints(folder / "ck")
@@ -45,8 +46,8 @@ def _run(folder: Path, kill_after_step: int | None = None) -> int:
             os.kill(p.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
-    p.wait(timeout=60)
-    return p.returncode
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err.decode()
 
 
 @pytest.mark.slow
@@ -54,11 +55,12 @@ def test_sigkill_then_autoresume_is_bitwise_identical(tmp_path):
     """Kill -9 a training process after its step-10 checkpoint, rerun the same command (autoresume):
     the resumed run finishes with exactly the uninterrupted run's weights."""
     _run(tmp_path / "full")
-    rc = _run(tmp_path / "killed", kill_after_step=10)
+    rc, _ = _run(tmp_path / "killed", kill_after_step=10)
     assert rc == -signal.SIGKILL, "the process finished before it could be killed: make the run longer"
     before = ck.find_latest_checkpoint(tmp_path / "killed" / "ck")
     assert before is not None and int(before.name.split("-ba")[1]) < 150
-    _run(tmp_path / "killed")
+    _, log = _run(tmp_path / "killed")
+    assert f"resumed from {before}" in log, log[-2000:]  # it continued, it did not start over
     a = load_file(str(tmp_path / "full" / "ck" / ck.list_checkpoints(tmp_path / "full" / "ck")[0].name / "model" /
                       "model.safetensors"))
     last = ck.find_latest_checkpoint(tmp_path / "killed" / "ck")
