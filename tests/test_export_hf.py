@@ -208,3 +208,20 @@ def test_real_trainer_checkpoints_newest_valid_one_is_exported(tmp_path, make_to
     r = gguf.GGUFReader(str(tmp_path / "run.gguf"))
     emb = {x.name: x for x in r.tensors}["token_embd.weight"]
     assert torch.equal(torch.from_numpy(emb.data.copy()), old.transformer.wte.weight.detach())
+
+
+def test_bin_source_exports_the_same_tensors_and_refuses_pickles(tmp_path, make_tokenizer):
+    """A model folder holding `pytorch_model.bin` (older MPT uploads) exports to the same safetensors
+    weights; a .bin that needs arbitrary unpickling is refused by weights_only=True, naming the file."""
+    tok = make_tokenizer()
+    model = make_model(tmp_path / "m", tok)
+    (tmp_path / "m" / "model.safetensors").unlink()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "m" / "pytorch_model.bin")
+    export_hf(tmp_path / "m", tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        sd = model.state_dict()
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), sd[k]), k
+    torch.save({"w": types.SimpleNamespace(a=1)}, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(ExportError, match=r"pytorch_model\.bin: cannot load with weights_only=True"):
+        export_hf(tmp_path / "m", tmp_path / "out2")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mptkit.errors import CheckpointError, ConfigError, ExportError
-from mptkit.model.checkpoint_io import normalise_key
+from mptkit.model.checkpoint_io import load_bin_state_dict, normalise_key
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ class TensorStore:
             raise ExportError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
 
     def _add_bin(self, f: Path) -> None:
-        try:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle errors, payloads refused by weights_only
-            raise ExportError(f"{f}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
-        for k, v in sd.items():
+        for k, v in load_bin_state_dict(f).items():
             name = normalise_key(k)
             self._shapes[name] = tuple(v.shape)
             self._getters[name] = (lambda v=v: v)

@@ -183,13 +183,19 @@ def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, to
             except OSError as e:
                 raise CheckpointError(f"{f}: cannot read ({e})") from None
         else:
-            try:
-                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # pickle errors, non-tensor payloads refused by weights_only
-                raise CheckpointError(f"{f}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"{f}: expected a dict of tensors, got {type(sd).__name__}")
-            yield from sd.items()
+            yield from load_bin_state_dict(f).items()
+
+
+def load_bin_state_dict(f: Path) -> dict:
+    """A ``pytorch_model*.bin`` file's tensors, memory-mapped, through ``torch.load(weights_only=True)`` only
+    (no arbitrary pickles from a user's path)."""
+    try:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors, non-tensor payloads refused by weights_only
+        raise CheckpointError(f"{f}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f}: expected a dict of tensors, got {type(sd).__name__}")
+    return sd
 
 
 def normalise_key(k: str) -> str:
