@@ -153,7 +153,7 @@ def main() -> None:
             r = run_llama(llm, prompt, args.new)
             if "llama.cpp" not in best or r[0] > best["llama.cpp"][0]:
                 best["llama.cpp"] = r
-    ours_rate, _, ours_ids = best["mptkit"]
+    _, _, ours_ids = best["mptkit"]
     bw_dram = read_bandwidth(1 << 30)
     bw_l3 = read_bandwidth(max(wbytes, 1 << 20))
     print(f"read bandwidth: DRAM (1 GiB buffer) {bw_dram/1e9:.1f} GB/s; weights-sized buffer "

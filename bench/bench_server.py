@@ -24,21 +24,19 @@ from mptkit.infer.sampling import SamplingParams
 from mptkit.infer.server import BackgroundServer, Server, ServerLimits
 from mptkit.model import MPTForCausalLM
 
-
 CHUNKS = [0]  # SSE data chunks received (all clients)
 
 
 async def client(base: str, prompt: list[int], new: int) -> tuple[float, int]:
     t = time.perf_counter()
     n = 0
-    async with httpx.AsyncClient(timeout=600) as c:
-        async with c.stream("POST", base + "/v1/completions", json={
-                "model": "bench", "prompt": prompt, "max_tokens": new, "stream": True, "ignore_eos": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}) as r:
-            async for line in r.aiter_lines():
-                CHUNKS[0] += line.startswith("data: {")
-                if line.startswith("data: {") and '"usage"' in line:
-                    n = json.loads(line[6:])["usage"]["completion_tokens"]
+    async with httpx.AsyncClient(timeout=600) as c, c.stream("POST", base + "/v1/completions", json={
+            "model": "bench", "prompt": prompt, "max_tokens": new, "stream": True, "ignore_eos": True,
+            "temperature": 0, "stream_options": {"include_usage": True}}) as r:
+        async for line in r.aiter_lines():
+            CHUNKS[0] += line.startswith("data: {")
+            if line.startswith("data: {") and '"usage"' in line:
+                n = json.loads(line[6:])["usage"]["completion_tokens"]
     return time.perf_counter() - t, n
 
 
@@ -51,8 +49,8 @@ async def wave(base: str, k: int, new: int) -> tuple[float, list[float], int]:
 
 def _tokenizer(vocab: int):
     """A byte-level BPE trained on standard-library sources, up to ``vocab`` tokens (no network)."""
-    import inspect
     import importlib
+    import inspect
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -102,7 +100,7 @@ def main() -> None:
     bg = BackgroundServer(srv)
     base = bg.base_url
     asyncio.run(wave(base, 1, 8))  # warm-up
-    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p * (len(xs) - 1)))]
     print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f}")
     CHUNKS[0] = 0
     b1 = bk = None

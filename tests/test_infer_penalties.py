@@ -17,10 +17,10 @@ from mptkit.model import MPTForCausalLM
 from tests.conftest import tiny_cfg
 
 PENALTIES = {
-    "repetition": dict(repetition_penalty=1.7),
-    "presence": dict(presence_penalty=1.5),
-    "frequency": dict(frequency_penalty=0.7),
-    "all": dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.9),
+    "repetition": {"repetition_penalty": 1.7},
+    "presence": {"presence_penalty": 1.5},
+    "frequency": {"frequency_penalty": 0.7},
+    "all": {"repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.9},
 }
 
 

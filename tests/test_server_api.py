@@ -16,11 +16,13 @@ from tests.conftest import tiny_cfg
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("uvicorn")
-    from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
+    import inspect
+    import json
 
-    import inspect, json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
     folder = tmp_path_factory.mktemp("m")
     tok = Tokenizer(models.BPE())

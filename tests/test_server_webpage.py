@@ -5,10 +5,12 @@ Skipped when no chromium binary is installed (CI: `apt-get install -y chromium`)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import httpx
@@ -31,24 +33,22 @@ class _CDP:
     def __init__(self, exe: str, user_dir: str):
         to_child_r, self._w = os.pipe()
         self._r, from_child_w = os.pipe()
-
-        parent_ends = (self._w, self._r)
-
-        def setup():  # runs in the child before exec: put the pipe ends on fds 3 and 4, drop the parent's ends
-            a, b = os.dup(to_child_r), os.dup(from_child_w)  # above 4, so the dup2s below cannot clobber them
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-            for fd in (a, b, *parent_ends):
-                if fd > 4:
-                    os.close(fd)
-
+        # the child's ends, moved to fds >= 10 so that putting them on 3 and 4 cannot clobber one with the
+        # other; a Python trampoline does the dup2s and execs chromium (no preexec_fn: unsafe with the
+        # server's threads; sh cannot name fds above 9)
+        a = fcntl.fcntl(to_child_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        b = fcntl.fcntl(from_child_w, fcntl.F_DUPFD_CLOEXEC, 10)
+        for fd in (to_child_r, from_child_w):
+            os.close(fd)
+        trampoline = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+                      "os.close(int(sys.argv[1])); os.close(int(sys.argv[2])); os.execvp(sys.argv[3], sys.argv[3:])")
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+            [sys.executable, "-c", trampoline, str(a), str(b),
+             exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
              f"--user-data-dir={user_dir}", "about:blank"],
-            preexec_fn=setup, close_fds=False,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_child_r)
-        os.close(from_child_w)
+            pass_fds=(a, b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(a)
+        os.close(b)
         self._buf = b""
         self._id = 0
 
@@ -74,7 +74,7 @@ class _CDP:
     def close(self):
         try:
             self.call("Browser.close")
-        except Exception:
+        except (OSError, RuntimeError):  # already gone: the wait/kill below still reaps it
             pass
         try:
             self.proc.wait(timeout=10)

@@ -51,7 +51,7 @@ def _torchrun(folder: Path, crash_at: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "--max-restarts", "2", "--monitor-interval", "0.1", str(script), str(folder), str(crash_at)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 def _final_weights(folder: Path) -> dict:

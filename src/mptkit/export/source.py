@@ -163,7 +163,7 @@ class TensorStore:
         try:
             h = safe_open(str(f), framework="pt", device="cpu")
             self._handles.append(h)
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 name = normalise_key(k)
                 self._shapes[name] = tuple(h.get_slice(k).get_shape())
                 self._getters[name] = (lambda h=h, k=k: h.get_tensor(k))

@@ -56,7 +56,7 @@ def context_limit(config, max_context: int | None) -> int:
 class _LayerCache:
     __slots__ = ("cache", "i")
 
-    def __init__(self, cache: "KVCache", i: int):
+    def __init__(self, cache: KVCache, i: int):
         self.cache = cache
         self.i = i
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mptkit.model.blocks import LayerNorm, LPLayerNorm, MPTMLP, RMSNorm
+from mptkit.model.blocks import MPTMLP, LayerNorm, LPLayerNorm, RMSNorm
 
 
 def _norm_fn(mod):
@@ -50,7 +50,7 @@ def _ffn_fn(mod):
 
 
 class _Layer:
-    __slots__ = ("norm_1", "qkv", "clip", "q_ln", "k_ln", "out", "norm_2", "ffn", "scale")
+    __slots__ = ("clip", "ffn", "k_ln", "norm_1", "norm_2", "out", "q_ln", "qkv", "scale")
 
     def __init__(self, blk):
         a = blk.attn

@@ -17,8 +17,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -121,7 +121,7 @@ class Engine:
         self.requests_cancelled = 0
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             # The engine thread gives up and re-takes the GIL around every torch op; while HTTP/event-loop
             # threads run Python, each re-take waits up to the interpreter's switch interval (5 ms by
@@ -307,4 +307,4 @@ class Engine:
                     try:
                         sl.handle.callback(Event(sl.choice, "", None, None, True, "error", error=self.error))
                     except Exception:
-                        pass
+                        log.exception("could not report the engine crash to one of its requests")

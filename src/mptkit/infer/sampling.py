@@ -69,7 +69,7 @@ class SamplingParams:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs!r}")
 
     @classmethod
-    def from_kwargs(cls, **kw) -> "SamplingParams":
+    def from_kwargs(cls, **kw) -> SamplingParams:
         known = {f.name for f in fields(cls)}
         aliases = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}
         out = {}

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from mptkit.errors import InferenceError
 from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, IM_END, im_end_token_id, render_chatml
@@ -96,7 +96,7 @@ class _Sampling(_Base):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -104,7 +104,7 @@ class CompletionRequest(_Sampling):
 
 class ChatMessage(_Base):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
 
@@ -129,7 +129,7 @@ class APIError(Exception):
                               413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
         self.headers = headers
 
-    def response(self) -> "JSONResponse":
+    def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
@@ -216,7 +216,7 @@ class Metrics:
 class BodyLimit:
     """ASGI middleware: reject bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
 
-    def __init__(self, app, limit: int, metrics: "Metrics | None" = None):
+    def __init__(self, app, limit: int, metrics: Metrics | None = None):
         self.app = app
         self.limit = limit
         self.metrics = metrics
@@ -289,7 +289,7 @@ class _Relay:
         self.lock = threading.Lock()
         self.scheduled = False
 
-    def put(self, q: "asyncio.Queue[Event]", ev: Event) -> None:
+    def put(self, q: asyncio.Queue[Event], ev: Event) -> None:
         with self.lock:
             self.pending.append((q, ev))
             if self.scheduled:
@@ -336,7 +336,7 @@ class Server:
     def max_context(self) -> int:
         return self.gen.max_context
 
-    def check_auth(self, request: "Request") -> None:
+    def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
         auth = request.headers.get("authorization", "")
@@ -430,7 +430,7 @@ class Server:
         self.metrics.in_flight += 1
         return h, q
 
-    async def events(self, request: "Request", h, q: "asyncio.Queue[Event]"):
+    async def events(self, request: Request, h, q: asyncio.Queue[Event]):
         """Yield the engine's events for ``h`` until every choice is done; cancel it if we stop early."""
         done = 0
         t0 = time.perf_counter()
@@ -463,7 +463,7 @@ class Server:
                 self.engine.cancel(h)  # client went away (or we failed): free the slots now
 
     # ---------------------------------------------------------------- endpoints
-    async def completions(self, req: CompletionRequest, request: "Request"):
+    async def completions(self, req: CompletionRequest, request: Request):
         self.check_auth(request)
         self.check_model(req.model)
         p = req.prompt
@@ -536,7 +536,7 @@ class Server:
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": _usage(len(ids), toks)}
 
-    async def chat(self, req: ChatRequest, request: "Request"):
+    async def chat(self, req: ChatRequest, request: Request):
         self.check_auth(request)
         self.check_model(req.model)
         if req.tools:
@@ -620,7 +620,7 @@ class Server:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---------------------------------------------------------------- app
-    def app(self) -> "FastAPI":
+    def app(self) -> FastAPI:
         app = FastAPI(title="mptkit", version="1", docs_url=None, redoc_url=None)
         srv = self
 
@@ -756,7 +756,7 @@ class BackgroundServer:
             self._thread.join(10)
         self.server.engine.stop()
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self):  # -> Self (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,7 +20,8 @@ Conventions used by every backend
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,7 @@ def eager_attention(
     q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False
 ):
     """The reference: explicit scores, bias and softmax in fp32."""
-    b, h, tq, d = q.shape
+    b, h, tq, _ = q.shape
     tk = k.shape[2]
     n_rep = h // k.shape[1]
     k = repeat_kv(k, n_rep)
@@ -153,7 +154,7 @@ def sdpa_attention(
     ALiBi/mask bias is passed as a float ``attn_mask`` (Tq x Tk per head)."""
     from mptkit.model import attention_sdpa_alibi
 
-    b, h, tq, d = q.shape
+    b, h, tq, _ = q.shape
     tk = k.shape[2]
     n_rep = h // k.shape[1]
     dp = dropout_p if training else 0.0

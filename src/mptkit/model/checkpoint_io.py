@@ -12,8 +12,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ def parse_size(s: int | str) -> int:
     """'5GB' / '500MB' / '10KiB' / int -> bytes."""
     if isinstance(s, int):
         return s
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(s), re.I)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(s), re.IGNORECASE)
     if not m:
         raise ConfigError(f"max_shard_size: cannot read size '{s}' (use e.g. 5GB, 500MB)")
     num = float(m.group(1))
@@ -176,7 +177,7 @@ def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, to
 
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as sf:
-                    for k in sf.keys():
+                    for k in sf.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                         yield k, sf.get_tensor(k)
             except SafetensorError as e:
                 raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
@@ -291,5 +292,5 @@ def load_tokenizer(folder: str | os.PathLike):
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad files; all name the folder
         raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({type(e).__name__}: {e})") from None

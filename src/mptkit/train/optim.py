@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.adamw import adamw as torch_adamw_functional
 from torch import nn
+from torch.optim.adamw import adamw as torch_adamw_functional
 
 from mptkit.errors import ConfigError
 
