@@ -37,3 +37,15 @@ def test_engine_equals_unbatched_and_cancel():
         assert eng.num_running == 0 and eng.num_waiting == 0 and h.finished
     finally:
         eng.stop()
+
+
+def test_engine_restores_the_interpreter_switch_interval():
+    """start() shortens the process-wide GIL switch interval for the engine thread; stop() puts it back."""
+    import sys
+
+    before = sys.getswitchinterval()
+    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    eng = Engine(gen, max_batch=1).start()
+    assert sys.getswitchinterval() == min(before, 0.0005)
+    eng.stop()
+    assert sys.getswitchinterval() == before

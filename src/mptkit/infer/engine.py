@@ -102,6 +102,7 @@ class Engine:
     ):
         self.gen = generator
         self.switch_interval = switch_interval
+        self._saved_switch_interval: float | None = None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -128,6 +129,7 @@ class Engine:
             # default), stalling the whole batch. A shorter interval bounds that wait (process-wide setting;
             # ``switch_interval=None`` leaves it alone).
             if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
+                self._saved_switch_interval = sys.getswitchinterval()  # restored by stop()
                 sys.setswitchinterval(self.switch_interval)
             self._thread = threading.Thread(target=self._run, name="mptkit-engine", daemon=True)
             self._thread.start()
@@ -140,6 +142,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
 
     @property
     def running(self) -> bool:
