@@ -171,6 +171,7 @@ class KVCache:
         self._mode = "decode"
         self._n = n
         self._active = act
+        self._pos_t = None  # int64 lengths for the fused kernel, made on first use in this step
         tk = top + 1
         self.seq_len = top  # what the model sees as "past" (positions for learned embeddings use a mask)
         if n == 1:
@@ -257,6 +258,22 @@ class KVCache:
             s = torch.baddbmm(self._bias.view(hkv, rep, tk), qq, kk.transpose(1, 2), alpha=softmax_scale)
         pr = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
         return torch.bmm(pr, vc.narrow(1, 0, tk)).view(1, hkv * rep * d)
+
+    def fused_ok(self) -> bool:
+        """Whether :meth:`decode_fused` may run: an fp32 CPU cache in decode mode."""
+        return self._mode == "decode" and self.dtype == torch.float32 and self.device.type == "cpu"
+
+    def decode_fused(self, i: int, q, k, v, softmax_scale: float, kernels) -> torch.Tensor:
+        """Decode step of layer ``i`` for all ``n`` slots through the compiled kernel
+        (``mptkit.infer.kernels``): write each slot's new key/value row at its length, attend over its keys
+        (ALiBi from the slot's own position). ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) -> (n, H*D). Same result
+        as ``_update`` + ``_attend`` to float rounding; idle slots get a dummy write, as there."""
+        n = self._n
+        if self._pos_t is None:
+            self._pos_t = torch.tensor(self.lengths[:n], dtype=torch.int64)
+        top = max(self.lengths[:n]) + 1
+        return kernels.decode_attention(q, k, v, self.k[i], self.v[i], self._pos_t, top, self._slopes,
+                                        softmax_scale)
 
     def _attend(self, q, k, v, *, slopes, softmax_scale):
         if self._mode == "prefill":

@@ -33,18 +33,25 @@ def _norm_fn(mod):
     return mod  # anything else (LPRMSNorm, custom): the module itself
 
 
-def _linear_fn(w: torch.Tensor, b: torch.Tensor | None):
-    """``F.linear(x, w, b)`` for 2-D ``x`` as the one BLAS call it reduces to (``w.t()`` is a view made once)."""
+SMALL_ROWS = 16  # batches up to this many rows use the small-M kernel (when built); larger ones torch.mm
+
+
+def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small=None):
+    """``F.linear(x, w, b)`` for 2-D ``x``: our small-M kernel (``mptkit.infer.kernels``) for a decode batch
+    when it is available for these weights, else the one BLAS call it reduces to (``w.t()`` is a view made
+    once)."""
     wt = w.t()
-    if b is None:
-        return lambda x: torch.mm(x, wt)
-    return lambda x: torch.addmm(b, x, wt)
+    mm = (lambda x: torch.mm(x, wt)) if b is None else (lambda x: torch.addmm(b, x, wt))
+    if small is None or not small.supports(w) or (b is not None and not small.supports(b.view(1, -1))):
+        return mm
+    lin = small.linear
+    return lambda x: lin(x, w, b) if x.shape[0] <= SMALL_ROWS else mm(x)
 
 
-def _ffn_fn(mod):
+def _ffn_fn(mod, small):
     if type(mod) is MPTMLP:
-        up = _linear_fn(mod.up_proj.weight, mod.up_proj.bias)
-        down = _linear_fn(mod.down_proj.weight, mod.down_proj.bias)
+        up = _linear_fn(mod.up_proj.weight, mod.up_proj.bias, small)
+        down = _linear_fn(mod.down_proj.weight, mod.down_proj.bias, small)
         return lambda x: down(F.gelu(up(x)))
     return mod  # MPTGLU and others: the module (exact, a little slower)
 
@@ -52,16 +59,16 @@ def _ffn_fn(mod):
 class _Layer:
     __slots__ = ("clip", "ffn", "k_ln", "norm_1", "norm_2", "out", "q_ln", "qkv", "scale")
 
-    def __init__(self, blk):
+    def __init__(self, blk, small):
         a = blk.attn
         self.norm_1 = _norm_fn(blk.norm_1)
-        self.qkv = _linear_fn(a.Wqkv.weight, a.Wqkv.bias)
+        self.qkv = _linear_fn(a.Wqkv.weight, a.Wqkv.bias, small)
         self.clip = a.clip_qkv
         self.q_ln = a.q_ln if a.qk_ln else None
         self.k_ln = a.k_ln if a.qk_ln else None
-        self.out = _linear_fn(a.out_proj.weight, a.out_proj.bias)
+        self.out = _linear_fn(a.out_proj.weight, a.out_proj.bias, small)
         self.norm_2 = _norm_fn(blk.norm_2)
-        self.ffn = _ffn_fn(blk.ffn)
+        self.ffn = _ffn_fn(blk.ffn, small)
         self.scale = a.softmax_scale
 
 
@@ -73,17 +80,23 @@ class FastDecoder:
     call, 4x PyTorch's own vectorised kernel at decode sizes (results differ by at most an ulp or two); fp32
     matmuls are MKL calls either way."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, cpu_kernels: bool = True):
         self.model = model
         cfg = model.config
         self.cfg = cfg
         t = model.transformer
         self.wte = t.wte.weight
         self.wpe = t.wpe.weight if hasattr(t, "wpe") else None
-        self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None)
+        small = None
+        if cpu_kernels and self.wte.device.type == "cpu" and self.wte.dtype == torch.float32:
+            from mptkit.infer.kernels import cpu_kernels
+
+            small = cpu_kernels()
+        self.small = small  # the small-M linear kernel in use, or None (torch.mm)
+        self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small)
         self.logit_scale = cfg.logit_scale_value
         self.emb_frac = cfg.embedding_fraction
-        self.layers = [_Layer(b) for b in t.blocks]
+        self.layers = [_Layer(b, small) for b in t.blocks]
         self.norm_f = _norm_fn(t.norm_f)
         self.d, self.h, self.hkv, self.hd = cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.kv_dim = self.hkv * self.hd
@@ -115,6 +128,7 @@ class FastDecoder:
         slopes = self.model.slopes
         d, h, hkv, hd, kvd = self.d, self.h, self.hkv, self.hd, self.kv_dim
         one = n == 1 and hasattr(cache, "decode1")
+        fused = self.small is not None and hasattr(cache, "fused_ok") and cache.fused_ok()
         for i, L in enumerate(self.layers):
             qkv = L.qkv(L.norm_1(x))
             if L.clip:
@@ -124,7 +138,9 @@ class FastDecoder:
                 dt = q.dtype
                 q = L.q_ln(q).to(dt)
                 k = L.k_ln(k).to(dt)
-            if one:
+            if fused:
+                o = cache.decode_fused(i, q, k, v, L.scale, self.small)
+            elif one:
                 o = cache.decode1(i, q, k, v, L.scale)
             else:
                 q = q.view(n, 1, h, hd).transpose(1, 2)

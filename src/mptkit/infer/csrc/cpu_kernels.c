@@ -1,0 +1,211 @@
+/* mptkit: the CPU kernels of the decode step (fp32), called through ctypes by mptkit/infer/kernels.py.
+ *
+ * 1. mptkit_smallgemm: y = x @ w^T (+ b) for a few rows of x — the decode step's linear layers.
+ *    x (M, K), w (N, K) as nn.Linear stores it, b (N) or NULL, y (M, N); all row-major and contiguous.
+ *    At decode time M is the number of sequences in the batch (1..8 typically) and the cost is streaming w.
+ *    A BLAS GEMM at such M runs w through a blocking scheme made for large M: at M = 8 it costs ~2x its M = 1
+ *    time on a 2-core Xeon, though the arithmetic is small next to the bytes moved. Here each thread walks its
+ *    own blocks of w's rows once, for all M rows of x at a time: per step of VW floats along K it loads NB rows
+ *    of w and does M x NB fused multiply-adds against x (which stays in L1/L2), prefetching w PFD floats ahead
+ *    so the core keeps enough memory requests in flight. Blocks of x past 8 rows are done 8 at a time while
+ *    the same rows of w are hot in cache. Every output element is one dot product summed in the same order
+ *    whatever M is, so a sequence's result does not depend on which other sequences share the batch.
+ *
+ * 2. mptkit_decode_attention: one new token per cache slot — write its key/value row into the cache, then
+ *    ALiBi (or plain) causal attention over the slot's own keys (see the comment at the function).
+ *
+ * Built with -O3 -march=native (-fopenmp): x86-64 with AVX-512F or AVX2+FMA only (anything else is refused
+ * at compile time and the caller keeps torch.mm and the batched-matmul attention).
+ */
+#include <immintrin.h>
+#include <stddef.h>
+
+#ifndef PFD
+#define PFD 1024 /* prefetch distance along a row of w, in floats */
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+#define NB 2
+typedef __m512 vf;
+#define LD(p) _mm512_loadu_ps(p)
+#define ST(p, v) _mm512_storeu_ps(p, v)
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define ZERO() _mm512_setzero_ps()
+#define SET1(x) _mm512_set1_ps(x)
+static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+#define NB 1
+typedef __m256 vf;
+#define LD(p) _mm256_loadu_ps(p)
+#define ST(p, v) _mm256_storeu_ps(p, v)
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define ZERO() _mm256_setzero_ps()
+#define SET1(x) _mm256_set1_ps(x)
+static inline float hsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+#error "smallgemm needs AVX-512F or AVX2 with FMA"
+#endif
+
+/* rows n0..n1 of w against M rows of x (M a compile-time constant, so the accumulators live in registers) */
+#define ROWS(M)                                                                                          \
+  static void rows##M(const float *x, const float *w, const float *b, float *y, long N, long K, long n0, \
+                      long n1) {                                                                         \
+    const long kv = K / VW * VW;                                                                         \
+    long n = n0;                                                                                         \
+    for (; n + NB <= n1; n += NB) {                                                                      \
+      vf a[NB][M];                                                                                       \
+      _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                               \
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; m++) a[j][m] = ZERO();                              \
+      const float *wn = w + n * K;                                                                       \
+      for (long k = 0; k < kv; k += VW) {                                                                \
+        vf u[NB];                                                                                        \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                           \
+          u[j] = LD(wn + j * K + k);                                                                     \
+          _mm_prefetch((const char *)(wn + j * K + k + PFD), _MM_HINT_T0);                               \
+        }                                                                                                \
+        _Pragma("GCC unroll 8") for (int m = 0; m < M; m++) {                                            \
+          const vf xv = LD(x + m * K + k);                                                               \
+          _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) a[j][m] = FMA(u[j], xv, a[j][m]);         \
+        }                                                                                                \
+      }                                                                                                  \
+      _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                               \
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; m++) {                                              \
+        float s = hsum(a[j][m]);                                                                         \
+        for (long k = kv; k < K; k++) s += x[m * K + k] * wn[j * K + k];                                 \
+        y[m * N + n + j] = b ? s + b[n + j] : s;                                                         \
+      }                                                                                                  \
+    }                                                                                                    \
+    for (; n < n1; n++) /* rows left over when NB does not divide the block */                          \
+      for (int m = 0; m < M; m++) {                                                                      \
+        vf acc = ZERO();                                                                                 \
+        for (long k = 0; k < kv; k += VW) acc = FMA(LD(w + n * K + k), LD(x + m * K + k), acc);          \
+        float s = hsum(acc);                                                                             \
+        for (long k = kv; k < K; k++) s += x[m * K + k] * w[n * K + k];                                  \
+        y[m * N + n] = b ? s + b[n] : s;                                                                 \
+      }                                                                                                  \
+  }
+
+ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+
+typedef void (*rows_fn)(const float *, const float *, const float *, float *, long, long, long, long);
+static const rows_fn ROWS_FN[9] = {0, rows1, rows2, rows3, rows4, rows5, rows6, rows7, rows8};
+
+/* 0 on success; -1 for a bad shape. nthreads <= 1 runs on the calling thread. */
+int mptkit_smallgemm(const float *x, const float *w, const float *b, float *y, long M, long N, long K,
+                     int nthreads) {
+  if (M < 1 || N < 1 || K < 1) return -1;
+  const long block = 64; /* rows of w per task: 64 x K floats stay in L2 while every block of x passes */
+  const long tasks = (N + block - 1) / block;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+  for (long t = 0; t < tasks; t++) {
+    const long n0 = t * block, n1 = n0 + block < N ? n0 + block : N;
+    for (long m0 = 0; m0 < M; m0 += 8) {
+      const long mb = M - m0 < 8 ? M - m0 : 8;
+      ROWS_FN[mb](x + m0 * K, w, b, y + m0 * N, N, K, n0, n1);
+    }
+  }
+  return 0;
+}
+
+int mptkit_smallgemm_vector_width(void) { return VW; }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Decode attention over the KV cache: one new token for each of n slots, in place.
+ *
+ * q (n, H*D), knew / vnew (n, Hkv*D): rows with strides qrow / krow / vrow (column slices of the fused Wqkv
+ * output, or tensors of their own after qk_ln).
+ * kc / vc: one layer of the cache, (slots, Hkv, cap, D) contiguous. pos[s]: slot s's length before this token,
+ * i.e. where its new key/value row is written. out (n, H*D). slopes (H) for ALiBi, or NULL for none.
+ * Query head h reads kv head h / (H / Hkv) (MHA, GQA, MQA). top > max(pos), top <= cap; scratch: n*H*top floats.
+ *
+ * score_j = scale * q.k_j + slope * (j - pos)  for j = 0..pos; softmax; out = sum_j p_j v_j — the arithmetic of
+ * KVCache._attend (float32), without the (n*Hkv, rep, T) batched matmuls that cost ~120 us per layer at n = 8.
+ */
+#include <math.h>
+
+static inline float dot(const float *a, const float *b, long d) {
+  const long dv = d / VW * VW;
+  vf acc = ZERO();
+  for (long c = 0; c < dv; c += VW) acc = FMA(LD(a + c), LD(b + c), acc);
+  float s = hsum(acc);
+  for (long c = dv; c < d; c++) s += a[c] * b[c];
+  return s;
+}
+
+int mptkit_decode_attention(const float *q, const float *knew, const float *vnew, long qrow, long krow, long vrow,
+                            float *kc, float *vc,
+                            const long *pos, long top, float *out, float *scratch, long n, long H, long Hkv,
+                            long D, long cap, const float *slopes, float scale, int nthreads) {
+  if (n < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 1 || top > cap) return -1;
+  for (long s = 0; s < n; s++)
+    if (pos[s] < 0 || pos[s] >= top) return -2; /* scratch holds `top` scores per head */
+  const long rep = H / Hkv, tmax = top;
+  for (long s = 0; s < n; s++) /* write the new rows first: every head of the slot reads them */
+    for (long g = 0; g < Hkv; g++) {
+      float *kd = kc + ((s * Hkv + g) * cap + pos[s]) * D, *vd = vc + ((s * Hkv + g) * cap + pos[s]) * D;
+      for (long c = 0; c < D; c++) {
+        kd[c] = knew[s * krow + g * D + c];
+        vd[c] = vnew[s * vrow + g * D + c];
+      }
+    }
+  const long tasks = n * H;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+  for (long t = 0; t < tasks; t++) {
+    const long s = t / H, h = t % H, g = h / rep, len = pos[s] + 1;
+    const float *qh = q + s * qrow + h * D;
+    const float *K = kc + (s * Hkv + g) * cap * D, *V = vc + (s * Hkv + g) * cap * D;
+    float *p = scratch + t * tmax, *o = out + s * H * D + h * D;
+    const float slope = slopes ? slopes[h] : 0.f;
+    float mx = -INFINITY;
+    for (long j = 0; j < len; j++) {
+      _mm_prefetch((const char *)(K + (j + 8) * D), _MM_HINT_T0);
+      _mm_prefetch((const char *)(V + j * D), _MM_HINT_T1); /* the values are read next: start them coming */
+      const float v = scale * dot(qh, K + j * D, D) + slope * (float)(j - pos[s]);
+      p[j] = v;
+      mx = v > mx ? v : mx;
+    }
+    float sum = 0.f;
+    for (long j = 0; j < len; j++) {
+      p[j] = expf(p[j] - mx);
+      sum += p[j];
+    }
+    const float inv = 1.f / sum;
+    const long dv = D / VW * VW;
+    const vf vinv = SET1(inv);
+    long c = 0;
+    for (; c + 4 * VW <= dv; c += 4 * VW) { /* four vectors of the head dimension per pass over the values */
+      vf a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();
+      for (long j = 0; j < len; j++) {
+        _mm_prefetch((const char *)(V + (j + 8) * D + c), _MM_HINT_T0);
+        const vf pj = SET1(p[j]);
+        const float *vj = V + j * D + c;
+        a0 = FMA(pj, LD(vj), a0);
+        a1 = FMA(pj, LD(vj + VW), a1);
+        a2 = FMA(pj, LD(vj + 2 * VW), a2);
+        a3 = FMA(pj, LD(vj + 3 * VW), a3);
+      }
+      ST(o + c, a0 * vinv);
+      ST(o + c + VW, a1 * vinv);
+      ST(o + c + 2 * VW, a2 * vinv);
+      ST(o + c + 3 * VW, a3 * vinv);
+    }
+    for (; c < dv; c += VW) {
+      vf acc = ZERO();
+      for (long j = 0; j < len; j++) acc = FMA(SET1(p[j]), LD(V + j * D + c), acc);
+      ST(o + c, acc * vinv);
+    }
+    for (long c = dv; c < D; c++) {
+      float a = 0.f;
+      for (long j = 0; j < len; j++) a += p[j] * V[j * D + c];
+      o[c] = a * inv;
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,148 @@
+"""The compiled CPU decode kernels (``mptkit.infer.kernels``) against PyTorch: the small-M linear against
+``torch.addmm`` and the decode attention against the batched-matmul path of ``KVCache``, for the AVX-512 and
+the AVX2 builds where this CPU runs them; and the fallbacks (switched off, bad shapes)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mptkit.infer import kernels as K
+from mptkit.infer.kernels import FLAGS, cpu_kernels
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("flags"):
+                return set(ln.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+CAN_BUILD = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("gcc") is not None
+             and {"avx2", "fma"} <= _cpu_flags())
+BUILDS = {"native": FLAGS}
+if CAN_BUILD and "avx512f" in _cpu_flags():  # also the AVX2 code path, which AVX-512 machines run too
+    BUILDS["avx2"] = tuple(f if f != "-march=native" else "-march=haswell" for f in FLAGS)
+
+
+@pytest.fixture(params=sorted(BUILDS))
+def kern(request, tmp_path_factory, monkeypatch):
+    if not CAN_BUILD:
+        pytest.skip("needs x86-64 with AVX2+FMA and gcc")
+    monkeypatch.setenv("MPTKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kcache"))
+    k = cpu_kernels(flags=BUILDS[request.param])
+    assert k is not None, "the kernels failed to build on a machine that can build them (see the log)"
+    assert k.vector_width == (16 if request.param == "native" and "avx512f" in _cpu_flags() else 8)
+    return k
+
+
+def test_kernels_build_where_they_can():
+    if CAN_BUILD:
+        assert cpu_kernels() is not None
+    else:
+        pytest.skip("not x86-64 with AVX2+FMA and gcc: the decoder uses torch.mm")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("n,k", [(64, 512), (131, 37), (7, 2048), (1, 16)])
+def test_linear_matches_addmm(kern, m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    torch.testing.assert_close(kern.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kern.linear(x, w, b), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-4)
+    # a non-contiguous x (a column slice) is accepted
+    xx = torch.randn(m, k + 3, generator=g)[:, 3:]
+    torch.testing.assert_close(kern.linear(xx, w), xx @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_rows_do_not_depend_on_the_batch(kern):
+    """Each output row is the same dot products in the same order whatever else shares the batch."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 512, generator=g), torch.randn(300, 512, generator=g)
+    full = kern.linear(x, w)
+    for i in range(8):
+        assert torch.equal(kern.linear(x[i : i + 1], w), full[i : i + 1])
+    assert torch.equal(kern.linear(x[2:5], w), full[2:5])
+
+
+def test_linear_bad_shapes(kern):
+    with pytest.raises(ValueError, match="does not match"):
+        kern.linear(torch.randn(2, 5), torch.randn(3, 6))
+    with pytest.raises(ValueError, match="does not match"):
+        kern.linear(torch.randn(2, 6, dtype=torch.float64), torch.randn(3, 6))
+
+
+def _ref_attention(q, kc, vc, pos, slopes, scale, h, hkv, d):
+    """Per slot and head, the textbook formula over the slot's keys 0..pos (inclusive)."""
+    n = q.shape[0]
+    out = torch.empty(n, h * d, dtype=torch.float64)
+    rep = h // hkv
+    for s in range(n):
+        p = int(pos[s])
+        for hh in range(h):
+            g = hh // rep
+            kk, vv = kc[s, g, : p + 1].double(), vc[s, g, : p + 1].double()
+            sc = scale * (kk @ q[s, hh * d : (hh + 1) * d].double())
+            if slopes is not None:
+                sc = sc + float(slopes[hh]) * (torch.arange(p + 1, dtype=torch.float64) - p)
+            out[s, hh * d : (hh + 1) * d] = torch.softmax(sc, 0) @ vv
+    return out.float()
+
+
+@pytest.mark.parametrize("h,hkv,d", [(8, 8, 64), (4, 2, 16), (6, 1, 24), (2, 2, 5)])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_decode_attention_matches_reference(kern, h, hkv, d, alibi):
+    g = torch.Generator().manual_seed(h * 100 + d)
+    n, slots, cap = 3, 4, 40
+    kc, vc = torch.randn(slots, hkv, cap, d, generator=g), torch.randn(slots, hkv, cap, d, generator=g)
+    qkv = torch.randn(n, (h + 2 * hkv) * d, generator=g)  # q, k, v as column slices of one fused row
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+    pos = torch.tensor([5, 0, 31], dtype=torch.int64)
+    slopes = torch.rand(h, generator=g) if alibi else None
+    kc0 = kc.clone()
+    out = kern.decode_attention(q, k, v, kc, vc, pos, 32, slopes, 0.3)
+    for s in range(n):  # the new rows were written at each slot's position, nothing else changed
+        p = int(pos[s])
+        assert torch.equal(kc[s, :, p], k[s].view(hkv, d))
+        assert torch.equal(vc[s, :, p], v[s].view(hkv, d))
+        kc0[s, :, p] = kc[s, :, p]
+    assert torch.equal(kc, kc0)
+    torch.testing.assert_close(out, _ref_attention(q, kc, vc, pos, slopes, 0.3, h, hkv, d), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_bad_input(kern):
+    kc = torch.zeros(2, 2, 8, 4)
+    q, k, v = torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="rc=-2"):  # a position at or past `top`
+        kern.decode_attention(q, k, v, kc, kc.clone(), torch.tensor([1, 6]), 6, None, 1.0)
+    with pytest.raises(RuntimeError, match="rc=-1"):  # top past the capacity
+        kern.decode_attention(q, k, v, kc, kc.clone(), torch.tensor([1, 2]), 9, None, 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        kern.decode_attention(q, k, v, kc, kc.clone(), torch.tensor([1, 2], dtype=torch.int32), 3, None, 1.0)
+
+
+def test_switched_off_and_unbuildable(monkeypatch, tmp_path):
+    monkeypatch.setenv("MPTKIT_CPU_KERNELS", "0")
+    assert cpu_kernels() is None
+    monkeypatch.delenv("MPTKIT_CPU_KERNELS")
+    monkeypatch.setenv("MPTKIT_CACHE_DIR", str(tmp_path))
+    # a compiler that fails: None (the decoder keeps torch.mm), and nothing half-written is left behind
+    assert cpu_kernels(cc="false") is None
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
+    if not CAN_BUILD:
+        pytest.skip("needs x86-64 with AVX2+FMA and gcc")
+    monkeypatch.setenv("MPTKIT_CACHE_DIR", str(tmp_path))
+    p1 = K._build("gcc", FLAGS)
+    mtime = p1.stat().st_mtime_ns
+    assert K._build("gcc", FLAGS) == p1 and p1.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [f.name for f in p1.parent.iterdir()] == [p1.name]  # no temporary files left
