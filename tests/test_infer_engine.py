@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
+from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams
 from mptkit.infer.engine import Engine
 from mptkit.model import MPTForCausalLM
@@ -49,3 +51,41 @@ def test_engine_restores_the_interpreter_switch_interval():
     assert sys.getswitchinterval() == min(before, 0.0005)
     eng.stop()
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("over", [{}, {"attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}},
+                                  {"learned_pos_emb": True, "attn_config": {"alibi": False}}],
+                         ids=["alibi", "gqa", "learned_pos"])
+def test_packed_prefill_equals_one_prompt_at_a_time(over):
+    """Several slots' prompt chunks in one forward (the engine's prefill) = each slot prefilled on its own:
+    the last-position logits, the cache contents, and the decode steps that follow."""
+    torch.manual_seed(0)
+    model = MPTForCausalLM(tiny_cfg(**over)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    gen = Generator(model, None)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (5, 9, 1)]
+    a, b = gen.new_cache(slots=3, capacity=8), gen.new_cache(slots=3, capacity=8)  # both grow
+    with torch.inference_mode():
+        gen.prefill(a, 1, prompts[1][:4])  # slot 1 continues a chunked prefill: it has cached keys already
+        gen.prefill(b, 1, prompts[1][:4])
+        packed = gen.prefill_packed(a, [(2, prompts[2]), (0, prompts[0]), (1, prompts[1][4:])])
+        single = torch.stack([gen.prefill(b, 2, prompts[2]), gen.prefill(b, 0, prompts[0]),
+                              gen.prefill(b, 1, prompts[1][4:])])
+        torch.testing.assert_close(packed, single, rtol=1e-4, atol=1e-4)
+        assert a.lengths == b.lengths == [5, 9, 1]
+        for i in range(model.config.n_layers):
+            for s, n in enumerate(a.lengths):
+                torch.testing.assert_close(a.k[i][s, :, :n], b.k[i][s, :, :n], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(a.v[i][s, :, :n], b.v[i][s, :, :n], rtol=1e-5, atol=1e-5)
+        toks = [int(x) for x in single.argmax(-1)]
+        toks = [toks[1], toks[2], toks[0]]  # slot order 0, 1, 2
+        for _ in range(4):
+            la, lb = gen.decode(a, toks), gen.decode(b, toks)
+            torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+            toks = lb.argmax(-1).tolist()
+    with pytest.raises(InferenceError, match="distinct slots"):
+        a.begin_prefill_packed([(0, 2), (0, 3)])

@@ -64,7 +64,7 @@ class _LayerCache:
         return self.cache._update(self.i, k, v)
 
     def attend(self, q, k, v, *, slopes, softmax_scale):
-        return self.cache._attend(q, k, v, slopes=slopes, softmax_scale=softmax_scale)
+        return self.cache._attend(q, k, v, slopes=slopes, softmax_scale=softmax_scale, layer=self.i)
 
 
 class KVCache:
@@ -161,6 +161,21 @@ class KVCache:
         self._t = t
         self.seq_len = self.lengths[slot]
 
+    def begin_prefill_packed(self, segments: list[tuple[int, int]]) -> None:
+        """The next forward pass feeds the prompt chunks of several slots concatenated into one row (batch 1):
+        ``segments`` = [(slot, t), ...] in order, distinct slots. Each chunk attends to its own slot's cached
+        keys and itself, causally; the linear layers run once over all of them (one GEMM at M = sum t instead
+        of one per prompt). For models without position embeddings (ALiBi or none): the model sees no
+        "past" (``seq_len`` 0), positions are each slot's own."""
+        slots = [s for s, _ in segments]
+        if len(set(slots)) != len(slots) or any(t < 1 for _, t in segments):
+            raise InferenceError(f"packed prefill needs distinct slots and non-empty chunks, got {segments}")
+        for s, t in segments:
+            self.ensure_capacity(self.lengths[s] + t)
+        self._mode = "prefill_packed"
+        self._segs = list(segments)
+        self.seq_len = 0
+
     def begin_decode(self, n: int, active: list[bool] | None = None) -> None:
         """The next forward pass feeds one token to each of slots ``0..n-1``; only ``active`` slots advance."""
         lens = self.lengths[:n]
@@ -212,6 +227,9 @@ class KVCache:
     def advance(self, t: int) -> None:
         if self._mode == "prefill":
             self.lengths[self._slot] += t
+        elif self._mode == "prefill_packed":
+            for s, n in self._segs:
+                self.lengths[s] += n
         elif self._mode == "decode":
             for s in range(self._n):
                 if self._active[s]:
@@ -224,6 +242,14 @@ class KVCache:
             self.k[i][s : s + 1, :, start : start + t].copy_(k)
             self.v[i][s : s + 1, :, start : start + t].copy_(v)
             return self.k[i][s : s + 1, :, : start + t], self.v[i][s : s + 1, :, : start + t]
+        if self._mode == "prefill_packed":  # k/v (1, Hkv, sum t, D): each chunk into its slot
+            off = 0
+            for s, t in self._segs:
+                start = self.lengths[s]
+                self.k[i][s : s + 1, :, start : start + t].copy_(k[:, :, off : off + t])
+                self.v[i][s : s + 1, :, start : start + t].copy_(v[:, :, off : off + t])
+                off += t
+            return k, v  # _attend reads each slot's keys from the cache
         if self._mode == "decode":
             n, tk = self._n, self.seq_len + 1
             if n == 1:
@@ -275,9 +301,18 @@ class KVCache:
         return kernels.decode_attention(q, k, v, self.k[i], self.v[i], self._pos_t, top, self._slopes,
                                         softmax_scale)
 
-    def _attend(self, q, k, v, *, slopes, softmax_scale):
+    def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
         if self._mode == "prefill":
             return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")
+        if self._mode == "prefill_packed":
+            outs, off = [], 0
+            for s, t in self._segs:
+                end = self.lengths[s] + t
+                ks, vs = self.k[layer][s : s + 1, :, :end], self.v[layer][s : s + 1, :, :end]
+                outs.append(attention(q[:, :, off : off + t], ks, vs, slopes=slopes, softmax_scale=softmax_scale,
+                                      impl="sdpa"))
+                off += t
+            return torch.cat(outs, dim=1)  # (1, sum t, H, D)
         # decode: q (n, H, 1, D), k/v (n, Hkv, tk, D) read in place. Query heads sharing a kv head are
         # batched as rows of one bmm, so GQA/MQA need no repeated keys; the bias is shared by all layers.
         n, h, _, d = q.shape

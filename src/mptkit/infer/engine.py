@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from mptkit.errors import InferenceError
 from mptkit.infer.generate import Generator, Sequence, TokenLogprob
 from mptkit.infer.sampling import SamplingParams
@@ -96,7 +94,7 @@ class Engine:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 512,
         initial_capacity: int = 512,
         switch_interval: float | None = 0.0005,
     ):
@@ -250,29 +248,29 @@ class Engine:
                 self.prompt_tokens += len(sl.seq.prompt_ids)
 
     def _prefill_one(self) -> None:
-        """Prefill chunks (up to ``prefill_chunk`` prompt tokens in all) for slots that need it."""
+        """Prefill up to ``prefill_chunk`` prompt tokens in all, across the slots that need it, in one forward
+        pass (``Generator.prefill_packed``): concurrent arrivals share one GEMM over their prompts."""
         budget = self.prefill_chunk
-        while budget > 0 and self._prefill_chunk(budget):
-            budget -= self._last_chunk
-
-    def _prefill_chunk(self, budget: int) -> bool:
+        segs: list[tuple[int, list[int]]] = []
         for i, sl in enumerate(self.slots):
+            if budget <= 0:
+                break
             if sl is None or sl.next_token is not None or sl.handle.cancelled:
                 continue
-            ids = sl.seq.prompt_ids
-            chunk = ids[sl.fed : sl.fed + budget]
-            self._last_chunk = len(chunk)
-            self.cache.begin_prefill(i, len(chunk))
-            with torch.inference_mode():
-                t = torch.tensor(chunk, dtype=torch.long, device=self.gen.device)[None]
-                logits = self.gen._forward_last(t, self.cache, None)[0]
+            chunk = sl.seq.prompt_ids[sl.fed : sl.fed + budget]
+            if chunk:
+                segs.append((i, chunk))
+                budget -= len(chunk)
+        if not segs:
+            return
+        logits = self.gen.prefill_packed(self.cache, segs)
+        for (i, chunk), row in zip(segs, logits):
+            sl = self.slots[i]
             sl.fed += len(chunk)
-            if sl.fed >= len(ids):
-                tok, delta = sl.seq.step(logits)
+            if sl.fed >= len(sl.seq.prompt_ids):
+                tok, delta = sl.seq.step(row)
                 sl.next_token = tok
                 self._emit(sl, tok, delta)
-            return True
-        return False
 
     def _decode(self) -> None:
         active = [sl is not None and sl.decoding and not sl.handle.cancelled for sl in self.slots]

@@ -7,6 +7,7 @@ precomputed ramp, logits only for the last position (``logits_to_keep=1``), no T
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -279,6 +280,31 @@ class Generator:
             cache.begin_prefill(slot, chunk.shape[1])
             logits = self._forward_last(chunk, cache, None)
         return logits[0]
+
+    @torch.inference_mode()
+    def prefill_packed(self, cache: KVCache, segments: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Feed prompt chunks of several slots — ``segments`` = [(slot, ids), ...], distinct slots, each chunk
+        at most ``prefill_chunk`` long — in one forward pass; return each chunk's last-position logits (n, V).
+
+        One GEMM over all the chunks' tokens instead of one per prompt (a 64-token prompt runs the weights at
+        half the rate of 512 tokens together on CPU); each chunk attends to its own slot only. Models with
+        learned position embeddings (whose positions come from a single "past" length) run one pass per
+        chunk instead."""
+        if not segments:
+            raise InferenceError("prefill_packed: no segments")
+        if self.learned_pos or len(segments) == 1:
+            rows = []
+            for slot, ids in segments:
+                cache.begin_prefill(slot, len(ids))
+                rows.append(self._forward_last(torch.tensor(ids, dtype=torch.long, device=self.device)[None],
+                                               cache, None)[0])
+            return torch.stack(rows)
+        cache.begin_prefill_packed([(slot, len(ids)) for slot, ids in segments])
+        flat = [t for _, ids in segments for t in ids]
+        out = self.model(torch.tensor(flat, dtype=torch.long, device=self.device)[None], cache=cache,
+                         return_logits=False, return_hidden=True)
+        ends = torch.tensor(list(itertools.accumulate(len(ids) for _, ids in segments)), device=self.device) - 1
+        return self.model.logits(out.hidden_states[0, ends])
 
     @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: list[int], active: list[bool] | None = None) -> torch.Tensor:
