@@ -40,11 +40,53 @@ async def client(c: httpx.AsyncClient, base: str, prompt: list[int], new: int) -
     return time.perf_counter() - t, n
 
 
-async def wave(base: str, k: int, new: int) -> tuple[float, list[float], int]:
-    """``k`` clients, each with its own connection, made before the clock starts: building an
-    ``httpx.AsyncClient`` costs ~60 ms of this process's CPU (it sets up an SSL context even for http://),
-    client-side work that would otherwise be counted against the server, 8 times over in an 8-client wave."""
+def _dechunk(body: bytes) -> bytes:
+    """The payload of an HTTP/1.1 chunked body."""
+    out, i = [], 0
+    while True:
+        j = body.index(b"\r\n", i)
+        size = int(body[i:j].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[j + 2 : j + 2 + size])
+        i = j + 2 + size + 2
+
+
+async def raw_client(base: str, prompt: list[int], new: int) -> tuple[float, int]:
+    """A minimal streaming client on a bare asyncio socket: it reads the SSE stream as it arrives (so the
+    server streams to it token by token) but parses it only once, at the end — a load generator should cost
+    the machine as little as possible; httpx's per-line parsing costs ~0.1 ms of CPU per chunk here."""
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new, "stream": True, "ignore_eos": True,
+                       "temperature": 0, "stream_options": {"include_usage": True}}).encode()
+    t = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(body)) + body)
+    await writer.drain()
+    parts = []
+    while data := await reader.read(65536):
+        parts.append(data)
+    writer.close()
+    dt = time.perf_counter() - t
+    raw = b"".join(parts)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"server answered {head[:200]!r}")
+    events = [ln[6:] for ln in _dechunk(rest).split(b"\n") if ln.startswith(b"data: {")]
+    CHUNKS[0] += len(events)
+    return dt, json.loads(events[-1])["usage"]["completion_tokens"]
+
+
+async def wave(base: str, k: int, new: int, raw: bool = True) -> tuple[float, list[float], int]:
+    """``k`` clients, each with its own connection. httpx clients are made before the clock starts: building
+    an ``httpx.AsyncClient`` costs ~60 ms of CPU (it sets up an SSL context even for http://), client-side
+    work that would otherwise be counted against the server, 8 times over in an 8-client wave."""
     prompts = [[(7 * i + j) % 8000 + 1 for j in range(64)] for i in range(k)]
+    if raw:
+        t = time.perf_counter()
+        res = await asyncio.gather(*(raw_client(base, p, new) for p in prompts))
+        return time.perf_counter() - t, [r[0] for r in res], sum(r[1] for r in res)
     clients = [httpx.AsyncClient(timeout=600) for _ in range(k)]
     try:
         t = time.perf_counter()
@@ -63,9 +105,9 @@ def _client_process(conn) -> None:
         msg = conn.recv()
         if msg is None:
             return
-        base, k, new = msg
+        base, k, new, raw = msg
         CHUNKS[0] = 0
-        res = asyncio.run(wave(base, k, new))
+        res = asyncio.run(wave(base, k, new, raw))
         conn.send((*res, CHUNKS[0]))
 
 
@@ -73,8 +115,8 @@ class Clients:
     """``run(k, new)`` -> (seconds, per-client latencies, completion tokens, SSE chunks); clients in a separate
     process by default, or in this one (``in_process``: the setting of the first measurements)."""
 
-    def __init__(self, base: str, in_process: bool):
-        self.base, self.in_process = base, in_process
+    def __init__(self, base: str, in_process: bool, raw: bool):
+        self.base, self.in_process, self.raw = base, in_process, raw
         if not in_process:
             import multiprocessing as mp
 
@@ -86,8 +128,8 @@ class Clients:
     def run(self, k: int, new: int):
         if self.in_process:
             CHUNKS[0] = 0
-            return (*asyncio.run(wave(self.base, k, new)), CHUNKS[0])
-        self.conn.send((self.base, k, new))
+            return (*asyncio.run(wave(self.base, k, new, self.raw)), CHUNKS[0])
+        self.conn.send((self.base, k, new, self.raw))
         return self.conn.recv()
 
     def close(self) -> None:
@@ -145,6 +187,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--clients-in-process", action="store_true", help="run the HTTP clients in the server's "
                     "process (sharing its GIL), as the first measurements did")
+    ap.add_argument("--httpx-clients", action="store_true", help="stream with httpx (parsing every SSE line as "
+                    "it arrives, ~0.1 ms of CPU per chunk) instead of the bare-socket load generator")
     ap.add_argument("--no-tokenizer", action="store_true", help="token ids only: text deltas are empty, so "
                     "only the final SSE chunk is sent (the setting of the first measurements)")
     args = ap.parse_args()
@@ -162,7 +206,7 @@ def main() -> None:
     srv = Server(eng, model_name="bench", limits=ServerLimits(max_batch=max(8, args.clients)))
     bg = BackgroundServer(srv)
     base = bg.base_url
-    clients = Clients(base, args.clients_in_process)
+    clients = Clients(base, args.clients_in_process, raw=not args.httpx_clients)
     clients.run(1, 8)  # warm-up
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p * (len(xs) - 1)))]
     print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f}")
@@ -194,7 +238,8 @@ def main() -> None:
     e = [(engine_wave(eng, 1, args.new), engine_wave(eng, args.clients, args.new)) for _ in range(args.rounds)]
     print(f"engine only: 1 sequence {med([a for a, _ in e]):7.1f} tokens/s, {args.clients} sequences "
           f"{med([b for _, b in e]):7.1f} tokens/s, ratio {med([b / a for a, b in e]):.2f}x median")
-    print(f"clients: {'in the server process' if args.clients_in_process else 'in a separate process'}")
+    print(f"clients: {'httpx' if args.httpx_clients else 'bare asyncio sockets'}, "
+          f"{'in the server process' if args.clients_in_process else 'in a separate process'}")
     clients.close()
     bg.stop()
     eng.stop()
