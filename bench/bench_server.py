@@ -1,9 +1,10 @@
 """Server throughput: aggregate tokens/s of 8 concurrent streaming clients vs 1 client, p50/p99 latency.
-Model d512/8L/8H (random init, vocab 8192), 64-token prompts, 64 new tokens each (ignore_eos).
+Model d512/8L/8H (random init, vocab 8192), 64-token prompts, 64 new tokens each (ignore_eos); --prompt-len 128
+--new 256 is the shape of the decode benchmark (bench_decode.py).
 
 Also the same waves submitted straight to the engine (no HTTP), to separate batching from serving overhead.
 
-Run: flock /tmp/mptkit-bench.lock python bench/bench_server.py [--clients 8] [--new 64] [--rounds 7]
+Run: flock /tmp/mptkit-bench.lock python bench/bench_server.py [--clients 8] [--prompt-len 64] [--new 64] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mptkit.infer.server import BackgroundServer, Server, ServerLimits
 from mptkit.model import MPTForCausalLM
 
 CHUNKS = [0]  # SSE data chunks received (all clients)
+PROMPT_LEN = [64]  # tokens per prompt (set from --prompt-len, in the client process too)
 
 
 async def client(c: httpx.AsyncClient, base: str, prompt: list[int], new: int) -> tuple[float, int]:
@@ -82,7 +84,7 @@ async def wave(base: str, k: int, new: int, raw: bool = True) -> tuple[float, li
     """``k`` clients, each with its own connection. httpx clients are made before the clock starts: building
     an ``httpx.AsyncClient`` costs ~60 ms of CPU (it sets up an SSL context even for http://), client-side
     work that would otherwise be counted against the server, 8 times over in an 8-client wave."""
-    prompts = [[(7 * i + j) % 8000 + 1 for j in range(64)] for i in range(k)]
+    prompts = [[(7 * i + j) % 8000 + 1 for j in range(PROMPT_LEN[0])] for i in range(k)]
     if raw:
         t = time.perf_counter()
         res = await asyncio.gather(*(raw_client(base, p, new) for p in prompts))
@@ -105,7 +107,7 @@ def _client_process(conn) -> None:
         msg = conn.recv()
         if msg is None:
             return
-        base, k, new, raw = msg
+        base, k, new, raw, PROMPT_LEN[0] = msg
         CHUNKS[0] = 0
         res = asyncio.run(wave(base, k, new, raw))
         conn.send((*res, CHUNKS[0]))
@@ -129,7 +131,7 @@ class Clients:
         if self.in_process:
             CHUNKS[0] = 0
             return (*asyncio.run(wave(self.base, k, new, self.raw)), CHUNKS[0])
-        self.conn.send((self.base, k, new, self.raw))
+        self.conn.send((self.base, k, new, self.raw, PROMPT_LEN[0]))
         return self.conn.recv()
 
     def close(self) -> None:
@@ -162,7 +164,7 @@ def engine_wave(eng: Engine, k: int, new: int) -> float:
     """The same wave submitted straight to the engine; the caller sleeps on an event until the last token."""
     import threading
 
-    prompts = [[(7 * i + j) % 8000 + 1 for j in range(64)] for i in range(k)]
+    prompts = [[(7 * i + j) % 8000 + 1 for j in range(PROMPT_LEN[0])] for i in range(k)]
     left = [k]
     done = threading.Event()
 
@@ -183,6 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--clients-in-process", action="store_true", help="run the HTTP clients in the server's "
@@ -194,6 +197,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    PROMPT_LEN[0] = args.prompt_len
     torch.manual_seed(0)
     model = MPTForCausalLM({"d_model": 512, "n_heads": 8, "n_layers": 8, "max_seq_len": 2048, "vocab_size": 8192,
                             "attn_config": {"alibi": True}}).eval()
@@ -209,7 +213,7 @@ def main() -> None:
     clients = Clients(base, args.clients_in_process, raw=not args.httpx_clients)
     clients.run(1, 8)  # warm-up
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p * (len(xs) - 1)))]
-    print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f}")
+    print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f} prompt={args.prompt_len} new={args.new}")
     chunks = 0
     # Rounds of paired waves (1 client, then k clients, back to back): this VM's speed drifts by 2x within
     # minutes, so each round's ratio compares two waves run under the same conditions; the median of the

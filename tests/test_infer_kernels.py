@@ -146,3 +146,13 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
     mtime = p1.stat().st_mtime_ns
     assert K._build("gcc", FLAGS) == p1 and p1.stat().st_mtime_ns == mtime  # reused, not rebuilt
     assert [f.name for f in p1.parent.iterdir()] == [p1.name]  # no temporary files left
+
+
+def test_gelu_matches_torch(kern):
+    x = torch.cat([torch.linspace(-12, 12, 20011), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0])])
+    ref = torch.nn.functional.gelu(x.double()).float()
+    got = kern.gelu_(x.clone())
+    assert (got - ref).abs().max().item() < 1e-6  # erf to ~1.5e-7 absolute (PyTorch's own: ~1e-6)
+    assert (got - torch.nn.functional.gelu(x)).abs().max().item() < 2e-6
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kern.gelu_(x.double())

@@ -294,12 +294,21 @@ class KVCache:
         (``mptkit.infer.kernels``): write each slot's new key/value row at its length, attend over its keys
         (ALiBi from the slot's own position). ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) -> (n, H*D). Same result
         as ``_update`` + ``_attend`` to float rounding; idle slots get a dummy write, as there."""
+        pos, top = self.fused_positions()
+        return kernels.decode_attention(q, k, v, self.k[i], self.v[i], pos, top, self._slopes, softmax_scale)
+
+    def fused_positions(self) -> tuple[torch.Tensor, int]:
+        """For the fused kernels in this decode step: each slot's length as an int64 tensor, and max + 1."""
         n = self._n
         if self._pos_t is None:
             self._pos_t = torch.tensor(self.lengths[:n], dtype=torch.int64)
-        top = max(self.lengths[:n]) + 1
-        return kernels.decode_attention(q, k, v, self.k[i], self.v[i], self._pos_t, top, self._slopes,
-                                        softmax_scale)
+        return self._pos_t, max(self.lengths[:n]) + 1
+
+    def fused_block(self, i: int, x: torch.Tensor, weights, kernels) -> None:
+        """Layer ``i``'s whole block on ``x`` (n, d) in place, cache write included
+        (``CpuKernels.decode_block``)."""
+        pos, top = self.fused_positions()
+        kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes)
 
     def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
         if self._mode == "prefill":

@@ -57,10 +57,16 @@ def _ffn_fn(mod, small):
 
 
 class _Layer:
-    __slots__ = ("clip", "ffn", "k_ln", "norm_1", "norm_2", "out", "q_ln", "qkv", "scale")
+    __slots__ = ("block", "clip", "ffn", "k_ln", "norm_1", "norm_2", "out", "q_ln", "qkv", "scale")
 
     def __init__(self, blk, small):
         a = blk.attn
+        if small is not None:
+            from mptkit.infer.kernels import BlockWeights
+
+            self.block = BlockWeights.of(blk)  # the whole block in one compiled call, where it covers it
+        else:
+            self.block = None
         self.norm_1 = _norm_fn(blk.norm_1)
         self.qkv = _linear_fn(a.Wqkv.weight, a.Wqkv.bias, small)
         self.clip = a.clip_qkv
@@ -129,7 +135,12 @@ class FastDecoder:
         d, h, hkv, hd, kvd = self.d, self.h, self.hkv, self.hd, self.kv_dim
         one = n == 1 and hasattr(cache, "decode1")
         fused = self.small is not None and hasattr(cache, "fused_ok") and cache.fused_ok()
+        if fused:
+            x = x.contiguous()  # the fused block updates it in place
         for i, L in enumerate(self.layers):
+            if fused and L.block is not None:
+                cache.fused_block(i, x, L.block, self.small)
+                continue
             qkv = L.qkv(L.norm_1(x))
             if L.clip:
                 qkv = qkv.clamp(min=-L.clip, max=L.clip)

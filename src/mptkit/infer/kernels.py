@@ -58,6 +58,15 @@ class CpuKernels:
                                + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 5
                                + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
 
+        self._block = lib.mptkit_decode_block
+        self._block.restype = ctypes.c_int
+        P, L, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+        self._block.argtypes = [P, L, L, P, P, F, P, P, F, P, P, P, L, L, L, L, L, P, F, P, P, P, P, F, P, P, L, P, P,
+                                P, ctypes.c_int]
+        self._gelu = lib.mptkit_gelu
+        self._gelu.restype = None
+        self._gelu.argtypes = [P, L]
+
     def supports(self, w: torch.Tensor) -> bool:
         return w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()
 
@@ -100,6 +109,73 @@ class CpuKernels:
         if rc != 0:
             raise RuntimeError(f"decode_attention failed (rc={rc}): n={n} H={h} Hkv={hkv} D={d} cap={cap}")
         return out
+
+
+    def gelu_(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact-form GELU in place on a contiguous fp32 CPU tensor (erf to ~1.5e-7 absolute, as PyTorch's)."""
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()):
+            raise ValueError("gelu_: needs a contiguous fp32 CPU tensor")
+        self._gelu(x.data_ptr(), x.numel())
+        return x
+
+    def decode_block(self, x: torch.Tensor, blk: BlockWeights, kc: torch.Tensor, vc: torch.Tensor,
+                     pos: torch.Tensor, top: int, slopes: torch.Tensor | None) -> None:
+        """One MPT block of a decode step on ``x`` (n, d_model), in place: LN1 -> Wqkv (+clip) -> attention over
+        the cache (new K/V rows written) -> out_proj -> residual -> LN2 -> up -> GELU -> down -> residual.
+        ``kc``/``vc``, ``pos``, ``top``, ``slopes`` as for :meth:`decode_attention`."""
+        n, d = x.shape
+        if not (x.is_contiguous() and x.dtype == torch.float32 and kc.is_contiguous() and vc.is_contiguous()
+                and pos.dtype == torch.int64 and pos.numel() == n):
+            raise ValueError("decode_block: x (n, d) contiguous fp32, contiguous caches, pos (n,) int64")
+        b = blk
+        ws = torch.empty(n * (2 * d + b.qkv_dim + b.ffn) + n * b.n_heads * top, dtype=torch.float32)
+        p = _ptr
+        rc = self._block(x.data_ptr(), n, d, p(b.ln1_w), p(b.ln1_b), b.eps1, p(b.wqkv), p(b.bqkv), b.clip,
+                         kc.data_ptr(), vc.data_ptr(), pos.data_ptr(), top, kc.shape[2], b.n_heads, kc.shape[1],
+                         kc.shape[3], p(slopes), b.scale, p(b.wout), p(b.bout), p(b.ln2_w), p(b.ln2_b), b.eps2,
+                         p(b.wup), p(b.bup), b.ffn, p(b.wdown), p(b.bdown), ws.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"decode_block failed (rc={rc}): n={n} d={d} top={top} cap={kc.shape[2]}")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class BlockWeights:
+    """The tensors of one standard MPT block that :meth:`CpuKernels.decode_block` reads (looked up once, never
+    copied: in-place weight updates are seen). ``BlockWeights.of(blk)`` is None for blocks it does not cover:
+    norms other than LayerNorm/LPLayerNorm, QK-LayerNorm, FFNs other than MPTMLP, non-fp32/non-contiguous or
+    non-CPU weights."""
+
+    __slots__ = ("bdown", "bout", "bqkv", "bup", "clip", "eps1", "eps2", "ffn", "ln1_b", "ln1_w", "ln2_b", "ln2_w",
+                 "n_heads", "qkv_dim", "scale", "wdown", "wout", "wqkv", "wup")
+
+    @classmethod
+    def of(cls, blk) -> BlockWeights | None:
+        from mptkit.model.blocks import MPTMLP, LayerNorm, LPLayerNorm
+
+        a, f = blk.attn, blk.ffn
+        if (type(blk.norm_1) not in (LayerNorm, LPLayerNorm) or type(blk.norm_2) not in (LayerNorm, LPLayerNorm)
+                or type(f) is not MPTMLP or a.qk_ln or blk.norm_1.weight is None or blk.norm_2.weight is None
+                or a.d_model != a.n_heads * a.head_dim):
+            return None
+        w = cls()
+        w.ln1_w, w.ln1_b, w.eps1 = blk.norm_1.weight, blk.norm_1.bias, float(blk.norm_1.eps)
+        w.ln2_w, w.ln2_b, w.eps2 = blk.norm_2.weight, blk.norm_2.bias, float(blk.norm_2.eps)
+        w.wqkv, w.bqkv = a.Wqkv.weight, a.Wqkv.bias
+        w.wout, w.bout = a.out_proj.weight, a.out_proj.bias
+        w.wup, w.bup = f.up_proj.weight, f.up_proj.bias
+        w.wdown, w.bdown = f.down_proj.weight, f.down_proj.bias
+        w.clip = float(a.clip_qkv or 0.0)
+        w.scale = float(a.softmax_scale)
+        w.n_heads = a.n_heads
+        w.qkv_dim = w.wqkv.shape[0]
+        w.ffn = w.wup.shape[0]
+        ts = [getattr(w, k) for k in cls.__slots__ if isinstance(getattr(w, k), torch.Tensor)]
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts):
+            return None
+        return w
 
 
 def _cache_dir() -> Path:
