@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "fp16"],
+                    help="KV cache storage (default: the model's fp32)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--clients-in-process", action="store_true", help="run the HTTP clients in the server's "
@@ -205,7 +207,7 @@ def main() -> None:
     if not args.no_tokenizer:  # per-token text: every token becomes an SSE chunk, as in real serving
         tok = _tokenizer(model.config.vocab_size)
         print(f"tokenizer: byte-level BPE, {len(tok)} tokens (model vocab {model.config.vocab_size})")
-    gen = Generator(model, tok)
+    gen = Generator(model, tok, kv_dtype=args.kv_dtype)
     eng = Engine(gen, max_batch=max(8, args.clients)).start()
     srv = Server(eng, model_name="bench", limits=ServerLimits(max_batch=max(8, args.clients)))
     bg = BackgroundServer(srv)
@@ -213,7 +215,8 @@ def main() -> None:
     clients = Clients(base, args.clients_in_process, raw=not args.httpx_clients)
     clients.run(1, 8)  # warm-up
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p * (len(xs) - 1)))]
-    print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f} prompt={args.prompt_len} new={args.new}")
+    print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f} prompt={args.prompt_len} new={args.new} "
+          f"kv={gen.kv_dtype}")
     chunks = 0
     # Rounds of paired waves (1 client, then k clients, back to back): this VM's speed drifts by 2x within
     # minutes, so each round's ratio compares two waves run under the same conditions; the median of the

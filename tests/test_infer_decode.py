@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams
 from mptkit.model import MPTForCausalLM
 from tests.conftest import tiny_cfg
@@ -92,3 +93,35 @@ def test_fast_decode_steps_aside_in_training_mode_and_restores_onednn():
     before = torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
     gen.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
     assert (torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()) == before
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "clip_qkln_bias"])
+def test_fp16_kv_cache(name):
+    """kv_dtype="fp16" on an fp32 model: the cache stores fp16; the fast step (compiled kernels where built,
+    which convert on the fly) matches the generic forward on its own fp16 cache — to fp16 rounding: a K/V value
+    that differs in its last fp32 bit between the two paths may round to a neighbouring fp16 value — and the
+    fp32 cache's logits likewise; greedy batched = unbatched. (The kernels' fp16 arithmetic itself is checked to
+    1e-5 in tests/test_infer_kernels.py.)"""
+    model = _model(CONFIGS[name])
+    fast = Generator(model, None, kv_dtype="fp16")
+    slow = Generator(model, None, kv_dtype="fp16", fast_decode=False)
+    ref = Generator(model, None)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    with torch.inference_mode():
+        caches = {id(x): x.new_cache(slots=3, capacity=8) for x in (fast, slow, ref)}
+        assert caches[id(fast)].k[0].dtype == torch.float16 and caches[id(ref)].k[0].dtype == torch.float32
+        for x in (fast, slow, ref):
+            for i, p in enumerate(prompts):
+                x.prefill(caches[id(x)], i, p)
+        toks = [1, 2, 3]
+        for _ in range(5):
+            la, lb, lr = (x.decode(caches[id(x)], toks) for x in (fast, slow, ref))
+            torch.testing.assert_close(la, lb, atol=3e-3, rtol=0)
+            torch.testing.assert_close(la, lr, atol=3e-2, rtol=0)
+            toks = [int(t) for t in lb.argmax(-1)]
+    batched = fast.generate(prompts, SamplingParams(max_tokens=8))
+    for p, out in zip(prompts, batched):
+        assert fast.generate([p], SamplingParams(max_tokens=8))[0].token_ids == out.token_ids
+    with pytest.raises(InferenceError, match="kv_dtype"):
+        Generator(model, None, kv_dtype="int8")

@@ -88,7 +88,7 @@ def _ref_attention(q, kc, vc, pos, slopes, scale, h, hkv, d):
         p = int(pos[s])
         for hh in range(h):
             g = hh // rep
-            kk, vv = kc[s, g, : p + 1].double(), vc[s, g, : p + 1].double()
+            kk, vv = kc[s, g, : p + 1].double(), vc[s, g, : p + 1].double()  # as stored (fp16: rounded)
             sc = scale * (kk @ q[s, hh * d : (hh + 1) * d].double())
             if slopes is not None:
                 sc = sc + float(slopes[hh]) * (torch.arange(p + 1, dtype=torch.float64) - p)
@@ -98,20 +98,22 @@ def _ref_attention(q, kc, vc, pos, slopes, scale, h, hkv, d):
 
 @pytest.mark.parametrize("h,hkv,d", [(8, 8, 64), (4, 2, 16), (6, 1, 24), (2, 2, 5)])
 @pytest.mark.parametrize("alibi", [True, False])
-def test_decode_attention_matches_reference(kern, h, hkv, d, alibi):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["kv32", "kv16"])
+def test_decode_attention_matches_reference(kern, h, hkv, d, alibi, kv):
     g = torch.Generator().manual_seed(h * 100 + d)
     n, slots, cap = 3, 4, 40
-    kc, vc = torch.randn(slots, hkv, cap, d, generator=g), torch.randn(slots, hkv, cap, d, generator=g)
+    kc = torch.randn(slots, hkv, cap, d, generator=g).to(kv)
+    vc = torch.randn(slots, hkv, cap, d, generator=g).to(kv)
     qkv = torch.randn(n, (h + 2 * hkv) * d, generator=g)  # q, k, v as column slices of one fused row
     q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
     pos = torch.tensor([5, 0, 31], dtype=torch.int64)
     slopes = torch.rand(h, generator=g) if alibi else None
     kc0 = kc.clone()
     out = kern.decode_attention(q, k, v, kc, vc, pos, 32, slopes, 0.3)
-    for s in range(n):  # the new rows were written at each slot's position, nothing else changed
+    for s in range(n):  # the new rows were written at each slot's position (rounded as torch rounds), nothing else
         p = int(pos[s])
-        assert torch.equal(kc[s, :, p], k[s].view(hkv, d))
-        assert torch.equal(vc[s, :, p], v[s].view(hkv, d))
+        assert torch.equal(kc[s, :, p], k[s].view(hkv, d).to(kv))
+        assert torch.equal(vc[s, :, p], v[s].view(hkv, d).to(kv))
         kc0[s, :, p] = kc[s, :, p]
     assert torch.equal(kc, kc0)
     torch.testing.assert_close(out, _ref_attention(q, kc, vc, pos, slopes, 0.3, h, hkv, d), rtol=1e-5, atol=1e-5)

@@ -79,6 +79,7 @@ class KVCache:
         max_context: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype | None = None,
     ):
         self.config = config
         self.n_layers = config.n_layers
@@ -87,7 +88,8 @@ class KVCache:
         self.head_dim = config.head_dim
         self.max_context = context_limit(config, max_context)
         self.slots = slots
-        self.dtype = dtype
+        self.dtype = dtype  # storage of K/V
+        self.compute_dtype = compute_dtype or dtype  # what attention computes in (K/V read back to it)
         self.device = torch.device(device)
         cap = capacity if capacity is not None else min(self.max_context, 256)
         self.capacity = max(1, min(cap, self.max_context))
@@ -150,7 +152,7 @@ class KVCache:
         """(H, 1, capacity): slope_h * (j - (capacity-1)); the last L columns are a decode row for length L."""
         if self._ramp is None:
             j = torch.arange(-(self.capacity - 1), 1, device=self.device, dtype=torch.float32)
-            self._ramp = (self._slopes[:, None, None] * j[None, None, :]).to(self.dtype)
+            self._ramp = (self._slopes[:, None, None] * j[None, None, :]).to(self.compute_dtype)
         return self._ramp
 
     def begin_prefill(self, slot: int, t: int) -> None:
@@ -209,7 +211,8 @@ class KVCache:
             bias = self._slopes[None, :, None, None] * rel[:, None, None, :]
         else:
             bias = torch.zeros((n, self.n_heads, 1, tk), device=self.device)
-        self._bias = bias.masked_fill(~allowed[:, None, None, :], torch.finfo(torch.float32).min).to(self.dtype)
+        self._bias = bias.masked_fill(~allowed[:, None, None, :], torch.finfo(torch.float32).min).to(
+            self.compute_dtype)
 
     def decode_attention_mask(self) -> torch.Tensor:
         """For learned-position models in a multi-slot decode: an (n, past+1) mask whose cumulative sum gives
@@ -258,8 +261,8 @@ class KVCache:
                 self.v[i][0:1, :, p : p + 1].copy_(v)
             else:
                 d = self.head_dim
-                self.k[i].view(-1, d).index_copy_(0, self._rows, k.reshape(-1, d))
-                self.v[i].view(-1, d).index_copy_(0, self._rows, v.reshape(-1, d))
+                self.k[i].view(-1, d).index_copy_(0, self._rows, k.reshape(-1, d).to(self.dtype))
+                self.v[i].view(-1, d).index_copy_(0, self._rows, v.reshape(-1, d).to(self.dtype))
             return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
         raise InferenceError("KVCache used without begin_prefill()/begin_decode()")
 
@@ -277,17 +280,19 @@ class KVCache:
         kc.select(1, p).copy_(k.view(hkv, d))
         vc.select(1, p).copy_(v.view(hkv, d))
         qq = q.view(hkv, rep, d)
-        kk = kc.narrow(1, 0, tk)
+        kk = kc.narrow(1, 0, tk).to(q.dtype)
         if self._bias is None:
             s = torch.bmm(qq, kk.transpose(1, 2)) * softmax_scale
         else:
             s = torch.baddbmm(self._bias.view(hkv, rep, tk), qq, kk.transpose(1, 2), alpha=softmax_scale)
         pr = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
-        return torch.bmm(pr, vc.narrow(1, 0, tk)).view(1, hkv * rep * d)
+        return torch.bmm(pr, vc.narrow(1, 0, tk).to(pr.dtype)).view(1, hkv * rep * d)
 
-    def fused_ok(self) -> bool:
-        """Whether :meth:`decode_fused` may run: an fp32 CPU cache in decode mode."""
-        return self._mode == "decode" and self.dtype == torch.float32 and self.device.type == "cpu"
+    def fused_ok(self, kernels) -> bool:
+        """Whether :meth:`decode_fused` / :meth:`fused_block` may run with ``kernels``: a CPU cache in decode
+        mode computing in fp32, stored in fp32 (or fp16 where the kernels convert it)."""
+        return (self._mode == "decode" and self.device.type == "cpu" and self.compute_dtype == torch.float32
+                and (self.dtype == torch.float32 or (self.dtype == torch.float16 and kernels.has_f16)))
 
     def decode_fused(self, i: int, q, k, v, softmax_scale: float, kernels) -> torch.Tensor:
         """Decode step of layer ``i`` for all ``n`` slots through the compiled kernel
@@ -311,6 +316,8 @@ class KVCache:
         kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes)
 
     def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
+        if k.dtype != q.dtype:  # a cache stored in a narrower type (kv_dtype): attention computes in q's
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if self._mode == "prefill":
             return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")
         if self._mode == "prefill_packed":
@@ -318,6 +325,7 @@ class KVCache:
             for s, t in self._segs:
                 end = self.lengths[s] + t
                 ks, vs = self.k[layer][s : s + 1, :, :end], self.v[layer][s : s + 1, :, :end]
+                ks, vs = ks.to(q.dtype), vs.to(q.dtype)
                 outs.append(attention(q[:, :, off : off + t], ks, vs, slopes=slopes, softmax_scale=softmax_scale,
                                       impl="sdpa"))
                 off += t

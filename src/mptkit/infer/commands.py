@@ -23,6 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="KV cache storage (default: the model's dtype); fp16 halves its memory and bytes per step")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float, max_new: int) -> None:
@@ -63,7 +65,7 @@ def _load(args, *, need_tokenizer: bool = True):
     tok = load_tokenizer(args.model)
     if tok is None and need_tokenizer:
         raise InferenceError(f"{args.model}: no tokenizer files (tokenizer.json) next to the weights")
-    return Generator(model, tok, max_context=args.max_context, compile=args.compile)
+    return Generator(model, tok, max_context=args.max_context, compile=args.compile, kv_dtype=args.kv_dtype)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -157,7 +159,7 @@ def cmd_serve(args) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue)
     srv = build_server(args.model, max_context=args.max_context, api_key=args.api_key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
-                       dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+                       dtype=getattr(torch, DTYPES[args.dtype]), device=args.device, kv_dtype=args.kv_dtype)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")
     return 0

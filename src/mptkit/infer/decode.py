@@ -134,7 +134,7 @@ class FastDecoder:
         slopes = self.model.slopes
         d, h, hkv, hd, kvd = self.d, self.h, self.hkv, self.hd, self.kv_dim
         one = n == 1 and hasattr(cache, "decode1")
-        fused = self.small is not None and hasattr(cache, "fused_ok") and cache.fused_ok()
+        fused = self.small is not None and hasattr(cache, "fused_ok") and cache.fused_ok(self.small)
         if fused:
             x = x.contiguous()  # the fused block updates it in place
         for i, L in enumerate(self.layers):

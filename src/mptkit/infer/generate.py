@@ -209,8 +209,30 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
+KV_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def kv_cache_dtype(kv_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage type: ``None``/"auto" = the model's dtype; "fp16" halves an fp32 model's cache
+    (K/V rounded to fp16 when stored, attention still computed in the model's dtype — llama.cpp's default)."""
+    if kv_dtype is None or kv_dtype == "auto":
+        return model_dtype
+    if isinstance(kv_dtype, torch.dtype):
+        if kv_dtype not in KV_DTYPES.values():
+            raise InferenceError(f"kv_dtype {kv_dtype} is not supported; use one of fp32, fp16, bf16")
+        return kv_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise InferenceError(f"kv_dtype {kv_dtype!r} is not supported; use one of auto, fp32, fp16, bf16")
+    return KV_DTYPES[kv_dtype]
+
+
 class Generator:
-    """Runs a model with a KV cache: prefill and decode for one or many sequences."""
+    """Runs a model with a KV cache: prefill and decode for one or many sequences.
+
+    ``kv_dtype`` ("auto", "fp32", "fp16", "bf16"): how the KV cache stores keys and values (default: the model's
+    dtype). "fp16" on an fp32 model halves the cache's memory and the bytes each decode step reads (the
+    compiled CPU kernels convert on the fly); outputs then differ from full recompute by fp16 rounding."""
 
     def __init__(
         self,
@@ -221,6 +243,7 @@ class Generator:
         prefill_chunk: int = PREFILL_CHUNK,
         compile: bool = False,
         fast_decode: bool = True,
+        kv_dtype: torch.dtype | str | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -229,6 +252,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.kv_dtype = kv_cache_dtype(kv_dtype, self.dtype)
         self.learned_pos = bool(self.config.use_learned_pos_emb)
         self._decode_fn = self._forward_last
         self.fast = FastDecoder(model) if fast_decode else None
@@ -254,8 +278,8 @@ class Generator:
 
     def new_cache(self, slots: int = 1, capacity: int | None = None) -> KVCache:
         cache = KVCache(
-            self.config, slots=slots, capacity=capacity, max_context=self.max_context, dtype=self.dtype,
-            device=self.device,
+            self.config, slots=slots, capacity=capacity, max_context=self.max_context, dtype=self.kv_dtype,
+            device=self.device, compute_dtype=self.dtype,
         )
         cache.set_slopes(self.model.slopes)
         return cache

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
+KV_DTYPES = (torch.float32, torch.float16)  # cache storage types the attention kernels read
 _lock = threading.Lock()
 _cached: dict[tuple, CpuKernels | None] = {}
 
@@ -52,17 +53,18 @@ class CpuKernels:
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
         self.vector_width = lib.mptkit_smallgemm_vector_width()
+        self.has_f16 = bool(lib.mptkit_has_f16())  # fp16 KV caches supported (F16C / AVX-512)
         self._attn = lib.mptkit_decode_attention
         self._attn.restype = ctypes.c_int
-        self._attn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_long]
-                               + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 5
+        self._attn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+                               + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 5
                                + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
 
         self._block = lib.mptkit_decode_block
         self._block.restype = ctypes.c_int
         P, L, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-        self._block.argtypes = [P, L, L, P, P, F, P, P, F, P, P, P, L, L, L, L, L, P, F, P, P, P, P, F, P, P, L, P, P,
-                                P, ctypes.c_int]
+        self._block.argtypes = [P, L, L, P, P, F, P, P, F, P, P, ctypes.c_int, P, L, L, L, L, L, P, F, P, P, P, P, F, P,
+                                P, L, P, P, P, ctypes.c_int]
         self._gelu = lib.mptkit_gelu
         self._gelu.restype = None
         self._gelu.argtypes = [P, L]
@@ -92,18 +94,21 @@ class CpuKernels:
         """One decode step of attention for ``n`` slots, writing the new keys/values into the cache first.
 
         ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) fp32 rows (each with unit column stride; column slices of the
-        fused QKV output are fine); ``kc``/``vc`` one layer of the cache, (slots, Hkv, cap, D) contiguous fp32;
+        fused QKV output are fine); ``kc``/``vc`` one layer of the cache, (slots, Hkv, cap, D) contiguous, fp32
+        or fp16 (stored rounded to fp16, read back to fp32: the compute stays fp32);
         ``pos`` (n,) int64, each slot's length before this token, ``top`` = max(pos) + 1; ``slopes`` (H,) fp32
         for ALiBi or None. Returns (n, H*D)."""
         n, hkv, cap, d = q.shape[0], kc.shape[1], kc.shape[2], kc.shape[3]
         h = q.shape[1] // d
         if not (q.stride(1) == k.stride(1) == v.stride(1) == 1 and kc.is_contiguous() and vc.is_contiguous()
-                and pos.dtype == torch.int64 and pos.is_contiguous() and pos.numel() == n):
-            raise ValueError("decode_attention: q/k/v need unit column stride, caches contiguous, pos (n,) int64")
+                and kc.dtype == vc.dtype and kc.dtype in KV_DTYPES and pos.dtype == torch.int64
+                and pos.is_contiguous() and pos.numel() == n):
+            raise ValueError("decode_attention: q/k/v need unit column stride, caches contiguous fp32/fp16, "
+                             "pos (n,) int64")
         out = torch.empty((n, h * d), dtype=torch.float32)
         scratch = torch.empty((n * h * top,), dtype=torch.float32)
         rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
-                        kc.data_ptr(), vc.data_ptr(),
+                        kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.float16),
                         pos.data_ptr(), top, out.data_ptr(), scratch.data_ptr(), n, h, hkv, d, cap,
                         0 if slopes is None else slopes.data_ptr(), scale, torch.get_num_threads())
         if rc != 0:
@@ -125,13 +130,13 @@ class CpuKernels:
         ``kc``/``vc``, ``pos``, ``top``, ``slopes`` as for :meth:`decode_attention`."""
         n, d = x.shape
         if not (x.is_contiguous() and x.dtype == torch.float32 and kc.is_contiguous() and vc.is_contiguous()
-                and pos.dtype == torch.int64 and pos.numel() == n):
-            raise ValueError("decode_block: x (n, d) contiguous fp32, contiguous caches, pos (n,) int64")
+                and kc.dtype == vc.dtype and kc.dtype in KV_DTYPES and pos.dtype == torch.int64 and pos.numel() == n):
+            raise ValueError("decode_block: x (n, d) contiguous fp32, contiguous fp32/fp16 caches, pos (n,) int64")
         b = blk
         ws = torch.empty(n * (2 * d + b.qkv_dim + b.ffn) + n * b.n_heads * top, dtype=torch.float32)
         p = _ptr
         rc = self._block(x.data_ptr(), n, d, p(b.ln1_w), p(b.ln1_b), b.eps1, p(b.wqkv), p(b.bqkv), b.clip,
-                         kc.data_ptr(), vc.data_ptr(), pos.data_ptr(), top, kc.shape[2], b.n_heads, kc.shape[1],
+                         kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.float16), pos.data_ptr(), top, kc.shape[2], b.n_heads, kc.shape[1],
                          kc.shape[3], p(slopes), b.scale, p(b.wout), p(b.bout), p(b.ln2_w), p(b.ln2_b), b.eps2,
                          p(b.wup), p(b.bup), b.ffn, p(b.wdown), p(b.bdown), ws.data_ptr(), torch.get_num_threads())
         if rc != 0:

@@ -699,7 +699,7 @@ def _usage(p: int, c: int) -> dict:
 
 def build_server(model_path: str, *, max_context: int | None = None, api_key: str | None = None,
                  limits: ServerLimits | None = None, model_name: str | None = None, compile: bool = False,
-                 dtype=None, device: str = "cpu"):
+                 dtype=None, device: str = "cpu", kv_dtype=None):
     """Load a model folder and return a started :class:`Server` (call ``.app()`` for the ASGI app)."""
     import torch
 
@@ -709,7 +709,7 @@ def build_server(model_path: str, *, max_context: int | None = None, api_key: st
     limits = limits or ServerLimits()
     model = MPTForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32, device=device)
     tok = load_tokenizer(model_path)
-    gen = Generator(model, tok, max_context=max_context, compile=compile)
+    gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name
     return Server(engine, model_name=name, api_key=api_key, limits=limits)

@@ -146,84 +146,122 @@ int mptkit_smallgemm_vector_width(void) { return VW; }
  */
 #include <math.h>
 
-static inline float dot(const float *a, const float *b, long d) {
-  const long dv = d / VW * VW;
-  vf acc = ZERO();
-  for (long c = 0; c < dv; c += VW) acc = FMA(LD(a + c), LD(b + c), acc);
-  float s = hsum(acc);
-  for (long c = dv; c < d; c++) s += a[c] * b[c];
-  return s;
-}
+/* The kernel once per K/V storage type: NAME, the element type KT, LDK (VW elements -> vf), TOF / FROMF (one
+ * element to / from float). */
+#define DECODE_ATTENTION(NAME, KT, LDK, TOF, FROMF) \
+static inline float dot_##NAME(const float *a, const KT *b, long d) {                                              \
+  const long dv = d / VW * VW;                                                                                     \
+  vf acc = ZERO();                                                                                                 \
+  for (long c = 0; c < dv; c += VW) acc = FMA(LD(a + c), LDK(b + c), acc);                                         \
+  float s = hsum(acc);                                                                                             \
+  for (long c = dv; c < d; c++) s += a[c] * TOF(b[c]);                                                             \
+  return s;                                                                                                        \
+}                                                                                                                  \
+                                                                                                                   \
+static int attention_##NAME(const float *q, const float *knew, const float *vnew, long qrow, long krow, long vrow, \
+                            KT *kc, KT *vc, const long *pos, long top, float *out, float *scratch, long n, long H, \
+                            long Hkv, long D, long cap, const float *slopes, float scale, int nthreads) {          \
+  if (n < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 1 || top > cap) return -1;                                       \
+  for (long s = 0; s < n; s++)                                                                                     \
+    if (pos[s] < 0 || pos[s] >= top) return -2; /* scratch holds `top` scores per head */                          \
+  const long rep = H / Hkv, tmax = top;                                                                            \
+  for (long s = 0; s < n; s++) /* write the new rows first: every head of the slot reads them */                   \
+    for (long g = 0; g < Hkv; g++) {                                                                               \
+      KT *kd = kc + ((s * Hkv + g) * cap + pos[s]) * D, *vd = vc + ((s * Hkv + g) * cap + pos[s]) * D;             \
+      for (long c = 0; c < D; c++) {                                                                               \
+        kd[c] = FROMF(knew[s * krow + g * D + c]);                                                                 \
+        vd[c] = FROMF(vnew[s * vrow + g * D + c]);                                                                 \
+      }                                                                                                            \
+    }                                                                                                              \
+  const long tasks = n * H;                                                                                        \
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)")            \
+  for (long t = 0; t < tasks; t++) {                                                                               \
+    const long s = t / H, h = t % H, g = h / rep, len = pos[s] + 1;                                                \
+    const float *qh = q + s * qrow + h * D;                                                                        \
+    const KT *K = kc + (s * Hkv + g) * cap * D, *V = vc + (s * Hkv + g) * cap * D;                                 \
+    float *p = scratch + t * tmax, *o = out + s * H * D + h * D;                                                   \
+    const float slope = slopes ? slopes[h] : 0.f;                                                                  \
+    float mx = -INFINITY;                                                                                          \
+    for (long j = 0; j < len; j++) {                                                                               \
+      _mm_prefetch((const char *)(K + (j + 8) * D), _MM_HINT_T0);                                                  \
+      _mm_prefetch((const char *)(V + j * D), _MM_HINT_T1); /* the values are read next: start them coming */      \
+      const float v = scale * dot_##NAME(qh, K + j * D, D) + slope * (float)(j - pos[s]);                          \
+      p[j] = v;                                                                                                    \
+      mx = v > mx ? v : mx;                                                                                        \
+    }                                                                                                              \
+    float sum = 0.f;                                                                                               \
+    for (long j = 0; j < len; j++) {                                                                               \
+      p[j] = expf(p[j] - mx);                                                                                      \
+      sum += p[j];                                                                                                 \
+    }                                                                                                              \
+    const float inv = 1.f / sum;                                                                                   \
+    const long dv = D / VW * VW;                                                                                   \
+    const vf vinv = SET1(inv);                                                                                     \
+    long c = 0;                                                                                                    \
+    for (; c + 4 * VW <= dv; c += 4 * VW) { /* four vectors of the head dimension per pass over the values */      \
+      vf a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                                                       \
+      for (long j = 0; j < len; j++) {                                                                             \
+        _mm_prefetch((const char *)(V + (j + 8) * D + c), _MM_HINT_T0);                                            \
+        const vf pj = SET1(p[j]);                                                                                  \
+        const KT *vj = V + j * D + c;                                                                              \
+        a0 = FMA(pj, LDK(vj), a0);                                                                                 \
+        a1 = FMA(pj, LDK(vj + VW), a1);                                                                            \
+        a2 = FMA(pj, LDK(vj + 2 * VW), a2);                                                                        \
+        a3 = FMA(pj, LDK(vj + 3 * VW), a3);                                                                        \
+      }                                                                                                            \
+      ST(o + c, a0 * vinv);                                                                                        \
+      ST(o + c + VW, a1 * vinv);                                                                                   \
+      ST(o + c + 2 * VW, a2 * vinv);                                                                               \
+      ST(o + c + 3 * VW, a3 * vinv);                                                                               \
+    }                                                                                                              \
+    for (; c < dv; c += VW) {                                                                                      \
+      vf acc = ZERO();                                                                                             \
+      for (long j = 0; j < len; j++) acc = FMA(SET1(p[j]), LDK(V + j * D + c), acc);                               \
+      ST(o + c, acc * vinv);                                                                                       \
+    }                                                                                                              \
+    for (long c = dv; c < D; c++) {                                                                                \
+      float a = 0.f;                                                                                               \
+      for (long j = 0; j < len; j++) a += p[j] * TOF(V[j * D + c]);                                                \
+      o[c] = a * inv;                                                                                              \
+    }                                                                                                              \
+  }                                                                                                                \
+  return 0;                                                                                                        \
+}                                                                                                                  \
 
+#define F32_LDK(p) LD(p)
+#define F32_TOF(x) (x)
+DECODE_ATTENTION(f32, float, F32_LDK, F32_TOF, F32_TOF)
+#if defined(__F16C__) || defined(__AVX512F__)
+#define HAVE_F16 1
+#if defined(__AVX512F__)
+#define F16_LDK(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#else
+#define F16_LDK(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#endif
+#define F16_TOF(x) _cvtsh_ss(x)
+#define F16_FROMF(x) _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)
+DECODE_ATTENTION(f16, unsigned short, F16_LDK, F16_TOF, F16_FROMF)
+#else
+#define HAVE_F16 0
+#endif
+
+int mptkit_has_f16(void) { return HAVE_F16; }
+
+/* kv_half: the cache stores IEEE fp16 (converted on write and on read; compute stays fp32). -4 when this build
+ * has no fp16 conversions. */
 int mptkit_decode_attention(const float *q, const float *knew, const float *vnew, long qrow, long krow, long vrow,
-                            float *kc, float *vc,
-                            const long *pos, long top, float *out, float *scratch, long n, long H, long Hkv,
-                            long D, long cap, const float *slopes, float scale, int nthreads) {
-  if (n < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 1 || top > cap) return -1;
-  for (long s = 0; s < n; s++)
-    if (pos[s] < 0 || pos[s] >= top) return -2; /* scratch holds `top` scores per head */
-  const long rep = H / Hkv, tmax = top;
-  for (long s = 0; s < n; s++) /* write the new rows first: every head of the slot reads them */
-    for (long g = 0; g < Hkv; g++) {
-      float *kd = kc + ((s * Hkv + g) * cap + pos[s]) * D, *vd = vc + ((s * Hkv + g) * cap + pos[s]) * D;
-      for (long c = 0; c < D; c++) {
-        kd[c] = knew[s * krow + g * D + c];
-        vd[c] = vnew[s * vrow + g * D + c];
-      }
-    }
-  const long tasks = n * H;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
-  for (long t = 0; t < tasks; t++) {
-    const long s = t / H, h = t % H, g = h / rep, len = pos[s] + 1;
-    const float *qh = q + s * qrow + h * D;
-    const float *K = kc + (s * Hkv + g) * cap * D, *V = vc + (s * Hkv + g) * cap * D;
-    float *p = scratch + t * tmax, *o = out + s * H * D + h * D;
-    const float slope = slopes ? slopes[h] : 0.f;
-    float mx = -INFINITY;
-    for (long j = 0; j < len; j++) {
-      _mm_prefetch((const char *)(K + (j + 8) * D), _MM_HINT_T0);
-      _mm_prefetch((const char *)(V + j * D), _MM_HINT_T1); /* the values are read next: start them coming */
-      const float v = scale * dot(qh, K + j * D, D) + slope * (float)(j - pos[s]);
-      p[j] = v;
-      mx = v > mx ? v : mx;
-    }
-    float sum = 0.f;
-    for (long j = 0; j < len; j++) {
-      p[j] = expf(p[j] - mx);
-      sum += p[j];
-    }
-    const float inv = 1.f / sum;
-    const long dv = D / VW * VW;
-    const vf vinv = SET1(inv);
-    long c = 0;
-    for (; c + 4 * VW <= dv; c += 4 * VW) { /* four vectors of the head dimension per pass over the values */
-      vf a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();
-      for (long j = 0; j < len; j++) {
-        _mm_prefetch((const char *)(V + (j + 8) * D + c), _MM_HINT_T0);
-        const vf pj = SET1(p[j]);
-        const float *vj = V + j * D + c;
-        a0 = FMA(pj, LD(vj), a0);
-        a1 = FMA(pj, LD(vj + VW), a1);
-        a2 = FMA(pj, LD(vj + 2 * VW), a2);
-        a3 = FMA(pj, LD(vj + 3 * VW), a3);
-      }
-      ST(o + c, a0 * vinv);
-      ST(o + c + VW, a1 * vinv);
-      ST(o + c + 2 * VW, a2 * vinv);
-      ST(o + c + 3 * VW, a3 * vinv);
-    }
-    for (; c < dv; c += VW) {
-      vf acc = ZERO();
-      for (long j = 0; j < len; j++) acc = FMA(SET1(p[j]), LD(V + j * D + c), acc);
-      ST(o + c, acc * vinv);
-    }
-    for (long c = dv; c < D; c++) {
-      float a = 0.f;
-      for (long j = 0; j < len; j++) a += p[j] * V[j * D + c];
-      o[c] = a * inv;
-    }
-  }
-  return 0;
+                            void *kc, void *vc, int kv_half, const long *pos, long top, float *out, float *scratch,
+                            long n, long H, long Hkv, long D, long cap, const float *slopes, float scale,
+                            int nthreads) {
+  if (!kv_half)
+    return attention_f32(q, knew, vnew, qrow, krow, vrow, (float *)kc, (float *)vc, pos, top, out, scratch, n, H,
+                         Hkv, D, cap, slopes, scale, nthreads);
+#if HAVE_F16
+  return attention_f16(q, knew, vnew, qrow, krow, vrow, (unsigned short *)kc, (unsigned short *)vc, pos, top, out,
+                       scratch, n, H, Hkv, D, cap, slopes, scale, nthreads);
+#else
+  return -4;
+#endif
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -284,7 +322,8 @@ void mptkit_gelu(float *u, long count) {
 }
 
 int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const float *ln1_b, float eps1,
-                        const float *wqkv, const float *bqkv, float clip, float *kc, float *vc, const long *pos,
+                        const float *wqkv, const float *bqkv, float clip, void *kc, void *vc, int kv_half,
+                        const long *pos,
                         long top, long cap, long H, long Hkv, long D, const float *slopes, float scale,
                         const float *wout, const float *bout, const float *ln2_w, const float *ln2_b, float eps2,
                         const float *wup, const float *bup, long ffn, const float *wdown, const float *bdown,
@@ -297,8 +336,8 @@ int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const floa
   if (rc) return rc;
   if (clip > 0.f)
     for (long i = 0; i < n * qkvd; i++) qkv[i] = qkv[i] < -clip ? -clip : (qkv[i] > clip ? clip : qkv[i]);
-  rc = mptkit_decode_attention(qkv, qkv + d, qkv + d + kvd, qkvd, qkvd, qkvd, kc, vc, pos, top, o, sc, n, H, Hkv,
-                               D, cap, slopes, scale, nthreads);
+  rc = mptkit_decode_attention(qkv, qkv + d, qkv + d + kvd, qkvd, qkvd, qkvd, kc, vc, kv_half, pos, top, o, sc, n,
+                               H, Hkv, D, cap, slopes, scale, nthreads);
   if (rc) return rc;
   rc = mptkit_smallgemm(o, wout, bout, h, n, d, d, nthreads);  /* h <- attention output projected */
   if (rc) return rc;
