@@ -112,3 +112,20 @@ def test_generate_text_and_stops(make_tokenizer):
     b = generate_text(model, tok, "x", max_new_tokens=12, temperature=1.0, seed=5)
     c = generate_text(model, tok, "x", max_new_tokens=12, temperature=1.0, seed=6)
     assert a == b and a != c
+
+
+def test_detokenizer_deltas_join_to_the_decoded_text(make_tokenizer):
+    """The incremental detokenizer (through the fast tokenizer's backend) emits deltas that join to exactly
+    what the tokenizer's own decode gives, for random token sequences including multi-byte pieces."""
+    import random
+
+    from mptkit.infer.generate import Detokenizer
+
+    tok = load_tokenizer(make_tokenizer())
+    assert tok.backend_tokenizer is not None  # the fast path is the one under test
+    rnd = random.Random(0)
+    for _ in range(50):
+        ids = [rnd.randrange(len(tok)) for _ in range(rnd.randint(1, 30))]
+        d = Detokenizer(tok)
+        text = "".join(d.add(t) for t in ids) + d.flush()
+        assert text == tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -198,7 +198,18 @@ class KVCache:
             else:
                 self._bias = None
             return
-        pos = torch.tensor(lens, device=self.device)
+        # the row indices and the (n, H, 1, tk) bias of the batched-matmul path are made on first use
+        # (_decode_tables): the fused kernels need neither
+        self._pos = self._rows = self._bias = None
+        self._tk = tk
+
+    def _decode_tables(self) -> None:
+        """For a batched (n > 1) decode step on the torch path: where each slot's new K/V row goes, and the
+        ALiBi/causal bias of every slot (computed once per step, shared by all layers)."""
+        if self._rows is not None:
+            return
+        n, tk = self._n, self._tk
+        pos = torch.tensor(self.lengths[:n], device=self.device)
         self._pos = pos
         # rows of the (slots*Hkv*capacity, D) view of a layer's K/V where each slot's new key/value goes
         self._rows = ((torch.arange(n, device=self.device)[:, None] * self.kv_heads
@@ -261,6 +272,7 @@ class KVCache:
                 self.v[i][0:1, :, p : p + 1].copy_(v)
             else:
                 d = self.head_dim
+                self._decode_tables()
                 self.k[i].view(-1, d).index_copy_(0, self._rows, k.reshape(-1, d).to(self.dtype))
                 self.v[i].view(-1, d).index_copy_(0, self._rows, v.reshape(-1, d).to(self.dtype))
             return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
@@ -333,6 +345,8 @@ class KVCache:
         # decode: q (n, H, 1, D), k/v (n, Hkv, tk, D) read in place. Query heads sharing a kv head are
         # batched as rows of one bmm, so GQA/MQA need no repeated keys; the bias is shared by all layers.
         n, h, _, d = q.shape
+        if n > 1:
+            self._decode_tables()
         hkv, tk = k.shape[1], k.shape[2]
         rep = h // hkv
         qq = q.reshape(n * hkv, rep, d)
