@@ -79,6 +79,10 @@ def test_linear_bad_shapes(kern):
         kern.linear(torch.randn(2, 5), torch.randn(3, 6))
     with pytest.raises(ValueError, match="does not match"):
         kern.linear(torch.randn(2, 6, dtype=torch.float64), torch.randn(3, 6))
+    with pytest.raises(ValueError, match="moved or cast"):  # weights cast after they were captured
+        kern.linear(torch.randn(2, 6), torch.randn(3, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="moved or cast"):
+        kern.linear(torch.randn(2, 6), torch.randn(3, 6), torch.randn(4))
 
 
 def _ref_attention(q, kc, vc, pos, slopes, scale, h, hkv, d):
@@ -130,6 +134,12 @@ def test_decode_attention_bad_input(kern):
         kern.decode_attention(q, k, v, kc, kc.clone(), torch.tensor([1, 2]), 9, None, 1.0)
     with pytest.raises(ValueError, match="int64"):
         kern.decode_attention(q, k, v, kc, kc.clone(), torch.tensor([1, 2], dtype=torch.int32), 3, None, 1.0)
+    with pytest.raises(ValueError, match="slopes"):
+        kern.decode_attention(q, k, v, kc, kc.clone(), torch.tensor([1, 2]), 3, torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="for 2 slots"):  # a cache with fewer slots than rows
+        kern.decode_attention(q, k, v, kc[:1], kc[:1].clone(), torch.tensor([1, 2]), 3, None, 1.0)
+    with pytest.raises(ValueError, match="for H=2"):  # k wider than the cache's heads
+        kern.decode_attention(q, torch.zeros(2, 12), v, kc, kc.clone(), torch.tensor([1, 2]), 3, None, 1.0)
 
 
 def test_switched_off_and_unbuildable(monkeypatch, tmp_path):

@@ -73,8 +73,13 @@ class CpuKernels:
         return w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ w.T (+ b)``: x (M, K), w (N, K) contiguous, b (N,)."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        """``x @ w.T (+ b)``: x (M, K), w (N, K) contiguous, b (N,). Checked on every call (cheap): weights
+        captured once may since have been moved or cast (``model.half()``)."""
+        if not _f32cpu(w, contiguous=True) or w.dim() != 2 or (b is not None and (
+                not _f32cpu(b, contiguous=True) or b.shape != (w.shape[0],))):
+            raise ValueError(f"linear: w {tuple(w.shape)} {w.dtype} {w.device} (and its bias) must be a contiguous "
+                             "fp32 CPU matrix (was the model moved or cast after the decoder was built?)")
+        if not _f32cpu(x) or x.dim() != 2 or x.shape[1] != w.shape[1]:
             raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype} does not match w {tuple(w.shape)}")
         x = x.contiguous()
         m, n, k = x.shape[0], w.shape[0], w.shape[1]
@@ -105,6 +110,7 @@ class CpuKernels:
                 and pos.is_contiguous() and pos.numel() == n):
             raise ValueError("decode_attention: q/k/v need unit column stride, caches contiguous fp32/fp16, "
                              "pos (n,) int64")
+        _check_attention_shapes(q, k, v, kc, vc, slopes, n, h, hkv, d)
         out = torch.empty((n, h * d), dtype=torch.float32)
         scratch = torch.empty((n * h * top,), dtype=torch.float32)
         rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
@@ -133,6 +139,12 @@ class CpuKernels:
                 and kc.dtype == vc.dtype and kc.dtype in KV_DTYPES and pos.dtype == torch.int64 and pos.numel() == n):
             raise ValueError("decode_block: x (n, d) contiguous fp32, contiguous fp32/fp16 caches, pos (n,) int64")
         b = blk
+        if not all(_f32cpu(t, contiguous=True) for t in (b.wqkv, b.wout, b.wup, b.wdown, b.ln1_w, b.ln2_w)):
+            raise ValueError("decode_block: the block's weights are no longer contiguous fp32 on the CPU (was the "
+                             "model moved or cast after the decoder was built?)")
+        _check_attention_shapes(None, None, None, kc, vc, slopes, n, b.n_heads, kc.shape[1], kc.shape[3])
+        if d != b.wqkv.shape[1] or kc.device.type != "cpu":
+            raise ValueError(f"decode_block: x has {d} features, the block expects {b.wqkv.shape[1]}")
         ws = torch.empty(n * (2 * d + b.qkv_dim + b.ffn) + n * b.n_heads * top, dtype=torch.float32)
         p = _ptr
         rc = self._block(x.data_ptr(), n, d, p(b.ln1_w), p(b.ln1_b), b.eps1, p(b.wqkv), p(b.bqkv), b.clip,
@@ -141,6 +153,27 @@ class CpuKernels:
                          p(b.wup), p(b.bup), b.ffn, p(b.wdown), p(b.bdown), ws.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"decode_block failed (rc={rc}): n={n} d={d} top={top} cap={kc.shape[2]}")
+
+
+def _f32cpu(t: torch.Tensor, contiguous: bool = False) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and (not contiguous or t.is_contiguous())
+
+
+def _check_attention_shapes(q, k, v, kc, vc, slopes, n, h, hkv, d) -> None:
+    """What the C code indexes without bounds checks: slots, head counts and widths, the slopes."""
+    bad = []
+    if kc.dim() != 4 or kc.shape != vc.shape or kc.shape[0] < n or kc.device.type != "cpu":
+        bad.append(f"caches {tuple(kc.shape)}/{tuple(vc.shape)} for {n} slots")
+    if q is not None:
+        if not (_f32cpu(q) and _f32cpu(k) and _f32cpu(v)):
+            bad.append("q/k/v must be fp32 on the CPU")
+        elif (q.dim() != 2 or q.shape != (n, h * d) or k.shape != (n, hkv * d) or v.shape != (n, hkv * d)
+              or h % hkv):
+            bad.append(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} for H={h} Hkv={hkv} D={d}")
+    if slopes is not None and (not _f32cpu(slopes, contiguous=True) or slopes.numel() != h):
+        bad.append(f"slopes must be {h} contiguous fp32 values, got {tuple(slopes.shape)} {slopes.dtype}")
+    if bad:
+        raise ValueError("decode attention: " + "; ".join(bad))
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -247,6 +280,23 @@ def _self_test(sl: CpuKernels) -> None:
             if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
                 err = (got - ref).abs().max().item()
                 raise RuntimeError(f"self-test failed for M={m} N={n} K={k}: max abs error {err:.3g}")
+    x = torch.linspace(-6, 6, 37)
+    if not torch.allclose(sl.gelu_(x.clone()), torch.nn.functional.gelu(x), atol=1e-5):
+        raise RuntimeError("self-test failed for gelu")
+    h, hkv, d, cap = 4, 2, 20, 9  # D not a multiple of the vector width; GQA; one slot at position 0
+    for kv in KV_DTYPES if sl.has_f16 else KV_DTYPES[:1]:
+        kc = torch.randn(2, hkv, cap, d, generator=g).to(kv)
+        vc = torch.randn(2, hkv, cap, d, generator=g).to(kv)
+        q, k, v = torch.randn(2, h * d, generator=g), torch.randn(2, hkv * d, generator=g), torch.randn(2, hkv * d)
+        slopes, pos = torch.rand(h, generator=g), torch.tensor([6, 0])
+        got = sl.decode_attention(q, k, v, kc, vc, pos, 7, slopes, 0.3)
+        for s_ in range(2):
+            p_ = int(pos[s_])
+            for hh in range(h):
+                kk, vv = kc[s_, hh // 2, : p_ + 1].float(), vc[s_, hh // 2, : p_ + 1].float()
+                sc = 0.3 * (kk @ q[s_, hh * d : (hh + 1) * d]) + slopes[hh] * (torch.arange(p_ + 1) - p_)
+                if not torch.allclose(got[s_, hh * d : (hh + 1) * d], torch.softmax(sc, 0) @ vv, atol=1e-4):
+                    raise RuntimeError(f"self-test failed for decode attention ({kv} cache)")
 
 
 def cpu_kernels(*, flags: tuple[str, ...] = FLAGS, cc: str | None = None) -> CpuKernels | None:
@@ -261,6 +311,8 @@ def cpu_kernels(*, flags: tuple[str, ...] = FLAGS, cc: str | None = None) -> Cpu
         sl = None
         if platform.machine().lower() not in ("x86_64", "amd64"):
             log.info("mptkit CPU kernels: %s is not x86-64; using torch.mm", platform.machine())
+        elif ctypes.sizeof(ctypes.c_long) != 8:  # the C code takes int64 tensors as `long` (LP64 only)
+            log.info("mptkit CPU kernels: C long is not 64-bit on this platform; using torch.mm")
         elif cc is None:
             log.info("mptkit CPU kernels: no C compiler found (set CC); using torch.mm")
         else:
