@@ -253,6 +253,7 @@ def _build(cc: str, flags: tuple[str, ...]) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building mptkit's CPU decode kernels once for this machine (%s, a few seconds) into %s", cc, out.parent)
     fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
