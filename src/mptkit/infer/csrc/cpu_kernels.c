@@ -45,6 +45,7 @@ typedef __m512 vf;
   _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_and_si512(_mm512_castps_si512(s), \
                                                                                _mm512_set1_epi32((int)0x80000000))))
 #define VDIV(a, b) _mm512_div_ps(a, b)
+#define VKEEP_GE(v, y, t) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, t, _CMP_GE_OQ), v) /* v where y >= t, else 0 */
 static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
@@ -62,6 +63,7 @@ typedef __m256 vf;
 #define VABS(a) _mm256_andnot_ps(_mm256_set1_ps(-0.f), a)
 #define VCOPYSIGN(a, s) _mm256_or_ps(a, _mm256_and_ps(s, _mm256_set1_ps(-0.f)))
 #define VDIV(a, b) _mm256_div_ps(a, b)
+#define VKEEP_GE(v, y, t) _mm256_and_ps(v, _mm256_cmp_ps(y, t, _CMP_GE_OQ))
 static inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -150,6 +152,24 @@ int mptkit_smallgemm_vector_width(void) { return VW; }
  */
 #include <math.h>
 
+/* exp(y) for y <= 0 (Cody-Waite reduction, degree-7 Taylor on |r| <= ln2/2: relative error < 2e-8 before
+ * rounding); exactly 0 below -87, where exp is under FLT_MIN: no denormal results, which cost a microcode
+ * assist per operation here and in every multiply they later feed (softmax weights, erf). */
+static inline vf vexp_nonpos(vf y0) {
+  const vf y = VMAX(y0, SET1(-87.f));
+  const vf k = VROUND(y * SET1(1.44269504088896341f));
+  const vf r = y - k * SET1(0.693359375f) + k * SET1(2.12194440e-4f);
+  vf p = SET1(1.f / 5040.f);
+  p = p * r + SET1(1.f / 720.f);
+  p = p * r + SET1(1.f / 120.f);
+  p = p * r + SET1(1.f / 24.f);
+  p = p * r + SET1(1.f / 6.f);
+  p = p * r + SET1(0.5f);
+  p = p * r + SET1(1.f);
+  p = p * r + SET1(1.f);
+  return VKEEP_GE(p * VPOW2I(k), y0, SET1(-87.f));
+}
+
 /* The kernel once per K/V storage type: NAME, the element type KT, LDK (VW elements -> vf), TOF / FROMF (one
  * element to / from float). */
 #define DECODE_ATTENTION(NAME, KT, LDK, TOF, FROMF) \
@@ -193,8 +213,17 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
       p[j] = v;                                                                                                    \
       mx = v > mx ? v : mx;                                                                                        \
     }                                                                                                              \
-    float sum = 0.f;                                                                                               \
-    for (long j = 0; j < len; j++) {                                                                               \
+    float sum = 0.f; /* exp(score - max), vectorised (score - max <= 0) */                                         \
+    const long lv = len / VW * VW;                                                                                 \
+    vf vsum = ZERO();                                                                                              \
+    const vf vmx = SET1(mx);                                                                                       \
+    for (long j = 0; j < lv; j += VW) {                                                                            \
+      const vf e = vexp_nonpos(LD(p + j) - vmx);                                                                   \
+      ST(p + j, e);                                                                                                \
+      vsum = vsum + e;                                                                                             \
+    }                                                                                                              \
+    sum = hsum(vsum);                                                                                              \
+    for (long j = lv; j < len; j++) {                                                                              \
       p[j] = expf(p[j] - mx);                                                                                      \
       sum += p[j];                                                                                                 \
     }                                                                                                              \
@@ -288,23 +317,6 @@ static void layer_norm_rows(const float *x, float *y, const float *w, const floa
     const float rstd = 1.f / sqrtf(var / (float)d + eps);
     for (long c = 0; c < d; c++) yr[c] = (xr[c] - mean) * rstd * w[c] + (b ? b[c] : 0.f);
   }
-}
-
-/* exp(y) for y <= 0 (Cody-Waite reduction, degree-7 Taylor on |r| <= ln2/2: relative error < 2e-8 before
- * rounding); y below -87 gives exp(-87) (only ever multiplied by something that makes it vanish here). */
-static inline vf vexp_nonpos(vf y) {
-  y = VMAX(y, SET1(-87.f));
-  const vf k = VROUND(y * SET1(1.44269504088896341f));
-  const vf r = y - k * SET1(0.693359375f) + k * SET1(2.12194440e-4f);
-  vf p = SET1(1.f / 5040.f);
-  p = p * r + SET1(1.f / 720.f);
-  p = p * r + SET1(1.f / 120.f);
-  p = p * r + SET1(1.f / 24.f);
-  p = p * r + SET1(1.f / 6.f);
-  p = p * r + SET1(0.5f);
-  p = p * r + SET1(1.f);
-  p = p * r + SET1(1.f);
-  return p * VPOW2I(k);
 }
 
 /* GELU (exact form, 0.5 x (1 + erf(x / sqrt 2))) in place. erf by Abramowitz & Stegun 7.1.26 (absolute error
