@@ -316,10 +316,11 @@ class KVCache:
 
     def fused_positions(self) -> tuple[torch.Tensor, int]:
         """For the fused kernels in this decode step: each slot's length as an int64 tensor, and max + 1."""
-        n = self._n
-        if self._pos_t is None:
+        if self._pos_t is None:  # once per step, shared by all layers
+            n = self._n
             self._pos_t = torch.tensor(self.lengths[:n], dtype=torch.int64)
-        return self._pos_t, max(self.lengths[:n]) + 1
+            self._pos_top = max(self.lengths[:n]) + 1
+        return self._pos_t, self._pos_top
 
     def fused_block(self, i: int, x: torch.Tensor, weights, kernels) -> None:
         """Layer ``i``'s whole block on ``x`` (n, d) in place, cache write included

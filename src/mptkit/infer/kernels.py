@@ -156,7 +156,7 @@ class CpuKernels:
 
 
 def _f32cpu(t: torch.Tensor, contiguous: bool = False) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu" and (not contiguous or t.is_contiguous())
+    return t.dtype is torch.float32 and t.is_cpu and (not contiguous or t.is_contiguous())
 
 
 def _check_attention_shapes(q, k, v, kc, vc, slopes, n, h, hkv, d) -> None:
