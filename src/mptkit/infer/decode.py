@@ -9,6 +9,10 @@ qk_ln, cache write + attention through the cache's hooks, out_proj, residual, no
 norm_f -> LM head (x logit_scale)) — on (n, d_model) rows. Equality with the model's forward is tested
 (``tests/test_infer_decode.py``): greedy tokens identical, logits equal to float rounding.
 
+With mptkit's compiled CPU kernels (``mptkit.infer.kernels``; fp32 on x86-64), the linears run through a
+small-M kernel, attention through a fused cache-write + attention kernel, and each standard block (LayerNorm,
+MPTMLP, no QK-LayerNorm) as one call — the same arithmetic to float rounding, tested the same way.
+
 It is a read-only view of the model: parameters are looked up once, never copied, so a model whose weights
 change in place (finetuning between generations) is seen as is. Norms and FFNs of types it does not know are
 called as modules (still exact). Models in training mode, and calls under autocast, use the generic forward.
