@@ -77,10 +77,9 @@ def main() -> int:
         for _ in range(args.repeats):
             llm.reset()
             t0 = time.perf_counter()
-            n = 0
             t_first = None
-            for _tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                n += 1
+            for n, _tok in enumerate(llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                                  reset=True), 1):
                 if n == 1:
                     t_first = time.perf_counter()
                 if n == args.new:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import statistics
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         # (everything in the loop: data, step, metrics, logging; not the run's one-off start and end work)
         recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         stamps = [r["time"] for r in recs if "train_loss" in r]
-        return [b - a for a, b in zip(stamps, stamps[1:])]
+        return [b - a for a, b in itertools.pairwise(stamps)]
 
     bare_round(1)  # warm-up both
     trainer_round(1)

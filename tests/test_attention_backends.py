@@ -4,11 +4,12 @@ sensibly; backends that cannot run here fail with a clear ConfigError."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from mptkit.errors import ConfigError
-import importlib
 
 A = importlib.import_module("mptkit.model.attention")  # the module (the package re-exports the function)
 from mptkit.model.attention_blockwise import blockwise_attention

@@ -52,10 +52,10 @@ def _expected_gguf(model) -> dict[str, torch.Tensor]:
 
 CONFIGS = {
     "mha-alibi": {},
-    "untied-clip": dict(tie_word_embeddings=False, attn_config={"clip_qkv": 0.8}),
-    "gqa-6heads": dict(d_model=96, n_heads=6, attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2}),
-    "biases-mqa": dict(no_bias=False, d_model=96, n_heads=6, attn_config={"attn_type": "multiquery_attention"}),
-    "learned-pos-no-alibi": dict(learned_pos_emb=True, attn_config={"alibi": False}, expansion_ratio=3),
+    "untied-clip": {"tie_word_embeddings": False, "attn_config": {"clip_qkv": 0.8}},
+    "gqa-6heads": {"d_model": 96, "n_heads": 6, "attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}},
+    "biases-mqa": {"no_bias": False, "d_model": 96, "n_heads": 6, "attn_config": {"attn_type": "multiquery_attention"}},
+    "learned-pos-no-alibi": {"learned_pos_emb": True, "attn_config": {"alibi": False}, "expansion_ratio": 3},
 }
 
 
@@ -162,10 +162,10 @@ def test_softmax_scale_and_logit_scale_are_folded(tmp_path, make_tokenizer):
 
 
 REFUSED = {
-    "norm_type": dict(norm_type="rmsnorm"),
-    "ffn_type": dict(ffn_config={"ffn_type": "mptglu"}),
-    "qk_ln": dict(attn_config={"qk_ln": True}),
-    "softmax_scale": dict(attn_config={"softmax_scale": 0.1, "clip_qkv": 1.0}),
+    "norm_type": {"norm_type": "rmsnorm"},
+    "ffn_type": {"ffn_config": {"ffn_type": "mptglu"}},
+    "qk_ln": {"attn_config": {"qk_ln": True}},
+    "softmax_scale": {"attn_config": {"softmax_scale": 0.1, "clip_qkv": 1.0}},
 }
 
 
@@ -183,7 +183,7 @@ def test_inexpressible_settings_are_refused_naming_the_key(tmp_path, make_tokeni
 
 def test_expressible_settings_pass_the_check():
     """The MPT-7B configuration and the variants llama.cpp computes raise nothing."""
-    for over in [{}, *CONFIGS.values(), dict(logit_scale="inv_sqrt_d_model")]:
+    for over in [{}, *CONFIGS.values(), {"logit_scale": "inv_sqrt_d_model"}]:
         assert llama_cpp_incompatibilities(MPTConfig.from_dict(tiny_cfg(**over))) == [], over
 
 

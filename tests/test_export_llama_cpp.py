@@ -28,14 +28,14 @@ TEXT = "def load(fp, *, cls=None):\n    return json.loads(fp.read())  # naïve\n
 
 CONFIGS = {
     "mha-alibi": ({}, 0.03),
-    "6-heads-alibi": (dict(d_model=96, n_heads=6), 0.03),  # non-power-of-two heads: interleaved slopes
-    "untied-clip": (dict(tie_word_embeddings=False, attn_config={"clip_qkv": 0.8}), 0.03),
-    "gqa": (dict(d_model=96, n_heads=6, attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2}), 0.03),
-    "biases-mqa-clip": (dict(no_bias=False, d_model=96, n_heads=6,
-                             attn_config={"attn_type": "multiquery_attention", "clip_qkv": 1.0}), 0.03),
-    "learned-pos-no-alibi": (dict(learned_pos_emb=True, attn_config={"alibi": False}, expansion_ratio=3), 0.03),
-    "alibi-bias-max-4": (dict(attn_config={"alibi_bias_max": 4}), 0.03),
-    "folded-scales": (dict(logit_scale=0.5, attn_config={"softmax_scale": 0.05}), 0.03),
+    "6-heads-alibi": ({"d_model": 96, "n_heads": 6}, 0.03),  # non-power-of-two heads: interleaved slopes
+    "untied-clip": ({"tie_word_embeddings": False, "attn_config": {"clip_qkv": 0.8}}, 0.03),
+    "gqa": ({"d_model": 96, "n_heads": 6, "attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}}, 0.03),
+    "biases-mqa-clip": ({"no_bias": False, "d_model": 96, "n_heads": 6,
+                             "attn_config": {"attn_type": "multiquery_attention", "clip_qkv": 1.0}}, 0.03),
+    "learned-pos-no-alibi": ({"learned_pos_emb": True, "attn_config": {"alibi": False}, "expansion_ratio": 3}, 0.03),
+    "alibi-bias-max-4": ({"attn_config": {"alibi_bias_max": 4}}, 0.03),
+    "folded-scales": ({"logit_scale": 0.5, "attn_config": {"softmax_scale": 0.05}}, 0.03),
 }
 
 

@@ -140,14 +140,14 @@ def test_attn_config_typo_and_invalid_json(saved):
 @pytest.mark.parametrize(
     "over, pattern",
     [
-        (dict(d_model=65), r"d_model \(65\) must be divisible by n_heads \(4\)"),
-        (dict(attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 3}), r"kv_n_heads \(3\) must divide n_heads \(4\)"),
-        (dict(attn_config={"attn_type": "grouped_query_attention"}), "kv_n_heads is required"),
-        (dict(norm_type="batchnorm"), "norm_type 'batchnorm' is not one of"),
-        (dict(n_heads="4"), "'n_heads' must be an integer"),
-        (dict(resid_pdrop=1.5), "'resid_pdrop' must be a probability"),
-        (dict(logit_scale="huge"), "logit_scale"),
-        (dict(attn_config={"attn_impl": "xformers"}), "attn_impl 'xformers' is not one of"),
+        ({"d_model": 65}, r"d_model \(65\) must be divisible by n_heads \(4\)"),
+        ({"attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 3}}, r"kv_n_heads \(3\) must divide n_heads \(4\)"),
+        ({"attn_config": {"attn_type": "grouped_query_attention"}}, "kv_n_heads is required"),
+        ({"norm_type": "batchnorm"}, "norm_type 'batchnorm' is not one of"),
+        ({"n_heads": "4"}, "'n_heads' must be an integer"),
+        ({"resid_pdrop": 1.5}, "'resid_pdrop' must be a probability"),
+        ({"logit_scale": "huge"}, "logit_scale"),
+        ({"attn_config": {"attn_impl": "xformers"}}, "attn_impl 'xformers' is not one of"),
     ],
 )
 def test_contradictory_or_invalid_configs_are_refused(over, pattern):
@@ -190,7 +190,7 @@ def test_every_bundled_recipe_builds_on_meta():
 
 
 def test_tokenizer_beside_weights_loads_locally(saved, make_tokenizer):
-    model, folder = saved
+    _model, folder = saved
     make_tokenizer(folder)
     tok = load_tokenizer(folder)
     ids = tok("def f(x):\n    return x")["input_ids"]

@@ -29,10 +29,10 @@ def _hf_model(tmp_path, *, d=96, h=6, layers=2, vocab=300, seq=64, clip=None, ti
 
 
 SHAPES = [
-    dict(d=96, h=6, layers=2),  # non-power-of-two heads: MPT's slope interleave
-    dict(d=64, h=4, layers=3, clip=0.6),  # clip_qkv
-    dict(d=120, h=5, layers=2, clip=1.0, vocab=257),
-    dict(d=64, h=8, layers=2, tie=False),  # untied lm_head
+    {"d": 96, "h": 6, "layers": 2},  # non-power-of-two heads: MPT's slope interleave
+    {"d": 64, "h": 4, "layers": 3, "clip": 0.6},  # clip_qkv
+    {"d": 120, "h": 5, "layers": 2, "clip": 1.0, "vocab": 257},
+    {"d": 64, "h": 8, "layers": 2, "tie": False},  # untied lm_head
 ]
 
 

@@ -40,7 +40,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     code = SCRIPT.format(root=str(ROOT))
     one = subprocess.run([sys.executable, "-c", code, str(tmp_path / "one")], env=env, capture_output=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert one.returncode == 0, one.stderr.decode()[-2000:]
     port = str(_free_port())
     procs = []

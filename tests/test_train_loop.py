@@ -33,7 +33,7 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
     """30 steps on a learnable pattern: eval loss ends far below the first train loss; metrics.jsonl has
     loss, lr, grad norm, tokens/s, MFU and memory for every step; config.yaml is saved in the run folder."""
     cfg = make_cfg(tmp_path, max_duration="30ba", eval_interval="10ba", save_folder=None)
-    t, s = _fit(cfg)
+    _t, s = _fit(cfg)
     recs = _metrics(tmp_path / "run")
     steps = [r for r in recs if "train_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))
@@ -57,7 +57,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path):
     b = tmp_path / "b"
     (b / "ck").mkdir(parents=True)
     shutil.copytree(a / "ck" / "ep0-ba4", b / "ck" / "ep0-ba4")
-    t, s = _fit(make_cfg(b, autoresume=True))
+    t, _s = _fit(make_cfg(b, autoresume=True))
     assert t.resumed_from.name == "ep0-ba4"
     final_b = _weights(b / "ck" / "ep1-ba12")
     assert final_a.keys() == final_b.keys()
@@ -129,7 +129,7 @@ def test_export_folder_loads_in_transformers(tmp_path):
     model_folder(save_folder) points at the newest checkpoint's complete model folder."""
     from transformers import AutoModelForCausalLM
 
-    t, s = _fit(make_cfg(tmp_path, max_duration="4ba", export_folder=str(tmp_path / "hf")))
+    t, _s = _fit(make_cfg(tmp_path, max_duration="4ba", export_folder=str(tmp_path / "hf")))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     hf.eval()
     t.model.eval()

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from mptkit.errors import MPTKitError  # noqa: E402
+from mptkit.errors import MPTKitError
 
-__all__ = ["__version__", "MPTKitError"]
+__all__ = ["MPTKitError", "__version__"]

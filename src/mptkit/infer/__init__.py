@@ -11,4 +11,4 @@ from mptkit.infer.cache import KVCache
 from mptkit.infer.generate import GenerationOutput, Generator, generate_text
 from mptkit.infer.sampling import SamplingParams
 
-__all__ = ["KVCache", "Generator", "GenerationOutput", "SamplingParams", "generate_text"]
+__all__ = ["GenerationOutput", "Generator", "KVCache", "SamplingParams", "generate_text"]

@@ -44,11 +44,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float, max_ne
 def _params(args, **over):
     from mptkit.infer.sampling import SamplingParams
 
-    kw = dict(
-        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=list(args.stop), ignore_eos=args.ignore_eos,
-    )
+    kw = {
+        "max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty, "seed": args.seed, "stop": list(args.stop), "ignore_eos": args.ignore_eos,
+    }
     kw.update(over)
     return SamplingParams(**kw)
 

@@ -6,9 +6,9 @@ from mptkit.model.config import MPTConfig, load_model_config
 from mptkit.model.model import CausalLMOutput, MPTForCausalLM
 
 __all__ = [
+    "CausalLMOutput",
     "MPTConfig",
     "MPTForCausalLM",
-    "CausalLMOutput",
     "alibi_slopes",
     "attention",
     "load_model_config",

@@ -175,7 +175,7 @@ def blockwise_attention(
             "attn_impl 'blockwise' does not implement attention dropout (attn_pdrop > 0 while training); "
             "use attn_impl 'sdpa' or 'torch', or set attn_config.attn_pdrop to 0"
         )
-    b, h, tq, d = q.shape
+    _b, h, tq, _d = q.shape
     tk = k.shape[2]
     if tk < tq:
         raise ConfigError(f"attention: {tq} queries but only {tk} keys (queries are the last Tq of the keys)")

@@ -26,7 +26,7 @@ def flash_attn_version() -> tuple[int, ...] | None:
     """flash-attn's version when it is installed and new enough for ``alibi_slopes``, else None."""
     try:
         import flash_attn
-    except Exception:  # ImportError, or a broken CUDA build
+    except (ImportError, OSError, RuntimeError):  # not installed, or a CUDA build that cannot load here
         return None
     try:
         v = tuple(int(x) for x in flash_attn.__version__.split("+")[0].split(".")[:2])

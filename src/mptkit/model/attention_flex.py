@@ -57,7 +57,7 @@ def flex_attention_alibi(
         q, k, v = q.detach(), k.detach(), v.detach()
     compiled = compile_enabled()
     flex, create_block_mask = _flex_fn(compiled)
-    b, h, tq, d = q.shape
+    b, h, tq, _d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     off = tk - tq
     bq, bk = (_bucket(tq), _bucket(tk)) if compiled else (tq, tk)

@@ -278,13 +278,13 @@ class MPTConfig:
 
     # ------------------------------------------------------------------ dict / file I/O
     _FIELDS = (
-        "d_model n_heads n_layers expansion_ratio max_seq_len vocab_size resid_pdrop emb_pdrop "
-        "learned_pos_emb attn_config ffn_config init_device logit_scale no_bias embedding_fraction "
-        "norm_type layer_norm_epsilon use_cache init_config tie_word_embeddings"
-    ).split()
+        "d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "resid_pdrop", "emb_pdrop",
+        "learned_pos_emb", "attn_config", "ffn_config", "init_device", "logit_scale", "no_bias", "embedding_fraction",
+        "norm_type", "layer_norm_epsilon", "use_cache", "init_config", "tie_word_embeddings",
+    )
 
     @classmethod
-    def from_dict(cls, d: dict, *, where: str = "config", strict: bool = False) -> "MPTConfig":
+    def from_dict(cls, d: dict, *, where: str = "config", strict: bool = False) -> MPTConfig:
         """Build from a config.json-style dict.
 
         ``strict=True`` (recipes, CLI overrides) rejects every unknown key with the closest valid one;
@@ -296,9 +296,7 @@ class MPTConfig:
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for k, v in d.items():
-            if k in cls._FIELDS:
-                kwargs[k] = v
-            elif k == "layout":
+            if k in cls._FIELDS or k == "layout":
                 kwargs[k] = v
             elif k in PASSTHROUGH_KEYS:
                 extra[k] = v
@@ -318,9 +316,9 @@ class MPTConfig:
         if "layout" not in kwargs:
             kwargs["layout"] = "mosaicml" if ("MPTForCausalLM" in arch or "auto_map" in d) else "transformers"
         # transformers' MptAttentionConfig defaults alibi to true; its files always write it, but be safe.
-        if kwargs["layout"] == "transformers" and "attn_config" in kwargs and "alibi" not in (kwargs["attn_config"] or {}):
-            if d.get("architectures") and "MptForCausalLM" in d["architectures"]:
-                kwargs["attn_config"] = {**kwargs["attn_config"], "alibi": True}
+        if (kwargs["layout"] == "transformers" and "attn_config" in kwargs
+                and "alibi" not in (kwargs["attn_config"] or {}) and "MptForCausalLM" in arch):
+            kwargs["attn_config"] = {**kwargs["attn_config"], "alibi": True}
         for sub in ("attn_config", "ffn_config", "init_config"):
             if sub in kwargs and kwargs[sub] is not None and not isinstance(kwargs[sub], dict):
                 raise ConfigError(f"{where}: '{sub}' must be a mapping, got {type(kwargs[sub]).__name__}")
@@ -370,7 +368,7 @@ class MPTConfig:
         return out
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "MPTConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> MPTConfig:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -393,7 +391,7 @@ class MPTConfig:
         return p
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "MPTConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> MPTConfig:
         """A model recipe (configs/model/*.yaml): MPT config keys, strictly checked."""
         import yaml
 
@@ -406,7 +404,7 @@ class MPTConfig:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         return cls.from_dict(d or {}, where=str(path), strict=True)
 
-    def replace(self, **changes: Any) -> "MPTConfig":
+    def replace(self, **changes: Any) -> MPTConfig:
         d = self.to_dict()
         for k, v in changes.items():
             if k in ("attn_config", "ffn_config", "init_config") and isinstance(v, dict):

@@ -8,6 +8,7 @@ weight 1 / bias 0; biases 0. The fused Wqkv is initialised slice by slice (Q, K,
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import partial
 
@@ -68,7 +69,7 @@ def init_weights(model: nn.Module, cfg) -> None:
             elif getattr(module, "_fused", None) is not None:
                 dim, splits = module._fused
                 bounds = [0, *splits, module.weight.shape[dim]]
-                for s, e in zip(bounds[:-1], bounds[1:]):
+                for s, e in itertools.pairwise(bounds):
                     fn(module.weight.narrow(dim, s, e - s))
             else:
                 fn(module.weight)

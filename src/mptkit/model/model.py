@@ -143,7 +143,7 @@ class MPTForCausalLM(nn.Module):
         self.reset_buffers()
         init_weights(self, self.config)
 
-    def materialize(self, device: str | torch.device = "cpu") -> "MPTForCausalLM":
+    def materialize(self, device: str | torch.device = "cpu") -> MPTForCausalLM:
         """Allocate a meta-device model on ``device`` and initialise it (torchtitan-style)."""
         self.to_empty(device=device)
         self.init_weights()
@@ -242,7 +242,7 @@ class MPTForCausalLM(nn.Module):
         device: str | torch.device = "cpu",
         attn_impl: str | None = None,
         **config_overrides: Any,
-    ) -> "MPTForCausalLM":
+    ) -> MPTForCausalLM:
         from mptkit.model.checkpoint_io import load_pretrained
 
         return load_pretrained(folder, dtype=dtype, device=device, attn_impl=attn_impl, **config_overrides)

@@ -44,14 +44,14 @@ class Duration:
     def to_batches(self, *, batches_per_epoch: int | None, tokens_per_batch: int, samples_per_batch: int) -> int:
         """Number of optimizer steps this duration covers (rounded up)."""
         if self.unit == "ba":
-            return int(math.ceil(self.value))
+            return math.ceil(self.value)
         if self.unit == "tok":
-            return int(math.ceil(self.value / tokens_per_batch))
+            return math.ceil(self.value / tokens_per_batch)
         if self.unit == "sp":
-            return int(math.ceil(self.value / samples_per_batch))
+            return math.ceil(self.value / samples_per_batch)
         if batches_per_epoch is None:
             raise ConfigError(f"duration '{self}' is in epochs but the dataset length is unknown")
-        return int(math.ceil(self.value * batches_per_epoch))
+        return math.ceil(self.value * batches_per_epoch)
 
 
 def parse_duration(v: Any, key: str, *, int_unit: str = "ba", allow_zero: bool = True) -> Duration:
