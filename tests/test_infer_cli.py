@@ -31,6 +31,9 @@ def test_generate_cli_flag_and_stdin(tmp_path, make_tokenizer, capsys, monkeypat
     b = capsys.readouterr().out
     assert a == b and a.strip()
     assert main(["generate", str(d), "--prompt", "x", "--temperature", "-1"]) == 2  # user error, no traceback
+    assert main(["generate", str(d), "--prompt", "def f(x):", "--max-new-tokens", "6", "--ignore-eos",
+                 "--kv-dtype", "fp16"]) == 0  # an fp16 KV cache: same tiny model, still generates
+    assert capsys.readouterr().out.strip()
 
 
 def test_chat_repl_and_trimming(tmp_path, make_tokenizer, capsys, monkeypatch):

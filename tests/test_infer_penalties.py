@@ -108,7 +108,9 @@ def test_server_with_penalties(tmp_path):
     from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
     _model().save_pretrained(tmp_path / "m")
-    srv = build_server(str(tmp_path / "m"), model_name="tiny", limits=ServerLimits(max_tokens=16, max_batch=2))
+    srv = build_server(str(tmp_path / "m"), model_name="tiny", limits=ServerLimits(max_tokens=16, max_batch=2),
+                       kv_dtype="fp16")  # serve's --kv-dtype reaches the engine's cache
+    assert srv.engine.cache.dtype == torch.float16
     with BackgroundServer(srv) as bg:
         base = bg.base_url
         body = {"model": "tiny", "prompt": [5, 9, 5, 17], "max_tokens": 8, "temperature": 0, "ignore_eos": True,

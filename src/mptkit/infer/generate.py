@@ -214,7 +214,7 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
-KV_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+KV_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -224,12 +224,12 @@ def kv_cache_dtype(kv_dtype: torch.dtype | str | None, model_dtype: torch.dtype)
     if kv_dtype is None or kv_dtype == "auto":
         return model_dtype
     if isinstance(kv_dtype, torch.dtype):
-        if kv_dtype not in KV_DTYPES.values():
+        if kv_dtype not in KV_DTYPE_NAMES.values():
             raise InferenceError(f"kv_dtype {kv_dtype} is not supported; use one of fp32, fp16, bf16")
         return kv_dtype
-    if kv_dtype not in KV_DTYPES:
+    if kv_dtype not in KV_DTYPE_NAMES:
         raise InferenceError(f"kv_dtype {kv_dtype!r} is not supported; use one of auto, fp32, fp16, bf16")
-    return KV_DTYPES[kv_dtype]
+    return KV_DTYPE_NAMES[kv_dtype]
 
 
 class Generator:
@@ -322,12 +322,7 @@ class Generator:
         if not segments:
             raise InferenceError("prefill_packed: no segments")
         if self.learned_pos or len(segments) == 1:
-            rows = []
-            for slot, ids in segments:
-                cache.begin_prefill(slot, len(ids))
-                rows.append(self._forward_last(torch.tensor(ids, dtype=torch.long, device=self.device)[None],
-                                               cache, None)[0])
-            return torch.stack(rows)
+            return torch.stack([self.prefill(cache, slot, ids) for slot, ids in segments])
         cache.begin_prefill_packed([(slot, len(ids)) for slot, ids in segments])
         flat = [t for _, ids in segments for t in ids]
         out = self.model(torch.tensor(flat, dtype=torch.long, device=self.device)[None], cache=cache,

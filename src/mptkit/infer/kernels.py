@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
-KV_DTYPES = (torch.float32, torch.float16)  # cache storage types the attention kernels read
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)  # cache storage types the attention kernels read
 _lock = threading.Lock()
 _cached: dict[tuple, CpuKernels | None] = {}
 
@@ -106,7 +106,7 @@ class CpuKernels:
         n, hkv, cap, d = q.shape[0], kc.shape[1], kc.shape[2], kc.shape[3]
         h = q.shape[1] // d
         if not (q.stride(1) == k.stride(1) == v.stride(1) == 1 and kc.is_contiguous() and vc.is_contiguous()
-                and kc.dtype == vc.dtype and kc.dtype in KV_DTYPES and pos.dtype == torch.int64
+                and kc.dtype == vc.dtype and kc.dtype in KERNEL_KV_DTYPES and pos.dtype == torch.int64
                 and pos.is_contiguous() and pos.numel() == n):
             raise ValueError("decode_attention: q/k/v need unit column stride, caches contiguous fp32/fp16, "
                              "pos (n,) int64")
@@ -136,7 +136,7 @@ class CpuKernels:
         ``kc``/``vc``, ``pos``, ``top``, ``slopes`` as for :meth:`decode_attention`."""
         n, d = x.shape
         if not (x.is_contiguous() and x.dtype == torch.float32 and kc.is_contiguous() and vc.is_contiguous()
-                and kc.dtype == vc.dtype and kc.dtype in KV_DTYPES and pos.dtype == torch.int64 and pos.numel() == n):
+                and kc.dtype == vc.dtype and kc.dtype in KERNEL_KV_DTYPES and pos.dtype == torch.int64 and pos.numel() == n):
             raise ValueError("decode_block: x (n, d) contiguous fp32, contiguous fp32/fp16 caches, pos (n,) int64")
         b = blk
         if not all(_f32cpu(t, contiguous=True) for t in (b.wqkv, b.wout, b.wup, b.wdown, b.ln1_w, b.ln2_w)):
@@ -285,7 +285,7 @@ def _self_test(sl: CpuKernels) -> None:
     if not torch.allclose(sl.gelu_(x.clone()), torch.nn.functional.gelu(x), atol=1e-5):
         raise RuntimeError("self-test failed for gelu")
     h, hkv, d, cap = 4, 2, 20, 9  # D not a multiple of the vector width; GQA; one slot at position 0
-    for kv in KV_DTYPES if sl.has_f16 else KV_DTYPES[:1]:
+    for kv in KERNEL_KV_DTYPES if sl.has_f16 else KERNEL_KV_DTYPES[:1]:
         kc = torch.randn(2, hkv, cap, d, generator=g).to(kv)
         vc = torch.randn(2, hkv, cap, d, generator=g).to(kv)
         q, k, v = torch.randn(2, h * d, generator=g), torch.randn(2, hkv * d, generator=g), torch.randn(2, hkv * d)
