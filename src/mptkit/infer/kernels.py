@@ -70,7 +70,7 @@ class CpuKernels:
         self._gelu.argtypes = [P, L]
 
     def supports(self, w: torch.Tensor) -> bool:
-        return w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()
+        return _f32cpu(w, contiguous=True) and w.dim() == 2
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ w.T (+ b)``: x (M, K), w (N, K) contiguous, b (N,). Checked on every call (cheap): weights
@@ -92,7 +92,6 @@ class CpuKernels:
             raise RuntimeError(f"linear failed (rc={rc}) for x {tuple(x.shape)}, w {tuple(w.shape)}")
         return y
 
-
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
                          vc: torch.Tensor, pos: torch.Tensor, top: int, slopes: torch.Tensor | None,
                          scale: float) -> torch.Tensor:
@@ -105,12 +104,7 @@ class CpuKernels:
         for ALiBi or None. Returns (n, H*D)."""
         n, hkv, cap, d = q.shape[0], kc.shape[1], kc.shape[2], kc.shape[3]
         h = q.shape[1] // d
-        if not (q.stride(1) == k.stride(1) == v.stride(1) == 1 and kc.is_contiguous() and vc.is_contiguous()
-                and kc.dtype == vc.dtype and kc.dtype in KERNEL_KV_DTYPES and pos.dtype == torch.int64
-                and pos.is_contiguous() and pos.numel() == n):
-            raise ValueError("decode_attention: q/k/v need unit column stride, caches contiguous fp32/fp16, "
-                             "pos (n,) int64")
-        _check_attention_shapes(q, k, v, kc, vc, slopes, n, h, hkv, d)
+        _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d)
         out = torch.empty((n, h * d), dtype=torch.float32)
         scratch = torch.empty((n * h * top,), dtype=torch.float32)
         rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
@@ -121,10 +115,9 @@ class CpuKernels:
             raise RuntimeError(f"decode_attention failed (rc={rc}): n={n} H={h} Hkv={hkv} D={d} cap={cap}")
         return out
 
-
     def gelu_(self, x: torch.Tensor) -> torch.Tensor:
         """Exact-form GELU in place on a contiguous fp32 CPU tensor (erf to ~1.5e-7 absolute, as PyTorch's)."""
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()):
+        if not _f32cpu(x, contiguous=True):
             raise ValueError("gelu_: needs a contiguous fp32 CPU tensor")
         self._gelu(x.data_ptr(), x.numel())
         return x
@@ -135,15 +128,14 @@ class CpuKernels:
         the cache (new K/V rows written) -> out_proj -> residual -> LN2 -> up -> GELU -> down -> residual.
         ``kc``/``vc``, ``pos``, ``top``, ``slopes`` as for :meth:`decode_attention`."""
         n, d = x.shape
-        if not (x.is_contiguous() and x.dtype == torch.float32 and kc.is_contiguous() and vc.is_contiguous()
-                and kc.dtype == vc.dtype and kc.dtype in KERNEL_KV_DTYPES and pos.dtype == torch.int64 and pos.numel() == n):
-            raise ValueError("decode_block: x (n, d) contiguous fp32, contiguous fp32/fp16 caches, pos (n,) int64")
+        if not _f32cpu(x, contiguous=True):
+            raise ValueError("decode_block: x (n, d) must be a contiguous fp32 CPU tensor")
         b = blk
         if not all(_f32cpu(t, contiguous=True) for t in (b.wqkv, b.wout, b.wup, b.wdown, b.ln1_w, b.ln2_w)):
             raise ValueError("decode_block: the block's weights are no longer contiguous fp32 on the CPU (was the "
                              "model moved or cast after the decoder was built?)")
-        _check_attention_shapes(None, None, None, kc, vc, slopes, n, b.n_heads, kc.shape[1], kc.shape[3])
-        if d != b.wqkv.shape[1] or kc.device.type != "cpu":
+        _check_attention_args(None, None, None, kc, vc, pos, slopes, n, b.n_heads, kc.shape[1], kc.shape[3])
+        if d != b.wqkv.shape[1]:
             raise ValueError(f"decode_block: x has {d} features, the block expects {b.wqkv.shape[1]}")
         ws = torch.empty(n * (2 * d + b.qkv_dim + b.ffn) + n * b.n_heads * top, dtype=torch.float32)
         p = _ptr
@@ -159,14 +151,19 @@ def _f32cpu(t: torch.Tensor, contiguous: bool = False) -> bool:
     return t.dtype is torch.float32 and t.is_cpu and (not contiguous or t.is_contiguous())
 
 
-def _check_attention_shapes(q, k, v, kc, vc, slopes, n, h, hkv, d) -> None:
-    """What the C code indexes without bounds checks: slots, head counts and widths, the slopes."""
+def _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d) -> None:
+    """What the C code indexes without bounds checks: the caches and positions, q/k/v (when given: the
+    attention kernel; the block kernel makes its own), the slopes."""
     bad = []
-    if kc.dim() != 4 or kc.shape != vc.shape or kc.shape[0] < n or kc.device.type != "cpu":
-        bad.append(f"caches {tuple(kc.shape)}/{tuple(vc.shape)} for {n} slots")
+    if not (kc.dim() == 4 and kc.shape == vc.shape and kc.shape[0] >= n and kc.is_cpu and vc.is_cpu
+            and kc.dtype == vc.dtype and kc.dtype in KERNEL_KV_DTYPES and kc.is_contiguous() and vc.is_contiguous()):
+        bad.append(f"caches {tuple(kc.shape)}/{tuple(vc.shape)} {kc.dtype} must be contiguous fp32/fp16 CPU tensors "
+                   f"(slots, Hkv, cap, D) with a slot for each row, {n} rows: enough for {n} slots")
+    if not (pos.dtype == torch.int64 and pos.is_contiguous() and pos.numel() == n):
+        bad.append(f"pos must be ({n},) int64, got {tuple(pos.shape)} {pos.dtype}")
     if q is not None:
-        if not (_f32cpu(q) and _f32cpu(k) and _f32cpu(v)):
-            bad.append("q/k/v must be fp32 on the CPU")
+        if not (_f32cpu(q) and _f32cpu(k) and _f32cpu(v)) or not q.stride(1) == k.stride(1) == v.stride(1) == 1:
+            bad.append("q/k/v must be fp32 CPU rows with unit column stride")
         elif (q.dim() != 2 or q.shape != (n, h * d) or k.shape != (n, hkv * d) or v.shape != (n, hkv * d)
               or h % hkv):
             bad.append(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} for H={h} Hkv={hkv} D={d}")
