@@ -160,7 +160,8 @@ def test_packed_qkv_path_not_taken_with_masks_cache_or_qk_ln(monkeypatch):
 @pytest.mark.parametrize("chunk", [7, 32])
 def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk):
     """The chunked CPU MLP (GELU recomputed in backward, buffers reused per chunk of rows) gives the plain
-    up -> GELU -> down output exactly and the same gradients for the input and both weights (up to the
+    up -> GELU -> down output (to fp32 rounding: the BLAS may pick another kernel for a 7-row chunk than for
+    the whole matrix, e.g. on AMD EPYC) and the same gradients for the input and both weights (up to the
     summation order of the weight gradients), for chunks that do and do not divide the rows; a whole model
     with gradient checkpointing agrees too."""
     from mptkit.model import blocks
@@ -180,7 +181,7 @@ def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk):
         return y.detach(), xi.grad, mlp.up_proj.weight.grad, mlp.down_proj.weight.grad
 
     plain, chunked = run(0), run(chunk)
-    torch.testing.assert_close(chunked[0], plain[0], atol=0, rtol=0)
+    torch.testing.assert_close(chunked[0], plain[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(chunked[1:], plain[1:]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
