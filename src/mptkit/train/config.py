@@ -229,6 +229,10 @@ LOADER_KEYS = {"name", "dataset", "drop_last", "num_workers", "pin_memory", "pre
                "persistent_workers", "timeout"}
 DATASET_KEYS = {"local", "remote", "split", "shuffle", "max_seq_len", "shuffle_seed", "eos_token_id",
                 "bos_token_id"}
+# llm-foundry's finetuning dataset keys (``train_loader.name: finetuning``); see mptkit.data.finetune
+FINETUNE_DATASET_KEYS = {"hf_name", "path", "split", "max_seq_len", "shuffle", "shuffle_seed", "decoder_only_format",
+                         "allow_pad_trimming", "packing_ratio", "target_prompts", "target_responses",
+                         "preprocessing_fn", "system_prompt", "append_eos", "strict", "safe_load"}
 DATA_PREP_KEYS = {"inputs", "vocab_size", "max_files", "max_bytes", "val_fraction", "options"}
 CLIP_KEYS = {"clipping_type", "clipping_threshold"}
 CALLBACKS = {"speed_monitor", "lr_monitor", "memory_monitor", "runtime_estimator", "kill_loss_spike",
@@ -374,12 +378,25 @@ class RunConfig:
             if not isinstance(ld, dict):
                 raise ConfigError(f"{lname}: expected a mapping with name, dataset {{local, split, ...}}")
             _check_keys(ld, LOADER_KEYS, lname)
-            if ld.get("name", "text") != "text":
-                raise ConfigError(f"{lname}.name: only 'text' (prepared token shards) is supported by "
-                                  f"`mptkit train`; got '{ld.get('name')}'")
+            name = ld.get("name", "text")
+            if name not in ("text", "finetuning"):
+                raise ConfigError(f"{lname}.name: 'text' (prepared token shards) or 'finetuning' (prompt/response or "
+                                  f"chat examples) are supported by `mptkit train`; got '{name}'")
             ds = ld.get("dataset") or {}
             if not isinstance(ds, dict):
                 raise ConfigError(f"{lname}.dataset: expected a mapping with local, split, ...")
+            if name == "finetuning":
+                _check_keys(ds, FINETUNE_DATASET_KEYS, f"{lname}.dataset")
+                if not (ds.get("hf_name") or ds.get("path")):
+                    raise ConfigError(f"{lname}.dataset.hf_name: the finetuning data (a local JSONL/JSON/CSV/Parquet "
+                                      "file, a folder of them, or a datasets save_to_disk folder) is required")
+                if ds.get("decoder_only_format", True) is not True:
+                    raise ConfigError(f"{lname}.dataset.decoder_only_format: only true (decoder-only models) is "
+                                      "supported")
+                if self.data_prep is not None and lname == "train_loader":
+                    raise ConfigError("data_prep prepares pretraining shards; a finetuning train_loader reads its "
+                                      "examples directly: remove data_prep")
+                continue
             _check_keys(ds, DATASET_KEYS, f"{lname}.dataset")
             if ds.get("remote"):
                 raise ConfigError(f"{lname}.dataset.remote: streaming from a remote is not supported; "

@@ -111,8 +111,63 @@ def _open_split(local: str, split: str, which: str):
         raise DataError(f"{which}.dataset.local: {p} has no usable '{split}' split ({e})") from None
 
 
+def _model_folder(cfg: RunConfig) -> Path | None:
+    """The local model folder the recipe starts from (its tokenizer is the finetuning default)."""
+    spec = cfg.model
+    if isinstance(spec, dict):
+        spec = spec.get("pretrained_model_name_or_path") if spec.get("pretrained", True) else None
+    if isinstance(spec, (str, Path)) and Path(str(spec)).is_dir():
+        return Path(str(spec))
+    return None
+
+
+def _finetune_options(ds: dict, cfg: RunConfig, which: str):
+    from mptkit.data.finetune import FinetuneOptions
+
+    seq = ds.get("max_seq_len") or cfg.max_seq_len
+    if not seq:
+        raise ConfigError(f"{which}.dataset.max_seq_len: set it (or max_seq_len) for the finetuning samples")
+    keys = ("target_prompts", "target_responses", "packing_ratio", "allow_pad_trimming", "append_eos", "strict",
+            "preprocessing_fn", "system_prompt")
+    return FinetuneOptions(max_seq_len=int(seq), **{k: ds[k] for k in keys if k in ds})
+
+
+def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
+    """(tokenizer, train, eval or None, info) for ``train_loader.name: finetuning``: examples read from local
+    files and tokenized by every rank alike (deterministic; no shards are written)."""
+    from mptkit.data.finetune import build_finetune_dataset
+    from mptkit.data.tokenizer import load_tokenizer
+
+    if tokenizer is None:
+        src = tokenizer_path(cfg) or _model_folder(cfg)
+        if src is None:
+            raise ConfigError("finetuning needs a tokenizer: set tokenizer.name, or start from a model folder that "
+                              "holds one (model.pretrained_model_name_or_path)")
+        tokenizer = load_tokenizer(src)
+    tr = _dataset_section(cfg, "train_loader")
+    train = build_finetune_dataset(tr.get("hf_name") or tr["path"], tokenizer, _finetune_options(tr, cfg, "train_loader"),
+                                   split=tr.get("split", "train"), where="train_loader.dataset")
+    ev = None
+    if cfg.eval_loader:
+        es = _dataset_section(cfg, "eval_loader")
+        if cfg.eval_loader.get("name", "text") != "finetuning":
+            raise ConfigError("eval_loader.name: a finetuning run evaluates on finetuning examples; set "
+                              "eval_loader.name: finetuning (with its own hf_name and split)")
+        opts = _finetune_options(es, cfg, "eval_loader")
+        if opts.max_seq_len != train.opts.max_seq_len:
+            raise ConfigError(f"eval_loader.dataset.max_seq_len ({opts.max_seq_len}) differs from the training "
+                              f"samples' ({train.opts.max_seq_len})")
+        ev = build_finetune_dataset(es.get("hf_name") or es["path"], tokenizer, opts,
+                                    split=es.get("split", "test"), where="eval_loader.dataset")
+    info = {"vocab_size": None, "max_seq_len": train.opts.max_seq_len,
+            "eos_token_id": getattr(tokenizer, "eos_token_id", None), "finetune": train.stats.as_dict()}
+    return tokenizer, train, ev, info
+
+
 def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
     """(tokenizer, train dataset, eval dataset or None, info) from the recipe; validated."""
+    if (cfg.train_loader or {}).get("name", "text") == "finetuning":
+        return build_finetune_data(cfg, tokenizer=tokenizer)
     prepare_if_needed(cfg, dist)
     tr = _dataset_section(cfg, "train_loader")
     if tr is None:

@@ -193,6 +193,8 @@ class Trainer:
                 from mptkit.train.recipe_data import tokenizer_path
 
                 self.tokenizer = load_tokenizer(tokenizer_path(cfg))
+        if self.collate is default_collate and callable(getattr(self.train_dataset, "collate", None)):
+            self.collate = self.train_dataset.collate  # e.g. finetuning batches cut to their longest sample
         seq_len = self._sample_len(self.train_dataset)
         self.seq_len = seq_len
         # model

@@ -1,0 +1,501 @@
+"""Finetuning data: instruction and chat examples -> fixed-length token samples with loss masks.
+
+The formats (one JSON object per example; JSONL, a JSON array, CSV, Parquet, Arrow or a ``datasets``
+``save_to_disk`` folder):
+
+* ``{"prompt": ..., "response": ...}`` — llm-foundry's finetuning format (MPT-7B-Instruct style data);
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` — a conversation, rendered
+  with the ChatML template MPT-7B-Chat was trained with (:mod:`mptkit.infer.chat`), so `mptkit chat` and
+  the server prompt a finetuned model exactly as it was trained;
+* ``{"instruction": ..., "input"/"context": ..., "output"/"response": ...}`` (Alpaca / Dolly records) —
+  formatted with the Dolly prompt MPT-7B-Instruct used (:data:`INSTRUCT_PROMPT`).
+
+Each example becomes turns ``(prompt_text, response_text)``; every piece is tokenized on its own and the
+pieces are concatenated (llm-foundry's way: a response's tokens do not depend on its prompt). Labels are
+the token ids where the loss applies and -100 elsewhere: ``target_responses`` ``last`` (default) or ``all``
+assistant responses, ``target_prompts`` ``none`` (default), ``all`` or ``length>=N``. The final response
+ends with the tokenizer's EOS token (prompt/response and instruction examples; a chat turn ends with
+``<|im_end|>``), so the model learns to stop.
+
+Too long: an example whose first trained token lies past ``max_seq_len`` (its prompt fills the window) is
+dropped and counted; otherwise the end is cut at ``max_seq_len`` and counted as truncated. Bad records
+(malformed JSON, missing or non-string fields, unknown roles) are reported with file and line, skipped and
+counted, or raise with ``strict``. Samples are right-padded to ``max_seq_len`` (causal attention: padding
+after a sequence never changes it) with labels -100; ``packing_ratio`` > 1 or ``auto`` packs several
+examples per sample (first-fit decreasing, nothing dropped) with a ``sequence_id`` per example, which the
+model uses to keep examples apart when its ``attn_uses_sequence_id`` is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptkit.data.corpus import (
+    Issues,
+    _decode_utf8,
+    _hf_dataset_arrow_files,
+    _is_hf_datasets_dir,
+    source_kind,
+)
+from mptkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+INSTRUCT_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+INSTRUCT_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
+    "\n\n### Response:\n"
+)
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow"}
+_TARGET_PROMPTS = re.compile(r"^(none|all|length>=\s*(\d+))$")
+
+
+@dataclass
+class FinetuneOptions:
+    """How examples become samples (llm-foundry's key names)."""
+
+    max_seq_len: int
+    target_prompts: str = "none"  # none | all | length>=N
+    target_responses: str = "last"  # last | all
+    packing_ratio: float | str | None = None  # None / 1 = one example per sample; > 1 or "auto" = pack
+    allow_pad_trimming: bool = False  # batches cut to their longest sample (fewer padded positions computed)
+    append_eos: bool = True  # end the final response of prompt/response examples with EOS
+    strict: bool = False  # the first bad record raises instead of being skipped and counted
+    preprocessing_fn: str | Callable[[dict], dict] | None = None  # "module:function": record -> example
+    # chat examples without a system message get this one ("default" = the one `mptkit chat` and the server
+    # add, so training and inference see the same prompt; None or "" = none)
+    system_prompt: str | None = "default"
+
+    def __post_init__(self):
+        if int(self.max_seq_len) < 2:
+            raise DataError(f"finetuning: max_seq_len must be >= 2, got {self.max_seq_len}")
+        if not _TARGET_PROMPTS.match(str(self.target_prompts).strip()):
+            raise DataError(f"finetuning: target_prompts must be none, all or length>=N, got {self.target_prompts!r}")
+        if self.target_responses not in ("last", "all"):
+            raise DataError(f"finetuning: target_responses must be last or all, got {self.target_responses!r}")
+        pr = self.packing_ratio
+        if pr is not None and pr != "auto":
+            try:
+                val = float(pr)
+            except (TypeError, ValueError):
+                raise DataError(f"finetuning: packing_ratio must be a number >= 1 or 'auto', got {pr!r}") from None
+            if val < 1.0:
+                raise DataError(f"finetuning: packing_ratio must be >= 1 (or 'auto'), got {pr!r}")
+
+    @property
+    def packing(self) -> bool:
+        return self.packing_ratio == "auto" or (self.packing_ratio is not None and float(self.packing_ratio) > 1.0)
+
+    def prompt_is_target(self, n_tokens: int) -> bool:
+        m = _TARGET_PROMPTS.match(str(self.target_prompts).strip())
+        if m.group(1) == "none":
+            return False
+        if m.group(1) == "all":
+            return True
+        return n_tokens >= int(m.group(2))
+
+
+# ----------------------------------------------------------------------------------------- records
+
+
+def data_files(path: str | Path, split: str | None) -> list[Path]:
+    """The files holding ``split`` of a local dataset: a file (the split is the file), a folder with files
+    or sub-folders named after splits (``train.jsonl``, ``test-00000.parquet``, ``train/``), or a
+    ``datasets.save_to_disk`` folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        hub = "/" in str(path) and not str(path).startswith((".", "/", "~"))
+        raise DataError(f"finetuning data {path}: no such file or folder" + (
+            " (a hub dataset name? mptkit reads local files only: download it first, e.g. `huggingface-cli "
+            "download NAME --repo-type dataset --local-dir DIR`, and point hf_name at DIR)" if hub else ""))
+    if p.is_file():
+        return [p]
+    if _is_hf_datasets_dir(p):
+        return _hf_dataset_arrow_files(p, split)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise DataError(f"finetuning data {p}: the folder holds no {'/'.join(sorted(DATA_SUFFIXES))} files")
+    if split:
+        def in_split(f: Path) -> bool:
+            rel = f.relative_to(p).parts
+            return rel[0] == split or (len(rel) == 1 and re.match(rf"^{re.escape(split)}([-_.].*)?$", f.stem) is not None)
+
+        chosen = [f for f in files if in_split(f)]
+        if chosen:
+            return chosen
+        if split != "train":
+            names = ", ".join(str(f.relative_to(p)) for f in files[:8])
+            raise DataError(f"finetuning data {p}: no files for split {split!r} (expected {split}.jsonl, "
+                            f"{split}-*.parquet or a {split}/ folder; found {names})")
+    return files
+
+
+def _records_jsonl(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+            except UnicodeDecodeError as e:
+                issues.report("invalid_utf8", where, f"invalid UTF-8 at column {e.start + 1}; record skipped")
+            except ValueError as e:
+                issues.report("malformed_json", where, f"malformed JSON ({e}); record skipped")
+
+
+def _records_json(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _records_jsonl(path, issues)  # .json files with one object per line
+        return
+    text = _decode_utf8(path.read_bytes(), str(path), issues)
+    if text is None:
+        return
+    try:
+        records = json.loads(text)
+    except ValueError as e:
+        issues.report("malformed_json", f"{path}:{getattr(e, 'lineno', '?')}", f"malformed JSON array ({e}); file skipped")
+        return
+    for i, rec in enumerate(records):
+        yield f"{path}:[{i}]", rec
+
+
+def _records_csv(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
+    text = _decode_utf8(path.read_bytes(), str(path), issues)
+    if text is None:
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        for row in reader:
+            yield f"{path}:{reader.line_num}", dict(row)
+    except csv.Error as e:
+        issues.report("malformed_csv", f"{path}:{reader.line_num}", f"malformed CSV ({e}); rest of file skipped")
+
+
+def _records_table(path: Path, kind: str, issues: Issues) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading {kind} files needs pyarrow (pip install 'mptkit[data]')") from None
+    try:
+        if kind == "parquet":
+            table = pq.read_table(str(path))
+        else:
+            src = pa.memory_map(str(path))
+            try:
+                table = pa.ipc.open_stream(src).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(src).read_all()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError subclasses
+        issues.report("unreadable_file", str(path), f"cannot read as {kind} ({e}); file skipped")
+        return
+    for row, rec in enumerate(table.to_pylist()):
+        yield f"{path}:row {row}", rec
+
+
+def iter_records(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for every record of one file; unreadable parts reported to ``issues``."""
+    kind = source_kind(path)
+    try:
+        if kind == "jsonl":
+            yield from _records_jsonl(path, issues)
+        elif kind == "json":
+            yield from _records_json(path, issues)
+        elif kind == "csv":
+            yield from _records_csv(path, issues)
+        elif kind in ("parquet", "arrow"):
+            yield from _records_table(path, kind, issues)
+        else:
+            issues.report("unsupported_file", str(path), "not JSONL/JSON/CSV/Parquet/Arrow; file skipped")
+    except OSError as e:
+        issues.report("unreadable_file", str(path), f"cannot read ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------------------- formats
+
+
+class BadRecord(ValueError):
+    """A record that is not a usable example; the message says why (kind, text)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _text(rec: dict, key: str, *, required: bool = True) -> str:
+    v = rec.get(key)
+    if v is None:
+        if required:
+            raise BadRecord("missing_field", f"no field {key!r} (found {sorted(rec)[:8]})")
+        return ""
+    if not isinstance(v, str):
+        raise BadRecord("non_string_field", f"field {key!r} is {type(v).__name__}, expected a string")
+    return v
+
+
+def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[str, str]]:
+    """ChatML turns of a conversation: each assistant message is a response, everything before it (since
+    the previous response) its prompt, ending with ``<|im_start|>assistant\\n``. ``system_prompt`` opens
+    a conversation that has no system message. The pieces joined are ``render_chatml``'s text."""
+    from mptkit.infer.chat import IM_END, IM_START, ROLES
+
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("bad_messages", "'messages' must be a non-empty list of {role, content} objects")
+    turns: list[tuple[str, str]] = []
+    pending = ""
+    if system_prompt and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+        pending = f"{IM_START}system\n{system_prompt}{IM_END}\n"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRecord("bad_messages", f"messages[{i}] is {type(m).__name__}, expected an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRecord("bad_role", f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role == "system" and i != 0:
+            raise BadRecord("bad_role", f"messages[{i}]: a system message may only come first")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise BadRecord("non_string_field", f"messages[{i}].content is {type(content).__name__}, expected a string")
+        sep = "\n" if turns and not pending else ""  # the newline after the previous <|im_end|>
+        if role == "assistant":
+            turns.append((pending + sep + f"{IM_START}assistant\n", content + IM_END))
+            pending = ""
+        else:
+            pending += sep + f"{IM_START}{role}\n{content}{IM_END}\n"
+    if not turns:
+        raise BadRecord("no_response", "the conversation has no assistant message to learn from")
+    return turns
+
+
+def example_turns(rec: Any, preprocess: Callable[[dict], Any] | None = None,
+                  system_prompt: str | None = None) -> tuple[list[tuple[str, str]], bool]:
+    """``(turns, is_chat)`` of one record, in any of the module's formats."""
+    if preprocess is not None:
+        try:
+            rec = preprocess(rec)
+        except BadRecord:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's function: report, do not crash on one record
+            raise BadRecord("preprocessing_failed", f"preprocessing_fn failed: {type(e).__name__}: {e}") from None
+    if not isinstance(rec, dict):
+        raise BadRecord("not_an_object", f"the record is {type(rec).__name__}, expected a JSON object")
+    if "messages" in rec:
+        return chat_turns(rec["messages"], system_prompt), True
+    if "instruction" in rec:
+        instruction = _text(rec, "instruction")
+        ctx = _text(rec, "input", required=False) or _text(rec, "context", required=False)
+        out = _text(rec, "output") if "output" in rec else _text(rec, "response")
+        prompt = (INSTRUCT_PROMPT_WITH_INPUT.format(instruction=instruction, input=ctx) if ctx.strip()
+                  else INSTRUCT_PROMPT.format(instruction=instruction))
+        return [(prompt, out)], False
+    if "prompt" in rec or "response" in rec:
+        return [(_text(rec, "prompt"), _text(rec, "response"))], False
+    raise BadRecord("unknown_format", "expected {prompt, response}, {messages: [...]} or {instruction, output} "
+                                      f"(found keys {sorted(rec)[:8]})")
+
+
+def load_preprocessing_fn(spec: str | Callable | None) -> Callable[[dict], Any] | None:
+    """``"package.module:function"`` -> the function (llm-foundry's ``preprocessing_fn``)."""
+    if spec is None or callable(spec):
+        return spec
+    mod, _, fn = str(spec).partition(":")
+    if not mod or not fn:
+        raise DataError(f"finetuning: preprocessing_fn must be 'module:function', got {spec!r}")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"finetuning: preprocessing_fn {spec!r} cannot be loaded ({e})") from None
+    if not callable(f):
+        raise DataError(f"finetuning: preprocessing_fn {spec!r} is not callable")
+    return f
+
+
+# ----------------------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class FinetuneStats:
+    records: int = 0
+    examples: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    target_tokens: int = 0
+    tokens: int = 0
+    samples: int = 0
+    bad: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    try:
+        return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    except TypeError:  # a tokenizers.Tokenizer
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def tokenize_example(turns: list[tuple[list[int], list[int]]], opts: FinetuneOptions) -> tuple[list[int], list[int]] | None:
+    """(ids, labels) of one example from its tokenized turns, cut at max_seq_len; None when no trained
+    token would be left in the window."""
+    ids: list[int] = []
+    labels: list[int] = []
+    last = len(turns) - 1
+    for t, (p, r) in enumerate(turns):
+        ids += p
+        labels += p if opts.prompt_is_target(len(p)) else [IGNORE_INDEX] * len(p)
+        ids += r
+        labels += r if (opts.target_responses == "all" or t == last) else [IGNORE_INDEX] * len(r)
+    T = int(opts.max_seq_len)
+    ids, labels = ids[:T], labels[:T]
+    # the loss at position i predicts token i+1 from tokens <= i: at least one labelled token after the first
+    if not any(lab != IGNORE_INDEX for lab in labels[1:]):
+        return None
+    return ids, labels
+
+
+def pack_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of example indices, first-fit decreasing (ties by index: deterministic); every example lands."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, r in enumerate(room):
+            if r >= n:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    for b in bins:
+        b.sort()
+    return bins
+
+
+class FinetuneDataset:
+    """Fixed-length samples: ``input_ids``, ``labels`` (-100 = no loss) and, when packed, ``sequence_id``
+    (T,) LongTensors; ``collate`` stacks them (and cuts trailing padding with ``allow_pad_trimming``)."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], opts: FinetuneOptions, pad_id: int,
+                 stats: FinetuneStats | None = None):
+        self.opts = opts
+        self.pad_id = int(pad_id)
+        self.stats = stats or FinetuneStats()
+        T = int(opts.max_seq_len)
+        bins = pack_first_fit([len(e[0]) for e in examples], T) if opts.packing else [[i] for i in range(len(examples))]
+        n = len(bins)
+        self.input_ids = torch.full((n, T), self.pad_id, dtype=torch.long)
+        self.labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long)
+        self.sequence_id = torch.full((n, T), -1, dtype=torch.long) if opts.packing else None
+        self.lengths = torch.zeros(n, dtype=torch.long)
+        for s, b in enumerate(bins):
+            at = 0
+            for j, i in enumerate(b):
+                ids, lab = examples[i]
+                self.input_ids[s, at:at + len(ids)] = torch.tensor(ids, dtype=torch.long)
+                self.labels[s, at:at + len(ids)] = torch.tensor(lab, dtype=torch.long)
+                if self.sequence_id is not None:
+                    self.sequence_id[s, at:at + len(ids)] = j
+                at += len(ids)
+            if self.sequence_id is not None:
+                self.sequence_id[s, at:] = len(b)  # padding: a sequence of its own
+            self.lengths[s] = at
+        self.stats.samples = n
+        self.stats.examples = len(examples)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        d = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        if self.sequence_id is not None:
+            d["sequence_id"] = self.sequence_id[i]
+        return d
+
+    def collate(self, items: list[dict]) -> dict:
+        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        if self.opts.allow_pad_trimming:
+            real = (out["labels"] != IGNORE_INDEX) | (out["input_ids"] != self.pad_id)
+            cols = torch.nonzero(real.any(0)).flatten()
+            keep = int(cols[-1]) + 1 if len(cols) else 1
+            keep = min(out["input_ids"].shape[1], -(-keep // 8) * 8)  # a multiple of 8: fewer distinct shapes
+            out = {k: v[:, :keep] for k, v in out.items()}
+        return out
+
+
+def build_finetune_dataset(path: str | Path, tokenizer, opts: FinetuneOptions, *, split: str | None = "train",
+                           where: str = "train_loader.dataset") -> FinetuneDataset:
+    """Read, format, tokenize and lay out a finetuning dataset; raises :class:`DataError` naming the file
+    and line of the first bad record with ``strict``, or when nothing usable is left."""
+    issues = Issues(strict=opts.strict)
+    preprocess = load_preprocessing_fn(opts.preprocessing_fn)
+    system = opts.system_prompt
+    if system == "default":
+        from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT as system
+    stats = FinetuneStats()
+    texts: list[str] = []
+    layout: list[tuple[int, int, bool]] = []  # per example: first text index, number of turns, is_chat
+    for f in data_files(path, split):
+        for at, rec in iter_records(f, issues):
+            stats.records += 1
+            try:
+                turns, is_chat = example_turns(rec, preprocess, system)
+            except BadRecord as e:
+                issues.report(e.kind, at, str(e))
+                continue
+            layout.append((len(texts), len(turns), is_chat))
+            for p, r in turns:
+                texts += [p, r]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    encoded = _encode_many(tokenizer, texts)
+    examples = []
+    for start, nt, is_chat in layout:
+        turns = [(encoded[start + 2 * t], encoded[start + 2 * t + 1]) for t in range(nt)]
+        if opts.append_eos and not is_chat and eos is not None and (not turns[-1][1] or turns[-1][1][-1] != eos):
+            turns[-1] = (turns[-1][0], turns[-1][1] + [int(eos)])
+        full = sum(len(p) + len(r) for p, r in turns)
+        ex = tokenize_example(turns, opts)
+        if ex is None:
+            stats.dropped_too_long += 1
+            continue
+        stats.truncated += full > opts.max_seq_len
+        stats.tokens += len(ex[0])
+        stats.target_tokens += sum(lab != IGNORE_INDEX for lab in ex[1][1:])
+        examples.append(ex)
+    stats.bad = issues.as_dict()
+    if not examples:
+        raise DataError(
+            f"{where}: {path} gives no usable finetuning example ({stats.records} records read, "
+            f"{issues.total} bad, {stats.dropped_too_long} with no trained token inside max_seq_len="
+            f"{opts.max_seq_len})" + (f"; first problem: {issues.examples[0]}" if issues.examples else ""))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = eos if pad is None else pad
+    ds = FinetuneDataset(examples, opts, pad if pad is not None else 0, stats)
+    log.info("finetuning data %s (%s): %d examples -> %d samples of %d tokens (%.1f examples per sample), "
+             "%d target tokens; %d truncated, %d dropped (prompt fills max_seq_len), %d bad records",
+             path, split, stats.examples, stats.samples, opts.max_seq_len, stats.examples / max(1, stats.samples),
+             stats.target_tokens, stats.truncated, stats.dropped_too_long, issues.total)
+    return ds
