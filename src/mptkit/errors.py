@@ -30,3 +30,7 @@ class InferenceError(MPTKitError):
 
 class ExportError(MPTKitError):
     """A model cannot be written in the requested format."""
+
+
+class EvalError(MPTKitError, ValueError):
+    """An evaluation (perplexity, long-context curve, ICL task) was given unusable input or options."""

@@ -1,0 +1,214 @@
+"""`mptkit eval perplexity`, `mptkit eval long-context`, `mptkit eval icl`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+from mptkit.errors import EvalError
+
+log = logging.getLogger(__name__)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="HF-layout model folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the model folder)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
+
+
+def _load(args, *, need_tokenizer: bool = True):
+    import torch
+
+    from mptkit.eval.scoring import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                      need_tokenizer=need_tokenizer)
+
+
+def _write_json(path, payload) -> None:
+    if not path:
+        return
+    from mptkit.utils.fs import atomic_write_json
+
+    try:
+        atomic_write_json(Path(path), payload)
+    except OSError as e:
+        raise EvalError(f"--json {path}: cannot write ({e.strerror or e})") from None
+    print(f"results written to {path}")
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _stream(args, model, tok, max_tokens):
+    from mptkit.eval.data import is_prepared_folder, load_token_stream
+
+    prepared = is_prepared_folder(args.data)
+    return load_token_stream(args.data, tok if (tok is not None or not prepared) else None, split=args.split,
+                             max_tokens=max_tokens, text_field=args.text_field, vocab_size=model.config.vocab_size)
+
+
+# ----------------------------------------------------------------------------- perplexity
+def _perplexity(args) -> int:
+    from mptkit.eval.data import is_prepared_folder
+    from mptkit.eval.perplexity import perplexity
+
+    model, tok = _load(args, need_tokenizer=not is_prepared_folder(args.data))
+    stream = _stream(args, model, tok, args.max_tokens)
+    res = perplexity(model, stream, max_seq_len=args.max_seq_len, stride=args.stride, batch_size=args.batch_size,
+                     allow_short=args.allow_short)
+    print(f"data           {res.source}")
+    print(f"windows        {res.windows} of {res.max_seq_len} tokens, stride {res.stride} "
+          f"(context >= {res.max_seq_len - res.stride if res.stride < res.max_seq_len else 1} tokens after the "
+          "first window)")
+    print(f"tokens scored  {res.tokens:,}")
+    print(f"loss           {res.loss:.4f} nats/token")
+    print(f"perplexity     {res.perplexity:.4f}")
+    if res.bits_per_byte is not None:
+        print(f"bits per byte  {res.bits_per_byte:.4f} ({res.n_bytes:,} bytes)")
+    _write_json(args.json, {"model": str(args.model), **res.to_dict()})
+    return 0
+
+
+# ----------------------------------------------------------------------------- long context
+def _long_context(args) -> int:
+    from mptkit.eval.data import is_prepared_folder
+    from mptkit.eval.long_context import long_context_curve, parse_lengths
+
+    lengths = parse_lengths(args.lengths)  # fail on bad lengths before loading anything
+    model, tok = _load(args, need_tokenizer=not is_prepared_folder(args.data))
+    stream = _stream(args, model, tok, args.max_tokens)
+    rows = long_context_curve(model, stream, lengths, buckets=args.buckets, max_tokens=args.max_tokens,
+                              batch_tokens=args.batch_tokens)
+    msl = model.config.max_seq_len
+    last = f"last 1/{args.buckets}" if args.buckets > 1 else "last bucket"
+    print(f"data: {stream.source}; model max_seq_len {msl} ({'ALiBi' if model.config.alibi else 'learned positions'})")
+    print(f"{'length':>8} {'windows':>8} {'loss':>8} {'ppl':>10} {'loss ' + last:>16}")
+    for r in rows:
+        mark = "  (past max_seq_len)" if r.past_max_seq_len else ""
+        ppl = f"{r.perplexity:.3f}" if math.isfinite(r.perplexity) else "inf"
+        print(f"{r.length:>8} {r.windows:>8} {r.loss:>8.4f} {ppl:>10} {r.last_bucket_loss:>16.4f}{mark}")
+    _write_json(args.json, {"model": str(args.model), "data": stream.source, "max_seq_len": msl,
+                            "buckets": args.buckets,
+                            "lengths": [r.to_dict(positions=args.positions) for r in rows]})
+    return 0
+
+
+# ----------------------------------------------------------------------------- icl
+def _split_list(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def _icl(args) -> int:
+    from mptkit.eval.icl import icl_accuracy, normalize_task_type, read_icl_jsonl
+
+    files = _split_list(args.tasks)
+    if not files:
+        raise EvalError("--tasks: give one or more JSONL files, comma-separated")
+    types = [normalize_task_type(t) for t in _split_list(args.task_type)]
+    if len(types) not in (0, 1, len(files)):
+        raise EvalError(f"--task-type: {len(types)} types for {len(files)} task files (give one for all, or one "
+                        "per file)")
+    try:
+        shots = [int(x) for x in _split_list(args.num_fewshot)] or [0]
+    except ValueError:
+        raise EvalError(f"--num-fewshot {args.num_fewshot!r}: expected integers, e.g. 0 or 0,1,5") from None
+    tasks = [read_icl_jsonl(f, types[0] if len(types) == 1 else (types[i] if types else None))
+             for i, f in enumerate(files)]  # validate every file before loading the model
+    model, tok = _load(args)
+    results = []
+    for task in tasks:
+        for k in shots:
+            results.append(icl_accuracy(model, tok, task, num_fewshot=k, seed=args.seed,
+                                        example_delimiter=args.example_delimiter,
+                                        continuation_delimiter=args.continuation_delimiter,
+                                        prompt_string=args.prompt_string, batch_size=args.batch_size,
+                                        max_examples=args.max_examples, max_seq_len=args.max_seq_len))
+    w = max(4, *(len(r.task) for r in results))
+    print(f"{'task':<{w}} {'type':<18} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
+    for r in results:
+        print(f"{r.task:<{w}} {r.task_type:<18} {r.num_fewshot:>5} {r.examples:>6} {r.accuracy:>9.4f} "
+              f"{_fmt(r.accuracy_norm):>9}" + (f"  ({r.truncated} prompts truncated)" if r.truncated else ""))
+    _write_json(args.json, {"model": str(args.model), "seed": args.seed,
+                            "example_delimiter": args.example_delimiter,
+                            "continuation_delimiter": args.continuation_delimiter,
+                            "results": [r.to_dict(details=args.details) for r in results]})
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _unescape(s: str) -> str:
+    """Command-line delimiters may be written with backslash escapes (\\n, \\t)."""
+    return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ep = sub.add_parser("eval", help="evaluate a model: perplexity, long-context curve, ICL accuracy",
+                        description="Evaluate a model folder. See docs/evaluation.md.")
+    esub = ep.add_subparsers(dest="eval_command", metavar="ACTION")
+    ep.set_defaults(func=lambda a: (ep.print_help(), 0)[1])
+
+    data_help = ("text/code/JSONL files or folders (tokenized with the model's tokenizer, documents joined "
+                 "with EOS), or a folder prepared by `mptkit data prepare`")
+
+    p = esub.add_parser("perplexity", help="token-level perplexity with sliding windows",
+                        description="Perplexity with sliding windows: every token is scored once, with at least "
+                                    "max_seq_len - stride tokens of context (after the first window).")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--split", default="val", help="split of a prepared folder (default val)")
+    p.add_argument("--text-field", default="text", help="JSON/CSV/Parquet field holding the text (default text)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="window length (default: the model's max_seq_len; ALiBi models may go past it)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: half the window; = window: no overlap)")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the data")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--allow-short", action="store_true", help="score data shorter than one window as one window")
+    p.set_defaults(func=_perplexity)
+
+    p = esub.add_parser("long-context", help="mean loss per position for windows of several lengths",
+                        description="The StoryWriter-style curve: loss per position bucket when the model reads "
+                                    "windows of each length (ALiBi models may go past max_seq_len).")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--lengths", required=True, help="window lengths in tokens, comma-separated (e.g. 256,512,1024)")
+    p.add_argument("--split", default="val", help="split of a prepared folder (default val)")
+    p.add_argument("--text-field", default="text", help="JSON/CSV/Parquet field holding the text (default text)")
+    p.add_argument("--buckets", type=int, default=8, help="position buckets per length (default 8)")
+    p.add_argument("--max-tokens", type=int, default=1 << 16,
+                   help="tokens of data read per length (default 65536; every length reads the same prefix)")
+    p.add_argument("--batch-tokens", type=int, default=1 << 14,
+                   help="tokens per forward pass (windows of one length batched up to this; default 16384)")
+    p.add_argument("--positions", action="store_true", help="write the loss of every position to --json")
+    p.set_defaults(func=_long_context)
+
+    p = esub.add_parser("icl", help="in-context-learning accuracy on llm-foundry JSONL tasks",
+                        description="Accuracy on language_modeling ({context, continuation}: greedy match) and "
+                                    "multiple_choice ({query, choices, gold}: highest log-likelihood) JSONL tasks.")
+    _add_model_args(p)
+    p.add_argument("--tasks", required=True, help="JSONL task files, comma-separated")
+    p.add_argument("--task-type", default=None,
+                   help="language_modeling / multiple_choice (lm / mc): one for all files or one per file, "
+                        "comma-separated (default: inferred from the keys)")
+    p.add_argument("--num-fewshot", default="0", help="shots per prompt; a comma list runs each (default 0)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
+    p.add_argument("--example-delimiter", type=_unescape, default="\n\n",
+                   help="between shots (default '\\n\\n'; backslash escapes are read)")
+    p.add_argument("--continuation-delimiter", type=_unescape, default=" ",
+                   help="between a context and its answer (default ' ')")
+    p.add_argument("--prompt-string", type=_unescape, default="", help="text before the first shot")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records of each file")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + answer (default: the model's max_seq_len); longer prompts lose their start")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--details", action="store_true", help="write per-record results to --json")
+    p.set_defaults(func=_icl)

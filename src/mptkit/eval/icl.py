@@ -1,0 +1,336 @@
+"""In-context-learning (ICL) accuracy on llm-foundry's JSONL task formats.
+
+Formats (one JSON object per line; the task type is given or inferred from the keys of the first record):
+
+* ``language_modeling``: ``{"context": str, "continuation": str}``. Correct iff the model's greedy (argmax)
+  token at every continuation position equals the continuation's token there (LAMBADA-style; the same
+  single forward pass, no sampling).
+* ``multiple_choice``: ``{"query": str, "choices": [str, ...], "gold": int}``. Each choice is scored by the
+  summed log-likelihood of its tokens given the prompt. ``accuracy``: the choice with the highest sum is
+  gold; ``accuracy_norm``: the highest mean per-token log-likelihood (length-normalized; the criterion
+  llm-foundry's multiple-choice accuracy uses, lowest per-token perplexity). Ties go to the first choice.
+
+The prompt (llm-foundry's ``example_delimiter`` / ``continuation_delimiter`` / ``prompt_string`` semantics)::
+
+    prompt_string + shot_1 + ED + ... + shot_k + ED + context + CD      then the answer
+    shot_j = context_j + CD + answer_j      (answer = continuation, or choices[gold])
+
+``ED`` defaults to ``"\\n\\n"`` and ``CD`` to ``" "`` (llm-foundry's continuation delimiter default); with
+``num_fewshot=k`` the ``k`` shots are drawn without replacement from the *other* records of the same file,
+by a generator seeded with ``(seed, record index)`` (the same shots whatever subset or order is evaluated).
+Whitespace at the end of the prompt (usually ``CD``) is moved to the front of the answer before tokenizing,
+as lm-eval-harness does: byte-level BPEs attach a space to the word after it (`` Paris`` is one token), so
+``"... is"`` + ``" Paris"`` is how the model saw such text in training, ``"... is "`` + ``"Paris"`` is not.
+Prompt and answer are tokenized separately (no special tokens) and concatenated; an empty prompt becomes
+the EOS token. A prompt too long for ``max_seq_len`` (default the model's) loses tokens from its start (the
+answer is always kept whole). Requests are scored in batches, right-padded (causal attention: padding after
+a token cannot change it), longest first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mptkit.errors import EvalError
+from mptkit.eval.scoring import model_device, next_token_logprobs
+
+log = logging.getLogger(__name__)
+
+TASK_KEYS = {
+    "language_modeling": ("context", "continuation"),
+    "multiple_choice": ("query", "choices", "gold"),
+}
+TASK_ALIASES = {"lm": "language_modeling", "mc": "multiple_choice", "language-modeling": "language_modeling",
+                "multiple-choice": "multiple_choice"}
+DEFAULT_EXAMPLE_DELIMITER = "\n\n"
+DEFAULT_CONTINUATION_DELIMITER = " "
+
+
+@dataclass
+class ICLTask:
+    """A task file's records (validated) and its type. ``lines[i]`` is record ``i``'s line number."""
+
+    name: str
+    task_type: str
+    examples: list[dict]
+    path: str = ""
+    lines: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ICLResult:
+    """``accuracy``: fraction correct (LM: greedy match; MC: highest summed log-likelihood);
+    ``accuracy_norm``: MC by mean per-token log-likelihood (None for LM); ``truncated``: prompts cut to fit;
+    ``details``: per record ``{"index", "correct", ...}`` (MC: ``"logprobs"``, ``"tokens"`` per choice)."""
+
+    task: str
+    task_type: str
+    num_fewshot: int
+    examples: int
+    accuracy: float
+    accuracy_norm: float | None = None
+    truncated: int = 0
+    details: list[dict] = field(default_factory=list, repr=False)
+
+    def to_dict(self, *, details: bool = False) -> dict:
+        d = asdict(self)
+        if not details:
+            d.pop("details")
+        return d
+
+
+def normalize_task_type(name: str | None) -> str | None:
+    """``lm``/``mc`` aliases -> the full names; unknown names are an :class:`EvalError`."""
+    if name is None:
+        return None
+    t = TASK_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if t not in TASK_KEYS:
+        raise EvalError(f"unknown task type {name!r}: supported are {', '.join(TASK_KEYS)} (or lm, mc)")
+    return t
+
+
+def infer_task_type(record: dict, where: str) -> str:
+    for t, keys in TASK_KEYS.items():
+        if all(k in record for k in keys):
+            return t
+    expected = "; ".join(f"{t}: {', '.join(repr(k) for k in keys)}" for t, keys in TASK_KEYS.items())
+    raise EvalError(f"{where}: cannot tell the task type from the keys {sorted(record)} (expected {expected}); "
+                    "pass --task-type")
+
+
+def _check_record(rec: dict, task_type: str, where: str) -> None:
+    keys = TASK_KEYS[task_type]
+    for k in keys:
+        if k not in rec:
+            raise EvalError(f"{where}: missing key {k!r} (a {task_type} record needs "
+                            f"{', '.join(repr(x) for x in keys)}; found {sorted(rec)})")
+    if task_type == "language_modeling":
+        for k in keys:
+            if not isinstance(rec[k], str):
+                raise EvalError(f"{where}: key {k!r} is {type(rec[k]).__name__}, expected a string")
+        if not rec["continuation"].strip():
+            raise EvalError(f"{where}: key 'continuation' is empty (nothing to predict)")
+    else:
+        if not isinstance(rec["query"], str):
+            raise EvalError(f"{where}: key 'query' is {type(rec['query']).__name__}, expected a string")
+        ch = rec["choices"]
+        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+            raise EvalError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings")
+        g = rec["gold"]
+        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(ch):
+            raise EvalError(f"{where}: key 'gold' is {g!r}, expected an integer index into 'choices' "
+                            f"(0..{len(ch) - 1})")
+
+
+def read_icl_jsonl(path, task_type: str | None = None) -> ICLTask:
+    """Read and validate an ICL JSONL file. Malformed lines and missing keys raise :class:`EvalError`
+    naming ``file:line`` and the keys expected."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EvalError(f"--tasks {path}: no such file" + (" (a folder: give the .jsonl files)" if p.is_dir() else ""))
+    task_type = normalize_task_type(task_type)
+    examples, lines = [], []
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise EvalError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{p}: invalid UTF-8 ({e})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise EvalError(f"{where}: malformed JSON ({e}); each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise EvalError(f"{where}: a JSON {type(rec).__name__}, expected an object with keys "
+                            + (", ".join(repr(k) for k in TASK_KEYS[task_type]) if task_type else
+                               "'context', 'continuation' or 'query', 'choices', 'gold'"))
+        if task_type is None:
+            task_type = infer_task_type(rec, where)
+        _check_record(rec, task_type, where)
+        examples.append(rec)
+        lines.append(lineno)
+    if not examples:
+        raise EvalError(f"{p}: no records (an empty ICL task file)")
+    return ICLTask(name=p.stem, task_type=task_type, examples=examples, path=str(p), lines=lines)
+
+
+def _context(rec: dict, task_type: str) -> str:
+    return rec["context"] if task_type == "language_modeling" else rec["query"]
+
+
+def _answers(rec: dict, task_type: str) -> list[str]:
+    return [rec["continuation"]] if task_type == "language_modeling" else list(rec["choices"])
+
+
+def _gold_answer(rec: dict, task_type: str) -> str:
+    return rec["continuation"] if task_type == "language_modeling" else rec["choices"][rec["gold"]]
+
+
+def fewshot_indices(n: int, index: int, k: int, seed: int) -> list[int]:
+    """``k`` distinct record indices in ``[0, n)`` other than ``index``, drawn by a generator seeded with
+    ``(seed, index)``."""
+    if k <= 0:
+        return []
+    if k > n - 1:
+        raise EvalError(f"--num-fewshot {k}: the task has only {n} records ({n - 1} available as shots)")
+    rng = random.Random(f"{int(seed)}:{int(index)}")
+    return [j + (j >= index) for j in rng.sample(range(n - 1), k)]
+
+
+def build_prompt(task: ICLTask, index: int, *, num_fewshot: int = 0, seed: int = 1234,
+                 example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
+                 continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "") -> str:
+    """The prompt text of record ``index`` (shots included), before the answer (see the module docstring)."""
+    t = task.task_type
+    shots = [task.examples[j] for j in fewshot_indices(len(task.examples), index, num_fewshot, seed)]
+    parts = [_context(s, t) + continuation_delimiter + _gold_answer(s, t) for s in shots]
+    parts.append(_context(task.examples[index], t) + continuation_delimiter)
+    return prompt_string + example_delimiter.join(parts)
+
+
+def split_trailing_space(prompt: str, answer: str) -> tuple[str, str]:
+    """Move the prompt's trailing whitespace to the start of the answer."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):] + answer
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+@torch.inference_mode()
+def score_requests(model, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 16,
+                   max_seq_len: int | None = None) -> tuple[list[tuple[float, int, bool]], int]:
+    """Score ``(prompt_ids, answer_ids)`` pairs: ``([(sum log p(answer | prompt), answer tokens, greedy
+    match), ...], number of prompts truncated)``. Prompts longer than ``max_seq_len`` minus the answer lose
+    tokens from the start."""
+    limit = int(max_seq_len or model.config.max_seq_len)
+    seqs, truncated = [], 0
+    for p, a in requests:
+        if not a:
+            raise EvalError("an answer encodes to no tokens")
+        if not p:
+            raise EvalError("a prompt encodes to no tokens (no EOS token to stand in for it)")
+        room = limit - len(a)
+        if room < 1:
+            raise EvalError(f"an answer of {len(a)} tokens does not fit a window of {limit} tokens with at least "
+                            "one token of prompt; raise --max-seq-len or shorten the answers")
+        if len(p) > room:
+            p = p[-room:]
+            truncated += 1
+        seqs.append((p, a))
+    vocab = model.config.vocab_size
+    bad = [t for p, a in seqs for t in (*p, *a) if not 0 <= t < vocab]
+    if bad:
+        raise EvalError(f"token id {bad[0]} is outside the model's vocabulary ({vocab}): the tokenizer does not "
+                        "belong to this model")
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    out: list = [None] * len(seqs)
+    dev = model_device(model)
+    for s in range(0, len(order), int(batch_size)):
+        idx = order[s : s + int(batch_size)]
+        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+        width = max(width, 2)
+        x = torch.zeros((len(idx), width), dtype=torch.long)
+        sel = torch.zeros((len(idx), width - 1), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            p, a = seqs[i]
+            x[r, : len(p) + len(a)] = torch.tensor(p + a)
+            sel[r, len(p) - 1 : len(p) + len(a) - 1] = True
+        logp, am = next_token_logprobs(model, x.to(dev), sel, greedy=True)
+        logp, am = logp.double().cpu(), am.cpu()
+        tgt = x[:, 1:][sel]
+        off = 0
+        for i in idx:
+            n = len(seqs[i][1])
+            out[i] = (float(logp[off : off + n].sum()), n, bool((am[off : off + n] == tgt[off : off + n]).all()))
+            off += n
+    return out, truncated
+
+
+def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fewshot: int = 0, seed: int = 1234,
+                 example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
+                 continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
+                 batch_size: int = 16, max_examples: int | None = None,
+                 max_seq_len: int | None = None) -> ICLResult:
+    """Accuracy of ``model`` on an ICL task (see the module docstring for the formats and the prompt).
+
+    ``task``: a JSONL path, an :class:`ICLTask`, or a list of record dicts. ``num_fewshot``: shots per prompt,
+    drawn (seeded) from the other records. ``max_examples``: evaluate only the first N records (shots still
+    come from the whole file). Returns an :class:`ICLResult`."""
+    if isinstance(task, ICLTask):
+        if task_type is not None and normalize_task_type(task_type) != task.task_type:
+            raise EvalError(f"task {task.name} is {task.task_type}, not {task_type}")
+    elif isinstance(task, (list, tuple)):
+        recs = list(task)
+        if not recs:
+            raise EvalError("the task has no records")
+        tt = normalize_task_type(task_type)
+        for i, r in enumerate(recs):
+            if not isinstance(r, dict):
+                raise EvalError(f"record {i}: expected a dict, got {type(r).__name__}")
+            tt = tt or infer_task_type(r, f"record {i}")
+            _check_record(r, tt, f"record {i}")
+        task = ICLTask(name="task", task_type=tt, examples=recs, lines=list(range(1, len(recs) + 1)))
+    else:
+        task = read_icl_jsonl(task, task_type)
+    if tokenizer is None:
+        raise EvalError("ICL tasks need a tokenizer (the model folder has none; pass --tokenizer)")
+    if max_seq_len is not None:
+        from mptkit.eval.perplexity import check_window_length
+
+        check_window_length(model, int(max_seq_len))
+    if int(num_fewshot) < 0:
+        raise EvalError(f"--num-fewshot {num_fewshot}: must be >= 0")
+    n = len(task.examples) if max_examples is None else min(len(task.examples), int(max_examples))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    t = task.task_type
+    requests, owner = [], []
+    for i in range(n):
+        prompt = build_prompt(task, i, num_fewshot=int(num_fewshot), seed=seed, example_delimiter=example_delimiter,
+                              continuation_delimiter=continuation_delimiter, prompt_string=prompt_string)
+        for c, ans in enumerate(_answers(task.examples[i], t)):
+            ptxt, atxt = split_trailing_space(prompt, ans)
+            p_ids = _encode(tokenizer, ptxt) or ([eos] if eos is not None else [])
+            a_ids = _encode(tokenizer, atxt)
+            if not a_ids:
+                where = f"{task.path}:{task.lines[i]}" if task.path else f"record {i}"
+                raise EvalError(f"{where}: the answer {ans!r} encodes to no tokens")
+            requests.append((p_ids, a_ids))
+            owner.append((i, c))
+    scores, truncated = score_requests(model, requests, batch_size=batch_size, max_seq_len=max_seq_len)
+    if truncated:
+        log.warning("%s: %d of %d prompts were cut from the start to fit the window", task.name, truncated,
+                    len(requests))
+    per: list[list[tuple[float, int, bool]]] = [[] for _ in range(n)]
+    for (i, _), sc in zip(owner, scores):
+        per[i].append(sc)
+    details, correct, correct_norm = [], 0, 0
+    for i, sc in enumerate(per):
+        if t == "language_modeling":
+            ok = sc[0][2]
+            details.append({"index": i, "correct": ok, "logprob": sc[0][0], "tokens": sc[0][1]})
+        else:
+            sums = [s for s, _, _ in sc]
+            means = [s / k for s, k, _ in sc]
+            pick = max(range(len(sums)), key=lambda j: (sums[j], -j))
+            pick_n = max(range(len(means)), key=lambda j: (means[j], -j))
+            gold = task.examples[i]["gold"]
+            ok = pick == gold
+            correct_norm += pick_n == gold
+            details.append({"index": i, "correct": ok, "correct_norm": pick_n == gold, "choice": pick,
+                            "choice_norm": pick_n, "gold": gold, "logprobs": sums, "tokens": [k for _, k, _ in sc]})
+        correct += ok
+    return ICLResult(task=task.name, task_type=t, num_fewshot=int(num_fewshot), examples=n,
+                     accuracy=correct / n, accuracy_norm=(correct_norm / n if t == "multiple_choice" else None),
+                     truncated=truncated, details=details)
