@@ -8,6 +8,13 @@ A checkpoint is a folder ``<save_folder>/ep{E}-ba{B}/``::
     run_config.json     the validated run configuration
     manifest.json       {"format": "mptkit-checkpoint", "step", "epoch", "files": {path: {sha256, bytes}}}
 
+A *sharded* checkpoint (FSDP with ``fsdp_config.state_dict_type: sharded``) has the same files except that
+``model/`` holds only config.json and the tokenizer, the weights and the optimizer state are in ``dcp/``
+(``torch.distributed.checkpoint``: one file per rank + metadata), ``trainer_state.pt`` has no optimizer and
+the manifest says ``"sharded": true``. Every rank writes its shard into the same temporary folder, which
+rank 0 renames into place once all files and the manifest are complete (see :func:`save_sharded_checkpoint`);
+the save folder must be on a file system every rank sees.
+
 It is written into a temporary folder beside the final name and renamed into place only when complete
 (``mptkit.utils.fs.atomic_dir``); the manifest is written last inside it. A checkpoint whose manifest is
 missing or whose files do not match their checksums is *invalid* and skipped by
@@ -22,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+SHARDED_DIR = "dcp"
 FORMAT = "mptkit-checkpoint"
 _NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
 
@@ -66,16 +75,81 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / STATE_FILE)
         if run_config is not None:
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
-        files = {}
-        for p in _files_under(tmp):
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-            files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        manifest = {"format": FORMAT, "version": 1, "step": int(step), "epoch": int(epoch),
-                    "time": time.time(), "files": files}
-        atomic_write_json(tmp / MANIFEST, manifest)
+        _write_manifest(tmp, epoch=epoch, step=step)
     log.info("saved checkpoint %s (%.1f s)", final, time.perf_counter() - t0)
     return final
+
+
+def _write_manifest(tmp: Path, *, epoch: int, step: int, **extra) -> None:
+    files = {}
+    for p in _files_under(tmp):
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {"format": FORMAT, "version": 1, "step": int(step), "epoch": int(epoch), "time": time.time(),
+                **extra, "files": files}
+    atomic_write_json(tmp / MANIFEST, manifest)
+
+
+def save_sharded_checkpoint(
+    save_folder: str | os.PathLike,
+    *,
+    write_shards: Callable[[Path], None],
+    share_path: Callable[[str | None], str],
+    is_main: bool,
+    model_config,
+    trainer_state: dict | None,
+    epoch: int,
+    step: int,
+    tokenizer: Any = None,
+    run_config: dict | None = None,
+) -> Path | None:
+    """Write one sharded checkpoint atomically; every rank calls it (collective).
+
+    Rank 0 creates the temporary folder and hands its path to the other ranks with ``share_path(path)``
+    (the others call ``share_path(None)`` and get it); ``write_shards(folder)`` writes every rank's shard
+    into ``<tmp>/dcp`` (torch.distributed.checkpoint, itself collective: it returns on rank 0 only after
+    every rank has written). Rank 0 then adds config, tokenizer, trainer state and the manifest and renames
+    the folder into place; returns the final path on rank 0, None elsewhere."""
+    save_folder = Path(save_folder)
+    final = save_folder / checkpoint_name(epoch, step)
+    if not is_main:
+        write_shards(Path(share_path(None)) / SHARDED_DIR)
+        return None
+    t0 = time.perf_counter()
+    with atomic_dir(final) as tmp:
+        share_path(str(tmp))
+        write_shards(tmp / SHARDED_DIR)
+        _save_model_meta(tmp / MODEL_DIR, model_config, tokenizer)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        if run_config is not None:
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        _write_manifest(tmp, epoch=epoch, step=step, sharded=True)
+    log.info("saved sharded checkpoint %s (%.1f s)", final, time.perf_counter() - t0)
+    return final
+
+
+def _save_model_meta(folder: Path, config, tokenizer: Any) -> None:
+    """config.json and tokenizer files (no weights) of a sharded checkpoint's model/ folder."""
+    from mptkit.model.checkpoint_io import TOKENIZER_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder)
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, os.PathLike)):
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer) / name
+            if src.exists():
+                shutil.copyfile(src, folder / name)
+    else:
+        tokenizer.save_pretrained(str(folder))
+
+
+def is_sharded(ckpt: str | os.PathLike) -> bool:
+    """True for a sharded (torch.distributed.checkpoint) checkpoint."""
+    m = read_manifest(ckpt)
+    return bool(m and m.get("sharded"))
 
 
 def read_manifest(ckpt: str | os.PathLike) -> dict | None:
@@ -157,6 +231,11 @@ def model_folder(path: str | os.PathLike) -> Path:
             f"{p}: no valid checkpoint found (looked for ep*-ba* folders with a manifest.json in {p} "
             f"and {p / 'checkpoints'})"
         )
+    if is_sharded(ck):
+        raise CheckpointError(
+            f"{ck} is a sharded checkpoint (fsdp_config.state_dict_type: sharded): its weights are in "
+            f"{SHARDED_DIR}/; write an HF folder from it with "
+            "mptkit.train.fsdp.consolidate_sharded_checkpoint(ckpt, out), or train with state_dict_type: full")
     return ck / MODEL_DIR
 
 

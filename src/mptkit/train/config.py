@@ -291,7 +291,7 @@ class RunConfig:
     activation_checkpointing: bool = False
     dist_timeout: float = 600.0
     variables: dict = field(default_factory=dict)
-    fsdp_config: dict | None = None  # accepted for llm-foundry YAMLs; see docs/training.md
+    fsdp_config: dict | None = None  # llm-foundry keys; FSDP2 sharding under torchrun (docs/training.md)
 
     # derived (filled by validate)
     _max_duration: Duration | None = field(default=None, repr=False)
@@ -421,6 +421,12 @@ class RunConfig:
         if self.run_name is not None and (not isinstance(self.run_name, str) or "/" in self.run_name
                                           or not self.run_name.strip()):
             raise ConfigError(f"run_name: expected a plain name (no '/'), got {self.run_name!r}")
+        if self.fsdp_config is not None:  # keys and values checked here, applied by the trainer (train/fsdp.py)
+            if not isinstance(self.fsdp_config, dict):
+                raise ConfigError("fsdp_config: expected a mapping (sharding_strategy, mixed_precision, ...)")
+            from mptkit.train.fsdp import parse_fsdp_config
+
+            parse_fsdp_config(self.fsdp_config)
         return self
 
     @property

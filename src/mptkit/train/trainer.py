@@ -1,4 +1,5 @@
-"""The training loop: one loop for pretraining and finetuning, single process or torchrun (DDP).
+"""The training loop: one loop for pretraining and finetuning, single process or torchrun (DDP, or FSDP2
+sharding with ``fsdp_config``; see :mod:`mptkit.train.fsdp`).
 
     from mptkit.train import Trainer, load_run_config
     cfg = load_run_config("configs/pretrain/quickstart.yaml", ["max_duration=20ba"])
@@ -170,9 +171,21 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=False)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self._check_precision()
-        if cfg.fsdp_config and self.dist.enabled:
-            log.warning("fsdp_config is accepted for llm-foundry YAMLs, but mptkit trains with DDP (a full model "
-                        "replica per rank); sharding is not implemented")
+        self.fsdp = None  # FSDPSettings when the model is sharded
+        if cfg.fsdp_config is not None:
+            from mptkit.train import fsdp as fsdp_mod
+
+            settings = fsdp_mod.parse_fsdp_config(cfg.fsdp_config)
+            if not self.dist.enabled:
+                log.info("fsdp_config: a single process trains unsharded (FSDP needs several ranks)")
+            elif settings.sharding_strategy == "NO_SHARD":
+                log.info("fsdp_config.sharding_strategy NO_SHARD: training with DistributedDataParallel "
+                         "(a full replica per rank)")
+            else:
+                self.fsdp = settings
+                if self.dist.is_main:
+                    for line in fsdp_mod.notes(cfg.fsdp_config, settings):
+                        log.info("fsdp_config.%s", line)
         self.run_name = cfg.run_name or os.environ.get("RUN_NAME") or "run"
         self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
@@ -202,11 +215,18 @@ class Trainer:
         if self.model is None:
             from mptkit.train.recipe_data import build_model
 
-            self.model = build_model(cfg, self.device, seq_len=seq_len)
-        else:
+            if self.fsdp is not None and not _recipe_is_pretrained(cfg.model):
+                # built on meta, materialised shard by shard after fully_shard: never a full replica per rank
+                self.model = build_model(cfg, torch.device("meta"), seq_len=seq_len)
+            else:
+                self.model = build_model(cfg, self.device, seq_len=seq_len)
+        elif not (self.fsdp is not None and any(p.is_meta for p in self.model.parameters())):
             self.model.to(self.device)
         self._check_model_vs_data()
-        if cfg.activation_checkpointing and hasattr(self.model, "set_gradient_checkpointing"):
+        if self.fsdp is not None:
+            self._shard_model()
+        ac = cfg.activation_checkpointing or (self.fsdp is not None and self.fsdp.activation_checkpointing)
+        if ac and hasattr(self.model, "set_gradient_checkpointing"):
             self.model.set_gradient_checkpointing(True)
         # batch arithmetic
         world = self.dist.world_size
@@ -246,9 +266,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp_fp16" else None
         spike_cfg = (cfg.callbacks or {}).get("kill_loss_spike")
         self.spike = LossSpikeMonitor(**({"log_only": False, **spike_cfg} if isinstance(spike_cfg, dict) else {}))
-        # DDP
+        # DDP (FSDP: the sharded model is its own training module)
         self.train_model: nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -259,6 +279,49 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.dist.rank)
         self._setup_done = True
         return self
+
+    def _shard_model(self) -> None:
+        """fully_shard every block, then the root; materialise a meta-built model shard by shard."""
+        from mptkit.train import fsdp as F
+
+        s, cfg = self.fsdp, self.cfg
+        if cfg.precision == "amp_fp16":
+            raise ConfigError("precision amp_fp16 with fsdp_config is not supported (fp16 needs a sharded grad "
+                              "scaler); use precision amp_bf16")
+        if not hasattr(self.model, "config"):
+            raise ConfigError(f"fsdp_config: mptkit shards MPT models; got {type(self.model).__name__}")
+        if s.activation_cpu_offload and self.device.type != "cuda":
+            log.warning("fsdp_config.activation_cpu_offload: activations are already in CPU memory on %s; ignored",
+                        self.device.type)
+        meta = any(p.is_meta for p in self.model.parameters())
+        if s.sync_module_states and not meta:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for t in [*self.model.parameters(), *self.model.buffers()]:
+                    dist.broadcast(t.data, src=0)
+        mesh = F.build_mesh(s, self.dist.world_size, self.device)
+        pd, rd = F.compute_dtypes(s, cfg.precision, self.device)
+        units = F.shard_model(self.model, s, mesh, param_dtype=pd, reduce_dtype=rd, device=self.device)
+        if meta:
+            from mptkit.model.init import init_weights
+
+            mcfg = self.model.config
+            torch.manual_seed(cfg.seed)  # the stream an unsharded build starts its init from: same weights
+            init_dev = torch.device("cpu") if s.cpu_offload and self.device.type == "cuda" else self.device
+            F.materialize_sharded(self.model, init_dev, lambda m: init_weights(m, mcfg),
+                                  sync_from_rank0=s.sync_module_states)
+            self.model.config.init_device = "cpu"
+        if hasattr(self.model, "reset_buffers"):
+            self.model.reset_buffers()
+        self.model.train()
+        self.fsdp_local_params, total = F.local_numel(self.model)
+        msg = F.describe(units, mesh, s, pd, rd)
+        if self.dist.is_main:
+            log.info("%s", msg)
+        (log.info if s.verbose else log.debug)("rank %d holds %s of %s parameter elements (%.1f%%)",
+                                               self.dist.rank, f"{self.fsdp_local_params:,}", f"{total:,}",
+                                               100.0 * self.fsdp_local_params / max(1, total))
 
     def _check_precision(self) -> None:
         p = self.cfg.precision
@@ -272,6 +335,12 @@ class Trainer:
                         "precision=fp32 is the CPU default", p)
         elif p == "amp_bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision amp_bf16: this GPU does not support bfloat16; use amp_fp16")
+
+    def _activation_offload(self):
+        """fsdp_config.activation_cpu_offload: keep the activations saved for backward in pinned CPU memory."""
+        if self.fsdp is None or not self.fsdp.activation_cpu_offload or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
     def autocast(self):
         p = self.cfg.precision
@@ -353,34 +422,48 @@ class Trainer:
         from safetensors.torch import load_file
 
         st = ckpt_mod.load_trainer_state(ck)
-        wfile = ck / ckpt_mod.MODEL_DIR / "model.safetensors"
-        if wfile.exists():
-            sd = load_file(str(wfile), device=str(self.device))
-        else:
-            from mptkit.model.checkpoint_io import iter_checkpoint_tensors
+        if ckpt_mod.is_sharded(ck):
+            # torch.distributed.checkpoint: loads into a sharded or an unsharded model, any world size
+            from mptkit.train import fsdp as F
 
-            sd = dict(iter_checkpoint_tensors(ck / ckpt_mod.MODEL_DIR))
-        try:
-            self.model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{ck}: weights do not match the recipe's model ({str(e).splitlines()[0]}); "
-                                  "the recipe's model changed since the checkpoint was written") from None
-        try:
-            self.optimizer.load_state_dict(st["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") from None
+            try:
+                F.dcp_load(self.model, self.optimizer, ck / ckpt_mod.SHARDED_DIR)
+            except Exception as e:  # noqa: BLE001 - DCP raises many types (CheckpointException, RuntimeError...)
+                raise CheckpointError(f"{ck}: the sharded checkpoint does not load into the recipe's model and "
+                                      f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        elif self.fsdp is not None:
+            self._load_full_into_shards(ck, st)
+        else:
+            wfile = ck / ckpt_mod.MODEL_DIR / "model.safetensors"
+            if wfile.exists():
+                sd = load_file(str(wfile), device=str(self.device))
+            else:
+                from mptkit.model.checkpoint_io import iter_checkpoint_tensors
+
+                sd = dict(iter_checkpoint_tensors(ck / ckpt_mod.MODEL_DIR))
+            try:
+                self.model.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{ck}: weights do not match the recipe's model ({str(e).splitlines()[0]}); "
+                                      "the recipe's model changed since the checkpoint was written") from None
+            try:
+                self.optimizer.load_state_dict(st["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") \
+                    from None
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        if st.get("world_size", 1) != self.dist.world_size:
-            log.warning("resuming a %d-rank checkpoint on %d ranks: data order will differ from the original run",
-                        st.get("world_size", 1), self.dist.world_size)
+        data = st["data"][self.dist.rank] if isinstance(st["data"], list) else st["data"]
+        old_world = int(st.get("world_size", 1))
+        if old_world != self.dist.world_size:
+            data = _rescale_data_position(st["data"], old_world, self.dist.world_size) or data
         if st.get("global_train_batch_size") not in (None, self.cfg.global_train_batch_size):
             log.warning("global_train_batch_size changed since the checkpoint (%s -> %s)",
                         st.get("global_train_batch_size"), self.cfg.global_train_batch_size)
         self.step = int(st["step"])
         self.tokens = int(st["tokens"])
         self.samples = int(st["samples"])
-        self.stream.load_state_dict(st["data"][self.dist.rank] if isinstance(st["data"], list) else st["data"])
+        self.stream.load_state_dict(data)
         if self.auto_microbatch and st.get("microbatch"):
             self.microbatch = min(int(st["microbatch"]), self.per_rank_batch)
         rngs = st.get("rng")
@@ -391,7 +474,33 @@ class Trainer:
         self.resumed_from = ck
         log.info("resumed from %s at step %d (%d tokens)", ck, self.step, self.tokens)
 
-    def trainer_state(self) -> dict:
+    def _load_full_into_shards(self, ck: Path, st: dict) -> None:
+        """A full checkpoint (written by any run) into the sharded model: each rank reads one tensor at a time
+        and keeps its shard."""
+        from mptkit.train import fsdp as F
+
+        folder = ck / ckpt_mod.MODEL_DIR
+        wfile = folder / "model.safetensors"
+        if wfile.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(wfile), framework="pt", device="cpu") as f:
+                names = set(f.keys())
+                F.load_full_state_dict(self.model, lambda k: f.get_tensor(k) if k in names else None, str(ck))
+        else:
+            from mptkit.model.checkpoint_io import iter_checkpoint_tensors
+
+            sd = dict(iter_checkpoint_tensors(folder))
+            F.load_full_state_dict(self.model, sd.get, str(ck))
+        try:
+            self.optimizer.load_state_dict(F.shard_optimizer_state(self.optimizer, st["optimizer"]))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") from None
+
+    def trainer_state(self, *, with_optimizer: bool = True) -> dict:
+        """Counters, data positions and RNG states of every rank, the optimizer (gathered to full tensors
+        under FSDP). Collective under several ranks: every rank calls it; under FSDP only rank 0's copy
+        holds the optimizer."""
         rng = get_rng_state(self.device)
         data = self.stream.state_dict()
         if self.dist.enabled:
@@ -405,21 +514,58 @@ class Trainer:
         return {
             "format": "mptkit-trainer-state", "version": 1,
             "step": self.step, "epoch": self.stream.epoch, "tokens": self.tokens, "samples": self.samples,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state() if with_optimizer else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": data, "rng": rng, "microbatch": self.microbatch,
             "world_size": self.dist.world_size, "global_train_batch_size": self.cfg.global_train_batch_size,
         }
 
+    def _optimizer_state(self) -> dict | None:
+        if self.fsdp is None:
+            return self.optimizer.state_dict()
+        from mptkit.train import fsdp as F
+
+        return F.gather_full_optimizer_state(self.optimizer, self.dist.is_main)  # collective
+
+    def _full_model(self) -> nn.Module | None:
+        """The model with full weights: itself, or under FSDP an unsharded CPU copy on rank 0 (None on the
+        other ranks). Collective under FSDP."""
+        if self.fsdp is None:
+            return self.model
+        from mptkit.train import fsdp as F
+
+        sd = F.gather_full_state_dict(self.model, self.dist.is_main)
+        return F.plain_model_from_state(self.model, sd) if sd is not None else None
+
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
             return None
-        state = self.trainer_state()  # collective under DDP: every rank takes part
+        if self.fsdp is not None and self.fsdp.sharded_checkpoints:
+            return self._save_sharded_checkpoint()
+        state = self.trainer_state()  # collective under DDP / FSDP: every rank takes part
+        model = self._full_model()  # collective under FSDP
         path = None
         if self.dist.is_main:
             path = ckpt_mod.save_checkpoint(
-                self.save_folder, model=self.model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
+                self.save_folder, model=model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
                 tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+            ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
+        del model
+        barrier(self.dist)
+        self._last_saved = self.step
+        return path
+
+    def _save_sharded_checkpoint(self) -> Path | None:
+        from mptkit.train import fsdp as F
+        from mptkit.train.distributed import broadcast_object
+
+        state = self.trainer_state(with_optimizer=False)
+        path = ckpt_mod.save_sharded_checkpoint(
+            self.save_folder, write_shards=lambda folder: F.dcp_save(self.model, self.optimizer, folder),
+            share_path=lambda p: broadcast_object(p, self.dist), is_main=self.dist.is_main,
+            model_config=self.model.config, trainer_state=state, epoch=self.stream.epoch, step=self.step,
+            tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+        if self.dist.is_main:
             ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
         barrier(self.dist)
         self._last_saved = self.step
@@ -471,14 +617,16 @@ class Trainer:
             raise DataError(f"step {self.step}: the batch has no target tokens (all labels are -100)")
         world = self.dist.world_size
         loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
+        ddp = self.dist.enabled and self.fsdp is None
         for i, m in enumerate(mbs):
             last = i == len(mbs) - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
+            # DDP all-reduces once per step; FSDP reduce-scatters every microbatch into the sharded grads
+            sync = self.train_model.no_sync() if (ddp and not last) else contextlib.nullcontext()
             with sync:
-                with self.autocast():
+                with self.autocast(), self._activation_offload():
                     loss = self.loss_fn(self.train_model, m)
                 w = counts[i] / total
-                scaled = loss * (w * world)  # DDP averages gradients over ranks
+                scaled = loss * (w * world)  # DDP and FSDP average gradients over ranks
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()
                 else:
@@ -488,9 +636,11 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.clip is not None:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip)  # FSDP: the global norm over all shards
         else:
             gnorm = _total_norm(params)
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -514,18 +664,28 @@ class Trainer:
         idx = list(range(self.dist.rank, len(ds), self.dist.world_size))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for b, s in enumerate(range(0, len(idx), bs)):
-            if cfg.eval_subset_num_batches > 0 and b >= cfg.eval_subset_num_batches:
-                break
-            batch = self.collate([ds[i] for i in idx[s:s + bs]])
+        n_batches = -(-len(idx) // bs)
+        if cfg.eval_subset_num_batches > 0:
+            n_batches = min(n_batches, cfg.eval_subset_num_batches)
+        if self.fsdp is not None:  # every rank runs every forward (its all-gathers): pad to the longest rank
+            import torch.distributed as dist
+
+            nb = torch.tensor(n_batches, device=self.device)
+            dist.all_reduce(nb, op=dist.ReduceOp.MAX)
+            n_batches = int(nb)
+        for b in range(n_batches):
+            chunk = idx[b * bs:(b + 1) * bs]
+            pad = not chunk  # FSDP only: a forward with weight 0 to keep this rank in step
+            batch = self.collate([ds[i] for i in (chunk or [0])])
             batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            n = self.count_targets(batch)
-            if n == 0:
+            n = 0 if pad else self.count_targets(batch)
+            if n == 0 and self.fsdp is None:
                 continue
             with self.autocast():
                 loss = self.loss_fn(self.model, batch)
-            loss_sum += loss.double() * n
-            n_sum += n
+            if n:
+                loss_sum += loss.double() * n
+                n_sum += n
         all_reduce_sum(loss_sum, self.dist)
         all_reduce_sum(n_sum, self.dist)
         if was_training:
@@ -627,12 +787,16 @@ class Trainer:
         if self.save_folder is not None and main:
             last = ckpt_mod.find_latest_checkpoint(self.save_folder, checksums=False)
             summary["last_checkpoint"] = str(last) if last else None
+        full = self.model
+        if self.fsdp is not None and (cfg.export_folder or (cfg.sample_prompt and self.tokenizer is not None)):
+            full = self._full_model()  # collective: every rank takes part; rank 0 gets the unsharded weights
         if main and cfg.export_folder:
             out = Path(cfg.export_folder.format(run_name=self.run_name))
-            self.export(out)
+            self.export(out, model=full)
             summary["export_folder"] = str(out)
         if main and cfg.sample_prompt and self.tokenizer is not None:
-            summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_max_new_tokens)
+            summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_max_new_tokens, model=full)
+        del full
         if main:
             writer.write({"event": "end", **summary})
             from mptkit.utils.fs import atomic_write_json
@@ -674,17 +838,19 @@ class Trainer:
         atomic_write_text(self.run_folder / "config.yaml", text)
 
     # ------------------------------------------------------------------------------ outputs
-    def export(self, out: str | os.PathLike) -> Path:
-        """Write the current model as an HF folder (config.json + safetensors + tokenizer)."""
+    def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
+        """Write the current model (or ``model``) as an HF folder (config.json + safetensors + tokenizer).
+        Under FSDP pass the unsharded model (``_full_model()``, which every rank must call)."""
         from mptkit.utils.fs import atomic_dir
 
         out = Path(out)
+        model = self.model if model is None else model
         with atomic_dir(out) as tmp:
-            self.model.save_pretrained(tmp, tokenizer=self.tokenizer)
+            model.save_pretrained(tmp, tokenizer=self.tokenizer)
         log.info("exported the model to %s", out)
         return out
 
-    def sample(self, prompt: str, max_new_tokens: int = 64) -> str | None:
+    def sample(self, prompt: str, max_new_tokens: int = 64, model: nn.Module | None = None) -> str | None:
         try:
             from mptkit.infer import generate_text
         except ImportError:
@@ -693,20 +859,52 @@ class Trainer:
             except ImportError:
                 log.info("mptkit.infer is not available: no sample")
                 return None
-        was = self.model.training
-        self.model.eval()
+        model = self.model if model is None else model
+        was = model.training
+        model.eval()
         try:
             kw = {"top_k": self.cfg.sample_top_k} if self.cfg.sample_top_k else {}
-            text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+            text = generate_text(model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                                  temperature=float(self.cfg.sample_temperature), seed=self.cfg.seed, **kw)
         finally:
-            self.model.train(was)
+            model.train(was)
         return prompt + text
+
+
+def _rescale_data_position(data: Any, old_world: int, world: int) -> dict | None:
+    """A checkpoint's per-rank data positions, written by ``old_world`` ranks, as this rank's position under
+    ``world`` ranks. Rank r of W takes global positions r, r+W, ... of the epoch's order, so after k samples
+    per rank exactly the first k*W positions are consumed whatever W is: the same global batches follow, only
+    their split over ranks changes. None (with a warning) when that cannot be exact."""
+    states = data if isinstance(data, list) else [data]
+    keys = {(int(d["epoch"]), int(d["offset"])) for d in states if isinstance(d, dict) and "offset" in d}
+    if len(keys) == 1 and len(states) == old_world:
+        epoch, offset = keys.pop()
+        consumed = offset * old_world
+        if consumed % world == 0:
+            log.info("resuming a %d-rank checkpoint on %d ranks at global sample %d of epoch %d (the same global "
+                     "batches follow)", old_world, world, consumed, epoch)
+            return {"epoch": epoch, "offset": consumed // world}
+    log.warning("resuming a %d-rank checkpoint on %d ranks: data order will differ from the original run",
+                old_world, world)
+    return None
+
+
+def _recipe_is_pretrained(spec: Any) -> bool:
+    """Whether the recipe's ``model`` starts from a weights folder (then it is loaded, not built on meta)."""
+    if isinstance(spec, (str, Path)):
+        p = Path(str(spec))
+        return p.is_dir() and (p / "config.json").exists()
+    if isinstance(spec, dict):
+        return bool(spec.get("pretrained_model_name_or_path")) and bool(spec.get("pretrained", True))
+    return False
 
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(())
+    if hasattr(params[0].grad, "full_tensor"):  # FSDP's DTensor shards: the norm over all of them
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
     norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params]
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
