@@ -223,3 +223,33 @@ def test_preprocessing_fn_module_function(tmp_path, tok, monkeypatch):
     assert _sample_text(tok, ds, 0) == "Q: 1+1 2<|endoftext|>"
     with pytest.raises(DataError, match="preprocessing_fn"):
         build_finetune_dataset(f, tok, FinetuneOptions(max_seq_len=32, preprocessing_fn="myprep:nope"))
+
+
+def test_builtin_stdlib_datasets(tok):
+    """The offline demo datasets: documented stdlib functions, train and test disjoint, both formats usable."""
+    from mptkit.data.finetune import builtin_records
+
+    for name in ("mptkit:stdlib-instruct", "mptkit:stdlib-chat"):
+        train, test = builtin_records(name, "train"), builtin_records(name, "test")
+        assert len(train) > 200 and len(test) > 5
+        assert not {w for w, _ in train} & {w for w, _ in test}
+    ds = build_finetune_dataset("mptkit:stdlib-chat", tok, FinetuneOptions(max_seq_len=1024), split="test")
+    assert len(ds) == len(builtin_records("mptkit:stdlib-chat", "test")) and ds.stats.bad["total"] == 0
+    with pytest.raises(DataError, match="unknown built-in dataset"):
+        build_finetune_dataset("mptkit:nope", tok, FinetuneOptions(max_seq_len=64))
+
+
+def test_llm_foundry_hf_kwargs_data_files(tmp_path):
+    """hf_name: json + hf_kwargs.data_files (per split, a file or list) or data_dir resolve to local files."""
+    from mptkit.errors import ConfigError
+    from mptkit.train.recipe_data import finetune_source
+
+    ds = {"hf_name": "json", "hf_kwargs": {"data_files": {"train": "a.jsonl", "test": ["b.jsonl", "c.jsonl"]}}}
+    assert finetune_source(ds, "train_loader", "train") == "a.jsonl"
+    assert finetune_source(ds, "eval_loader", "test") == ["b.jsonl", "c.jsonl"]
+    with pytest.raises(ConfigError, match="no 'validation' entry"):
+        finetune_source(ds, "eval_loader", "validation")
+    assert finetune_source({"hf_name": "json", "hf_kwargs": {"data_dir": "d/"}}, "x", "train") == "d/"
+    with pytest.raises(ConfigError, match="needs hf_kwargs.data_files"):
+        finetune_source({"hf_name": "parquet"}, "x", "train")
+    assert finetune_source({"hf_name": str(tmp_path)}, "x", "train") == str(tmp_path)

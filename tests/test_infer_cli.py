@@ -36,6 +36,21 @@ def test_generate_cli_flag_and_stdin(tmp_path, make_tokenizer, capsys, monkeypat
     assert capsys.readouterr().out.strip()
 
 
+def test_generate_instruct_wraps_the_prompt_in_the_instruct_template(tmp_path, make_tokenizer, capsys):
+    """--instruct feeds INSTRUCT_PROMPT.format(instruction=PROMPT): --echo shows it, and the continuation equals
+    the one for the formatted prompt given verbatim."""
+    from mptkit.data.finetune import INSTRUCT_PROMPT
+
+    d = _folder(tmp_path, make_tokenizer)
+    args = ["--max-new-tokens", "5", "--ignore-eos", "--quiet-stats"]
+    assert main(["generate", str(d), "--prompt", "Say hi.\n", "--instruct", "--echo", *args]) == 0
+    a = capsys.readouterr().out
+    full = INSTRUCT_PROMPT.format(instruction="Say hi.")
+    assert a.startswith(full) and len(a) > len(full)
+    assert main(["generate", str(d), "--prompt", full, "--echo", *args]) == 0
+    assert capsys.readouterr().out == a
+
+
 def test_chat_repl_and_trimming(tmp_path, make_tokenizer, capsys, monkeypatch):
     """The chat REPL answers two turns; ChatML renders as MPT-7B-Chat; old turns are dropped to fit."""
     d = _folder(tmp_path, make_tokenizer)

@@ -29,6 +29,7 @@ model uses to keep examples apart when its ``attn_uses_sequence_id`` is set.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import io
 import json
@@ -114,10 +115,14 @@ class FinetuneOptions:
 # ----------------------------------------------------------------------------------------- records
 
 
-def data_files(path: str | Path, split: str | None) -> list[Path]:
+def data_files(path: str | Path | list, split: str | None) -> list[Path]:
     """The files holding ``split`` of a local dataset: a file (the split is the file), a folder with files
-    or sub-folders named after splits (``train.jsonl``, ``test-00000.parquet``, ``train/``), or a
-    ``datasets.save_to_disk`` folder."""
+    or sub-folders named after splits (``train.jsonl``, ``test-00000.parquet``, ``train/``), a
+    ``datasets.save_to_disk`` folder, or a list of these."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise DataError("finetuning data: an empty list of files")
+        return [f for p in path for f in data_files(p, split)]
     p = Path(path).expanduser()
     if not p.exists():
         hub = "/" in str(path) and not str(path).startswith((".", "/", "~"))
@@ -228,6 +233,66 @@ def iter_records(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
             issues.report("unsupported_file", str(path), "not JSONL/JSON/CSV/Parquet/Arrow; file skipped")
     except OSError as e:
         issues.report("unreadable_file", str(path), f"cannot read ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------------------- built-in data
+
+BUILTIN_DATASETS = ("mptkit:stdlib-instruct", "mptkit:stdlib-chat")
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_functions() -> tuple[tuple[str, str, str, str], ...]:
+    """(module, name, arguments, summary) of the public top-level functions with a docstring in the running
+    interpreter's standard library (top-level modules), in a fixed order."""
+    import ast
+
+    from mptkit.data.corpus import stdlib_root
+
+    out = []
+    for f in sorted(stdlib_root().glob("*.py")):
+        if f.stem.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node) or ""
+            summary = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
+            summary = " ".join(summary.split())
+            if not summary or len(summary) > 160:
+                continue
+            out.append((f.stem, node.name, ast.unparse(node.args), summary))
+    return tuple(out)
+
+
+def builtin_records(name: str, split: str | None) -> list[tuple[str, dict]]:
+    """A small offline dataset made from the standard library's documented functions (1 in 20 held out as
+    ``test``): ``mptkit:stdlib-instruct`` asks for a function's ``def`` line from its docstring summary
+    (Alpaca-style records); ``mptkit:stdlib-chat`` is a two-turn conversation about a function (what does it
+    do, how is it called). Enough to run the Instruct and Chat recipes end to end on the quickstart model."""
+    import zlib
+
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"finetuning data {name}: unknown built-in dataset (known: {', '.join(BUILTIN_DATASETS)})")
+    want_test = split in ("test", "val", "validation")
+    recs = []
+    for mod, fn, args, summary in _stdlib_functions():
+        if (zlib.crc32(f"{mod}.{fn}".encode()) % 20 == 0) != want_test:
+            continue
+        where = f"{name}:{mod}.{fn}"
+        if name.endswith("instruct"):
+            recs.append((where, {"instruction": f"Write the def line of a Python function that does this: {summary}",
+                                 "output": f"def {fn}({args}):"}))
+        else:
+            recs.append((where, {"messages": [
+                {"role": "user", "content": f"What does {mod}.{fn} do?"},
+                {"role": "assistant", "content": summary},
+                {"role": "user", "content": "How do I call it?"},
+                {"role": "assistant", "content": f"{mod}.{fn}({args})"}]}))
+    return recs
 
 
 # ----------------------------------------------------------------------------------------- formats
@@ -446,7 +511,7 @@ class FinetuneDataset:
         return out
 
 
-def build_finetune_dataset(path: str | Path, tokenizer, opts: FinetuneOptions, *, split: str | None = "train",
+def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOptions, *, split: str | None = "train",
                            where: str = "train_loader.dataset") -> FinetuneDataset:
     """Read, format, tokenize and lay out a finetuning dataset; raises :class:`DataError` naming the file
     and line of the first bad record with ``strict``, or when nothing usable is left."""
@@ -458,8 +523,12 @@ def build_finetune_dataset(path: str | Path, tokenizer, opts: FinetuneOptions, *
     stats = FinetuneStats()
     texts: list[str] = []
     layout: list[tuple[int, int, bool]] = []  # per example: first text index, number of turns, is_chat
-    for f in data_files(path, split):
-        for at, rec in iter_records(f, issues):
+    if isinstance(path, str) and path.startswith("mptkit:"):
+        sources = [builtin_records(path, split)]
+    else:
+        sources = [iter_records(f, issues) for f in data_files(path, split)]
+    for src in sources:
+        for at, rec in src:
             stats.records += 1
             try:
                 turns, is_chat = example_turns(rec, preprocess, system)

@@ -79,6 +79,10 @@ def cmd_generate(args) -> int:
         prompt = sys.stdin.read()
     if not prompt:
         raise InferenceError("the prompt is empty")
+    if args.instruct:
+        from mptkit.data.finetune import INSTRUCT_PROMPT
+
+        prompt = INSTRUCT_PROMPT.format(instruction=prompt.strip())
     gen = _load(args)
     params = _params(args)
     out = sys.stdout
@@ -169,6 +173,9 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     _add_model_args(p)
     p.add_argument("--prompt", default=None, help="the prompt (default or '-': read stdin)")
+    p.add_argument("--instruct", action="store_true",
+                   help="wrap the prompt in the Instruct template (Dolly's, as MPT-7B-Instruct and "
+                        "configs/finetune/instruct.yaml train with): the prompt is the instruction")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     p.add_argument("--quiet-stats", action="store_true", help="do not print tokens/s to stderr")
     _add_sampling_args(p, temperature=0.0, max_new=64)

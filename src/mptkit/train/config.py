@@ -230,8 +230,8 @@ LOADER_KEYS = {"name", "dataset", "drop_last", "num_workers", "pin_memory", "pre
 DATASET_KEYS = {"local", "remote", "split", "shuffle", "max_seq_len", "shuffle_seed", "eos_token_id",
                 "bos_token_id"}
 # llm-foundry's finetuning dataset keys (``train_loader.name: finetuning``); see mptkit.data.finetune
-FINETUNE_DATASET_KEYS = {"hf_name", "path", "split", "max_seq_len", "shuffle", "shuffle_seed", "decoder_only_format",
-                         "allow_pad_trimming", "packing_ratio", "target_prompts", "target_responses",
+FINETUNE_DATASET_KEYS = {"hf_name", "hf_kwargs", "path", "split", "max_seq_len", "shuffle", "shuffle_seed",
+                         "decoder_only_format", "allow_pad_trimming", "packing_ratio", "target_prompts", "target_responses",
                          "preprocessing_fn", "system_prompt", "append_eos", "strict", "safe_load"}
 DATA_PREP_KEYS = {"inputs", "vocab_size", "max_files", "max_bytes", "val_fraction", "options"}
 CLIP_KEYS = {"clipping_type", "clipping_threshold"}

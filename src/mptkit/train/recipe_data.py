@@ -132,6 +132,35 @@ def _finetune_options(ds: dict, cfg: RunConfig, which: str):
     return FinetuneOptions(max_seq_len=int(seq), **{k: ds[k] for k in keys if k in ds})
 
 
+_HF_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
+
+
+def finetune_source(ds: dict, which: str, split: str):
+    """Where a finetuning loader's examples are: ``hf_name`` (or ``path``) as a local file or folder, or
+    llm-foundry's ``hf_name: json`` + ``hf_kwargs: {data_files: ..., data_dir: ...}`` form."""
+    name = ds.get("hf_name") or ds.get("path")
+    kw = ds.get("hf_kwargs") or {}
+    if not isinstance(kw, dict):
+        raise ConfigError(f"{which}.dataset.hf_kwargs: expected a mapping (data_files, data_dir)")
+    if name in _HF_BUILDERS:
+        if kw.get("data_files") is not None:
+            files = kw["data_files"]
+            if isinstance(files, dict):
+                if split not in files:
+                    raise ConfigError(f"{which}.dataset.hf_kwargs.data_files has no '{split}' entry "
+                                      f"(it has {', '.join(map(str, files))})")
+                files = files[split]
+            return files if isinstance(files, (list, str)) else [str(f) for f in files]
+        if kw.get("data_dir"):
+            return kw["data_dir"]
+        raise ConfigError(f"{which}.dataset: hf_name '{name}' needs hf_kwargs.data_files or hf_kwargs.data_dir "
+                          "(the local files to read)")
+    bad = sorted(set(kw) - {"data_files", "data_dir"})
+    if bad:
+        raise ConfigError(f"{which}.dataset.hf_kwargs.{bad[0]}: only data_files and data_dir are understood")
+    return name
+
+
 def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
     """(tokenizer, train, eval or None, info) for ``train_loader.name: finetuning``: examples read from local
     files and tokenized by every rank alike (deterministic; no shards are written)."""
@@ -145,8 +174,9 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
                               "holds one (model.pretrained_model_name_or_path)")
         tokenizer = load_tokenizer(src)
     tr = _dataset_section(cfg, "train_loader")
-    train = build_finetune_dataset(tr.get("hf_name") or tr["path"], tokenizer, _finetune_options(tr, cfg, "train_loader"),
-                                   split=tr.get("split", "train"), where="train_loader.dataset")
+    split = tr.get("split", "train")
+    train = build_finetune_dataset(finetune_source(tr, "train_loader", split), tokenizer,
+                                   _finetune_options(tr, cfg, "train_loader"), split=split, where="train_loader.dataset")
     ev = None
     if cfg.eval_loader:
         es = _dataset_section(cfg, "eval_loader")
@@ -157,8 +187,9 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
         if opts.max_seq_len != train.opts.max_seq_len:
             raise ConfigError(f"eval_loader.dataset.max_seq_len ({opts.max_seq_len}) differs from the training "
                               f"samples' ({train.opts.max_seq_len})")
-        ev = build_finetune_dataset(es.get("hf_name") or es["path"], tokenizer, opts,
-                                    split=es.get("split", "test"), where="eval_loader.dataset")
+        split = es.get("split", "test")
+        ev = build_finetune_dataset(finetune_source(es, "eval_loader", split), tokenizer, opts, split=split,
+                                    where="eval_loader.dataset")
     info = {"vocab_size": None, "max_seq_len": train.opts.max_seq_len,
             "eos_token_id": getattr(tokenizer, "eos_token_id", None), "finetune": train.stats.as_dict()}
     return tokenizer, train, ev, info

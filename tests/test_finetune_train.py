@@ -1,0 +1,114 @@
+"""Finetuning end to end: `mptkit train` with ``train_loader.name: finetuning`` starts from an HF model
+folder (its tokenizer), learns chat answers from ChatML examples, evaluates on the responses only, exports;
+the exported model then answers those conversations through the same ChatML prompt `mptkit chat` uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mptkit.cli import main
+
+QA = [("colour of the sky?", "blue"), ("two plus two?", "four"), ("capital of France?", "Paris"),
+      ("opposite of hot?", "cold")]
+
+
+def _base_model(tmp: Path, tok_folder: Path) -> Path:
+    """A random-init tiny MPT saved as an HF folder, with the tokenizer beside it."""
+    import shutil
+
+    from mptkit.model import MPTForCausalLM
+    from mptkit.model.config import MPTConfig
+    from tests.conftest import tiny_cfg
+
+    out = tmp / "base"
+    model = MPTForCausalLM(MPTConfig.from_dict(tiny_cfg(vocab_size=448, max_seq_len=128)))
+    model.save_pretrained(out)
+    for f in tok_folder.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def _recipe(tmp: Path, base: Path, **over) -> Path:
+    data = tmp / "chat"
+    data.mkdir(exist_ok=True)
+    conv = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    (data / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conv))
+    (data / "test.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conv[:2]))
+    d = {
+        "max_seq_len": 64,
+        "model": {"name": "mpt_causal_lm", "pretrained_model_name_or_path": str(base), "pretrained": True},
+        "train_loader": {"name": "finetuning", "dataset": {
+            "hf_name": str(data), "split": "train", "max_seq_len": "${max_seq_len}", "shuffle": True,
+            "system_prompt": None, "allow_pad_trimming": True, "decoder_only_format": True}},
+        "eval_loader": {"name": "finetuning", "dataset": {"hf_name": str(data), "split": "test",
+                                                          "max_seq_len": "${max_seq_len}", "system_prompt": None}},
+        "max_duration": "60ba", "global_train_batch_size": 4, "device_train_microbatch_size": 4,
+        "optimizer": {"name": "decoupled_adamw", "lr": 5e-3, "weight_decay": 0.0},
+        "scheduler": {"name": "constant_with_warmup", "t_warmup": "5ba"},
+        "eval_interval": "30ba", "eval_first": True, "save_interval": "30ba",
+        "save_folder": str(tmp / "run" / "ck"), "run_folder": str(tmp / "run"),
+        "export_folder": str(tmp / "run" / "hf"), "progress_bar": False, "peak_tflops": 1.0, "torch_threads": 1,
+        "seed": 3,
+    }
+    d.update(over)
+    p = tmp / "chat.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def test_chat_finetune_learns_the_answers(tmp_path, make_tokenizer):
+    base = _base_model(tmp_path, make_tokenizer())
+    assert main(["train", str(_recipe(tmp_path, base))]) == 0
+    run = tmp_path / "run"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_tokens"' in line]
+    assert evals[0]["eval_loss"] > 2.0 > evals[-1]["eval_loss"], evals  # learned the held-in answers
+    # eval counts response tokens only (the answer and <|im_end|>), not the prompt
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    want = sum(len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in QA[:2])
+    assert evals[-1]["eval_tokens"] == want
+
+    from mptkit.infer import Generator, SamplingParams
+    from mptkit.infer.chat import IM_END, render_chatml
+    from mptkit.model import MPTForCausalLM
+
+    model = MPTForCausalLM.from_pretrained(run / "hf")
+    gen = Generator(model, AutoTokenizer.from_pretrained(str(run / "hf")))
+    prompts = [render_chatml([{"role": "user", "content": q}]) for q, _ in QA]
+    outs = gen.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, stop=[IM_END]))
+    assert [o.text for o in outs] == [a for _, a in QA]
+
+
+def test_finetune_recipe_errors_name_the_key(tmp_path, make_tokenizer, capsys):
+    base = _base_model(tmp_path, make_tokenizer())
+    cases = [
+        ({"train_loader": {"name": "finetuning", "dataset": {"split": "train"}}}, "train_loader.dataset.hf_name"),
+        ({"train_loader": {"name": "finetuning", "dataset": {"hf_name": "x", "target_respones": "all"}}},
+         "did you mean 'train_loader.dataset.target_responses'"),
+        ({"train_loader": {"name": "finetuning", "dataset": {"hf_name": "x", "decoder_only_format": False}}},
+         "decoder_only_format"),
+        ({"train_loader": {"name": "instruct", "dataset": {"hf_name": "x"}}}, "'text'.*'finetuning'"),
+        ({"train_loader": {"name": "finetuning", "dataset": {"hf_name": str(tmp_path / "missing.jsonl")}}},
+         "missing.jsonl: no such file"),
+    ]
+    for over, msg in cases:
+        assert main(["train", str(_recipe(tmp_path, base, **over))]) != 0
+        err = capsys.readouterr().err
+        import re
+
+        assert re.search(msg, err), (msg, err)
+
+
+@pytest.mark.parametrize("recipe", ["instruct", "chat", "storywriter"])
+def test_bundled_finetune_recipes_are_valid(recipe):
+    """The bundled recipes parse and validate (every key known, loaders well formed)."""
+    from mptkit.train.config import load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(root / "configs" / "finetune" / f"{recipe}.yaml")
+    assert cfg.train_loader is not None
