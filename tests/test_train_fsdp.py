@@ -1,0 +1,268 @@
+"""FSDP2 sharding (``fsdp_config``) on CPU: two gloo ranks under ``torchrun``, a tiny MPT (d_model 32, 2 layers).
+
+One torchrun launch runs every multi-rank scenario in turn (one process group, so the ~4 s start-up is paid
+once); the tests then compare the runs' metrics, checkpoints and exports. What they prove:
+
+* FSDP's initial weights are bitwise those of the unsharded init with the same seed (no sync needed);
+* FSDP trains like DDP: the first step's loss is bitwise equal, the others and the final weights and
+  optimizer state agree to float rounding (rtol 1e-4 / atol 1e-5, as DDP vs one process in
+  test_train_ddp.py). Not bitwise: FSDP reduce-scatters each microbatch's gradients into the shards,
+  DDP sums the microbatches locally and all-reduces once, so the additions happen in another order;
+  the clipping norm is likewise a sum of per-shard partial norms (measured: 6e-8 max abs weight difference);
+* each rank holds half of the parameters (local shard numel), DDP ranks all of them;
+* a full checkpoint from FSDP resumes in one process, and a DDP checkpoint under FSDP, each ending where
+  the uninterrupted run ends (to rounding: the world size changes the reduction order);
+* a sharded (torch.distributed.checkpoint) checkpoint resumes under FSDP bitwise equal to the run that never
+  stopped, and in one process; it is complete, checksummed and skipped by autoresume when corrupted;
+* HYBRID_SHARD with activation checkpointing and prefetching, and SHARD_GRAD_OP with sync_module_states,
+  train like DDP; the end-of-run export under FSDP holds the final weights;
+* bad fsdp_config keys and values fail validation with the key and the closest valid name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mptkit.errors import CheckpointError, ConfigError
+from mptkit.train import checkpoint as ck
+from mptkit.train.config import config_from_dict
+from mptkit.train.data import TensorDataset
+from mptkit.train.fsdp import FSDPSettings, build_mesh, consolidate_sharded_checkpoint, parse_fsdp_config
+from mptkit.train.trainer import Trainer
+from tests._train_helpers import pattern_data, tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHED = {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1, "t_max": "4ba"}
+# eval on 5 samples, batch 2: rank 0 runs 2 eval batches, rank 1 only 1 (FSDP pads it with a weight-0 forward)
+COMMON = {"device": "cpu", "device_train_microbatch_size": 2, "device_eval_batch_size": 2, "save_interval": "2ba",
+          "scheduler": SCHED, "max_duration": "4ba"}
+
+WORKER = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tests._train_helpers import pattern_data, tiny_run
+from tests.test_train_fsdp import COMMON
+from mptkit.train.config import config_from_dict
+from mptkit.train.data import TensorDataset
+from mptkit.train.fsdp import gather_full_state_dict
+from mptkit.train.trainer import Trainer
+
+dist.init_process_group("gloo")  # one group for every run (the trainer uses it and leaves it up)
+rank = dist.get_rank()
+tmp = Path(sys.argv[1])
+
+def run(name, init_to=None, **over):
+    t0 = time.time()
+    cfg = config_from_dict(tiny_run(tmp / name, **{{**COMMON, **over}}))
+    tr = Trainer(cfg, train_dataset=TensorDataset(pattern_data(64)),
+                 eval_dataset=TensorDataset(pattern_data(5, seed=1)))
+    tr.setup()
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in tr.model.parameters())
+    if init_to is not None:
+        sd = gather_full_state_dict(tr.model, rank == 0)
+        if rank == 0:
+            save_file(sd, str(tmp / init_to))
+    s = tr.fit()
+    (tmp / name / f"rank{{rank}}-{{s['steps']}}.json").write_text(json.dumps(
+        {{"local": local, "total": sum(p.numel() for p in tr.model.parameters()), "eval_loss": s["eval_loss"],
+         "resumed_from": s["resumed_from"], "s": time.time() - t0}}))
+
+run("ddp")
+run("fsdp", init_to="fsdp_init.safetensors", fsdp_config={{"verbose": True}}, export_folder=str(tmp / "fsdp" / "hf"))
+run("sharded", fsdp_config={{"state_dict_type": "sharded"}}, max_duration="2ba")
+run("sharded", fsdp_config={{"state_dict_type": "sharded"}}, autoresume=True)
+run("ddp_to_fsdp", fsdp_config={{}}, load_path=str(tmp / "ddp" / "ck" / "ep0-ba2"))
+run("hsdp", save_folder=None, fsdp_config={{"sharding_strategy": "HYBRID_SHARD", "activation_checkpointing": True,
+    "forward_prefetch": True, "backward_prefetch_limit": 2, "limit_all_gathers": True, "mixed_precision": "PURE"}})
+run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True}})
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    script = tmp / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--monitor-interval", "0.1", str(script), str(tmp)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return tmp
+
+
+def _cfg(tmp: Path, **over):
+    return config_from_dict(tiny_run(tmp, **{**COMMON, **over}))
+
+
+def _fit(tmp: Path, **over) -> dict:
+    return Trainer(_cfg(tmp, **over), train_dataset=TensorDataset(pattern_data(64)),
+                   eval_dataset=TensorDataset(pattern_data(5, seed=1))).fit()
+
+
+def _weights(ckpt: Path) -> dict:
+    return load_file(str(ckpt / "model" / "model.safetensors"))
+
+
+def _steps(run: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "train_loss" in r]
+
+
+def _close(a: dict, b: dict, rtol=1e-4, atol=1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.slow
+def test_fsdp_initial_weights_are_the_unsharded_init(runs):
+    """Built on meta and initialised leaf by leaf after sharding: bitwise the single-process init."""
+    from mptkit.train.recipe_data import build_model
+    from mptkit.train.trainer import seed_everything
+
+    cfg = _cfg(runs / "plain")
+    seed_everything(cfg.seed)
+    plain = build_model(cfg, torch.device("cpu"))
+    got = load_file(str(runs / "fsdp_init.safetensors"))
+    ref = {k: v for k, v in plain.state_dict().items() if k in got}
+    assert ref.keys() == got.keys()
+    for k, v in ref.items():
+        assert torch.equal(v, got[k]), k
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_ddp_and_each_rank_holds_half(runs):
+    ddp, fsdp = _steps(runs / "ddp"), _steps(runs / "fsdp")
+    assert len(ddp) == len(fsdp) == 4
+    assert ddp[0]["train_loss"] == fsdp[0]["train_loss"]  # same init, same first forward
+    for a, b in zip(ddp, fsdp, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["lr"] == a["lr"]
+    _close(_weights(runs / "ddp" / "ck" / "ep0-ba4"), _weights(runs / "fsdp" / "ck" / "ep0-ba4"))
+    sa = ck.load_trainer_state(runs / "ddp" / "ck" / "ep0-ba4")
+    sb = ck.load_trainer_state(runs / "fsdp" / "ck" / "ep0-ba4")
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    for i, st in sa["optimizer"]["state"].items():  # the same layout (indices, full tensors) as DDP's
+        _close(st, sb["optimizer"]["state"][i], rtol=1e-4, atol=1e-7)
+    # the evaluation (5 samples: ranks run 2 and 1 batches, FSDP pads) gives DDP's loss
+    ev = {n: json.loads((runs / n / "rank0-4.json").read_text())["eval_loss"] for n in ("ddp", "fsdp")}
+    assert ev["fsdp"] == pytest.approx(ev["ddp"], rel=1e-6)
+    # memory: each FSDP rank holds its half of every parameter; each DDP rank all of them
+    for r in (0, 1):
+        d = json.loads((runs / "ddp" / f"rank{r}-4.json").read_text())
+        f = json.loads((runs / "fsdp" / f"rank{r}-4.json").read_text())
+        assert d["local"] == d["total"] == f["total"]
+        assert abs(f["local"] - f["total"] / 2) <= 64, f  # dim-0 chunks: uneven by at most a row per tensor
+    loc = [json.loads((runs / "fsdp" / f"rank{r}-4.json").read_text())["local"] for r in (0, 1)]
+    assert sum(loc) == f["total"]
+    # the export at the end of an FSDP run holds the final (gathered) weights
+    ex = load_file(str(runs / "fsdp" / "hf" / "model.safetensors"))
+    fin = _weights(runs / "fsdp" / "ck" / "ep0-ba4")
+    assert all(torch.equal(ex[k], fin[k]) for k in fin)
+
+
+@pytest.mark.slow
+def test_other_strategies_train_like_ddp(runs):
+    """HYBRID_SHARD (mesh 1x2) + activation checkpointing + prefetching, SHARD_GRAD_OP + sync_module_states."""
+    ddp = _steps(runs / "ddp")
+    for name in ("hsdp", "zero2"):
+        other = _steps(runs / name)
+        assert [r["step"] for r in other] == [1, 2, 3, 4]
+        for a, b in zip(ddp, other, strict=True):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_full_checkpoints_cross_between_fsdp_ddp_and_one_process(runs, tmp_path):
+    """An FSDP full checkpoint resumes in one process; a DDP checkpoint resumes under FSDP; both end where the
+    uninterrupted run ends (float rounding: the world size changes the order of the gradient sums)."""
+    s = _fit(tmp_path / "one", fsdp_config={}, load_path=str(runs / "fsdp" / "ck" / "ep0-ba2"))
+    assert s["resumed_from"] and s["steps"] == 4
+    _close(_weights(tmp_path / "one" / "ck" / "ep0-ba4"), _weights(runs / "fsdp" / "ck" / "ep0-ba4"))
+    rec = json.loads((runs / "ddp_to_fsdp" / "rank0-4.json").read_text())
+    assert rec["resumed_from"].endswith("ep0-ba2")
+    _close(_weights(runs / "ddp_to_fsdp" / "ck" / "ep0-ba4"), _weights(runs / "ddp" / "ck" / "ep0-ba4"))
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints(runs, tmp_path):
+    save = runs / "sharded" / "ck"
+    assert [p.name for p in ck.list_checkpoints(save)] == ["ep0-ba4", "ep0-ba2"]
+    assert not list(save.glob(".*"))  # no temporary folder left behind
+    c2 = save / "ep0-ba2"
+    man = ck.read_manifest(c2)
+    assert man["sharded"] is True and ck.verify_checkpoint(c2) is None
+    assert any(f.startswith("dcp/") for f in man["files"]) and "model/config.json" in man["files"]
+    assert not (c2 / "model" / "model.safetensors").exists()
+    assert ck.load_trainer_state(c2)["optimizer"] is None  # it lives in dcp/
+    # resumed under FSDP from ep0-ba2: bitwise the run that never stopped
+    second = json.loads((runs / "sharded" / "rank0-4.json").read_text())
+    assert second["resumed_from"].endswith("ep0-ba2")
+    out = consolidate_sharded_checkpoint(save / "ep0-ba4", tmp_path / "hf")
+    got, ref = load_file(str(out / "model.safetensors")), _weights(runs / "fsdp" / "ck" / "ep0-ba4")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(CheckpointError, match="sharded checkpoint"):
+        ck.model_folder(save)
+    # one process resumes from the sharded checkpoint (DCP reshards on load)
+    s = _fit(tmp_path / "one", load_path=str(c2))
+    assert s["resumed_from"] and s["steps"] == 4
+    _close(_weights(tmp_path / "one" / "ck" / "ep0-ba4"), ref)
+    # a corrupted shard makes the checkpoint invalid: autoresume falls back to the previous one
+    bad = tmp_path / "bad"
+    shutil.copytree(save, bad)
+    shard = next(p for p in sorted((bad / "ep0-ba4" / "dcp").iterdir()) if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert ck.find_latest_checkpoint(bad).name == "ep0-ba2"
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ({"sharding_strategy": "FULL_SHARD", "limit_all_gather": True}, "did you mean 'fsdp_config.limit_all_gathers'"),
+    ({"sharding_strategy": "FULL_SHRAD"}, "did you mean 'FULL_SHARD'"),
+    ({"mixed_precision": "PUER"}, "did you mean 'PURE'"),
+    ({"mixed_precision": {"param_dtype": "bf16", "reduce_dtpe": "fp32"}}, "mixed_precision.reduce_dtype"),
+    ({"mixed_precision": {"param_dtype": "int8"}}, "param_dtype: 'int8' is not one of"),
+    ({"state_dict_type": "local"}, "'local'.*not supported"),
+    ({"state_dict_type": "shraded"}, "did you mean 'sharded'"),
+    ({"backward_prefetch": "BACKWARD_PRES"}, "did you mean 'BACKWARD_PRE'"),
+    ({"activation_checkpointing": "yes"}, "activation_checkpointing: expected true or false"),
+    ({"te_shard_fp8_weight": True}, "te_shard_fp8_weight: not supported"),
+    ({"forward_prefetch_limit": 0}, "forward_prefetch_limit: expected an integer"),
+    ({"data_parallel_replicate_degree": 2}, "needs sharding_strategy: HYBRID_SHARD"),
+])
+def test_bad_fsdp_config_is_a_clear_error(tmp_path, cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(tiny_run(tmp_path, fsdp_config=cfg))
+
+
+def test_fsdp_config_parsing_and_mesh_checks():
+    s = parse_fsdp_config({"sharding_strategy": "shard_grad_op", "state_dict_type": "sharded",
+                           "activation_checkpointing_reentrant": False, "use_orig_params": True, "verbose": True})
+    assert s.sharding_strategy == "SHARD_GRAD_OP" and not s.reshard and s.sharded_checkpoints
+    assert parse_fsdp_config({}) == FSDPSettings() and FSDPSettings().reshard
+    assert parse_fsdp_config(None) is None
+    with pytest.raises(ConfigError, match="data_parallel_shard_degree to a divisor of 4"):
+        build_mesh(FSDPSettings(sharding_strategy="HYBRID_SHARD", data_parallel_shard_degree=3), 4,
+                   torch.device("cpu"))
+    with pytest.raises(ConfigError, match="use sharding_strategy HYBRID_SHARD"):
+        build_mesh(FSDPSettings(data_parallel_shard_degree=2), 4, torch.device("cpu"))
+
+
+def test_fsdp_config_with_one_process_trains_unsharded(tmp_path):
+    """A recipe with fsdp_config runs in a single process too (unsharded, like llm-foundry on one GPU)."""
+    s = _fit(tmp_path, fsdp_config={"sharding_strategy": "FULL_SHARD"}, max_duration="2ba", save_folder=None)
+    assert s["steps"] == 2
