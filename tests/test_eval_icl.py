@@ -1,0 +1,224 @@
+"""`mptkit eval icl`: llm-foundry JSONL tasks, checked against log-likelihoods computed independently here."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import pytest
+import torch
+
+from mptkit.cli import main
+from mptkit.errors import EvalError
+from mptkit.eval import build_prompt, icl_accuracy, read_icl_jsonl
+from mptkit.eval.icl import ICLTask, fewshot_indices
+from mptkit.model import MPTForCausalLM, load_tokenizer
+from tests.conftest import tiny_cfg
+
+VOCAB = 448
+CHOICES = [" return None", " import os", " class Foo:", " def f(x):", " pass"]
+
+
+def _model_folder(tmp_path, make_tokenizer, *, name="model", **over):
+    """A random tiny MPT (weights scaled up so choices get clearly different scores) with a fresh tokenizer."""
+    model = MPTForCausalLM(tiny_cfg(vocab_size=VOCAB, **over)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3 if "wte" in n else 0.12)
+    folder = tmp_path / name
+    model.save_pretrained(folder, tokenizer=load_tokenizer(make_tokenizer()))
+    return folder
+
+
+def _lines(n: int) -> list[str]:
+    """Short, distinct, non-blank lines of stdlib source without trailing whitespace."""
+    out = []
+    for ln in inspect.getsource(textwrap).splitlines():
+        s = ln.strip()
+        if 8 <= len(s) <= 60 and s not in out:
+            out.append(s)
+    return out[:n]
+
+
+def _ref_logprob(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """Independent reference: one unpadded forward, full logits, log_softmax, summed over the answer tokens."""
+    x = torch.tensor(prompt_ids + answer_ids)[None]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).logits.double(), -1)[0]
+    p = len(prompt_ids)
+    return sum(lp[p - 1 + i, t].item() for i, t in enumerate(answer_ids))
+
+
+def _write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_multiple_choice_matches_independent_loglikelihoods_and_reaches_0_and_1(tmp_path, make_tokenizer):
+    """Per-choice summed log-likelihoods equal an unpadded full-logits forward of query + " choice" (the
+    trailing-space rule); with gold set to each record's best choice accuracy is 1, set to its worst it is 0,
+    and acc_norm follows the per-token mean in the same way."""
+    folder = _model_folder(tmp_path, make_tokenizer, attn_config={"attn_impl": "auto"})
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder)
+    ref_model = MPTForCausalLM.from_pretrained(folder, attn_impl="torch")
+    queries = _lines(12)
+    ref = []
+    for q in queries:
+        p = tok.encode(q, add_special_tokens=False)
+        ref.append([(_ref_logprob(ref_model, p, tok.encode(c, add_special_tokens=False)),
+                     len(tok.encode(c, add_special_tokens=False))) for c in CHOICES])
+    best = [max(range(len(CHOICES)), key=lambda j, r=r: r[j][0]) for r in ref]
+    worst = [min(range(len(CHOICES)), key=lambda j, r=r: r[j][0]) for r in ref]
+    best_n = [max(range(len(CHOICES)), key=lambda j, r=r: r[j][0] / r[j][1]) for r in ref]
+    worst_n = [min(range(len(CHOICES)), key=lambda j, r=r: r[j][0] / r[j][1]) for r in ref]
+    assert best != worst and len(set(best)) > 1  # the model tells the choices apart
+    # choices in the file are given without the leading space: the continuation delimiter " " adds it
+    recs = [{"query": q, "choices": [c.lstrip() for c in CHOICES], "gold": g} for q, g in zip(queries, best)]
+    res = icl_accuracy(model, tok, recs, batch_size=7)
+    assert res.task_type == "multiple_choice" and res.examples == len(queries)
+    for d, r in zip(res.details, ref):
+        assert d["logprobs"] == pytest.approx([lp for lp, _ in r], rel=1e-4, abs=1e-4)
+        assert d["tokens"] == [k for _, k in r]
+    assert res.accuracy == 1.0
+    assert res.accuracy_norm == pytest.approx(sum(a == b for a, b in zip(best, best_n)) / len(queries))
+    worst_recs = [dict(r, gold=g) for r, g in zip(recs, worst)]
+    assert icl_accuracy(model, tok, worst_recs).accuracy == 0.0
+    assert icl_accuracy(model, tok, [dict(r, gold=g) for r, g in zip(recs, best_n)]).accuracy_norm == 1.0
+    assert icl_accuracy(model, tok, [dict(r, gold=g) for r, g in zip(recs, worst_n)]).accuracy_norm == 0.0
+
+
+def test_language_modeling_greedy_match_reaches_1_and_0(tmp_path, make_tokenizer):
+    """A continuation equal to the model's own two greedy tokens (found here with unpadded full-logits
+    forwards) is correct; changing its second token to a non-argmax one makes every record wrong."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder)
+    good, bad = [], []
+    for ctx in _lines(40):
+        p = tok.encode(ctx, add_special_tokens=False)
+        with torch.no_grad():
+            g1 = int(model(torch.tensor([p])).logits[0, -1].argmax())
+            logits2 = model(torch.tensor([[*p, g1]])).logits[0, -1]
+        g2 = int(logits2.argmax())
+        wrong = int(logits2.argsort()[-2])  # the runner-up: not the argmax
+        cont, cont_bad = tok.decode([g1, g2]), tok.decode([g1, wrong])
+        if min(g1, g2, wrong) < 2 or not cont.strip() or not cont_bad.strip():
+            continue  # special tokens, or text that is only whitespace
+        if tok.encode(cont, add_special_tokens=False) != [g1, g2] or \
+                tok.encode(cont_bad, add_special_tokens=False) != [g1, wrong]:
+            continue  # the ids must round-trip through text
+        good.append({"context": ctx, "continuation": cont})
+        bad.append({"context": ctx, "continuation": cont_bad})
+    assert len(good) >= 5
+    r = icl_accuracy(model, tok, good, continuation_delimiter="", batch_size=4)
+    assert r.task_type == "language_modeling" and r.accuracy == 1.0 and r.accuracy_norm is None
+    assert icl_accuracy(model, tok, bad, continuation_delimiter="", batch_size=3).accuracy == 0.0
+
+
+def test_fewshot_prompt_construction(tmp_path):
+    """Shots come from the other records (never the item itself), are distinct, depend only on (seed, index),
+    and are joined as shot + ED + ... + context + CD with each shot = context + CD + answer (MC: choices[gold])."""
+    recs = [{"query": f"Q{i}?", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(6)]
+    task = ICLTask(name="t", task_type="multiple_choice", examples=recs)
+    for i in range(6):
+        idx = fewshot_indices(6, i, 3, seed=7)
+        assert i not in idx and len(set(idx)) == 3 and idx == fewshot_indices(6, i, 3, seed=7)
+        shots = [f"Q{j}? {recs[j]['choices'][recs[j]['gold']]}" for j in idx]
+        want = "PRE" + "\n\n".join([*shots, f"Q{i}? "])
+        assert build_prompt(task, i, num_fewshot=3, seed=7, prompt_string="PRE") == want
+    assert any(fewshot_indices(6, i, 3, 7) != fewshot_indices(6, i, 3, 8) for i in range(6))
+    assert build_prompt(task, 2, example_delimiter="\n", continuation_delimiter=" ->") == "Q2? ->"
+    assert fewshot_indices(6, 0, 5, 1) and sorted(fewshot_indices(6, 0, 5, 1)) == [1, 2, 3, 4, 5]
+    with pytest.raises(EvalError, match="only 6 records"):
+        fewshot_indices(6, 0, 6, 1)
+
+
+def test_batching_padding_and_fewshot_scores_are_consistent(tmp_path, make_tokenizer):
+    """Right-padded batches of any size give the same per-choice scores as one request at a time; a few-shot
+    record's score equals the reference forward of its full prompt (shots included; window past max_seq_len),
+    and with the default window (max_seq_len) the prompt's start is cut and the answer kept whole."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder)
+    recs = [{"query": q, "choices": ["yes", "no", "maybe not"], "gold": 0} for q in _lines(8)]
+    a = icl_accuracy(model, tok, recs, num_fewshot=2, batch_size=1, seed=3, max_seq_len=256)
+    b = icl_accuracy(model, tok, recs, num_fewshot=2, batch_size=5, seed=3, max_seq_len=256)
+    assert a.truncated == b.truncated == 0
+    for da, db in zip(a.details, b.details):
+        assert da["logprobs"] == pytest.approx(db["logprobs"], abs=1e-4)
+    task = ICLTask(name="t", task_type="multiple_choice", examples=recs)
+    prompt = build_prompt(task, 4, num_fewshot=2, seed=3)
+    assert prompt.endswith(recs[4]["query"] + " ") and prompt.count("\n\n") == 2
+    p = tok.encode(prompt.rstrip(), add_special_tokens=False)
+    ans = tok.encode(" maybe not", add_special_tokens=False)
+    assert len(p) + len(ans) > 64  # longer than max_seq_len: the default window truncates it
+    assert a.details[4]["logprobs"][2] == pytest.approx(_ref_logprob(model, p, ans), abs=1e-4)
+    c = icl_accuracy(model, tok, recs, num_fewshot=2, seed=3)
+    assert c.truncated > 0
+    assert c.details[4]["logprobs"][2] == pytest.approx(_ref_logprob(model, p[-(64 - len(ans)):], ans), abs=1e-4)
+
+
+def test_task_files_bad_input(tmp_path):
+    """Malformed JSONL and missing keys name file:line and the keys expected; unknown task types, empty or
+    missing files and impossible shot counts are EvalErrors; the type is inferred from the keys."""
+    lm = _write_jsonl(tmp_path / "lm.jsonl", [{"context": "a", "continuation": "b"}] * 3)
+    assert read_icl_jsonl(lm).task_type == "language_modeling"
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"query": "q", "choices": ["x", "y"], "gold": 1}])
+    assert read_icl_jsonl(mc, "mc").task_type == "multiple_choice"
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"context": "a", "continuation": "b"}\n\n{"context": "a", \n')
+    with pytest.raises(EvalError, match=r"bad.jsonl:3: malformed JSON"):
+        read_icl_jsonl(bad_json)
+    missing = _write_jsonl(tmp_path / "missing.jsonl", [{"query": "q", "choices": ["x", "y"], "gold": 0},
+                                                        {"query": "q", "choices": ["x", "y"]}])
+    with pytest.raises(EvalError, match=r"missing.jsonl:2: missing key 'gold'.*'query', 'choices', 'gold'"):
+        read_icl_jsonl(missing)
+    with pytest.raises(EvalError, match=r"x.jsonl:1: cannot tell the task type.*'context', 'continuation'"):
+        read_icl_jsonl(_write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}]))
+    with pytest.raises(EvalError, match=r"mc.jsonl:1: missing key 'context'"):
+        read_icl_jsonl(mc, "language_modeling")
+    with pytest.raises(EvalError, match="gold"):
+        read_icl_jsonl(_write_jsonl(tmp_path / "g.jsonl", [{"query": "q", "choices": ["x", "y"], "gold": 2}]))
+    with pytest.raises(EvalError, match="unknown task type 'schema'"):
+        read_icl_jsonl(lm, "schema")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(EvalError, match="no records"):
+        read_icl_jsonl(tmp_path / "empty.jsonl")
+    with pytest.raises(EvalError, match="no such file"):
+        read_icl_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
+    """`mptkit eval icl MODEL --tasks A,B --num-fewshot 0,1 --json OUT` evaluates every (task, shots) pair with
+    the same numbers as the API; errors (a malformed file, too many shots) are one line, exit 2."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    lines = _lines(10)
+    lm = _write_jsonl(tmp_path / "lm.jsonl", [{"context": ln[:-3], "continuation": ln[-3:]} for ln in lines])
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"query": ln, "choices": ["pass", "return"], "gold": i % 2}
+                                              for i, ln in enumerate(lines)])
+    out = tmp_path / "icl.json"
+    rc = main(["eval", "icl", str(folder), "--tasks", f"{lm},{mc}", "--num-fewshot", "0,1", "--device", "cpu",
+               "--continuation-delimiter", "", "--example-delimiter", "\\n", "--json", str(out), "--details"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "multiple_choice" in text and "language_modeling" in text
+    got = json.loads(out.read_text())
+    assert [(r["task"], r["num_fewshot"]) for r in got["results"]] == [("lm", 0), ("lm", 1), ("mc", 0), ("mc", 1)]
+    assert got["example_delimiter"] == "\n" and got["continuation_delimiter"] == ""
+    model = MPTForCausalLM.from_pretrained(folder)
+    api = icl_accuracy(model, load_tokenizer(folder), mc, num_fewshot=1, continuation_delimiter="",
+                       example_delimiter="\n")
+    assert got["results"][3]["accuracy"] == api.accuracy and got["results"][3]["accuracy_norm"] == api.accuracy_norm
+    assert len(got["results"][3]["details"]) == 10
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["eval", "icl", str(folder), "--tasks", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1: malformed JSON" in err and "Traceback" not in err
+    assert main(["eval", "icl", str(folder), "--tasks", mc, "--num-fewshot", "10", "--device", "cpu"]) == 2
+    assert "only 10 records" in capsys.readouterr().err
+    assert main(["eval", "icl", str(folder), "--tasks", mc, "--task-type", "generation"]) == 2
+    assert "unknown task type" in capsys.readouterr().err
