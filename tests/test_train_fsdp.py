@@ -14,6 +14,7 @@ once); the tests then compare the runs' metrics, checkpoints and exports. What t
   the uninterrupted run ends (to rounding: the world size changes the reduction order);
 * a sharded (torch.distributed.checkpoint) checkpoint resumes under FSDP bitwise equal to the run that never
   stopped, and in one process; it is complete, checksummed and skipped by autoresume when corrupted;
+* a pretrained model folder is loaded on CPU, sharded and trained like one process trains it;
 * HYBRID_SHARD with activation checkpointing and prefetching, and SHARD_GRAD_OP with sync_module_states,
   train like DDP; the end-of-run export under FSDP holds the final weights;
 * bad fsdp_config keys and values fail validation with the key and the closest valid name.
@@ -87,6 +88,7 @@ run("ddp_to_fsdp", fsdp_config={{}}, load_path=str(tmp / "ddp" / "ck" / "ep0-ba2
 run("hsdp", save_folder=None, fsdp_config={{"sharding_strategy": "HYBRID_SHARD", "activation_checkpointing": True,
     "forward_prefetch": True, "backward_prefetch_limit": 2, "limit_all_gathers": True, "mixed_precision": "PURE"}})
 run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True}})
+run("from_hf", save_folder=None, model=str(tmp / "fsdp" / "hf"), fsdp_config={{"sync_module_states": True}})
 dist.destroy_process_group()
 """
 
@@ -185,6 +187,16 @@ def test_other_strategies_train_like_ddp(runs):
         assert [r["step"] for r in other] == [1, 2, 3, 4]
         for a, b in zip(ddp, other, strict=True):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_fsdp_starts_from_pretrained_weights(runs, tmp_path):
+    """A model folder (loaded on CPU, then sharded, with sync_module_states) trains like one process does."""
+    _fit(tmp_path, model=str(runs / "fsdp" / "hf"), save_folder=None)
+    one, two = _steps(tmp_path), _steps(runs / "from_hf")
+    assert two[0]["train_loss"] < _steps(runs / "fsdp")[0]["train_loss"]  # trained weights, not a fresh init
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -218,10 +218,13 @@ class Trainer:
             if self.fsdp is not None and not _recipe_is_pretrained(cfg.model):
                 # built on meta, materialised shard by shard after fully_shard: never a full replica per rank
                 self.model = build_model(cfg, torch.device("meta"), seq_len=seq_len)
+            elif self.fsdp is not None:
+                # pretrained weights: read into CPU memory; fully_shard moves only this rank's shards to the GPU
+                self.model = build_model(cfg, torch.device("cpu"), seq_len=seq_len)
             else:
                 self.model = build_model(cfg, self.device, seq_len=seq_len)
-        elif not (self.fsdp is not None and any(p.is_meta for p in self.model.parameters())):
-            self.model.to(self.device)
+        elif self.fsdp is None:
+            self.model.to(self.device)  # (FSDP: fully_shard moves the shards)
         self._check_model_vs_data()
         if self.fsdp is not None:
             self._shard_model()
@@ -299,7 +302,9 @@ class Trainer:
 
             with torch.no_grad():
                 for t in [*self.model.parameters(), *self.model.buffers()]:
-                    dist.broadcast(t.data, src=0)
+                    buf = t.data.to(self.device)  # NCCL broadcasts device tensors only
+                    dist.broadcast(buf, src=0)
+                    t.data.copy_(buf)
         mesh = F.build_mesh(s, self.dist.world_size, self.device)
         pd, rd = F.compute_dtypes(s, cfg.precision, self.device)
         units = F.shard_model(self.model, s, mesh, param_dtype=pd, reduce_dtype=rd, device=self.device)
