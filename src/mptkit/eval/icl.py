@@ -205,7 +205,9 @@ def split_trailing_space(prompt: str, answer: str) -> tuple[str, str]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    from mptkit.eval.data import encode_batch
+
+    return encode_batch(tokenizer, [text])[0] if text else []
 
 
 @torch.inference_mode()
