@@ -727,7 +727,8 @@ class Trainer:
             writer.write({"event": "start", "run_name": self.run_name, "params": n_params, "max_steps": self.max_steps,
                           "peak_flops": peak, "peak_source": peak_src, "world_size": self.dist.world_size,
                           "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                          "start_step": self.step})
+                          "start_step": self.step,
+                          "params_per_rank": getattr(self, "fsdp_local_params", n_params)})
         bar = None
         if main and cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
