@@ -193,7 +193,8 @@ def test_task_files_bad_input(tmp_path):
 
 def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
     """`mptkit eval icl MODEL --tasks A,B --num-fewshot 0,1 --json OUT` evaluates every (task, shots) pair with
-    the same numbers as the API; errors (a malformed file, too many shots) are one line, exit 2."""
+    the same numbers as the API; errors (a malformed file, too many shots, bad option values) are one line,
+    exit 2."""
     folder = _model_folder(tmp_path, make_tokenizer)
     lines = _lines(10)
     lm = _write_jsonl(tmp_path / "lm.jsonl", [{"context": ln[:-3], "continuation": ln[-3:]} for ln in lines])
@@ -222,3 +223,7 @@ def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
     assert "only 10 records" in capsys.readouterr().err
     assert main(["eval", "icl", str(folder), "--tasks", mc, "--task-type", "generation"]) == 2
     assert "unknown task type" in capsys.readouterr().err
+    for extra, msg in ((["--max-examples", "0"], "--max-examples 0"), (["--batch-size", "0"], "--batch-size 0"),
+                       (["--num-fewshot", "one"], "expected integers"), (["--task-type", "lm,mc,lm"], "3 types")):
+        assert main(["eval", "icl", str(folder), "--tasks", f"{lm},{mc}", "--device", "cpu", *extra]) == 2
+        assert msg in capsys.readouterr().err, extra

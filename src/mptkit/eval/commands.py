@@ -38,6 +38,7 @@ def _write_json(path, payload) -> None:
     from mptkit.utils.fs import atomic_write_json
 
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(path), payload)
     except OSError as e:
         raise EvalError(f"--json {path}: cannot write ({e.strerror or e})") from None

@@ -157,6 +157,9 @@ def load_prepared(folder, *, split: str = "val", max_tokens: int | None = None, 
     except DataError as e:
         raise EvalError(f"--data {folder}: {e}") from None
     n = len(ds)
+    if n == 0:
+        raise EvalError(f"--data {folder}: the {ds.split!r} split has no samples (choose another --split, or "
+                        "prepare the data with a larger --val-fraction)")
     rows = n if max_tokens is None else min(n, -(-int(max_tokens) // ds.max_seq_len))
     parts = [ds.row(i).astype(np.int64) for i in range(rows)]
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

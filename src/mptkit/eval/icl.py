@@ -231,10 +231,12 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], *, batch_
             p = p[-room:]
             truncated += 1
         seqs.append((p, a))
+    if int(batch_size) < 1:
+        raise EvalError(f"--batch-size {batch_size}: must be >= 1")
     vocab = model.config.vocab_size
-    bad = [t for p, a in seqs for t in (*p, *a) if not 0 <= t < vocab]
-    if bad:
-        raise EvalError(f"token id {bad[0]} is outside the model's vocabulary ({vocab}): the tokenizer does not "
+    top = max(max(max(p), max(a)) for p, a in seqs) if seqs else 0
+    if top >= vocab or (seqs and min(min(min(p), min(a)) for p, a in seqs) < 0):
+        raise EvalError(f"token id {top} is outside the model's vocabulary ({vocab}): the tokenizer does not "
                         "belong to this model")
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     out: list = [None] * len(seqs)
@@ -294,6 +296,8 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
         check_window_length(model, int(max_seq_len))
     if int(num_fewshot) < 0:
         raise EvalError(f"--num-fewshot {num_fewshot}: must be >= 0")
+    if max_examples is not None and int(max_examples) < 1:
+        raise EvalError(f"--max-examples {max_examples}: must be >= 1")
     n = len(task.examples) if max_examples is None else min(len(task.examples), int(max_examples))
     eos = getattr(tokenizer, "eos_token_id", None)
     t = task.task_type
