@@ -81,9 +81,9 @@ def test_perplexity_matches_transformers_sliding_window_loop(tmp_path, make_toke
     stride below the window and past max_seq_len (ALiBi), with batching."""
     from transformers import MptForCausalLM as HFMpt
 
-    folder = _model_folder(tmp_path, make_tokenizer, expansion_ratio=4)
+    folder = _model_folder(tmp_path, make_tokenizer, expansion_ratio=4, attn_config={"attn_impl": "auto"})
     tok = load_tokenizer(folder)
-    ours = MPTForCausalLM.from_pretrained(folder)
+    ours = MPTForCausalLM.from_pretrained(folder)  # the default backend choice (CPU: ALiBi on the flash kernel)
     hf = HFMpt.from_pretrained(folder, max_seq_len=128).eval()  # its ALiBi table is only max_seq_len long
     ids = encode_texts(_stdlib_text(textwrap), tok, max_tokens=400).ids.tolist()
     for L, S in ((64, 24), (96, 40)):  # 96 > max_seq_len 64: ALiBi extrapolation
