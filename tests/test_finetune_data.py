@@ -127,10 +127,32 @@ def test_packing_puts_every_example_in_a_window_with_its_own_sequence_id(tmp_pat
 
 
 def test_first_fit_decreasing():
+    """The tree-based first fit places every item exactly where a plain scan of the bins would."""
     bins = pack_first_fit([5, 3, 8, 2, 6, 4], 10)
     assert sorted(i for b in bins for i in b) == list(range(6))
     assert all(sum([5, 3, 8, 2, 6, 4][i] for i in b) <= 10 for b in bins)
     assert len(bins) == 3  # 28 tokens, capacity 10: the minimum
+
+    def scan(lengths, capacity):
+        out, room = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+            for b, r in enumerate(room):
+                if r >= lengths[i]:
+                    out[b].append(i)
+                    room[b] -= lengths[i]
+                    break
+            else:
+                out.append([i])
+                room.append(capacity - lengths[i])
+        return [sorted(b) for b in out]
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        lengths = torch.randint(1, 65, (n,), generator=g).tolist()
+        assert pack_first_fit(lengths, 64) == scan(lengths, 64)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_first_fit([65], 64)
 
 
 def test_packed_loss_equals_separate_examples(tmp_path, tok):
@@ -154,6 +176,12 @@ def test_packed_loss_equals_separate_examples(tmp_path, tok):
         with torch.no_grad():
             return float(model(b["input_ids"], labels=b["labels"], **extra).loss) * n
 
+    assert total(packed) == pytest.approx(total(plain), rel=1e-5)
+    # also when prompts carry loss: no position learns to predict the next example's first token
+    kw = {"max_seq_len": 64, "target_prompts": "all"}
+    plain = build_finetune_dataset(f, tok, FinetuneOptions(**kw))
+    packed = build_finetune_dataset(f, tok, FinetuneOptions(packing_ratio="auto", **kw))
+    assert int((packed.labels[:, 1:] != IGNORE_INDEX).sum()) == int((plain.labels[:, 1:] != IGNORE_INDEX).sum())
     assert total(packed) == pytest.approx(total(plain), rel=1e-5)
 
 
@@ -204,6 +232,12 @@ def test_folder_splits_and_other_file_kinds(tmp_path, tok):
     assert [p.name for p in data_files(d, "test")] == ["test.json"]
     with pytest.raises(DataError, match="no files for split 'validation'"):
         data_files(d, "validation")
+    # no file named after the train split: the rest, never the held-out splits' files
+    e = tmp_path / "other"
+    e.mkdir()
+    for name in ("dolly.jsonl", "test.jsonl", "val-0.jsonl", "dev.json"):
+        _write(e / name, [{"prompt": "a", "response": " b"}])
+    assert [p.name for p in data_files(e, "train")] == ["dolly.jsonl"]
     ds = build_finetune_dataset(d, tok, FinetuneOptions(max_seq_len=32), split="train")
     assert len(ds) == 4
     pytest.importorskip("pyarrow")

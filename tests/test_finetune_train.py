@@ -106,9 +106,20 @@ def test_finetune_recipe_errors_name_the_key(tmp_path, make_tokenizer, capsys):
 
 @pytest.mark.parametrize("recipe", ["instruct", "chat", "storywriter"])
 def test_bundled_finetune_recipes_are_valid(recipe):
-    """The bundled recipes parse and validate (every key known, loaders well formed)."""
+    """The bundled recipes parse and validate (every key known, loaders well formed), and their data sections
+    resolve: the finetuning ones to a source and options, StoryWriter to prepared text in longer samples than
+    its base model was trained with."""
     from mptkit.train.config import load_run_config
+    from mptkit.train.recipe_data import _finetune_options, finetune_source
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_run_config(root / "configs" / "finetune" / f"{recipe}.yaml")
-    assert cfg.train_loader is not None
+    ds = cfg.train_loader["dataset"]
+    assert cfg.model["pretrained"] is True and cfg.model["pretrained_model_name_or_path"]
+    if cfg.train_loader["name"] == "finetuning":
+        assert finetune_source(ds, "train_loader", "train") == f"mptkit:stdlib-{recipe}"
+        opts = _finetune_options(ds, cfg, "train_loader")
+        assert opts.max_seq_len == cfg.max_seq_len and opts.packing
+        assert cfg.model["config_overrides"]["attn_config"]["attn_uses_sequence_id"] is True
+    else:
+        assert cfg.data_prep and ds["local"] and cfg.model["max_seq_len"] == cfg.max_seq_len >= 1024
