@@ -4,7 +4,7 @@
 With ``fsdp_config`` in a recipe and more than one rank, every ``MPTBlock`` becomes its own FSDP unit and the
 model root (embeddings, final norm, the tied LM head) one more; each rank keeps ``1/world`` of every
 parameter, gradient and optimizer state as a ``DTensor`` shard and all-gathers a block's weights only while
-it runs. FSDP2 runs on CPU with gloo as well as on CUDA with NCCL (verified on CPU/gloo with torch 2.14;
+it runs. FSDP2 runs on CPU with gloo as well as on CUDA with NCCL (verified on CPU/gloo with torch 2.13.0;
 FSDP1 is not used).
 
 The pieces, in the order the trainer uses them:
