@@ -278,3 +278,22 @@ def test_fsdp_config_with_one_process_trains_unsharded(tmp_path):
     """A recipe with fsdp_config runs in a single process too (unsharded, like llm-foundry on one GPU)."""
     s = _fit(tmp_path, fsdp_config={"sharding_strategy": "FULL_SHARD"}, max_duration="2ba", save_folder=None)
     assert s["steps"] == 2
+
+
+@pytest.mark.parametrize(("mp", "precision", "match"), [
+    ({"param_dtype": "fp16"}, "fp32", "mixed_precision.param_dtype fp16 is not supported"),
+    ({"param_dtype": "bf16", "reduce_dtype": "float16"}, "fp32", "mixed_precision.reduce_dtype fp16 is not supported"),
+    ("DEFAULT", "amp_fp16", "precision amp_fp16 with fsdp_config is not supported"),
+    ("PURE", "amp_fp16", "precision amp_fp16 with fsdp_config is not supported"),
+])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fp16_compute_under_fsdp_is_refused(mp, precision, match, device):
+    """fp16 without a (sharded) loss scaler underflows: refused whether it comes from precision or from
+    mixed_precision's dtypes, on CUDA and on CPU alike (not silently turned into fp32 there)."""
+    from mptkit.train.fsdp import compute_dtypes
+
+    s = parse_fsdp_config({"mixed_precision": mp})
+    with pytest.raises(ConfigError, match=match):
+        compute_dtypes(s, precision, torch.device(device))
+    assert compute_dtypes(parse_fsdp_config({"mixed_precision": {"param_dtype": "bf16"}}), "fp32",
+                          torch.device("cpu")) == (torch.float32, torch.float32)  # bf16 on CPU: fp32, a warning

@@ -256,7 +256,9 @@ def compute_dtypes(s: FSDPSettings, precision: str, device: torch.device) -> tup
 
     llm-foundry's names: FULL = fp32/fp32; DEFAULT = the run's low precision (``precision: amp_bf16`` → bf16)
     for parameters, fp32 reductions; PURE = low precision for both. Master weights and optimizer state stay
-    fp32. On CPU everything stays fp32 (a warning says so when something else was asked for)."""
+    fp32. On CPU everything stays fp32 (a warning says so when something else was asked for). fp16 anywhere
+    is a :class:`ConfigError`: without loss scaling fp16 gradients underflow, and FSDP2 has no sharded scaler
+    here."""
     low = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
     mp = s.mixed_precision
     if isinstance(mp, dict):
@@ -268,6 +270,13 @@ def compute_dtypes(s: FSDPSettings, precision: str, device: torch.device) -> tup
         pd = rd = low
     else:
         pd, rd = low, torch.float32
+    if torch.float16 in (pd, rd):  # before the CPU fallback: a recipe refused on GPU is refused everywhere
+        if not isinstance(mp, dict):
+            raise ConfigError("precision amp_fp16 with fsdp_config is not supported (fp16 needs a sharded grad "
+                              "scaler); use precision amp_bf16")
+        key = "param_dtype" if pd == torch.float16 else "reduce_dtype"
+        raise ConfigError(f"fsdp_config.mixed_precision.{key} fp16 is not supported (fp16 needs a sharded grad "
+                          "scaler); use bf16")
     if device.type != "cuda" and (pd != torch.float32 or rd != torch.float32):
         log.warning("fsdp_config.mixed_precision: %s/%s parameters/reductions apply on CUDA only; on %s "
                     "FSDP computes and reduces in fp32", pd, rd, device.type)
