@@ -1,4 +1,4 @@
-"""Tokenizer training, loading and fingerprinting (mptkit.data.tokenizer) and the default corpus."""
+"""Tokenizer training, loading, fingerprinting and batch encoding (mptkit.data.tokenizer) and the default corpus."""
 
 from __future__ import annotations
 
@@ -149,3 +149,31 @@ def test_gpt_neox_style_folder_is_accepted(tok_dir, tmp_path):
     text = "import os\n\nclass A:\n    def f(self):  return 1\n"
     assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
     assert tok.eos_token_id == 0 and tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok_dir)
+
+
+def test_encode_batch_matches_each_tokenizer_kind_without_special_tokens(tok_dir, tmp_path):
+    """encode_batch gives the ids of tokenizer(text, add_special_tokens=False) for a transformers fast
+    tokenizer, the raw tokenizers.Tokenizer behind it and a slow (Python) GPT2Tokenizer built from the same
+    vocabulary and merges; no BOS/EOS is added, and a text past model_max_length is neither cut nor warned about."""
+    from transformers import GPT2Tokenizer
+
+    from mptkit.data.tokenizer import encode_batch
+
+    fast = load_tokenizer(tok_dir)
+    texts = ["def f(x):\n    return x + 1\n", "", "import os  # a comment", "a " * 300]
+    fast.model_max_length = 64  # the last text is longer
+    warned = "sequence-length-is-longer-than-the-specified-maximum"  # transformers' key for that warning
+    assert encode_batch(fast, texts[-1:])[0] and not fast.deprecation_warnings.get(warned)
+    want = [fast(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert fast.deprecation_warnings.get(warned)  # transformers' own call does warn
+    assert len(want[-1]) > 64 and want[1] == []
+    raw = fast.backend_tokenizer
+    vocab, merges = raw.model.save(str(tmp_path))
+    slow = GPT2Tokenizer(vocab, merges, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                         unk_token="<|endoftext|>")
+    slow.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    assert encode_batch(fast, texts) == want
+    assert encode_batch(raw, texts) == want
+    assert encode_batch(slow, texts) == want
+    assert all(type(x) is list and all(type(i) is int for i in x) for x in encode_batch(fast, texts))
+    assert encode_batch(fast, []) == [] and encode_batch(fast, iter(texts[:1])) == want[:1]

@@ -175,6 +175,22 @@ def _backend(tok):
     return getattr(tok, "backend_tokenizer", None)
 
 
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text in ``texts``, no special tokens added (no BOS/EOS).
+
+    ``tokenizer``: a ``transformers`` fast tokenizer (its Rust backend encodes the whole batch at once: the
+    same ids as ``tokenizer(texts, add_special_tokens=False)``, without transformers' warning about texts
+    longer than ``model_max_length``, which means nothing for tokenizing data), a raw
+    ``tokenizers.Tokenizer``, or a slow (Python) ``transformers`` tokenizer (encoded one text at a time)."""
+    texts = list(texts)
+    if not texts:
+        return []
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+
+
 def _norm_merges(merges: list) -> list:
     return [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import DataError, EvalError
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,6 @@ def is_prepared_folder(path) -> bool:
             return b"mptkit.tokens" in f.read(512)
     except OSError:
         return False
-
-
-def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added. A fast tokenizer's Rust backend encodes the batch
-    directly (same ids as ``tokenizer(texts)``, without transformers' warning about texts longer than
-    ``model_max_length``, which does not apply here)."""
-    from mptkit.data.tokenizer import _backend
-
-    backend = _backend(tokenizer)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
 def _decoded_bytes(tokenizer, ids: list[int]) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import EvalError
 from mptkit.eval.scoring import model_device, next_token_logprobs
 
@@ -205,8 +206,6 @@ def split_trailing_space(prompt: str, answer: str) -> tuple[str, str]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    from mptkit.eval.data import encode_batch
-
     return encode_batch(tokenizer, [text])[0] if text else []
 
 
