@@ -41,7 +41,13 @@ def _stdlib_text(*modules) -> str:
 def _reference_nll(model, ids: list[int], L: int, S: int) -> tuple[float, int]:
     """Independent reference: the plain loop (full logits, log_softmax), scoring window [begin, end)'s tokens
     from the previous window's end, the first token of the stream unscored."""
-    total, count, prev_end, begin = 0.0, 0, 0, 0
+    per = _reference_token_nll(model, ids, L, S)
+    return sum(per.values()), len(per)
+
+
+def _reference_token_nll(model, ids: list[int], L: int, S: int) -> dict[int, float]:
+    """The same loop, returning {stream position: NLL of the token there} for every scored token."""
+    per, prev_end, begin = {}, 0, 0
     x_all = torch.tensor(ids)
     while prev_end < len(ids):
         begin = min(begin, max(prev_end - 1, 0))
@@ -50,11 +56,11 @@ def _reference_nll(model, ids: list[int], L: int, S: int) -> tuple[float, int]:
         with torch.no_grad():
             lp = torch.log_softmax(model(x).logits.double(), -1)[0]
         for t in range(max(prev_end, begin + 1), end):
-            total -= lp[t - 1 - begin, ids[t]].item()
-            count += 1
+            assert t not in per
+            per[t] = -lp[t - 1 - begin, ids[t]].item()
         prev_end = end
         begin += S
-    return total, count
+    return per
 
 
 def test_sliding_windows_score_every_token_exactly_once():
@@ -126,10 +132,41 @@ def test_text_stream_joins_documents_with_eos_and_counts_bytes(tmp_path, make_to
     ref, count = _reference_nll(model, s.ids.tolist(), 16, 16)
     assert r.tokens == count == len(d1) + len(d2) + 1
     assert r.total_nll == pytest.approx(ref, rel=1e-5)
-    assert r.bits_per_byte == pytest.approx(ref / math.log(2) / s.n_bytes, rel=1e-5)
+    assert r.loss == pytest.approx(ref / count, rel=1e-5)  # the loss covers every scored token, EOS included
     # max_tokens cuts the stream (bytes then come from the kept ids)
     cut = encode_texts(docs, tok, max_tokens=5)
     assert cut.ids.tolist() == [eos, *d1[:4]] and cut.n_bytes == len(tok.decode(d1[:4]).encode())
+
+
+def test_bits_per_byte_leaves_out_the_eos_separators(tmp_path, make_tokenizer):
+    """Bits per byte is the NLL of the document tokens only, over the documents' bytes: it equals an
+    independent full-logits computation that sums the per-token NLL at every position except the EOS
+    separators (found from the documents' own token counts), for strides below and equal to the window,
+    while loss/perplexity still average over every scored token, separators included. The separators'
+    NLL is large for this model, so counting them would change bits per byte."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder)
+    docs = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)  # é\n", "class A:\n    pass\n",
+            "x = [i * i for i in range(10)]\n"]
+    lens = [len(tok.encode(d, add_special_tokens=False)) for d in docs]
+    sep_pos = [1 + sum(lens[:k]) + (k - 1) for k in range(1, len(docs))]  # [eos] d1 [eos] d2 ...
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    s = encode_texts(docs, tok)
+    assert [int(s.ids[p]) for p in sep_pos] == [tok.eos_token_id] * 3 and s.separators.tolist() == sep_pos
+    for L, S in ((16, 16), (16, 5), (12, 7)):
+        per = _reference_token_nll(model, s.ids.tolist(), L, S)
+        doc_nll = sum(v for t, v in per.items() if t not in sep_pos)
+        sep_nll = sum(per[t] for t in sep_pos)
+        r = perplexity(model, docs, tok, max_seq_len=L, stride=S, batch_size=2)
+        assert r.tokens == len(per) == sum(lens) + 3 and r.separators == 3
+        assert r.loss == pytest.approx(sum(per.values()) / len(per), rel=1e-5)
+        assert r.document_nll == pytest.approx(doc_nll, rel=1e-5)
+        assert r.bits_per_byte == pytest.approx(doc_nll / math.log(2) / n_bytes, rel=1e-5)
+        assert sep_nll / math.log(2) / n_bytes > 1e-2  # counting separators would be visibly different
+    # token ids carry no byte count: no bits per byte, no document NLL
+    ids_only = perplexity(model, s.ids.tolist(), max_seq_len=16, stride=16)
+    assert ids_only.bits_per_byte is None and ids_only.document_nll is None and ids_only.separators == 0
 
 
 def test_prepared_folder_reads_the_val_split(tmp_path, make_tokenizer):

@@ -70,11 +70,13 @@ def _perplexity(args) -> int:
     print(f"windows        {res.windows} of {res.max_seq_len} tokens, stride {res.stride} "
           f"(context >= {res.max_seq_len - res.stride if res.stride < res.max_seq_len else 1} tokens after the "
           "first window)")
-    print(f"tokens scored  {res.tokens:,}")
-    print(f"loss           {res.loss:.4f} nats/token")
+    seps = f" ({res.separators:,} of them EOS separators between documents)" if res.separators else ""
+    print(f"tokens scored  {res.tokens:,}{seps}")
+    print(f"loss           {res.loss:.4f} nats/token (all scored tokens)")
     print(f"perplexity     {res.perplexity:.4f}")
     if res.bits_per_byte is not None:
-        print(f"bits per byte  {res.bits_per_byte:.4f} ({res.n_bytes:,} bytes)")
+        print(f"bits per byte  {res.bits_per_byte:.4f} (document tokens only: {res.tokens - res.separators:,} "
+              f"tokens, {res.n_bytes:,} bytes)")
     _write_json(args.json, {"model": str(args.model), **res.to_dict()})
     return 0
 

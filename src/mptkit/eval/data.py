@@ -3,9 +3,11 @@
 * **Text** (anything ``mptkit data prepare`` reads: text and code files, folders of them, JSONL/JSON/CSV with a
   ``text`` field, Parquet): each document is tokenized with the model's tokenizer (no special tokens added)
   and the stream is ``[eos] doc1 [eos] doc2 ... [eos] docN``. The leading EOS is context only, so every
-  token of every document is scored (as lm-eval-harness's rolling log-likelihood does); the separating EOS
-  tokens are scored too (predicting a document's end). ``n_bytes`` counts the UTF-8 bytes of the text the
-  stream holds, for bits per byte.
+  token of every document is scored. The stream is read as one sequence, so a window's context runs back
+  across document boundaries into the previous documents (lm-eval-harness's rolling log-likelihood instead
+  scores each document on its own, from an empty context). The separating EOS tokens are scored too
+  (predicting a document's end) and count in the token-level loss; ``separators`` records their positions
+  so that bits per byte can leave them out: ``n_bytes`` counts the UTF-8 bytes of the documents only.
 * **Prepared folder** (``manifest.json`` + shards from ``mptkit data prepare``): the rows of a split
   (``val`` by default), concatenated in order. With ``prepare``'s default ``wrap`` packing this restores the
   split's token stream (minus the dropped tail); no byte count (the text is not at hand).
@@ -17,7 +19,7 @@ bytes are those of the decoded kept ids).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +36,16 @@ _ENCODE_BATCH = 64  # documents tokenized per call
 class TokenStream:
     """Token ids to evaluate on, and where they came from.
 
-    ``ids``: int64 array. ``n_bytes``: UTF-8 bytes of the text behind the scored ids (None when unknown,
-    e.g. prepared shards). ``documents``: documents read. ``source``: a description for reports."""
+    ``ids``: int64 array. ``n_bytes``: UTF-8 bytes of the documents' text (the document tokens; None when
+    unknown, e.g. prepared shards). ``documents``: documents read. ``source``: a description for reports.
+    ``separators``: positions in ``ids`` of the EOS tokens inserted between documents (not the leading,
+    unscored one; empty when there are none or they are unknown): scored tokens that are not document text."""
 
     ids: np.ndarray
     n_bytes: int | None = None
     documents: int = 0
     source: str = "tokens"
+    separators: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,6 +80,7 @@ def encode_texts(texts, tokenizer, *, max_tokens: int | None = None, source: str
     if eos is None:
         log.warning("the tokenizer has no EOS token: documents are concatenated without a separator")
     ids: list[int] = [eos] if eos is not None else []
+    seps: list[int] = []
     n_bytes = docs = 0
     budget = None if max_tokens is None else int(max_tokens)
     batch: list[str] = []
@@ -87,6 +93,7 @@ def encode_texts(texts, tokenizer, *, max_tokens: int | None = None, source: str
             if docs and eos is not None:
                 if budget is not None and len(ids) >= budget:
                     return True
+                seps.append(len(ids))
                 ids.append(eos)
             docs += 1
             if budget is not None and len(ids) + len(d) > budget:
@@ -109,7 +116,8 @@ def encode_texts(texts, tokenizer, *, max_tokens: int | None = None, source: str
             break
     else:
         flush()
-    return TokenStream(np.asarray(ids, dtype=np.int64), n_bytes=n_bytes, documents=docs, source=source)
+    return TokenStream(np.asarray(ids, dtype=np.int64), n_bytes=n_bytes, documents=docs, source=source,
+                       separators=np.asarray(seps, dtype=np.int64))
 
 
 def read_documents(path, *, text_field: str = "text"):

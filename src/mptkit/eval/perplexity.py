@@ -10,8 +10,11 @@ context and is not scored (text streams start with an EOS for that reason: see :
 ``stride == max_seq_len`` gives (almost) non-overlapping windows: each starts at the last token of the
 previous one, which is context only, so every token is still scored (cheapest; many tokens with little
 context, like the training eval loss); smaller strides cost ``max_seq_len / stride`` times more compute and give a lower, tighter
-figure. The loss is the exact mean negative log-likelihood over scored tokens (sums of per-token losses,
-not a mean of window means). Bits per byte = total NLL / ln 2 / UTF-8 bytes of the text.
+figure. The loss is the exact mean negative log-likelihood over **all** scored tokens (sums of per-token
+losses, not a mean of window means), the EOS separators between documents included. Bits per byte covers
+the document text only: the NLL of the document tokens (all scored tokens minus the EOS separators) / ln 2
+/ UTF-8 bytes of the documents. Context crosses document boundaries (the stream is one sequence), so these
+figures are not lm-eval-harness's rolling log-likelihood, which scores each document on its own.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PerplexityResult:
-    """``loss``: mean NLL per scored token (nats); ``perplexity`` = exp(loss); ``tokens``: tokens scored;
-    ``bits_per_byte``: total NLL in bits over the text's UTF-8 bytes (None without text)."""
+    """Figures of one run, and the tokens each covers.
+
+    ``tokens``: every scored token (all but the first of the stream), EOS separators between documents
+    included; ``total_nll``: their summed NLL (nats); ``loss`` = total_nll / tokens; ``perplexity`` =
+    exp(loss). ``separators``: how many of the scored tokens are EOS separators; ``document_nll``: the NLL
+    of the other scored tokens, the document text (None when the stream has no byte count, e.g. token ids or
+    a prepared folder). ``bits_per_byte`` = document_nll / ln 2 / ``n_bytes`` (the documents' UTF-8 bytes):
+    separators are no text, so they count in neither."""
 
     loss: float
     perplexity: float
@@ -45,6 +54,8 @@ class PerplexityResult:
     n_bytes: int | None = None
     bits_per_byte: float | None = None
     source: str = ""
+    separators: int = 0
+    document_nll: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +92,9 @@ def as_token_stream(data, tokenizer=None, *, max_tokens: int | None = None) -> T
     ``tokenizer``), or token ids (a list of ints, a 1-D numpy array or tensor)."""
     if isinstance(data, TokenStream):
         ids = data.ids if max_tokens is None else data.ids[: int(max_tokens)]
-        return data if len(ids) == len(data.ids) else TokenStream(ids, None, data.documents, data.source)
+        if len(ids) == len(data.ids):
+            return data
+        return TokenStream(ids, None, data.documents, data.source, data.separators[data.separators < len(ids)])
     if isinstance(data, str) or (isinstance(data, (list, tuple)) and data and isinstance(data[0], str)):
         return encode_texts(data, tokenizer, max_tokens=max_tokens)
     if isinstance(data, torch.Tensor):
@@ -121,26 +134,35 @@ def perplexity(model, data, tokenizer=None, *, max_seq_len: int | None = None, s
     windows = sliding_windows(n, L, S)
     dev = model_device(model)
     ids = torch.from_numpy(stream.ids)
-    total, count = 0.0, 0
+    is_sep = torch.zeros(n, dtype=torch.bool)
+    is_sep[torch.from_numpy(np.asarray(stream.separators, dtype=np.int64))] = True
+    total, sep_total, count = 0.0, 0.0, 0
     # Windows of equal length batch together (all but the last one or two have length L).
     for i in range(0, len(windows), int(batch_size)):
         group = windows[i : i + int(batch_size)]
         width = max(e - b for b, e, _ in group)
         x = torch.zeros((len(group), width), dtype=torch.long)
         sel = torch.zeros((len(group), width - 1), dtype=torch.bool)
+        sep = torch.zeros((len(group), width - 1), dtype=torch.bool)
         for r, (b, e, first) in enumerate(group):
             x[r, : e - b] = ids[b:e]
             sel[r, first - b - 1 : e - b - 1] = True  # target grid index t scores token t + 1
+            sep[r, first - b - 1 : e - b - 1] = is_sep[first:e]
         logp, _ = next_token_logprobs(model, x.to(dev), sel)
-        total -= float(logp.double().sum())
+        logp = logp.double().cpu()
+        total -= float(logp.sum())
+        sep_total -= float(logp[sep[sel]].sum())  # logp holds the selected entries in row-major order
         count += int(sel.sum())
         if (i // int(batch_size)) % 50 == 49:
             log.info("perplexity: %d/%d windows, loss so far %.4f", i + len(group), len(windows), total / count)
     assert count == n - 1, (count, n)
     loss = total / count
-    bpb = None
-    if stream.n_bytes:
-        bpb = total / math.log(2) / stream.n_bytes
+    doc_nll = bpb = None
+    if stream.n_bytes is not None:
+        doc_nll = total - sep_total
+        if stream.n_bytes > 0:
+            bpb = doc_nll / math.log(2) / stream.n_bytes
     return PerplexityResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count, windows=len(windows),
                             max_seq_len=L, stride=S, total_nll=total, n_bytes=stream.n_bytes,
-                            bits_per_byte=bpb, source=stream.source)
+                            bits_per_byte=bpb, source=stream.source, separators=int(is_sep[1:].sum()),
+                            document_nll=doc_nll)
