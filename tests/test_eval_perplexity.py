@@ -249,3 +249,16 @@ def test_bad_input_is_reported_without_traceback(tmp_path, make_tokenizer, capsy
     with pytest.raises(EvalError, match="learned position embeddings"):
         perplexity(model, list(range(200)), max_seq_len=128)
     assert perplexity(model, list(range(200)), max_seq_len=64).tokens == 199
+
+
+def test_window_coverage_check_is_an_error_not_an_assert(tmp_path, make_tokenizer, monkeypatch):
+    """The check that every token was scored once is a real EvalError (it survives `python -O`, which strips
+    asserts): windows that leave tokens unscored are reported as an internal error, not a wrong figure."""
+    import mptkit.eval.perplexity as ppl
+
+    folder = _model_folder(tmp_path, make_tokenizer)
+    model = MPTForCausalLM.from_pretrained(folder)
+    good = ppl.sliding_windows
+    monkeypatch.setattr(ppl, "sliding_windows", lambda n, L, S: good(n, L, S)[:-1])
+    with pytest.raises(EvalError, match="internal error.*scored"):
+        perplexity(model, list(range(100)), max_seq_len=32, stride=16)

@@ -155,7 +155,9 @@ def perplexity(model, data, tokenizer=None, *, max_seq_len: int | None = None, s
         count += int(sel.sum())
         if (i // int(batch_size)) % 50 == 49:
             log.info("perplexity: %d/%d windows, loss so far %.4f", i + len(group), len(windows), total / count)
-    assert count == n - 1, (count, n)
+    if count != n - 1:  # every token but the first is scored exactly once (sliding_windows guarantees it)
+        raise EvalError(f"internal error: the windows scored {count} tokens of a {n}-token stream, expected "
+                        f"{n - 1} (max_seq_len={L}, stride={S}); please report this")
     loss = total / count
     doc_nll = bpb = None
     if stream.n_bytes is not None:
