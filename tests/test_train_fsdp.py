@@ -297,3 +297,32 @@ def test_fp16_compute_under_fsdp_is_refused(mp, precision, match, device):
         compute_dtypes(s, precision, torch.device(device))
     assert compute_dtypes(parse_fsdp_config({"mixed_precision": {"param_dtype": "bf16"}}), "fp32",
                           torch.device("cpu")) == (torch.float32, torch.float32)  # bf16 on CPU: fp32, a warning
+
+
+def test_materialize_refuses_a_parameter_the_init_misses():
+    """materialize_sharded starts every full tensor as NaN: a parameter init_weights does not cover is a
+    TrainError naming it, not uninitialised memory kept silently (here: the init skips the norms)."""
+    from mptkit.errors import TrainError
+    from mptkit.model import MPTForCausalLM
+    from mptkit.model.config import MPTConfig
+    from mptkit.model.init import init_weights
+    from mptkit.train.fsdp import materialize_sharded
+    from tests._train_helpers import TINY_MODEL
+
+    def build():
+        cfg = MPTConfig.from_dict(dict(TINY_MODEL), where="model", strict=True)
+        cfg.init_device = "meta"
+        return MPTForCausalLM(cfg)
+
+    model = build()
+    torch.manual_seed(0)
+    materialize_sharded(model, torch.device("cpu"), lambda m: init_weights(m, model.config))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model = build()
+
+    def skip_norms(m):
+        if not hasattr(m, "normalized_shape"):
+            init_weights(m, model.config)
+
+    with pytest.raises(TrainError, match=r"parameter transformer\.blocks\.0\.norm_1\.weight .*uninitialised"):
+        materialize_sharded(model, torch.device("cpu"), skip_norms)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptkit.errors import CheckpointError, ConfigError
+from mptkit.errors import CheckpointError, ConfigError, TrainError
 
 log = logging.getLogger(__name__)
 
@@ -355,16 +355,19 @@ def materialize_sharded(model: nn.Module, device: torch.device, init_module: Cal
     ``init_module(m)`` initialises one module's *own* parameters (plain full tensors); it is called for every
     module with parameters, in ``model.modules()`` order, so the random stream matches an unsharded init.
     Each rank keeps its shard of every full tensor (``sync_from_rank0``: rank 0's values are scattered
-    instead, as FSDP1's ``sync_module_states``)."""
+    instead, as FSDP1's ``sync_module_states``).
+
+    The full tensors start as NaN, so a parameter that ``init_module`` does not initialise is a
+    :class:`TrainError` naming it rather than silently kept uninitialised memory."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
+    names = {id(m): n for n, m in model.named_modules()}
     for mod in model.modules():
         own = [(n, p) for n, p in mod._parameters.items() if p is not None]
         if not own:
             continue
-        full = {n: torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device if isinstance(p, DTensor)
-                               else p.device) for n, p in own}
+        full = {n: _nan_like(p, p.to_local().device if isinstance(p, DTensor) else p.device) for n, p in own}
         saved_params, saved_children = dict(mod._parameters), mod._modules
         try:
             for n, t in full.items():
@@ -374,6 +377,12 @@ def materialize_sharded(model: nn.Module, device: torch.device, init_module: Cal
         finally:
             mod._parameters.update(saved_params)
             mod._modules = saved_children
+        for n, t in full.items():
+            if t.is_floating_point() and bool(torch.isnan(t).any()):
+                where = ".".join(x for x in (names.get(id(mod), ""), n) if x)
+                raise TrainError(f"model init left parameter {where} ({type(mod).__name__}.{n}) uninitialised "
+                                 "(it still holds NaN after init_weights): the init function does not cover "
+                                 f"{type(mod).__name__} modules")
         for n, p in own:
             if isinstance(p, DTensor):
                 src = 0 if sync_from_rank0 else None
@@ -382,6 +391,12 @@ def materialize_sharded(model: nn.Module, device: torch.device, init_module: Cal
             else:
                 p.copy_(full[n])
         del full
+
+
+def _nan_like(p: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A full-size tensor for ``p`` filled with NaN (floating dtypes; others cannot hold NaN: zeros)."""
+    fill = float("nan") if p.dtype.is_floating_point or p.dtype.is_complex else 0
+    return torch.full(tuple(p.shape), fill, dtype=p.dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------- full state
