@@ -185,6 +185,28 @@ def test_start_from_pretrained_folder(tmp_path):
     assert not all(torch.equal(t.model.state_dict()[k], src[k]) for k in src)
 
 
+def test_pretrained_folder_is_one_decision(tmp_path):
+    """pretrained_folder(cfg): a folder with config.json (string or pretrained_model_name_or_path form), None
+    for a recipe name, a folder without config.json given as a string, or pretrained: false; a mapping that
+    asks for weights from a folder without config.json is a ConfigError."""
+    from mptkit.train.recipe_data import pretrained_folder
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "tok_only").mkdir()
+    (folder / "config.json").write_text("{}")
+    assert pretrained_folder(make_cfg(tmp_path, model=str(folder))) == folder
+    assert pretrained_folder(make_cfg(tmp_path, model=str(tmp_path / "tok_only"))) is None
+    assert pretrained_folder(make_cfg(tmp_path, model="mpt-tiny")) is None
+    assert pretrained_folder(make_cfg(tmp_path)) is None  # a mapping of MPT keys
+    spec = {"name": "mpt_causal_lm", "pretrained_model_name_or_path": str(folder)}
+    assert pretrained_folder(make_cfg(tmp_path, model=spec)) == folder
+    assert pretrained_folder(make_cfg(tmp_path, model={**spec, "pretrained": False})) is None
+    bad = {**spec, "pretrained_model_name_or_path": str(tmp_path / "tok_only")}
+    with pytest.raises(ConfigError, match="not a local model folder with a config.json"):
+        pretrained_folder(make_cfg(tmp_path, model=bad))
+
+
 def test_loss_spike_monitor():
     """A loss above 2x the running mean for `patience` steps is a spike (raises unless log_only);
     NaN raises at once."""

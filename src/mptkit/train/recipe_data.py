@@ -111,13 +111,26 @@ def _open_split(local: str, split: str, which: str):
         raise DataError(f"{which}.dataset.local: {p} has no usable '{split}' split ({e})") from None
 
 
-def _model_folder(cfg: RunConfig) -> Path | None:
-    """The local model folder the recipe starts from (its tokenizer is the finetuning default)."""
+def pretrained_folder(cfg: RunConfig) -> Path | None:
+    """The local model folder (with a config.json) whose weights the recipe starts from, else None.
+
+    ``model: FOLDER`` names one when FOLDER holds a config.json (otherwise it is a recipe name or YAML);
+    ``model: {pretrained_model_name_or_path: FOLDER}`` names one unless ``pretrained: false``, and then FOLDER
+    must be a model folder (a :class:`ConfigError` otherwise). The single place that decides whether a run
+    loads weights (and so is not built on ``meta`` under FSDP) and whose tokenizer is the finetuning default."""
     spec = cfg.model
+    if isinstance(spec, (str, Path)):
+        p = Path(str(spec))
+        return p if p.is_dir() and (p / "config.json").is_file() else None
     if isinstance(spec, dict):
-        spec = spec.get("pretrained_model_name_or_path") if spec.get("pretrained", True) else None
-    if isinstance(spec, (str, Path)) and Path(str(spec)).is_dir():
-        return Path(str(spec))
+        src = spec.get("pretrained_model_name_or_path")
+        if not src or not spec.get("pretrained", True):
+            return None
+        p = Path(str(src))
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.pretrained_model_name_or_path: {src} is not a local model folder with a "
+                              "config.json")
+        return p
     return None
 
 
@@ -168,7 +181,7 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
     from mptkit.data.tokenizer import load_tokenizer
 
     if tokenizer is None:
-        src = tokenizer_path(cfg) or _model_folder(cfg)
+        src = tokenizer_path(cfg) or pretrained_folder(cfg)
         if src is None:
             raise ConfigError("finetuning needs a tokenizer: set tokenizer.name, or start from a model folder that "
                               "holds one (model.pretrained_model_name_or_path)")
@@ -265,27 +278,17 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
     from mptkit.model.config import MPTConfig
 
     spec = cfg.model
-    pretrained = None
     overrides: dict = {}
-    if isinstance(spec, (str, Path)):
-        p = Path(str(spec))
-        if p.is_dir() and (p / "config.json").exists():
-            pretrained = p
-            mcfg = load_model_config(p)
-        else:
-            mcfg = load_model_config(str(spec))
-    elif isinstance(spec, dict):
-        spec = copy.deepcopy(spec)
+    if isinstance(spec, dict):  # the name is checked before the folder: a wrong model type is named first
         name = spec.get("name", "mpt_causal_lm")
         if name not in ("mpt_causal_lm", "mpt"):
             raise ConfigError(f"model.name: '{name}' is not supported; mptkit trains MPT models (mpt_causal_lm)")
+    pretrained = pretrained_folder(cfg)
+    if isinstance(spec, (str, Path)):
+        mcfg = load_model_config(pretrained if pretrained is not None else str(spec))
+    elif isinstance(spec, dict):
+        spec = copy.deepcopy(spec)
         base = spec.get("recipe")
-        src = spec.get("pretrained_model_name_or_path")
-        if src and spec.get("pretrained", True):
-            pretrained = Path(src)
-            if not (pretrained / "config.json").exists():
-                raise ConfigError(f"model.pretrained_model_name_or_path: {src} is not a local model folder with a "
-                                  "config.json")
         overrides = {k: v for k, v in spec.items() if k not in _MODEL_META_KEYS}
         overrides.update(spec.get("config_overrides") or {})
         if pretrained is not None:

@@ -213,9 +213,9 @@ class Trainer:
         # model
         seed_everything(cfg.seed)
         if self.model is None:
-            from mptkit.train.recipe_data import build_model
+            from mptkit.train.recipe_data import build_model, pretrained_folder
 
-            if self.fsdp is not None and not _recipe_is_pretrained(cfg.model):
+            if self.fsdp is not None and pretrained_folder(cfg) is None:
                 # built on meta, materialised shard by shard after fully_shard: never a full replica per rank
                 self.model = build_model(cfg, torch.device("meta"), seq_len=seq_len)
             elif self.fsdp is not None:
@@ -894,16 +894,6 @@ def _rescale_data_position(data: Any, old_world: int, world: int) -> dict | None
     log.warning("resuming a %d-rank checkpoint on %d ranks: data order will differ from the original run",
                 old_world, world)
     return None
-
-
-def _recipe_is_pretrained(spec: Any) -> bool:
-    """Whether the recipe's ``model`` starts from a weights folder (then it is loaded, not built on meta)."""
-    if isinstance(spec, (str, Path)):
-        p = Path(str(spec))
-        return p.is_dir() and (p / "config.json").exists()
-    if isinstance(spec, dict):
-        return bool(spec.get("pretrained_model_name_or_path")) and bool(spec.get("pretrained", True))
-    return False
 
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
