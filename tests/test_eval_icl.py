@@ -120,17 +120,20 @@ def test_language_modeling_greedy_match_reaches_1_and_0(tmp_path, make_tokenizer
 
 def test_fewshot_prompt_construction(tmp_path):
     """Shots come from the other records (never the item itself), are distinct, depend only on (seed, index),
-    and are joined as shot + ED + ... + context + CD with each shot = context + CD + answer (MC: choices[gold])."""
+    and are joined as [prompt_string + ED +] shot + ED + ... + context + CD with each shot = context + CD +
+    answer (MC: choices[gold]); the defaults are llm-foundry's (ED "\n", CD " ", no prompt string)."""
     recs = [{"query": f"Q{i}?", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(6)]
     task = ICLTask(name="t", task_type="multiple_choice", examples=recs)
     for i in range(6):
         idx = fewshot_indices(6, i, 3, seed=7)
         assert i not in idx and len(set(idx)) == 3 and idx == fewshot_indices(6, i, 3, seed=7)
         shots = [f"Q{j}? {recs[j]['choices'][recs[j]['gold']]}" for j in idx]
-        want = "PRE" + "\n\n".join([*shots, f"Q{i}? "])
-        assert build_prompt(task, i, num_fewshot=3, seed=7, prompt_string="PRE") == want
+        assert build_prompt(task, i, num_fewshot=3, seed=7) == "\n".join([*shots, f"Q{i}? "])
+        want = "PRE\n\n" + "\n\n".join([*shots, f"Q{i}? "])  # llm-foundry: ED after the prompt string too
+        assert build_prompt(task, i, num_fewshot=3, seed=7, prompt_string="PRE", example_delimiter="\n\n") == want
     assert any(fewshot_indices(6, i, 3, 7) != fewshot_indices(6, i, 3, 8) for i in range(6))
-    assert build_prompt(task, 2, example_delimiter="\n", continuation_delimiter=" ->") == "Q2? ->"
+    assert build_prompt(task, 2, example_delimiter="\n\n", continuation_delimiter=" ->") == "Q2? ->"
+    assert build_prompt(task, 2, prompt_string="Answer:") == "Answer:\nQ2? "
     assert fewshot_indices(6, 0, 5, 1) and sorted(fewshot_indices(6, 0, 5, 1)) == [1, 2, 3, 4, 5]
     with pytest.raises(EvalError, match="only 6 records"):
         fewshot_indices(6, 0, 6, 1)
@@ -151,7 +154,7 @@ def test_batching_padding_and_fewshot_scores_are_consistent(tmp_path, make_token
         assert da["logprobs"] == pytest.approx(db["logprobs"], abs=1e-4)
     task = ICLTask(name="t", task_type="multiple_choice", examples=recs)
     prompt = build_prompt(task, 4, num_fewshot=2, seed=3)
-    assert prompt.endswith(recs[4]["query"] + " ") and prompt.count("\n\n") == 2
+    assert prompt.endswith(recs[4]["query"] + " ") and prompt.count("\n") == 2
     p = tok.encode(prompt.rstrip(), add_special_tokens=False)
     ans = tok.encode(" maybe not", add_special_tokens=False)
     assert len(p) + len(ans) > 64  # longer than max_seq_len: the default window truncates it
@@ -202,16 +205,16 @@ def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
                                               for i, ln in enumerate(lines)])
     out = tmp_path / "icl.json"
     rc = main(["eval", "icl", str(folder), "--tasks", f"{lm},{mc}", "--num-fewshot", "0,1", "--device", "cpu",
-               "--continuation-delimiter", "", "--example-delimiter", "\\n", "--json", str(out), "--details"])
+               "--continuation-delimiter", "", "--example-delimiter", "\\n\\n", "--json", str(out), "--details"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "multiple_choice" in text and "language_modeling" in text
     got = json.loads(out.read_text())
     assert [(r["task"], r["num_fewshot"]) for r in got["results"]] == [("lm", 0), ("lm", 1), ("mc", 0), ("mc", 1)]
-    assert got["example_delimiter"] == "\n" and got["continuation_delimiter"] == ""
+    assert got["example_delimiter"] == "\n\n" and got["continuation_delimiter"] == ""
     model = MPTForCausalLM.from_pretrained(folder)
     api = icl_accuracy(model, load_tokenizer(folder), mc, num_fewshot=1, continuation_delimiter="",
-                       example_delimiter="\n")
+                       example_delimiter="\n\n")
     assert got["results"][3]["accuracy"] == api.accuracy and got["results"][3]["accuracy_norm"] == api.accuracy_norm
     assert len(got["results"][3]["details"]) == 10
     bad = tmp_path / "bad.jsonl"
@@ -227,3 +230,20 @@ def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
                        (["--num-fewshot", "one"], "expected integers"), (["--task-type", "lm,mc,lm"], "3 types")):
         assert main(["eval", "icl", str(folder), "--tasks", f"{lm},{mc}", "--device", "cpu", *extra]) == 2
         assert msg in capsys.readouterr().err, extra
+
+
+def test_cli_prompt_defaults_are_llm_foundrys():
+    """`mptkit eval icl` and icl_accuracy/build_prompt default to llm-foundry's ICL prompt settings:
+    example_delimiter "\\n", continuation_delimiter " ", prompt_string "" (its build_icl_evaluators
+    defaults), and --help says so."""
+    from mptkit.cli import build_parser
+    from mptkit.eval.icl import DEFAULT_CONTINUATION_DELIMITER, DEFAULT_EXAMPLE_DELIMITER
+
+    assert (DEFAULT_EXAMPLE_DELIMITER, DEFAULT_CONTINUATION_DELIMITER) == ("\n", " ")
+    args = build_parser().parse_args(["eval", "icl", "m", "--tasks", "t.jsonl"])
+    assert (args.example_delimiter, args.continuation_delimiter, args.prompt_string) == ("\n", " ", "")
+    for fn in (icl_accuracy, build_prompt):
+        sig = inspect.signature(fn)
+        assert sig.parameters["example_delimiter"].default == "\n"
+        assert sig.parameters["continuation_delimiter"].default == " "
+        assert sig.parameters["prompt_string"].default == ""

@@ -154,6 +154,8 @@ def _unescape(s: str) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mptkit.eval.icl import DEFAULT_CONTINUATION_DELIMITER, DEFAULT_EXAMPLE_DELIMITER
+
     ep = sub.add_parser("eval", help="evaluate a model: perplexity, long-context curve, ICL accuracy",
                         description="Evaluate a model folder. See docs/evaluation.md.")
     esub = ep.add_subparsers(dest="eval_command", metavar="ACTION")
@@ -204,11 +206,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "comma-separated (default: inferred from the keys)")
     p.add_argument("--num-fewshot", default="0", help="shots per prompt; a comma list runs each (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
-    p.add_argument("--example-delimiter", type=_unescape, default="\n\n",
-                   help="between shots (default '\\n\\n'; backslash escapes are read)")
-    p.add_argument("--continuation-delimiter", type=_unescape, default=" ",
-                   help="between a context and its answer (default ' ')")
-    p.add_argument("--prompt-string", type=_unescape, default="", help="text before the first shot")
+    p.add_argument("--example-delimiter", type=_unescape, default=DEFAULT_EXAMPLE_DELIMITER,
+                   help="between shots, and after a --prompt-string (default '\\n', llm-foundry's "
+                        "example_delimiter; backslash escapes are read)")
+    p.add_argument("--continuation-delimiter", type=_unescape, default=DEFAULT_CONTINUATION_DELIMITER,
+                   help="between a context and its answer (default ' ', llm-foundry's continuation_delimiter)")
+    p.add_argument("--prompt-string", type=_unescape, default="",
+                   help="text before the first shot, followed by --example-delimiter (default: none)")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records of each file")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + answer (default: the model's max_seq_len); longer prompts lose their start")

@@ -10,12 +10,13 @@ Formats (one JSON object per line; the task type is given or inferred from the k
   gold; ``accuracy_norm``: the highest mean per-token log-likelihood (length-normalized; the criterion
   llm-foundry's multiple-choice accuracy uses, lowest per-token perplexity). Ties go to the first choice.
 
-The prompt (llm-foundry's ``example_delimiter`` / ``continuation_delimiter`` / ``prompt_string`` semantics)::
+The prompt (llm-foundry's ``prompt_string`` / ``example_delimiter`` / ``continuation_delimiter``: ``ED`` goes
+between consecutive parts, after a non-empty ``prompt_string`` too)::
 
-    prompt_string + shot_1 + ED + ... + shot_k + ED + context + CD      then the answer
+    [prompt_string + ED +] shot_1 + ED + ... + shot_k + ED + context + CD      then the answer
     shot_j = context_j + CD + answer_j      (answer = continuation, or choices[gold])
 
-``ED`` defaults to ``"\\n\\n"`` and ``CD`` to ``" "`` (llm-foundry's continuation delimiter default); with
+``ED`` defaults to ``"\\n"``, ``CD`` to ``" "`` and ``prompt_string`` to ``""`` (llm-foundry's defaults); with
 ``num_fewshot=k`` the ``k`` shots are drawn without replacement from the *other* records of the same file,
 by a generator seeded with ``(seed, record index)`` (the same shots whatever subset or order is evaluated).
 Whitespace at the end of the prompt (usually ``CD``) is moved to the front of the answer before tokenizing,
@@ -49,8 +50,8 @@ TASK_KEYS = {
 }
 TASK_ALIASES = {"lm": "language_modeling", "mc": "multiple_choice", "language-modeling": "language_modeling",
                 "multiple-choice": "multiple_choice"}
-DEFAULT_EXAMPLE_DELIMITER = "\n\n"
-DEFAULT_CONTINUATION_DELIMITER = " "
+DEFAULT_EXAMPLE_DELIMITER = "\n"  # llm-foundry's defaults: example_delimiter "\n",
+DEFAULT_CONTINUATION_DELIMITER = " "  # continuation_delimiter " ", prompt_string ""
 
 
 @dataclass
@@ -196,7 +197,7 @@ def build_prompt(task: ICLTask, index: int, *, num_fewshot: int = 0, seed: int =
     shots = [task.examples[j] for j in fewshot_indices(len(task.examples), index, num_fewshot, seed)]
     parts = [_context(s, t) + continuation_delimiter + _gold_answer(s, t) for s in shots]
     parts.append(_context(task.examples[index], t) + continuation_delimiter)
-    return prompt_string + example_delimiter.join(parts)
+    return example_delimiter.join([prompt_string, *parts] if prompt_string else parts)
 
 
 def split_trailing_space(prompt: str, answer: str) -> tuple[str, str]:
