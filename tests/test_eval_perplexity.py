@@ -264,3 +264,22 @@ def test_window_coverage_check_is_an_error_not_an_assert(tmp_path, make_tokenize
     monkeypatch.setattr(ppl, "sliding_windows", lambda n, L, S: good(n, L, S)[:-1])
     with pytest.raises(EvalError, match="internal error.*scored"):
         perplexity(model, list(range(100)), max_seq_len=32, stride=16)
+
+
+def test_cli_attn_impl_chooses_the_backend(tmp_path, make_tokenizer, capsys):
+    """--attn-impl overrides the folder's attention backend (eager torch gives the same loss as auto), and an
+    unknown backend is a one-line error (exit 2)."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    data = tmp_path / "data.txt"
+    data.write_text(_stdlib_text(textwrap)[:3000])
+    losses = []
+    for impl in ("auto", "torch"):
+        out = tmp_path / f"{impl}.json"
+        assert main(["eval", "perplexity", str(folder), "--data", str(data), "--max-tokens", "300", "--device", "cpu",
+                     "--attn-impl", impl, "--json", str(out)]) == 0
+        losses.append(json.loads(out.read_text())["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    capsys.readouterr()
+    assert main(["eval", "perplexity", str(folder), "--data", str(data), "--attn-impl", "nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err

@@ -3,7 +3,8 @@
     from mptkit.eval import perplexity, long_context_curve, icl_accuracy, load_token_stream
 
 * :func:`perplexity` (``mptkit eval perplexity``): token-level loss / perplexity / bits per byte of a text
-  or token stream, every token scored once with at least ``max_seq_len - stride`` tokens of context.
+  or token stream, every token scored once, with at least ``max_seq_len - stride`` tokens of context after the
+  first window.
 * :func:`long_context_curve` (``mptkit eval long-context``): mean loss per position bucket for windows of
   several lengths (past ``max_seq_len`` for ALiBi models).
 * :func:`icl_accuracy` (``mptkit eval icl``): accuracy on llm-foundry's ``language_modeling`` and

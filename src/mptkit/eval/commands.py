@@ -18,6 +18,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--attn-impl", default=None, metavar="IMPL",
+                   help="attention backend (auto, torch, sdpa, blockwise, flex, flash; default: the folder's "
+                        "config.json). auto keeps long windows O(T) in memory; torch holds T x T scores")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
 
 
@@ -29,7 +32,7 @@ def _load(args, *, need_tokenizer: bool = True):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                      need_tokenizer=need_tokenizer)
+                      need_tokenizer=need_tokenizer, attn_impl=args.attn_impl)
 
 
 def _write_json(path, payload) -> None:

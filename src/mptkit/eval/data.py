@@ -71,7 +71,8 @@ def encode_texts(texts, tokenizer, *, max_tokens: int | None = None, source: str
     """Tokenize documents into one stream ``[eos] d1 [eos] d2 ... dN`` (see the module docstring).
 
     ``texts``: a string (one document) or an iterable of strings. Without an EOS token in the tokenizer the
-    documents are simply concatenated (and the first token has no context, so it is not scored)."""
+    documents are simply concatenated (and the first token has no context, so it is not scored, while its
+    bytes still count in ``n_bytes``: bits per byte is then slightly low)."""
     if tokenizer is None:
         raise EvalError(f"{source}: text needs a tokenizer (the model folder has none; pass --tokenizer)")
     if isinstance(texts, str):

@@ -10,8 +10,9 @@ pushed too far) shows the last buckets rising. Lengths past the model's ``max_se
 ALiBi models (that is the point of the curve) and refused for learned position embeddings.
 
 Memory is O(T): the forward returns only hidden states (``return_logits=False``), the LM head is applied in
-row chunks (:func:`mptkit.eval.scoring.next_token_logprobs`), and on CPU the default attention runs plain
-causal windows on the fused O(T) kernel.
+row chunks (:func:`mptkit.eval.scoring.next_token_logprobs`), and on CPU ``attn_impl: auto`` (mptkit's
+default; ``mptkit eval --attn-impl auto`` for a folder whose config.json names another backend) runs plain
+causal windows on the fused O(T) kernel. ``torch`` (eager) attention holds a T x T score matrix per head.
 """
 
 from __future__ import annotations
