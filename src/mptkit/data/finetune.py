@@ -49,6 +49,7 @@ from mptkit.data.corpus import (
     _is_hf_datasets_dir,
     source_kind,
 )
+from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -422,15 +423,6 @@ class FinetuneStats:
         return dict(self.__dict__)
 
 
-def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    try:
-        return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
-    except TypeError:  # a tokenizers.Tokenizer
-        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
 def tokenize_example(turns: list[tuple[list[int], list[int]]], opts: FinetuneOptions) -> tuple[list[int], list[int]] | None:
     """(ids, labels) of one example from its tokenized turns, cut at max_seq_len; None when no trained
     token would be left in the window."""
@@ -564,7 +556,7 @@ def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOpt
             for p, r in turns:
                 texts += [p, r]
     eos = getattr(tokenizer, "eos_token_id", None)
-    encoded = _encode_many(tokenizer, texts)
+    encoded = encode_batch(tokenizer, texts)
     examples = []
     for start, nt, is_chat in layout:
         turns = [(encoded[start + 2 * t], encoded[start + 2 * t + 1]) for t in range(nt)]
