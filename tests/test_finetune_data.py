@@ -287,3 +287,26 @@ def test_llm_foundry_hf_kwargs_data_files(tmp_path):
     with pytest.raises(ConfigError, match="needs hf_kwargs.data_files"):
         finetune_source({"hf_name": "parquet"}, "x", "train")
     assert finetune_source({"hf_name": str(tmp_path)}, "x", "train") == str(tmp_path)
+
+
+def test_finetune_check_cli_marks_the_trained_spans(tmp_path, make_tokenizer, capsys):
+    """`mptkit data finetune-check` reports the counts and prints a sample with exactly the trained spans
+    bracketed; a missing file is a one-line error."""
+    from mptkit.cli import main
+
+    tokdir = make_tokenizer()
+    f = _write(tmp_path / "d.jsonl", [CHAT, "{bad"])
+    args = ["data", "finetune-check", str(f), "--tokenizer", str(tokdir), "--max-seq-len", "512"]
+    assert main([*args, "--target-responses", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "records      1 parsed; 1 bad skipped {'malformed_json': 1}" in out
+    assert "examples     1 (0 cut at 512 tokens, 0 dropped" in out
+    sample = out.split("trained spans in [[...]])\n", 1)[1]
+    assert sample.count("[[") == 2
+    assert "[[hello there<|im_end|>]]" in sample and "[[we stop<|im_end|>]]" in sample
+    assert "<|im_start|>user\nhi<|im_end|>" in sample  # prompts unmarked
+    assert main([*args]) == 0  # last response only
+    assert capsys.readouterr().out.split("[[...]])\n", 1)[1].count("[[") == 1
+    assert main(["data", "finetune-check", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tokdir),
+                 "--max-seq-len", "64"]) == 2
+    assert "no such file" in capsys.readouterr().err

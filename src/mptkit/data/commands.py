@@ -1,4 +1,4 @@
-"""`mptkit tokenizer train`, `mptkit data prepare`, `mptkit data inspect`."""
+"""`mptkit tokenizer train`, `mptkit data prepare`, `mptkit data inspect`, `mptkit data finetune-check`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,46 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_targets(tok, ids: list[int], labels: list[int], open_: str = "[[", close: str = "]]") -> str:
+    """The sample's text with the trained spans (labels != -100) between ``open_`` and ``close``."""
+    out, span, trained = [], [], False
+    for t, lab in zip(ids, labels):
+        now = lab != -100
+        if now != trained and span:
+            text = tok.decode(span)
+            out.append(f"{open_}{text}{close}" if trained else text)
+            span = []
+        trained = now
+        span.append(t)
+    if span:
+        text = tok.decode(span)
+        out.append(f"{open_}{text}{close}" if trained else text)
+    return "".join(out)
+
+
+def _finetune_check(args: argparse.Namespace) -> int:
+    from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
+    from mptkit.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    opts = FinetuneOptions(max_seq_len=args.max_seq_len, target_prompts=args.target_prompts,
+                           target_responses=args.target_responses, packing_ratio="auto" if args.packing else None,
+                           system_prompt=None if args.no_system else "default", strict=args.strict)
+    ds = build_finetune_dataset(args.data, tok, opts, split=args.split)
+    st = ds.stats
+    print(f"data         {args.data} ({args.split})")
+    print(f"records      {st.records} parsed; {st.bad['total']} bad skipped {st.bad['counts'] or ''}".rstrip())
+    print(f"examples     {st.examples} ({st.truncated} cut at {args.max_seq_len} tokens, {st.dropped_too_long} dropped: "
+          "the prompt fills the window)")
+    print(f"samples      {st.samples} of {args.max_seq_len} tokens ({st.examples / max(1, st.samples):.2f} examples per "
+          f"sample), {st.tokens} tokens, {st.target_tokens} trained ({st.target_tokens / max(1, st.tokens):.0%})")
+    for i in range(min(args.show, len(ds))):
+        n = int(ds.lengths[i])
+        print(f"--- sample {i} ({n} tokens; trained spans in [[...]])")
+        print(render_targets(tok, ds.input_ids[i, :n].tolist(), ds.labels[i, :n].tolist()))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     # mptkit tokenizer ...
     tp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
@@ -158,4 +198,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     ip.add_argument("--verify", action="store_true", help="check every shard's sha256")
     ip.add_argument("--json", action="store_true", help="print the manifest")
     ip.set_defaults(func=_data_inspect)
+    fc = dsub.add_parser("finetune-check", help="what a finetuning run would train on: counts, and samples with "
+                                                "the trained spans marked",
+                         description="Read, format and tokenize finetuning examples exactly as `mptkit train` with "
+                                     "train_loader.name: finetuning does, and report them (docs/finetuning.md).")
+    fc.add_argument("data", help="a file or folder of examples, or a built-in dataset (mptkit:stdlib-chat, ...)")
+    fc.add_argument("--tokenizer", required=True, help="a tokenizer folder or model folder")
+    fc.add_argument("--max-seq-len", type=int, required=True)
+    fc.add_argument("--split", default="train")
+    fc.add_argument("--target-prompts", default="none", help="none | all | length>=N")
+    fc.add_argument("--target-responses", default="last", choices=["last", "all"])
+    fc.add_argument("--packing", action="store_true", help="pack examples (packing_ratio: auto)")
+    fc.add_argument("--no-system", action="store_true", help="no default system message for chats without one")
+    fc.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    fc.add_argument("--show", type=int, default=1, help="print the first N samples (default 1)")
+    fc.set_defaults(func=_finetune_check)
     dp.set_defaults(func=lambda a: (dp.print_help(), 0)[1])
