@@ -11,7 +11,9 @@ once); the tests then compare the runs' metrics, checkpoints and exports. What t
   the clipping norm is likewise a sum of per-shard partial norms (measured: 6e-8 max abs weight difference);
 * each rank holds half of the parameters (local shard numel), DDP ranks all of them;
 * a full checkpoint from FSDP resumes in one process, and a DDP checkpoint under FSDP, each ending where
-  the uninterrupted run ends (to rounding: the world size changes the reduction order);
+  the uninterrupted run ends (to rounding: the world size changes the reduction order); a one-process
+  checkpoint resumes on 2 ranks (DDP and FSDP) at the same global sample and ends where the one-process
+  run ends;
 * a sharded (torch.distributed.checkpoint) checkpoint resumes under FSDP bitwise equal to the run that never
   stopped, and in one process; it is complete, checksummed and skipped by autoresume when corrupted;
 * a pretrained model folder is loaded on CPU, sharded and trained like one process trains it;
@@ -85,6 +87,8 @@ run("fsdp", init_to="fsdp_init.safetensors", fsdp_config={{"verbose": True}}, ex
 run("sharded", fsdp_config={{"state_dict_type": "sharded"}}, max_duration="2ba")
 run("sharded", fsdp_config={{"state_dict_type": "sharded"}}, autoresume=True)
 run("ddp_to_fsdp", fsdp_config={{}}, load_path=str(tmp / "ddp" / "ck" / "ep0-ba2"))
+run("grow_ddp", load_path=str(tmp / "one" / "ck" / "ep0-ba2"))  # a 1-process checkpoint on 2 ranks
+run("grow_fsdp", fsdp_config={{}}, load_path=str(tmp / "one" / "ck" / "ep0-ba2"))
 run("hsdp", save_folder=None, fsdp_config={{"sharding_strategy": "HYBRID_SHARD", "activation_checkpointing": True,
     "forward_prefetch": True, "backward_prefetch_limit": 2, "limit_all_gathers": True, "mixed_precision": "PURE"}})
 run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True}})
@@ -93,15 +97,35 @@ dist.destroy_process_group()
 """
 
 
+GROW = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests._train_helpers import pattern_data, tiny_run
+from tests.test_train_fsdp import COMMON
+from mptkit.train.config import config_from_dict
+from mptkit.train.data import TensorDataset
+from mptkit.train.trainer import Trainer
+
+cfg = config_from_dict(tiny_run(Path(sys.argv[2]), **{{**COMMON, "load_path": sys.argv[1]}}))
+Trainer(cfg, train_dataset=TensorDataset(pattern_data(64)), eval_dataset=TensorDataset(pattern_data(5, seed=1))).fit()
+"""
+
+
+def _torchrun(script: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--monitor-interval", "0.1", str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("fsdp")
     script = tmp / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--monitor-interval", "0.1", str(script), str(tmp)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    _fit(tmp / "one")  # the uninterrupted one-process run; its ep0-ba2 is resumed on 2 ranks by the worker
+    r = _torchrun(script, 2, str(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
     return tmp
 
@@ -209,6 +233,54 @@ def test_full_checkpoints_cross_between_fsdp_ddp_and_one_process(runs, tmp_path)
     rec = json.loads((runs / "ddp_to_fsdp" / "rank0-4.json").read_text())
     assert rec["resumed_from"].endswith("ep0-ba2")
     _close(_weights(runs / "ddp_to_fsdp" / "ck" / "ep0-ba4"), _weights(runs / "ddp" / "ck" / "ep0-ba4"))
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_more_ranks(runs):
+    """Growing 1 -> 2 ranks: each rank takes its half of the global batches that follow (the data position is
+    rescaled, not indexed by rank), so the DDP and the FSDP continuation end where the one-process run ends
+    (to rounding), with the same per-step losses after the resume."""
+    one = _steps(runs / "one")
+    assert [r["step"] for r in one] == [1, 2, 3, 4]
+    for name in ("grow_ddp", "grow_fsdp"):
+        for r in (0, 1):
+            rec = json.loads((runs / name / f"rank{r}-4.json").read_text())
+            assert rec["resumed_from"].endswith("ep0-ba2"), name
+        grown = _steps(runs / name)
+        assert [r["step"] for r in grown] == [3, 4], name
+        for a, b in zip(one[2:], grown, strict=True):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), name
+        _close(_weights(runs / name / "ck" / "ep0-ba4"), _weights(runs / "one" / "ck" / "ep0-ba4"))
+        st = ck.load_trainer_state(runs / name / "ck" / "ep0-ba4")
+        assert st["world_size"] == 2 and st["data"] == [{"epoch": 0, "offset": 16}] * 2, st["data"]
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_on_four_ranks(runs, tmp_path):
+    """Growing 2 -> 4 DDP ranks: ranks 2 and 3 have no saved position of their own (the IndexError this
+    fixes); the rescaled position gives every rank its quarter of the same global batches, so the run ends
+    where the uninterrupted 2-rank run ends (to rounding)."""
+    script = tmp_path / "grow.py"
+    script.write_text(GROW.format(root=str(ROOT)))
+    r = _torchrun(script, 4, str(runs / "ddp" / "ck" / "ep0-ba2"), str(tmp_path / "four"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    _close(_weights(tmp_path / "four" / "ck" / "ep0-ba4"), _weights(runs / "ddp" / "ck" / "ep0-ba4"))
+    st = ck.load_trainer_state(tmp_path / "four" / "ck" / "ep0-ba4")
+    assert st["world_size"] == 4 and st["data"] == [{"epoch": 0, "offset": 8}] * 4
+
+
+def test_data_position_for_ranks_the_checkpoint_did_not_have():
+    """A 2-rank position list read by 3 ranks: 16 consumed samples do not split over 3, so each rank keeps
+    its saved position if it had one and a new rank starts the checkpoint's epoch (with the warning)."""
+    from types import SimpleNamespace
+
+    from mptkit.train.distributed import DistInfo
+
+    st = {"data": [{"epoch": 1, "offset": 8}] * 2, "world_size": 2, "epoch": 1}
+    pos = [Trainer._data_position(SimpleNamespace(dist=DistInfo(rank=r, world_size=3)), st) for r in range(3)]
+    assert pos == [{"epoch": 1, "offset": 8}, {"epoch": 1, "offset": 8}, {"epoch": 1, "offset": 0}]
+    four = [Trainer._data_position(SimpleNamespace(dist=DistInfo(rank=r, world_size=4)), st) for r in range(4)]
+    assert four == [{"epoch": 1, "offset": 4}] * 4  # exact: 16 samples = 4 per rank
 
 
 @pytest.mark.slow

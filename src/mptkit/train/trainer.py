@@ -458,10 +458,7 @@ class Trainer:
                     from None
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        data = st["data"][self.dist.rank] if isinstance(st["data"], list) else st["data"]
-        old_world = int(st.get("world_size", 1))
-        if old_world != self.dist.world_size:
-            data = _rescale_data_position(st["data"], old_world, self.dist.world_size) or data
+        data = self._data_position(st)
         if st.get("global_train_batch_size") not in (None, self.cfg.global_train_batch_size):
             log.warning("global_train_batch_size changed since the checkpoint (%s -> %s)",
                         st.get("global_train_batch_size"), self.cfg.global_train_batch_size)
@@ -474,10 +471,30 @@ class Trainer:
         rngs = st.get("rng")
         if isinstance(rngs, list):
             rngs = rngs[self.dist.rank] if self.dist.rank < len(rngs) else None
+        elif self.dist.rank > 0 and int(st.get("world_size", 1)) == 1:
+            rngs = None  # a one-process checkpoint: its stream is rank 0's; the new ranks seed their own
         if rngs:
             set_rng_state(rngs, self.device)
+        elif self.dist.enabled:
+            torch.manual_seed(self.cfg.seed + self.dist.rank + self.step)  # a rank the checkpoint did not have
         self.resumed_from = ck
         log.info("resumed from %s at step %d (%d tokens)", ck, self.step, self.tokens)
+
+    def _data_position(self, st: dict) -> dict:
+        """This rank's data position from a checkpoint written by any number of ranks: rescaled when the
+        world size changed (exact when possible), else the saved position of the same rank, else (a rank
+        the checkpoint did not have) the start of the checkpoint's epoch."""
+        saved = st["data"]
+        old_world = int(st.get("world_size", 1))
+        if old_world != self.dist.world_size:
+            data = _rescale_data_position(saved, old_world, self.dist.world_size)  # warns when not exact
+            if data is not None:
+                return data
+        if not isinstance(saved, list):
+            return saved
+        if self.dist.rank < len(saved):
+            return saved[self.dist.rank]
+        return {"epoch": int(st.get("epoch", saved[0]["epoch"] if saved else 0)), "offset": 0}
 
     def _load_full_into_shards(self, ck: Path, st: dict) -> None:
         """A full checkpoint (written by any run) into the sharded model: each rank reads one tensor at a time
