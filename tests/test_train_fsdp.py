@@ -398,3 +398,64 @@ def test_materialize_refuses_a_parameter_the_init_misses():
 
     with pytest.raises(TrainError, match=r"parameter transformer\.blocks\.0\.norm_1\.weight .*uninitialised"):
         materialize_sharded(model, torch.device("cpu"), skip_norms)
+
+
+class _RunsOnUnpickle:
+    """A pickle payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _one_process_sharded_checkpoint(folder: Path) -> None:
+    """A sharded checkpoint's model/ + dcp/ (written by one process: DCP needs no process group)."""
+    import warnings
+
+    from mptkit.model import MPTForCausalLM
+    from mptkit.model.config import MPTConfig
+    from mptkit.train.fsdp import dcp_save
+    from mptkit.train.optim import build_optimizer
+    from tests._train_helpers import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = MPTForCausalLM(MPTConfig.from_dict(dict(TINY_MODEL), where="model", strict=True))
+    opt = build_optimizer(model, {"name": "decoupled_adamw", "lr": 1e-3})
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.config.save(folder / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_save(model, opt, folder / "dcp")
+
+
+def test_sharded_checkpoint_metadata_is_not_unpickled_blindly(tmp_path):
+    """torch's FileSystemReader reads .metadata with pickle.load: mptkit's reader allows only DCP's metadata
+    types, so a .metadata that references os.system is a CheckpointError and the command never runs; the
+    optimizer's non-tensor items are read weights-only (a payload there is refused too)."""
+    import io
+    import pickle
+
+    from mptkit.train.fsdp import _safe_planner, dcp_load
+
+    ckpt = tmp_path / "ck"
+    _one_process_sharded_checkpoint(ckpt)
+    out = consolidate_sharded_checkpoint(ckpt, tmp_path / "hf")  # the genuine metadata passes the allow-list
+    assert (out / "model.safetensors").is_file()
+    marker = tmp_path / "pwned"
+    meta = ckpt / "dcp" / ".metadata"
+    meta.write_bytes(pickle.dumps({"storage_data": _RunsOnUnpickle(marker)}))
+    with pytest.raises(CheckpointError, match=r"refusing to load this sharded checkpoint.*\.system"):
+        consolidate_sharded_checkpoint(ckpt, tmp_path / "hf2")
+    from mptkit.model import MPTForCausalLM, load_model_config
+
+    with pytest.raises(CheckpointError, match="refusing"):
+        dcp_load(MPTForCausalLM(load_model_config(ckpt / "model")), None, ckpt / "dcp")
+    assert not marker.exists() and not (tmp_path / "hf2").exists()
+    item = type("Item", (), {"dest_index": type("I", (), {"fqn": "optim.param_groups.0.lr"})()})()
+    with pytest.raises(CheckpointError, match="refusing a non-tensor item"):
+        _safe_planner().load_bytes(item, io.BytesIO(pickle.dumps(_RunsOnUnpickle(marker), protocol=2)))
+    assert not marker.exists()

@@ -512,10 +512,100 @@ def dcp_save(model: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None
     dcp.save(_dcp_state(model, opt), checkpoint_id=str(folder))
 
 
+# What a DCP ``.metadata`` pickle (torch 2.13, FileSystemWriter) legitimately references: DCP's metadata
+# dataclasses, torch.Size, dtypes and layouts, the checkpoint path. Anything else is refused.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+def _metadata_unpickler(f, where: str):
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_METADATA_GLOBALS or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise CheckpointError(f"{where}: refusing to load this sharded checkpoint: its metadata pickle "
+                                  f"references {module}.{name}, which is not a torch.distributed.checkpoint "
+                                  "metadata type (a tampered file, or written by an incompatible torch)")
+
+        def persistent_load(self, pid):
+            raise CheckpointError(f"{where}: refusing to load this sharded checkpoint: its metadata pickle holds "
+                                  "a persistent reference")
+
+    return _Restricted(f)
+
+
+def _safe_reader(folder: Path):
+    """A DCP ``FileSystemReader`` whose ``read_metadata`` unpickles through an allow-list (torch's own uses
+    plain ``pickle.load`` on the user-given ``.metadata``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            from torch.distributed.checkpoint.metadata import Metadata
+
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                with open(path, "rb") as f:
+                    md = _metadata_unpickler(f, str(path)).load()
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign pickle raises many types
+                raise CheckpointError(f"{path}: unreadable sharded checkpoint metadata "
+                                      f"({type(e).__name__}: {e})") from None
+            if not isinstance(md, Metadata):
+                raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata ({type(md).__name__})")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeFileSystemReader(str(folder))
+
+
+def _safe_planner():
+    """DCP's default load planner, except that non-tensor items (optimizer hyper-parameters) are read with
+    ``torch.load(weights_only=True)``; torch's own planner uses ``weights_only=False`` on the shard bytes."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises UnpicklingError and more
+                raise CheckpointError(f"refusing a non-tensor item of the sharded checkpoint "
+                                      f"({read_item.dest_index.fqn}): {str(e).splitlines()[0][:300]}") from None
+            buf = io.BytesIO()  # plain data only now: hand it on in the form the parent planner reads
+            torch.save(obj, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    return SafeLoadPlanner()
+
+
 def dcp_load(model: nn.Module, opt: torch.optim.Optimizer | None, folder: Path) -> None:
-    """Read a DCP checkpoint into ``model`` (and ``opt``): sharded or not, any world size (DCP reshards)."""
+    """Read a DCP checkpoint into ``model`` (and ``opt``): sharded or not, any world size (DCP reshards).
+
+    The metadata pickle is read through an allow-list and non-tensor items with ``weights_only=True``; a
+    file that references anything else is a :class:`CheckpointError` before any of it is unpickled."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
@@ -523,11 +613,22 @@ def dcp_load(model: nn.Module, opt: torch.optim.Optimizer | None, folder: Path) 
     )
 
     no_dist = not (dist.is_available() and dist.is_initialized())  # one process reads every shard
+    _safe_reader(folder).read_metadata()  # every rank: a refused file raises here, before any collective
 
     def load(state: dict) -> None:
         with warnings.catch_warnings():  # DCP warns that no_dist means a single process: it does
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist)
+            try:
+                dcp.load(state, checkpoint_id=str(folder), storage_reader=_safe_reader(folder),
+                         planner=_safe_planner(), no_dist=no_dist)
+            except CheckpointException as e:  # a BaseException: name the first rank's error
+                errs = [pair[0] for pair in e.failures.values()]
+                own = next((x for x in errs if isinstance(x, CheckpointError)), None)
+                if own is not None:
+                    raise own from None
+                first = errs[0] if errs else e
+                raise CheckpointError(f"{folder}: {type(first).__name__}: {str(first).splitlines()[0][:300]}") \
+                    from None
 
     if opt is None:
         state = {"model": get_model_state_dict(model)}

@@ -433,6 +433,8 @@ class Trainer:
 
             try:
                 F.dcp_load(self.model, self.optimizer, ck / ckpt_mod.SHARDED_DIR)
+            except CheckpointError:
+                raise  # already names the file and the reason (e.g. a refused metadata pickle)
             except Exception as e:  # noqa: BLE001 - DCP raises many types (CheckpointException, RuntimeError...)
                 raise CheckpointError(f"{ck}: the sharded checkpoint does not load into the recipe's model and "
                                       f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
