@@ -239,11 +239,15 @@ def model_folder(path: str | os.PathLike) -> Path:
     return ck / MODEL_DIR
 
 
-def load_trainer_state(ckpt: str | os.PathLike) -> dict:
-    """The trainer state of a checkpoint (``torch.load(weights_only=True)``: tensors and plain data only)."""
+def load_trainer_state(ckpt: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """The trainer state of a checkpoint (``torch.load(weights_only=True)``: tensors and plain data only).
+
+    ``mmap=True`` maps the file instead of reading it: tensors are paged in when touched, and ranks of one
+    node reading the same checkpoint share the page cache (FSDP resuming a full checkpoint keeps only its
+    shard of each optimizer tensor)."""
     p = Path(ckpt) / STATE_FILE
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt}: no {STATE_FILE}") from None
     except Exception as e:  # noqa: BLE001 - corrupted pickles raise many types

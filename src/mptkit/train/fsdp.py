@@ -466,16 +466,30 @@ def load_full_state_dict(model: nn.Module, get: Callable[[str], torch.Tensor | N
 
 def shard_optimizer_state(opt: torch.optim.Optimizer, full_sd: dict) -> dict:
     """An unsharded optimizer state dict (parameter-index layout) with every parameter-shaped state tensor
-    cut to this rank's shard, ready for ``opt.load_state_dict``."""
+    cut to this rank's shard, ready for ``opt.load_state_dict``.
+
+    One tensor at a time: each full tensor (typically memory-mapped from trainer_state.pt) is read, its
+    shard copied out (``distribute_tensor`` clones the local piece) and the full one released from
+    ``full_sd`` before the next, so a rank never holds more than one full state tensor of its own."""
     params = [p for g in opt.param_groups for p in g["params"]]
     state = {}
-    for idx, st in full_sd.get("state", {}).items():
+    full_state = full_sd.get("state", {})
+    for idx in list(full_state):
+        st = full_state[idx]
         i = int(idx)
         if i >= len(params):
             raise CheckpointError(f"optimizer state for parameter {i}, but the model has {len(params)}")
         p = params[i]
-        state[idx] = {k: (_shard_like(v, p) if isinstance(v, torch.Tensor) and v.dim() > 0
-                          and tuple(v.shape) == tuple(p.shape) else v) for k, v in st.items()}
+        out = {}
+        for k in list(st):
+            v = st[k]
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
+                out[k] = _shard_like(v, p)
+                st[k] = None  # drop the full tensor now
+            else:
+                out[k] = v
+            del v
+        state[idx] = out
     return {"state": state, "param_groups": full_sd["param_groups"]}
 
 

@@ -426,7 +426,8 @@ class Trainer:
     def load_checkpoint(self, ck: Path) -> None:
         from safetensors.torch import load_file
 
-        st = ckpt_mod.load_trainer_state(ck)
+        # FSDP: every rank maps the full (unsharded) optimizer state and copies out only its shards
+        st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
         if ckpt_mod.is_sharded(ck):
             # torch.distributed.checkpoint: loads into a sharded or an unsharded model, any world size
             from mptkit.train import fsdp as F
@@ -504,20 +505,33 @@ class Trainer:
         from mptkit.train import fsdp as F
 
         folder = ck / ckpt_mod.MODEL_DIR
-        wfile = folder / "model.safetensors"
-        if wfile.exists():
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():  # the shards of a big model
+            try:
+                files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+        else:
+            files = [p for p in (folder / "model.safetensors",) if p.is_file()]
+        if files:
             from safetensors import safe_open
 
-            with safe_open(str(wfile), framework="pt", device="cpu") as f:
-                names = set(f.keys())
-                F.load_full_state_dict(self.model, lambda k: f.get_tensor(k) if k in names else None, str(ck))
+            with contextlib.ExitStack() as stack:
+                where = {}
+                for p in files:
+                    f = stack.enter_context(safe_open(str(p), framework="pt", device="cpu"))
+                    where.update(dict.fromkeys(f.keys(), f))
+                F.load_full_state_dict(self.model, lambda k: where[k].get_tensor(k) if k in where else None,
+                                       str(ck))
         else:
             from mptkit.model.checkpoint_io import iter_checkpoint_tensors
 
-            sd = dict(iter_checkpoint_tensors(folder))
+            sd = dict(iter_checkpoint_tensors(folder))  # .bin weights: memory-mapped by torch.load
             F.load_full_state_dict(self.model, sd.get, str(ck))
+            del sd
+        full = st.pop("optimizer")  # memory-mapped (load_trainer_state(mmap=True)): sharded tensor by tensor
         try:
-            self.optimizer.load_state_dict(F.shard_optimizer_state(self.optimizer, st["optimizer"]))
+            self.optimizer.load_state_dict(F.shard_optimizer_state(self.optimizer, full))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") from None
 
