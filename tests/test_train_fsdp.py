@@ -459,3 +459,60 @@ def test_sharded_checkpoint_metadata_is_not_unpickled_blindly(tmp_path):
     with pytest.raises(CheckpointError, match="refusing a non-tensor item"):
         _safe_planner().load_bytes(item, io.BytesIO(pickle.dumps(_RunsOnUnpickle(marker), protocol=2)))
     assert not marker.exists()
+
+
+def _meta_config():
+    from mptkit.model.config import MPTConfig
+    from tests._train_helpers import TINY_MODEL
+
+    return MPTConfig.from_dict(dict(TINY_MODEL), where="model", strict=True)
+
+
+def test_sharded_save_each_rank_hashes_its_own_shards(tmp_path):
+    """Rank 0 of a (simulated) 2-rank sharded save takes rank 1's shard digests from the gather instead of
+    reading rank 1's shard itself (the manifest holds exactly what rank 1 reported); a rank that reports a
+    failure makes rank 0 raise it, broadcast it, and leave no checkpoint behind."""
+    def write_shards(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        for name, data in (("__0_0.distcp", b"rank0"), ("__1_0.distcp", b"rank1"), (".metadata", b"meta")):
+            (folder / name).write_bytes(data)
+
+    reported = {"dcp/__1_0.distcp": {"sha256": "from-rank-1", "bytes": 5}}
+    sent: list = []
+    kw = {"write_shards": write_shards, "broadcast": sent.append, "rank": 0, "model_config": _meta_config(),
+          "trainer_state": {"step": 2}, "epoch": 0, "step": 2}
+    path = ck.save_sharded_checkpoint(tmp_path / "a", gather=lambda own: [own, reported], **kw)
+    files = ck.read_manifest(path)["files"]
+    assert files["dcp/__1_0.distcp"] == reported["dcp/__1_0.distcp"]  # not re-hashed by rank 0
+    assert files["dcp/__0_0.distcp"]["bytes"] == 5 and "dcp/.metadata" in files and "model/config.json" in files
+    assert sent[-1] == str(path)  # the final path goes to every rank
+    sent.clear()
+    failed = {"mptkit-checkpoint-failed": "OSError: [Errno 28] No space left on device"}
+    with pytest.raises(CheckpointError, match="rank 1 could not sync and hash its shard: OSError.*No space"):
+        ck.save_sharded_checkpoint(tmp_path / "b", gather=lambda own: [own, failed], **kw)
+    assert "No space left" in sent[-1]["mptkit-checkpoint-failed"]
+    assert ck.list_checkpoints(tmp_path / "b") == [] and not list((tmp_path / "b").glob(".*"))
+
+
+def test_sharded_save_rank0_failure_reaches_every_rank(tmp_path):
+    """Rank 0 cannot create the checkpoint folder: it broadcasts a failure marker instead of the path, so
+    the other ranks raise rank 0's error at once (instead of waiting in the broadcast until dist_timeout),
+    without writing anything."""
+    (tmp_path / "file").write_text("in the way")
+    sent: list = []
+    common = {"gather": lambda own: pytest.fail("no gather after a failed start"), "model_config": _meta_config(),
+              "trainer_state": {}, "epoch": 0, "step": 2}
+    with pytest.raises(OSError):
+        ck.save_sharded_checkpoint(tmp_path / "file" / "ck", write_shards=lambda f: pytest.fail("no shards"),
+                                   broadcast=sent.append, rank=0, **common)
+    assert len(sent) == 1 and "mptkit-checkpoint-failed" in sent[0]
+    with pytest.raises(CheckpointError, match="rank 0 could not create its folder: .*Error"):
+        ck.save_sharded_checkpoint(tmp_path / "file" / "ck", write_shards=lambda f: pytest.fail("no shards"),
+                                   broadcast=lambda _: sent[0], rank=1, **common)
+    # a failure after the shards (here: rank 0's manifest) is broadcast at the end: rank 1 raises it too
+    answers = iter([str(tmp_path / "tmp"), {"mptkit-checkpoint-failed": "OSError: disk full"}])
+    got = []
+    with pytest.raises(CheckpointError, match="failed on rank 0: OSError: disk full"):
+        ck.save_sharded_checkpoint(tmp_path / "x", write_shards=lambda f: None, broadcast=lambda _: next(answers),
+                                   rank=1, **{**common, "gather": got.append})
+    assert got == [{}]  # rank 1 took part in the gather (no shards of its own in this fake)

@@ -11,9 +11,9 @@ A checkpoint is a folder ``<save_folder>/ep{E}-ba{B}/``::
 A *sharded* checkpoint (FSDP with ``fsdp_config.state_dict_type: sharded``) has the same files except that
 ``model/`` holds only config.json and the tokenizer, the weights and the optimizer state are in ``dcp/``
 (``torch.distributed.checkpoint``: one file per rank + metadata), ``trainer_state.pt`` has no optimizer and
-the manifest says ``"sharded": true``. Every rank writes its shard into the same temporary folder, which
-rank 0 renames into place once all files and the manifest are complete (see :func:`save_sharded_checkpoint`);
-the save folder must be on a file system every rank sees.
+the manifest says ``"sharded": true``. Every rank writes its shard into the same temporary folder and
+hashes its own shard files; rank 0 renames the folder into place once all files and the manifest are
+complete (see :func:`save_sharded_checkpoint`); the save folder must be on a file system every rank sees.
 
 It is written into a temporary folder beside the final name and renamed into place only when complete
 (``mptkit.utils.fs.atomic_dir``); the manifest is written last inside it. A checkpoint whose manifest is
@@ -80,23 +80,56 @@ def save_checkpoint(
     return final
 
 
-def _write_manifest(tmp: Path, *, epoch: int, step: int, **extra) -> None:
+def _sync_and_hash(p: Path) -> dict:
+    with open(p, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+def _write_manifest(tmp: Path, *, epoch: int, step: int, known: dict | None = None, **extra) -> None:
+    """The manifest of ``tmp``: fsync + sha256 of every file, except those in ``known`` (already synced and
+    hashed by the rank that wrote them)."""
+    known = known or {}
     files = {}
     for p in _files_under(tmp):
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-        files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        rel = p.relative_to(tmp).as_posix()
+        files[rel] = known[rel] if rel in known else _sync_and_hash(p)
     manifest = {"format": FORMAT, "version": 1, "step": int(step), "epoch": int(epoch), "time": time.time(),
                 **extra, "files": files}
     atomic_write_json(tmp / MANIFEST, manifest)
+
+
+_FAILED = "mptkit-checkpoint-failed"
+
+
+def _failure(e: BaseException) -> dict:
+    """What rank 0 broadcasts instead of a path when it fails: every rank then raises the same error."""
+    return {_FAILED: f"{type(e).__name__}: {e}"}
+
+
+def _raise_if_failed(msg: Any, what: str) -> None:
+    if isinstance(msg, dict) and _FAILED in msg:
+        raise CheckpointError(f"{what}: {msg[_FAILED]}")
+
+
+def _hash_own_shards(folder: Path, rank: int) -> dict:
+    """fsync + sha256 of the shard files this rank wrote (DCP names them ``__{rank}_{n}.distcp``), keyed by
+    their path in the checkpoint; an error becomes a failure marker (the caller must still take part in the
+    gather that follows)."""
+    try:
+        return {f"{SHARDED_DIR}/{p.name}": _sync_and_hash(p)
+                for p in sorted((folder / SHARDED_DIR).glob(f"__{rank}_*.distcp"))}
+    except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it on every rank
+        return _failure(e)
 
 
 def save_sharded_checkpoint(
     save_folder: str | os.PathLike,
     *,
     write_shards: Callable[[Path], None],
-    share_path: Callable[[str | None], str],
-    is_main: bool,
+    broadcast: Callable[[Any], Any],
+    gather: Callable[[Any], list | None],
+    rank: int,
     model_config,
     trainer_state: dict | None,
     epoch: int,
@@ -106,25 +139,53 @@ def save_sharded_checkpoint(
 ) -> Path | None:
     """Write one sharded checkpoint atomically; every rank calls it (collective).
 
-    Rank 0 creates the temporary folder and hands its path to the other ranks with ``share_path(path)``
-    (the others call ``share_path(None)`` and get it); ``write_shards(folder)`` writes every rank's shard
-    into ``<tmp>/dcp`` (torch.distributed.checkpoint, itself collective: it returns on rank 0 only after
-    every rank has written). Rank 0 then adds config, tokenizer, trainer state and the manifest and renames
-    the folder into place; returns the final path on rank 0, None elsewhere."""
+    ``broadcast(obj)`` sends rank 0's ``obj`` to every rank (the others pass None and get it); ``gather(obj)``
+    collects every rank's ``obj`` on rank 0 (a list by rank; None elsewhere). The steps, on every rank alike:
+
+    1. rank 0 creates the temporary folder and broadcasts its path, or a failure marker if it could not
+       (then every rank raises rank 0's error instead of waiting);
+    2. ``write_shards(folder)`` writes every rank's shard into ``<tmp>/dcp`` (torch.distributed.checkpoint:
+       collective, an error in it is raised on every rank);
+    3. each rank fsyncs and hashes its own ``.distcp`` files; the digests are gathered to rank 0, so no rank
+       waits while rank 0 reads every shard;
+    4. rank 0 adds config, tokenizer, trainer state and the manifest (the gathered digests, plus its own
+       hashes of the rest), renames the folder into place and broadcasts the final path, or a failure marker
+       (every rank raises it).
+
+    Returns the final path on rank 0, None elsewhere."""
     save_folder = Path(save_folder)
     final = save_folder / checkpoint_name(epoch, step)
-    if not is_main:
-        write_shards(Path(share_path(None)) / SHARDED_DIR)
+    if rank != 0:
+        got = broadcast(None)
+        _raise_if_failed(got, f"checkpoint {final.name}: rank 0 could not create its folder")
+        folder = Path(got)
+        write_shards(folder / SHARDED_DIR)
+        gather(_hash_own_shards(folder, rank))
+        _raise_if_failed(broadcast(None), f"checkpoint {final.name} failed on rank 0")
         return None
     t0 = time.perf_counter()
-    with atomic_dir(final) as tmp:
-        share_path(str(tmp))
-        write_shards(tmp / SHARDED_DIR)
-        _save_model_meta(tmp / MODEL_DIR, model_config, tokenizer)
-        torch.save(trainer_state, tmp / STATE_FILE)
-        if run_config is not None:
-            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
-        _write_manifest(tmp, epoch=epoch, step=step, sharded=True)
+    stage = "create"
+    try:
+        with atomic_dir(final) as tmp:
+            broadcast(str(tmp))
+            stage = "shards"  # collective: an error here is raised on every rank, nothing to broadcast
+            write_shards(tmp / SHARDED_DIR)
+            stage = "finish"
+            parts = gather(_hash_own_shards(tmp, 0)) or []
+            known: dict = {}
+            for r, part in enumerate(parts):
+                _raise_if_failed(part, f"rank {r} could not sync and hash its shard")
+                known.update(part)
+            _save_model_meta(tmp / MODEL_DIR, model_config, tokenizer)
+            torch.save(trainer_state, tmp / STATE_FILE)
+            if run_config is not None:
+                (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+            _write_manifest(tmp, epoch=epoch, step=step, known=known, sharded=True)
+    except Exception as e:
+        if stage != "shards":
+            broadcast(_failure(e))
+        raise
+    broadcast(str(final))
     log.info("saved sharded checkpoint %s (%.1f s)", final, time.perf_counter() - t0)
     return final
 

@@ -101,6 +101,15 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     return box[0]
 
 
+def gather_object(obj, info: DistInfo, dst: int = 0) -> list | None:
+    """Every rank's ``obj`` as a list by rank on ``dst``, None on the other ranks ([obj] for one process)."""
+    if not (info.enabled and dist.is_initialized()):
+        return [obj]
+    out = [None] * info.world_size if info.rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def shutdown(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()

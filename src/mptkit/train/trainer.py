@@ -595,13 +595,13 @@ class Trainer:
 
     def _save_sharded_checkpoint(self) -> Path | None:
         from mptkit.train import fsdp as F
-        from mptkit.train.distributed import broadcast_object
+        from mptkit.train.distributed import broadcast_object, gather_object
 
         state = self.trainer_state(with_optimizer=False)
         path = ckpt_mod.save_sharded_checkpoint(
             self.save_folder, write_shards=lambda folder: F.dcp_save(self.model, self.optimizer, folder),
-            share_path=lambda p: broadcast_object(p, self.dist), is_main=self.dist.is_main,
-            model_config=self.model.config, trainer_state=state, epoch=self.stream.epoch, step=self.step,
+            broadcast=lambda obj: broadcast_object(obj, self.dist), gather=lambda obj: gather_object(obj, self.dist),
+            rank=self.dist.rank, model_config=self.model.config, trainer_state=state, epoch=self.stream.epoch, step=self.step,
             tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
         if self.dist.is_main:
             ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
