@@ -19,7 +19,11 @@ once); the tests then compare the runs' metrics, checkpoints and exports. What t
 * a pretrained model folder is loaded on CPU, sharded and trained like one process trains it;
 * HYBRID_SHARD with activation checkpointing and prefetching, and SHARD_GRAD_OP with sync_module_states,
   train like DDP; the end-of-run export under FSDP holds the final weights;
-* bad fsdp_config keys and values fail validation with the key and the closest valid name.
+* bad fsdp_config keys and values fail validation with the key and the closest valid name; fp16 compute or
+  reductions are refused;
+* a sharded checkpoint whose DCP metadata (or a non-tensor item) pickles a foreign global is refused before
+  anything runs; a sharded save gathers each rank's own shard digests and spreads rank 0's failures;
+* meta materialisation names a parameter the init leaves uninitialised (NaN-filled) instead of keeping it.
 """
 
 from __future__ import annotations
