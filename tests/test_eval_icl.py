@@ -14,22 +14,9 @@ from mptkit.errors import EvalError
 from mptkit.eval import build_prompt, icl_accuracy, read_icl_jsonl
 from mptkit.eval.icl import ICLTask, fewshot_indices
 from mptkit.model import MPTForCausalLM, load_tokenizer
-from tests.conftest import tiny_cfg
+from tests._eval_helpers import model_folder as _model_folder
 
-VOCAB = 448
 CHOICES = [" return None", " import os", " class Foo:", " def f(x):", " pass"]
-
-
-def _model_folder(tmp_path, make_tokenizer, *, name="model", **over):
-    """A random tiny MPT (weights scaled up so choices get clearly different scores) with a fresh tokenizer."""
-    model = MPTForCausalLM(tiny_cfg(vocab_size=VOCAB, **over)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3 if "wte" in n else 0.12)
-    folder = tmp_path / name
-    model.save_pretrained(folder, tokenizer=load_tokenizer(make_tokenizer()))
-    return folder
 
 
 def _lines(n: int) -> list[str]:

@@ -16,21 +16,8 @@ from mptkit.errors import EvalError
 from mptkit.eval import encode_texts, long_context_curve, next_token_logprobs
 from mptkit.eval.long_context import bucket_edges, parse_lengths
 from mptkit.model import MPTForCausalLM, load_tokenizer
-from tests.conftest import tiny_cfg
-
-VOCAB = 448
-
-
-def _model_folder(tmp_path, make_tokenizer, *, name="model", **over):
-    """A random tiny MPT (weights scaled up so predictions differ) saved with a fresh tokenizer."""
-    model = MPTForCausalLM(tiny_cfg(vocab_size=VOCAB, **over)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3 if "wte" in n else 0.12)
-    folder = tmp_path / name
-    model.save_pretrained(folder, tokenizer=load_tokenizer(make_tokenizer()))
-    return folder
+from tests._eval_helpers import VOCAB
+from tests._eval_helpers import model_folder as _model_folder
 
 
 def test_curve_matches_full_logits_per_window(tmp_path, make_tokenizer):

@@ -14,24 +14,8 @@ from mptkit.cli import main
 from mptkit.errors import EvalError
 from mptkit.eval import encode_texts, load_token_stream, perplexity, sliding_windows
 from mptkit.model import MPTForCausalLM, load_tokenizer
-from tests.conftest import tiny_cfg
-
-VOCAB = 448  # the test tokenizer has 400 tokens
-
-
-def _model_folder(tmp_path, make_tokenizer, *, name="model", scale=True, **over):
-    """A random tiny MPT saved with a freshly trained tokenizer; weights scaled up so predictions differ."""
-    cfg = tiny_cfg(vocab_size=VOCAB, **over)
-    model = MPTForCausalLM(cfg).eval()
-    if scale:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.3 if "wte" in n else 0.12)
-    tok = load_tokenizer(make_tokenizer())
-    folder = tmp_path / name
-    model.save_pretrained(folder, tokenizer=tok)
-    return folder
+from tests._eval_helpers import VOCAB
+from tests._eval_helpers import model_folder as _model_folder
 
 
 def _stdlib_text(*modules) -> str:
