@@ -371,26 +371,37 @@ def _read_csv(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int
         issues.report("malformed_csv", f"{path}:{reader.line_num}", f"malformed CSV ({e}); rest of file skipped")
 
 
-def _read_table(path: Path, text_field: str, issues: Issues, kind: str) -> Iterator[tuple[int, str]]:
+def open_table(path: Path, kind: str, columns: list[str] | None = None):
+    """``(column names, iterator of record batches)`` of a Parquet or Arrow (IPC stream or file) table: only
+    ``columns`` when given, and no iterator (None) when one of them is missing. Raises :class:`DataError`
+    without pyarrow, and pyarrow's own errors (``ArrowInvalid`` / ``OSError``) for an unreadable file —
+    callers report those as bad input."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading {kind} files needs pyarrow (pip install pyarrow)") from None
+        raise DataError(f"{path}: reading {kind} files needs pyarrow (pip install 'mptkit[data]')") from None
+    if kind == "parquet":
+        pf = pq.ParquetFile(str(path))
+        names = pf.schema_arrow.names
+        if columns and not set(columns) <= set(names):
+            return names, None
+        return names, pf.iter_batches(columns=columns, batch_size=4096)
+    src = pa.memory_map(str(path))
     try:
-        if kind == "parquet":
-            pf = pq.ParquetFile(str(path))
-            names = pf.schema_arrow.names
-            batches = pf.iter_batches(columns=[text_field], batch_size=4096) if text_field in names else None
-        else:
-            src = pa.memory_map(str(path))
-            try:
-                reader = pa.ipc.open_stream(src)
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(src)
-                reader = reader.read_all().to_reader() if hasattr(reader, "read_all") else reader
-            names = reader.schema.names
-            batches = iter(reader) if text_field in names else None
+        reader = pa.ipc.open_stream(src)
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(src)
+        reader = reader.read_all().to_reader() if hasattr(reader, "read_all") else reader
+    names = reader.schema.names
+    if columns and not set(columns) <= set(names):
+        return names, None
+    return names, ((b.select(columns) for b in reader) if columns else iter(reader))
+
+
+def _read_table(path: Path, text_field: str, issues: Issues, kind: str) -> Iterator[tuple[int, str]]:
+    try:
+        names, batches = open_table(path, kind, [text_field])
     except (OSError, Exception) as e:  # pyarrow raises ArrowInvalid/ArrowIOError (OSError subclasses)
         if isinstance(e, DataError):
             raise

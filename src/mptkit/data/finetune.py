@@ -47,6 +47,7 @@ from mptkit.data.corpus import (
     _decode_utf8,
     _hf_dataset_arrow_files,
     _is_hf_datasets_dir,
+    open_table,
     source_kind,
 )
 from mptkit.data.tokenizer import encode_batch
@@ -208,23 +209,14 @@ def _records_csv(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
 
 def _records_table(path: Path, kind: str, issues: Issues) -> Iterator[tuple[str, Any]]:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading {kind} files needs pyarrow (pip install 'mptkit[data]')") from None
-    try:
-        if kind == "parquet":
-            table = pq.read_table(str(path))
-        else:
-            src = pa.memory_map(str(path))
-            try:
-                table = pa.ipc.open_stream(src).read_all()
-            except pa.ArrowInvalid:
-                table = pa.ipc.open_file(src).read_all()
+        _, batches = open_table(path, kind)
+        rows = [rec for b in batches for rec in b.to_pylist()]
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError subclasses
         issues.report("unreadable_file", str(path), f"cannot read as {kind} ({e}); file skipped")
         return
-    for row, rec in enumerate(table.to_pylist()):
+    for row, rec in enumerate(rows):
         yield f"{path}:row {row}", rec
 
 
