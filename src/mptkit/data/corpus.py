@@ -313,6 +313,19 @@ def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[i
         issues.report("empty_file", str(path), "empty file")
 
 
+def read_json_array(path: Path, issues: Issues) -> list | None:
+    """The records of a file holding one JSON array, or None (reported) when it is not valid UTF-8 JSON."""
+    text = _decode_utf8(path.read_bytes(), str(path), issues)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        line = getattr(e, "lineno", "?")
+        issues.report("malformed_json", f"{path}:{line}", f"malformed JSON array ({e}); file skipped")
+        return None
+
+
 def _read_json(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -323,16 +336,8 @@ def _read_json(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[in
         # llm-foundry style: .json files holding one JSON object per line
         yield from _read_jsonl(path, text_field, issues)
         return
-    text = _decode_utf8(path.read_bytes(), str(path), issues)
-    if text is None:
-        return
-    try:
-        records = json.loads(text)
-    except ValueError as e:
-        line = getattr(e, "lineno", "?")
-        issues.report("malformed_json", f"{path}:{line}", f"malformed JSON array ({e}); file skipped")
-        return
-    for i, rec in enumerate(records):
+    records = read_json_array(path, issues)
+    for i, rec in enumerate(records or []):
         where = f"{path}:[{i}]"
         try:
             value = _get_field(rec, text_field)

@@ -48,6 +48,7 @@ from mptkit.data.corpus import (
     _hf_dataset_arrow_files,
     _is_hf_datasets_dir,
     open_table,
+    read_json_array,
     source_kind,
 )
 from mptkit.data.tokenizer import encode_batch
@@ -183,15 +184,7 @@ def _records_json(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
     if not head.startswith(b"["):
         yield from _records_jsonl(path, issues)  # .json files with one object per line
         return
-    text = _decode_utf8(path.read_bytes(), str(path), issues)
-    if text is None:
-        return
-    try:
-        records = json.loads(text)
-    except ValueError as e:
-        issues.report("malformed_json", f"{path}:{getattr(e, 'lineno', '?')}", f"malformed JSON array ({e}); file skipped")
-        return
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(read_json_array(path, issues) or []):
         yield f"{path}:[{i}]", rec
 
 
