@@ -306,6 +306,13 @@ def test_sharded_checkpoints(runs, tmp_path):
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(CheckpointError, match="sharded checkpoint"):
         ck.model_folder(save)
+    # `mptkit export hf RUN` consolidates the newest sharded checkpoint on the fly (a temporary folder)
+    from mptkit.export.hf import export_hf
+    from mptkit.model import MPTForCausalLM
+
+    export_hf(save, tmp_path / "exported")
+    a, b = MPTForCausalLM.from_pretrained(tmp_path / "exported"), MPTForCausalLM.from_pretrained(out)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # one process resumes from the sharded checkpoint (DCP reshards on load)
     s = _fit(tmp_path / "one", load_path=str(c2))
     assert s["resumed_from"] and s["steps"] == 4

@@ -42,8 +42,8 @@ from mptkit.export.source import (
     TensorStore,
     find_tokenizer_folder,
     load_config,
+    model_source,
     publish_permissions,
-    resolve_model_folder,
 )
 from mptkit.utils.fs import atomic_path
 
@@ -321,13 +321,27 @@ def export_gguf(
     tokenizer: str | os.PathLike | None = None,
     name: str | None = None,
 ) -> GGUFExportResult:
-    """Write ``src`` (a model folder, run or checkpoint) as a GGUF file for llama.cpp at ``out``."""
+    """Write ``src`` (a model folder, run or checkpoint — a sharded FSDP one is consolidated first) as a GGUF
+    file for llama.cpp at ``out``."""
+    with model_source(src) as folder:
+        return _export_gguf(folder, src, out, dtype=dtype, tokenizer=tokenizer, name=name)
+
+
+def _export_gguf(
+    folder: Path,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f32",
+    tokenizer: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> GGUFExportResult:
+    """:func:`export_gguf` from the model folder ``folder`` behind ``src``."""
     gguf = _gguf()
     if dtype not in GGUF_DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
     src = Path(src)
     out = Path(out)
-    folder = resolve_model_folder(src)
     if out.exists() and out.is_dir():
         raise ExportError(f"{out}: is a folder; give the path of the .gguf file to write")
     cfg = load_config(folder)

@@ -25,8 +25,8 @@ from mptkit.export.source import (
     find_tokenizer_folder,
     is_model_folder,
     load_config,
+    model_source,
     publish_permissions,
-    resolve_model_folder,
 )
 from mptkit.utils.fs import atomic_dir
 
@@ -75,13 +75,31 @@ def export_hf(
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> HFExportResult:
-    """Write ``src``'s model (a model folder, a run or a checkpoint) as a HF folder at ``out``.
+    """Write ``src``'s model (a model folder, a run or a checkpoint — a sharded FSDP one is consolidated first)
+    as a HF folder at ``out``.
 
     ``dtype``: fp32 | bf16 | fp16 (floating tensors are cast; config.json records it).
     ``layout``: transformers (``MptForCausalLM``, loads without trust_remote_code) | mosaicml.
     ``tokenizer``: a folder with tokenizer files, when neither the model folder nor the run has one.
     ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
     """
+    with model_source(src) as folder:
+        return _export_hf(folder, src, out, dtype=dtype, layout=layout, max_shard_size=max_shard_size,
+                          tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _export_hf(
+    folder: Path,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    layout: str = "transformers",
+    max_shard_size: int | str = "5GB",
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> HFExportResult:
+    """:func:`export_hf` from the model folder ``folder`` behind ``src``."""
     from mptkit.model.checkpoint_io import parse_size, save_pretrained
     from mptkit.model.config import transformers_incompatibilities
     from mptkit.model.model import MPTForCausalLM
@@ -97,7 +115,6 @@ def export_hf(
         raise ExportError(str(e)) from None
     src = Path(src)
     out = Path(out)
-    folder = resolve_model_folder(src)
     _check_out(src, folder, out, overwrite)
     cfg = load_config(folder)
     incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []

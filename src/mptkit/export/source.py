@@ -8,9 +8,11 @@ twice (the GGUF writer streams them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -75,6 +77,33 @@ def resolve_model_folder(src: str | os.PathLike) -> Path:
         raise ExportError(f"{p}: not a model folder, and no usable checkpoint in it: {e}") from None
     log.info("%s: exporting the newest valid checkpoint, %s", p, folder)
     return folder
+
+
+@contextlib.contextmanager
+def model_source(src: str | os.PathLike) -> Iterator[Path]:
+    """:func:`resolve_model_folder`, and for a run or checkpoint whose newest checkpoint is sharded (FSDP,
+    ``state_dict_type: sharded``) an HF folder consolidated from it in a temporary folder, removed on exit."""
+    p = Path(src)
+    try:
+        from mptkit.train.checkpoint import find_latest_checkpoint, is_sharded
+    except ImportError:
+        yield resolve_model_folder(src)
+        return
+    ck = None
+    if p.is_dir() and not is_model_folder(p):
+        ck = p if is_sharded(p) else find_latest_checkpoint(p)
+    if ck is None or not is_sharded(ck):
+        yield resolve_model_folder(src)
+        return
+    from mptkit.train.fsdp import consolidate_sharded_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="mptkit-consolidated-") as work:
+        log.info("%s: consolidating the sharded checkpoint %s", p, ck)
+        try:
+            folder = consolidate_sharded_checkpoint(ck, Path(work) / "model")
+        except CheckpointError as e:
+            raise ExportError(f"{p}: the sharded checkpoint {ck} cannot be read: {e}") from None
+        yield folder
 
 
 def find_tokenizer_folder(model_folder: Path, src: Path | None = None, explicit: str | os.PathLike | None = None

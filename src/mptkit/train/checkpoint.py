@@ -296,7 +296,8 @@ def model_folder(path: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"{ck} is a sharded checkpoint (fsdp_config.state_dict_type: sharded): its weights are in "
             f"{SHARDED_DIR}/; write an HF folder from it with "
-            "mptkit.train.fsdp.consolidate_sharded_checkpoint(ckpt, out), or train with state_dict_type: full")
+            "`mptkit export hf RUN OUT` (or mptkit.train.fsdp.consolidate_sharded_checkpoint(ckpt, out)), or train "
+            "with state_dict_type: full")
     return ck / MODEL_DIR
 
 
