@@ -91,7 +91,11 @@ def model_source(src: str | os.PathLike) -> Iterator[Path]:
         return
     ck = None
     if p.is_dir() and not is_model_folder(p):
-        ck = p if is_sharded(p) else find_latest_checkpoint(p)
+        # the newest checkpoint, unverified: only a sharded one is verified here (resolve_model_folder verifies
+        # the others, so a full checkpoint's checksums are not computed twice)
+        ck = p if is_sharded(p) else find_latest_checkpoint(p, checksums=False)
+        if ck is not None and is_sharded(ck) and ck != p:
+            ck = find_latest_checkpoint(p)
     if ck is None or not is_sharded(ck):
         yield resolve_model_folder(src)
         return
