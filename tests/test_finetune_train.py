@@ -72,6 +72,10 @@ def test_chat_finetune_learns_the_answers(tmp_path, make_tokenizer):
     tok = AutoTokenizer.from_pretrained(str(base))
     want = sum(len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in QA[:2])
     assert evals[-1]["eval_tokens"] == want
+    # the training side counts the positions that carried loss: 60 steps over the 4 examples' answers
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line]
+    per_epoch = sum(len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in QA)
+    assert steps[-1]["target_tokens"] == 60 * per_epoch and steps[-1]["tokens"] == 60 * 4 * 64
 
     from mptkit.infer import Generator, SamplingParams
     from mptkit.infer.chat import IM_END, render_chatml

@@ -153,6 +153,8 @@ class Trainer:
         self._setup_done = False
         self.step = 0
         self.tokens = 0
+        self.target_tokens = 0  # positions that carried loss (labels[:, 1:] != -100), all ranks
+        self._step_targets = 0
         self.samples = 0
         self.last_eval: dict | None = None
         self.resumed_from: Path | None = None
@@ -467,6 +469,7 @@ class Trainer:
                         st.get("global_train_batch_size"), self.cfg.global_train_batch_size)
         self.step = int(st["step"])
         self.tokens = int(st["tokens"])
+        self.target_tokens = int(st.get("target_tokens", 0))
         self.samples = int(st["samples"])
         self.stream.load_state_dict(data)
         if self.auto_microbatch and st.get("microbatch"):
@@ -552,6 +555,7 @@ class Trainer:
         return {
             "format": "mptkit-trainer-state", "version": 1,
             "step": self.step, "epoch": self.stream.epoch, "tokens": self.tokens, "samples": self.samples,
+            "target_tokens": self.target_tokens,
             "optimizer": self._optimizer_state() if with_optimizer else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": data, "rng": rng, "microbatch": self.microbatch,
@@ -653,6 +657,7 @@ class Trainer:
                                      else total, self.dist))
         if total <= 0:
             raise DataError(f"step {self.step}: the batch has no target tokens (all labels are -100)")
+        self._step_targets = int(total)
         world = self.dist.world_size
         loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
         ddp = self.dist.enabled and self.fsdp is None
@@ -787,11 +792,13 @@ class Trainer:
                 self.step += 1
                 self.samples += self.cfg.global_train_batch_size
                 self.tokens += self.tokens_per_batch
+                self.target_tokens += self._step_targets
                 tput.add(dt, self.tokens_per_batch)
                 self.spike(self.step, loss)
                 if main:
                     rec = {"step": self.step, "epoch": self.stream.epoch, "train_loss": loss, "lr": lr,
-                           "grad_norm": gnorm, "tokens": self.tokens, "samples": self.samples,
+                           "grad_norm": gnorm, "tokens": self.tokens, "target_tokens": self.target_tokens,
+                           "samples": self.samples,
                            "step_s": dt, "tokens_per_s": tput.tokens_per_s,
                            "mfu": flops_per_batch / tput.step_s / (peak * self.dist.world_size) if tput.step_s else 0.0,
                            "microbatch": self.microbatch, "time": time.time(), **memory_stats(self.device)}
@@ -818,7 +825,7 @@ class Trainer:
                 bar.close()
         wall = time.perf_counter() - t_start
         summary = {"run_name": self.run_name, "run_folder": str(self.run_folder), "steps": self.step,
-                   "tokens": self.tokens, "train_wall_s": wall,
+                   "tokens": self.tokens, "target_tokens": self.target_tokens, "train_wall_s": wall,
                    "eval_loss": final_eval["eval_loss"] if final_eval else None,
                    "eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
