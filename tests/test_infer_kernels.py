@@ -170,3 +170,27 @@ def test_gelu_matches_torch(kern):
     assert (got - torch.nn.functional.gelu(x)).abs().max().item() < 2e-6
     with pytest.raises(ValueError, match="contiguous fp32"):
         kern.gelu_(x.double())
+
+
+def test_release_openmp_threads_then_compute_again(monkeypatch):
+    """The calling thread's OpenMP pool can be handed back (as Engine.start does before the engine thread takes
+    over the compute) and the thread still computes correctly afterwards, on a new pool; the environment
+    switch keeps the pool."""
+    import threading
+    from pathlib import Path
+
+    from mptkit.infer.kernels import release_openmp_threads
+
+    if not list((Path(torch.__file__).parent / "lib").glob("libgomp*.so*")):
+        pytest.skip("this torch build does not run on GNU OpenMP (libgomp)")
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    ref = a @ b
+    assert release_openmp_threads() is True
+    torch.testing.assert_close(a @ b, ref, rtol=0, atol=0)
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("c", a @ b))
+    th.start()
+    th.join()
+    torch.testing.assert_close(out["c"], ref, rtol=0, atol=0)
+    monkeypatch.setenv("MPTKIT_KEEP_OPENMP_POOL", "1")
+    assert release_openmp_threads() is False

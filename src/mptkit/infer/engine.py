@@ -129,6 +129,11 @@ class Engine:
             if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
                 self._saved_switch_interval = sys.getswitchinterval()  # restored by stop()
                 sys.setswitchinterval(self.switch_interval)
+            if self.gen.device.type == "cpu":
+                # the caller's idle OpenMP workers would make libgomp throttle the engine thread's own pool
+                from mptkit.infer.kernels import release_openmp_threads
+
+                release_openmp_threads()
             self._thread = threading.Thread(target=self._run, name="mptkit-engine", daemon=True)
             self._thread.start()
         return self
