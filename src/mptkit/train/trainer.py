@@ -850,6 +850,13 @@ class Trainer:
             atomic_write_json(self.run_folder / "summary.json", summary)
         writer.close()
         barrier(self.dist)
+        if self.dist.initialized_here and self.train_model is not self.model:
+            # drop DDP's reducer (it holds the process group and gloo work objects) while the interpreter is
+            # fully alive: left to interpreter teardown, gloo's threads can abort the process at exit
+            import gc as _gc
+
+            self.train_model = self.model
+            _gc.collect()
         shutdown(self.dist)
         return summary
 
