@@ -97,6 +97,8 @@ run("hsdp", save_folder=None, fsdp_config={{"sharding_strategy": "HYBRID_SHARD",
     "forward_prefetch": True, "backward_prefetch_limit": 2, "limit_all_gathers": True, "mixed_precision": "PURE"}})
 run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True}})
 run("from_hf", save_folder=None, model=str(tmp / "fsdp" / "hf"), fsdp_config={{"sync_module_states": True}})
+import gc
+gc.collect()  # the runs' DDP/FSDP modules (and their gloo work objects) go before the group, not at teardown
 dist.destroy_process_group()
 """
 
