@@ -148,8 +148,9 @@ def _read_index(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid shard index ({e})") from None
 
 
-def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in the folder's weights, file by file (CPU, lazily per file)."""
+def checkpoint_files(folder: str | os.PathLike) -> tuple[list[Path], str]:
+    """The weight files of a model folder and their kind ("safe" or "bin"): a shard index's files, the single
+    file, or any ``*.safetensors``; a :class:`CheckpointError` when there are none or one listed is missing."""
     folder = Path(folder)
     files: list[Path]
     if (folder / SAFE_INDEX).exists():
@@ -172,6 +173,13 @@ def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, to
     for f in files:
         if not f.exists():
             raise CheckpointError(f"{f}: listed in the shard index but missing")
+    return files, kind
+
+
+def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in the folder's weights, file by file (CPU, lazily per file)."""
+    files, kind = checkpoint_files(folder)
+    for f in files:
         if kind == "safe":
             from safetensors import SafetensorError, safe_open
 

@@ -290,9 +290,7 @@ class Trainer:
         from mptkit.train import fsdp as F
 
         s, cfg = self.fsdp, self.cfg
-        if cfg.precision == "amp_fp16":
-            raise ConfigError("precision amp_fp16 with fsdp_config is not supported (fp16 needs a sharded grad "
-                              "scaler); use precision amp_bf16")
+        pd, rd = F.compute_dtypes(s, cfg.precision, self.device)  # refuses fp16 (no sharded grad scaler)
         if not hasattr(self.model, "config"):
             raise ConfigError(f"fsdp_config: mptkit shards MPT models; got {type(self.model).__name__}")
         if s.activation_cpu_offload and self.device.type != "cuda":
@@ -308,7 +306,6 @@ class Trainer:
                     dist.broadcast(buf, src=0)
                     t.data.copy_(buf)
         mesh = F.build_mesh(s, self.dist.world_size, self.device)
-        pd, rd = F.compute_dtypes(s, cfg.precision, self.device)
         units = F.shard_model(self.model, s, mesh, param_dtype=pd, reduce_dtype=rd, device=self.device)
         if meta:
             from mptkit.model.init import init_weights
@@ -505,18 +502,12 @@ class Trainer:
     def _load_full_into_shards(self, ck: Path, st: dict) -> None:
         """A full checkpoint (written by any run) into the sharded model: each rank reads one tensor at a time
         and keeps its shard."""
+        from mptkit.model.checkpoint_io import checkpoint_files, iter_checkpoint_tensors
         from mptkit.train import fsdp as F
 
         folder = ck / ckpt_mod.MODEL_DIR
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():  # the shards of a big model
-            try:
-                files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-        else:
-            files = [p for p in (folder / "model.safetensors",) if p.is_file()]
-        if files:
+        files, kind = checkpoint_files(folder)
+        if kind == "safe":  # random access, one tensor at a time
             from safetensors import safe_open
 
             with contextlib.ExitStack() as stack:
@@ -527,8 +518,6 @@ class Trainer:
                 F.load_full_state_dict(self.model, lambda k: where[k].get_tensor(k) if k in where else None,
                                        str(ck))
         else:
-            from mptkit.model.checkpoint_io import iter_checkpoint_tensors
-
             sd = dict(iter_checkpoint_tensors(folder))  # .bin weights: memory-mapped by torch.load
             F.load_full_state_dict(self.model, sd.get, str(ck))
             del sd
