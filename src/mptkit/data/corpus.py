@@ -26,6 +26,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mptkit.errors import DataError
 
@@ -281,7 +282,9 @@ def _read_text(path: Path, issues: Issues) -> Iterator[tuple[int, str]]:
         yield 1, text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
 
 
-def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+def iter_jsonl_records(path: Path, issues: Issues) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON value)`` for each non-blank line of a JSONL file; undecodable or malformed
+    lines, and a file with no record at all, are reported to ``issues`` and skipped."""
     nonblank = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -300,17 +303,23 @@ def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[i
             except ValueError as e:
                 issues.report("malformed_json", where, f"malformed JSON ({e})")
                 continue
-            try:
-                value = _get_field(rec, text_field)
-            except KeyError:
-                keys = list(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
-                issues.report("missing_text_field", where, f"no field {text_field!r} (found {keys})")
-                continue
-            text = _check_text(value, where, text_field, issues)
-            if text is not None:
-                yield lineno, text
+            yield lineno, rec
     if not nonblank:
         issues.report("empty_file", str(path), "empty file")
+
+
+def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+    for lineno, rec in iter_jsonl_records(path, issues):
+        where = f"{path}:{lineno}"
+        try:
+            value = _get_field(rec, text_field)
+        except KeyError:
+            keys = list(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
+            issues.report("missing_text_field", where, f"no field {text_field!r} (found {keys})")
+            continue
+        text = _check_text(value, where, text_field, issues)
+        if text is not None:
+            yield lineno, text
 
 
 def read_json_array(path: Path, issues: Issues) -> list | None:

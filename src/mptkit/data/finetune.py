@@ -32,7 +32,6 @@ import csv
 import functools
 import importlib
 import io
-import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from mptkit.data.corpus import (
     _decode_utf8,
     _hf_dataset_arrow_files,
     _is_hf_datasets_dir,
+    iter_jsonl_records,
     open_table,
     read_json_array,
     source_kind,
@@ -165,17 +165,8 @@ def data_files(path: str | Path | list, split: str | None) -> list[Path]:
 
 
 def _records_jsonl(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-            except UnicodeDecodeError as e:
-                issues.report("invalid_utf8", where, f"invalid UTF-8 at column {e.start + 1}; record skipped")
-            except ValueError as e:
-                issues.report("malformed_json", where, f"malformed JSON ({e}); record skipped")
+    for lineno, rec in iter_jsonl_records(path, issues):
+        yield f"{path}:{lineno}", rec
 
 
 def _records_json(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:

@@ -9,6 +9,7 @@ prepared with `mptkit data prepare`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,7 @@ def _finetune_options(ds: dict, cfg: RunConfig, which: str):
     seq = ds.get("max_seq_len") or cfg.max_seq_len
     if not seq:
         raise ConfigError(f"{which}.dataset.max_seq_len: set it (or max_seq_len) for the finetuning samples")
-    keys = ("target_prompts", "target_responses", "packing_ratio", "allow_pad_trimming", "append_eos", "strict",
-            "preprocessing_fn", "system_prompt")
+    keys = {f.name for f in dataclasses.fields(FinetuneOptions)} - {"max_seq_len"}
     return FinetuneOptions(max_seq_len=int(seq), **{k: ds[k] for k in keys if k in ds})
 
 
@@ -155,6 +155,9 @@ def finetune_source(ds: dict, which: str, split: str):
     kw = ds.get("hf_kwargs") or {}
     if not isinstance(kw, dict):
         raise ConfigError(f"{which}.dataset.hf_kwargs: expected a mapping (data_files, data_dir)")
+    bad = sorted(set(kw) - {"data_files", "data_dir"})
+    if bad:
+        raise ConfigError(f"{which}.dataset.hf_kwargs.{bad[0]}: only data_files and data_dir are understood")
     if name in _HF_BUILDERS:
         if kw.get("data_files") is not None:
             files = kw["data_files"]
@@ -168,9 +171,6 @@ def finetune_source(ds: dict, which: str, split: str):
             return kw["data_dir"]
         raise ConfigError(f"{which}.dataset: hf_name '{name}' needs hf_kwargs.data_files or hf_kwargs.data_dir "
                           "(the local files to read)")
-    bad = sorted(set(kw) - {"data_files", "data_dir"})
-    if bad:
-        raise ConfigError(f"{which}.dataset.hf_kwargs.{bad[0]}: only data_files and data_dir are understood")
     return name
 
 
