@@ -257,6 +257,11 @@ def test_preprocessing_fn_module_function(tmp_path, tok, monkeypatch):
     assert _sample_text(tok, ds, 0) == "Q: 1+1 2<|endoftext|>"
     with pytest.raises(DataError, match="preprocessing_fn"):
         build_finetune_dataset(f, tok, FinetuneOptions(max_seq_len=32, preprocessing_fn="myprep:nope"))
+    # a record the user's function fails on is named, skipped and counted; the others train
+    f2 = _write(tmp_path / "d2.jsonl", [{"q": "1+1", "a": "2"}, {"q": "no answer"}])
+    ds = build_finetune_dataset(f2, tok, FinetuneOptions(max_seq_len=32, preprocessing_fn="myprep:fn"))
+    assert len(ds) == 1 and ds.stats.bad["counts"] == {"preprocessing_failed": 1}
+    assert any(f"{f2}:2: preprocessing_fn failed: KeyError" in e for e in ds.stats.bad["examples"])
 
 
 def test_builtin_stdlib_datasets(tok):
