@@ -19,12 +19,12 @@ import os
 import torch
 
 from mptkit.errors import EvalError
+from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MB in fp32)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = WEIGHT_DTYPES  # the --dtype choices (names of torch dtypes)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -53,7 +53,7 @@ def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise EvalError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
+        dtype = torch_dtype(dtype)
     dev = resolve_device(device)
     if not os.path.isdir(folder):
         raise EvalError(f"model {folder}: no such folder (expected an HF-layout model folder: config.json + "

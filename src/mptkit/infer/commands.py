@@ -8,11 +8,11 @@ import sys
 import time
 
 from mptkit.errors import InferenceError
+from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = WEIGHT_DTYPES  # the --dtype choices
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def _load(args, *, need_tokenizer: bool = True):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = MPTForCausalLM.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    model = MPTForCausalLM.from_pretrained(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     tok = load_tokenizer(args.model)
     if tok is None and need_tokenizer:
         raise InferenceError(f"{args.model}: no tokenizer files (tokenizer.json) next to the weights")
@@ -163,7 +163,7 @@ def cmd_serve(args) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue)
     srv = build_server(args.model, max_context=args.max_context, api_key=args.api_key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
-                       dtype=getattr(torch, DTYPES[args.dtype]), device=args.device, kv_dtype=args.kv_dtype)
+                       dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")
     return 0
