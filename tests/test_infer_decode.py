@@ -47,6 +47,7 @@ def test_fast_decode_equals_model_forward(name):
         fused = [L.block is not None for L in fast.fast.layers]
         standard = name in ("mha", "gqa", "mqa", "learned_pos", "clip_bias", "untied_scale_embfrac", "3heads_softmax_scale")
         assert all(fused) if standard else not any(fused)
+        assert (fast.fast.stack is not None) == standard  # and then all of them in one call per step
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (7, 3, 12)]
     # batch 1, step by step, logits against the generic forward on an identical cache

@@ -107,15 +107,15 @@ def _ref_attention(q, kc, vc, pos, slopes, scale, h, hkv, d):
 @pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["kv32", "kv16"])
 def test_decode_attention_matches_reference(kern, h, hkv, d, alibi, kv):
     g = torch.Generator().manual_seed(h * 100 + d)
-    n, slots, cap = 3, 4, 40
+    n, slots, cap = 3, 4, 48
     kc = torch.randn(slots, hkv, cap, d, generator=g).to(kv)
     vc = torch.randn(slots, hkv, cap, d, generator=g).to(kv)
     qkv = torch.randn(n, (h + 2 * hkv) * d, generator=g)  # q, k, v as column slices of one fused row
     q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
-    pos = torch.tensor([5, 0, 31], dtype=torch.int64)
+    pos = torch.tensor([5, 0, 44], dtype=torch.int64)  # keys in blocks of 8 and one by one (5, 1, 5*8 + 5)
     slopes = torch.rand(h, generator=g) if alibi else None
     kc0 = kc.clone()
-    out = kern.decode_attention(q, k, v, kc, vc, pos, 32, slopes, 0.3)
+    out = kern.decode_attention(q, k, v, kc, vc, pos, 45, slopes, 0.3)
     for s in range(n):  # the new rows were written at each slot's position (rounded as torch rounds), nothing else
         p = int(pos[s])
         assert torch.equal(kc[s, :, p], k[s].view(hkv, d).to(kv))
@@ -194,3 +194,40 @@ def test_release_openmp_threads_then_compute_again(monkeypatch):
     torch.testing.assert_close(out["c"], ref, rtol=0, atol=0)
     monkeypatch.setenv("MPTKIT_KEEP_OPENMP_POOL", "1")
     assert release_openmp_threads() is False
+
+
+def test_decode_layers_equal_block_by_block(kern):
+    """The whole stack in one call (``decode_layers``) is the per-layer ``decode_block`` calls, bitwise, cache
+    writes included; the layer table follows a cache that was re-allocated (grown) between steps."""
+    from mptkit.infer.kernels import BlockWeights, DecodeStack
+    from mptkit.model import MPTForCausalLM
+    from tests.conftest import tiny_cfg
+
+    torch.manual_seed(0)
+    model = MPTForCausalLM(tiny_cfg(attn_config={"clip_qkv": 2.0})).eval()
+    blocks = [BlockWeights.of(b) for b in model.transformer.blocks]
+    stack = DecodeStack.of(blocks)
+    assert stack is not None and stack.n_layers == len(blocks) >= 2
+    cfg = model.config
+    n, hkv, d = 3, cfg.kv_n_heads, cfg.head_dim
+    slopes = model.slopes.float().contiguous()
+    for cap in (16, 40):  # a second set of (larger) caches: new pointers for the same stack
+        kc = [torch.randn(n, hkv, cap, d) for _ in blocks]
+        vc = [torch.randn(n, hkv, cap, d) for _ in blocks]
+        kc2, vc2 = [t.clone() for t in kc], [t.clone() for t in vc]
+        pos = torch.tensor([5, 0, cap - 2])
+        x = torch.randn(n, cfg.d_model)
+        x2 = x.clone()
+        for i, b in enumerate(blocks):
+            kern.decode_block(x, b, kc[i], vc[i], pos, cap - 1, slopes)
+        kern.decode_layers(x2, stack, kc2, vc2, pos, cap - 1, slopes)
+        assert torch.equal(x, x2)
+        assert all(torch.equal(a, b) for a, b in zip(kc + vc, kc2 + vc2))
+    with pytest.raises(ValueError, match="every layer's cache"):
+        kern.decode_layers(x2, stack, kc2[:-1] + [kc2[-1][:, :, :8].contiguous()], vc2, pos, cap - 1, slopes)
+    with pytest.raises(ValueError, match="layers but"):
+        kern.decode_layers(x2, stack, kc2[:1], vc2[:1], pos, cap - 1, slopes)
+    blk = model.transformer.blocks[1]
+    blk.ffn.up_proj.weight.data = blk.ffn.up_proj.weight.data.clone()  # what .to()/.half() do to a parameter
+    with pytest.raises(ValueError, match="re-allocated or cast"):
+        kern.decode_layers(x2, stack, kc2, vc2, pos, cap - 1, slopes)

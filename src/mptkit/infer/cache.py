@@ -328,6 +328,11 @@ class KVCache:
         pos, top = self.fused_positions()
         kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes)
 
+    def fused_layers(self, x: torch.Tensor, stack, kernels) -> None:
+        """Every layer's block on ``x`` (n, d) in place, in one call (``CpuKernels.decode_layers``)."""
+        pos, top = self.fused_positions()
+        kernels.decode_layers(x, stack, self.k, self.v, pos, top, self._slopes)
+
     def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
         if k.dtype != q.dtype:  # a cache stored in a narrower type (kv_dtype): attention computes in q's
             k, v = k.to(q.dtype), v.to(q.dtype)

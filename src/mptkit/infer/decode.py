@@ -11,7 +11,9 @@ norm_f -> LM head (x logit_scale)) — on (n, d_model) rows. Equality with the m
 
 With mptkit's compiled CPU kernels (``mptkit.infer.kernels``; fp32 on x86-64), the linears run through a
 small-M kernel, attention through a fused cache-write + attention kernel, and each standard block (LayerNorm,
-MPTMLP, no QK-LayerNorm) as one call — the same arithmetic to float rounding, tested the same way.
+MPTMLP, no QK-LayerNorm) as one call — all the blocks of a model made only of such blocks in one call per step
+(one GIL release per step for a serving thread to use, instead of one per layer) — the same arithmetic to float
+rounding, tested the same way.
 
 It is a read-only view of the model: parameters are looked up once, never copied, so a model whose weights
 change in place (finetuning between generations) is seen as is. Norms and FFNs of types it does not know are
@@ -107,6 +109,11 @@ class FastDecoder:
         self.logit_scale = cfg.logit_scale_value
         self.emb_frac = cfg.embedding_fraction
         self.layers = [_Layer(b, small) for b in t.blocks]
+        self.stack = None  # every block in one compiled call per step, where every block is covered
+        if small is not None:
+            from mptkit.infer.kernels import DecodeStack
+
+            self.stack = DecodeStack.of([L.block for L in self.layers])
         self.norm_f = _norm_fn(t.norm_f)
         self.d, self.h, self.hkv, self.hd = cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.kv_dim = self.hkv * self.hd
@@ -141,7 +148,9 @@ class FastDecoder:
         fused = self.small is not None and hasattr(cache, "fused_ok") and cache.fused_ok(self.small)
         if fused:
             x = x.contiguous()  # the fused block updates it in place
-        for i, L in enumerate(self.layers):
+        if fused and self.stack is not None:
+            cache.fused_layers(x, self.stack, self.small)
+        for i, L in enumerate(self.layers if not (fused and self.stack is not None) else ()):
             if fused and L.block is not None:
                 cache.fused_block(i, x, L.block, self.small)
                 continue

@@ -68,6 +68,9 @@ class CpuKernels:
         self._gelu = lib.mptkit_gelu
         self._gelu.restype = None
         self._gelu.argtypes = [P, L]
+        self._layers = lib.mptkit_decode_layers
+        self._layers.restype = ctypes.c_int
+        self._layers.argtypes = [P, L, L, P, L, ctypes.c_int, P, L, L, L, L, P, P, ctypes.c_int]
 
     def supports(self, w: torch.Tensor) -> bool:
         return _f32cpu(w, contiguous=True) and w.dim() == 2
@@ -145,6 +148,89 @@ class CpuKernels:
                          p(b.wup), p(b.bup), b.ffn, p(b.wdown), p(b.bdown), ws.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"decode_block failed (rc={rc}): n={n} d={d} top={top} cap={kc.shape[2]}")
+
+
+    def decode_layers(self, x: torch.Tensor, stack: DecodeStack, kcs: list[torch.Tensor], vcs: list[torch.Tensor],
+                      pos: torch.Tensor, top: int, slopes: torch.Tensor | None) -> None:
+        """Every block of a decode step in one call (:meth:`decode_block` for each layer in order) on ``x``
+        (n, d_model) in place; ``kcs``/``vcs`` each layer's cache, the rest as for :meth:`decode_attention`."""
+        n, d = x.shape
+        if not _f32cpu(x, contiguous=True) or d != stack.d_model:
+            raise ValueError(f"decode_layers: x must be a contiguous fp32 CPU (n, {stack.d_model}) tensor, "
+                             f"got {tuple(x.shape)} {x.dtype}")
+        if len(kcs) != stack.n_layers or len(vcs) != stack.n_layers:
+            raise ValueError(f"decode_layers: {stack.n_layers} layers but {len(kcs)}/{len(vcs)} caches")
+        stack.check()
+        kc0 = kcs[0]
+        _check_attention_args(None, None, None, kc0, vcs[0], pos, slopes, n, stack.n_heads, kc0.shape[1],
+                              kc0.shape[3])
+        shape, dt = kc0.shape, kc0.dtype
+        for c in kcs + vcs:  # every layer's cache alike: the C code takes one shape for all
+            if c.shape != shape or c.dtype != dt or not c.is_cpu or not c.is_contiguous():
+                raise ValueError(f"decode_layers: every layer's cache must be a contiguous CPU {tuple(shape)} {dt} "
+                                 f"tensor like layer 0's, got {tuple(c.shape)} {c.dtype}")
+        stack.set_caches(kcs, vcs)
+        ws = torch.empty(n * stack.ws_row + n * stack.n_heads * top, dtype=torch.float32)
+        rc = self._layers(x.data_ptr(), n, d, ctypes.addressof(stack.table), stack.n_layers,
+                          int(kc0.dtype == torch.float16), pos.data_ptr(), top, kc0.shape[2], kc0.shape[1],
+                          kc0.shape[3], _ptr(slopes), ws.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"decode_layers failed (rc={rc}): n={n} d={d} top={top} cap={kc0.shape[2]}")
+
+
+class _LayerStruct(ctypes.Structure):
+    """``mptkit_layer`` in csrc/cpu_kernels.c (same field order)."""
+
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "wqkv", "bqkv", "wout", "bout", "ln2_w",
+                                                      "ln2_b", "wup", "bup", "wdown", "bdown", "kc", "vc")]
+                + [(name, ctypes.c_float) for name in ("eps1", "eps2", "clip", "scale")]
+                + [("n_heads", ctypes.c_long), ("ffn", ctypes.c_long)])
+
+
+class DecodeStack:
+    """The blocks of a whole model for :meth:`CpuKernels.decode_layers`: a table of every layer's weight
+    pointers, built once. ``of(blocks)`` is None unless every block is covered by :class:`BlockWeights` with
+    the same head count and width. :meth:`check` (every call) verifies that no weight was since re-allocated
+    or cast (``model.half()``, ``param.data = ...``): the C code reads raw pointers."""
+
+    _PTRS = ("ln1_w", "ln1_b", "wqkv", "bqkv", "wout", "bout", "ln2_w", "ln2_b", "wup", "bup", "wdown", "bdown")
+
+    def __init__(self, blocks: list[BlockWeights]):
+        self.blocks = blocks
+        self.n_layers = len(blocks)
+        b0 = blocks[0]
+        self.n_heads, self.d_model = b0.n_heads, b0.wqkv.shape[1]
+        self.ws_row = max(2 * self.d_model + b.qkv_dim + b.ffn for b in blocks)
+        self.table = (_LayerStruct * self.n_layers)()
+        self._tensors = [getattr(b, k) for b in blocks for k in self._PTRS if getattr(b, k) is not None]
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+        for row, b in zip(self.table, blocks):
+            for k in self._PTRS:
+                setattr(row, k, _ptr(getattr(b, k)))
+            row.eps1, row.eps2, row.clip, row.scale = b.eps1, b.eps2, b.clip, b.scale
+            row.n_heads, row.ffn = b.n_heads, b.ffn
+        self._kv: list[int] = []
+
+    @classmethod
+    def of(cls, blocks: list[BlockWeights | None]) -> DecodeStack | None:
+        if not blocks or any(b is None for b in blocks):
+            return None
+        b0 = blocks[0]
+        if any(b.n_heads != b0.n_heads or b.wqkv.shape != b0.wqkv.shape for b in blocks):
+            return None
+        return cls(blocks)
+
+    def check(self) -> None:
+        if [t.data_ptr() for t in self._tensors] != self._ptrs:  # same storage: same fp32 CPU tensor
+            raise ValueError("decode_layers: the model's weights were re-allocated or cast after the decoder was "
+                             "built (was the model moved or cast?)")
+
+    def set_caches(self, kcs: list[torch.Tensor], vcs: list[torch.Tensor]) -> None:
+        ptrs = [t.data_ptr() for t in kcs] + [t.data_ptr() for t in vcs]
+        if ptrs != self._kv:  # a new cache, or one that grew (re-allocated)
+            for i, row in enumerate(self.table):
+                row.kc, row.vc = ptrs[i], ptrs[self.n_layers + i]
+            self._kv = ptrs
 
 
 def _f32cpu(t: torch.Tensor, contiguous: bool = False) -> bool:

@@ -151,6 +151,9 @@ int mptkit_smallgemm_vector_width(void) { return VW; }
  * KVCache._attend (float32), without the (n*Hkv, rep, T) batched matmuls that cost ~120 us per layer at n = 8.
  */
 #include <math.h>
+#ifndef APF
+#define APF 32 /* keys ahead to prefetch in decode attention (the tail of a slot's rows reads past len: harmless) */
+#endif
 
 /* exp(y) for y <= 0 (Cody-Waite reduction, degree-7 Taylor on |r| <= ln2/2: relative error < 2e-8 before
  * rounding); exactly 0 below -87, where exp is under FLT_MIN: no denormal results, which cost a microcode
@@ -170,8 +173,38 @@ static inline vf vexp_nonpos(vf y0) {
   return VKEEP_GE(p * VPOW2I(k), y0, SET1(-87.f));
 }
 
+/* Eight sums at once: lane r of the result is the sum of the lanes of a[r] (a shared add tree instead of eight
+ * separate horizontal reductions, whose shuffles dominated the score loop). */
+static inline __m256 hsum8x(const vf *a) {
+  __m256 y[8];
+  for (int r = 0; r < 8; r++)
+#if VW == 16
+    y[r] = _mm256_add_ps(_mm512_castps512_ps256(a[r]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r]), 1)));
+#else
+    y[r] = a[r];
+#endif
+  const __m256 s01 = _mm256_hadd_ps(y[0], y[1]), s23 = _mm256_hadd_ps(y[2], y[3]);
+  const __m256 s45 = _mm256_hadd_ps(y[4], y[5]), s67 = _mm256_hadd_ps(y[6], y[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  /* s0123 = [a0 a1 a2 a3 (lanes 0-3) | a0 a1 a2 a3 (lanes 4-7)], the same for s4567 */
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* Prefetch `bytes` bytes from p into L1, one request per cache line. */
+static inline void prefetch_span(const void *p, long bytes) {
+  for (long o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+}
+
+static inline void prefetch_span_l2(const void *p, long bytes) {
+  for (long o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
+}
+
 /* The kernel once per K/V storage type: NAME, the element type KT, LDK (VW elements -> vf), TOF / FROMF (one
- * element to / from float). */
+ * element to / from float).
+ * Scores: keys in blocks of 8 — eight independent dot-product chains, reduced together by hsum8x — with every
+ * cache line of the rows APF keys ahead prefetched (a row of D = 64 fp32 is four lines); the values: two keys per
+ * iteration into two sets of accumulators (the FMA latency chains of one set alone bound the loop). */
 #define DECODE_ATTENTION(NAME, KT, LDK, TOF, FROMF) \
 static inline float dot_##NAME(const float *a, const KT *b, long d) {                                              \
   const long dv = d / VW * VW;                                                                                     \
@@ -197,7 +230,7 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
         vd[c] = FROMF(vnew[s * vrow + g * D + c]);                                                                 \
       }                                                                                                            \
     }                                                                                                              \
-  const long tasks = n * H;                                                                                        \
+  const long tasks = n * H, rowb = D * (long)sizeof(KT), dv = D / VW * VW;                                         \
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)")            \
   for (long t = 0; t < tasks; t++) {                                                                               \
     const long s = t / H, h = t % H, g = h / rep, len = pos[s] + 1;                                                \
@@ -205,10 +238,41 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
     const KT *K = kc + (s * Hkv + g) * cap * D, *V = vc + (s * Hkv + g) * cap * D;                                 \
     float *p = scratch + t * tmax, *o = out + s * H * D + h * D;                                                   \
     const float slope = slopes ? slopes[h] : 0.f;                                                                  \
+    prefetch_span(K, (len < APF ? len : APF) * rowb);                                                              \
     float mx = -INFINITY;                                                                                          \
-    for (long j = 0; j < len; j++) {                                                                               \
-      _mm_prefetch((const char *)(K + (j + 8) * D), _MM_HINT_T0);                                                  \
-      _mm_prefetch((const char *)(V + j * D), _MM_HINT_T1); /* the values are read next: start them coming */      \
+    long j = 0;                                                                                                    \
+    if (len >= 8) {                                                                                                \
+      __m256 vmx = _mm256_set1_ps(-INFINITY);                                                                      \
+      const __m256 iota = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);                                  \
+      for (; j + 8 <= len; j += 8) {                                                                               \
+        if (j + APF < len) prefetch_span(K + (j + APF) * D, 8 * rowb);                                             \
+        prefetch_span_l2(V + j * D, 8 * rowb); /* the values are read next: start them coming */                   \
+        vf a[8];                                                                                                   \
+        for (int r = 0; r < 8; r++) a[r] = ZERO();                                                                 \
+        for (long c = 0; c < dv; c += VW) {                                                                        \
+          const vf qv = LD(qh + c);                                                                                \
+          for (int r = 0; r < 8; r++) a[r] = FMA(qv, LDK(K + (j + r) * D + c), a[r]);                              \
+        }                                                                                                          \
+        __m256 sc = hsum8x(a);                                                                                     \
+        if (dv < D) { /* head dimension not a multiple of the vector width: the rest one by one */                 \
+          float tail[8];                                                                                           \
+          for (int r = 0; r < 8; r++) {                                                                            \
+            float x = 0.f;                                                                                         \
+            for (long c = dv; c < D; c++) x += qh[c] * TOF(K[(j + r) * D + c]);                                    \
+            tail[r] = x;                                                                                           \
+          }                                                                                                        \
+          sc = _mm256_add_ps(sc, _mm256_loadu_ps(tail));                                                           \
+        }                                                                                                          \
+        const __m256 rel = _mm256_add_ps(iota, _mm256_set1_ps((float)(j - pos[s])));                               \
+        sc = _mm256_fmadd_ps(_mm256_set1_ps(slope), rel, _mm256_mul_ps(_mm256_set1_ps(scale), sc));                \
+        _mm256_storeu_ps(p + j, sc);                                                                               \
+        vmx = _mm256_max_ps(vmx, sc);                                                                              \
+      }                                                                                                            \
+      float m8[8];                                                                                                 \
+      _mm256_storeu_ps(m8, vmx);                                                                                   \
+      for (int r = 0; r < 8; r++) mx = m8[r] > mx ? m8[r] : mx;                                                    \
+    }                                                                                                              \
+    for (; j < len; j++) {                                                                                         \
       const float v = scale * dot_##NAME(qh, K + j * D, D) + slope * (float)(j - pos[s]);                          \
       p[j] = v;                                                                                                    \
       mx = v > mx ? v : mx;                                                                                        \
@@ -216,46 +280,59 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
     float sum = 0.f; /* exp(score - max), vectorised (score - max <= 0) */                                         \
     const long lv = len / VW * VW;                                                                                 \
     vf vsum = ZERO();                                                                                              \
-    const vf vmx = SET1(mx);                                                                                       \
-    for (long j = 0; j < lv; j += VW) {                                                                            \
-      const vf e = vexp_nonpos(LD(p + j) - vmx);                                                                   \
-      ST(p + j, e);                                                                                                \
+    const vf vmxv = SET1(mx);                                                                                      \
+    for (long i = 0; i < lv; i += VW) {                                                                            \
+      const vf e = vexp_nonpos(LD(p + i) - vmxv);                                                                  \
+      ST(p + i, e);                                                                                                \
       vsum = vsum + e;                                                                                             \
     }                                                                                                              \
     sum = hsum(vsum);                                                                                              \
-    for (long j = lv; j < len; j++) {                                                                              \
-      p[j] = expf(p[j] - mx);                                                                                      \
-      sum += p[j];                                                                                                 \
+    for (long i = lv; i < len; i++) {                                                                              \
+      p[i] = expf(p[i] - mx);                                                                                      \
+      sum += p[i];                                                                                                 \
     }                                                                                                              \
     const float inv = 1.f / sum;                                                                                   \
-    const long dv = D / VW * VW;                                                                                   \
     const vf vinv = SET1(inv);                                                                                     \
     long c = 0;                                                                                                    \
     for (; c + 4 * VW <= dv; c += 4 * VW) { /* four vectors of the head dimension per pass over the values */      \
       vf a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                                                       \
-      for (long j = 0; j < len; j++) {                                                                             \
-        _mm_prefetch((const char *)(V + (j + 8) * D + c), _MM_HINT_T0);                                            \
-        const vf pj = SET1(p[j]);                                                                                  \
-        const KT *vj = V + j * D + c;                                                                              \
-        a0 = FMA(pj, LDK(vj), a0);                                                                                 \
-        a1 = FMA(pj, LDK(vj + VW), a1);                                                                            \
-        a2 = FMA(pj, LDK(vj + 2 * VW), a2);                                                                        \
-        a3 = FMA(pj, LDK(vj + 3 * VW), a3);                                                                        \
+      vf b0 = ZERO(), b1 = ZERO(), b2 = ZERO(), b3 = ZERO();                                                       \
+      long i = 0;                                                                                                  \
+      for (; i + 2 <= len; i += 2) {                                                                               \
+        prefetch_span(V + (i + APF) * D + c, 2 * 4 * VW * (long)sizeof(KT));                                       \
+        const vf pi = SET1(p[i]), pk = SET1(p[i + 1]);                                                             \
+        const KT *vi = V + i * D + c, *vk = vi + D;                                                                \
+        a0 = FMA(pi, LDK(vi), a0);                                                                                 \
+        a1 = FMA(pi, LDK(vi + VW), a1);                                                                            \
+        a2 = FMA(pi, LDK(vi + 2 * VW), a2);                                                                        \
+        a3 = FMA(pi, LDK(vi + 3 * VW), a3);                                                                        \
+        b0 = FMA(pk, LDK(vk), b0);                                                                                 \
+        b1 = FMA(pk, LDK(vk + VW), b1);                                                                            \
+        b2 = FMA(pk, LDK(vk + 2 * VW), b2);                                                                        \
+        b3 = FMA(pk, LDK(vk + 3 * VW), b3);                                                                        \
       }                                                                                                            \
-      ST(o + c, a0 * vinv);                                                                                        \
-      ST(o + c + VW, a1 * vinv);                                                                                   \
-      ST(o + c + 2 * VW, a2 * vinv);                                                                               \
-      ST(o + c + 3 * VW, a3 * vinv);                                                                               \
+      if (i < len) {                                                                                               \
+        const vf pi = SET1(p[i]);                                                                                  \
+        const KT *vi = V + i * D + c;                                                                              \
+        a0 = FMA(pi, LDK(vi), a0);                                                                                 \
+        a1 = FMA(pi, LDK(vi + VW), a1);                                                                            \
+        a2 = FMA(pi, LDK(vi + 2 * VW), a2);                                                                        \
+        a3 = FMA(pi, LDK(vi + 3 * VW), a3);                                                                        \
+      }                                                                                                            \
+      ST(o + c, (a0 + b0) * vinv);                                                                                 \
+      ST(o + c + VW, (a1 + b1) * vinv);                                                                            \
+      ST(o + c + 2 * VW, (a2 + b2) * vinv);                                                                        \
+      ST(o + c + 3 * VW, (a3 + b3) * vinv);                                                                        \
     }                                                                                                              \
     for (; c < dv; c += VW) {                                                                                      \
       vf acc = ZERO();                                                                                             \
-      for (long j = 0; j < len; j++) acc = FMA(SET1(p[j]), LDK(V + j * D + c), acc);                               \
+      for (long i = 0; i < len; i++) acc = FMA(SET1(p[i]), LDK(V + i * D + c), acc);                               \
       ST(o + c, acc * vinv);                                                                                       \
     }                                                                                                              \
-    for (long c = dv; c < D; c++) {                                                                                \
+    for (long cc = dv; cc < D; cc++) {                                                                             \
       float a = 0.f;                                                                                               \
-      for (long j = 0; j < len; j++) a += p[j] * TOF(V[j * D + c]);                                                \
-      o[c] = a * inv;                                                                                              \
+      for (long i = 0; i < len; i++) a += p[i] * TOF(V[i * D + cc]);                                               \
+      o[cc] = a * inv;                                                                                             \
     }                                                                                                              \
   }                                                                                                                \
   return 0;                                                                                                        \
@@ -365,5 +442,30 @@ int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const floa
   rc = mptkit_smallgemm(u, wdown, bdown, h, n, d, ffn, nthreads);
   if (rc) return rc;
   for (long i = 0; i < n * d; i++) x[i] += h[i];
+  return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The blocks of a whole decode step in one call: every layer's mptkit_decode_block in order, on x in place.
+ * One foreign call per step instead of one per layer: the Python thread that serves HTTP then gets the GIL once
+ * per step, not at every layer boundary (and the per-call argument marshalling is paid once). */
+typedef struct {
+  const float *ln1_w, *ln1_b, *wqkv, *bqkv, *wout, *bout, *ln2_w, *ln2_b, *wup, *bup, *wdown, *bdown;
+  void *kc, *vc;
+  float eps1, eps2, clip, scale;
+  long n_heads, ffn;
+} mptkit_layer;
+
+int mptkit_decode_layers(float *x, long n, long d, const mptkit_layer *layers, long n_layers, int kv_half,
+                         const long *pos, long top, long cap, long Hkv, long D, const float *slopes, float *ws,
+                         int nthreads) {
+  for (long i = 0; i < n_layers; i++) {
+    const mptkit_layer *L = layers + i;
+    const int rc = mptkit_decode_block(x, n, d, L->ln1_w, L->ln1_b, L->eps1, L->wqkv, L->bqkv, L->clip, L->kc, L->vc,
+                                       kv_half, pos, top, cap, L->n_heads, Hkv, D, slopes, L->scale, L->wout, L->bout,
+                                       L->ln2_w, L->ln2_b, L->eps2, L->wup, L->bup, L->ffn, L->wdown, L->bdown, ws,
+                                       nthreads);
+    if (rc) return rc;
+  }
   return 0;
 }
