@@ -90,3 +90,34 @@ def test_packed_prefill_equals_one_prompt_at_a_time(over):
             toks = lb.argmax(-1).tolist()
     with pytest.raises(InferenceError, match="distinct slots"):
         a.begin_prefill_packed([(0, 2), (0, 3)])
+
+
+def test_wakers_run_before_each_forward_and_before_idling():
+    """``add_waker``: called on the engine thread as every forward pass starts (so a consumer buffering the
+    events can deliver them while the engine computes) and before the engine idles — no event is left
+    undelivered once a request is done."""
+    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    log = []
+    forwards = []
+    for name in ("prefill_packed", "decode"):
+        f = getattr(gen, name)
+        setattr(gen, name, lambda *a, _f=f, **k: (forwards.append(len(log)), _f(*a, **k))[1])
+    eng = Engine(gen, max_batch=2)
+    eng.add_waker(lambda: log.append(("wake", len(events))))
+    events = []
+    eng.start()
+    try:
+        h = eng.submit([1, 2, 3], [SamplingParams(max_tokens=6, ignore_eos=True)], events.append)
+        t = time.time()
+        while not (h.finished and log and log[-1] == ("wake", 6)) and time.time() - t < 30:
+            time.sleep(0.01)
+        assert len(events) == 6 and events[-1].finished
+        assert log[-1] == ("wake", 6)  # after the last event, before idling
+        # every forward pass was preceded by a wake that saw all events emitted so far
+        assert len(forwards) == 6  # one prefill, five decode steps
+        for n_log in forwards:
+            assert n_log >= 1 and log[n_log - 1][0] == "wake"
+        wakes_at_forward = [log[n - 1][1] for n in forwards]
+        assert wakes_at_forward == [0, 1, 2, 3, 4, 5]
+    finally:
+        eng.stop()

@@ -112,6 +112,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: str | None = None
+        self._wakers: list[Callable[[], None]] = []
         # counters (read by /metrics)
         self.steps = 0
         self.tokens_generated = 0
@@ -186,6 +187,22 @@ class Engine:
             for i, s in enumerate(seqs):
                 callback(Event(i, "", None, None, True, s.finish_reason or "length"))
         return h
+
+    def add_waker(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (on the engine thread) when the events emitted since the last call should be delivered:
+        as the next forward pass starts, and before the engine idles or stops. A consumer that buffers the
+        engine's events (the server's relay to its event loop) wakes its reader there rather than at every
+        event: the reader's Python then runs while the engine computes outside the GIL, instead of contending
+        with the engine's own Python (sampling, the next step's set-up) for it."""
+        with self._cv:
+            self._wakers.append(fn)
+
+    def _wake(self) -> None:
+        for fn in self._wakers:
+            try:
+                fn()
+            except Exception:  # a broken consumer must not kill the engine
+                log.exception("engine: waker failed")
 
     def cancel(self, h: Handle) -> None:
         """Stop a request: its sequences leave the batch before the next step."""
@@ -270,6 +287,7 @@ class Engine:
                 budget -= len(chunk)
         if not segs:
             return
+        self._wake()
         logits = self.gen.prefill_packed(self.cache, segs)
         for (i, chunk), row in zip(segs, logits):
             sl = self.slots[i]
@@ -285,6 +303,7 @@ class Engine:
             return
         hi = max(i for i, a in enumerate(active) if a) + 1
         tokens = [(sl.next_token if (sl is not None and sl.next_token is not None) else 0) for sl in self.slots[:hi]]
+        self._wake()
         logits = self.gen.decode(self.cache, tokens, active[:hi])
         self.steps += 1
         for i in range(hi):
@@ -301,6 +320,7 @@ class Engine:
                 with self._cv:
                     self._sweep()
                     while not self._stop and not self.waiting and all(s is None for s in self.slots):
+                        self._wake()
                         self._cv.wait(timeout=1.0)
                         self._sweep()
                     if self._stop:
@@ -318,3 +338,5 @@ class Engine:
                         sl.handle.callback(Event(sl.choice, "", None, None, True, "error", error=self.error))
                     except Exception:
                         log.exception("could not report the engine crash to one of its requests")
+        finally:
+            self._wake()  # whatever was emitted last reaches its readers
