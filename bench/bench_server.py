@@ -1,10 +1,11 @@
 """Server throughput: aggregate tokens/s of 8 concurrent streaming clients vs 1 client, p50/p99 latency.
-Model d512/8L/8H (random init, vocab 8192), 64-token prompts, 64 new tokens each (ignore_eos); --prompt-len 128
---new 256 is the shape of the decode benchmark (bench_decode.py).
+Model d512/8L/8H (random init, vocab 8192); two request shapes by default: 64-token prompts with 64 new
+tokens each (short generations: the 8 prompts' prefill is ~30% of a wave) and the decode benchmark's shape
+(bench_decode.py: 128-token prompts, 256 new tokens); ignore_eos. ``--shapes 64/64`` runs one.
 
 Also the same waves submitted straight to the engine (no HTTP), to separate batching from serving overhead.
 
-Run: flock /tmp/mptkit-bench.lock python bench/bench_server.py [--clients 8] [--prompt-len 64] [--new 64] [--rounds 7]
+Run: flock /tmp/mptkit-bench.lock python bench/bench_server.py [--clients 8] [--shapes 64/64,128/256] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -184,12 +185,13 @@ def engine_wave(eng: Engine, k: int, new: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--shapes", default="64/64,128/256",
+                    help="comma-separated PROMPT/NEW token counts, one measurement each")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "fp16"],
                     help="KV cache storage (default: the model's fp32)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="paired rounds per shape (default: 7 for generations up to 64 tokens, else 4)")
     ap.add_argument("--clients-in-process", action="store_true", help="run the HTTP clients in the server's "
                     "process (sharing its GIL), as the first measurements did")
     ap.add_argument("--httpx-clients", action="store_true", help="stream with httpx (parsing every SSE line as "
@@ -199,7 +201,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    PROMPT_LEN[0] = args.prompt_len
+    try:
+        shapes = [tuple(int(v) for v in sh.split("/")) for sh in args.shapes.split(",")]
+        if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shapes: expected PROMPT/NEW pairs like 64/64,128/256, got {args.shapes!r}")
     torch.manual_seed(0)
     model = MPTForCausalLM({"d_model": 512, "n_heads": 8, "n_layers": 8, "max_seq_len": 2048, "vocab_size": 8192,
                             "attn_config": {"alibi": True}}).eval()
@@ -214,18 +221,33 @@ def main() -> None:
     base = bg.base_url
     clients = Clients(base, args.clients_in_process, raw=not args.httpx_clients)
     clients.run(1, 8)  # warm-up
+    print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f} kv={gen.kv_dtype} "
+          f"clients: {'httpx' if args.httpx_clients else 'bare asyncio sockets'}, "
+          f"{'in the server process' if args.clients_in_process else 'in a separate process'}")
+    summary = []
+    for prompt_len, new in shapes:
+        rounds = args.rounds or (7 if new <= 64 else 4)
+        summary.append(measure(clients, eng, args.clients, prompt_len, new, rounds))
+    if len(summary) > 1:
+        print("summary: " + "; ".join(summary))
+    clients.close()
+    bg.stop()
+    eng.stop()
+
+
+def measure(clients: Clients, eng: Engine, k: int, prompt_len: int, new: int, rounds: int) -> str:
+    PROMPT_LEN[0] = prompt_len
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p * (len(xs) - 1)))]
-    print(f"threads={torch.get_num_threads()} load_avg_1m={os.getloadavg()[0]:.2f} prompt={args.prompt_len} new={args.new} "
-          f"kv={gen.kv_dtype}")
+    print(f"--- prompt {prompt_len} tokens, {new} new tokens, {rounds} paired rounds")
     chunks = 0
     # Rounds of paired waves (1 client, then k clients, back to back): this VM's speed drifts by 2x within
     # minutes, so each round's ratio compares two waves run under the same conditions; the median of the
     # per-round ratios is the figure, the best round of each kind is shown beside it.
     r1s, rks, ratios, lat1s, latks, steps = [], [], [], [], [], 0
-    for _ in range(args.rounds):
-        dt1, lat1, n1, c1 = clients.run(1, args.new)
+    for _ in range(rounds):
+        dt1, lat1, n1, c1 = clients.run(1, new)
         s0 = eng.steps
-        dtk, latk, nk, ck = clients.run(args.clients, args.new)
+        dtk, latk, nk, ck = clients.run(k, new)
         chunks += c1 + ck
         steps = eng.steps - s0
         r1s.append(n1 / dt1)
@@ -235,21 +257,16 @@ def main() -> None:
         latks += latk
     med = statistics.median
     print(f"HTTP  1 client : {med(r1s):7.1f} tokens/s median (best {max(r1s):.1f})  latency p50 {med(lat1s):.2f}s")
-    print(f"HTTP  {args.clients} clients: {med(rks):7.1f} tokens/s aggregate median (best {max(rks):.1f})  "
+    print(f"HTTP  {k} clients: {med(rks):7.1f} tokens/s aggregate median (best {max(rks):.1f})  "
           f"latency p50 {med(latks):.2f}s p99 {q(latks, 0.99):.2f}s  decode steps per wave {steps}")
-    print(f"ratio {args.clients} clients / 1 client = {med(ratios):.2f}x median of {args.rounds} paired rounds "
+    print(f"ratio {k} clients / 1 client = {med(ratios):.2f}x median of {rounds} paired rounds "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 4x); ratio of the best rounds "
-          f"{max(rks) / max(r1s):.2f}x; SSE chunks received {chunks} for "
-          f"{args.rounds * (1 + args.clients) * args.new} tokens")
+          f"{max(rks) / max(r1s):.2f}x; SSE chunks received {chunks} for {rounds * (1 + k) * new} tokens")
     # the same waves straight into the engine (no HTTP, no event loop): what the batching alone gives
-    e = [(engine_wave(eng, 1, args.new), engine_wave(eng, args.clients, args.new)) for _ in range(args.rounds)]
-    print(f"engine only: 1 sequence {med([a for a, _ in e]):7.1f} tokens/s, {args.clients} sequences "
+    e = [(engine_wave(eng, 1, new), engine_wave(eng, k, new)) for _ in range(rounds)]
+    print(f"engine only: 1 sequence {med([a for a, _ in e]):7.1f} tokens/s, {k} sequences "
           f"{med([b for _, b in e]):7.1f} tokens/s, ratio {med([b / a for a, b in e]):.2f}x median")
-    print(f"clients: {'httpx' if args.httpx_clients else 'bare asyncio sockets'}, "
-          f"{'in the server process' if args.clients_in_process else 'in a separate process'}")
-    clients.close()
-    bg.stop()
-    eng.stop()
+    return f"{prompt_len}/{new}: {med(ratios):.2f}x (min {min(ratios):.2f}) over HTTP, engine {med([b / a for a, b in e]):.2f}x"
 
 
 if __name__ == "__main__":
