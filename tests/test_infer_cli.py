@@ -65,3 +65,44 @@ def test_chat_repl_and_trimming(tmp_path, make_tokenizer, capsys, monkeypatch):
     kept = trim_history(msgs, lambda m: len(render_chatml(m)), 120)
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last" and kept[1]["role"] == "user"
     assert len(render_chatml(kept)) <= 120 < len(render_chatml(msgs))
+
+
+def test_generate_serve_and_eval_take_a_training_run(tmp_path, make_tokenizer, capsys):
+    """`mptkit generate RUN` loads the run's newest valid checkpoint (tokenizer from the run folder) and
+    continues exactly as the same weights in a model folder do; the server and the eval loader take the run
+    too; a folder with neither a model nor a checkpoint is a clear error."""
+    import shutil
+
+    from mptkit.eval.scoring import load_model
+    from mptkit.infer.server import build_server
+    from mptkit.train.trainer import Trainer
+    from tests._train_helpers import TINY_MODEL, datasets, make_cfg
+
+    ck = tmp_path / "ck"
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    shutil.copytree(tok_dir, ck)  # the tokenizer kept at the run's top level, beside its checkpoints
+    vocab = len(load_tokenizer(tok_dir))
+    tr, ev = datasets()
+    Trainer(make_cfg(tmp_path, model={**TINY_MODEL, "vocab_size": vocab}, max_duration="4ba"),
+            train_dataset=tr, eval_dataset=ev).fit()
+    [ckpt] = [p for p in (ck).iterdir() if p.name.startswith("ep")]
+    flat = tmp_path / "flat"
+    shutil.copytree(ckpt / "model", flat)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, flat / f.name)
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "5", "--ignore-eos"]
+    assert main(["generate", str(flat), *args]) == 0
+    want = capsys.readouterr().out
+    assert main(["generate", str(ck), *args]) == 0
+    assert capsys.readouterr().out == want and want.strip()
+    model, tok = load_model(ck, device="cpu")
+    assert tok is not None and torch.equal(model.transformer.wte.weight,
+                                           MPTForCausalLM.from_pretrained(flat).transformer.wte.weight)
+    srv = build_server(str(ck))
+    try:
+        assert srv.model_name == "ck"
+    finally:
+        srv.engine.stop()
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) != 0
+    assert "no usable checkpoint" in capsys.readouterr().err

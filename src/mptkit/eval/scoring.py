@@ -42,7 +42,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype = "fp32",
                attn_impl: str | None = None, tokenizer=None, need_tokenizer: bool = True):
-    """``(model, tokenizer)`` from an HF-layout model folder, in eval mode on ``device``.
+    """``(model, tokenizer)`` from an HF-layout model folder (or a training run / checkpoint: its newest valid
+    checkpoint, a sharded one consolidated), in eval mode on ``device``.
 
     ``tokenizer``: a tokenizer or a folder to use instead of the one beside the weights. With
     ``need_tokenizer`` a folder without tokenizer files is an :class:`EvalError`."""
@@ -57,9 +58,19 @@ def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str
     dev = resolve_device(device)
     if not os.path.isdir(folder):
         raise EvalError(f"model {folder}: no such folder (expected an HF-layout model folder: config.json + "
-                        "*.safetensors, e.g. runs/quickstart/hf)")
-    model = MPTForCausalLM.from_pretrained(folder, dtype=dtype, device=dev, attn_impl=attn_impl).eval()
-    tok = load_tok(tokenizer) if tokenizer is not None else load_folder_tok(folder)
+                        "*.safetensors, e.g. runs/quickstart/hf, or a training run)")
+    from mptkit.errors import ExportError
+    from mptkit.export.source import model_folders
+
+    try:
+        with model_folders(folder) as (mfolder, tok_folder):
+            model = MPTForCausalLM.from_pretrained(mfolder, dtype=dtype, device=dev, attn_impl=attn_impl).eval()
+            if tokenizer is not None:
+                tok = load_tok(tokenizer)
+            else:
+                tok = load_folder_tok(tok_folder) if tok_folder is not None else None
+    except ExportError as e:
+        raise EvalError(f"model {folder}: {e}") from None
     if tok is None and need_tokenizer:
         raise EvalError(f"model {folder}: no tokenizer files (tokenizer.json) beside the weights; "
                         "pass --tokenizer FOLDER")

@@ -75,7 +75,7 @@ def resolve_model_folder(src: str | os.PathLike) -> Path:
         folder = Path(model_folder(p))
     except CheckpointError as e:
         raise ExportError(f"{p}: not a model folder, and no usable checkpoint in it: {e}") from None
-    log.info("%s: exporting the newest valid checkpoint, %s", p, folder)
+    log.info("%s: using the newest valid checkpoint, %s", p, folder)
     return folder
 
 
@@ -108,6 +108,15 @@ def model_source(src: str | os.PathLike) -> Iterator[Path]:
         except CheckpointError as e:
             raise ExportError(f"{p}: the sharded checkpoint {ck} cannot be read: {e}") from None
         yield folder
+
+
+@contextlib.contextmanager
+def model_folders(src: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+                  ) -> Iterator[tuple[Path, Path | None]]:
+    """For loading a model from whatever a user points at — a model folder, a training run, a checkpoint
+    (a sharded one consolidated for the duration): (model folder, tokenizer folder or None)."""
+    with model_source(src) as folder:
+        yield folder, find_tokenizer_folder(folder, Path(src), tokenizer)
 
 
 def find_tokenizer_folder(model_folder: Path, src: Path | None = None, explicit: str | os.PathLike | None = None

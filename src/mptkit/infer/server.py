@@ -750,15 +750,18 @@ def _usage(p: int, c: int) -> dict:
 def build_server(model_path: str, *, max_context: int | None = None, api_key: str | None = None,
                  limits: ServerLimits | None = None, model_name: str | None = None, compile: bool = False,
                  dtype=None, device: str = "cpu", kv_dtype=None):
-    """Load a model folder and return a started :class:`Server` (call ``.app()`` for the ASGI app)."""
+    """Load a model (a model folder, a training run or a checkpoint) and return a started :class:`Server`
+    (call ``.app()`` for the ASGI app)."""
     import torch
 
+    from mptkit.export.source import model_folders
     from mptkit.infer.generate import Generator
     from mptkit.model import MPTForCausalLM, load_tokenizer
 
     limits = limits or ServerLimits()
-    model = MPTForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32, device=device)
-    tok = load_tokenizer(model_path)
+    with model_folders(model_path) as (folder, tok_folder):
+        model = MPTForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, device=device)
+        tok = load_tokenizer(tok_folder) if tok_folder is not None else None
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name
