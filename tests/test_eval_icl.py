@@ -172,8 +172,20 @@ def test_task_files_bad_input(tmp_path):
         read_icl_jsonl(mc, "language_modeling")
     with pytest.raises(EvalError, match="gold"):
         read_icl_jsonl(_write_jsonl(tmp_path / "g.jsonl", [{"query": "q", "choices": ["x", "y"], "gold": 2}]))
-    with pytest.raises(EvalError, match="unknown task type 'schema'"):
+    with pytest.raises(EvalError, match="unknown task type 'code_evaluation'"):
+        read_icl_jsonl(lm, "code_evaluation")
+    with pytest.raises(EvalError, match=r"lm.jsonl:1: missing key 'context_options'"):
         read_icl_jsonl(lm, "schema")
+    sch = {"context_options": ["a", "b"], "continuation": "c", "gold": 1}
+    assert read_icl_jsonl(_write_jsonl(tmp_path / "s.jsonl", [sch])).task_type == "schema"
+    with pytest.raises(EvalError, match=r"s2.jsonl:1: key 'gold' is 2, expected an integer index into 'context_options'"):
+        read_icl_jsonl(_write_jsonl(tmp_path / "s2.jsonl", [{**sch, "gold": 2}]))
+    qa = {"context": "Q: a?", "answer": "b", "aliases": ["b", "bee"]}
+    assert read_icl_jsonl(_write_jsonl(tmp_path / "qa.jsonl", [qa])).task_type == "generation_task_with_answers"
+    assert read_icl_jsonl(_write_jsonl(tmp_path / "qa1.jsonl", [qa]), "question_answering").task_type == (
+        "generation_task_with_answers")  # llm-foundry's former name
+    with pytest.raises(EvalError, match=r"qa2.jsonl:1: key 'aliases' must be a list of strings"):
+        read_icl_jsonl(_write_jsonl(tmp_path / "qa2.jsonl", [{**qa, "aliases": "b"}]))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(EvalError, match="no records"):
         read_icl_jsonl(tmp_path / "empty.jsonl")
@@ -211,8 +223,19 @@ def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
     assert "bad.jsonl:1: malformed JSON" in err and "Traceback" not in err
     assert main(["eval", "icl", str(folder), "--tasks", mc, "--num-fewshot", "10", "--device", "cpu"]) == 2
     assert "only 10 records" in capsys.readouterr().err
-    assert main(["eval", "icl", str(folder), "--tasks", mc, "--task-type", "generation"]) == 2
+    assert main(["eval", "icl", str(folder), "--tasks", mc, "--task-type", "code_evaluation"]) == 2
     assert "unknown task type" in capsys.readouterr().err
+    assert main(["eval", "icl", str(folder), "--tasks", mc, "--task-type", "generation"]) == 2
+    assert "missing key 'context' (a generation_task_with_answers record" in capsys.readouterr().err
+    qa = _write_jsonl(tmp_path / "qa.jsonl", [{"context": f"Q: {ln}\nA:", "answer": "x", "aliases": ["y"]}
+                                              for ln in _lines(4)])
+    assert main(["eval", "icl", str(folder), "--tasks", qa, "--stop", "\\n,?", "--device", "cpu", "--json",
+                 str(out), "--details"]) == 0
+    assert "generation_task_with_answers" in capsys.readouterr().out
+    api = icl_accuracy(model, load_tokenizer(folder), qa, stop=["\n", "?"])
+    assert [d["output"] for d in json.loads(out.read_text())["results"][0]["details"]] == [
+        d["output"] for d in api.details]
+    assert all("\n" not in d["output"] and "?" not in d["output"] for d in api.details)
     for extra, msg in ((["--max-examples", "0"], "--max-examples 0"), (["--batch-size", "0"], "--batch-size 0"),
                        (["--num-fewshot", "one"], "expected integers"), (["--task-type", "lm,mc,lm"], "3 types")):
         assert main(["eval", "icl", str(folder), "--tasks", f"{lm},{mc}", "--device", "cpu", *extra]) == 2
@@ -234,3 +257,75 @@ def test_cli_prompt_defaults_are_llm_foundrys():
         assert sig.parameters["example_delimiter"].default == "\n"
         assert sig.parameters["continuation_delimiter"].default == " "
         assert sig.parameters["prompt_string"].default == ""
+
+
+def test_schema_scores_the_continuation_after_each_context_option(tmp_path, make_tokenizer):
+    """Schema (Winograd-style): the log-likelihood of the one continuation after each context option equals an
+    unpadded full-logits forward of option + " continuation"; gold set to the best option gives accuracy 1,
+    to the worst 0; a shot shows the gold option and the continuation."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder)
+    lines = _lines(18)
+    recs = [{"context_options": lines[3 * i : 3 * i + 3], "continuation": CHOICES[i % len(CHOICES)].strip(),
+             "gold": 0} for i in range(6)]
+    ref = []
+    for r in recs:
+        a = tok.encode(" " + r["continuation"], add_special_tokens=False)
+        ref.append([_ref_logprob(model, tok.encode(o, add_special_tokens=False), a) for o in r["context_options"]])
+    best = [max(range(3), key=lambda j, r=r: r[j]) for r in ref]
+    worst = [min(range(3), key=lambda j, r=r: r[j]) for r in ref]
+    res = icl_accuracy(model, tok, [{**r, "gold": b} for r, b in zip(recs, best)])
+    assert res.task_type == "schema" and res.accuracy == 1.0 and res.accuracy_norm == 1.0
+    for d, r in zip(res.details, ref):
+        assert d["logprobs"] == pytest.approx(r, abs=2e-4)
+    assert icl_accuracy(model, tok, [{**r, "gold": w} for r, w in zip(recs, worst)]).accuracy == 0.0
+    task = ICLTask(name="s", task_type="schema", examples=[{**r, "gold": 1} for r in recs])
+    p = build_prompt(task, 0, num_fewshot=1, seed=3, option=2)
+    [shot] = fewshot_indices(6, 0, 1, 3)
+    s = recs[shot]
+    assert p == f"{s['context_options'][1]} {s['continuation']}\n{recs[0]['context_options'][2]} "
+
+
+def test_generation_task_matches_greedy_generation_and_normalized_aliases(tmp_path, make_tokenizer):
+    """generation_task_with_answers: each output is the model's greedy continuation of the prompt (trailing
+    space dropped) for the longest answer's tokens + 10, computed here by hand with full forwards; correct iff
+    its normalized form starts with a normalized alias — aliases made from the output's first word (case,
+    punctuation and an article changed) give accuracy 1, unrelated ones 0; a stop string cuts the output."""
+    from mptkit.eval.icl import GENERATION_BUFFER, normalize_answer
+
+    folder = _model_folder(tmp_path, make_tokenizer)
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder)
+    room = model.config.max_seq_len - 40  # prompts that fit whole with any answer budget used here
+    ctx = [c for c in (f"Q: {ln}\nA:" for ln in _lines(16)) if len(tok.encode(c, add_special_tokens=False)) <= room]
+    answer = "zz"
+    gen_ids = []
+    for c in ctx:  # greedy by hand: one full forward per token, stopping at EOS
+        ids = tok.encode(c, add_special_tokens=False)
+        out = []
+        with torch.no_grad():
+            for _ in range(40):
+                t = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+                if t == tok.eos_token_id:
+                    break
+                out.append(t)
+        gen_ids.append(out)
+    first = [normalize_answer(tok.decode(g[: 1 + GENERATION_BUFFER])) for g in gen_ids]  # the shortest budget
+    keep = [i for i, f in enumerate(first) if f]
+    assert len(keep) >= 3, first
+    recs = [{"context": ctx[i], "answer": answer, "aliases": ["The " + first[i].split()[0][:2].upper() + "!"]}
+            for i in keep]
+    new = max(len(tok.encode(" " + a, add_special_tokens=False)) for r in recs for a in [answer, *r["aliases"]])
+    new += GENERATION_BUFFER
+    assert new <= 40
+    ref = {i: tok.decode(gen_ids[i][:new]) for i in keep}
+    res = icl_accuracy(model, tok, recs, batch_size=2)
+    assert res.task_type == "generation_task_with_answers" and res.accuracy == 1.0
+    assert [d["output"] for d in res.details] == [ref[i] for i in keep]
+    assert icl_accuracy(model, tok, [{**r, "aliases": ["qqqq xxxx"]} for r in recs]).accuracy == 0.0
+    i0 = keep[0]
+    stop = ref[i0].strip()[:1]
+    assert stop
+    cut = icl_accuracy(model, tok, recs[:1], stop=[stop])
+    assert cut.details[0]["output"] == ref[i0][: ref[i0].index(stop)]

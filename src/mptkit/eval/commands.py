@@ -137,11 +137,13 @@ def _icl(args) -> int:
                                         example_delimiter=args.example_delimiter,
                                         continuation_delimiter=args.continuation_delimiter,
                                         prompt_string=args.prompt_string, batch_size=args.batch_size,
-                                        max_examples=args.max_examples, max_seq_len=args.max_seq_len))
+                                        max_examples=args.max_examples, max_seq_len=args.max_seq_len,
+                                        stop=[x for x in args.stop.split(",") if x] if args.stop else None))
     w = max(4, *(len(r.task) for r in results))
-    print(f"{'task':<{w}} {'type':<18} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
+    tw = max(18, *(len(r.task_type) for r in results))
+    print(f"{'task':<{w}} {'type':<{tw}} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
     for r in results:
-        print(f"{r.task:<{w}} {r.task_type:<18} {r.num_fewshot:>5} {r.examples:>6} {r.accuracy:>9.4f} "
+        print(f"{r.task:<{w}} {r.task_type:<{tw}} {r.num_fewshot:>5} {r.examples:>6} {r.accuracy:>9.4f} "
               f"{_fmt(r.accuracy_norm):>9}" + (f"  ({r.truncated} prompts truncated)" if r.truncated else ""))
     _write_json(args.json, {"model": str(args.model), "seed": args.seed,
                             "example_delimiter": args.example_delimiter,
@@ -200,13 +202,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_long_context)
 
     p = esub.add_parser("icl", help="in-context-learning accuracy on llm-foundry JSONL tasks",
-                        description="Accuracy on language_modeling ({context, continuation}: greedy match) and "
-                                    "multiple_choice ({query, choices, gold}: highest log-likelihood) JSONL tasks.")
+                        description="Accuracy on llm-foundry's JSONL task types: language_modeling ({context, "
+                                    "continuation}: greedy match), multiple_choice ({query, choices, gold}: highest "
+                                    "log-likelihood), schema ({context_options, continuation, gold}: the context "
+                                    "under which the continuation is likeliest) and generation_task_with_answers "
+                                    "({context, answer, aliases}: greedy generation, normalized prefix match).")
     _add_model_args(p)
     p.add_argument("--tasks", required=True, help="JSONL task files, comma-separated")
     p.add_argument("--task-type", default=None,
-                   help="language_modeling / multiple_choice (lm / mc): one for all files or one per file, "
-                        "comma-separated (default: inferred from the keys)")
+                   help="language_modeling / multiple_choice / schema / generation_task_with_answers (lm / mc / "
+                        "generation): one for all files or one per file, comma-separated (default: inferred from "
+                        "the keys)")
     p.add_argument("--num-fewshot", default="0", help="shots per prompt; a comma list runs each (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
     p.add_argument("--example-delimiter", type=_unescape, default=DEFAULT_EXAMPLE_DELIMITER,
@@ -220,5 +226,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + answer (default: the model's max_seq_len); longer prompts lose their start")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--stop", type=_unescape, default=None,
+                   help="generation tasks: stop strings, comma-separated (llm-foundry's early_stopping_criteria, "
+                        "e.g. '\\n'; default: EOS or the token budget)")
     p.add_argument("--details", action="store_true", help="write per-record results to --json")
     p.set_defaults(func=_icl)

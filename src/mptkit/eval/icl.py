@@ -9,6 +9,16 @@ Formats (one JSON object per line; the task type is given or inferred from the k
   summed log-likelihood of its tokens given the prompt. ``accuracy``: the choice with the highest sum is
   gold; ``accuracy_norm``: the highest mean per-token log-likelihood (length-normalized; the criterion
   llm-foundry's multiple-choice accuracy uses, lowest per-token perplexity). Ties go to the first choice.
+* ``schema``: ``{"context_options": [str, ...], "continuation": str, "gold": int}`` (Winograd-style partial
+  scoring): the one continuation is scored after each context option; the option under which it is most
+  likely is the model's choice (summed and per-token mean give the same pick: the continuation is the same
+  tokens each time). Shots show ``context_options[gold]`` + ``CD`` + ``continuation``.
+* ``generation_task_with_answers``: ``{"context": str, "answer": str, "aliases": [str, ...]}`` (TriviaQA-style):
+  the model generates greedily after the prompt — at most the longest answer's tokens + 10, stopping early at
+  any of ``stop`` (llm-foundry's ``early_stopping_criteria``) or EOS — and is correct when its output,
+  normalized as llm-foundry does (lowercase, punctuation and the articles a/an/the removed, whitespace
+  collapsed), starts with a normalized alias (``answer`` counts as one). Shots show ``context`` + ``CD`` +
+  ``answer``; the prompt's trailing whitespace is dropped (the model writes the space itself).
 
 The prompt (llm-foundry's ``prompt_string`` / ``example_delimiter`` / ``continuation_delimiter``: ``ED`` goes
 between consecutive parts, after a non-empty ``prompt_string`` too)::
@@ -47,9 +57,14 @@ log = logging.getLogger(__name__)
 TASK_KEYS = {
     "language_modeling": ("context", "continuation"),
     "multiple_choice": ("query", "choices", "gold"),
+    "schema": ("context_options", "continuation", "gold"),
+    "generation_task_with_answers": ("context", "answer", "aliases"),
 }
 TASK_ALIASES = {"lm": "language_modeling", "mc": "multiple_choice", "language-modeling": "language_modeling",
-                "multiple-choice": "multiple_choice"}
+                "multiple-choice": "multiple_choice", "generation": "generation_task_with_answers",
+                "question_answering": "generation_task_with_answers"}  # llm-foundry's former name
+CHOICE_TYPES = ("multiple_choice", "schema")  # the model picks among alternatives; ``gold`` is the right one
+GENERATION_BUFFER = 10  # new tokens beyond the longest answer (llm-foundry's _MAX_ANSWER_BUFFER_LENGTH)
 DEFAULT_EXAMPLE_DELIMITER = "\n"  # llm-foundry's defaults: example_delimiter "\n",
 DEFAULT_CONTINUATION_DELIMITER = " "  # continuation_delimiter " ", prompt_string ""
 
@@ -67,9 +82,11 @@ class ICLTask:
 
 @dataclass
 class ICLResult:
-    """``accuracy``: fraction correct (LM: greedy match; MC: highest summed log-likelihood);
-    ``accuracy_norm``: MC by mean per-token log-likelihood (None for LM); ``truncated``: prompts cut to fit;
-    ``details``: per record ``{"index", "correct", ...}`` (MC: ``"logprobs"``, ``"tokens"`` per choice)."""
+    """``accuracy``: fraction correct (LM: greedy match; MC / schema: highest summed log-likelihood;
+    generation: normalized output starts with an alias); ``accuracy_norm``: MC / schema by mean per-token
+    log-likelihood (None otherwise); ``truncated``: prompts cut to fit; ``details``: per record
+    ``{"index", "correct", ...}`` (MC / schema: ``"logprobs"``, ``"tokens"`` per choice; generation:
+    ``"output"``)."""
 
     task: str
     task_type: str
@@ -93,7 +110,7 @@ def normalize_task_type(name: str | None) -> str | None:
         return None
     t = TASK_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
     if t not in TASK_KEYS:
-        raise EvalError(f"unknown task type {name!r}: supported are {', '.join(TASK_KEYS)} (or lm, mc)")
+        raise EvalError(f"unknown task type {name!r}: supported are {', '.join(TASK_KEYS)} (or lm, mc, generation)")
     return t
 
 
@@ -118,15 +135,27 @@ def _check_record(rec: dict, task_type: str, where: str) -> None:
                 raise EvalError(f"{where}: key {k!r} is {type(rec[k]).__name__}, expected a string")
         if not rec["continuation"].strip():
             raise EvalError(f"{where}: key 'continuation' is empty (nothing to predict)")
+    elif task_type == "generation_task_with_answers":
+        for k in ("context", "answer"):
+            if not isinstance(rec[k], str):
+                raise EvalError(f"{where}: key {k!r} is {type(rec[k]).__name__}, expected a string")
+        al = rec["aliases"]
+        if not isinstance(al, list) or not all(isinstance(a, str) for a in al) or not (al or rec["answer"].strip()):
+            raise EvalError(f"{where}: key 'aliases' must be a list of strings (with 'answer', at least one "
+                            "non-empty answer)")
     else:
-        if not isinstance(rec["query"], str):
-            raise EvalError(f"{where}: key 'query' is {type(rec['query']).__name__}, expected a string")
-        ch = rec["choices"]
+        opts_key = "choices" if task_type == "multiple_choice" else "context_options"
+        text_key = "query" if task_type == "multiple_choice" else "continuation"
+        if not isinstance(rec[text_key], str):
+            raise EvalError(f"{where}: key {text_key!r} is {type(rec[text_key]).__name__}, expected a string")
+        if task_type == "schema" and not rec["continuation"].strip():
+            raise EvalError(f"{where}: key 'continuation' is empty (nothing to score)")
+        ch = rec[opts_key]
         if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
-            raise EvalError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings")
+            raise EvalError(f"{where}: key {opts_key!r} must be a list of at least 2 non-empty strings")
         g = rec["gold"]
         if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(ch):
-            raise EvalError(f"{where}: key 'gold' is {g!r}, expected an integer index into 'choices' "
+            raise EvalError(f"{where}: key 'gold' is {g!r}, expected an integer index into {opts_key!r} "
                             f"(0..{len(ch) - 1})")
 
 
@@ -155,7 +184,7 @@ def read_icl_jsonl(path, task_type: str | None = None) -> ICLTask:
         if not isinstance(rec, dict):
             raise EvalError(f"{where}: a JSON {type(rec).__name__}, expected an object with keys "
                             + (", ".join(repr(k) for k in TASK_KEYS[task_type]) if task_type else
-                               "'context', 'continuation' or 'query', 'choices', 'gold'"))
+                               " or ".join(", ".join(repr(k) for k in ks) for ks in TASK_KEYS.values())))
         if task_type is None:
             task_type = infer_task_type(rec, where)
         _check_record(rec, task_type, where)
@@ -167,15 +196,30 @@ def read_icl_jsonl(path, task_type: str | None = None) -> ICLTask:
 
 
 def _context(rec: dict, task_type: str) -> str:
-    return rec["context"] if task_type == "language_modeling" else rec["query"]
-
-
-def _answers(rec: dict, task_type: str) -> list[str]:
-    return [rec["continuation"]] if task_type == "language_modeling" else list(rec["choices"])
+    """The text before ``CD`` when the record is shown as a shot (or, but for schema, asked)."""
+    if task_type == "multiple_choice":
+        return rec["query"]
+    if task_type == "schema":
+        return rec["context_options"][rec["gold"]]
+    return rec["context"]
 
 
 def _gold_answer(rec: dict, task_type: str) -> str:
-    return rec["continuation"] if task_type == "language_modeling" else rec["choices"][rec["gold"]]
+    if task_type == "multiple_choice":
+        return rec["choices"][rec["gold"]]
+    if task_type == "generation_task_with_answers":
+        return rec["answer"]
+    return rec["continuation"]
+
+
+def _alternatives(rec: dict, task_type: str, prefix: str, cd: str) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs to score for a record, ``prefix`` being the prompt string and shots joined with
+    their trailing delimiter."""
+    if task_type == "multiple_choice":
+        return [(prefix + rec["query"] + cd, c) for c in rec["choices"]]
+    if task_type == "schema":
+        return [(prefix + c + cd, rec["continuation"]) for c in rec["context_options"]]
+    return [(prefix + rec["context"] + cd, rec["continuation"])]
 
 
 def fewshot_indices(n: int, index: int, k: int, seed: int) -> list[int]:
@@ -189,15 +233,43 @@ def fewshot_indices(n: int, index: int, k: int, seed: int) -> list[int]:
     return [j + (j >= index) for j in rng.sample(range(n - 1), k)]
 
 
-def build_prompt(task: ICLTask, index: int, *, num_fewshot: int = 0, seed: int = 1234,
-                 example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
-                 continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "") -> str:
-    """The prompt text of record ``index`` (shots included), before the answer (see the module docstring)."""
+def _prefix(task: ICLTask, index: int, num_fewshot: int, seed: int, example_delimiter: str,
+            continuation_delimiter: str, prompt_string: str) -> str:
+    """``prompt_string`` and the shots, each followed by the example delimiter ("" when there are none)."""
     t = task.task_type
     shots = [task.examples[j] for j in fewshot_indices(len(task.examples), index, num_fewshot, seed)]
-    parts = [_context(s, t) + continuation_delimiter + _gold_answer(s, t) for s in shots]
-    parts.append(_context(task.examples[index], t) + continuation_delimiter)
-    return example_delimiter.join([prompt_string, *parts] if prompt_string else parts)
+    parts = ([prompt_string] if prompt_string else []) + [
+        _context(s, t) + continuation_delimiter + _gold_answer(s, t) for s in shots]
+    return "".join(p + example_delimiter for p in parts)
+
+
+def build_prompt(task: ICLTask, index: int, *, num_fewshot: int = 0, seed: int = 1234,
+                 example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
+                 continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
+                 option: int | None = None) -> str:
+    """The prompt text of record ``index`` (shots included), before the answer (see the module docstring);
+    for a schema record, the prompt of context option ``option`` (default: gold)."""
+    prefix = _prefix(task, index, num_fewshot, seed, example_delimiter, continuation_delimiter, prompt_string)
+    rec = task.examples[index]
+    if task.task_type == "schema":
+        return prefix + rec["context_options"][rec["gold"] if option is None else option] + continuation_delimiter
+    if task.task_type == "multiple_choice":
+        return prefix + rec["query"] + continuation_delimiter
+    return prefix + rec["context"] + continuation_delimiter
+
+
+def normalize_answer(text: str) -> str:
+    """llm-foundry's answer normalization for generation tasks: underscores to spaces, lowercase, punctuation
+    (and curly quotes, backtick, acute accent) to spaces, the articles a/an/the removed, whitespace
+    collapsed."""
+    import re
+    import string
+
+    text = text.replace("_", " ").lower()
+    punct = set(string.punctuation + "\u2018\u2019\u00b4`")
+    text = "".join(" " if ch in punct else ch for ch in text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split()).strip()
 
 
 def split_trailing_space(prompt: str, answer: str) -> tuple[str, str]:
@@ -266,12 +338,13 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
                  example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
                  continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
                  batch_size: int = 16, max_examples: int | None = None,
-                 max_seq_len: int | None = None) -> ICLResult:
+                 max_seq_len: int | None = None, stop: str | list[str] | None = None) -> ICLResult:
     """Accuracy of ``model`` on an ICL task (see the module docstring for the formats and the prompt).
 
     ``task``: a JSONL path, an :class:`ICLTask`, or a list of record dicts. ``num_fewshot``: shots per prompt,
     drawn (seeded) from the other records. ``max_examples``: evaluate only the first N records (shots still
-    come from the whole file). Returns an :class:`ICLResult`."""
+    come from the whole file). ``stop``: generation tasks' early-stopping strings (llm-foundry's
+    ``early_stopping_criteria``; default none: EOS or the token limit). Returns an :class:`ICLResult`."""
     if isinstance(task, ICLTask):
         if task_type is not None and normalize_task_type(task_type) != task.task_type:
             raise EvalError(f"task {task.name} is {task.task_type}, not {task_type}")
@@ -301,11 +374,15 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
     n = len(task.examples) if max_examples is None else min(len(task.examples), int(max_examples))
     eos = getattr(tokenizer, "eos_token_id", None)
     t = task.task_type
+    fmt = {"num_fewshot": int(num_fewshot), "seed": seed, "example_delimiter": example_delimiter,
+           "continuation_delimiter": continuation_delimiter, "prompt_string": prompt_string}
+    if t == "generation_task_with_answers":
+        return _generation_accuracy(model, tokenizer, task, n, fmt, stop=stop, batch_size=batch_size,
+                                    max_seq_len=max_seq_len)
     requests, owner = [], []
     for i in range(n):
-        prompt = build_prompt(task, i, num_fewshot=int(num_fewshot), seed=seed, example_delimiter=example_delimiter,
-                              continuation_delimiter=continuation_delimiter, prompt_string=prompt_string)
-        for c, ans in enumerate(_answers(task.examples[i], t)):
+        prefix = _prefix(task, i, **fmt)
+        for c, (prompt, ans) in enumerate(_alternatives(task.examples[i], t, prefix, continuation_delimiter)):
             ptxt, atxt = split_trailing_space(prompt, ans)
             p_ids = _encode(tokenizer, ptxt) or ([eos] if eos is not None else [])
             a_ids = _encode(tokenizer, atxt)
@@ -326,7 +403,7 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
         if t == "language_modeling":
             ok = sc[0][2]
             details.append({"index": i, "correct": ok, "logprob": sc[0][0], "tokens": sc[0][1]})
-        else:
+        else:  # multiple choice / schema: the most likely alternative
             sums = [s for s, _, _ in sc]
             means = [s / k for s, k, _ in sc]
             pick = max(range(len(sums)), key=lambda j: (sums[j], -j))
@@ -338,5 +415,53 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
                             "choice_norm": pick_n, "gold": gold, "logprobs": sums, "tokens": [k for _, k, _ in sc]})
         correct += ok
     return ICLResult(task=task.name, task_type=t, num_fewshot=int(num_fewshot), examples=n,
-                     accuracy=correct / n, accuracy_norm=(correct_norm / n if t == "multiple_choice" else None),
+                     accuracy=correct / n, accuracy_norm=(correct_norm / n if t in CHOICE_TYPES else None),
                      truncated=truncated, details=details)
+
+
+def _generation_accuracy(model, tokenizer, task: ICLTask, n: int, fmt: dict, *, stop, batch_size: int,
+                         max_seq_len: int | None) -> ICLResult:
+    """Greedy generation after each prompt (mptkit.infer's batched generator: a cache slot per prompt, no
+    padding), cut at the first stop string, scored by normalized prefix match against the aliases."""
+    from mptkit.infer.generate import Generator
+    from mptkit.infer.sampling import SamplingParams
+
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(x, str) or not x for x in stops):
+        raise EvalError(f"--stop {stop!r}: stop strings must be non-empty")
+    answers = [[r["answer"], *r["aliases"]] for r in task.examples[:n]]
+    longest = max(len(_encode(tokenizer, " " + a)) for al in answers for a in al if a)
+    limit = int(max_seq_len or model.config.max_seq_len)
+    new = longest + GENERATION_BUFFER
+    eos = getattr(tokenizer, "eos_token_id", None)
+    prompts, truncated = [], 0
+    for i in range(n):
+        ids = _encode(tokenizer, build_prompt(task, i, **fmt).rstrip()) or ([eos] if eos is not None else [])
+        if not ids:
+            raise EvalError("a prompt encodes to no tokens (no EOS token to stand in for it)")
+        room = limit - new
+        if room < 1:
+            raise EvalError(f"answers of up to {longest} tokens (+{GENERATION_BUFFER} to spare) do not fit a window "
+                            f"of {limit} tokens; raise --max-seq-len or shorten the answers")
+        if len(ids) > room:
+            ids, truncated = ids[-room:], truncated + 1
+        prompts.append(ids)
+    vocab = model.config.vocab_size
+    if max(max(p) for p in prompts) >= vocab:
+        raise EvalError(f"token id {max(max(p) for p in prompts)} is outside the model's vocabulary ({vocab}): the "
+                        "tokenizer does not belong to this model")
+    if int(batch_size) < 1:
+        raise EvalError(f"--batch-size {batch_size}: must be >= 1")
+    gen = Generator(model, tokenizer, max_context=limit)
+    params = SamplingParams(max_tokens=new, temperature=0.0, stop=stops)
+    outputs: list[str] = []
+    for s in range(0, n, int(batch_size)):
+        outputs += [o.text for o in gen.generate(prompts[s : s + int(batch_size)], params)]
+    details, correct = [], 0
+    for i, (out, al) in enumerate(zip(outputs, answers)):
+        got = normalize_answer(out)
+        ok = any(got.startswith(normalize_answer(a)) for a in al if normalize_answer(a))
+        correct += ok
+        details.append({"index": i, "correct": ok, "output": out})
+    return ICLResult(task=task.name, task_type=task.task_type, num_fewshot=fmt["num_fewshot"], examples=n,
+                     accuracy=correct / n, truncated=truncated, details=details)
