@@ -72,10 +72,17 @@ def test_chat_finetune_learns_the_answers(tmp_path, make_tokenizer):
     tok = AutoTokenizer.from_pretrained(str(base))
     want = sum(len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in QA[:2])
     assert evals[-1]["eval_tokens"] == want
-    # the training side counts the positions that carried loss: 60 steps over the 4 examples' answers
+    # the training side counts the positions that carried loss: 60 steps over the 4 examples' answers; and,
+    # as llm-foundry counts tokens, the samples' non-padding tokens (each step is the 4 examples here)
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line]
     per_epoch = sum(len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in QA)
-    assert steps[-1]["target_tokens"] == 60 * per_epoch and steps[-1]["tokens"] == 60 * 4 * 64
+    from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
+
+    ds = build_finetune_dataset(tmp_path / "chat" / "train.jsonl", tok, FinetuneOptions(max_seq_len=64,
+                                                                                          system_prompt=None))
+    real = int((ds.input_ids != tok.pad_token_id).sum())  # padding is the pad token, never in the text
+    assert 0 < real < 4 * 64 and ds.token_count == real
+    assert steps[-1]["target_tokens"] == 60 * per_epoch and steps[-1]["tokens"] == 60 * real
 
     from mptkit.infer import Generator, SamplingParams
     from mptkit.infer.chat import IM_END, render_chatml
@@ -127,3 +134,32 @@ def test_bundled_finetune_recipes_are_valid(recipe):
         assert cfg.model["config_overrides"]["attn_config"]["attn_uses_sequence_id"] is True
     else:
         assert cfg.data_prep and ds["local"] and cfg.model["max_seq_len"] == cfg.max_seq_len >= 1024
+
+
+def test_token_durations_and_rates_count_non_padding_tokens(tmp_path, make_tokenizer):
+    """As llm-foundry counts tokens for finetuning data (non-padding ones): ``max_duration: Ntok`` becomes
+    steps through the data's non-padding tokens per sample, and ``tokens`` sums the batches' real lengths —
+    3 epochs' worth of tokens is 3 epochs of steps and exactly 3x the data's tokens; MFU still counts every
+    position computed (padding included, after pad trimming)."""
+    from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
+    from mptkit.model import load_tokenizer
+    from mptkit.train.trainer import Trainer
+    from tests._train_helpers import TINY_MODEL, make_cfg
+
+    tok = load_tokenizer(make_tokenizer())
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA))
+    ds = build_finetune_dataset(f, tok, FinetuneOptions(max_seq_len=32, allow_pad_trimming=True))
+    assert ds.token_count == int((ds.input_ids != tok.pad_token_id).sum()) < 4 * 32
+    cfg = make_cfg(tmp_path, model={**TINY_MODEL, "vocab_size": len(tok)}, max_duration=f"{3 * ds.token_count}tok",
+                   global_train_batch_size=2, device_train_microbatch_size=2, save_folder=None)
+    t = Trainer(cfg, train_dataset=ds)
+    summary = t.fit()
+    assert t.max_steps == 6 and summary["steps"] == 6  # 2 batches per epoch, 3 epochs
+    assert summary["tokens"] == 3 * ds.token_count
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    widths = {r["step"]: r for r in recs if "train_loss" in r}
+    assert all(0 < r["mfu"] for r in widths.values())
+    w = t._step_width
+    assert w < 32 and w % 8 == 0  # the last batch was cut to its longest sample (a multiple of 8)
+    assert t._flops_per_batch(w) < t._flops_per_batch()

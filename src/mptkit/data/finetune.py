@@ -452,7 +452,8 @@ def pack_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 class FinetuneDataset:
     """Fixed-length samples: ``input_ids``, ``labels`` (-100 = no loss) and, when packed, ``sequence_id``
-    (T,) LongTensors; ``collate`` stacks them (and cuts trailing padding with ``allow_pad_trimming``)."""
+    (T,) LongTensors, and ``num_tokens`` (the sample's non-padding length, what llm-foundry counts as its
+    tokens); ``collate`` stacks them (and cuts trailing padding with ``allow_pad_trimming``)."""
 
     def __init__(self, examples: list[tuple[list[int], list[int]]], opts: FinetuneOptions, pad_id: int,
                  stats: FinetuneStats | None = None):
@@ -487,8 +488,13 @@ class FinetuneDataset:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def token_count(self) -> int:
+        """Non-padding tokens over all samples (the trainer converts ``tok`` durations with it)."""
+        return int(self.lengths.sum())
+
     def __getitem__(self, i: int) -> dict:
-        d = {"input_ids": self.input_ids[i].long(), "labels": self.labels[i].long()}
+        d = {"input_ids": self.input_ids[i].long(), "labels": self.labels[i].long(), "num_tokens": self.lengths[i]}
         if self.sequence_id is not None:
             d["sequence_id"] = self.sequence_id[i].long()
         return d
@@ -500,7 +506,7 @@ class FinetuneDataset:
             cols = torch.nonzero(real.any(0)).flatten()
             keep = int(cols[-1]) + 1 if len(cols) else 1
             keep = min(out["input_ids"].shape[1], -(-keep // 8) * 8)  # a multiple of 8: fewer distinct shapes
-            out = {k: v[:, :keep] for k, v in out.items()}
+            out = {k: (v[:, :keep] if v.dim() == 2 else v) for k, v in out.items()}
         return out
 
 

@@ -172,22 +172,27 @@ class LossSpikeMonitor:
 
 
 class Throughput:
-    """Tokens/s over a sliding window of steps (llm-foundry's speed_monitor window_size)."""
+    """Tokens/s and FLOP/s over a sliding window of steps (llm-foundry's speed_monitor window_size)."""
 
     def __init__(self, window: int = 10):
-        self.steps: deque[tuple[float, int]] = deque(maxlen=max(1, window))
+        self.steps: deque[tuple[float, int, float]] = deque(maxlen=max(1, window))
 
-    def add(self, seconds: float, tokens: int) -> None:
-        self.steps.append((seconds, tokens))
+    def add(self, seconds: float, tokens: int, flops: float = 0.0) -> None:
+        self.steps.append((seconds, tokens, flops))
 
     @property
     def tokens_per_s(self) -> float:
-        s = sum(x for x, _ in self.steps)
-        return sum(t for _, t in self.steps) / s if s > 0 else 0.0
+        s = sum(x[0] for x in self.steps)
+        return sum(x[1] for x in self.steps) / s if s > 0 else 0.0
+
+    @property
+    def flops_per_s(self) -> float:
+        s = sum(x[0] for x in self.steps)
+        return sum(x[2] for x in self.steps) / s if s > 0 else 0.0
 
     @property
     def step_s(self) -> float:
-        return sum(x for x, _ in self.steps) / len(self.steps) if self.steps else 0.0
+        return sum(x[0] for x in self.steps) / len(self.steps) if self.steps else 0.0
 
 
 def rank_zero() -> bool:

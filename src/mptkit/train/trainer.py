@@ -55,6 +55,16 @@ def count_targets(mb: dict) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
+def count_tokens(mb: dict) -> int:
+    """Tokens a microbatch holds, as llm-foundry counts them for ``tok`` durations and tokens/s: the samples'
+    real (non-padding) lengths when the batch says (``num_tokens``, finetuning data), else every position."""
+    n = mb.get("num_tokens")
+    if n is not None:
+        return int(n.sum())
+    ids = mb["input_ids"]
+    return ids.shape[0] * ids.shape[1]
+
+
 def causal_lm_loss(model: nn.Module, mb: dict) -> torch.Tensor:
     """Mean next-token cross-entropy of a microbatch (labels = input_ids unless the batch has labels)."""
     labels = mb.get("labels", mb["input_ids"])
@@ -155,6 +165,8 @@ class Trainer:
         self.tokens = 0
         self.target_tokens = 0  # positions that carried loss (labels[:, 1:] != -100), all ranks
         self._step_targets = 0
+        self._step_tokens = 0  # tokens of the last step (non-padding for finetuning data), all ranks
+        self._step_width = 0  # positions per sample computed in the last step (after pad trimming)
         self.samples = 0
         self.last_eval: dict | None = None
         self.resumed_from: Path | None = None
@@ -258,7 +270,11 @@ class Trainer:
             raise DataError(
                 f"the training data has {len(self.train_dataset)} samples: fewer than one global batch "
                 f"({gb}); prepare more data or lower global_train_batch_size")
-        self.tokens_per_batch = gb * seq_len
+        self.tokens_per_batch = gb * seq_len  # positions per global batch
+        # ``tok`` durations count tokens as llm-foundry does: non-padding ones where the data has padding
+        # (finetuning samples report their lengths); converted to steps with the data's mean per sample
+        real = getattr(self.train_dataset, "token_count", None)
+        self.duration_tokens_per_batch = (real / len(self.train_dataset) * gb if real else self.tokens_per_batch)
         self.max_steps = self._to_batches(cfg.duration)
         self.eval_every = self._interval(cfg.eval_interval, "eval_interval", int_unit="ep")
         self.save_every = self._interval(cfg.save_interval, "save_interval", int_unit="ep")
@@ -379,7 +395,8 @@ class Trainer:
                         self.seq_len, mc.max_seq_len)
 
     def _to_batches(self, d: Duration) -> int:
-        return d.to_batches(batches_per_epoch=self.stream.batches_per_epoch, tokens_per_batch=self.tokens_per_batch,
+        return d.to_batches(batches_per_epoch=self.stream.batches_per_epoch,
+                            tokens_per_batch=self.duration_tokens_per_batch,
                             samples_per_batch=self.cfg.global_train_batch_size)
 
     def _interval(self, v, key: str, int_unit: str) -> int:
@@ -641,9 +658,11 @@ class Trainer:
         set_lr(self.optimizer, lr_mult)
         mbs = self._split(batch, mb)
         counts = [self.count_targets(m) for m in mbs]
-        total = torch.tensor(float(sum(counts)), dtype=torch.float64)
-        total = float(all_reduce_sum(total.to(self.device) if self.dist.enabled and self.device.type == "cuda"
-                                     else total, self.dist))
+        both = torch.tensor([float(sum(counts)), float(sum(count_tokens(m) for m in mbs))], dtype=torch.float64)
+        both = all_reduce_sum(both.to(self.device) if self.dist.enabled and self.device.type == "cuda" else both,
+                              self.dist)
+        total, self._step_tokens = float(both[0]), int(both[1])
+        self._step_width = int(batch["input_ids"].shape[1])
         if total <= 0:
             raise DataError(f"step {self.step}: the batch has no target tokens (all labels are -100)")
         self._step_targets = int(total)
@@ -743,7 +762,6 @@ class Trainer:
         writer = MetricsWriter(self.run_folder, enabled=main,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
-        flops_per_batch = self._flops_per_batch()
         peak, peak_src = peak_flops(self.device, cfg.precision, cfg.peak_tflops)
         if main:
             log.info("run %s: %s params, %d steps of %d samples x %d tokens (%s), microbatch %s%s, %d rank(s), "
@@ -780,16 +798,16 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.step += 1
                 self.samples += self.cfg.global_train_batch_size
-                self.tokens += self.tokens_per_batch
+                self.tokens += self._step_tokens
                 self.target_tokens += self._step_targets
-                tput.add(dt, self.tokens_per_batch)
+                tput.add(dt, self._step_tokens, self._flops_per_batch(self._step_width))
                 self.spike(self.step, loss)
                 if main:
                     rec = {"step": self.step, "epoch": self.stream.epoch, "train_loss": loss, "lr": lr,
                            "grad_norm": gnorm, "tokens": self.tokens, "target_tokens": self.target_tokens,
                            "samples": self.samples,
                            "step_s": dt, "tokens_per_s": tput.tokens_per_s,
-                           "mfu": flops_per_batch / tput.step_s / (peak * self.dist.world_size) if tput.step_s else 0.0,
+                           "mfu": tput.flops_per_s / (peak * self.dist.world_size),
                            "microbatch": self.microbatch, "time": time.time(), **memory_stats(self.device)}
                     writer.write(rec)
                     if bar is not None:
@@ -861,12 +879,15 @@ class Trainer:
         log.info(msg)
         return rec
 
-    def _flops_per_batch(self) -> float:
+    def _flops_per_batch(self, width: int | None = None) -> float:
+        """Training FLOPs of a global batch whose samples are ``width`` positions long (default: the data's
+        sequence length; padding is computed, so it counts here, unlike in ``tokens``)."""
         m = self.model
         gb = self.cfg.global_train_batch_size
+        width = int(width or self.seq_len)
         if hasattr(m, "flops_per_batch"):
-            return float(m.flops_per_batch(gb, self.seq_len))
-        return 6.0 * sum(p.numel() for p in m.parameters()) * gb * self.seq_len
+            return float(m.flops_per_batch(gb, width))
+        return 6.0 * sum(p.numel() for p in m.parameters()) * gb * width
 
     def _write_run_config(self) -> None:
         import yaml
