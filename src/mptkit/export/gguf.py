@@ -324,102 +324,89 @@ def export_gguf(
     """Write ``src`` (a model folder, run or checkpoint — a sharded FSDP one is consolidated first) as a GGUF
     file for llama.cpp at ``out``."""
     with model_source(src) as folder:
-        return _export_gguf(folder, src, out, dtype=dtype, tokenizer=tokenizer, name=name)
+        gguf = _gguf()
+        if dtype not in GGUF_DTYPES:
+            raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
+        src = Path(src)
+        out = Path(out)
+        if out.exists() and out.is_dir():
+            raise ExportError(f"{out}: is a folder; give the path of the .gguf file to write")
+        cfg = load_config(folder)
+        problems = llama_cpp_incompatibilities(cfg)
+        if problems:
+            raise ExportError(
+                f"{folder}: llama.cpp's mpt architecture cannot express " + "; ".join(problems)
+            )
+        tok_folder = find_tokenizer_folder(folder, src, tokenizer)
+        if tok_folder is None:
+            raise ExportError(f"{src}: no tokenizer files found beside the model or the run; a GGUF file embeds the "
+                              "tokenizer: pass --tokenizer DIR")
+        tok = read_tokenizer(tok_folder, cfg.vocab_size)
+        store = TensorStore(folder)
+        store.check_against(cfg)
+        plan = _tensor_plan(cfg, store)
 
+        folded = []
+        if _softmax_fold(cfg) != 1.0:
+            folded.append(f"attn_config.softmax_scale={cfg.attn_config['softmax_scale']} folded into the Q projection")
+        if cfg.logit_scale_value is not None:
+            folded.append(f"logit_scale={cfg.logit_scale} folded into an explicit output tensor")
+        for f in folded:
+            log.info("%s", f)
+        for nt in tok.notes:
+            log.warning("tokenizer: %s", nt)
+        if cfg.use_learned_pos_emb:
+            log.warning("learned positions: llama.cpp has %d position rows (max_seq_len); do not run it with a "
+                        "longer context", cfg.max_seq_len)
 
-def _export_gguf(
-    folder: Path,
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    dtype: str = "f32",
-    tokenizer: str | os.PathLike | None = None,
-    name: str | None = None,
-) -> GGUFExportResult:
-    """:func:`export_gguf` from the model folder ``folder`` behind ``src``."""
-    gguf = _gguf()
-    if dtype not in GGUF_DTYPES:
-        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
-    src = Path(src)
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise ExportError(f"{out}: is a folder; give the path of the .gguf file to write")
-    cfg = load_config(folder)
-    problems = llama_cpp_incompatibilities(cfg)
-    if problems:
-        raise ExportError(
-            f"{folder}: llama.cpp's mpt architecture cannot express " + "; ".join(problems)
-        )
-    tok_folder = find_tokenizer_folder(folder, src, tokenizer)
-    if tok_folder is None:
-        raise ExportError(f"{src}: no tokenizer files found beside the model or the run; a GGUF file embeds the "
-                          "tokenizer: pass --tokenizer DIR")
-    tok = read_tokenizer(tok_folder, cfg.vocab_size)
-    store = TensorStore(folder)
-    store.check_against(cfg)
-    plan = _tensor_plan(cfg, store)
-
-    folded = []
-    if _softmax_fold(cfg) != 1.0:
-        folded.append(f"attn_config.softmax_scale={cfg.attn_config['softmax_scale']} folded into the Q projection")
-    if cfg.logit_scale_value is not None:
-        folded.append(f"logit_scale={cfg.logit_scale} folded into an explicit output tensor")
-    for f in folded:
-        log.info("%s", f)
-    for nt in tok.notes:
-        log.warning("tokenizer: %s", nt)
-    if cfg.use_learned_pos_emb:
-        log.warning("learned positions: llama.cpp has %d position rows (max_seq_len); do not run it with a "
-                    "longer context", cfg.max_seq_len)
-
-    n_bytes = 0
-    with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), ARCH)
-        try:
-            w.add_name(name or src.resolve().name)
-            w.add_context_length(int(cfg.max_seq_len))
-            w.add_embedding_length(int(cfg.d_model))
-            w.add_block_count(int(cfg.n_layers))
-            w.add_feed_forward_length(int(cfg.ffn_hidden_size))
-            w.add_head_count(int(cfg.n_heads))
-            w.add_head_count_kv(int(cfg.kv_n_heads))
-            w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
-            w.add_max_alibi_bias(float(cfg.attn_config["alibi_bias_max"]) if cfg.alibi else 0.0)
-            if cfg.attn_config["clip_qkv"] is not None:
-                w.add_clamp_kqv(float(cfg.attn_config["clip_qkv"]))
-            w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(tok.pre)
-            w.add_token_list(tok.tokens)
-            w.add_token_types(tok.token_types)
-            w.add_token_merges(tok.merges)
-            for setter, v in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
-                              (w.add_pad_token_id, tok.pad_id), (w.add_unk_token_id, tok.unk_id)):
-                if v is not None:
-                    setter(int(v))
-            w.add_add_bos_token(tok.add_bos)
-            w.add_add_eos_token(tok.add_eos)
-            if tok.chat_template:
-                w.add_chat_template(tok.chat_template)
-            # Tensor infos first (shapes only), then the data, one tensor at a time.
-            for gname, _src, shape in plan:
-                is_f16 = dtype == "f16" and len(shape) >= 2
-                np_dtype = np.dtype(np.float16 if is_f16 else np.float32)
-                nbytes = int(np.prod(shape)) * np_dtype.itemsize
-                w.add_tensor_info(gname, shape, np_dtype, nbytes)
-                n_bytes += nbytes
-            w.write_header_to_file(tmp)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for gname, src_name, _shape in plan:
-                w.write_tensor_data(_prepare(cfg, store, gname, src_name, dtype))
-        finally:
-            w.close()
-        publish_permissions(tmp)
-    log.info("wrote %s: %d tensors, %.1f MB of %s weights, %d tokens (%d padding)", out, len(plan), n_bytes / 1e6,
-             dtype, len(tok.tokens), tok.padded)
-    return GGUFExportResult(path=out, source=folder, dtype=dtype, n_tensors=len(plan), n_bytes=n_bytes,
-                            tokenizer_from=tok_folder, folded=folded, notes=tok.notes)
+        n_bytes = 0
+        with atomic_path(out) as tmp:
+            w = gguf.GGUFWriter(str(tmp), ARCH)
+            try:
+                w.add_name(name or src.resolve().name)
+                w.add_context_length(int(cfg.max_seq_len))
+                w.add_embedding_length(int(cfg.d_model))
+                w.add_block_count(int(cfg.n_layers))
+                w.add_feed_forward_length(int(cfg.ffn_hidden_size))
+                w.add_head_count(int(cfg.n_heads))
+                w.add_head_count_kv(int(cfg.kv_n_heads))
+                w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
+                w.add_max_alibi_bias(float(cfg.attn_config["alibi_bias_max"]) if cfg.alibi else 0.0)
+                if cfg.attn_config["clip_qkv"] is not None:
+                    w.add_clamp_kqv(float(cfg.attn_config["clip_qkv"]))
+                w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+                w.add_tokenizer_model("gpt2")
+                w.add_tokenizer_pre(tok.pre)
+                w.add_token_list(tok.tokens)
+                w.add_token_types(tok.token_types)
+                w.add_token_merges(tok.merges)
+                for setter, v in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
+                                  (w.add_pad_token_id, tok.pad_id), (w.add_unk_token_id, tok.unk_id)):
+                    if v is not None:
+                        setter(int(v))
+                w.add_add_bos_token(tok.add_bos)
+                w.add_add_eos_token(tok.add_eos)
+                if tok.chat_template:
+                    w.add_chat_template(tok.chat_template)
+                # Tensor infos first (shapes only), then the data, one tensor at a time.
+                for gname, _src, shape in plan:
+                    is_f16 = dtype == "f16" and len(shape) >= 2
+                    np_dtype = np.dtype(np.float16 if is_f16 else np.float32)
+                    nbytes = int(np.prod(shape)) * np_dtype.itemsize
+                    w.add_tensor_info(gname, shape, np_dtype, nbytes)
+                    n_bytes += nbytes
+                w.write_header_to_file(tmp)
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                for gname, src_name, _shape in plan:
+                    w.write_tensor_data(_prepare(cfg, store, gname, src_name, dtype))
+            finally:
+                w.close()
+            publish_permissions(tmp)
+        log.info("wrote %s: %d tensors, %.1f MB of %s weights, %d tokens (%d padding)", out, len(plan), n_bytes / 1e6,
+                 dtype, len(tok.tokens), tok.padded)
+        return GGUFExportResult(path=out, source=folder, dtype=dtype, n_tensors=len(plan), n_bytes=n_bytes,
+                                tokenizer_from=tok_folder, folded=folded, notes=tok.notes)
 
 
 __all__ = ["GGUFExportResult", "export_gguf", "llama_cpp_incompatibilities", "read_tokenizer", "tensor_name_map"]

@@ -84,81 +84,65 @@ def export_hf(
     ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
     """
     with model_source(src) as folder:
-        return _export_hf(folder, src, out, dtype=dtype, layout=layout, max_shard_size=max_shard_size,
-                          tokenizer=tokenizer, overwrite=overwrite)
+        from mptkit.model.checkpoint_io import parse_size, save_pretrained
+        from mptkit.model.config import transformers_incompatibilities
+        from mptkit.model.model import MPTForCausalLM
 
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
+        if dtype not in HF_DTYPES:
+            raise ExportError(f"--dtype {dtype}: expected one of {', '.join(HF_DTYPES)}")
+        if layout not in LAYOUTS:
+            raise ExportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+        try:
+            parse_size(max_shard_size)
+        except ConfigError as e:
+            raise ExportError(str(e)) from None
+        src = Path(src)
+        out = Path(out)
+        _check_out(src, folder, out, overwrite)
+        cfg = load_config(folder)
+        incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []
+        if incompat:
+            log.warning("transformers' MptForCausalLM cannot express %d setting(s) of this model; the folder loads "
+                        "in mptkit, but transformers would compute a different model:", len(incompat))
+            for item in incompat:
+                log.warning("  - %s", item)
+        tok_folder = find_tokenizer_folder(folder, src, tokenizer)
+        if tok_folder is None:
+            log.warning("%s: no tokenizer files found beside the model or the run; the export has none "
+                        "(pass --tokenizer DIR to include one)", src)
 
-def _export_hf(
-    folder: Path,
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    dtype: str = "fp32",
-    layout: str = "transformers",
-    max_shard_size: int | str = "5GB",
-    tokenizer: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> HFExportResult:
-    """:func:`export_hf` from the model folder ``folder`` behind ``src``."""
-    from mptkit.model.checkpoint_io import parse_size, save_pretrained
-    from mptkit.model.config import transformers_incompatibilities
-    from mptkit.model.model import MPTForCausalLM
-
-    dtype = DTYPE_ALIASES.get(dtype, dtype)
-    if dtype not in HF_DTYPES:
-        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(HF_DTYPES)}")
-    if layout not in LAYOUTS:
-        raise ExportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
-    try:
-        parse_size(max_shard_size)
-    except ConfigError as e:
-        raise ExportError(str(e)) from None
-    src = Path(src)
-    out = Path(out)
-    _check_out(src, folder, out, overwrite)
-    cfg = load_config(folder)
-    incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []
-    if incompat:
-        log.warning("transformers' MptForCausalLM cannot express %d setting(s) of this model; the folder loads "
-                    "in mptkit, but transformers would compute a different model:", len(incompat))
-        for item in incompat:
-            log.warning("  - %s", item)
-    tok_folder = find_tokenizer_folder(folder, src, tokenizer)
-    if tok_folder is None:
-        log.warning("%s: no tokenizer files found beside the model or the run; the export has none "
-                    "(pass --tokenizer DIR to include one)", src)
-
-    torch_dtype = HF_DTYPES[dtype]
-    try:
-        model = MPTForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    except ConfigError as e:
-        raise ExportError(f"cannot export {folder}: {e}") from None
-    except Exception as e:
-        from mptkit.errors import MPTKitError
-
-        if isinstance(e, MPTKitError):
+        torch_dtype = HF_DTYPES[dtype]
+        try:
+            model = MPTForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        except ConfigError as e:
             raise ExportError(f"cannot export {folder}: {e}") from None
-        raise
-    # config.json records the dtype (transformers >= 5 reads "dtype", older versions "torch_dtype").
-    model.config = copy.deepcopy(model.config)
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
-    model.config.extra.pop("dtype", None)
-    model.config.extra["torch_dtype"] = name
-    model.config.init_device = "cpu"
+        except Exception as e:
+            from mptkit.errors import MPTKitError
 
-    log.info("exporting %s -> %s (%s, %s layout)", folder, out, dtype, layout)
-    with atomic_dir(out) as tmp:
-        save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype)
-        if tok_folder is not None:
-            for fname in TOKENIZER_FILES:
-                f = tok_folder / fname
-                if f.is_file():
-                    shutil.copyfile(f, tmp / fname)
-        files = sorted(p.name for p in tmp.iterdir())
-        publish_permissions(tmp)
-    log.info("wrote %s: %s", out, ", ".join(files))
-    return HFExportResult(folder=out, source=folder, dtype=dtype, layout=layout, files=files,
-                          tokenizer_from=tok_folder, incompatibilities=incompat)
+            if isinstance(e, MPTKitError):
+                raise ExportError(f"cannot export {folder}: {e}") from None
+            raise
+        # config.json records the dtype (transformers >= 5 reads "dtype", older versions "torch_dtype").
+        model.config = copy.deepcopy(model.config)
+        name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+        model.config.extra.pop("dtype", None)
+        model.config.extra["torch_dtype"] = name
+        model.config.init_device = "cpu"
+
+        log.info("exporting %s -> %s (%s, %s layout)", folder, out, dtype, layout)
+        with atomic_dir(out) as tmp:
+            save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype)
+            if tok_folder is not None:
+                for fname in TOKENIZER_FILES:
+                    f = tok_folder / fname
+                    if f.is_file():
+                        shutil.copyfile(f, tmp / fname)
+            files = sorted(p.name for p in tmp.iterdir())
+            publish_permissions(tmp)
+        log.info("wrote %s: %s", out, ", ".join(files))
+        return HFExportResult(folder=out, source=folder, dtype=dtype, layout=layout, files=files,
+                              tokenizer_from=tok_folder, incompatibilities=incompat)
 
 
 __all__ = ["HF_DTYPES", "LAYOUTS", "HFExportResult", "export_hf", "is_model_folder"]

@@ -570,16 +570,7 @@ class Server:
                 yield "data: [DONE]\n\n"
 
             return self._stream(sse())
-        texts = [[] for _ in range(n)]
-        evs: list[list[Event]] = [[] for _ in range(n)]
-        reasons = [None] * n
-        toks = 0
-        async for ev in self.events(request, h, q):
-            texts[ev.choice].append(ev.text)
-            evs[ev.choice].append(ev)
-            toks += ev.token is not None
-            if ev.finished:
-                reasons[ev.choice] = ev.finish_reason
+        texts, evs, reasons, toks = await self._collect(request, h, q, n)
         choices = [{"index": i, "text": echo + "".join(texts[i]),
                     "logprobs": lp_obj(evs[i], len(echo)) if req.logprobs is not None else None,
                     "finish_reason": reasons[i] or "length"} for i in range(n)]
@@ -649,9 +640,18 @@ class Server:
                 yield "data: [DONE]\n\n"
 
             return self._stream(sse())
-        texts = [[] for _ in range(n)]
+        texts, evs, reasons, toks = await self._collect(request, h, q, n)
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                    "logprobs": {"content": lp_content(evs[i])} if req.logprobs else None,
+                    "finish_reason": reasons[i] or "length"} for i in range(n)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": _usage(len(ids), toks)}
+
+    async def _collect(self, request: Request, h, q: _Inbox, n: int):
+        """A non-streaming request's events, per choice: (texts, events, finish reasons), and the tokens."""
+        texts: list[list[str]] = [[] for _ in range(n)]
         evs: list[list[Event]] = [[] for _ in range(n)]
-        reasons = [None] * n
+        reasons: list[str | None] = [None] * n
         toks = 0
         async for ev in self.events(request, h, q):
             texts[ev.choice].append(ev.text)
@@ -659,11 +659,7 @@ class Server:
             toks += ev.token is not None
             if ev.finished:
                 reasons[ev.choice] = ev.finish_reason
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                    "logprobs": {"content": lp_content(evs[i])} if req.logprobs else None,
-                    "finish_reason": reasons[i] or "length"} for i in range(n)]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": _usage(len(ids), toks)}
+        return texts, evs, reasons, toks
 
     def _stream(self, agen):
         return StreamingResponse(agen, media_type="text/event-stream",
