@@ -126,3 +126,29 @@ def test_fp16_kv_cache(name):
         assert fast.generate([p], SamplingParams(max_tokens=8))[0].token_ids == out.token_ids
     with pytest.raises(InferenceError, match="kv_dtype"):
         Generator(model, None, kv_dtype="int8")
+
+
+def test_long_context_decode_with_key_skipping_equals_the_model():
+    """Past the reach of a steep ALiBi head (here 8 heads: slope 1/2 reaches ~180 keys) the compiled attention
+    skips the keys its bound proves irrelevant; the decode logits still match the model's own forward over
+    the whole context, and the cache's bound covers every stored key (prefill and decode writes); a reset
+    slot starts from 0."""
+    torch.manual_seed(0)
+    model = MPTForCausalLM(tiny_cfg(d_model=64, n_heads=8, max_seq_len=4096)).eval()
+    fast = Generator(model, None)
+    slow = Generator(model, None, fast_decode=False)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 211, (700,), generator=g).tolist()
+    with torch.inference_mode():
+        ca, cb = fast.new_cache(capacity=1024), slow.new_cache(capacity=1024)
+        la, lb = fast.prefill(ca, 0, prompt), slow.prefill(cb, 0, prompt)
+        for _ in range(4):
+            t = int(lb.argmax())
+            la, lb = fast.decode(ca, [t])[0], slow.decode(cb, [t])[0]
+            torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
+    n = ca.lengths[0]
+    for i in range(ca.n_layers):
+        true = ca.k[i][0, :, :n].float().norm(dim=-1).amax(-1)
+        assert (ca.kmax[i][0] >= true * (1 - 1e-6)).all() and (ca.kmax[i][0] <= true * (1 + 1e-5)).all()
+    ca.reset_slot(0)
+    assert all(float(km[0].abs().max()) == 0.0 for km in ca.kmax)

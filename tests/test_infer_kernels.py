@@ -231,3 +231,35 @@ def test_decode_layers_equal_block_by_block(kern):
     blk.ffn.up_proj.weight.data = blk.ffn.up_proj.weight.data.clone()  # what .to()/.half() do to a parameter
     with pytest.raises(ValueError, match="re-allocated or cast"):
         kern.decode_layers(x2, stack, kc2, vc2, pos, cap - 1, slopes)
+
+
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["kv32", "kv16"])
+def test_decode_attention_skips_keys_alibi_proves_irrelevant(kern, kv):
+    """With a key-norm bound (kmax), a steep ALiBi head does not read keys it proves get weight exactly 0: with
+    NaN in those keys' values the output is still finite, and bitwise equal to the output computed reading
+    every key (values zeroed there instead); the new key raises the bound."""
+    g = torch.Generator().manual_seed(7)
+    n, h, hkv, d, cap, pos = 2, 4, 2, 64, 320, 300
+    kc = (torch.randn(n, hkv, cap, d, generator=g) * 0.1).to(kv)
+    vc = torch.randn(n, hkv, cap, d, generator=g).to(kv)
+    q, k, v = (torch.randn(n, h * d, generator=g) * 0.1, torch.randn(n, hkv * d, generator=g) * 0.1,
+               torch.randn(n, hkv * d, generator=g))
+    slopes = torch.tensor([1.0, 0.5, 1.0, 0.5])  # reach ~90 and ~180 keys: keys 0..99 are far past both
+    p = torch.full((n,), pos, dtype=torch.int64)
+    kmax = kc[:, :, :pos].float().norm(dim=-1).amax(-1).contiguous()  # a true bound of the stored keys
+    far = slice(0, 100)
+    vc_nan, vc_zero = vc.clone(), vc.clone()
+    vc_nan[:, :, far] = float("nan")
+    vc_zero[:, :, far] = 0
+    km = kmax.clone()
+    got = kern.decode_attention(q, k, v, kc.clone(), vc_nan, p, pos + 1, slopes, 0.125, km)
+    ref = kern.decode_attention(q, k, v, kc.clone(), vc_zero, p, pos + 1, slopes, 0.125)  # reads every key
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, ref)
+    new_norm = k.view(n, hkv, d).to(kv).float().norm(dim=-1)
+    torch.testing.assert_close(km, torch.maximum(kmax, new_norm), rtol=1e-6, atol=0)
+    # without the bound every key is read: the NaN values reach the output
+    assert torch.isnan(kern.decode_attention(q, k, v, kc.clone(), vc_nan, p, pos + 1, slopes, 0.125)).any()
+    # a bound too small for the keys is the caller's error to avoid; a wrongly shaped one is refused
+    with pytest.raises(ValueError, match="kmax must be"):
+        kern.decode_attention(q, k, v, kc.clone(), vc_zero, p, pos + 1, slopes, 0.125, kmax[:1].contiguous())

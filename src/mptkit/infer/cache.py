@@ -95,6 +95,13 @@ class KVCache:
         self.capacity = max(1, min(cap, self.max_context))
         self.k = [self._alloc(self.capacity) for _ in range(self.n_layers)]
         self.v = [self._alloc(self.capacity) for _ in range(self.n_layers)]
+        # per layer, (slots, kv_heads): a bound on the norm of every key stored (as stored: fp16 rounded), raised
+        # by every write, zeroed with the slot. The compiled decode attention proves from it which far keys an
+        # ALiBi head gives weight exactly 0 and does not read them (same result, bitwise).
+        self.kmax = [torch.zeros((slots, self.kv_heads), dtype=torch.float32, device=self.device)
+                     for _ in range(self.n_layers)]
+        self.skip_far_keys = True  # False: every key is read (benchmarks compare); the bounds then go stale
+        self._kmax_valid = True
         self.lengths = [0] * slots  # tokens cached per slot (python ints: no device sync)
         self._layers = [_LayerCache(self, i) for i in range(self.n_layers)]
         self._slopes = None
@@ -134,11 +141,30 @@ class KVCache:
         self.capacity = new_cap
         self._ramp = None
 
+    # The bounds may have been made inside torch.inference_mode (a cache built in a caller's inference context)
+    # and be updated outside it, or the reverse: updates run in inference mode, where an in-place write is
+    # allowed on both inference and normal tensors.
     def reset_slot(self, slot: int) -> None:
         self.lengths[slot] = 0
+        with torch.inference_mode():
+            for km in self.kmax:
+                km[slot] = 0.0
 
     def reset(self) -> None:
         self.lengths = [0] * self.slots
+        with torch.inference_mode():
+            for km in self.kmax:
+                km.zero_()
+
+    def _raise_kmax(self, i: int, slots, rows: torch.Tensor) -> None:
+        """Raise layer ``i``'s key-norm bound of ``slots`` (an index or slice) by the stored keys ``rows``
+        (..., Hkv, t, D) of those slots."""
+        if rows.shape[-2] == 0:
+            return
+        with torch.inference_mode():
+            norms = rows.float().norm(dim=-1).amax(dim=-1)  # (..., Hkv)
+            km = self.kmax[i]
+            km[slots] = torch.maximum(km[slots], norms.reshape(km[slots].shape))
 
     def free_slots(self) -> list[int]:
         return [i for i, n in enumerate(self.lengths) if n == 0]
@@ -255,6 +281,7 @@ class KVCache:
             s, start, t = self._slot, self.lengths[self._slot], self._t
             self.k[i][s : s + 1, :, start : start + t].copy_(k)
             self.v[i][s : s + 1, :, start : start + t].copy_(v)
+            self._raise_kmax(i, s, self.k[i][s, :, start : start + t])
             return self.k[i][s : s + 1, :, : start + t], self.v[i][s : s + 1, :, : start + t]
         if self._mode == "prefill_packed":  # k/v (1, Hkv, sum t, D): each chunk into its slot
             off = 0
@@ -262,6 +289,7 @@ class KVCache:
                 start = self.lengths[s]
                 self.k[i][s : s + 1, :, start : start + t].copy_(k[:, :, off : off + t])
                 self.v[i][s : s + 1, :, start : start + t].copy_(v[:, :, off : off + t])
+                self._raise_kmax(i, s, self.k[i][s, :, start : start + t])
                 off += t
             return k, v  # _attend reads each slot's keys from the cache
         if self._mode == "decode":
@@ -275,6 +303,7 @@ class KVCache:
                 self._decode_tables()
                 self.k[i].view(-1, d).index_copy_(0, self._rows, k.reshape(-1, d).to(self.dtype))
                 self.v[i].view(-1, d).index_copy_(0, self._rows, v.reshape(-1, d).to(self.dtype))
+            self._raise_kmax(i, slice(0, n), k.to(self.dtype))
             return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
         raise InferenceError("KVCache used without begin_prefill()/begin_decode()")
 
@@ -291,6 +320,7 @@ class KVCache:
         vc = self.v[i][0]
         kc.select(1, p).copy_(k.view(hkv, d))
         vc.select(1, p).copy_(v.view(hkv, d))
+        self._raise_kmax(i, 0, kc.select(1, p)[:, None])
         qq = q.view(hkv, rep, d)
         kk = kc.narrow(1, 0, tk).to(q.dtype)
         if self._bias is None:
@@ -312,7 +342,15 @@ class KVCache:
         (ALiBi from the slot's own position). ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) -> (n, H*D). Same result
         as ``_update`` + ``_attend`` to float rounding; idle slots get a dummy write, as there."""
         pos, top = self.fused_positions()
-        return kernels.decode_attention(q, k, v, self.k[i], self.v[i], pos, top, self._slopes, softmax_scale)
+        return kernels.decode_attention(q, k, v, self.k[i], self.v[i], pos, top, self._slopes, softmax_scale,
+                                        self._kmax_arg()[i])
+
+    def _kmax_arg(self) -> list:
+        """The key-norm bounds for the compiled kernels, or Nones: skipping switched off (the kernels then do
+        not raise the bounds, so they stay off for this cache)."""
+        if not self.skip_far_keys:
+            self._kmax_valid = False
+        return self.kmax if self._kmax_valid else [None] * self.n_layers
 
     def fused_positions(self) -> tuple[torch.Tensor, int]:
         """For the fused kernels in this decode step: each slot's length as an int64 tensor, and max + 1."""
@@ -326,12 +364,13 @@ class KVCache:
         """Layer ``i``'s whole block on ``x`` (n, d) in place, cache write included
         (``CpuKernels.decode_block``)."""
         pos, top = self.fused_positions()
-        kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes)
+        kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes, self._kmax_arg()[i])
 
     def fused_layers(self, x: torch.Tensor, stack, kernels) -> None:
         """Every layer's block on ``x`` (n, d) in place, in one call (``CpuKernels.decode_layers``)."""
         pos, top = self.fused_positions()
-        kernels.decode_layers(x, stack, self.k, self.v, pos, top, self._slopes)
+        km = self._kmax_arg()
+        kernels.decode_layers(x, stack, self.k, self.v, pos, top, self._slopes, None if km[0] is None else km)
 
     def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
         if k.dtype != q.dtype:  # a cache stored in a narrower type (kv_dtype): attention computes in q's

@@ -57,14 +57,14 @@ class CpuKernels:
         self._attn = lib.mptkit_decode_attention
         self._attn.restype = ctypes.c_int
         self._attn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-                               + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 5
-                               + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
+                               + [ctypes.c_void_p] + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2
+                               + [ctypes.c_long] * 5 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
 
         self._block = lib.mptkit_decode_block
         self._block.restype = ctypes.c_int
         P, L, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-        self._block.argtypes = [P, L, L, P, P, F, P, P, F, P, P, ctypes.c_int, P, L, L, L, L, L, P, F, P, P, P, P, F, P,
-                                P, L, P, P, P, ctypes.c_int]
+        self._block.argtypes = [P, L, L, P, P, F, P, P, F, P, P, ctypes.c_int, P, P, L, L, L, L, L, P, F, P, P, P, P, F,
+                                P, P, L, P, P, P, ctypes.c_int]
         self._gelu = lib.mptkit_gelu
         self._gelu.restype = None
         self._gelu.argtypes = [P, L]
@@ -97,21 +97,23 @@ class CpuKernels:
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
                          vc: torch.Tensor, pos: torch.Tensor, top: int, slopes: torch.Tensor | None,
-                         scale: float) -> torch.Tensor:
+                         scale: float, kmax: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of attention for ``n`` slots, writing the new keys/values into the cache first.
 
         ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) fp32 rows (each with unit column stride; column slices of the
         fused QKV output are fine); ``kc``/``vc`` one layer of the cache, (slots, Hkv, cap, D) contiguous, fp32
         or fp16 (stored rounded to fp16, read back to fp32: the compute stays fp32);
         ``pos`` (n,) int64, each slot's length before this token, ``top`` = max(pos) + 1; ``slopes`` (H,) fp32
-        for ALiBi or None. Returns (n, H*D)."""
+        for ALiBi or None. ``kmax``: (slots, Hkv) fp32, a bound on the norm of every key stored per slot and kv
+        head (the new keys raise it): with ALiBi, keys it proves to get weight exactly 0 are not read (the
+        result is bitwise the same); None reads every key. Returns (n, H*D)."""
         n, hkv, cap, d = q.shape[0], kc.shape[1], kc.shape[2], kc.shape[3]
         h = q.shape[1] // d
-        _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d)
+        _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d, kmax)
         out = torch.empty((n, h * d), dtype=torch.float32)
         scratch = torch.empty((n * h * top,), dtype=torch.float32)
         rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
-                        kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.float16),
+                        kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.float16), _ptr(kmax),
                         pos.data_ptr(), top, out.data_ptr(), scratch.data_ptr(), n, h, hkv, d, cap,
                         0 if slopes is None else slopes.data_ptr(), scale, torch.get_num_threads())
         if rc != 0:
@@ -126,7 +128,7 @@ class CpuKernels:
         return x
 
     def decode_block(self, x: torch.Tensor, blk: BlockWeights, kc: torch.Tensor, vc: torch.Tensor,
-                     pos: torch.Tensor, top: int, slopes: torch.Tensor | None) -> None:
+                     pos: torch.Tensor, top: int, slopes: torch.Tensor | None, kmax: torch.Tensor | None = None) -> None:
         """One MPT block of a decode step on ``x`` (n, d_model), in place: LN1 -> Wqkv (+clip) -> attention over
         the cache (new K/V rows written) -> out_proj -> residual -> LN2 -> up -> GELU -> down -> residual.
         ``kc``/``vc``, ``pos``, ``top``, ``slopes`` as for :meth:`decode_attention`."""
@@ -137,13 +139,14 @@ class CpuKernels:
         if not all(_f32cpu(t, contiguous=True) for t in (b.wqkv, b.wout, b.wup, b.wdown, b.ln1_w, b.ln2_w)):
             raise ValueError("decode_block: the block's weights are no longer contiguous fp32 on the CPU (was the "
                              "model moved or cast after the decoder was built?)")
-        _check_attention_args(None, None, None, kc, vc, pos, slopes, n, b.n_heads, kc.shape[1], kc.shape[3])
+        _check_attention_args(None, None, None, kc, vc, pos, slopes, n, b.n_heads, kc.shape[1], kc.shape[3], kmax)
         if d != b.wqkv.shape[1]:
             raise ValueError(f"decode_block: x has {d} features, the block expects {b.wqkv.shape[1]}")
         ws = torch.empty(n * (2 * d + b.qkv_dim + b.ffn) + n * b.n_heads * top, dtype=torch.float32)
         p = _ptr
         rc = self._block(x.data_ptr(), n, d, p(b.ln1_w), p(b.ln1_b), b.eps1, p(b.wqkv), p(b.bqkv), b.clip,
-                         kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.float16), pos.data_ptr(), top, kc.shape[2], b.n_heads, kc.shape[1],
+                         kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.float16), _ptr(kmax), pos.data_ptr(), top,
+                         kc.shape[2], b.n_heads, kc.shape[1],
                          kc.shape[3], p(slopes), b.scale, p(b.wout), p(b.bout), p(b.ln2_w), p(b.ln2_b), b.eps2,
                          p(b.wup), p(b.bup), b.ffn, p(b.wdown), p(b.bdown), ws.data_ptr(), torch.get_num_threads())
         if rc != 0:
@@ -151,7 +154,8 @@ class CpuKernels:
 
 
     def decode_layers(self, x: torch.Tensor, stack: DecodeStack, kcs: list[torch.Tensor], vcs: list[torch.Tensor],
-                      pos: torch.Tensor, top: int, slopes: torch.Tensor | None) -> None:
+                      pos: torch.Tensor, top: int, slopes: torch.Tensor | None,
+                      kmaxes: list[torch.Tensor] | None = None) -> None:
         """Every block of a decode step in one call (:meth:`decode_block` for each layer in order) on ``x``
         (n, d_model) in place; ``kcs``/``vcs`` each layer's cache, the rest as for :meth:`decode_attention`."""
         n, d = x.shape
@@ -163,13 +167,16 @@ class CpuKernels:
         stack.check()
         kc0 = kcs[0]
         _check_attention_args(None, None, None, kc0, vcs[0], pos, slopes, n, stack.n_heads, kc0.shape[1],
-                              kc0.shape[3])
+                              kc0.shape[3], kmaxes[0] if kmaxes else None)
+        if kmaxes is not None and (len(kmaxes) != stack.n_layers or any(
+                not _f32cpu(t, contiguous=True) or t.shape != kmaxes[0].shape for t in kmaxes)):
+            raise ValueError(f"decode_layers: kmaxes must be {stack.n_layers} contiguous fp32 CPU tensors alike")
         shape, dt = kc0.shape, kc0.dtype
         for c in kcs + vcs:  # every layer's cache alike: the C code takes one shape for all
             if c.shape != shape or c.dtype != dt or not c.is_cpu or not c.is_contiguous():
                 raise ValueError(f"decode_layers: every layer's cache must be a contiguous CPU {tuple(shape)} {dt} "
                                  f"tensor like layer 0's, got {tuple(c.shape)} {c.dtype}")
-        stack.set_caches(kcs, vcs)
+        stack.set_caches(kcs, vcs, kmaxes)
         ws = torch.empty(n * stack.ws_row + n * stack.n_heads * top, dtype=torch.float32)
         rc = self._layers(x.data_ptr(), n, d, ctypes.addressof(stack.table), stack.n_layers,
                           int(kc0.dtype == torch.float16), pos.data_ptr(), top, kc0.shape[2], kc0.shape[1],
@@ -182,7 +189,7 @@ class _LayerStruct(ctypes.Structure):
     """``mptkit_layer`` in csrc/cpu_kernels.c (same field order)."""
 
     _fields_ = ([(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "wqkv", "bqkv", "wout", "bout", "ln2_w",
-                                                      "ln2_b", "wup", "bup", "wdown", "bdown", "kc", "vc")]
+                                                      "ln2_b", "wup", "bup", "wdown", "bdown", "kc", "vc", "kmax")]
                 + [(name, ctypes.c_float) for name in ("eps1", "eps2", "clip", "scale")]
                 + [("n_heads", ctypes.c_long), ("ffn", ctypes.c_long)])
 
@@ -225,11 +232,14 @@ class DecodeStack:
             raise ValueError("decode_layers: the model's weights were re-allocated or cast after the decoder was "
                              "built (was the model moved or cast?)")
 
-    def set_caches(self, kcs: list[torch.Tensor], vcs: list[torch.Tensor]) -> None:
-        ptrs = [t.data_ptr() for t in kcs] + [t.data_ptr() for t in vcs]
+    def set_caches(self, kcs: list[torch.Tensor], vcs: list[torch.Tensor],
+                   kmaxes: list[torch.Tensor] | None = None) -> None:
+        n = self.n_layers
+        ptrs = [t.data_ptr() for t in kcs] + [t.data_ptr() for t in vcs] + (
+            [t.data_ptr() for t in kmaxes] if kmaxes is not None else [0] * n)
         if ptrs != self._kv:  # a new cache, or one that grew (re-allocated)
             for i, row in enumerate(self.table):
-                row.kc, row.vc = ptrs[i], ptrs[self.n_layers + i]
+                row.kc, row.vc, row.kmax = ptrs[i], ptrs[n + i], ptrs[2 * n + i]
             self._kv = ptrs
 
 
@@ -237,7 +247,7 @@ def _f32cpu(t: torch.Tensor, contiguous: bool = False) -> bool:
     return t.dtype is torch.float32 and t.is_cpu and (not contiguous or t.is_contiguous())
 
 
-def _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d) -> None:
+def _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d, kmax=None) -> None:
     """What the C code indexes without bounds checks: the caches and positions, q/k/v (when given: the
     attention kernel; the block kernel makes its own), the slopes."""
     bad = []
@@ -255,6 +265,9 @@ def _check_attention_args(q, k, v, kc, vc, pos, slopes, n, h, hkv, d) -> None:
             bad.append(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} for H={h} Hkv={hkv} D={d}")
     if slopes is not None and (not _f32cpu(slopes, contiguous=True) or slopes.numel() != h):
         bad.append(f"slopes must be {h} contiguous fp32 values, got {tuple(slopes.shape)} {slopes.dtype}")
+    if kmax is not None and (not _f32cpu(kmax, contiguous=True) or kmax.shape != kc.shape[:2]):
+        bad.append(f"kmax must be a contiguous fp32 CPU {tuple(kc.shape[:2])} tensor (slots, Hkv), got "
+                   f"{tuple(kmax.shape)} {kmax.dtype}")
     if bad:
         raise ValueError("decode attention: " + "; ".join(bad))
 

@@ -200,6 +200,26 @@ static inline void prefetch_span_l2(const void *p, long bytes) {
   for (long o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
 }
 
+/* ALiBi with a steep slope makes far keys irrelevant, exactly: a key j gets softmax weight exp(s_j - max) with
+ * s_j - max <= s_j - s_pos = scale * q.(k_j - k_pos) - slope * (pos - j) <= 2 * scale * |q| * kmax - slope * (pos - j),
+ * kmax bounding every |k| of the slot's kv head (kept as keys are written). Where that is below -88 the
+ * kernel's exp (vexp_nonpos: exactly 0 below -87) gives 0, and a 0 weight adds nothing to the sum or the
+ * output (x + 0 = x, 0 * v = 0 for finite v): such keys need not be read. The first key to read, rounded down to
+ * the vector width and never past the vector part (lv) — so every key skipped would have gone through
+ * vexp_nonpos and every key kept is computed in the same blocks, sums and order as without skipping: the
+ * result is bitwise the same. StoryWriter-length contexts (84k) read a fraction of the keys this way. */
+static inline long skip_keys(const float *qh, long D, float kmax, float slope, float scale, long pos, long lv) {
+  if (!(slope > 0.f) || !(kmax >= 0.f) || !isfinite(kmax)) return 0;
+  double qn = 0.0;
+  for (long c = 0; c < D; c++) qn += (double)qh[c] * qh[c];
+  qn = sqrt(qn) * (1.0 + 1e-5);
+  const double reach = (2.0 * fabs((double)scale) * qn * (double)kmax * (1.0 + 1e-5) + 88.0) / (double)slope;
+  if (!(reach < (double)pos)) return 0;
+  long cut = pos - (long)ceil(reach) - 1; /* keys j < cut: slope * (pos - j) > reach * slope */
+  if (cut > lv) cut = lv;
+  return cut > 0 ? cut / VW * VW : 0;
+}
+
 /* The kernel once per K/V storage type: NAME, the element type KT, LDK (VW elements -> vf), TOF / FROMF (one
  * element to / from float).
  * Scores: keys in blocks of 8 — eight independent dot-product chains, reduced together by hsum8x — with every
@@ -216,8 +236,9 @@ static inline float dot_##NAME(const float *a, const KT *b, long d) {           
 }                                                                                                                  \
                                                                                                                    \
 static int attention_##NAME(const float *q, const float *knew, const float *vnew, long qrow, long krow, long vrow, \
-                            KT *kc, KT *vc, const long *pos, long top, float *out, float *scratch, long n, long H, \
-                            long Hkv, long D, long cap, const float *slopes, float scale, int nthreads) {          \
+                            KT *kc, KT *vc, float *kmax, const long *pos, long top, float *out, float *scratch,    \
+                            long n, long H, long Hkv, long D, long cap, const float *slopes, float scale,           \
+                            int nthreads) {                                                                        \
   if (n < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 1 || top > cap) return -1;                                       \
   for (long s = 0; s < n; s++)                                                                                     \
     if (pos[s] < 0 || pos[s] >= top) return -2; /* scratch holds `top` scores per head */                          \
@@ -225,9 +246,15 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
   for (long s = 0; s < n; s++) /* write the new rows first: every head of the slot reads them */                   \
     for (long g = 0; g < Hkv; g++) {                                                                               \
       KT *kd = kc + ((s * Hkv + g) * cap + pos[s]) * D, *vd = vc + ((s * Hkv + g) * cap + pos[s]) * D;             \
+      float kn = 0.f;                                                                                              \
       for (long c = 0; c < D; c++) {                                                                               \
         kd[c] = FROMF(knew[s * krow + g * D + c]);                                                                 \
         vd[c] = FROMF(vnew[s * vrow + g * D + c]);                                                                 \
+        kn += TOF(kd[c]) * TOF(kd[c]);                                                                             \
+      }                                                                                                            \
+      if (kmax) {                                                                                                  \
+        kn = sqrtf(kn);                                                                                            \
+        if (kn > kmax[s * Hkv + g]) kmax[s * Hkv + g] = kn;                                                        \
       }                                                                                                            \
     }                                                                                                              \
   const long tasks = n * H, rowb = D * (long)sizeof(KT), dv = D / VW * VW;                                         \
@@ -238,10 +265,12 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
     const KT *K = kc + (s * Hkv + g) * cap * D, *V = vc + (s * Hkv + g) * cap * D;                                 \
     float *p = scratch + t * tmax, *o = out + s * H * D + h * D;                                                   \
     const float slope = slopes ? slopes[h] : 0.f;                                                                  \
-    prefetch_span(K, (len < APF ? len : APF) * rowb);                                                              \
+    const long lv = len / VW * VW;                                                                                 \
+    const long j0 = kmax ? skip_keys(qh, D, kmax[s * Hkv + g], slope, scale, pos[s], lv) : 0;                       \
+    prefetch_span(K + j0 * D, (len - j0 < APF ? len - j0 : APF) * rowb);                                           \
     float mx = -INFINITY;                                                                                          \
-    long j = 0;                                                                                                    \
-    if (len >= 8) {                                                                                                \
+    long j = j0;                                                                                                   \
+    if (len - j0 >= 8) {                                                                                           \
       __m256 vmx = _mm256_set1_ps(-INFINITY);                                                                      \
       const __m256 iota = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);                                  \
       for (; j + 8 <= len; j += 8) {                                                                               \
@@ -278,10 +307,9 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
       mx = v > mx ? v : mx;                                                                                        \
     }                                                                                                              \
     float sum = 0.f; /* exp(score - max), vectorised (score - max <= 0) */                                         \
-    const long lv = len / VW * VW;                                                                                 \
     vf vsum = ZERO();                                                                                              \
     const vf vmxv = SET1(mx);                                                                                      \
-    for (long i = 0; i < lv; i += VW) {                                                                            \
+    for (long i = j0; i < lv; i += VW) {                                                                           \
       const vf e = vexp_nonpos(LD(p + i) - vmxv);                                                                  \
       ST(p + i, e);                                                                                                \
       vsum = vsum + e;                                                                                             \
@@ -297,7 +325,7 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
     for (; c + 4 * VW <= dv; c += 4 * VW) { /* four vectors of the head dimension per pass over the values */      \
       vf a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                                                       \
       vf b0 = ZERO(), b1 = ZERO(), b2 = ZERO(), b3 = ZERO();                                                       \
-      long i = 0;                                                                                                  \
+      long i = j0;                                                                                                 \
       for (; i + 2 <= len; i += 2) {                                                                               \
         prefetch_span(V + (i + APF) * D + c, 2 * 4 * VW * (long)sizeof(KT));                                       \
         const vf pi = SET1(p[i]), pk = SET1(p[i + 1]);                                                             \
@@ -326,12 +354,12 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
     }                                                                                                              \
     for (; c < dv; c += VW) {                                                                                      \
       vf acc = ZERO();                                                                                             \
-      for (long i = 0; i < len; i++) acc = FMA(SET1(p[i]), LDK(V + i * D + c), acc);                               \
+      for (long i = j0; i < len; i++) acc = FMA(SET1(p[i]), LDK(V + i * D + c), acc);                              \
       ST(o + c, acc * vinv);                                                                                       \
     }                                                                                                              \
     for (long cc = dv; cc < D; cc++) {                                                                             \
       float a = 0.f;                                                                                               \
-      for (long i = 0; i < len; i++) a += p[i] * TOF(V[i * D + cc]);                                               \
+      for (long i = j0; i < len; i++) a += p[i] * TOF(V[i * D + cc]);                                              \
       o[cc] = a * inv;                                                                                             \
     }                                                                                                              \
   }                                                                                                                \
@@ -360,15 +388,15 @@ int mptkit_has_f16(void) { return HAVE_F16; }
 /* kv_half: the cache stores IEEE fp16 (converted on write and on read; compute stays fp32). -4 when this build
  * has no fp16 conversions. */
 int mptkit_decode_attention(const float *q, const float *knew, const float *vnew, long qrow, long krow, long vrow,
-                            void *kc, void *vc, int kv_half, const long *pos, long top, float *out, float *scratch,
-                            long n, long H, long Hkv, long D, long cap, const float *slopes, float scale,
-                            int nthreads) {
+                            void *kc, void *vc, int kv_half, float *kmax, const long *pos, long top, float *out,
+                            float *scratch, long n, long H, long Hkv, long D, long cap, const float *slopes,
+                            float scale, int nthreads) {
   if (!kv_half)
-    return attention_f32(q, knew, vnew, qrow, krow, vrow, (float *)kc, (float *)vc, pos, top, out, scratch, n, H,
-                         Hkv, D, cap, slopes, scale, nthreads);
+    return attention_f32(q, knew, vnew, qrow, krow, vrow, (float *)kc, (float *)vc, kmax, pos, top, out, scratch, n,
+                         H, Hkv, D, cap, slopes, scale, nthreads);
 #if HAVE_F16
-  return attention_f16(q, knew, vnew, qrow, krow, vrow, (unsigned short *)kc, (unsigned short *)vc, pos, top, out,
-                       scratch, n, H, Hkv, D, cap, slopes, scale, nthreads);
+  return attention_f16(q, knew, vnew, qrow, krow, vrow, (unsigned short *)kc, (unsigned short *)vc, kmax, pos, top,
+                       out, scratch, n, H, Hkv, D, cap, slopes, scale, nthreads);
 #else
   return -4;
 #endif
@@ -415,7 +443,7 @@ void mptkit_gelu(float *u, long count) {
 }
 
 int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const float *ln1_b, float eps1,
-                        const float *wqkv, const float *bqkv, float clip, void *kc, void *vc, int kv_half,
+                        const float *wqkv, const float *bqkv, float clip, void *kc, void *vc, int kv_half, float *kmax,
                         const long *pos,
                         long top, long cap, long H, long Hkv, long D, const float *slopes, float scale,
                         const float *wout, const float *bout, const float *ln2_w, const float *ln2_b, float eps2,
@@ -429,7 +457,7 @@ int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const floa
   if (rc) return rc;
   if (clip > 0.f)
     for (long i = 0; i < n * qkvd; i++) qkv[i] = qkv[i] < -clip ? -clip : (qkv[i] > clip ? clip : qkv[i]);
-  rc = mptkit_decode_attention(qkv, qkv + d, qkv + d + kvd, qkvd, qkvd, qkvd, kc, vc, kv_half, pos, top, o, sc, n,
+  rc = mptkit_decode_attention(qkv, qkv + d, qkv + d + kvd, qkvd, qkvd, qkvd, kc, vc, kv_half, kmax, pos, top, o, sc, n,
                                H, Hkv, D, cap, slopes, scale, nthreads);
   if (rc) return rc;
   rc = mptkit_smallgemm(o, wout, bout, h, n, d, d, nthreads);  /* h <- attention output projected */
@@ -452,6 +480,7 @@ int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const floa
 typedef struct {
   const float *ln1_w, *ln1_b, *wqkv, *bqkv, *wout, *bout, *ln2_w, *ln2_b, *wup, *bup, *wdown, *bdown;
   void *kc, *vc;
+  float *kmax; /* the cache's |k| bound per slot and kv head (decode attention skips keys it proves irrelevant) */
   float eps1, eps2, clip, scale;
   long n_heads, ffn;
 } mptkit_layer;
@@ -462,7 +491,7 @@ int mptkit_decode_layers(float *x, long n, long d, const mptkit_layer *layers, l
   for (long i = 0; i < n_layers; i++) {
     const mptkit_layer *L = layers + i;
     const int rc = mptkit_decode_block(x, n, d, L->ln1_w, L->ln1_b, L->eps1, L->wqkv, L->bqkv, L->clip, L->kc, L->vc,
-                                       kv_half, pos, top, cap, L->n_heads, Hkv, D, slopes, L->scale, L->wout, L->bout,
+                                       kv_half, L->kmax, pos, top, cap, L->n_heads, Hkv, D, slopes, L->scale, L->wout, L->bout,
                                        L->ln2_w, L->ln2_b, L->eps2, L->wup, L->bup, L->ffn, L->wdown, L->bdown, ws,
                                        nthreads);
     if (rc) return rc;
