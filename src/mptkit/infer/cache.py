@@ -330,6 +330,38 @@ class KVCache:
         pr = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
         return torch.bmm(pr, vc.narrow(1, 0, tk).to(pr.dtype)).view(1, hkv * rep * d)
 
+    SKIP_MIN_PAST = 2048  # prefill chunks after this many cached tokens look for keys to skip
+
+    def _prefill_skipping(self, q, k, v, slopes, softmax_scale: float, layer: int):
+        """A prefill chunk's attention with the far keys its ALiBi heads provably give weight 0 left out, one
+        head at a time (each head its own key range), or None when no head can leave any out.
+
+        Row i of the chunk (position ``start + i``) weighs key j by exp(s_ij - max_i) with s_ij - max_i <=
+        2 * scale * |q_i| * kmax - slope * (start + i - j) (kmax: the slot's key-norm bound, the chunk's keys
+        included). Keys with slope * (start - j) above 2 * scale * max_i |q_i| * kmax + 110 get weights below
+        exp(-110), zero in fp32 (under the smallest denormal), for every row: leaving them out changes the
+        result only by the summation order of the attention's blocks (float rounding). ALiBi biases are
+        relative, so the remaining keys keep theirs."""
+        start = self.lengths[self._slot]
+        if start < self.SKIP_MIN_PAST:
+            return None
+        h, hkv = q.shape[1], k.shape[1]
+        rep = h // hkv
+        with torch.no_grad():
+            qn = q[0].float().norm(dim=-1).amax(dim=-1)  # (H,)
+            km = self.kmax[layer][self._slot].float().repeat_interleave(rep)  # (H,)
+            reach = (2.0 * abs(float(softmax_scale)) * qn * km * (1 + 1e-5) + 110.0) / slopes.float()
+            cut = (start - torch.ceil(reach) - 1).clamp(min=0).long()
+        cuts = [int(c) // 64 * 64 for c in cut.tolist()]
+        if not any(cuts):
+            return None
+        outs = []
+        for i, c in enumerate(cuts):
+            g = i // rep
+            outs.append(attention(q[:, i : i + 1], k[:, g : g + 1, c:], v[:, g : g + 1, c:], slopes=slopes[i : i + 1],
+                                  softmax_scale=softmax_scale, impl="sdpa"))
+        return torch.cat(outs, dim=2)  # (1, t, H, D)
+
     def fused_ok(self, kernels) -> bool:
         """Whether :meth:`decode_fused` / :meth:`fused_block` may run with ``kernels``: a CPU cache in decode
         mode computing in fp32, stored in fp32 (or fp16 where the kernels convert it)."""
@@ -376,6 +408,10 @@ class KVCache:
         if k.dtype != q.dtype:  # a cache stored in a narrower type (kv_dtype): attention computes in q's
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self._mode == "prefill":
+            if slopes is not None and layer is not None and self.skip_far_keys and self._kmax_valid:
+                out = self._prefill_skipping(q, k, v, slopes, softmax_scale, layer)
+                if out is not None:
+                    return out
             return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")
         if self._mode == "prefill_packed":
             outs, off = [], 0
