@@ -28,6 +28,16 @@ from mptkit.model import MPTForCausalLM
 
 CHUNKS = [0]  # SSE data chunks received (all clients)
 PROMPT_LEN = [64]  # tokens per prompt (set from --prompt-len, in the client process too)
+WAVE = [0]  # waves so far in this process: every wave gets prompts of its own
+ROLE = [0]  # 1 in the client process: its waves and the server process's engine-only waves never share prompts
+
+
+def _prompts(k: int) -> list[list[int]]:
+    """``k`` prompts no earlier wave used (they differ from the first token): the engine's slots keep their
+    last sequence's keys/values for prompt reuse, and a benchmark must prefill every prompt afresh."""
+    WAVE[0] += 1
+    first = (2 * WAVE[0] + ROLE[0]) % 8000 + 1  # a token no other wave of this run starts with
+    return [[first] + [(WAVE[0] + 7 * i + j) % 8000 + 1 for j in range(PROMPT_LEN[0] - 1)] for i in range(k)]
 
 
 async def client(c: httpx.AsyncClient, base: str, prompt: list[int], new: int) -> tuple[float, int]:
@@ -85,7 +95,7 @@ async def wave(base: str, k: int, new: int, raw: bool = True) -> tuple[float, li
     """``k`` clients, each with its own connection. httpx clients are made before the clock starts: building
     an ``httpx.AsyncClient`` costs ~60 ms of CPU (it sets up an SSL context even for http://), client-side
     work that would otherwise be counted against the server, 8 times over in an 8-client wave."""
-    prompts = [[(7 * i + j) % 8000 + 1 for j in range(PROMPT_LEN[0])] for i in range(k)]
+    prompts = _prompts(k)
     if raw:
         t = time.perf_counter()
         res = await asyncio.gather(*(raw_client(base, p, new) for p in prompts))
@@ -104,6 +114,7 @@ def _client_process(conn) -> None:
     """The load generator in a process of its own: real clients are other programs, so their Python (httpx,
     SSE parsing) must not share the server's GIL — it still shares the two cores. Receives (base, k, new),
     answers with wave()'s result and the SSE chunk count; None ends it."""
+    ROLE[0] = 1
     while True:
         msg = conn.recv()
         if msg is None:
@@ -165,7 +176,7 @@ def engine_wave(eng: Engine, k: int, new: int) -> float:
     """The same wave submitted straight to the engine; the caller sleeps on an event until the last token."""
     import threading
 
-    prompts = [[(7 * i + j) % 8000 + 1 for j in range(PROMPT_LEN[0])] for i in range(k)]
+    prompts = _prompts(k)
     left = [k]
     done = threading.Event()
 
@@ -230,6 +241,8 @@ def main() -> None:
         summary.append(measure(clients, eng, args.clients, prompt_len, new, rounds))
     if len(summary) > 1:
         print("summary: " + "; ".join(summary))
+    print(f"prompt tokens reused from slots (prefix reuse; every wave's prompts are new, so 0): "
+          f"{eng.prompt_tokens_cached}")
     clients.close()
     bg.stop()
     eng.stop()

@@ -121,3 +121,66 @@ def test_wakers_run_before_each_forward_and_before_idling():
         assert wakes_at_forward == [0, 1, 2, 3, 4, 5]
     finally:
         eng.stop()
+
+
+def _run(eng, prompt, n):
+    out = []
+    h = eng.submit(prompt, [SamplingParams(max_tokens=n, ignore_eos=True)], lambda ev: out.append(ev.token))
+    t = time.time()
+    while not h.finished and time.time() - t < 30:
+        time.sleep(0.005)
+    assert h.finished
+    return h, out
+
+
+def test_prefix_reuse_prefills_only_what_is_new():
+    """A slot keeps its last sequence's keys/values: the next turn of a conversation (prompt = last prompt +
+    its answer + new tokens) is placed in that slot and prefills only the tokens it does not hold; its greedy
+    tokens equal a fresh generation's; usage counts the cached tokens; ``prefix_reuse=False`` prefills all."""
+    torch.manual_seed(0)
+    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    fed = []
+    orig = gen.prefill_packed
+    gen.prefill_packed = lambda cache, segs: (fed.append([len(ids) for _, ids in segs]), orig(cache, segs))[1]
+    g = torch.Generator().manual_seed(4)
+    p1 = torch.randint(0, 211, (20,), generator=g).tolist()
+    extra = torch.randint(0, 211, (3,), generator=g).tolist()
+    for reuse in (True, False):
+        eng = Engine(gen, max_batch=2, prefix_reuse=reuse).start()
+        try:
+            fed.clear()
+            _h, out1 = _run(eng, p1, 6)
+            p2 = p1 + out1 + extra
+            h2, out2 = _run(eng, p2, 5)
+            held = len(p1) + len(out1) - 1  # the last answer token was sampled, never fed
+            assert fed[0] == [len(p1)]
+            assert fed[1] == ([len(p2) - held] if reuse else [len(p2)])
+            assert h2.cached_tokens == (held if reuse else 0) and eng.prompt_tokens_cached == h2.cached_tokens
+            assert out2 == gen.generate([p2], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids
+            # an unrelated prompt reuses nothing and still generates what it would alone
+            fed.clear()
+            p3 = torch.randint(0, 211, (9,), generator=g).tolist()
+            h3, out3 = _run(eng, p3, 4)
+            assert h3.cached_tokens == 0 and fed[0] == [9]
+            assert out3 == gen.generate([p3], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+        finally:
+            eng.stop()
+
+
+def test_prefix_reuse_picks_the_slot_holding_the_longest_prefix():
+    torch.manual_seed(0)
+    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    eng = Engine(gen, max_batch=3).start()
+    try:
+        g = torch.Generator().manual_seed(5)
+        a, b = (torch.randint(0, 211, (12,), generator=g).tolist() for _ in range(2))
+        ha = eng.submit(a, [SamplingParams(max_tokens=3, ignore_eos=True)], lambda ev: None)
+        hb = eng.submit(b, [SamplingParams(max_tokens=3, ignore_eos=True)], lambda ev: None)
+        t = time.time()
+        while not (ha.finished and hb.finished) and time.time() - t < 30:
+            time.sleep(0.005)
+        h, out = _run(eng, b[:10] + [7, 7], 3)
+        assert h.cached_tokens == 10  # b's slot, not a's (which shares nothing) nor the empty one
+        assert out == gen.generate([b[:10] + [7, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids
+    finally:
+        eng.stop()

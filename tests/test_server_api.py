@@ -62,6 +62,14 @@ def test_openai_client_plain_and_streaming(server):
     assert "".join(parts) == cr.choices[0].message.content
     r2 = c.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=0.9, seed=3, n=2, logprobs=2)
     assert len(r2.choices) == 2 and len(r2.choices[0].logprobs.token_logprobs) == 5
+    # a second chat turn re-sends the first: a slot still holds its keys/values (usage says how many)
+    turn1 = [{"role": "user", "content": "def load(fp, *, cls=None):"}]
+    a1 = c.chat.completions.create(model="tiny", messages=turn1, max_completion_tokens=6, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": a1.choices[0].message.content},
+                     {"role": "user", "content": "and dumps?"}]
+    a2 = c.chat.completions.create(model="tiny", messages=turn2, max_completion_tokens=6, temperature=0)
+    assert 0 < a2.usage.prompt_tokens_details.cached_tokens < a2.usage.prompt_tokens
+    assert a1.usage.prompt_tokens_details.cached_tokens < a1.usage.prompt_tokens
 
 
 def test_sse_framing_ends_with_done(server):

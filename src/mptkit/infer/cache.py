@@ -388,8 +388,12 @@ class KVCache:
         """For the fused kernels in this decode step: each slot's length as an int64 tensor, and max + 1."""
         if self._pos_t is None:  # once per step, shared by all layers
             n = self._n
-            self._pos_t = torch.tensor(self.lengths[:n], dtype=torch.int64)
-            self._pos_top = max(self.lengths[:n]) + 1
+            act = self._active or [True] * n
+            # idle slots: -1 (the kernel neither writes nor attends there; a free slot may still hold the
+            # keys/values of its last sequence for reuse, of any length)
+            pos = [ln if a else -1 for ln, a in zip(self.lengths[:n], act)]
+            self._pos_t = torch.tensor(pos, dtype=torch.int64)
+            self._pos_top = max(max(pos), 0) + 1
         return self._pos_t, self._pos_top
 
     def fused_block(self, i: int, x: torch.Tensor, weights, kernels) -> None:

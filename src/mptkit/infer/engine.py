@@ -7,6 +7,13 @@ that went away), leaves its slot at once and the slot is reused by the next wait
 
 Events are delivered through a per-request callback, called on the engine thread; the server wraps it to
 hand events to its asyncio loop.
+
+Prompt reuse (``prefix_reuse``, on by default; llama.cpp's server does the same with ``cache_prompt``): a slot
+keeps the keys and values of the tokens it last held when its sequence leaves, and a new sequence is placed in
+the free slot whose tokens share the longest prefix with its prompt — a chat turn that re-sends the
+conversation so far prefills only what is new. The kept keys/values were computed when those tokens were first
+fed (prompt chunks, decode steps): a reused prefix gives the same logits as prefilling it again up to float
+rounding (the attention's sums are grouped differently).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class Handle:
     done_count: int = 0
     cancelled: bool = False
     finished_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens of the first choice whose keys/values a slot already held
 
     @property
     def finished(self) -> bool:
@@ -97,6 +105,7 @@ class Engine:
         prefill_chunk: int = 512,
         initial_capacity: int = 512,
         switch_interval: float | None = 0.0001,
+        prefix_reuse: bool = True,
     ):
         self.gen = generator
         self.switch_interval = switch_interval
@@ -106,6 +115,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.cache = generator.new_cache(slots=max_batch, capacity=min(generator.max_context, initial_capacity))
         self.slots: list[_Slot | None] = [None] * max_batch
+        self.prefix_reuse = prefix_reuse
+        self._held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V a free slot still holds
         self.waiting: collections.deque[_Slot] = collections.deque()
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
@@ -117,6 +128,7 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.prompt_tokens = 0
+        self.prompt_tokens_cached = 0  # prompt tokens not prefilled: a slot held them already
         self.requests_finished = 0
         self.requests_cancelled = 0
 
@@ -213,8 +225,19 @@ class Engine:
 
     # ---------------------------------------------------------------- the loop (engine thread)
     def _free(self, i: int) -> None:
+        sl = self.slots[i]
         self.slots[i] = None
-        self.cache.reset_slot(i)
+        n = self.cache.lengths[i]
+        if self.prefix_reuse and sl is not None and n > 0:
+            seq = sl.seq
+            held = seq.prompt_ids[:n]
+            if n > len(held):
+                held = held + seq.output_ids[: n - len(held)]
+            self._held[i] = held if len(held) == n else []
+        else:
+            self._held[i] = []
+        if not self._held[i]:
+            self.cache.reset_slot(i)
 
     def _finish_seq(self, sl: _Slot) -> None:
         h = sl.handle
@@ -261,15 +284,40 @@ class Engine:
                     keep.append(w)
             self.waiting = keep
 
+    @staticmethod
+    def _common(a: list[int], b: list[int]) -> int:
+        n = min(len(a), len(b))
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i
+
     def _admit(self) -> None:
-        for i in range(self.max_batch):
-            if not self.waiting:
+        while self.waiting:
+            free = [i for i in range(self.max_batch) if self.slots[i] is None]
+            if not free:
                 return
-            if self.slots[i] is None:
-                sl = self.waiting.popleft()
-                self.cache.reset_slot(i)
-                self.slots[i] = sl
-                self.prompt_tokens += len(sl.seq.prompt_ids)
+            sl = self.waiting.popleft()
+            prompt = sl.seq.prompt_ids
+            # the free slot holding the longest prefix of this prompt (at least one token is left to feed:
+            # its logits give the first new token); else the first free slot that holds nothing
+            best, keep = free[0], 0
+            if self.prefix_reuse:
+                for i in free:
+                    c = min(self._common(self._held[i], prompt), len(prompt) - 1)
+                    if c > keep or (c == keep and keep == 0 and not self._held[i] and self._held[best]):
+                        best, keep = i, c
+            if keep > 0:
+                self.cache.lengths[best] = keep  # the slot's K/V for the first `keep` tokens are this prompt's
+            else:
+                self.cache.reset_slot(best)
+            self._held[best] = []
+            sl.fed = keep
+            if sl.choice == 0:
+                sl.handle.cached_tokens = keep
+            self.slots[best] = sl
+            self.prompt_tokens += len(prompt)
+            self.prompt_tokens_cached += keep
 
     def _prefill_one(self) -> None:
         """Prefill up to ``prefill_chunk`` prompt tokens in all, across the slots that need it, in one forward

@@ -103,7 +103,8 @@ class CpuKernels:
         ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) fp32 rows (each with unit column stride; column slices of the
         fused QKV output are fine); ``kc``/``vc`` one layer of the cache, (slots, Hkv, cap, D) contiguous, fp32
         or fp16 (stored rounded to fp16, read back to fp32: the compute stays fp32);
-        ``pos`` (n,) int64, each slot's length before this token, ``top`` = max(pos) + 1; ``slopes`` (H,) fp32
+        ``pos`` (n,) int64, each slot's length before this token (-1: an idle slot, neither written nor read,
+        its output rows zero), ``top`` = max(pos) + 1; ``slopes`` (H,) fp32
         for ALiBi or None. ``kmax``: (slots, Hkv) fp32, a bound on the norm of every key stored per slot and kv
         head (the new keys raise it): with ALiBi, keys it proves to get weight exactly 0 are not read (the
         result is bitwise the same); None reads every key. Returns (n, H*D)."""

@@ -177,6 +177,9 @@ class Metrics:
             "# HELP mptkit_prompt_tokens_total Prompt tokens processed.",
             "# TYPE mptkit_prompt_tokens_total counter",
             f"mptkit_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP mptkit_prompt_tokens_cached_total Prompt tokens whose keys/values a slot already held (not prefilled).",
+            "# TYPE mptkit_prompt_tokens_cached_total counter",
+            f"mptkit_prompt_tokens_cached_total {getattr(engine, 'prompt_tokens_cached', 0)}",
             "# HELP mptkit_generation_tokens_total Tokens generated.",
             "# TYPE mptkit_generation_tokens_total counter",
             f"mptkit_generation_tokens_total {engine.tokens_generated}",
@@ -566,7 +569,7 @@ class Server:
                                 "choices": [ch]})
                 if include_usage:
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                                "choices": [], "usage": _usage(len(ids), toks)})
+                                "choices": [], "usage": _usage(len(ids), toks, h.cached_tokens)})
                 yield "data: [DONE]\n\n"
 
             return self._stream(sse())
@@ -575,7 +578,7 @@ class Server:
                     "logprobs": lp_obj(evs[i], len(echo)) if req.logprobs is not None else None,
                     "finish_reason": reasons[i] or "length"} for i in range(n)]
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": _usage(len(ids), toks)}
+                "choices": choices, "usage": _usage(len(ids), toks, h.cached_tokens)}
 
     async def chat(self, req: ChatRequest, request: Request):
         self.check_auth(request)
@@ -636,7 +639,7 @@ class Server:
                                   "logprobs": {"content": lp_content([ev])} if req.logprobs else None,
                                   "finish_reason": ev.finish_reason if ev.finished else None}])
                 if include_usage:
-                    yield chunk([], _usage(len(ids), toks))
+                    yield chunk([], _usage(len(ids), toks, h.cached_tokens))
                 yield "data: [DONE]\n\n"
 
             return self._stream(sse())
@@ -645,7 +648,7 @@ class Server:
                     "logprobs": {"content": lp_content(evs[i])} if req.logprobs else None,
                     "finish_reason": reasons[i] or "length"} for i in range(n)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": _usage(len(ids), toks)}
+                "choices": choices, "usage": _usage(len(ids), toks, h.cached_tokens)}
 
     async def _collect(self, request: Request, h, q: _Inbox, n: int):
         """A non-streaming request's events, per choice: (texts, events, finish reasons), and the tokens."""
@@ -736,8 +739,11 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _usage(p: int, c: int) -> dict:
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(p: int, c: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens a slot already held (not
+    prefilled again)."""
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # ----------------------------------------------------------------------------- building and running

@@ -240,11 +240,11 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
                             long n, long H, long Hkv, long D, long cap, const float *slopes, float scale,           \
                             int nthreads) {                                                                        \
   if (n < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 1 || top > cap) return -1;                                       \
-  for (long s = 0; s < n; s++)                                                                                     \
-    if (pos[s] < 0 || pos[s] >= top) return -2; /* scratch holds `top` scores per head */                          \
+  for (long s = 0; s < n; s++) /* pos < 0: an idle slot (no write, zero output); scratch holds `top` scores */      \
+    if (pos[s] >= top) return -2;                                                                                  \
   const long rep = H / Hkv, tmax = top;                                                                            \
   for (long s = 0; s < n; s++) /* write the new rows first: every head of the slot reads them */                   \
-    for (long g = 0; g < Hkv; g++) {                                                                               \
+    for (long g = 0; g < Hkv && pos[s] >= 0; g++) {                                                               \
       KT *kd = kc + ((s * Hkv + g) * cap + pos[s]) * D, *vd = vc + ((s * Hkv + g) * cap + pos[s]) * D;             \
       float kn = 0.f;                                                                                              \
       for (long c = 0; c < D; c++) {                                                                               \
@@ -264,6 +264,10 @@ static int attention_##NAME(const float *q, const float *knew, const float *vnew
     const float *qh = q + s * qrow + h * D;                                                                        \
     const KT *K = kc + (s * Hkv + g) * cap * D, *V = vc + (s * Hkv + g) * cap * D;                                 \
     float *p = scratch + t * tmax, *o = out + s * H * D + h * D;                                                   \
+    if (len <= 0) { /* an idle slot */                                                                             \
+      for (long c = 0; c < D; c++) o[c] = 0.f;                                                                     \
+      continue;                                                                                                    \
+    }                                                                                                              \
     const float slope = slopes ? slopes[h] : 0.f;                                                                  \
     const long lv = len / VW * VW;                                                                                 \
     const long j0 = kmax ? skip_keys(qh, D, kmax[s * Hkv + g], slope, scale, pos[s], lv) : 0;                       \
