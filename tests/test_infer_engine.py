@@ -92,6 +92,26 @@ def test_packed_prefill_equals_one_prompt_at_a_time(over):
         a.begin_prefill_packed([(0, 2), (0, 3)])
 
 
+def test_packed_prefill_batches_equal_chunks():
+    """Concurrent new prompts of one length attend in one batched call (slots out of order, plus a prompt of
+    another length): the same logits and cache contents as one prompt at a time."""
+    torch.manual_seed(0)
+    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (6, 9, 6, 6)]
+    slots = [3, 1, 0, 2]
+    a, b = gen.new_cache(slots=4, capacity=16), gen.new_cache(slots=4, capacity=16)
+    with torch.inference_mode():
+        packed = gen.prefill_packed(a, list(zip(slots, prompts)))
+        single = torch.stack([gen.prefill(b, s, p) for s, p in zip(slots, prompts)])
+    torch.testing.assert_close(packed, single, rtol=1e-4, atol=1e-4)
+    for i in range(gen.config.n_layers):
+        for s in range(4):
+            n = a.lengths[s]
+            torch.testing.assert_close(a.k[i][s, :, :n], b.k[i][s, :, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.v[i][s, :, :n], b.v[i][s, :, :n], rtol=1e-5, atol=1e-5)
+
+
 def test_wakers_run_before_each_forward_and_before_idling():
     """``add_waker``: called on the engine thread as every forward pass starts (so a consumer buffering the
     events can deliver them while the engine computes) and before the engine idles — no event is left
