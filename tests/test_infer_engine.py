@@ -92,9 +92,9 @@ def test_packed_prefill_equals_one_prompt_at_a_time(over):
         a.begin_prefill_packed([(0, 2), (0, 3)])
 
 
-def test_packed_prefill_batches_equal_chunks():
-    """Concurrent new prompts of one length attend in one batched call (slots out of order, plus a prompt of
-    another length): the same logits and cache contents as one prompt at a time."""
+def test_packed_prefill_of_equal_length_prompts():
+    """Concurrent new prompts of one length (slots out of order, plus a prompt of another length) packed in one
+    forward: the same logits and cache contents as one prompt at a time."""
     torch.manual_seed(0)
     gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
     g = torch.Generator().manual_seed(6)
