@@ -106,3 +106,23 @@ def test_generate_serve_and_eval_take_a_training_run(tmp_path, make_tokenizer, c
     (tmp_path / "empty").mkdir()
     assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) != 0
     assert "no usable checkpoint" in capsys.readouterr().err
+
+
+def test_chat_session_reuses_the_conversation_so_far(tmp_path, make_tokenizer):
+    """The second turn prefills only what the session's cache does not hold (the previous prompt and reply
+    are kept), and replies exactly as a fresh session given the same history does (greedy)."""
+    from mptkit.infer import Generator, SamplingParams
+    from mptkit.infer.chat import ChatSession
+
+    d = _folder(tmp_path, make_tokenizer)
+    gen = Generator(MPTForCausalLM.from_pretrained(d), load_tokenizer(d))
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    s = ChatSession(gen, params=params)
+    "".join(s.send("hello there"))
+    assert s.last_cached == 0
+    second = "".join(s.send("and again"))
+    assert 0 < s.last_cached < len(s.prompt_ids())
+    fresh = ChatSession(gen, params=params)
+    fresh.history = s.history[:2]
+    assert "".join(fresh.send("and again")) == second
+    assert fresh.last_cached == 0

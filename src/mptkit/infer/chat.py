@@ -88,7 +88,12 @@ def trim_history(messages: list[dict], count_tokens, budget: int) -> list[dict]:
 
 
 class ChatSession:
-    """A conversation with a :class:`~mptkit.infer.generate.Generator` (the ``mptkit chat`` REPL's state)."""
+    """A conversation with a :class:`~mptkit.infer.generate.Generator` (the ``mptkit chat`` REPL's state).
+
+    One KV cache lives across turns: each turn's prompt (the whole conversation) shares its start with what the
+    cache holds — the previous prompt and reply — so only the new part is prefilled (``last_cached`` tokens
+    were not). Once old turns are trimmed to fit the context the start changes and the prompt is prefilled
+    whole."""
 
     def __init__(self, generator, *, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, params=None):
         from mptkit.infer.sampling import SamplingParams
@@ -97,6 +102,9 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.params = params or SamplingParams(max_tokens=256, temperature=0.7, top_p=0.95)
         self.history: list[dict] = []
+        self._cache = None
+        self._held: list[int] = []  # tokens whose keys/values the cache holds
+        self.last_cached = 0  # prompt tokens of the last turn that were not prefilled
 
     def messages(self) -> list[dict]:
         sys_msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -129,8 +137,41 @@ class ChatSession:
             max_tokens=min(self.params.max_tokens, self.gen.max_context - len(ids)),
         )
         reply = []
-        for ev in self.gen.stream([ids], params):
-            if ev.text:
-                reply.append(ev.text)
-                yield ev.text
+        for text in self._stream(ids, params):
+            if text:
+                reply.append(text)
+                yield text
         self.history.append({"role": "assistant", "content": "".join(reply)})
+
+    def _stream(self, ids: list[int], params):
+        """Generate after ``ids`` on the session's cache, prefilling only what it does not hold already."""
+        import torch
+
+        gen = self.gen
+        if self._cache is None:
+            self._cache = gen.new_cache(slots=1, capacity=min(gen.max_context, len(ids) + params.max_tokens))
+        cache = self._cache
+        n = 0
+        limit = min(len(self._held), len(ids) - 1)  # at least one token is fed: its logits start the reply
+        while n < limit and self._held[n] == ids[n]:
+            n += 1
+        if n:
+            cache.lengths[0] = n
+        else:
+            cache.reset_slot(0)
+        self._held = []
+        self.last_cached = n
+        seq = gen.new_sequence(ids, params)
+        if seq.finished:  # max_tokens 0
+            return
+        with torch.inference_mode():
+            logits = gen.prefill(cache, 0, ids[n:])
+            tok, delta = seq.step(logits)
+            yield delta
+            while not seq.finished:
+                logits = gen.decode(cache, [tok])[0]
+                tok, delta = seq.step(logits)
+                yield delta
+        fed = cache.lengths[0]
+        held = (ids + seq.output_ids)[:fed]
+        self._held = held if len(held) == fed else []
