@@ -186,6 +186,8 @@ def test_task_files_bad_input(tmp_path):
         "generation_task_with_answers")  # llm-foundry's former name
     with pytest.raises(EvalError, match=r"qa2.jsonl:1: key 'aliases' must be a list of strings"):
         read_icl_jsonl(_write_jsonl(tmp_path / "qa2.jsonl", [{**qa, "aliases": "b"}]))
+    with pytest.raises(EvalError, match=r"qa3.jsonl:1: .*at least one non-empty answer"):
+        read_icl_jsonl(_write_jsonl(tmp_path / "qa3.jsonl", [{**qa, "answer": " ", "aliases": [""]}]))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(EvalError, match="no records"):
         read_icl_jsonl(tmp_path / "empty.jsonl")

@@ -118,7 +118,8 @@ def test_chat_session_reuses_the_conversation_so_far(tmp_path, make_tokenizer):
     gen = Generator(MPTForCausalLM.from_pretrained(d), load_tokenizer(d))
     params = SamplingParams(max_tokens=6, temperature=0.0)
     s = ChatSession(gen, params=params)
-    "".join(s.send("hello there"))
+    for _ in s.send("hello there"):  # the caller's code between tokens is not in inference mode
+        assert not torch.is_inference_mode_enabled()
     assert s.last_cached == 0
     second = "".join(s.send("and again"))
     assert 0 < s.last_cached < len(s.prompt_ids())

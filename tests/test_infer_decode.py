@@ -184,3 +184,29 @@ def test_long_prefill_with_key_skipping_matches_reading_every_key():
     assert any(calls)  # the chunks past the threshold left keys out
     torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
     assert int(la.argmax()) == int(lb.argmax())
+
+
+def test_two_threads_decoding_through_one_generator():
+    """One generator, two threads, each with its own cache (the compiled step's layer table is shared and
+    locked): every thread's greedy tokens equal its tokens alone."""
+    import threading
+
+    model = _model({})
+    gen = Generator(model, None)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    alone = [gen.generate([p], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids for p in prompts]
+    got: dict[int, list[int]] = {}
+
+    def work(i):
+        for _ in range(3):
+            got[i] = gen.generate([prompts[i]], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
+            if got[i] != alone[i]:
+                return
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert [got[i] for i in range(len(prompts))] == alone

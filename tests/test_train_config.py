@@ -83,3 +83,13 @@ def test_bundled_recipes_validate():
     for r in recipes:
         cfg = load_run_config(r)
         assert cfg.global_train_batch_size > 0, r
+
+
+def test_token_durations_do_not_round_up_a_float_error():
+    """With a mean number of tokens per batch (finetuning data: 100 tokens over 9 samples, batches of 3) a
+    duration of exactly one epoch's tokens is one epoch of steps, not one more."""
+    d = parse_duration("100tok", "max_duration")
+    assert 100 / (100 / 9 * 3) > 3  # the float error the conversion has to absorb
+    assert d.to_batches(batches_per_epoch=3, tokens_per_batch=100 / 9 * 3, samples_per_batch=3) == 3
+    assert parse_duration("101tok", "d").to_batches(batches_per_epoch=3, tokens_per_batch=100 / 9 * 3,
+                                                    samples_per_batch=3) == 4

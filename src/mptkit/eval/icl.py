@@ -140,7 +140,8 @@ def _check_record(rec: dict, task_type: str, where: str) -> None:
             if not isinstance(rec[k], str):
                 raise EvalError(f"{where}: key {k!r} is {type(rec[k]).__name__}, expected a string")
         al = rec["aliases"]
-        if not isinstance(al, list) or not all(isinstance(a, str) for a in al) or not (al or rec["answer"].strip()):
+        if not isinstance(al, list) or not all(isinstance(a, str) for a in al) or not any(
+                a.strip() for a in [rec["answer"], *al]):
             raise EvalError(f"{where}: key 'aliases' must be a list of strings (with 'answer', at least one "
                             "non-empty answer)")
     else:

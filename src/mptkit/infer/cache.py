@@ -372,7 +372,8 @@ class KVCache:
         """Decode step of layer ``i`` for all ``n`` slots through the compiled kernel
         (``mptkit.infer.kernels``): write each slot's new key/value row at its length, attend over its keys
         (ALiBi from the slot's own position). ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) -> (n, H*D). Same result
-        as ``_update`` + ``_attend`` to float rounding; idle slots get a dummy write, as there."""
+        as ``_update`` + ``_attend`` to float rounding for the active slots; idle slots are neither written
+        nor read (their output rows are zero)."""
         pos, top = self.fused_positions()
         return kernels.decode_attention(q, k, v, self.k[i], self.v[i], pos, top, self._slopes, softmax_scale,
                                         self._kmax_arg()[i])

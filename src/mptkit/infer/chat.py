@@ -145,8 +145,6 @@ class ChatSession:
 
     def _stream(self, ids: list[int], params):
         """Generate after ``ids`` on the session's cache, prefilling only what it does not hold already."""
-        import torch
-
         gen = self.gen
         if self._cache is None:
             self._cache = gen.new_cache(slots=1, capacity=min(gen.max_context, len(ids) + params.max_tokens))
@@ -164,14 +162,15 @@ class ChatSession:
         seq = gen.new_sequence(ids, params)
         if seq.finished:  # max_tokens 0
             return
-        with torch.inference_mode():
-            logits = gen.prefill(cache, 0, ids[n:])
+        # prefill/decode run in inference mode themselves (not across the yields: the caller's code between
+        # tokens runs as it would anyway)
+        logits = gen.prefill(cache, 0, ids[n:])
+        tok, delta = seq.step(logits)
+        yield delta
+        while not seq.finished:
+            logits = gen.decode(cache, [tok])[0]
             tok, delta = seq.step(logits)
             yield delta
-            while not seq.finished:
-                logits = gen.decode(cache, [tok])[0]
-                tok, delta = seq.step(logits)
-                yield delta
         fed = cache.lengths[0]
         held = (ids + seq.output_ids)[:fed]
         self._held = held if len(held) == fed else []

@@ -177,11 +177,12 @@ class CpuKernels:
             if c.shape != shape or c.dtype != dt or not c.is_cpu or not c.is_contiguous():
                 raise ValueError(f"decode_layers: every layer's cache must be a contiguous CPU {tuple(shape)} {dt} "
                                  f"tensor like layer 0's, got {tuple(c.shape)} {c.dtype}")
-        stack.set_caches(kcs, vcs, kmaxes)
         ws = torch.empty(n * stack.ws_row + n * stack.n_heads * top, dtype=torch.float32)
-        rc = self._layers(x.data_ptr(), n, d, ctypes.addressof(stack.table), stack.n_layers,
-                          int(kc0.dtype == torch.float16), pos.data_ptr(), top, kc0.shape[2], kc0.shape[1],
-                          kc0.shape[3], _ptr(slopes), ws.data_ptr(), torch.get_num_threads())
+        with stack.lock:  # the table holds this call's cache pointers until the C code has run
+            stack.set_caches(kcs, vcs, kmaxes)
+            rc = self._layers(x.data_ptr(), n, d, ctypes.addressof(stack.table), stack.n_layers,
+                              int(kc0.dtype == torch.float16), pos.data_ptr(), top, kc0.shape[2], kc0.shape[1],
+                              kc0.shape[3], _ptr(slopes), ws.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"decode_layers failed (rc={rc}): n={n} d={d} top={top} cap={kc0.shape[2]}")
 
@@ -218,6 +219,9 @@ class DecodeStack:
             row.eps1, row.eps2, row.clip, row.scale = b.eps1, b.eps2, b.clip, b.scale
             row.n_heads, row.ffn = b.n_heads, b.ffn
         self._kv: list[int] = []
+        # one table per model: two threads decoding through one generator (each with its own cache) take
+        # turns, or one would run the C code on the other's cache pointers
+        self.lock = threading.Lock()
 
     @classmethod
     def of(cls, blocks: list[BlockWeights | None]) -> DecodeStack | None:

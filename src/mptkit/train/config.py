@@ -45,8 +45,8 @@ class Duration:
         """Number of optimizer steps this duration covers (rounded up)."""
         if self.unit == "ba":
             return math.ceil(self.value)
-        if self.unit == "tok":
-            return math.ceil(self.value / tokens_per_batch)
+        if self.unit == "tok":  # tokens per batch may be a mean (finetuning data): no step for a rounding error
+            return math.ceil(self.value / tokens_per_batch - 1e-9)
         if self.unit == "sp":
             return math.ceil(self.value / samples_per_batch)
         if batches_per_epoch is None:
