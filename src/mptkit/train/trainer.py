@@ -166,7 +166,7 @@ class Trainer:
         self.target_tokens = 0  # positions that carried loss (labels[:, 1:] != -100), all ranks
         self._step_targets = 0
         self._step_tokens = 0  # tokens of the last step (non-padding for finetuning data), all ranks
-        self._step_width = 0  # positions per sample computed in the last step (after pad trimming)
+        self._step_width = 0.0  # positions per sample computed in the last step (after pad trimming; ranks' mean)
         self.samples = 0
         self.last_eval: dict | None = None
         self.resumed_from: Path | None = None
@@ -658,11 +658,13 @@ class Trainer:
         set_lr(self.optimizer, lr_mult)
         mbs = self._split(batch, mb)
         counts = [self.count_targets(m) for m in mbs]
-        both = torch.tensor([float(sum(counts)), float(sum(count_tokens(m) for m in mbs))], dtype=torch.float64)
+        # targets, tokens and this rank's sample width (after pad trimming), summed over the ranks in one call
+        both = torch.tensor([float(sum(counts)), float(sum(count_tokens(m) for m in mbs)),
+                             float(batch["input_ids"].shape[1])], dtype=torch.float64)
         both = all_reduce_sum(both.to(self.device) if self.dist.enabled and self.device.type == "cuda" else both,
                               self.dist)
         total, self._step_tokens = float(both[0]), int(both[1])
-        self._step_width = int(batch["input_ids"].shape[1])
+        self._step_width = float(both[2]) / self.dist.world_size  # the ranks' mean width: MFU counts every rank
         if total <= 0:
             raise DataError(f"step {self.step}: the batch has no target tokens (all labels are -100)")
         self._step_targets = int(total)
@@ -884,7 +886,7 @@ class Trainer:
         sequence length; padding is computed, so it counts here, unlike in ``tokens``)."""
         m = self.model
         gb = self.cfg.global_train_batch_size
-        width = int(width or self.seq_len)
+        width = width or self.seq_len
         if hasattr(m, "flops_per_batch"):
             return float(m.flops_per_batch(gb, width))
         return 6.0 * sum(p.numel() for p in m.parameters()) * gb * width
