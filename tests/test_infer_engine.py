@@ -204,3 +204,14 @@ def test_prefix_reuse_picks_the_slot_holding_the_longest_prefix():
         assert out == gen.generate([b[:10] + [7, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids
     finally:
         eng.stop()
+
+
+def test_a_waker_returning_false_is_dropped():
+    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    eng = Engine(gen, max_batch=1)
+    calls = []
+    eng.add_waker(lambda: calls.append("gone") or False)
+    eng.add_waker(lambda: calls.append("kept"))
+    eng._wake()
+    eng._wake()
+    assert calls == ["gone", "kept", "kept"] and len(eng._wakers) == 1

@@ -202,7 +202,7 @@ class Engine:
 
     def add_waker(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` (on the engine thread) when the events emitted since the last call should be delivered:
-        as the next forward pass starts, and before the engine idles or stops. A consumer that buffers the
+        as the next forward pass starts, and before the engine idles or stops; ``fn`` returning False removes it. A consumer that buffers the
         engine's events (the server's relay to its event loop) wakes its reader there rather than at every
         event: the reader's Python then runs while the engine computes outside the GIL, instead of contending
         with the engine's own Python (sampling, the next step's set-up) for it."""
@@ -210,11 +210,16 @@ class Engine:
             self._wakers.append(fn)
 
     def _wake(self) -> None:
+        gone = []
         for fn in self._wakers:
             try:
-                fn()
+                if fn() is False:  # the consumer is gone for good (a closed event loop): drop it
+                    gone.append(fn)
             except Exception:  # a broken consumer must not kill the engine
                 log.exception("engine: waker failed")
+        if gone:
+            with self._cv:
+                self._wakers = [f for f in self._wakers if f not in gone]
 
     def cancel(self, h: Handle) -> None:
         """Stop a request: its sequences leave the batch before the next step."""

@@ -308,18 +308,25 @@ class _Relay:
         if not self.engine_wakes:
             self.kick()
 
-    def kick(self) -> None:
-        """Wake the loop to deliver what is pending (any thread)."""
+    def kick(self) -> bool:
+        """Wake the loop to deliver what is pending (any thread); False once the loop is closed (the engine then
+        drops this relay's waker)."""
+        if self.loop.is_closed():
+            with self.lock:
+                self.pending.clear()
+            return False
         with self.lock:
             if not self.pending or self.scheduled:
-                return
+                return True
             self.scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+        except RuntimeError:  # the loop closed meanwhile (server shutting down): nobody is listening
             with self.lock:
                 self.pending.clear()
                 self.scheduled = False
+            return False
+        return True
 
     def _flush(self) -> None:
         with self.lock:
@@ -467,6 +474,8 @@ class Server:
         q = _Inbox(loop)
         relay = self._relays.get(loop)
         if relay is None:
+            for old in [lp for lp in self._relays if lp.is_closed()]:  # loops that are gone (a test client's)
+                del self._relays[old]
             add_waker = getattr(self.engine, "add_waker", None)
             relay = self._relays[loop] = _Relay(loop, engine_wakes=add_waker is not None)
             if add_waker is not None:
