@@ -238,6 +238,13 @@ def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
     assert [d["output"] for d in json.loads(out.read_text())["results"][0]["details"]] == [
         d["output"] for d in api.details]
     assert all("\n" not in d["output"] and "?" not in d["output"] for d in api.details)
+    assert main(["eval", "icl", str(folder), "--tasks", qa, "--stop", '["\\n", "?", "a, b"]', "--device", "cpu",
+                 "--json", str(out), "--details"]) == 0  # a JSON list: strings with commas
+    assert [d["output"] for d in json.loads(out.read_text())["results"][0]["details"]] == [
+        d["output"] for d in icl_accuracy(model, load_tokenizer(folder), qa, stop=["\n", "?", "a, b"]).details]
+    capsys.readouterr()
+    assert main(["eval", "icl", str(folder), "--tasks", qa, "--stop", '["unclosed']) == 2
+    assert "not a JSON list" in capsys.readouterr().err
     for extra, msg in ((["--max-examples", "0"], "--max-examples 0"), (["--batch-size", "0"], "--batch-size 0"),
                        (["--num-fewshot", "one"], "expected integers"), (["--task-type", "lm,mc,lm"], "3 types")):
         assert main(["eval", "icl", str(folder), "--tasks", f"{lm},{mc}", "--device", "cpu", *extra]) == 2

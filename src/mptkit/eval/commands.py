@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
@@ -113,6 +114,21 @@ def _split_list(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
+def _stop_strings(arg: str | None) -> list[str] | None:
+    """``--stop``: comma-separated strings, or a JSON list (for strings with commas: '["a, b", "\\n"]')."""
+    if not arg:
+        return None
+    if arg.lstrip().startswith("["):
+        try:
+            out = json.loads(arg, strict=False)  # a backslash-n is already a newline here (_unescape)
+        except ValueError as e:
+            raise EvalError(f"--stop {arg!r}: not a JSON list of strings ({e})") from None
+        if not isinstance(out, list) or not all(isinstance(x, str) and x for x in out):
+            raise EvalError(f"--stop {arg!r}: expected a JSON list of non-empty strings")
+        return out
+    return [x for x in arg.split(",") if x]
+
+
 def _icl(args) -> int:
     from mptkit.eval.icl import icl_accuracy, normalize_task_type, read_icl_jsonl
 
@@ -138,7 +154,7 @@ def _icl(args) -> int:
                                         continuation_delimiter=args.continuation_delimiter,
                                         prompt_string=args.prompt_string, batch_size=args.batch_size,
                                         max_examples=args.max_examples, max_seq_len=args.max_seq_len,
-                                        stop=[x for x in args.stop.split(",") if x] if args.stop else None))
+                                        stop=_stop_strings(args.stop)))
     w = max(4, *(len(r.task) for r in results))
     tw = max(18, *(len(r.task_type) for r in results))
     print(f"{'task':<{w}} {'type':<{tw}} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
@@ -227,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt + answer (default: the model's max_seq_len); longer prompts lose their start")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--stop", type=_unescape, default=None,
-                   help="generation tasks: stop strings, comma-separated (llm-foundry's early_stopping_criteria, "
-                        "e.g. '\\n'; default: EOS or the token budget)")
+                   help="generation tasks: stop strings, comma-separated or a JSON list (llm-foundry's "
+                        "early_stopping_criteria, e.g. '\\n'; default: EOS or the token budget)")
     p.add_argument("--details", action="store_true", help="write per-record results to --json")
     p.set_defaults(func=_icl)
