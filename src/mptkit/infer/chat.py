@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from mptkit.errors import InferenceError
+from mptkit.infer.generate import reusable_prefix
 
 DEFAULT_SYSTEM_PROMPT = (
     "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
@@ -149,10 +150,7 @@ class ChatSession:
         if self._cache is None:
             self._cache = gen.new_cache(slots=1, capacity=min(gen.max_context, len(ids) + params.max_tokens))
         cache = self._cache
-        n = 0
-        limit = min(len(self._held), len(ids) - 1)  # at least one token is fed: its logits start the reply
-        while n < limit and self._held[n] == ids[n]:
-            n += 1
+        n = reusable_prefix(self._held, ids)
         if n:
             cache.lengths[0] = n
         else:
@@ -171,6 +169,4 @@ class ChatSession:
             logits = gen.decode(cache, [tok])[0]
             tok, delta = seq.step(logits)
             yield delta
-        fed = cache.lengths[0]
-        held = (ids + seq.output_ids)[:fed]
-        self._held = held if len(held) == fed else []
+        self._held = seq.fed_tokens(cache.lengths[0])

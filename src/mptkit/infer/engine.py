@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mptkit.errors import InferenceError
-from mptkit.infer.generate import Generator, Sequence, TokenLogprob
+from mptkit.infer.generate import Generator, Sequence, TokenLogprob, reusable_prefix
 from mptkit.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,10 @@ class Engine:
 
     def add_waker(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` (on the engine thread) when the events emitted since the last call should be delivered:
-        as the next forward pass starts, and before the engine idles or stops; ``fn`` returning False removes it. A consumer that buffers the
-        engine's events (the server's relay to its event loop) wakes its reader there rather than at every
-        event: the reader's Python then runs while the engine computes outside the GIL, instead of contending
-        with the engine's own Python (sampling, the next step's set-up) for it."""
+        as the next forward pass starts, and before the engine idles or stops; ``fn`` returning False removes
+        it. A consumer that buffers the engine's events (the server's relay to its event loop) wakes its reader
+        there rather than at every event: the reader's Python then runs while the engine computes outside the
+        GIL, instead of contending with the engine's own Python (sampling, the next step's set-up) for it."""
         with self._cv:
             self._wakers.append(fn)
 
@@ -232,15 +232,7 @@ class Engine:
     def _free(self, i: int) -> None:
         sl = self.slots[i]
         self.slots[i] = None
-        n = self.cache.lengths[i]
-        if self.prefix_reuse and sl is not None and n > 0:
-            seq = sl.seq
-            held = seq.prompt_ids[:n]
-            if n > len(held):
-                held = held + seq.output_ids[: n - len(held)]
-            self._held[i] = held if len(held) == n else []
-        else:
-            self._held[i] = []
+        self._held[i] = sl.seq.fed_tokens(self.cache.lengths[i]) if self.prefix_reuse and sl is not None else []
         if not self._held[i]:
             self.cache.reset_slot(i)
 
@@ -289,14 +281,6 @@ class Engine:
                     keep.append(w)
             self.waiting = keep
 
-    @staticmethod
-    def _common(a: list[int], b: list[int]) -> int:
-        n = min(len(a), len(b))
-        i = 0
-        while i < n and a[i] == b[i]:
-            i += 1
-        return i
-
     def _admit(self) -> None:
         while self.waiting:
             free = [i for i in range(self.max_batch) if self.slots[i] is None]
@@ -304,14 +288,11 @@ class Engine:
                 return
             sl = self.waiting.popleft()
             prompt = sl.seq.prompt_ids
-            # the free slot holding the longest prefix of this prompt (at least one token is left to feed:
-            # its logits give the first new token); else the first free slot that holds nothing
-            best, keep = free[0], 0
-            if self.prefix_reuse:
-                for i in free:
-                    c = min(self._common(self._held[i], prompt), len(prompt) - 1)
-                    if c > keep or (c == keep and keep == 0 and not self._held[i] and self._held[best]):
-                        best, keep = i, c
+            # the free slot holding the longest prefix of this prompt; with none, the first free slot that holds
+            # nothing (so held tokens stay for a later turn), else the first free slot
+            keeps = {i: reusable_prefix(self._held[i], prompt) if self.prefix_reuse else 0 for i in free}
+            best = max(free, key=lambda i: (keeps[i], not self._held[i], -i))
+            keep = keeps[best]
             if keep > 0:
                 self.cache.lengths[best] = keep  # the slot's K/V for the first `keep` tokens are this prompt's
             else:

@@ -145,6 +145,11 @@ class Sequence:
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def fed_tokens(self, n: int) -> list[int]:
+        """The first ``n`` tokens of prompt + output: what a cache holding ``n`` of this sequence's tokens holds
+        (the last token sampled is never fed); [] if ``n`` is more than the sequence has."""
+        return (self.prompt_ids + self.output_ids)[:n] if n <= self.total_len else []
+
     def step(self, logits: torch.Tensor) -> tuple[int, str]:
         """Choose the next token from (V,) logits, apply stop rules; return (token, text delta)."""
         tok = self.sampler.choose(logits)
@@ -200,6 +205,16 @@ class Sequence:
             text=text, token_ids=list(self.output_ids), finish_reason=self.finish_reason or "length",
             prompt_tokens=len(self.prompt_ids), logprobs=self.logprobs,
         )
+
+
+def reusable_prefix(held: Seq[int], prompt: Seq[int]) -> int:
+    """How many of ``prompt``'s first tokens a cache holding ``held`` can keep: their common prefix, leaving at
+    least one prompt token to feed (its logits give the first new token)."""
+    limit = min(len(held), len(prompt) - 1)
+    n = 0
+    while n < limit and held[n] == prompt[n]:
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- the generator
