@@ -352,7 +352,7 @@ class KVCache:
             km = self.kmax[layer][self._slot].float().repeat_interleave(rep)  # (H,)
             reach = (2.0 * abs(float(softmax_scale)) * qn * km * (1 + 1e-5) + 110.0) / slopes.float()
             cut = (start - torch.ceil(reach) - 1).clamp(min=0).long()
-        cuts = [int(c) // 64 * 64 for c in cut.tolist()]
+        cuts = [int(c) // 64 * 64 for c in cut.tolist()]  # key slices starting 64-row aligned
         if not any(cuts):
             return None
         outs = []
@@ -375,15 +375,16 @@ class KVCache:
         as ``_update`` + ``_attend`` to float rounding for the active slots; idle slots are neither written
         nor read (their output rows are zero)."""
         pos, top = self.fused_positions()
+        km = self._kmax_arg()
         return kernels.decode_attention(q, k, v, self.k[i], self.v[i], pos, top, self._slopes, softmax_scale,
-                                        self._kmax_arg()[i])
+                                        km and km[i])
 
-    def _kmax_arg(self) -> list:
-        """The key-norm bounds for the compiled kernels, or Nones: skipping switched off (the kernels then do
+    def _kmax_arg(self) -> list[torch.Tensor] | None:
+        """The key-norm bounds for the compiled kernels, or None: skipping switched off (the kernels then do
         not raise the bounds, so they stay off for this cache)."""
         if not self.skip_far_keys:
             self._kmax_valid = False
-        return self.kmax if self._kmax_valid else [None] * self.n_layers
+        return self.kmax if self._kmax_valid else None
 
     def fused_positions(self) -> tuple[torch.Tensor, int]:
         """For the fused kernels in this decode step: each slot's length as an int64 tensor, and max + 1."""
@@ -401,13 +402,13 @@ class KVCache:
         """Layer ``i``'s whole block on ``x`` (n, d) in place, cache write included
         (``CpuKernels.decode_block``)."""
         pos, top = self.fused_positions()
-        kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes, self._kmax_arg()[i])
+        km = self._kmax_arg()
+        kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes, km and km[i])
 
     def fused_layers(self, x: torch.Tensor, stack, kernels) -> None:
         """Every layer's block on ``x`` (n, d) in place, in one call (``CpuKernels.decode_layers``)."""
         pos, top = self.fused_positions()
-        km = self._kmax_arg()
-        kernels.decode_layers(x, stack, self.k, self.v, pos, top, self._slopes, None if km[0] is None else km)
+        kernels.decode_layers(x, stack, self.k, self.v, pos, top, self._slopes, self._kmax_arg())
 
     def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
         if k.dtype != q.dtype:  # a cache stored in a narrower type (kv_dtype): attention computes in q's

@@ -289,10 +289,9 @@ class _Relay:
     engine computes outside the GIL rather than contending with its sampling and step set-up. Events put from
     the loop's own thread (a request finished at submission) are delivered at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine_wakes: bool):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.loop_thread = threading.get_ident()  # made on the loop
-        self.engine_wakes = engine_wakes
         self.pending: list = []
         self.lock = threading.Lock()
         self.scheduled = False
@@ -305,8 +304,6 @@ class _Relay:
             raise RuntimeError("event loop closed")  # the engine cancels the request
         with self.lock:
             self.pending.append((q, ev))
-        if not self.engine_wakes:
-            self.kick()
 
     def kick(self) -> bool:
         """Wake the loop to deliver what is pending (any thread); False once the loop is closed (the engine then
@@ -476,10 +473,8 @@ class Server:
         if relay is None:
             for old in [lp for lp in self._relays if lp.is_closed()]:  # loops that are gone (a test client's)
                 del self._relays[old]
-            add_waker = getattr(self.engine, "add_waker", None)
-            relay = self._relays[loop] = _Relay(loop, engine_wakes=add_waker is not None)
-            if add_waker is not None:
-                add_waker(relay.kick)
+            relay = self._relays[loop] = _Relay(loop)
+            self.engine.add_waker(relay.kick)
 
         def cb(ev: Event, _put=relay.put) -> None:
             _put(q, ev)
