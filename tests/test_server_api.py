@@ -69,6 +69,9 @@ def test_openai_client_plain_and_streaming(server):
                      {"role": "user", "content": "and dumps?"}]
     a2 = c.chat.completions.create(model="tiny", messages=turn2, max_completion_tokens=6, temperature=0)
     assert 0 < a2.usage.prompt_tokens_details.cached_tokens < a2.usage.prompt_tokens
+    m = httpx.get(base + "/metrics").text  # the counter of prompt tokens not prefilled includes this turn's
+    cached = int(next(ln.split()[1] for ln in m.splitlines() if ln.startswith("mptkit_prompt_tokens_cached_total ")))
+    assert cached >= a2.usage.prompt_tokens_details.cached_tokens
     assert a1.usage.prompt_tokens_details.cached_tokens < a1.usage.prompt_tokens
 
 
