@@ -315,3 +315,15 @@ def test_finetune_check_cli_marks_the_trained_spans(tmp_path, make_tokenizer, ca
     assert main(["data", "finetune-check", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tokdir),
                  "--max-seq-len", "64"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_folder_of_ndjson_and_a_csv_with_a_long_field(tmp_path, tok):
+    """Finetuning reads the files the corpus reader does (.ndjson counted as data) and CSV fields longer than
+    the csv module's default 128 KiB limit (the long response is truncated to max_seq_len, not skipped)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.ndjson").write_text(json.dumps({"prompt": "x = 1", "response": " y = 2"}) + "\n")
+    long = "z" * 200_000
+    (d / "b.csv").write_text(f"prompt,response\nq,{long}\n")
+    ds = build_finetune_dataset(d, tok, FinetuneOptions(max_seq_len=32))
+    assert ds.stats.examples == 2 and ds.stats.bad["total"] == 0 and ds.stats.truncated == 1

@@ -335,30 +335,26 @@ def read_json_array(path: Path, issues: Issues) -> list | None:
         return None
 
 
-def _read_json(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+def iter_json_records(path: Path, issues: Issues) -> Iterator[tuple[int, str, Any]]:
+    """``(index, where, record)`` for a .json file: a JSON array (index i, ``file:[i]``), or one object per line
+    as llm-foundry writes .json files (the line number, ``file:line``); an empty or malformed file is reported
+    to ``issues``."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if not head:
         issues.report("empty_file", str(path), "empty file")
         return
     if not head.startswith(b"["):
-        # llm-foundry style: .json files holding one JSON object per line
-        yield from _read_jsonl(path, text_field, issues)
+        for lineno, rec in iter_jsonl_records(path, issues):
+            yield lineno, f"{path}:{lineno}", rec
         return
-    records = read_json_array(path, issues)
-    for i, rec in enumerate(records or []):
-        where = f"{path}:[{i}]"
-        try:
-            value = _get_field(rec, text_field)
-        except KeyError:
-            issues.report("missing_text_field", where, f"record has no field {text_field!r}")
-            continue
-        t = _check_text(value, where, text_field, issues)
-        if t is not None:
-            yield i, t
+    for i, rec in enumerate(read_json_array(path, issues) or []):
+        yield i, f"{path}:[{i}]", rec
 
 
-def _read_csv(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+def iter_csv_rows(path: Path, issues: Issues, *, column: str | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` for a CSV (TSV by suffix) file with a header; with ``column``, a file without that
+    column is reported and skipped. Empty, undecodable or malformed files are reported to ``issues``."""
     csv.field_size_limit(1 << 30)
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     data = path.read_bytes()
@@ -371,18 +367,35 @@ def _read_csv(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int
     import io
 
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
-    if reader.fieldnames is None or text_field not in reader.fieldnames:
+    if column is not None and (reader.fieldnames is None or column not in reader.fieldnames):
         issues.report("missing_text_field", f"{path}:1",
-                      f"no column {text_field!r} (columns: {reader.fieldnames}); file skipped")
+                      f"no column {column!r} (columns: {reader.fieldnames}); file skipped")
         return
     try:
         for row in reader:
-            where = f"{path}:{reader.line_num}"
-            t = _check_text(row.get(text_field), where, text_field, issues)
-            if t is not None:
-                yield reader.line_num, t
+            yield reader.line_num, row
     except csv.Error as e:
         issues.report("malformed_csv", f"{path}:{reader.line_num}", f"malformed CSV ({e}); rest of file skipped")
+
+
+def _read_json(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+    for i, where, rec in iter_json_records(path, issues):
+        try:
+            value = _get_field(rec, text_field)
+        except KeyError:
+            keys = list(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
+            issues.report("missing_text_field", where, f"no field {text_field!r} (found {keys})")
+            continue
+        t = _check_text(value, where, text_field, issues)
+        if t is not None:
+            yield i, t
+
+
+def _read_csv(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+    for lineno, row in iter_csv_rows(path, issues, column=text_field):
+        t = _check_text(row.get(text_field), f"{path}:{lineno}", text_field, issues)
+        if t is not None:
+            yield lineno, t
 
 
 def open_table(path: Path, kind: str, columns: list[str] | None = None):

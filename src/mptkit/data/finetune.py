@@ -28,10 +28,8 @@ model uses to keep examples apart when its ``attn_uses_sequence_id`` is set.
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib
-import io
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -42,13 +40,18 @@ from typing import Any
 import torch
 
 from mptkit.data.corpus import (
+    ARROW_SUFFIXES,
+    CSV_SUFFIXES,
+    JSON_SUFFIXES,
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
     Issues,
-    _decode_utf8,
     _hf_dataset_arrow_files,
     _is_hf_datasets_dir,
+    iter_csv_rows,
+    iter_json_records,
     iter_jsonl_records,
     open_table,
-    read_json_array,
     source_kind,
 )
 from mptkit.data.tokenizer import encode_batch
@@ -66,7 +69,7 @@ INSTRUCT_PROMPT_WITH_INPUT = (
     "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
     "\n\n### Response:\n"
 )
-DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow"}
+DATA_SUFFIXES = JSONL_SUFFIXES | JSON_SUFFIXES | CSV_SUFFIXES | PARQUET_SUFFIXES | ARROW_SUFFIXES
 _TARGET_PROMPTS = re.compile(r"^(none|all|length>=\s*(\d+))$")
 
 
@@ -170,25 +173,13 @@ def _records_jsonl(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
 
 
 def _records_json(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
-        yield from _records_jsonl(path, issues)  # .json files with one object per line
-        return
-    for i, rec in enumerate(read_json_array(path, issues) or []):
-        yield f"{path}:[{i}]", rec
+    for _, where, rec in iter_json_records(path, issues):
+        yield where, rec
 
 
 def _records_csv(path: Path, issues: Issues) -> Iterator[tuple[str, Any]]:
-    text = _decode_utf8(path.read_bytes(), str(path), issues)
-    if text is None:
-        return
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    try:
-        for row in reader:
-            yield f"{path}:{reader.line_num}", dict(row)
-    except csv.Error as e:
-        issues.report("malformed_csv", f"{path}:{reader.line_num}", f"malformed CSV ({e}); rest of file skipped")
+    for lineno, row in iter_csv_rows(path, issues):
+        yield f"{path}:{lineno}", dict(row)
 
 
 def _records_table(path: Path, kind: str, issues: Issues) -> Iterator[tuple[str, Any]]:
