@@ -92,8 +92,10 @@ def limit_files(files: list[Path], *, max_files: int | None = None, max_bytes: i
     return out
 
 
-def _is_prepared_dir(p: Path) -> bool:
-    """A folder written by ``mptkit data prepare`` (never read back as corpus text)."""
+def is_prepared_dir(p: str | os.PathLike) -> bool:
+    """A folder written by ``mptkit data prepare``: token shards with an mptkit ``manifest.json`` (never read
+    back as corpus text)."""
+    p = Path(p)
     try:
         with open(p / "manifest.json", "rb") as f:
             return b'"mptkit.tokens"' in f.read(256)
@@ -144,7 +146,7 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
         elif p.is_dir():
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
-                if "manifest.json" in filenames and _is_prepared_dir(Path(dirpath)):
+                if "manifest.json" in filenames and is_prepared_dir(dirpath):
                     dirnames[:] = []
                     log.info("skipping %s: an mptkit prepared dataset, not corpus text", dirpath)
                     continue

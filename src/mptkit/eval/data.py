@@ -53,14 +53,9 @@ class TokenStream:
 
 def is_prepared_folder(path) -> bool:
     """True for a folder written by ``mptkit data prepare`` (holds an mptkit token ``manifest.json``)."""
-    p = Path(path)
-    if not (p / "manifest.json").is_file():
-        return False
-    try:
-        with open(p / "manifest.json", "rb") as f:
-            return b"mptkit.tokens" in f.read(512)
-    except OSError:
-        return False
+    from mptkit.data.corpus import is_prepared_dir
+
+    return Path(path).is_dir() and is_prepared_dir(path)
 
 
 def _decoded_bytes(tokenizer, ids: list[int]) -> int:
