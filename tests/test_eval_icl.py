@@ -338,3 +338,15 @@ def test_generation_task_matches_greedy_generation_and_normalized_aliases(tmp_pa
     assert stop
     cut = icl_accuracy(model, tok, recs[:1], stop=[stop])
     assert cut.details[0]["output"] == ref[i0][: ref[i0].index(stop)]
+
+
+def test_a_tokenizer_bigger_than_the_model_is_refused(tmp_path, make_tokenizer):
+    """Token ids past the model's vocab_size: an EvalError naming the spans, for scored and generated tasks."""
+    from tests.conftest import tiny_cfg
+
+    tok = load_tokenizer(_model_folder(tmp_path, make_tokenizer))
+    small = MPTForCausalLM(tiny_cfg(vocab_size=40)).eval()
+    with pytest.raises(EvalError, match="vocab_size is 40"):
+        icl_accuracy(small, tok, [{"context": "def load(fp):", "continuation": " return"}] * 2)
+    with pytest.raises(EvalError, match="vocab_size is 40"):
+        icl_accuracy(small, tok, [{"context": "def load(fp):", "answer": "x", "aliases": []}] * 2)

@@ -50,7 +50,7 @@ import torch
 
 from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import EvalError
-from mptkit.eval.scoring import model_device, next_token_logprobs
+from mptkit.eval.scoring import check_token_ids, model_device, next_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +306,8 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], *, batch_
         seqs.append((p, a))
     if int(batch_size) < 1:
         raise EvalError(f"--batch-size {batch_size}: must be >= 1")
-    vocab = model.config.vocab_size
-    top = max(max(max(p), max(a)) for p, a in seqs) if seqs else 0
-    if top >= vocab or (seqs and min(min(min(p), min(a)) for p, a in seqs) < 0):
-        raise EvalError(f"token id {top} is outside the model's vocabulary ({vocab}): the tokenizer does not "
-                        "belong to this model")
+    check_token_ids([t for p, a in seqs for t in (min(p), max(p), min(a), max(a))], model.config.vocab_size,
+                    "ICL prompts and answers")
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     out: list = [None] * len(seqs)
     dev = model_device(model)
@@ -447,10 +444,7 @@ def _generation_accuracy(model, tokenizer, task: ICLTask, n: int, fmt: dict, *, 
         if len(ids) > room:
             ids, truncated = ids[-room:], truncated + 1
         prompts.append(ids)
-    vocab = model.config.vocab_size
-    if max(max(p) for p in prompts) >= vocab:
-        raise EvalError(f"token id {max(max(p) for p in prompts)} is outside the model's vocabulary ({vocab}): the "
-                        "tokenizer does not belong to this model")
+    check_token_ids([t for p in prompts for t in (min(p), max(p))], model.config.vocab_size, "ICL prompts")
     if int(batch_size) < 1:
         raise EvalError(f"--batch-size {batch_size}: must be >= 1")
     gen = Generator(model, tokenizer, max_context=limit)
