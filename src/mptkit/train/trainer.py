@@ -166,6 +166,7 @@ class Trainer:
         self.target_tokens = 0  # positions that carried loss (labels[:, 1:] != -100), all ranks
         self._step_targets = 0
         self._step_tokens = 0  # tokens of the last step (non-padding for finetuning data), all ranks
+        self._flops_memo: dict[float, float] = {}
         self._step_width = 0.0  # positions per sample computed in the last step (after pad trimming; ranks' mean)
         self.samples = 0
         self.last_eval: dict | None = None
@@ -659,7 +660,7 @@ class Trainer:
         mbs = self._split(batch, mb)
         counts = [self.count_targets(m) for m in mbs]
         # targets, tokens and this rank's sample width (after pad trimming), summed over the ranks in one call
-        both = torch.tensor([float(sum(counts)), float(sum(count_tokens(m) for m in mbs)),
+        both = torch.tensor([float(sum(counts)), float(count_tokens(batch)),  # the CPU batch: no device sync
                              float(batch["input_ids"].shape[1])], dtype=torch.float64)
         both = all_reduce_sum(both.to(self.device) if self.dist.enabled and self.device.type == "cuda" else both,
                               self.dist)
@@ -884,12 +885,17 @@ class Trainer:
     def _flops_per_batch(self, width: int | None = None) -> float:
         """Training FLOPs of a global batch whose samples are ``width`` positions long (default: the data's
         sequence length; padding is computed, so it counts here, unlike in ``tokens``)."""
-        m = self.model
-        gb = self.cfg.global_train_batch_size
         width = width or self.seq_len
-        if hasattr(m, "flops_per_batch"):
-            return float(m.flops_per_batch(gb, width))
-        return 6.0 * sum(p.numel() for p in m.parameters()) * gb * width
+        got = self._flops_memo.get(width)
+        if got is None:  # once per width (pad trimming gives a few): counting parameters walks the model
+            m = self.model
+            gb = self.cfg.global_train_batch_size
+            if hasattr(m, "flops_per_batch"):
+                got = float(m.flops_per_batch(gb, width))
+            else:
+                got = 6.0 * sum(p.numel() for p in m.parameters()) * gb * width
+            self._flops_memo[width] = got
+        return got
 
     def _write_run_config(self) -> None:
         import yaml
