@@ -225,3 +225,16 @@ def test_bin_source_exports_the_same_tensors_and_refuses_pickles(tmp_path, make_
     torch.save({"w": types.SimpleNamespace(a=1)}, tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(ExportError, match=r"pytorch_model\.bin: cannot load with weights_only=True"):
         export_hf(tmp_path / "m", tmp_path / "out2")
+
+
+def test_arguments_are_checked_before_the_source_is_opened(tmp_path):
+    """A bad --dtype / --layout / --max-shard-size is refused before the source is read (a sharded source would
+    be consolidated first): here the source does not even exist."""
+    from mptkit.export.gguf import export_gguf
+
+    for kw, msg in (({"dtype": "int8"}, "--dtype"), ({"layout": "x"}, "--layout"), ({"max_shard_size": "lots"}, "cannot read size")):
+        with pytest.raises(ExportError, match=msg) as e:
+            export_hf(tmp_path / "missing", tmp_path / "out", **kw)
+        assert "no such file" not in str(e.value)
+    with pytest.raises(ExportError, match="--dtype"):
+        export_gguf(tmp_path / "missing", tmp_path / "o.gguf", dtype="q4")

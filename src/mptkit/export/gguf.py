@@ -323,10 +323,10 @@ def export_gguf(
 ) -> GGUFExportResult:
     """Write ``src`` (a model folder, run or checkpoint — a sharded FSDP one is consolidated first) as a GGUF
     file for llama.cpp at ``out``."""
+    if dtype not in GGUF_DTYPES:  # the arguments first: a sharded source is consolidated below
+        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
+    gguf = _gguf()
     with model_source(src) as folder:
-        gguf = _gguf()
-        if dtype not in GGUF_DTYPES:
-            raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
         src = Path(src)
         out = Path(out)
         if out.exists() and out.is_dir():

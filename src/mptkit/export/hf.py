@@ -83,20 +83,20 @@ def export_hf(
     ``tokenizer``: a folder with tokenizer files, when neither the model folder nor the run has one.
     ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
     """
-    with model_source(src) as folder:
-        from mptkit.model.checkpoint_io import parse_size, save_pretrained
-        from mptkit.model.config import transformers_incompatibilities
-        from mptkit.model.model import MPTForCausalLM
+    from mptkit.model.checkpoint_io import parse_size, save_pretrained
+    from mptkit.model.config import transformers_incompatibilities
+    from mptkit.model.model import MPTForCausalLM
 
-        dtype = DTYPE_ALIASES.get(dtype, dtype)
-        if dtype not in HF_DTYPES:
-            raise ExportError(f"--dtype {dtype}: expected one of {', '.join(HF_DTYPES)}")
-        if layout not in LAYOUTS:
-            raise ExportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
-        try:
-            parse_size(max_shard_size)
-        except ConfigError as e:
-            raise ExportError(str(e)) from None
+    dtype = DTYPE_ALIASES.get(dtype, dtype)  # the arguments first: a sharded source is consolidated below
+    if dtype not in HF_DTYPES:
+        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(HF_DTYPES)}")
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+    try:
+        parse_size(max_shard_size)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    with model_source(src) as folder:
         src = Path(src)
         out = Path(out)
         _check_out(src, folder, out, overwrite)
