@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from mptkit.errors import EvalError
+from mptkit.utils.dtypes import WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="HF-layout model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the model folder)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(WEIGHT_DTYPES), help="weights dtype (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--attn-impl", default=None, metavar="IMPL",
                    help="attention backend (auto, torch, sdpa, blockwise, flex, flash; default: the folder's "
