@@ -113,17 +113,25 @@ def save_pretrained(
     model.config.save(folder, layout=layout)
     for p in old - written:
         p.unlink(missing_ok=True)
-    if tokenizer is not None:
-        if isinstance(tokenizer, (str, os.PathLike)):
-            import shutil
-
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer) / name
-                if src.exists() and src.resolve() != (folder / name).resolve():
-                    shutil.copyfile(src, folder / name)
-        else:
-            tokenizer.save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
     return folder
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """Put ``tokenizer`` (a transformers tokenizer, or a folder whose tokenizer files are copied) in ``folder``;
+    None does nothing."""
+    if tokenizer is None:
+        return
+    folder = Path(folder)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        import shutil
+
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer) / name
+            if src.exists() and src.resolve() != (folder / name).resolve():
+                shutil.copyfile(src, folder / name)
+    else:
+        tokenizer.save_pretrained(str(folder))
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -192,19 +192,11 @@ def save_sharded_checkpoint(
 
 def _save_model_meta(folder: Path, config, tokenizer: Any) -> None:
     """config.json and tokenizer files (no weights) of a sharded checkpoint's model/ folder."""
-    from mptkit.model.checkpoint_io import TOKENIZER_FILES
+    from mptkit.model.checkpoint_io import save_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     config.save(folder)
-    if tokenizer is None:
-        return
-    if isinstance(tokenizer, (str, os.PathLike)):
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer) / name
-            if src.exists():
-                shutil.copyfile(src, folder / name)
-    else:
-        tokenizer.save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
 
 
 def is_sharded(ckpt: str | os.PathLike) -> bool:
