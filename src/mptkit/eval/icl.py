@@ -196,12 +196,13 @@ def read_icl_jsonl(path, task_type: str | None = None) -> ICLTask:
     return ICLTask(name=p.stem, task_type=task_type, examples=examples, path=str(p), lines=lines)
 
 
-def _context(rec: dict, task_type: str) -> str:
-    """The text before ``CD`` when the record is shown as a shot (or, but for schema, asked)."""
+def _context(rec: dict, task_type: str, option: int | None = None) -> str:
+    """The text before ``CD``: as a shot, and as asked (a schema record is asked once per context option;
+    ``option`` None is its gold one)."""
     if task_type == "multiple_choice":
         return rec["query"]
     if task_type == "schema":
-        return rec["context_options"][rec["gold"]]
+        return rec["context_options"][rec["gold"] if option is None else option]
     return rec["context"]
 
 
@@ -217,10 +218,11 @@ def _alternatives(rec: dict, task_type: str, prefix: str, cd: str) -> list[tuple
     """(prompt, answer) pairs to score for a record, ``prefix`` being the prompt string and shots joined with
     their trailing delimiter."""
     if task_type == "multiple_choice":
-        return [(prefix + rec["query"] + cd, c) for c in rec["choices"]]
+        return [(prefix + _context(rec, task_type) + cd, c) for c in rec["choices"]]
     if task_type == "schema":
-        return [(prefix + c + cd, rec["continuation"]) for c in rec["context_options"]]
-    return [(prefix + rec["context"] + cd, rec["continuation"])]
+        return [(prefix + _context(rec, task_type, j) + cd, rec["continuation"])
+                for j in range(len(rec["context_options"]))]
+    return [(prefix + _context(rec, task_type) + cd, rec["continuation"])]
 
 
 def fewshot_indices(n: int, index: int, k: int, seed: int) -> list[int]:
@@ -251,12 +253,7 @@ def build_prompt(task: ICLTask, index: int, *, num_fewshot: int = 0, seed: int =
     """The prompt text of record ``index`` (shots included), before the answer (see the module docstring);
     for a schema record, the prompt of context option ``option`` (default: gold)."""
     prefix = _prefix(task, index, num_fewshot, seed, example_delimiter, continuation_delimiter, prompt_string)
-    rec = task.examples[index]
-    if task.task_type == "schema":
-        return prefix + rec["context_options"][rec["gold"] if option is None else option] + continuation_delimiter
-    if task.task_type == "multiple_choice":
-        return prefix + rec["query"] + continuation_delimiter
-    return prefix + rec["context"] + continuation_delimiter
+    return prefix + _context(task.examples[index], task.task_type, option) + continuation_delimiter
 
 
 def normalize_answer(text: str) -> str:
