@@ -315,6 +315,12 @@ def test_sharded_checkpoints(runs, tmp_path):
     export_hf(save, tmp_path / "exported")
     a, b = MPTForCausalLM.from_pretrained(tmp_path / "exported"), MPTForCausalLM.from_pretrained(out)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # generate / serve / eval load a run the same way (export.source.model_folders): the same weights
+    from mptkit.export.source import model_folders
+
+    with model_folders(save) as (folder, _tok):
+        c = MPTForCausalLM.from_pretrained(folder)
+    assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), b.state_dict().values()))
     # one process resumes from the sharded checkpoint (DCP reshards on load)
     s = _fit(tmp_path / "one", load_path=str(c2))
     assert s["resumed_from"] and s["steps"] == 4
