@@ -95,7 +95,8 @@ run("grow_ddp", load_path=str(tmp / "one" / "ck" / "ep0-ba2"))  # a 1-process ch
 run("grow_fsdp", fsdp_config={{}}, load_path=str(tmp / "one" / "ck" / "ep0-ba2"))
 run("hsdp", save_folder=None, fsdp_config={{"sharding_strategy": "HYBRID_SHARD", "activation_checkpointing": True,
     "forward_prefetch": True, "backward_prefetch_limit": 2, "limit_all_gathers": True, "mixed_precision": "PURE"}})
-run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True}})
+run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True,
+    "cpu_offload": True, "activation_cpu_offload": True}})  # both offloads: ignored on CPU, with a warning
 run("from_hf", save_folder=None, model=str(tmp / "fsdp" / "hf"), fsdp_config={{"sync_module_states": True}})
 import gc
 gc.collect()  # the runs' DDP/FSDP modules (and their gloo work objects) go before the group, not at teardown
@@ -133,6 +134,7 @@ def runs(tmp_path_factory) -> Path:
     _fit(tmp / "one")  # the uninterrupted one-process run; its ep0-ba2 is resumed on 2 ranks by the worker
     r = _torchrun(script, 2, str(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
+    (tmp / "worker.log").write_text(r.stderr)
     return tmp
 
 
@@ -210,7 +212,11 @@ def test_fsdp_trains_like_ddp_and_each_rank_holds_half(runs):
 
 @pytest.mark.slow
 def test_other_strategies_train_like_ddp(runs):
-    """HYBRID_SHARD (mesh 1x2) + activation checkpointing + prefetching, SHARD_GRAD_OP + sync_module_states."""
+    """HYBRID_SHARD (mesh 1x2) + activation checkpointing + prefetching, SHARD_GRAD_OP + sync_module_states (+ the
+    offloads, which CPU ranks ignore with a warning)."""
+    log = (runs / "worker.log").read_text()
+    assert "fsdp_config.cpu_offload: parameters are already in CPU memory" in log
+    assert "fsdp_config.activation_cpu_offload: activations are already in CPU memory" in log
     ddp = _steps(runs / "ddp")
     for name in ("hsdp", "zero2"):
         other = _steps(runs / name)
