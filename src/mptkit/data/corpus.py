@@ -310,9 +310,9 @@ def iter_jsonl_records(path: Path, issues: Issues) -> Iterator[tuple[int, Any]]:
         issues.report("empty_file", str(path), "empty file")
 
 
-def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
-    for lineno, rec in iter_jsonl_records(path, issues):
-        where = f"{path}:{lineno}"
+def _texts(records: Iterator[tuple[int, str, Any]], text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+    """``(index, text)`` of the ``(index, where, record)`` records that hold a usable ``text_field``."""
+    for n, where, rec in records:
         try:
             value = _get_field(rec, text_field)
         except KeyError:
@@ -321,7 +321,12 @@ def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[i
             continue
         text = _check_text(value, where, text_field, issues)
         if text is not None:
-            yield lineno, text
+            yield n, text
+
+
+def _read_jsonl(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
+    recs = ((lineno, f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl_records(path, issues))
+    yield from _texts(recs, text_field, issues)
 
 
 def read_json_array(path: Path, issues: Issues) -> list | None:
@@ -381,16 +386,7 @@ def iter_csv_rows(path: Path, issues: Issues, *, column: str | None = None) -> I
 
 
 def _read_json(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
-    for i, where, rec in iter_json_records(path, issues):
-        try:
-            value = _get_field(rec, text_field)
-        except KeyError:
-            keys = list(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
-            issues.report("missing_text_field", where, f"no field {text_field!r} (found {keys})")
-            continue
-        t = _check_text(value, where, text_field, issues)
-        if t is not None:
-            yield i, t
+    yield from _texts(iter_json_records(path, issues), text_field, issues)
 
 
 def _read_csv(path: Path, text_field: str, issues: Issues) -> Iterator[tuple[int, str]]:
