@@ -169,8 +169,9 @@ def test_sequence_id_packing_equals_documents_alone(impl):
         for d in docs:
             assert torch.allclose(packed[off : off + len(d)], model(d[None]).logits[0], atol=1e-5)
             off += len(d)
-        model.config.attn_config["attn_uses_sequence_id"] = False
-        unmasked = model(ids, sequence_id=seq_id).logits[0]
+        plain = MPTForCausalLM(model.config.replace(attn_config={"attn_uses_sequence_id": False})).eval()
+        plain.load_state_dict(model.state_dict())
+        unmasked = plain(ids, sequence_id=seq_id).logits[0]
     assert not torch.allclose(unmasked[9:], packed[9:], atol=1e-3)
 
 

@@ -10,7 +10,6 @@ mptkit, but transformers would compute a different model from it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -84,7 +83,7 @@ def export_hf(
     ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
     """
     from mptkit.model.checkpoint_io import parse_size, save_pretrained
-    from mptkit.model.config import transformers_incompatibilities
+    from mptkit.model.config import MPTConfig, transformers_incompatibilities
     from mptkit.model.model import MPTForCausalLM
 
     dtype = DTYPE_ALIASES.get(dtype, dtype)  # the arguments first: a sharded source is consolidated below
@@ -124,15 +123,16 @@ def export_hf(
                 raise ExportError(f"cannot export {folder}: {e}") from None
             raise
         # config.json records the dtype (transformers >= 5 reads "dtype", older versions "torch_dtype").
-        model.config = copy.deepcopy(model.config)
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
-        model.config.extra.pop("dtype", None)
-        model.config.extra["torch_dtype"] = name
-        model.config.init_device = "cpu"
+        file_cfg = model.config.to_dict()
+        file_cfg.pop("dtype", None)
+        file_cfg.update(torch_dtype=name, init_device="cpu")
+        file_cfg = MPTConfig.from_dict(file_cfg, where=str(folder / "config.json"))
 
         log.info("exporting %s -> %s (%s, %s layout)", folder, out, dtype, layout)
         with atomic_dir(out) as tmp:
-            save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype)
+            save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype,
+                            config=file_cfg)
             if tok_folder is not None:
                 for fname in TOKENIZER_FILES:
                     f = tok_folder / fname

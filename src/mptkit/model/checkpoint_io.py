@@ -66,10 +66,12 @@ def save_pretrained(
     layout: str | None = None,
     dtype: torch.dtype | None = None,
     tokenizer: Any = None,
+    config: MPTConfig | None = None,
 ) -> Path:
     """Write config.json and safetensors weights (one file, or shards + index above ``max_shard_size``).
 
     ``dtype`` casts floating tensors on the way out (e.g. torch.bfloat16 for a smaller export).
+    ``config``: the config.json to write instead of ``model.config`` (same shapes; e.g. other file metadata).
     ``tokenizer``: a transformers tokenizer (or a folder holding tokenizer files) saved alongside.
     """
     from safetensors.torch import save_file
@@ -110,7 +112,7 @@ def save_pretrained(
         total = sum(v.numel() * v.element_size() for v in sd.values())
         atomic_write_json(folder / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.add(folder / SAFE_INDEX)
-    model.config.save(folder, layout=layout)
+    (config or model.config).save(folder, layout=layout)
     for p in old - written:
         p.unlink(missing_ok=True)
     save_tokenizer(tokenizer, folder)
@@ -288,12 +290,16 @@ def load_pretrained(
     cfg = MPTConfig.from_json_file(folder / "config.json")
     if attn_impl is not None:
         config_overrides.setdefault("attn_config", {})["attn_impl"] = attn_impl
-    if config_overrides:
-        cfg = cfg.replace(**config_overrides)
-    cfg.init_device = "meta"
-    model = MPTForCausalLM(cfg, init=False)
-    load_state_into(model, iter_checkpoint_tensors(folder), source=str(folder), dtype=dtype, device=device)
-    model.config.init_device = "cpu"
+    if cfg.init_device == "meta":  # where a recipe built it; the loaded model has its weights
+        config_overrides.setdefault("init_device", "cpu")
+    if config_overrides:  # before the model is built: every module is made from the final config
+        try:
+            cfg = cfg.replace(**config_overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{folder}: overriding {', '.join(sorted(config_overrides))}: {e}") from None
+    model = MPTForCausalLM(cfg, init=False, device="meta")
+    source = str(folder) if not config_overrides else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
+    load_state_into(model, iter_checkpoint_tensors(folder), source=source, dtype=dtype, device=device)
     model.reset_buffers()
     model.eval()
     return model

@@ -26,8 +26,7 @@ def model_info(spec: str, *, seq_len: int | None = None, batch: int = 1, time_fo
     if Path(str(spec)).is_dir() and (Path(str(spec)) / "config.json").exists() and time_forward:
         model = MPTForCausalLM.from_pretrained(spec)
     else:
-        cfg.init_device = "meta" if meta else "cpu"
-        model = MPTForCausalLM(cfg)
+        model = MPTForCausalLM(cfg, device="meta" if meta else "cpu")
     t = seq_len or (min(cfg.max_seq_len, 256) if time_forward else cfg.max_seq_len)
     out = {
         "params": model.num_params(),

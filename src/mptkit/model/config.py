@@ -104,6 +104,34 @@ MOSAIC_AUTO_MAP = {
 }
 
 
+class FrozenSection(dict):
+    """A section (``attn_config`` …, ``extra``) of a built model's config: reads as a dict, refuses changes.
+
+    Copies (``copy.copy``/``copy.deepcopy``/``dict(...)``, pickling) are plain, changeable dicts."""
+
+    def _refuse(self, *args: Any, **kwargs: Any):
+        raise ConfigError(READ_ONLY_HINT)
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __copy__(self) -> dict:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        return {k: copy.deepcopy(v, memo) for k, v in self.items()}
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+READ_ONLY_HINT = (
+    "a built model's config is read-only (its modules were made from it, so a change would not reach them): "
+    "make a new config with config.replace(...) and build a new model from it, or give the overrides when "
+    "loading (MPTForCausalLM.from_pretrained(folder, attn_config={...}, ...); a recipe's "
+    "model.config_overrides)"
+)
+
+
 def _merge_defaults(section: str, given: dict | None, defaults: dict, where: str) -> tuple[dict, dict]:
     """Defaults overlaid by ``given``; returns (known, unknown). Misspellings of unset keys raise."""
     given = dict(given or {})
@@ -161,6 +189,28 @@ class MPTConfig:
         self.ffn_config.update(unk_f)
         self.init_config.update(unk_i)
         self.validate()
+
+    # ------------------------------------------------------------------ read-only once a model is built
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise ConfigError(f"config.{name}: {READ_ONLY_HINT}")
+        object.__setattr__(self, name, value)
+
+    def freeze(self) -> MPTConfig:
+        """Make this config read-only (a model does this to the config it is built from); returns self."""
+        if not self.frozen:
+            for name in ("attn_config", "ffn_config", "init_config", "extra"):
+                object.__setattr__(self, name, FrozenSection(getattr(self, name)))
+            object.__setattr__(self, "_frozen", True)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.__dict__.get("_frozen"))
+
+    def __deepcopy__(self, memo: dict) -> MPTConfig:
+        c = self.replace()
+        return c.freeze() if self.frozen else c  # a deep-copied model keeps a read-only config
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -405,6 +455,8 @@ class MPTConfig:
         return cls.from_dict(d or {}, where=str(path), strict=True)
 
     def replace(self, **changes: Any) -> MPTConfig:
+        """A new (changeable) config with ``changes``; ``attn_config``/``ffn_config``/``init_config`` mappings
+        are merged into the current sections. The new config is validated."""
         d = self.to_dict()
         for k, v in changes.items():
             if k in ("attn_config", "ffn_config", "init_config") and isinstance(v, dict):

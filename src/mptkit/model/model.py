@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from mptkit.errors import ConfigError
 from mptkit.model.attention import alibi_slopes
 from mptkit.model.blocks import MPTBlock, norm_factory
-from mptkit.model.config import MPTConfig, load_model_config
+from mptkit.model.config import READ_ONLY_HINT, MPTConfig, load_model_config
 from mptkit.model.fused_loss import linear_cross_entropy, shifted_labels
 from mptkit.model.init import init_weights
 
@@ -42,8 +42,25 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return F.cross_entropy(flat, shifted_labels(labels, ignore_index).reshape(-1), ignore_index=ignore_index)
 
 
+class _ReadOnlyConfig:
+    """``module.config``: the (frozen) config the module was built from; assigning another one is refused,
+    because the submodules made from the first would keep it (a change must rebuild them)."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return obj.__dict__["_config"]
+
+    def __set__(self, obj, value) -> None:
+        if "_config" in obj.__dict__:
+            raise ConfigError(f"{type(obj).__name__}.config: {READ_ONLY_HINT}")
+        obj.__dict__["_config"] = value.freeze()
+
+
 class MPTModel(nn.Module):
     """The decoder stack (``transformer.*``): embeddings, blocks, final norm."""
+
+    config = _ReadOnlyConfig()
 
     def __init__(self, config: MPTConfig):
         super().__init__()
@@ -109,13 +126,22 @@ class MPTModel(nn.Module):
 
 
 class MPTForCausalLM(nn.Module):
-    """An MPT decoder with a language-model head (tied to ``wte`` unless ``tie_word_embeddings`` is false)."""
+    """An MPT decoder with a language-model head (tied to ``wte`` unless ``tie_word_embeddings`` is false).
 
-    def __init__(self, config: MPTConfig | dict | str, *, init: bool = True):
+    ``config`` becomes read-only: the model and its modules read that one config (``model.config``), so
+    settings cannot drift apart after construction; build a new model from ``config.replace(...)`` instead.
+    ``device`` places the parameters (e.g. ``"meta"`` to build without allocating); by default the config's
+    ``init_device`` does (``cpu`` / ``mixed`` → the current default device)."""
+
+    config = _ReadOnlyConfig()
+
+    def __init__(self, config: MPTConfig | dict | str, *, init: bool = True,
+                 device: str | torch.device | None = None):
         super().__init__()
         config = load_model_config(config)
         self.config = config
-        device = None if config.init_device in (None, "cpu", "mixed") else config.init_device
+        if device is None and config.init_device not in (None, "cpu", "mixed"):
+            device = config.init_device
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.transformer = MPTModel(config)
             if not config.tie_word_embeddings:
@@ -228,7 +254,10 @@ class MPTForCausalLM(nn.Module):
 
         if impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl '{impl}' is not one of {ATTN_IMPLS}")
-        self.config.attn_config["attn_impl"] = impl
+        # the one setting that may change after construction: every module that reads it is updated here
+        cfg = self.config.replace(attn_config={"attn_impl": impl}).freeze()
+        for m in (self, self.transformer):
+            m.__dict__["_config"] = cfg
         for blk in self.transformer.blocks:
             blk.attn.attn_impl = impl
 

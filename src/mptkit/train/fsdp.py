@@ -495,15 +495,10 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, full_sd: dict) -> dict:
 
 def plain_model_from_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
     """An unsharded CPU ``MPTForCausalLM`` holding ``sd`` (no copy: the tensors are assigned)."""
-    import copy
-
     from mptkit.model import MPTForCausalLM
 
-    cfg = copy.deepcopy(model.config)
-    cfg.init_device = "meta"
-    plain = MPTForCausalLM(cfg, init=False)
+    plain = MPTForCausalLM(model.config, init=False, device="meta")
     plain.load_state_dict(sd, strict=True, assign=True)
-    plain.config.init_device = "cpu"
     plain.reset_buffers()
     plain.train(model.training)
     return plain
@@ -662,9 +657,7 @@ def consolidate_sharded_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLi
     from mptkit.utils.fs import atomic_dir
 
     ckpt = Path(ckpt)
-    cfg = load_model_config(ckpt / ck.MODEL_DIR)
-    cfg.init_device = "cpu"
-    model = MPTForCausalLM(cfg, init=False)
+    model = MPTForCausalLM(load_model_config(ckpt / ck.MODEL_DIR), init=False, device="cpu")
     dcp_load(model, None, ckpt / ck.SHARDED_DIR)
     out = Path(out)
     with atomic_dir(out) as tmp:

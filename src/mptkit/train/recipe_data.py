@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mptkit.errors import ConfigError, DataError
+from mptkit.errors import CheckpointError, ConfigError, DataError
 from mptkit.train.config import RunConfig
 from mptkit.train.distributed import DistInfo, barrier
 
@@ -311,15 +311,21 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
     else:
         raise ConfigError("model: expected a recipe name, a model folder, or a mapping of MPT config keys")
     if pretrained is not None:
-        model = MPTForCausalLM.from_pretrained(pretrained, device=device)
-        if overrides:
-            model.config = model.config.replace(**overrides)
+        # the overrides are applied to the folder's config before the model is built, so every module reads them
+        try:
+            model = MPTForCausalLM.from_pretrained(pretrained, device=device, **overrides)
+        except CheckpointError as e:
+            if not overrides:
+                raise
+            raise ConfigError(f"model: the settings the recipe overrides ({', '.join(sorted(overrides))}) do not fit "
+                              f"the pretrained weights: {e}. Starting from a model folder, only settings that keep "
+                              "every tensor's shape can be overridden (model.* keys and model.config_overrides)"
+                              ) from None
         model.train()
-        log.info("starting from the weights in %s", pretrained)
+        log.info("starting from the weights in %s%s", pretrained,
+                 f" (overriding {', '.join(sorted(overrides))})" if overrides else "")
         return model
-    mcfg.init_device = "meta"
-    model = MPTForCausalLM(mcfg)
+    model = MPTForCausalLM(mcfg, init=False, device="meta")
     model.materialize(device)
-    model.config.init_device = "cpu"
     model.train()
     return model

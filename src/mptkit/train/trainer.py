@@ -332,7 +332,6 @@ class Trainer:
             init_dev = torch.device("cpu") if s.cpu_offload and self.device.type == "cuda" else self.device
             F.materialize_sharded(self.model, init_dev, lambda m: init_weights(m, mcfg),
                                   sync_from_rank0=s.sync_module_states)
-            self.model.config.init_device = "cpu"
         if hasattr(self.model, "reset_buffers"):
             self.model.reset_buffers()
         self.model.train()
