@@ -251,21 +251,45 @@ def test_cli_icl_several_tasks_and_shots(tmp_path, make_tokenizer, capsys):
         assert msg in capsys.readouterr().err, extra
 
 
-def test_cli_prompt_defaults_are_llm_foundrys():
-    """`mptkit eval icl` and icl_accuracy/build_prompt default to llm-foundry's ICL prompt settings:
-    example_delimiter "\\n", continuation_delimiter " ", prompt_string "" (its build_icl_evaluators
-    defaults), and --help says so."""
-    from mptkit.cli import build_parser
-    from mptkit.eval.icl import DEFAULT_CONTINUATION_DELIMITER, DEFAULT_EXAMPLE_DELIMITER
-
-    assert (DEFAULT_EXAMPLE_DELIMITER, DEFAULT_CONTINUATION_DELIMITER) == ("\n", " ")
-    args = build_parser().parse_args(["eval", "icl", "m", "--tasks", "t.jsonl"])
-    assert (args.example_delimiter, args.continuation_delimiter, args.prompt_string) == ("\n", " ", "")
-    for fn in (icl_accuracy, build_prompt):
-        sig = inspect.signature(fn)
-        assert sig.parameters["example_delimiter"].default == "\n"
-        assert sig.parameters["continuation_delimiter"].default == " "
-        assert sig.parameters["prompt_string"].default == ""
+def test_cli_and_api_score_llm_foundrys_default_prompt(tmp_path, make_tokenizer, capsys, monkeypatch):
+    """Without --example-delimiter / --continuation-delimiter / --prompt-string, `mptkit eval icl` (and
+    icl_accuracy, build_prompt) score each choice after llm-foundry's default prompt (its
+    build_icl_evaluators defaults): shots joined by "\\n", " " between a query and its answer, no prompt
+    string — every per-choice log-likelihood equals an unpadded forward of that literal text + " choice";
+    a prompt with other delimiters scores differently; --help names the defaults."""
+    folder = _model_folder(tmp_path, make_tokenizer)
+    tok = load_tokenizer(folder)
+    model = MPTForCausalLM.from_pretrained(folder, attn_impl="torch")
+    choices = ["pass", "return x"]
+    recs = [{"query": q, "choices": choices, "gold": i % 2} for i, q in enumerate(_lines(5))]
+    mc = _write_jsonl(tmp_path / "mc.jsonl", recs)
+    task = ICLTask(name="mc", task_type="multiple_choice", examples=recs)
+    out = tmp_path / "icl.json"
+    assert main(["eval", "icl", str(folder), "--tasks", mc, "--num-fewshot", "2", "--device", "cpu",
+                 "--max-seq-len", "256", "--json", str(out), "--details"]) == 0  # every prompt fits
+    [res] = json.loads(out.read_text())["results"]
+    assert res["truncated"] == 0
+    cli = res["details"]
+    api = icl_accuracy(model, tok, recs, num_fewshot=2, seed=1234, max_seq_len=256).details  # CLI's --seed
+    for i, r in enumerate(recs):
+        shots = [f"{recs[j]['query']} {choices[recs[j]['gold']]}"
+                 for j in fewshot_indices(len(recs), i, 2, 1234)]
+        text = "\n".join([*shots, r["query"]])  # llm-foundry: ED "\n" between parts, CD " " before the answer
+        assert build_prompt(task, i, num_fewshot=2, seed=1234) == text + " "
+        ref = [_ref_logprob(model, tok.encode(text, add_special_tokens=False),
+                            tok.encode(" " + c, add_special_tokens=False)) for c in choices]
+        assert cli[i]["logprobs"] == pytest.approx(ref, abs=1e-4), i
+        assert api[i]["logprobs"] == pytest.approx(ref, abs=1e-4), i
+    other = icl_accuracy(model, tok, recs, num_fewshot=2, seed=1234, example_delimiter="\n\n",
+                         continuation_delimiter=": ", prompt_string="Answer:", max_seq_len=256).details
+    assert all(o["logprobs"] != pytest.approx(a["logprobs"], abs=1e-3) for o, a in zip(other, api))
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps --help to the terminal (and breaks at hyphens)
+    with pytest.raises(SystemExit):
+        main(["eval", "icl", "--help"])
+    text = capsys.readouterr().out
+    assert "default '\\n', llm-foundry's example_delimiter" in text
+    assert "default ' ', llm-foundry's continuation_delimiter" in text
 
 
 def test_schema_scores_the_continuation_after_each_context_option(tmp_path, make_tokenizer):

@@ -467,12 +467,9 @@ class MPTConfig:
 
 
 def recipes_dir() -> Path:
-    """The folder of bundled model recipes (``configs/model`` in a checkout, or in the package)."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[3] / "configs" / "model", here.parent / "recipes"):
-        if cand.is_dir():
-            return cand
-    return here.parents[3] / "configs" / "model"
+    """The folder of bundled model recipes: package data, ``mptkit/recipes/model/*.yaml`` (in a checkout
+    ``configs/model`` is a link to it)."""
+    return Path(__file__).resolve().parent.parent / "recipes" / "model"
 
 
 def load_model_config(spec: str | os.PathLike | dict | MPTConfig) -> MPTConfig:
