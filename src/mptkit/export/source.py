@@ -153,8 +153,7 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of the model ``cfg`` describes (built on the meta device: no memory)."""
     from mptkit.model.model import MPTForCausalLM
 
-    c = cfg.replace(init_device="meta")
-    m = MPTForCausalLM(c, init=False)
+    m = MPTForCausalLM(cfg, init=False, device="meta")
     out = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
