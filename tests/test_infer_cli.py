@@ -69,8 +69,9 @@ def test_chat_repl_and_trimming(tmp_path, make_tokenizer, capsys, monkeypatch):
 
 def test_generate_serve_and_eval_take_a_training_run(tmp_path, make_tokenizer, capsys):
     """`mptkit generate RUN` loads the run's newest valid checkpoint (tokenizer from the run folder) and
-    continues exactly as the same weights in a model folder do; the server and the eval loader take the run
-    too; a folder with neither a model nor a checkpoint is a clear error."""
+    continues exactly as the same weights in a model folder do; the server (over HTTP) answers with that same
+    continuation and the eval loader loads those weights; a folder with neither a model nor a checkpoint is a
+    clear error."""
     import shutil
 
     from mptkit.eval.scoring import load_model
@@ -98,11 +99,16 @@ def test_generate_serve_and_eval_take_a_training_run(tmp_path, make_tokenizer, c
     model, tok = load_model(ck, device="cpu")
     assert tok is not None and torch.equal(model.transformer.wte.weight,
                                            MPTForCausalLM.from_pretrained(flat).transformer.wte.weight)
-    srv = build_server(str(ck))
-    try:
-        assert srv.model_name == "ck"
-    finally:
-        srv.engine.stop()
+    import httpx
+
+    from mptkit.infer.server import BackgroundServer
+
+    with BackgroundServer(build_server(str(ck))) as bg:  # `mptkit serve RUN`: the same weights answer
+        assert [m["id"] for m in httpx.get(bg.base_url + "/v1/models").json()["data"]] == ["ck"]
+        r = httpx.post(bg.base_url + "/v1/completions", timeout=60, json={
+            "model": "ck", "prompt": "def f(x):", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.rstrip("\n")
     (tmp_path / "empty").mkdir()
     assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) != 0
     assert "no usable checkpoint" in capsys.readouterr().err
