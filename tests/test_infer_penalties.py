@@ -5,6 +5,7 @@ model's raw logits (what ``logprobs`` reports) untouched."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -101,23 +102,41 @@ def test_engine_with_penalties_equals_generate():
 
 
 def test_server_with_penalties(tmp_path):
-    """Proves the HTTP path: a completion with all three penalties (plain and streaming) answers 200."""
+    """Proves the HTTP path: a greedy completion with all three penalties (plain and streaming) answers 200
+    with exactly the reference's penalised tokens (not the unpenalised ones); and serve's --kv-dtype fp16
+    reaches the engine's cache: the reported (raw) logprobs are those of a generator with an fp16 cache,
+    not of an fp32 one."""
     pytest.importorskip("uvicorn")
     import httpx
 
     from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
-    _model().save_pretrained(tmp_path / "m")
+    model = _model()
+    model.save_pretrained(tmp_path / "m")
+    prompt = [5, 9, 5, 17]
+    pen = {"repetition_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    want = _reference(model, prompt, 8, **pen)
+    assert want != _reference(model, prompt, 8)  # the penalties change the greedy choice here
+    sp = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=0, **pen)
+    fp16 = [x.logprob for x in Generator(model, None, kv_dtype="fp16").generate([prompt], sp)[0].logprobs]
+    fp32 = [x.logprob for x in Generator(model, None).generate([prompt], sp)[0].logprobs]
+    assert max(abs(a - b) for a, b in zip(fp16, fp32)) > 1e-4  # the cache's dtype shows in the logprobs
     srv = build_server(str(tmp_path / "m"), model_name="tiny", limits=ServerLimits(max_tokens=16, max_batch=2),
-                       kv_dtype="fp16")  # serve's --kv-dtype reaches the engine's cache
-    assert srv.engine.cache.dtype == torch.float16
+                       kv_dtype="fp16")
     with BackgroundServer(srv) as bg:
         base = bg.base_url
-        body = {"model": "tiny", "prompt": [5, 9, 5, 17], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                "repetition_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0, **pen}
         r = httpx.post(base + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8
+        lp = r.json()["choices"][0]["logprobs"]  # no tokenizer: each token is reported as its id
+        assert [int(t) for t in lp["tokens"]] == want
+        assert lp["token_logprobs"] == pytest.approx(fp16, abs=2e-5)
         with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
             lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
         assert r.status_code == 200 and lines[-1] == "data: [DONE]" and "error" not in "".join(lines)
+        chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+        streamed = [int(t) for c in chunks for ch in c["choices"]
+                    for t in (ch.get("logprobs") or {}).get("tokens", [])]
+        assert streamed == want
