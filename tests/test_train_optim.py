@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mptkit.train.config import Duration
-from mptkit.train.optim import DecoupledAdamW, DecoupledLionW, build_optimizer, param_groups
+from mptkit.train.optim import DecoupledAdamW, DecoupledLionW, build_optimizer
 from mptkit.train.schedule import build_schedule
 
 
@@ -106,19 +106,31 @@ def test_decoupled_adamw_matches_reference():
 
 
 def test_weight_decay_only_on_matrices():
-    """Parameter groups: >=2-D weights decayed, norm weights not; the tied embedding appears once."""
+    """Weight decay applies only to >=2-D weights, each once: a step with zero gradients (no Adam/Lion update)
+    shrinks every matrix by exactly the decay factor (decoupled: 1 - wd; torch adamw: 1 - lr*wd; the tied
+    embedding once, not twice) and leaves norm weights and biases untouched; a step with gradients moves every
+    parameter (each is in the optimizer)."""
     from mptkit.model import MPTForCausalLM
     from tests.conftest import tiny_cfg
 
-    model = MPTForCausalLM(tiny_cfg())
-    groups = param_groups(model, 0.1)
-    assert groups[0]["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in groups[0]["params"])
-    assert groups[1]["weight_decay"] == 0.0 and all(p.dim() < 2 for p in groups[1]["params"])
-    n = sum(len(g["params"]) for g in groups)
-    assert n == len(list(model.parameters()))
-    for name in ("decoupled_adamw", "decoupled_lionw", "adamw"):
-        opt = build_optimizer(model, {"name": name, "lr": 1e-3, "weight_decay": 0.1})
-        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    lr, wd = 0.1, 0.5
+    for name, factor in (("decoupled_adamw", 1 - wd), ("decoupled_lionw", 1 - wd), ("adamw", 1 - lr * wd)):
+        model = MPTForCausalLM(tiny_cfg(no_bias=False))
+        params = dict(model.named_parameters())
+        assert any(p.dim() < 2 for p in params.values()) and "transformer.wte.weight" in params
+        before = {n: p.detach().clone() for n, p in params.items()}
+        opt = build_optimizer(model, {"name": name, "lr": lr, "weight_decay": wd})
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in params.items():
+            want = before[n] * factor if p.dim() >= 2 else before[n]
+            torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=f"{name}: {n}")
+        moved = {n: p.detach().clone() for n, p in params.items()}
+        for p in params.values():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert [n for n, p in params.items() if torch.equal(p.detach(), moved[n])] == [], name
 
 
 def test_decoupled_adamw_fused_equals_loop():
