@@ -151,6 +151,48 @@ def test_auto_resolution():
         A.resolve_impl("nonsense", cpu, f32)
 
 
+def test_auto_runs_the_backend_it_picks_inside_the_model(monkeypatch):
+    """What `auto` picks is what a model with attn_impl auto runs (kernel calls counted, one per layer): plain
+    causal attention on CPU stays on sdpa even where a T x T bias would be over the limit; packed
+    (sequence_id) or padded inputs go to blockwise once their bias is over BIAS_ELEMS_LIMIT and stay on sdpa
+    below it; attention dropout in training runs sdpa even over the limit."""
+    from mptkit.model import MPTForCausalLM
+    from mptkit.model import attention_sdpa_alibi as sa
+    from tests.conftest import tiny_cfg
+
+    calls: list[str] = []
+    for name in ("torch", "sdpa", "blockwise"):
+        real = A.BACKENDS[name]
+        monkeypatch.setitem(A.BACKENDS, name,
+                            lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    fused = sa.sdpa_alibi_attention_packed  # the sdpa path's fused-qkv variant
+    monkeypatch.setattr(sa, "sdpa_alibi_attention_packed",
+                        lambda *a, **k: calls.append("sdpa") or fused(*a, **k))
+    x = torch.randint(0, 211, (2, 40))
+    sid = torch.zeros(2, 40, dtype=torch.long)
+    sid[:, 20:] = 1
+    pad = torch.ones(2, 40, dtype=torch.long)
+    pad[0, :5] = 0
+    model = MPTForCausalLM(tiny_cfg(attn_config={"attn_impl": "auto", "attn_uses_sequence_id": True})).eval()
+    drop = MPTForCausalLM(tiny_cfg(attn_config={"attn_impl": "auto", "attn_uses_sequence_id": True,
+                                                "attn_pdrop": 0.1})).train()
+
+    def run(m, **kw):
+        calls.clear()
+        with torch.no_grad():
+            m(x, **kw)
+        return list(calls)
+
+    over = 2 * 4 * 40 * 40 - 1  # batch x heads x T x T: one element more than this limit
+    assert run(model, sequence_id=sid) == ["sdpa"] * 2  # under the default limit
+    assert run(model, attention_mask=pad) == ["sdpa"] * 2
+    monkeypatch.setattr(A, "BIAS_ELEMS_LIMIT", over)
+    assert run(model) == ["sdpa"] * 2  # CPU causal: no bias needed
+    assert run(model, sequence_id=sid) == ["blockwise"] * 2
+    assert run(model, attention_mask=pad) == ["blockwise"] * 2
+    assert run(drop, sequence_id=sid) == ["sdpa"] * 2
+
+
 def test_flash_backend_errors_clearly_without_cuda():
     """`flash` on CPU / fp32 / without flash-attn raises a ConfigError that names the fix."""
     q, k, v, _, _ = _inputs(1, 2, 2, 8, 8, 8, False, False)
