@@ -156,10 +156,16 @@ def test_contradictory_or_invalid_configs_are_refused(over, pattern):
 
 
 def test_alibi_overrides_learned_pos_emb_as_mpt_does():
+    """learned_pos_emb: true with ALiBi is MPT's config.json: the key is kept as read, but the model has no
+    position table (its weights and logits are the plain ALiBi model's) and runs past max_seq_len."""
     cfg = MPTConfig.from_dict(tiny_cfg(learned_pos_emb=True, attn_config={"alibi": True}))
-    m = MPTForCausalLM(cfg)
-    assert cfg.learned_pos_emb is True and not cfg.use_learned_pos_emb
-    assert not hasattr(m.transformer, "wpe")
+    m = MPTForCausalLM(cfg).eval()
+    assert cfg.learned_pos_emb is True
+    plain = MPTForCausalLM(tiny_cfg(learned_pos_emb=False, attn_config={"alibi": True})).eval()
+    plain.load_state_dict(m.state_dict())  # strict: the same tensors, no wpe
+    ids = torch.randint(0, 211, (2, 100))  # past max_seq_len 64: a learned table would refuse it
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, plain(ids).logits)
 
 
 def test_unknown_keys_round_trip_and_recipes_are_strict(tmp_path):
