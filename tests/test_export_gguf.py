@@ -232,7 +232,7 @@ def test_failed_export_leaves_the_previous_file_untouched(tmp_path, make_tokeniz
 
     monkeypatch.setattr(g, "_prepare", flaky)
     with pytest.raises(OSError, match="simulated"):
-        export_gguf(tmp_path / "m", out, dtype="f16")
+        export_gguf(tmp_path / "m", out, dtype="f16", overwrite=True)
     assert calls["n"] == 5
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.gguf", "tok"]

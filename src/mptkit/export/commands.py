@@ -16,7 +16,8 @@ def _hf(args: argparse.Namespace) -> int:
 def _gguf(args: argparse.Namespace) -> int:
     from mptkit.export.gguf import export_gguf
 
-    export_gguf(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer)  # logs what it wrote
+    export_gguf(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
+                overwrite=args.overwrite)  # logs what it wrote
     return 0
 
 
@@ -51,4 +52,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="type of the weight matrices (norms and biases stay f32); default f32")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder to embed, when the model folder / run has none")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier GGUF file at OUT.gguf")
     g.set_defaults(func=_gguf)

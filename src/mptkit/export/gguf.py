@@ -41,11 +41,13 @@ from mptkit.errors import ExportError
 from mptkit.export.source import (
     TensorStore,
     find_tokenizer_folder,
+    is_model_folder,
     load_config,
     model_source,
     publish_permissions,
 )
 from mptkit.utils.fs import atomic_path
+from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +303,21 @@ def read_tokenizer(folder: Path, vocab_size: int) -> GGUFTokenizer:
 # ------------------------------------------------------------------------------------ writing
 
 
+def _is_gguf(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _check_out(src: Path, model_folder: Path | None, out: Path, overwrite: bool) -> None:
+    """The shared output check (:func:`mptkit.utils.outputs.check_output`): never in (or the) model folder,
+    an existing file only when it is a GGUF file and with ``overwrite``, a folder that can be written."""
+    check_output(out, kind="file", sources=[model_folder] if model_folder is not None else [], inputs=[src],
+                 replaceable=_is_gguf, earlier="a GGUF file", overwrite=overwrite, error=ExportError)
+
+
 @dataclass
 class GGUFExportResult:
     path: Path
@@ -320,17 +337,18 @@ def export_gguf(
     dtype: str = "f32",
     tokenizer: str | os.PathLike | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> GGUFExportResult:
     """Write ``src`` (a model folder, run or checkpoint — a sharded FSDP one is consolidated first) as a GGUF
-    file for llama.cpp at ``out``."""
+    file for llama.cpp at ``out``. An existing ``out`` is replaced only when it is a GGUF file and
+    ``overwrite`` is set; an ``out`` inside the model folder is refused."""
     if dtype not in GGUF_DTYPES:  # the arguments first: a sharded source is consolidated below
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
     gguf = _gguf()
+    src, out = Path(src), Path(out)
+    _check_out(src, src if is_model_folder(src) else None, out, overwrite)
     with model_source(src) as folder:
-        src = Path(src)
-        out = Path(out)
-        if out.exists() and out.is_dir():
-            raise ExportError(f"{out}: is a folder; give the path of the .gguf file to write")
+        _check_out(src, folder, out, overwrite)
         cfg = load_config(folder)
         problems = llama_cpp_incompatibilities(cfg)
         if problems:
@@ -360,7 +378,7 @@ def export_gguf(
                         "longer context", cfg.max_seq_len)
 
         n_bytes = 0
-        with atomic_path(out) as tmp:
+        with write_errors(out, ExportError), atomic_path(out) as tmp:  # a full disk: one line naming OUT
             w = gguf.GGUFWriter(str(tmp), ARCH)
             try:
                 w.add_name(name or src.resolve().name)

@@ -28,6 +28,7 @@ from mptkit.export.source import (
     publish_permissions,
 )
 from mptkit.utils.fs import atomic_dir
+from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +48,12 @@ class HFExportResult:
     incompatibilities: list[str] = field(default_factory=list)
 
 
-def _check_out(src: Path, model_folder: Path, out: Path, overwrite: bool) -> None:
-    """Refuse outputs that would destroy the source or an unrelated folder."""
-    o = out.resolve()
-    for s in {src.resolve(), model_folder.resolve()}:
-        if o == s or o in s.parents:
-            raise ExportError(f"{out}: the output would replace the source {s}; choose another folder")
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"{out}: exists and is not a folder")
-        entries = list(out.iterdir())
-        if entries and not (overwrite and (out / "config.json").exists()):
-            raise ExportError(
-                f"{out}: exists and is not empty; an export replaces only an earlier export (a folder with "
-                "config.json) and only with --overwrite"
-            )
+def _check_out(src: Path, model_folder: Path | None, out: Path, overwrite: bool) -> None:
+    """Refuse outputs that would destroy the source or an unrelated folder, or that cannot be written: OUT may
+    lie inside a run folder, never inside (or be, or hold) the model folder it is read from."""
+    check_output(out, kind="folder", sources=[model_folder] if model_folder is not None else [], inputs=[src],
+                 replaceable=lambda p: (p / "config.json").exists(), earlier="an earlier export (config.json)",
+                 overwrite=overwrite, error=ExportError)
 
 
 def export_hf(
@@ -95,9 +87,9 @@ def export_hf(
         parse_size(max_shard_size)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    src, out = Path(src), Path(out)
+    _check_out(src, src if is_model_folder(src) else None, out, overwrite)  # before a sharded source is consolidated
     with model_source(src) as folder:
-        src = Path(src)
-        out = Path(out)
         _check_out(src, folder, out, overwrite)
         cfg = load_config(folder)
         incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []
@@ -130,7 +122,7 @@ def export_hf(
         file_cfg = MPTConfig.from_dict(file_cfg, where=str(folder / "config.json"))
 
         log.info("exporting %s -> %s (%s, %s layout)", folder, out, dtype, layout)
-        with atomic_dir(out) as tmp:
+        with write_errors(out, ExportError), atomic_dir(out) as tmp:  # a full disk: one line naming OUT
             save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype,
                             config=file_cfg)
             if tok_folder is not None:
