@@ -171,12 +171,22 @@ class Trainer:
         self.samples = 0
         self.last_eval: dict | None = None
         self.resumed_from: Path | None = None
+        self._locks: list = []  # RunLocks on the run and save folders (rank 0)
+        self._created_dirs: list[Path] = []  # folders set-up created (removed again, if empty, when it fails)
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self) -> Trainer:
-        """Build and validate everything; raises a clear error before any training step."""
+        """Build and validate everything; raises a clear error before any training step (and then leaves no
+        lock and no folder it created empty behind)."""
         if self._setup_done:
             return self
+        try:
+            return self._setup()
+        except BaseException:
+            self._abandon_setup()
+            raise
+
+    def _setup(self) -> Trainer:
         cfg = self.cfg
         self.dist: DistInfo = init_distributed(cfg.device, cfg.dist_timeout)
         self.device = self.dist.device
@@ -204,10 +214,7 @@ class Trainer:
         self.run_name = cfg.run_name or os.environ.get("RUN_NAME") or "run"
         self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
-        if self.dist.is_main:
-            _check_writable(self.run_folder, "run_folder")
-            if self.save_folder is not None:
-                _check_writable(self.save_folder, "save_folder")
+        self._take_folders()  # rank 0 creates and locks them before anything is written; all ranks learn the outcome
         # data and tokenizer
         from mptkit.train.recipe_data import build_data
 
@@ -301,6 +308,57 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.dist.rank)
         self._setup_done = True
         return self
+
+    # ------------------------------------------------------------------------------ folders and their locks
+    def _take_folders(self) -> None:
+        """Rank 0 creates the run and save folders and takes each one's lock (:class:`mptkit.train.lock.RunLock`)
+        before anything is written there; a folder another run holds is a TrainError naming the holder. The
+        other ranks of this job wait for the outcome and raise the same error."""
+        from mptkit.errors import MPTKitError
+        from mptkit.train.distributed import broadcast_object
+        from mptkit.train.lock import RunLock
+
+        err: BaseException | None = None
+        if self.dist.is_main:
+            folders = [self.run_folder] + ([self.save_folder] if self.save_folder is not None else [])
+            for f in folders:
+                self._created_dirs += _missing_dirs(f)
+            try:
+                for f, key in zip(folders, ("run_folder", "save_folder")):
+                    _check_writable(f, key)
+                for f in dict.fromkeys(p.resolve() for p in folders):
+                    self._locks.append(RunLock(f).acquire())
+            except MPTKitError as e:
+                err = e
+        msg = broadcast_object(None if err is None else str(err), self.dist)
+        if err is not None:
+            raise err
+        if msg is not None:
+            raise TrainError(f"rank 0 could not take the run's folders: {msg}")
+
+    def _assert_lock_held(self) -> None:
+        """Before writing a checkpoint: every rank raises if rank 0's lock was taken over (collective)."""
+        from mptkit.train.distributed import broadcast_object
+
+        lost = next((lk for lk in self._locks if lk.lost), None)
+        msg = broadcast_object(lost.lost if lost is not None else None, self.dist)
+        if lost is not None:
+            lost.check()
+        if msg is not None:
+            raise TrainError(f"rank 0 lost the lock on the run's folder ({msg}); stopping without writing")
+
+    def close(self) -> None:
+        """Release the folders' locks (``fit`` does it at its end, or on an error)."""
+        for lk in self._locks:
+            lk.release()
+        self._locks = []
+
+    def _abandon_setup(self) -> None:
+        self.close()
+        for d in reversed(self._created_dirs):  # deepest first; only what is still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._created_dirs = []
 
     def _shard_model(self) -> None:
         """fully_shard every block, then the root; materialise a meta-built model shard by shard."""
@@ -588,6 +646,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
             return None
+        self._assert_lock_held()  # another run took the folder over: write nothing more
         if self.fsdp is not None and self.fsdp.sharded_checkpoints:
             return self._save_sharded_checkpoint()
         state = self.trainer_state()  # collective under DDP / FSDP: every rank takes part
@@ -755,6 +814,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ fit
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.close()  # the folders' locks: released at the end, and on any error
+
+    def _fit(self) -> dict:
         self.setup()
         cfg = self.cfg
         main = self.dist.is_main
@@ -967,6 +1032,16 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
         return torch.nn.utils.get_total_norm([p.grad for p in params])
     norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params]
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
+    out: list[Path] = []
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out[::-1]
 
 
 def _check_writable(folder: Path, key: str) -> None:

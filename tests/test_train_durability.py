@@ -1,0 +1,218 @@
+"""Nothing lost, nothing forged: one run per folder (an exclusive, heartbeat-refreshed lock), no overwriting
+of checkpoints that could not be resumed, resumption refused on other data, corrupt token ids named, one
+metrics line per step after a resume, no empty folders after a failed start."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mptkit.errors import TrainError
+from mptkit.train import checkpoint as ck
+from mptkit.train import lock as lock_mod
+from mptkit.train.lock import LOCK_NAME, RunLock
+from mptkit.train.trainer import Trainer
+from tests._train_helpers import datasets, make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit(cfg, **kw):
+    tr, ev = datasets()
+    t = Trainer(cfg, train_dataset=kw.pop("train_dataset", tr), eval_dataset=kw.pop("eval_dataset", ev), **kw)
+    return t, t.fit()
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------- item 1: one run per folder
+
+TRAIN = r"""
+import logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+sys.path.insert(0, {root!r})
+from tests._train_helpers import datasets, make_cfg
+from mptkit.train.trainer import Trainer
+tmp = Path(sys.argv[1])
+cfg = make_cfg(tmp, max_duration=sys.argv[2], save_interval="20ba", autoresume=True, save_num_checkpoints_to_keep=2)
+tr, ev = datasets()
+Trainer(cfg, train_dataset=tr, eval_dataset=ev).fit()
+"""
+
+
+def _train_proc(folder: Path, duration: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", TRAIN.format(root=str(ROOT)), str(folder), duration], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_folder_fails_fast_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    """Two real training processes on one save folder: the second (the same recipe started again, as a
+    scheduler retry would) stops before touching anything, naming the first's pid, host, start time and the
+    lock file, while the first keeps training and its in-flight temporary folder survives; once the first is
+    killed (SIGKILL leaves its lock behind), the next start breaks the stale lock and resumes."""
+    a = _train_proc(tmp_path, "100000ba")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and a.poll() is None:
+            if (tmp_path / "ck" / LOCK_NAME).exists() and ck.list_checkpoints(tmp_path / "ck"):
+                break
+            time.sleep(0.05)
+        assert a.poll() is None, a.stderr.read()[-3000:]
+        inflight = tmp_path / "ck" / ".ep0-ba99999.abc.tmp"  # what a save in progress looks like
+        inflight.mkdir()
+        (inflight / "part").write_bytes(b"x")
+        info = json.loads((tmp_path / "run" / LOCK_NAME).read_text())
+        assert info["pid"] == a.pid and info["host"] == socket.gethostname()
+        b = _train_proc(tmp_path, "100000ba")
+        _, err = b.communicate(timeout=120)
+        assert b.returncode != 0
+        assert f"pid {a.pid} on host {socket.gethostname()}, started {info['started_at']}" in err, err[-3000:]
+        assert str(tmp_path / "run" / LOCK_NAME) in err and "is in use by another training run" in err
+        assert "resumed from" not in err and "Traceback" in err and "TrainError" in err
+        assert inflight.is_dir() and a.poll() is None  # the second run touched nothing of the first's
+    finally:
+        a.kill()
+        a.communicate(timeout=60)
+    assert (tmp_path / "ck" / LOCK_NAME).exists()  # SIGKILL: the lock stays behind, naming a dead pid
+    last = ck.find_latest_checkpoint(tmp_path / "ck")
+    step = int(last.name.split("-ba")[1])
+    c = _train_proc(tmp_path, f"{step + 2}ba")
+    _, err = c.communicate(timeout=300)
+    assert c.returncode == 0, err[-3000:]
+    assert f"broke the stale lock {tmp_path / 'ck' / LOCK_NAME}" in err and f"process {a.pid} is no longer running" in err
+    assert f"resumed from {last}" in err
+    assert not (tmp_path / "ck" / LOCK_NAME).exists() and not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def _fake_lock(folder: Path, *, host: str, pid: int, age_s: float = 0.0, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / LOCK_NAME
+    p.write_text(json.dumps({"format": "mptkit-train-lock", "token": "someone-else", "pid": pid, "host": host,
+                             "started_at": "2024-01-02 03:04:05 +0000", **extra}))
+    t = time.time() - age_s
+    os.utime(p, (t, t))
+    return p
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_locks_are_broken_and_live_ones_refused(tmp_path, caplog, monkeypatch):
+    """A lock naming a dead pid of this host, a reused pid, an old heartbeat of another host, or an earlier
+    restart of the same torchrun job is stale and taken over with a warning; another host's lock with a fresh
+    heartbeat is refused, naming its holder; the holder's heartbeat refreshes the file; release removes it."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    here = socket.gethostname()
+    cases = {
+        "dead": ({"host": here, "pid": _dead_pid()}, "is no longer running"),
+        "reused": ({"host": here, "pid": os.getppid(), "process_start": "1"}, "now belongs to another process"),
+        "old-heartbeat": ({"host": "node-b", "pid": 4242, "age_s": 1000}, "has not refreshed it for"),
+    }
+    for name, (kw, why) in cases.items():
+        _fake_lock(tmp_path / name, **kw)
+        caplog.clear()
+        with RunLock(tmp_path / name, stale_s=300) as lk:
+            assert json.loads(lk.path.read_text())["token"] == lk.token
+        assert "broke the stale lock" in caplog.text and why in caplog.text, (name, caplog.text)
+        assert not (tmp_path / name / LOCK_NAME).exists()
+    # another host, heartbeat 10 s old: held; the message names holder, start time and the lock file
+    p = _fake_lock(tmp_path / "live", host="node-b", pid=4242, age_s=10)
+    with pytest.raises(TrainError, match="pid 4242 on host node-b, started 2024-01-02 03:04:05") as e:
+        RunLock(tmp_path / "live", stale_s=300).acquire()
+    assert str(p) in str(e.value) and "older than 300 s" in str(e.value)
+    # torchrun restarted this job (same run id, higher restart count): its predecessor's lock is taken at once
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    _fake_lock(tmp_path / "restart", host="node-b", pid=4242, job={"run_id": "job-7", "restart": 0})
+    with RunLock(tmp_path / "restart", stale_s=300):
+        pass
+    _fake_lock(tmp_path / "other-job", host="node-b", pid=4242, job={"run_id": "job-8", "restart": 0})
+    with pytest.raises(TrainError, match="torchrun job job-8"):
+        RunLock(tmp_path / "other-job", stale_s=300).acquire()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    # a second lock in this very process on a held folder is refused too
+    with RunLock(tmp_path / "mine", heartbeat_s=0.05) as lk:
+        with pytest.raises(TrainError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path / "mine").acquire()
+        os.utime(lk.path, (time.time() - 500, time.time() - 500))
+        time.sleep(0.5)
+        assert time.time() - lk.path.stat().st_mtime < 5  # the heartbeat refreshed it
+        lk.check()
+        # another run takes the folder over (say, our heartbeat had stalled): the holder notices
+        _fake_lock(tmp_path / "other", host="node-c", pid=77)
+        os.replace(tmp_path / "other" / LOCK_NAME, lk.path)
+        time.sleep(0.5)
+        assert lk.lost and "node-c" in lk.lost
+        with pytest.raises(TrainError, match="stops without writing"):
+            lk.check()
+    assert (tmp_path / "mine" / LOCK_NAME).exists()  # not ours any more: release leaves the new holder's lock
+    assert json.loads((tmp_path / "mine" / LOCK_NAME).read_text())["host"] == "node-c"
+
+
+def test_trainer_refuses_a_held_folder_without_touching_it(tmp_path):
+    """A trainer whose save folder is locked by a live run of another host stops in set-up: no stale-temp
+    cleanup, no resume, no write; once the holder's heartbeat is stale the same start goes ahead."""
+    _fit(make_cfg(tmp_path, max_duration="4ba"))
+    inflight = tmp_path / "ck" / ".ep0-ba8.xyz.tmp"
+    inflight.mkdir()
+    (inflight / "f").write_bytes(b"half")
+    _fake_lock(tmp_path / "ck", host="node-b", pid=4242, age_s=5)
+    before = _tree(tmp_path)
+    with pytest.raises(TrainError, match="pid 4242 on host node-b"):
+        _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True))
+    assert _tree(tmp_path) == before
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # the run folder's lock, taken first, was released
+    os.utime(tmp_path / "ck" / LOCK_NAME, (time.time() - 10_000,) * 2)
+    t, s = _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True))
+    assert t.resumed_from.name == "ep0-ba4" and s["steps"] == 8
+    assert not inflight.exists()  # now that the folder is ours, the leftover temp folder is cleaned
+    assert not (tmp_path / "ck" / LOCK_NAME).exists()
+
+
+def test_lock_module_defaults():
+    """The heartbeat is several times shorter than the stale timeout (a slow beat never looks dead)."""
+    assert lock_mod.STALE_S >= 5 * lock_mod.HEARTBEAT_S
+
+
+def test_an_error_in_training_releases_the_locks(tmp_path):
+    """An error during training releases the folders' locks (the next start does not see a live lock)."""
+    def boom(model, mb):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(make_cfg(tmp_path), loss_fn=boom)
+    assert not (tmp_path / "ck" / LOCK_NAME).exists() and not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------------- item 13: small things
+
+
+def test_a_failed_start_leaves_no_empty_folders(tmp_path):
+    """A recipe that fails validation in set-up (here a microbatch that does not divide the batch) leaves
+    neither the run folder nor the save folder it would have created; folders that existed stay as they were."""
+    from mptkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not divisible"):
+        _fit(make_cfg(tmp_path / "new" / "deep", device_train_microbatch_size=3))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old" / "run").mkdir(parents=True)
+    (tmp_path / "old" / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not divisible"):
+        _fit(make_cfg(tmp_path / "old", device_train_microbatch_size=3))
+    assert _tree(tmp_path / "old") == {"run/notes.txt": b"mine"} and not (tmp_path / "old" / "ck").exists()
