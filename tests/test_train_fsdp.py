@@ -19,6 +19,7 @@ once); the tests then compare the runs' metrics, checkpoints and exports. What t
 * a pretrained model folder is loaded on CPU, sharded and trained like one process trains it;
 * HYBRID_SHARD with activation checkpointing and prefetching, and SHARD_GRAD_OP with sync_module_states,
   train like DDP; the end-of-run export under FSDP holds the final weights;
+* a recipe with fsdp_config in one process trains bitwise like the recipe without it;
 * bad fsdp_config keys and values fail validation with the key and the closest valid name; fp16 compute or
   reductions are refused;
 * a sharded checkpoint whose DCP metadata (or a non-tensor item) pickles a foreign global is refused before
@@ -372,9 +373,20 @@ def test_fsdp_config_parsing_and_mesh_checks():
 
 
 def test_fsdp_config_with_one_process_trains_unsharded(tmp_path):
-    """A recipe with fsdp_config runs in a single process too (unsharded, like llm-foundry on one GPU)."""
-    s = _fit(tmp_path, fsdp_config={"sharding_strategy": "FULL_SHARD"}, max_duration="2ba", save_folder=None)
-    assert s["steps"] == 2
+    """A recipe with fsdp_config runs in a single process too (unsharded, like llm-foundry on one GPU): the
+    same losses and final weights, bit for bit, as the recipe without fsdp_config."""
+    def fit(name, **over):
+        t = Trainer(_cfg(tmp_path / name, max_duration="2ba", save_folder=None, **over),
+                    train_dataset=TensorDataset(pattern_data(64)),
+                    eval_dataset=TensorDataset(pattern_data(5, seed=1)))
+        assert t.fit()["steps"] == 2
+        return _steps(tmp_path / name), {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+    steps, weights = fit("fsdp", fsdp_config={"sharding_strategy": "FULL_SHARD"})
+    ref_steps, ref_weights = fit("plain")
+    assert [r["train_loss"] for r in steps] == [r["train_loss"] for r in ref_steps]
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
 
 
 @pytest.mark.parametrize(("mp", "precision", "match"), [

@@ -71,6 +71,7 @@ def train_tokenizer(inputs: list[str] | None, vocab_size: int, out_dir, *, min_f
 
     from mptkit.data.corpus import Issues, iter_documents, resolve_inputs
     from mptkit.utils.fs import atomic_dir, atomic_write_json
+    from mptkit.utils.outputs import check_output, write_errors
 
     if int(vocab_size) < 256 + len(SPECIAL_TOKENS) + 1:
         raise DataError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
@@ -79,10 +80,11 @@ def train_tokenizer(inputs: list[str] | None, vocab_size: int, out_dir, *, min_f
     if target != vocab_size:
         log.info("vocab size %d rounded up to %d (a multiple of 64)", vocab_size, target)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or
-                             (any(out_dir.iterdir()) and not (out_dir / "tokenizer.json").exists())):
-        raise DataError(f"--out {out_dir}: exists and is not a tokenizer folder; refusing to replace it "
-                        "(choose a new folder)")
+    # the shared output check (as the exporters' and data prepare's), before any work: an earlier tokenizer
+    # folder is replaced (training is deterministic), nothing else; never an input folder or one holding one
+    check_output(out_dir, kind="folder", flag="--out", inputs=[p for p in inputs or [] if Path(p).exists()],
+                 replaceable=lambda p: (p / "tokenizer.json").exists(), earlier="a tokenizer folder (tokenizer.json)",
+                 overwrite=None, error=DataError)
     files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split, exclude=[out_dir])
     issues = Issues(strict=strict)
     stats = {"documents": 0, "chars": 0}
@@ -112,7 +114,7 @@ def train_tokenizer(inputs: list[str] | None, vocab_size: int, out_dir, *, min_f
         tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN,
         additional_special_tokens=[IM_START, IM_END], clean_up_tokenization_spaces=False, model_max_length=2048)
     fast.chat_template = CHATML_TEMPLATE
-    with atomic_dir(out_dir) as tmp:
+    with write_errors(out_dir, DataError), atomic_dir(out_dir) as tmp:  # a full disk: one line naming --out
         fast.save_pretrained(str(tmp))
         atomic_write_json(tmp / "mptkit_tokenizer.json", {
             "kind": "byte-level BPE (GPT-NeoX style)",
