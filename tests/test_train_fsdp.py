@@ -18,7 +18,9 @@ once); the tests then compare the runs' metrics, checkpoints and exports. What t
   stopped, and in one process; it is complete, checksummed and skipped by autoresume when corrupted;
 * a pretrained model folder is loaded on CPU, sharded and trained like one process trains it;
 * HYBRID_SHARD with activation checkpointing and prefetching, and SHARD_GRAD_OP with sync_module_states,
-  train like DDP; the end-of-run export under FSDP holds the final weights;
+  train like DDP, and do what they say (seen from the blocks: SHARD_GRAD_OP keeps a block's weights gathered
+  after its forward, FULL_SHARD and HYBRID_SHARD reshard them; activation checkpointing recomputes every
+  block's forward in backward); the end-of-run export under FSDP holds the final weights;
 * a recipe with fsdp_config in one process trains bitwise like the recipe without it;
 * bad fsdp_config keys and values fail validation with the key and the closest valid name; fp16 compute or
   reductions are refused;
@@ -58,6 +60,7 @@ WORKER = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
+import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from tests._train_helpers import pattern_data, tiny_run
@@ -78,6 +81,19 @@ def run(name, init_to=None, **over):
                  eval_dataset=TensorDataset(pattern_data(5, seed=1)))
     tr.setup()
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in tr.model.parameters())
+    blocks = getattr(tr.model, "module", tr.model).transformer.blocks
+    probe = {{"forwards": 0, "block0_weight_in_forward": None}}  # the strategy, seen from the blocks
+
+    def count(mod, args):  # training forwards of block 0 (a recomputation in backward counts too)
+        if torch.is_grad_enabled() and mod.training:
+            probe["forwards"] += 1
+
+    def look(mod, args):  # as block 1 starts its first training forward: is block 0 resharded already?
+        if torch.is_grad_enabled() and mod.training and probe["block0_weight_in_forward"] is None:
+            probe["block0_weight_in_forward"] = type(blocks[0].attn.Wqkv.weight).__name__
+
+    blocks[0].register_forward_pre_hook(count)
+    blocks[1].register_forward_pre_hook(look)
     if init_to is not None:
         sd = gather_full_state_dict(tr.model, rank == 0)
         if rank == 0:
@@ -85,7 +101,7 @@ def run(name, init_to=None, **over):
     s = tr.fit()
     (tmp / name / f"rank{{rank}}-{{s['steps']}}.json").write_text(json.dumps(
         {{"local": local, "total": sum(p.numel() for p in tr.model.parameters()), "eval_loss": s["eval_loss"],
-         "resumed_from": s["resumed_from"], "s": time.time() - t0}}))
+         "resumed_from": s["resumed_from"], "s": time.time() - t0, **probe}}))
 
 run("ddp")
 run("fsdp", init_to="fsdp_init.safetensors", fsdp_config={{"verbose": True}}, export_folder=str(tmp / "fsdp" / "hf"))
@@ -214,7 +230,11 @@ def test_fsdp_trains_like_ddp_and_each_rank_holds_half(runs):
 @pytest.mark.slow
 def test_other_strategies_train_like_ddp(runs):
     """HYBRID_SHARD (mesh 1x2) + activation checkpointing + prefetching, SHARD_GRAD_OP + sync_module_states (+ the
-    offloads, which CPU ranks ignore with a warning)."""
+    offloads, which CPU ranks ignore with a warning) train like DDP, and do what the strategies say, seen from
+    the blocks: FULL_SHARD (and HYBRID_SHARD within its group) has block 0 resharded (a DTensor shard) by the
+    time block 1 runs forward, SHARD_GRAD_OP keeps it gathered (a plain full Parameter) until backward;
+    activation checkpointing runs every block's forward twice per microbatch (forward, then the recomputation
+    in backward)."""
     log = (runs / "worker.log").read_text()
     assert "fsdp_config.cpu_offload: parameters are already in CPU memory" in log
     assert "fsdp_config.activation_cpu_offload: activations are already in CPU memory" in log
@@ -224,6 +244,14 @@ def test_other_strategies_train_like_ddp(runs):
         assert [r["step"] for r in other] == [1, 2, 3, 4]
         for a, b in zip(ddp, other, strict=True):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), name
+    probe = {n: [json.loads((runs / n / f"rank{r}-4.json").read_text()) for r in (0, 1)]
+             for n in ("ddp", "fsdp", "hsdp", "zero2")}
+    microbatches = 4 * 8 // 2 // 2  # 4 steps, 8 samples over 2 ranks, microbatch 2: per rank
+    for name, resharded, recomputed in (("fsdp", True, False), ("hsdp", True, True), ("zero2", False, False)):
+        for rec in probe[name]:
+            assert rec["block0_weight_in_forward"] == ("DTensor" if resharded else "Parameter"), (name, rec)
+            assert rec["forwards"] == microbatches * (2 if recomputed else 1), (name, rec)
+    assert all(rec["forwards"] == microbatches for rec in probe["ddp"])
 
 
 @pytest.mark.slow
