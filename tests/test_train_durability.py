@@ -216,3 +216,58 @@ def test_a_failed_start_leaves_no_empty_folders(tmp_path):
     with pytest.raises(ConfigError, match="not divisible"):
         _fit(make_cfg(tmp_path / "old", device_train_microbatch_size=3))
     assert _tree(tmp_path / "old") == {"run/notes.txt": b"mine"} and not (tmp_path / "old" / "ck").exists()
+
+
+# ----------------------------------------------------------------------------------- item 4: no overwriting
+
+
+def _flip_byte(p: Path, at: int = -10) -> None:
+    b = bytearray(p.read_bytes())
+    b[at] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def test_autoresume_with_every_checkpoint_invalid_refuses_and_changes_nothing(tmp_path):
+    """Every checkpoint corrupt (same size, one byte flipped): autoresume does not start from scratch over
+    them; it stops, naming the save folder, each checkpoint and why it is invalid, and the ways out; every
+    file is byte-identical afterwards."""
+    from mptkit.errors import CheckpointError
+
+    _fit(make_cfg(tmp_path, max_duration="8ba"))
+    names = [p.name for p in ck.list_checkpoints(tmp_path / "ck")]
+    assert names == ["ep0-ba8", "ep0-ba4"]
+    _flip_byte(tmp_path / "ck" / "ep0-ba8" / "model" / "model.safetensors")
+    _flip_byte(tmp_path / "ck" / "ep0-ba4" / "trainer_state.pt")
+    before = _tree(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        _fit(make_cfg(tmp_path, max_duration="12ba", autoresume=True))
+    msg = str(e.value)
+    assert str(tmp_path / "ck") in msg
+    assert "ep0-ba8: model/model.safetensors checksum mismatch" in msg
+    assert "ep0-ba4: trainer_state.pt checksum mismatch" in msg
+    assert "autoresume=false" in msg and "save_folder" in msg and "move" in msg
+    assert _tree(tmp_path) == before
+
+
+def test_invalid_checkpoints_newer_than_the_resumed_one_are_moved_aside_not_overwritten(tmp_path):
+    """The newest checkpoint corrupt, an older one valid: the run resumes from the valid one and, before it
+    writes a checkpoint under the corrupt one's name, moves the corrupt one aside intact (ep0-ba8.invalid)."""
+    _fit(make_cfg(tmp_path, max_duration="8ba"))
+    _flip_byte(tmp_path / "ck" / "ep0-ba8" / "model" / "model.safetensors")
+    bad = _tree(tmp_path / "ck" / "ep0-ba8")
+    t, _ = _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True))
+    assert t.resumed_from.name == "ep0-ba4"
+    assert _tree(tmp_path / "ck" / "ep0-ba8.invalid") == bad
+    assert ck.verify_checkpoint(tmp_path / "ck" / "ep0-ba8") is None  # the new one, written by the resumed run
+
+
+def test_a_checkpoint_whose_replacement_was_interrupted_is_restored_not_deleted(tmp_path):
+    """A save that replaces an existing checkpoint moves the old one to .NAME.old-PID before renaming the new
+    one in; killed between the two renames, the old one is the only copy: the next start puts it back
+    instead of deleting it with the temporary folders."""
+    _fit(make_cfg(tmp_path, max_duration="8ba"))
+    good = _tree(tmp_path / "ck" / "ep0-ba8")
+    os.replace(tmp_path / "ck" / "ep0-ba8", tmp_path / "ck" / ".ep0-ba8.old-4242")
+    t, _ = _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True))
+    assert t.resumed_from.name == "ep0-ba8"
+    assert _tree(tmp_path / "ck" / "ep0-ba8") == good and not (tmp_path / "ck" / ".ep0-ba8.old-4242").exists()

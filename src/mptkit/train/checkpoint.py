@@ -250,6 +250,19 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [p for _, _, p in found]
 
 
+def scan_checkpoints(folder: str | os.PathLike, *,
+                     checksums: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest valid checkpoint under ``folder`` or None, [(checkpoint, why it is invalid), ...] for every
+    invalid one newer than it: all of them when none is valid)."""
+    bad: list[tuple[Path, str]] = []
+    for c in list_checkpoints(folder):
+        reason = verify_checkpoint(c, checksums=checksums)
+        if reason is None:
+            return c, bad
+        bad.append((c, reason))
+    return None, bad
+
+
 def find_latest_checkpoint(run_or_save_folder: str | os.PathLike, *, checksums: bool = True) -> Path | None:
     """The newest *valid* checkpoint in a run folder, a save folder, or the checkpoint itself; else None.
 
@@ -261,12 +274,33 @@ def find_latest_checkpoint(run_or_save_folder: str | os.PathLike, *, checksums: 
             return p
         log.warning("checkpoint %s is invalid: %s", p, reason)
         return None
-    for c in list_checkpoints(p):
-        reason = verify_checkpoint(c, checksums=checksums)
-        if reason is None:
-            return c
-        log.warning("skipping invalid checkpoint %s: %s", c, reason)
-    return None
+    c, bad = scan_checkpoints(p, checksums=checksums)
+    for b, reason in bad:
+        log.warning("skipping invalid checkpoint %s: %s", b, reason)
+    return c
+
+
+def no_valid_checkpoint_message(folder: str | os.PathLike, bad: list[tuple[Path, str]]) -> str:
+    """Why autoresume refuses a save folder whose checkpoints are all invalid, and the ways out."""
+    lines = "\n".join(f"  {c.name}: {why}" for c, why in bad)
+    return (f"autoresume: none of the {len(bad)} checkpoint(s) in {folder} is valid, so the run cannot continue "
+            f"from them, and starting from scratch would overwrite them under the same names:\n{lines}\n"
+            "Nothing was changed. Restore a good copy of one of them (each is checked against its manifest.json), "
+            f"or move them out of {folder} to start from scratch, or set autoresume=false save_overwrite=true to "
+            "delete them and start over, or choose a new save_folder.")
+
+
+def move_aside(ckpt: str | os.PathLike) -> Path:
+    """Rename an invalid checkpoint to ``<name>.invalid`` (``.invalid-2``, ... when taken): kept as it is for
+    inspection, and never resumed from, overwritten or pruned (the name is no checkpoint name)."""
+    ckpt = Path(ckpt)
+    dest = ckpt.with_name(f"{ckpt.name}.invalid")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ckpt.with_name(f"{ckpt.name}.invalid-{n}")
+    os.replace(ckpt, dest)
+    return dest
 
 
 def model_folder(path: str | os.PathLike) -> Path:
@@ -330,8 +364,29 @@ def prune_checkpoints(save_folder: str | os.PathLike, keep: int) -> list[Path]:
     return removed
 
 
+_OLD_RE = re.compile(r"^\.(ep\d+-ba\d+)\.old-\d+$")
+
+
+def restore_interrupted(save_folder: str | os.PathLike) -> list[Path]:
+    """Put back checkpoints whose replacement was interrupted. A save under an existing name moves the old
+    checkpoint to ``.NAME.old-PID`` before renaming the new one in (``atomic_dir``); killed between the two
+    renames, that folder is the only copy. Returns the restored checkpoints."""
+    folder = Path(save_folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        m = _OLD_RE.match(p.name)
+        if m and p.is_dir() and not (folder / m.group(1)).exists():
+            os.replace(p, folder / m.group(1))
+            log.warning("restored checkpoint %s from %s (its replacement was interrupted)", m.group(1), p.name)
+            out.append(folder / m.group(1))
+    return out
+
+
 def clean_stale_temp(save_folder: str | os.PathLike) -> None:
-    """Remove temporary folders left by a save that was killed (``.ep*-ba*.*.tmp``)."""
+    """Remove temporary folders left by a save that was killed (``.ep*-ba*.*.tmp``), and the moved-aside old
+    copies of checkpoints that were replaced (call :func:`restore_interrupted` first)."""
     folder = Path(save_folder)
     if not folder.is_dir():
         return

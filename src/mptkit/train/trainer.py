@@ -468,14 +468,20 @@ class Trainer:
         ck = None
         if self.save_folder is not None and self.save_folder.exists():
             if self.dist.is_main:
-                ckpt_mod.clean_stale_temp(self.save_folder)
+                ckpt_mod.restore_interrupted(self.save_folder)
+            barrier(self.dist)  # the other ranks look for checkpoints after rank 0 put back what it could
             existing = ckpt_mod.list_checkpoints(self.save_folder)
             if cfg.autoresume:
-                ck = ckpt_mod.find_latest_checkpoint(self.save_folder)
-                if ck is None and existing:
-                    log.warning("autoresume: no valid checkpoint among %d in %s; starting from scratch",
-                                len(existing), self.save_folder)
-            elif existing and not cfg.load_path:
+                ck, bad = ckpt_mod.scan_checkpoints(self.save_folder)
+                if bad and ck is None:  # starting from scratch would overwrite them under the same names
+                    raise CheckpointError(ckpt_mod.no_valid_checkpoint_message(self.save_folder, bad))
+                for c, why in bad:  # newer than the one resumed: out of the way of this run's saves, intact
+                    if self.dist.is_main:
+                        log.warning("autoresume: checkpoint %s is invalid (%s): moved aside to %s", c, why,
+                                    ckpt_mod.move_aside(c).name)
+            if self.dist.is_main:
+                ckpt_mod.clean_stale_temp(self.save_folder)
+            if existing and not cfg.autoresume and not cfg.load_path:
                 if cfg.save_overwrite:
                     if self.dist.is_main:
                         import shutil
