@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -80,6 +81,25 @@ def test_chat_is_chatml_and_targets_last_or_all_responses(tmp_path, tok):
                                                        default_system=DEFAULT_SYSTEM_PROMPT).rstrip("\n")
     bare = build_finetune_dataset(f2, tok, FinetuneOptions(max_seq_len=512, system_prompt=None))
     assert _sample_text(tok, bare, 0) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"
+    # training and inference prompt alike: the ids before the trained response are the ones the server's
+    # /v1/chat/completions (Server.chat_ids) and `mptkit chat` (ChatSession) feed the model for the
+    # conversation so far, with its own system message or with the default one both add
+    from mptkit.infer import Generator
+    from mptkit.infer.chat import ChatSession
+    from mptkit.infer.server import Server
+    from mptkit.model import MPTForCausalLM
+    from tests.conftest import tiny_cfg
+
+    gen = Generator(MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=512)).eval(), tok)
+    server = types.SimpleNamespace(tok=tok)  # chat_ids needs only the server's tokenizer
+    for ds, msgs, system in ((last, CHAT["messages"], "Be brief."), (dflt, convo["messages"], None)):
+        served = Server.chat_ids(server, msgs[:-1])
+        session = ChatSession(gen) if system is None else ChatSession(gen, system_prompt=system)
+        session.history = [m for m in msgs[:-1] if m["role"] != "system"]
+        assert session.prompt_ids() == served
+        ids, labels = ds[0]["input_ids"].tolist(), ds[0]["labels"].tolist()
+        assert ids[: len(served)] == served and set(labels[: len(served)]) == {IGNORE_INDEX}
+        assert labels[len(served)] != IGNORE_INDEX  # the trained response starts where that prompt ends
 
 
 def test_target_prompts_length_threshold(tmp_path, tok):
