@@ -157,3 +157,83 @@ def test_decoupled_adamw_fused_equals_loop():
     assert float(fused.state[ps[0]]["step"]) == 6.0
     grads = [p.grad for p in ps]
     assert fused._can_fuse(ps) == all(g is not None for g in grads)  # CPU float32: the fused path was used
+
+
+def _recipe_optimizer(spec: dict, tmp_path):
+    """The optimizer the trainer builds from a recipe's ``optimizer`` section (the recipe validation included)."""
+    from mptkit.train.trainer import Trainer
+    from tests._train_helpers import datasets, make_cfg
+
+    train, val = datasets()
+    return Trainer(make_cfg(tmp_path, optimizer=spec), train_dataset=train, eval_dataset=val).setup().optimizer
+
+
+def test_recipe_fused_key_selects_the_optimizer_path(tmp_path, monkeypatch):
+    """optimizer.fused reaches the optimizer the trainer builds: decoupled_adamw runs torch's fused AdamW
+    kernel unless fused: false (the per-tensor loop, which never calls it); adamw gets torch's fused=True or
+    the single-tensor foreach=False path, as torch reports in its defaults. Each path takes the same step as
+    the other, and a bad value or fused lionw is refused by the recipe check."""
+    import mptkit.train.optim as optim
+    from mptkit.errors import ConfigError
+    from tests._train_helpers import make_cfg
+
+    calls = []
+    real = optim.torch_adamw_functional
+
+    def counting(*a, **k):
+        calls.append(k.get("fused"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(optim, "torch_adamw_functional", counting)
+    params = {}
+    for fused in (None, True, False):
+        calls.clear()
+        opt = _recipe_optimizer({"name": "decoupled_adamw", "lr": 1e-2, "weight_decay": 0.1, "fused": fused},
+                                tmp_path / str(fused))
+        assert opt.fused is fused
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        torch.manual_seed(0)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert calls == ([] if fused is False else [True] * 3 * len(opt.param_groups)), fused
+        params[fused] = [p.detach().clone() for p in ps]
+    for a, b in zip(params[None], params[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(params[None], params[True]))
+
+    steps = {}
+    for fused in (None, True):
+        opt = _recipe_optimizer({"name": "adamw", "lr": 1e-2, "fused": fused}, tmp_path / f"adamw{fused}")
+        assert isinstance(opt, torch.optim.AdamW)
+        assert (opt.defaults["fused"], opt.defaults["foreach"]) == ((True, None) if fused else (None, False))
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        torch.manual_seed(0)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        steps[fused] = [p.detach().clone() for p in ps]
+    for a, b in zip(steps[None], steps[True]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    with pytest.raises(ConfigError, match="optimizer.fused: expected true, false or null"):
+        make_cfg(tmp_path, optimizer={"name": "decoupled_adamw", "fused": "yes"})
+    with pytest.raises(ConfigError, match="decoupled_lionw has one implementation"):
+        make_cfg(tmp_path, optimizer={"name": "decoupled_lionw", "fused": True})
+
+
+def test_fused_true_where_torch_cannot_fuse_is_an_error():
+    """fused: true never falls back silently: parameters torch's fused kernel cannot take are an error."""
+    from mptkit.errors import TrainError
+
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    opt = DecoupledAdamW([p], lr=1e-3, fused=True)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(TrainError, match="optimizer.fused: true.*cpu/float64"):
+        opt.step()
+    q = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    loop = DecoupledAdamW([q], lr=1e-3)  # the default falls back to the loop for float64
+    q.grad = torch.randn_like(q)
+    loop.step()

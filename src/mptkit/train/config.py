@@ -222,7 +222,7 @@ SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_w
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 
 # Sub-section keys each section accepts (unknown ones are an error naming the closest).
-OPTIMIZER_KEYS = {"name", "lr", "betas", "eps", "weight_decay"}
+OPTIMIZER_KEYS = {"name", "lr", "betas", "eps", "weight_decay", "fused"}
 SCHEDULER_KEYS = {"name", "t_warmup", "alpha_f", "t_max", "t_scale", "t_cooldown", "alpha_f_decay",
                   "alpha_f_cooldown"}
 LOADER_KEYS = {"name", "dataset", "drop_last", "num_workers", "pin_memory", "prefetch_factor",
@@ -334,6 +334,12 @@ class RunConfig:
         _need_num("optimizer.lr", self.optimizer.get("lr", 6e-4), positive=True)
         _need_num("optimizer.weight_decay", self.optimizer.get("weight_decay", 0.0))
         _need_num("optimizer.eps", self.optimizer.get("eps", 1e-8))
+        fused = self.optimizer.get("fused")
+        if fused is not None and not isinstance(fused, bool):
+            raise ConfigError(f"optimizer.fused: expected true, false or null, got {fused!r}")
+        if fused and name == "decoupled_lionw":
+            raise ConfigError("optimizer.fused: decoupled_lionw has one implementation (a per-tensor loop); "
+                              "remove optimizer.fused")
         betas = self.optimizer.get("betas", [0.9, 0.95] if name != "decoupled_lionw" else [0.9, 0.99])
         if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
             isinstance(b, (int, float)) and 0 <= b < 1 for b in betas

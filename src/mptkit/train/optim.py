@@ -24,14 +24,16 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as torch_adamw_functional
 
-from mptkit.errors import ConfigError
+from mptkit.errors import ConfigError, TrainError
 
 
 class DecoupledAdamW(torch.optim.Optimizer):
-    """``fused``: None (default) = one fused kernel per group where torch has it (CPU/CUDA floating tensors),
-    ~6x less optimizer time on CPU than the per-tensor loop (one pass over the weights instead of seven);
-    False = the plain per-tensor loop. Both implement the same update and share the state layout
-    (``step``, ``exp_avg``, ``exp_avg_sq``), so a checkpoint resumes under either."""
+    """``fused`` (the recipe's ``optimizer.fused``): None (default) = torch's fused AdamW kernel
+    (``torch.optim.adamw.adamw(..., fused=True)``) per group where torch has it (CPU/CUDA floating tensors,
+    one device), else the loop; ~6x less optimizer time on CPU than the per-tensor loop (one pass over the
+    weights instead of seven); True = the fused kernel, an error where it cannot run; False = the plain
+    per-tensor loop below. Both implement the same update and share the state layout (``step``,
+    ``exp_avg``, ``exp_avg_sq``), so a checkpoint resumes under either."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  fused: bool | None = None):
@@ -46,8 +48,14 @@ class DecoupledAdamW(torch.optim.Optimizer):
         if self.fused is False or not params:
             return False
         dev = params[0].device
-        return all(p.device == dev and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                   and not p.grad.is_sparse for p in params) and dev.type in ("cpu", "cuda")
+        ok = all(p.device == dev and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 and not p.grad.is_sparse for p in params) and dev.type in ("cpu", "cuda")
+        if not ok and self.fused:
+            kinds = sorted({f"{p.device.type}/{str(p.dtype).replace('torch.', '')}" for p in params})
+            raise TrainError(f"optimizer.fused: true, but torch's fused AdamW cannot run on these parameters "
+                             f"({', '.join(kinds)}; it needs float32/float16/bfloat16 dense tensors on one CPU or "
+                             "CUDA device): set optimizer.fused: false (the per-tensor loop) or leave it unset")
+        return ok
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -148,21 +156,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
-    """From the recipe's ``optimizer`` section (name, lr, betas, eps, weight_decay)."""
+    """From the recipe's ``optimizer`` section (name, lr, betas, eps, weight_decay, fused)."""
     name = spec.get("name", "decoupled_adamw")
     lr = float(spec.get("lr", 6e-4))
     wd = float(spec.get("weight_decay", 0.0))
+    fused = spec.get("fused")
+    if fused is not None and not isinstance(fused, bool):
+        raise ConfigError(f"optimizer.fused: expected true, false or null, got {fused!r}")
     groups = param_groups(model, wd)
     if name == "decoupled_adamw":
-        fused = spec.get("fused")
         return DecoupledAdamW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.95)), eps=float(spec.get("eps", 1e-8)),
-                              fused=None if fused is None else bool(fused))
+                              fused=fused)
     if name == "decoupled_lionw":
+        if fused:
+            raise ConfigError("optimizer.fused: decoupled_lionw has one implementation (a per-tensor loop); "
+                              "remove optimizer.fused")
         return DecoupledLionW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.99)))
     if name == "adamw":
-        # torch's AdamW: decay scaled by lr (p <- p * (1 - lr * wd)). Single-tensor path for reproducibility.
+        # torch's AdamW: decay scaled by lr (p <- p * (1 - lr * wd)). Default: the single-tensor path
+        # (foreach=False, reproducible op by op); fused: true selects torch's fused kernel (fused=True).
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.95))),
-                                eps=float(spec.get("eps", 1e-8)), foreach=False)
+                                eps=float(spec.get("eps", 1e-8)), foreach=False if not fused else None,
+                                fused=True if fused else None)
         for g in opt.param_groups:
             g.setdefault("initial_lr", g["lr"])
         return opt
