@@ -126,3 +126,127 @@ def test_cli_prints_one_line_errors_and_strict(tmp_path, tok_dir, capsys):
     assert rc == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
     rc = main(["-q", "data", "inspect", str(tmp_path / "out"), "--verify"])
     assert rc == 0 and "verified" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ a re-run never costs the previous dataset
+def _jsonl(path, n=60, field="text"):
+    path.write_text("".join(json.dumps({field: f"{GOOD} number {i} " * (1 + i % 5)}) + "\n" for i in range(n)))
+    return path
+
+
+def _rows(folder):
+    from mptkit.data.mds import open_token_dataset  # the reader the trainer uses
+
+    ds = open_token_dataset(folder, "train", verify=True)
+    return [ds.row(i).tolist() for i in range(len(ds))]
+
+
+def test_failed_rerun_with_changed_options_keeps_the_previous_dataset(tmp_path, tok_dir, capsys):
+    """A good prepare, then re-runs that fail (a typo'd --text-field: no usable document; a --max-seq-len too
+    large for one sample): the old manifest and shards are untouched and still read (and verify) as before."""
+    src = _jsonl(tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    prepare_dataset([str(src)], tok_dir, out, 16, val_fraction=0.0, progress=False)
+    manifest = (out / "manifest.json").read_bytes()
+    rows = _rows(out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    with pytest.raises(DataError, match="no usable documents"):
+        prepare_dataset([str(src)], tok_dir, out, 16, text_field="txt", val_fraction=0.0, progress=False)
+    with pytest.raises(DataError, match="no training sample"):
+        prepare_dataset([str(src)], tok_dir, out, 1 << 20, val_fraction=0.0, progress=False)
+    rc = main(["-q", "data", "prepare", str(src), "--tokenizer", str(tok_dir), "--max-seq-len", "16", "--out",
+               str(out), "--text-field", "bdy", "--val-fraction", "0", "--force"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable documents" in err and len(err.strip().splitlines()) == 1
+    assert (out / "manifest.json").read_bytes() == manifest and _rows(out) == rows
+    now = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert [f for f in now if not f.startswith(".parts/")] == files  # .parts/: tokenized parts, for the next run
+
+
+def test_killed_prepare_keeps_the_previous_dataset_and_the_next_run_cleans_up(tmp_path, tok_dir, monkeypatch):
+    """A re-run with other options interrupted mid-shard (an exception, and a real SIGKILL of the process)
+    leaves the previous dataset complete and readable; the next run removes the temporary files the killed
+    one left and gives exactly what an uninterrupted run gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mptkit.data import prepare as prep
+
+    src = _jsonl(tmp_path / "c.jsonl", n=200)
+    out = tmp_path / "out"
+    kw = {"val_fraction": 0.0, "progress": False, "shard_bytes": 16 * 2 * 8, "part_bytes": 2000}
+    prepare_dataset([str(src)], tok_dir, out, 16, **kw)
+    manifest, rows = (out / "manifest.json").read_bytes(), _rows(out)
+    clean = prepare_dataset([str(src)], tok_dir, tmp_path / "clean", 8, **kw)
+
+    calls = {"n": 0}
+    real = prep._ShardWriter.write
+
+    def interrupted(self, samples):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill mid-shard")
+        return real(self, samples)
+
+    monkeypatch.setattr(prep._ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset([str(src)], tok_dir, out, 8, **kw)
+    monkeypatch.setattr(prep._ShardWriter, "write", real)
+    assert (out / "manifest.json").read_bytes() == manifest and _rows(out) == rows
+
+    # a real kill: the process dies inside a shard write, nothing of Python's cleanup runs
+    script = (
+        "import os, signal, sys\n"
+        "from mptkit.data import prepare as prep\n"
+        "real = prep._ShardWriter.write\n"
+        "n = [0]\n"
+        "def write(self, samples):\n"
+        "    real(self, samples)\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "prep._ShardWriter.write = write\n"
+        f"prep.prepare_dataset([{str(src)!r}], {str(tok_dir)!r}, {str(out)!r}, 8, val_fraction=0.0, progress=False,"
+        f" shard_bytes={kw['shard_bytes']}, part_bytes=2000)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert list(out.rglob(".shard-*.tmp")), "the kill should leave a temporary shard behind"
+    assert (out / "manifest.json").read_bytes() == manifest and _rows(out) == rows
+
+    m = prepare_dataset([str(src)], tok_dir, out, 8, **kw)
+    assert not list(out.rglob("*.tmp")) and not (out / ".parts").exists()
+    assert [s["sha256"] for s in m["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in clean["splits"]["train"]["shards"]]
+    listed = {s["file"] for sp in m["splits"].values() for s in sp["shards"]}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*.bin")}
+    assert on_disk == listed  # the previous run's shards and the killed run's are gone
+
+
+def test_prepare_and_tokenizer_out_are_checked_before_any_work(tmp_path, tok_dir, capsys):
+    """--out that is a file, an unrelated non-empty folder, or a folder holding the inputs is refused in one
+    line before anything is read or written (the same check as the exporters'); nothing is created."""
+    (tmp_path / "corpus").mkdir()
+    src = _jsonl(tmp_path / "corpus" / "c.jsonl")
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "manifest.json").write_text('{"name": "not a dataset"}')
+    cases = [(tmp_path / "afile", "is a file, not a folder"),
+             (tmp_path / "afile" / "sub", "is a file, not a folder"),
+             (tmp_path / "project", "is not empty, and is not a"),
+             (tmp_path / "corpus", "the input"),
+             (tmp_path, "the input")]
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    for out, msg in cases:
+        rc = main(["-q", "data", "prepare", str(src.parent), "--tokenizer", str(tok_dir), "--max-seq-len", "8",
+                   "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "--out" in err and len(err.strip().splitlines()) == 1, (out, err)
+        rc = main(["-q", "tokenizer", "train", str(src.parent), "--vocab-size", "320", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "--out" in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -18,7 +18,11 @@ Pipeline (one pass, deterministic):
    dropped (counted in the manifest). Samples are written to ``<split>/shard-NNNNN.bin`` (raw C-order
    ``(num_samples, max_seq_len)`` arrays of uint16, or uint32 when a token id exceeds 65535).
 4. ``manifest.json`` is written last, atomically: a folder without it (a crash) is never taken as
-   complete; the old manifest is removed before anything is rewritten.
+   complete. Each run writes its shards into a new *generation* folder ``genN/`` that no manifest names
+   yet, so a previous dataset stays complete and readable until the new manifest replaces the old one in
+   one rename; only then are the previous generation's shards deleted. A run that fails or is killed
+   leaves the previous dataset as it was; the next run (holding the folder's lock, so no other prepare is
+   running on it) removes what the killed one left: unreferenced ``genN/`` folders and temporary files.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from mptkit.data.corpus import Issues, file_sha256, iter_documents, resolve_inputs
+from mptkit.data.corpus import Issues, file_sha256, is_prepared_dir, iter_documents, resolve_inputs
 from mptkit.data.tokenizer import _backend, load_tokenizer, padded_vocab_size, tokenizer_fingerprint
 from mptkit.errors import DataError
 from mptkit.utils.fs import atomic_path, atomic_write_json
+from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +190,16 @@ class _Encoder:
 class _ShardWriter:
     """Writes (n, T) sample arrays into ``<split>/shard-NNNNN.bin`` files, each one atomically."""
 
-    def __init__(self, root: Path, split: str, seq_len: int, dtype, samples_per_shard: int):
+    def __init__(self, root: Path, split: str, seq_len: int, dtype, samples_per_shard: int, subdir: str = ""):
         self.root, self.split, self.T, self.dtype = root, split, seq_len, np.dtype(dtype)
+        self.subdir = f"{subdir}/" if subdir else ""
         self.per_shard = max(1, samples_per_shard)
         self.shards: list[dict] = []
         self._cm = self._f = self._sha = None
         self._n = 0
 
     def _open(self):
-        rel = f"{self.split}/shard-{len(self.shards):05d}.bin"
+        rel = f"{self.subdir}{self.split}/shard-{len(self.shards):05d}.bin"
         self._rel = rel
         self._cm = atomic_path(self.root / rel)
         tmp = self._cm.__enter__()
@@ -376,6 +382,12 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     T = int(max_seq_len)
     out = Path(out_dir)
     tok_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", "")
+    # OUT may lie inside an input folder (it is never read back), but must not be or hold an input or the
+    # tokenizer; an existing OUT must be a prepared folder (a re-run replaces it once complete).
+    check_output(out, kind="folder", flag="--out",
+                 inputs=[p for p in [*(inputs or []), tok_path] if p and Path(p).exists()],
+                 replaceable=_is_prepare_output, earlier="a prepared dataset (manifest.json)", overwrite=None,
+                 error=DataError)
     tok = load_tokenizer(tokenizer)
     # the number of ids the data can hold (len(tok), or more when the vocabulary has gaps)
     n_tok = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
@@ -406,22 +418,79 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     key = _hash({"settings": settings, "pack": pack, "sources": [(s["path"], s["sha256"]) for s in sources]})
 
     with _folder_lock(out):
-        mp = out / "manifest.json"
-        if mp.is_file() and not force:
-            try:
-                old = json.loads(mp.read_text())
-            except ValueError:
-                old = {}
-            if old.get("key") == key and _shards_intact(out, old):
-                log.info("%s is up to date (same inputs, tokenizer and options): nothing to do", out)
-                return old
-        if mp.exists():
-            mp.unlink()  # from here on the folder does not look complete until the new manifest lands
-        manifest = _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype,
-                        n_tok, num_workers, strict, progress, keep_parts, t0,
-                        limits={"max_files": max_files, "max_bytes": max_bytes, "hf_split": hf_split},
-                        default_corpus=not inputs)
+        old = _current_manifest(out)
+        _remove_unreferenced(out, old)  # what a killed run left (we hold the lock: no other prepare is running)
+        if old is not None and not force and old.get("key") == key and _shards_intact(out, old):
+            log.info("%s is up to date (same inputs, tokenizer and options): nothing to do", out)
+            return old
+        # The previous dataset (if any) stays complete until the new manifest replaces it: this run's shards go
+        # to a generation folder no manifest names yet.
+        gen = f"gen{max([0, *_generations(out)]) + 1}"
+        try:
+            with write_errors(out / gen, DataError):
+                manifest = _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T,
+                                dtype, n_tok, num_workers, strict, progress, keep_parts, t0,
+                                limits={"max_files": max_files, "max_bytes": max_bytes, "hf_split": hf_split},
+                                default_corpus=not inputs, gen=gen)
+        except BaseException:
+            with contextlib.suppress(OSError):  # this run's shards, unless its manifest did land
+                _remove_unreferenced(out, _current_manifest(out))
+            raise
+        _remove_unreferenced(out, manifest)
     return manifest
+
+
+_GEN = re.compile(r"gen(\d+)")
+_OWN_NAMES = {".lock", ".parts", *SPLITS}  # and manifest.json, when it is an mptkit token manifest
+
+
+def _is_prepare_output(folder: Path) -> bool:
+    """A folder this module wrote: a prepared dataset, or one an interrupted run left (only its own names)."""
+    return is_prepared_dir(folder) or all(f.name in _OWN_NAMES or _GEN.fullmatch(f.name) or _TEMP.fullmatch(f.name)
+                                          for f in folder.iterdir())
+_TEMP = re.compile(r"\..+\.tmp")  # the temporary names mptkit.utils.fs.atomic_path makes
+
+
+def _generations(out: Path) -> list[int]:
+    return [int(m.group(1)) for d in out.iterdir() if d.is_dir() and (m := _GEN.fullmatch(d.name))]
+
+
+def _current_manifest(out: Path) -> dict | None:
+    try:
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+def _remove_unreferenced(out: Path, manifest: dict | None) -> None:
+    """Delete what no finished run needs, and only names this module makes: generation folders and shards
+    (``genN/``, and an older layout's ``train/`` / ``val/`` shard files) that ``manifest`` does not list,
+    and temporary files of interrupted writes. Called with the folder's lock held."""
+    import shutil
+
+    listed = set()
+    if manifest is not None:
+        listed = {s.get("file") for sp in (manifest.get("splits") or {}).values() for s in sp.get("shards", [])}
+    keep_gens = {f.split("/", 1)[0] for f in listed if f and _GEN.fullmatch(f.split("/", 1)[0])}
+    for d in sorted(out.iterdir()):
+        if d.is_dir() and not d.is_symlink() and _GEN.fullmatch(d.name) and d.name not in keep_gens:
+            shutil.rmtree(d, ignore_errors=True)
+    for name in SPLITS:  # the layout before generation folders: <split>/shard-NNNNN.bin
+        d = out / name
+        if not d.is_dir() or d.is_symlink():
+            continue
+        for f in d.iterdir():
+            if (re.fullmatch(r"shard-\d{5}\.bin", f.name) and f"{name}/{f.name}" not in listed) or \
+                    (f.name.startswith(".shard-") and _TEMP.fullmatch(f.name)):
+                f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty
+    for d in (out, out / ".parts", *(out / g for g in keep_gens), *(out / g / s for g in keep_gens for s in SPLITS)):
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.is_file() and _TEMP.fullmatch(f.name) and f.name.startswith((".shard-", ".part-", ".manifest.json.")):
+                    f.unlink(missing_ok=True)
 
 
 def _iter_parts(sources, text_field, issues, part_bytes, doc_counts) -> Iterator[list[tuple[int, int, str]]]:
@@ -483,7 +552,7 @@ def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
 
 
 def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype, n_tok, num_workers,
-         strict, progress, keep_parts, t0, limits, default_corpus) -> dict:
+         strict, progress, keep_parts, t0, limits, default_corpus, gen) -> dict:
     parts_dir = out / ".parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
     issues = Issues(strict=strict)
@@ -491,7 +560,7 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
     eos = np.asarray(settings["eos_ids"], dtype=np.int64)
     bos = np.asarray(settings["bos_ids"], dtype=np.int64)
     samples_per_shard = max(1, pack["shard_bytes"] // (T * np.dtype(dtype).itemsize))
-    writers = {s: _ShardWriter(out, s, T, dtype, samples_per_shard) for s in SPLITS}
+    writers = {s: _ShardWriter(out, s, T, dtype, samples_per_shard, subdir=gen) for s in SPLITS}
     packers = {s: _Packer(writers[s], T, pack["wrap"]) for s in SPLITS}
     doc_counts = [0] * len(sources)
     used_parts, reused, tokenized_tokens, tokenized_s = set(), 0, 0, 0.0
@@ -562,12 +631,6 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
         log.warning("the validation split is empty (%d documents; %d val tokens): use more documents, a larger "
                     "val_fraction or a smaller max_seq_len", sum(doc_counts), packers["val"].tokens_in)
 
-    # remove shards of an earlier run that this one did not rewrite
-    keep = {s["file"] for w in writers.values() for s in w.shards}
-    for name in SPLITS:
-        for f in (out / name).glob("shard-*.bin") if (out / name).is_dir() else []:
-            if f"{name}/{f.name}" not in keep:
-                f.unlink()
     elapsed = time.perf_counter() - t0
     loop_s = time.perf_counter() - t_loop
     eos_id = settings["eos_ids"][0] if len(settings["eos_ids"]) == 1 else None
