@@ -57,6 +57,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     recipes = {Path(n).stem for n in names if n.startswith("mptkit/recipes/model/") and n.endswith(".yaml")}
     assert {p.stem for p in (ROOT / "src" / "mptkit" / "recipes" / "model").glob("*.yaml")} == recipes
     assert {"mptkit/infer/static/index.html", "mptkit/infer/csrc/cpu_kernels.c"} <= names
+    shipped = {n for n in names if n.startswith(("mptkit/recipes/pretrain/", "mptkit/recipes/finetune/"))}
+    assert {f"mptkit/recipes/{p.parent.name}/{p.name}" for d in ("pretrain", "finetune")
+            for p in (ROOT / "configs" / d).glob("*.yaml")} == shipped
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env)
@@ -75,6 +78,10 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
 
     info = _run([exe, "info", "mpt-tiny", "--no-time"], work, env)
     assert "mpt-tiny" in info and "d_model=256" in info and "parameters" in info, info
+
+    # a bundled training recipe by name, from a folder without configs/: parsed and validated
+    shown = yaml.safe_load(_run([exe, "train", "quickstart", "--print-config"], work, env))
+    assert shown["run_name"] == "quickstart" and shown["model"]["recipe"] == "mpt-tiny", shown
 
     _corpus(work / "corpus")
     recipe = {

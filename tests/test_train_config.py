@@ -85,6 +85,21 @@ def test_bundled_recipes_validate():
         assert cfg.global_train_batch_size > 0, r
 
 
+def test_a_bundled_recipe_runs_by_name(tmp_path, monkeypatch):
+    """`mptkit train quickstart` (from any folder) is the shipped recipe; a local file of that name wins; an
+    unknown name is still "no such recipe"."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)
+    for name, sub in (("quickstart", "pretrain"), ("instruct", "finetune")):
+        assert load_run_config(name).to_dict() == load_run_config(root / sub / f"{name}.yaml").to_dict()
+    with pytest.raises(ConfigError, match="no such recipe.*did you mean the bundled recipe 'quickstart'"):
+        load_run_config("quickstrat")
+    (tmp_path / "quickstart").write_text("run_name: mine\nmax_duration: 3ba\n")
+    assert load_run_config("quickstart").run_name == "mine"
+
+
 def test_token_durations_do_not_round_up_a_float_error():
     """With a mean number of tokens per batch (finetuning data: 100 tokens over 9 samples, batches of 3) a
     duration of exactly one epoch's tokens is one epoch of steps, not one more."""

@@ -469,7 +469,9 @@ class MPTConfig:
 def recipes_dir() -> Path:
     """The folder of bundled model recipes: package data, ``mptkit/recipes/model/*.yaml`` (in a checkout
     ``configs/model`` is a link to it)."""
-    return Path(__file__).resolve().parent.parent / "recipes" / "model"
+    from mptkit.recipes import model_recipes_dir
+
+    return model_recipes_dir()
 
 
 def load_model_config(spec: str | os.PathLike | dict | MPTConfig) -> MPTConfig:

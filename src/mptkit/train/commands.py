@@ -43,12 +43,15 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mptkit.recipes import training_recipes
+
     p = sub.add_parser(
         "train", help="train a model from a YAML recipe (llm-foundry keys)",
         description="Train (pretrain or continue) an MPT model from a YAML recipe. Overrides are key.sub=value "
                     "(YAML values), e.g. max_duration=50ba optimizer.lr=1e-3 model.n_layers=2. "
                     "Launch with torchrun for several processes.")
-    p.add_argument("recipe", help="the recipe YAML (e.g. configs/pretrain/quickstart.yaml)")
+    p.add_argument("recipe", help="the recipe YAML (e.g. configs/pretrain/quickstart.yaml), or the name of a recipe "
+                   f"shipped with mptkit ({', '.join(training_recipes())})")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.add_argument("--print-config", action="store_true", help="print the validated configuration and exit")
     p.set_defaults(func=_train)

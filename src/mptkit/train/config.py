@@ -511,13 +511,20 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
     where = "overrides"
     if path is not None:
         p = Path(path)
+        if not p.exists():
+            from mptkit.recipes import training_recipe, training_recipes
+
+            p = training_recipe(str(path)) or p  # `mptkit train quickstart`: a recipe shipped in the package
         where = str(p)
         if not p.exists():
             near = ""
             if p.parent.is_dir():
                 c = closest(p.name, [x.name for x in p.parent.iterdir()])
                 near = f" (did you mean '{p.parent / c}'?)" if c else ""
-            raise ConfigError(f"{p}: no such recipe file{near}")
+            if not near and Path(str(path)).name == str(path):
+                c = closest(str(path), list(training_recipes()))
+                near = f" (did you mean the bundled recipe '{c}'?)" if c else ""
+            raise ConfigError(f"{p}: no such recipe file, and no bundled recipe of that name{near}")
         try:
             raw = yaml_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
