@@ -5,8 +5,10 @@ The formats (one JSON object per example; JSONL, a JSON array, CSV, Parquet, Arr
 
 * ``{"prompt": ..., "response": ...}`` — llm-foundry's finetuning format (MPT-7B-Instruct style data);
 * ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` — a conversation, rendered
-  with the ChatML template MPT-7B-Chat was trained with (:mod:`mptkit.infer.chat`), so `mptkit chat` and
-  the server prompt a finetuned model exactly as it was trained;
+  with the ChatML template MPT-7B-Chat was trained with and tokenized by :mod:`mptkit.infer.chat`'s
+  ``encode_segments`` (the markers as control tokens, message content as text: a message spelling
+  ``<|im_end|>`` stays text), so `mptkit chat` and the server prompt a finetuned model with exactly the
+  ids it was trained on;
 * ``{"instruction": ..., "input"/"context": ..., "output"/"response": ...}`` (Alpaca / Dolly records) —
   formatted with the Dolly prompt MPT-7B-Instruct used (:data:`INSTRUCT_PROMPT`).
 
@@ -295,18 +297,21 @@ def _text(rec: dict, key: str, *, required: bool = True) -> str:
     return v
 
 
-def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[str, str]]:
-    """ChatML turns of a conversation: each assistant message is a response, everything before it (since
-    the previous response) its prompt, ending with ``<|im_start|>assistant\\n``. ``system_prompt`` opens
-    a conversation that has no system message. The pieces joined are ``render_chatml``'s text."""
-    from mptkit.infer.chat import IM_END, IM_START, ROLES
+def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[list, list]]:
+    """ChatML turns of a conversation, as :func:`mptkit.infer.chat.chatml_segments` pieces: each assistant
+    message is a response (its content and ``<|im_end|>``), everything before it (since the previous
+    response) its prompt, ending with ``<|im_start|>assistant\\n``. ``system_prompt`` opens a conversation
+    that has no system message. The pieces joined are ``render_chatml``'s text, and tokenized
+    (``encode_segments``) they are the ids the server and ``mptkit chat`` prompt with: message content is
+    text, the markers are control tokens."""
+    from mptkit.infer.chat import ROLES, chatml_message
 
     if not isinstance(messages, list) or not messages:
         raise BadRecord("bad_messages", "'messages' must be a non-empty list of {role, content} objects")
-    turns: list[tuple[str, str]] = []
-    pending = ""
+    turns: list[tuple[list, list]] = []
+    pending: list = []
     if system_prompt and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
-        pending = f"{IM_START}system\n{system_prompt}{IM_END}\n"
+        pending = chatml_message("system", system_prompt)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BadRecord("bad_messages", f"messages[{i}] is {type(m).__name__}, expected an object")
@@ -318,19 +323,19 @@ def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[st
         content = m.get("content")
         if not isinstance(content, str):
             raise BadRecord("non_string_field", f"messages[{i}].content is {type(content).__name__}, expected a string")
-        sep = "\n" if turns and not pending else ""  # the newline after the previous <|im_end|>
+        segs = chatml_message(role, content)  # <|im_start|>, "ROLE\\n", content, <|im_end|>, "\\n"
         if role == "assistant":
-            turns.append((pending + sep + f"{IM_START}assistant\n", content + IM_END))
-            pending = ""
+            turns.append((pending + segs[:2], segs[2:4]))
+            pending = segs[4:]  # the newline after the reply's <|im_end|> opens the next prompt
         else:
-            pending += sep + f"{IM_START}{role}\n{content}{IM_END}\n"
+            pending += segs
     if not turns:
         raise BadRecord("no_response", "the conversation has no assistant message to learn from")
     return turns
 
 
 def example_turns(rec: Any, preprocess: Callable[[dict], Any] | None = None,
-                  system_prompt: str | None = None) -> tuple[list[tuple[str, str]], bool]:
+                  system_prompt: str | None = None) -> tuple[list[tuple[Any, Any]], bool]:
     """``(turns, is_chat)`` of one record, in any of the module's formats."""
     if preprocess is not None:
         try:
@@ -501,6 +506,21 @@ class FinetuneDataset:
         return out
 
 
+def _encode_pieces(tokenizer, pieces: list[str | list]) -> list[list[int]]:
+    """Ids of each piece: a text (prompt/response and instruction formats) as the tokenizer reads it; a chat
+    turn's ChatML pieces through ``encode_segments`` (content as text, markers as control tokens)."""
+    from mptkit.infer.chat import encode_segments
+
+    texts = [i for i, p in enumerate(pieces) if isinstance(p, str)]
+    chats = [i for i, p in enumerate(pieces) if not isinstance(p, str)]
+    out: list[list[int]] = [[] for _ in pieces]
+    for i, ids in zip(texts, encode_batch(tokenizer, [pieces[i] for i in texts])):
+        out[i] = ids
+    for i, ids in zip(chats, encode_segments(tokenizer, [pieces[i] for i in chats])):
+        out[i] = ids
+    return out
+
+
 def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOptions, *, split: str | None = "train",
                            where: str = "train_loader.dataset") -> FinetuneDataset:
     """Read, format, tokenize and lay out a finetuning dataset; raises :class:`DataError` naming the file
@@ -511,7 +531,7 @@ def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOpt
     if system == "default":
         from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT as system
     stats = FinetuneStats()
-    texts: list[str] = []
+    texts: list[str | list] = []  # prompt/response texts, or a chat turn's ChatML pieces
     layout: list[tuple[int, int, bool]] = []  # per example: first text index, number of turns, is_chat
     if isinstance(path, str) and path.startswith("mptkit:"):
         sources = [builtin_records(path, split)]
@@ -529,7 +549,7 @@ def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOpt
             for p, r in turns:
                 texts += [p, r]
     eos = getattr(tokenizer, "eos_token_id", None)
-    encoded = encode_batch(tokenizer, texts)
+    encoded = _encode_pieces(tokenizer, texts)
     examples = []
     for start, nt, is_chat in layout:
         turns = [(encoded[start + 2 * t], encoded[start + 2 * t + 1]) for t in range(nt)]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -177,20 +178,60 @@ def _backend(tok):
     return getattr(tok, "backend_tokenizer", None)
 
 
-def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_batch(tokenizer, texts: list[str], *, parse_special_tokens: bool = True) -> list[list[int]]:
     """Token ids of each text in ``texts``, no special tokens added (no BOS/EOS).
 
-    ``tokenizer``: a ``transformers`` fast tokenizer (its Rust backend encodes the whole batch at once: the
-    same ids as ``tokenizer(texts, add_special_tokens=False)``, without transformers' warning about texts
-    longer than ``model_max_length``, which means nothing for tokenizing data), a raw
-    ``tokenizers.Tokenizer``, or a slow (Python) ``transformers`` tokenizer (encoded one text at a time)."""
+    ``tokenizer``: a ``transformers`` fast tokenizer (its Rust backend encodes the whole batch at once, outside
+    the GIL: the same ids as ``tokenizer(texts, add_special_tokens=False)``, without transformers' warning
+    about texts longer than ``model_max_length``, which means nothing for tokenizing data), a raw
+    ``tokenizers.Tokenizer``, or a slow (Python) ``transformers`` tokenizer (encoded one text at a time).
+
+    ``parse_special_tokens`` (default, the tokenizers' own behaviour): a special token spelled in the text
+    (``<|endoftext|>``, ``<|im_start|>``) becomes its control id. False: the text is only text — a special
+    token's spelling is tokenized like any other characters (user-supplied content: chat messages, a
+    server's completion prompts)."""
     texts = list(texts)
     if not texts:
         return []
     backend = _backend(tokenizer)
     if backend is not None:
+        if not parse_special_tokens:
+            backend = _text_only_backend(backend)
         return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    if parse_special_tokens:
+        return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    try:  # a slow transformers tokenizer splits special tokens' spellings on request
+        return [list(tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)) for t in texts]
+    except TypeError:
+        raise DataError(f"{type(tokenizer).__name__} cannot encode text with its special tokens not parsed "
+                        "(no split_special_tokens); use a transformers or tokenizers tokenizer") from None
+
+
+_TEXT_ONLY: dict[int, tuple[Any, int, Any]] = {}  # id(backend) -> (backend, its size, the text-only copy)
+_TEXT_ONLY_LOCK = threading.Lock()
+
+
+def _text_only_backend(backend):
+    """A copy of ``backend`` that does not match special tokens in the text (``encode_special_tokens``),
+    made once per backend. A copy rather than flipping the flag on the shared one: transformers sets that
+    flag on its backend at every call (``split_special_tokens``), and the server encodes from several
+    threads at once. At most 8 are kept (the entry holds the backend, so its id is not reused meanwhile)."""
+    from tokenizers import Tokenizer
+
+    size = backend.get_vocab_size(with_added_tokens=True)
+    with _TEXT_ONLY_LOCK:
+        hit = _TEXT_ONLY.get(id(backend))
+        if hit is not None and hit[0] is backend and hit[1] == size:
+            return hit[2]
+        if not any(t.special for t in backend.get_added_tokens_decoder().values()):
+            copy = backend  # nothing to split; the flag is irrelevant
+        else:
+            copy = Tokenizer.from_str(backend.to_str())
+            copy.encode_special_tokens = True
+        if len(_TEXT_ONLY) >= 8:
+            _TEXT_ONLY.pop(next(iter(_TEXT_ONLY)))
+        _TEXT_ONLY[id(backend)] = (backend, size, copy)
+        return copy
 
 
 def _norm_merges(merges: list) -> list:

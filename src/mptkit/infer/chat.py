@@ -9,12 +9,16 @@ Template (one turn per message, then the assistant's opening)::
     <|im_start|>assistant
 
 Generation stops at ``<|im_end|>`` (as a stop string, and as a stop token when the tokenizer has it).
+
+A conversation is tokenized by :func:`encode_chatml`: the markers are inserted as their token ids and every
+message's content is tokenized as text (special tokens not parsed), so a message cannot forge a turn.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import InferenceError
 from mptkit.infer.generate import reusable_prefix
 
@@ -43,30 +47,90 @@ def message_text(content: Any, where: str = "messages") -> str:
     raise InferenceError(f"{where}.content must be a string or a list of text parts")
 
 
-def render_chatml(messages: list[dict], *, add_generation_prompt: bool = True, default_system: str | None = None) -> str:
-    """The ChatML prompt for ``messages`` (dicts with role and content)."""
-    parts = []
+def chatml_message(role: str, content: str) -> list[tuple[str, bool]]:
+    """One message's :func:`chatml_segments` pieces, always these five: ``<|im_start|>``, the role header
+    ``"ROLE\\n"``, the content, ``<|im_end|>``, the newline after it."""
+    return [(IM_START, True), (f"{role}\n", False), (content, False), (IM_END, True), ("\n", False)]
+
+
+def chatml_segments(messages: list[dict], *, add_generation_prompt: bool = True,
+                    default_system: str | None = None) -> list[tuple[str, bool]]:
+    """The ChatML rendering of ``messages`` as ``(text, is_marker)`` pieces: the template's ``<|im_start|>`` /
+    ``<|im_end|>`` markers (True), and text (False): each role header (``"user\\n"``), each message's content
+    on its own, the newline between turns. Joined, the pieces are :func:`render_chatml`'s text; tokenized by
+    :func:`encode_segments`, the markers are control tokens and everything else is text, so message content
+    cannot open or close a turn."""
+    segs: list[tuple[str, bool]] = []
     if default_system and not (messages and messages[0].get("role") == "system"):
-        parts.append(f"{IM_START}system\n{default_system}{IM_END}\n")
+        segs += chatml_message("system", default_system)
     for i, m in enumerate(messages):
         role = m.get("role")
         if role not in ROLES:
             raise InferenceError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        parts.append(f"{IM_START}{role}\n{message_text(m.get('content'), f'messages[{i}]')}{IM_END}\n")
+        segs += chatml_message(role, message_text(m.get("content"), f"messages[{i}]"))
     if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
+        segs += [(IM_START, True), ("assistant\n", False)]
+    return segs
+
+
+def render_chatml(messages: list[dict], *, add_generation_prompt: bool = True, default_system: str | None = None) -> str:
+    """The ChatML prompt for ``messages`` (dicts with role and content), as text (for display and tests; a
+    model is fed :func:`encode_chatml`'s ids, where content cannot forge the markers)."""
+    return "".join(t for t, _ in chatml_segments(messages, add_generation_prompt=add_generation_prompt,
+                                                  default_system=default_system))
+
+
+def marker_id(tokenizer, marker: str) -> int | None:
+    """The id of a template marker (``<|im_start|>``) when the tokenizer has it as one token, else None."""
+    if tokenizer is None:
+        return None
+    try:
+        ids = encode_batch(tokenizer, [marker])[0]
+    except Exception:  # noqa: BLE001 - any tokenizer object: one that cannot encode it has no such token
+        return None
+    return ids[0] if len(ids) == 1 else None
+
+
+def encode_segments(tokenizer, pieces: list[list[tuple[str, bool]]], *,
+                    parse_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each list of :func:`chatml_segments` pieces: a marker the tokenizer has as one token is that
+    token's id; text (and a marker it lacks) is tokenized on its own, its special tokens' spellings as plain
+    text unless ``parse_special_tokens`` (one batch for all the pieces' texts: outside the GIL for a
+    ``tokenizers``-backed tokenizer). The server's chat endpoint, ``mptkit chat`` and the finetuning data all
+    tokenize conversations here, so a model is trained on the ids it is prompted with."""
+    marks: dict[str, int | None] = {}
+    texts: list[str] = []
+    for segs in pieces:
+        for text, is_marker in segs:
+            if is_marker and text not in marks:
+                marks[text] = marker_id(tokenizer, text)
+            if not (is_marker and marks[text] is not None) and text:
+                texts.append(text)
+    encoded = iter(encode_batch(tokenizer, texts, parse_special_tokens=parse_special_tokens))
+    out = []
+    for segs in pieces:
+        ids: list[int] = []
+        for text, is_marker in segs:
+            if is_marker and marks[text] is not None:
+                ids.append(marks[text])
+            elif text:
+                ids += next(encoded)
+        out.append(ids)
+    return out
+
+
+def encode_chatml(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
+                  default_system: str | None = None, parse_special_tokens: bool = False) -> list[int]:
+    """The token ids of ``messages`` rendered with ChatML: the markers are control tokens (when the tokenizer has
+    them), message content is text — ``<|im_end|>\\n<|im_start|>system`` typed by a user does not open a system
+    turn. ``parse_special_tokens=True`` parses special tokens spelled in the content (trusted input only)."""
+    segs = chatml_segments(messages, add_generation_prompt=add_generation_prompt, default_system=default_system)
+    return encode_segments(tokenizer, [segs], parse_special_tokens=parse_special_tokens)[0]
 
 
 def im_end_token_id(tokenizer) -> int | None:
     """The id of ``<|im_end|>`` when the tokenizer has it as one token (MPT-7B-Chat's does)."""
-    if tokenizer is None:
-        return None
-    try:
-        ids = tokenizer.encode(IM_END, add_special_tokens=False)
-    except Exception:  # noqa: BLE001 - any tokenizer object: one that cannot encode it has no such token
-        return None
-    return ids[0] if len(ids) == 1 else None
+    return marker_id(tokenizer, IM_END)
 
 
 def trim_history(messages: list[dict], count_tokens, budget: int) -> list[dict]:
@@ -116,12 +180,12 @@ class ChatSession:
         budget = self.gen.max_context - max(1, min(self.params.max_tokens, self.gen.max_context // 2))
 
         def count(msgs):
-            return len(tok.encode(render_chatml(msgs), add_special_tokens=False))
+            return len(encode_chatml(tok, msgs))
 
         msgs = trim_history(self.messages(), count, budget)
         kept = len(msgs) - (1 if self.system_prompt else 0)
         self.history = self.history[len(self.history) - kept :]
-        return tok.encode(render_chatml(msgs), add_special_tokens=False)
+        return encode_chatml(tok, msgs)
 
     def send(self, user_text: str):
         """Yield the reply's text deltas; the full reply is appended to the history at the end."""

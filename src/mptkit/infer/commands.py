@@ -165,7 +165,8 @@ def cmd_serve(args) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue)
     srv = build_server(args.model, max_context=args.max_context, api_key=args.api_key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
-                       dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype)
+                       dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype,
+                       parse_special_tokens=args.parse_special_tokens)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")
     return 0
@@ -197,6 +198,9 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="/v1/completions: special tokens spelled in a text prompt (<|endoftext|>) become control "
+                        "tokens (default: they are text; a request's parse_special_tokens field overrides)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting before 429")

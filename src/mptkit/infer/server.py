@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mptkit.errors import InferenceError
-from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, IM_END, im_end_token_id, render_chatml
+from mptkit.data.tokenizer import encode_batch
+from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, IM_END, encode_chatml, im_end_token_id
 from mptkit.infer.engine import Engine, EngineOverloaded, EngineStopped, Event
 from mptkit.infer.sampling import SamplingParams
 
@@ -101,6 +102,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    parse_special_tokens: bool | None = None  # None: the server's setting (default off: special tokens are text)
 
 
 class ChatMessage(_Base):
@@ -375,7 +377,7 @@ class Server:
     """Holds the engine, tokenizer and limits; builds the FastAPI app."""
 
     def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None,
-                 limits: ServerLimits | None = None):
+                 limits: ServerLimits | None = None, parse_special_tokens: bool = False):
         if FastAPI is None:
             raise InferenceError("serving needs fastapi and uvicorn: pip install 'mptkit[serve]'")
         self.engine = engine
@@ -383,6 +385,7 @@ class Server:
         self.tok = engine.gen.tokenizer
         self.model_name = model_name
         self.api_key = api_key
+        self.parse_special_tokens = parse_special_tokens  # /v1/completions text prompts: special tokens parsed
         self.limits = limits or ServerLimits()
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -406,11 +409,13 @@ class Server:
             raise APIError(404, f"model '{name}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def encode(self, prompt: Any, param: str) -> list[int]:
+    def encode(self, prompt: Any, param: str, parse_special_tokens: bool = False) -> list[int]:
+        """A prompt's ids: token ids checked against the vocabulary, or text tokenized with its special tokens'
+        spellings as text unless ``parse_special_tokens`` (blocking: call it through ``run_in_threadpool``)."""
         if isinstance(prompt, str):
             if self.tok is None:
                 raise APIError(400, "this model has no tokenizer; send token ids", param=param)
-            return list(self.tok.encode(prompt, add_special_tokens=False))
+            return encode_batch(self.tok, [prompt], parse_special_tokens=parse_special_tokens)[0]
         ids = list(prompt)
         v = self.gen.config.vocab_size
         for i in ids:
@@ -460,6 +465,16 @@ class Server:
             except InferenceError as e:
                 raise APIError(400, str(e)) from None
         return out
+
+    def chat_ids(self, msgs: list[dict]) -> list[int]:
+        """The chat prompt's ids: ChatML markers as control tokens, message content as text (a message cannot
+        forge a turn). Blocking: call it through ``run_in_threadpool``."""
+        if self.tok is None:
+            raise APIError(400, "this model has no tokenizer; chat needs one", param="messages")
+        try:
+            return encode_chatml(self.tok, msgs, default_system=DEFAULT_SYSTEM_PROMPT)
+        except InferenceError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     def token_str(self, t: int) -> str:
         return self.tok.decode([t]) if self.tok is not None else str(t)
@@ -529,7 +544,8 @@ class Server:
                 raise APIError(400, "this server takes one prompt per request (send a string or one token list)",
                                param="prompt")
             p = p[0]
-        ids = self.encode(p, "prompt")
+        parse = self.parse_special_tokens if req.parse_special_tokens is None else req.parse_special_tokens
+        ids = self.encode(p, "prompt", parse)
         params = self.sampling(req, max_tokens=req.max_tokens, default_max=self.limits.default_max_tokens,
                                prompt_len=len(ids), logprobs=req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -592,11 +608,7 @@ class Server:
         if req.response_format and req.response_format.get("type") not in (None, "text"):
             raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
-        try:
-            prompt = render_chatml(msgs, default_system=DEFAULT_SYSTEM_PROMPT)
-        except InferenceError as e:
-            raise APIError(400, str(e), param="messages")
-        ids = self.encode(prompt, "messages")
+        ids = self.chat_ids(msgs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, max_tokens=max_tokens, default_max=self.limits.default_chat_max_tokens,
@@ -755,7 +767,7 @@ def _usage(p: int, c: int, cached: int = 0) -> dict:
 
 def build_server(model_path: str, *, max_context: int | None = None, api_key: str | None = None,
                  limits: ServerLimits | None = None, model_name: str | None = None, compile: bool = False,
-                 dtype=None, device: str = "cpu", kv_dtype=None):
+                 dtype=None, device: str = "cpu", kv_dtype=None, parse_special_tokens: bool = False):
     """Load a model (a model folder, a training run or a checkpoint) and return a started :class:`Server`
     (call ``.app()`` for the ASGI app)."""
     import torch
@@ -771,7 +783,8 @@ def build_server(model_path: str, *, max_context: int | None = None, api_key: st
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name
-    return Server(engine, model_name=name, api_key=api_key, limits=limits)
+    return Server(engine, model_name=name, api_key=api_key, limits=limits,
+                  parse_special_tokens=parse_special_tokens)
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
