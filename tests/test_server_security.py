@@ -186,3 +186,30 @@ def test_chat_session_renders_content_as_text_and_still_reuses_its_cache(served)
     assert ids.count(_ids(srv.tok, "<|im_start|>")) == 4  # system, user, assistant, the next opening
     list(s.send("again"))
     assert 0 < s.last_cached < len(s.prompt_ids())
+
+
+# ----------------------------------------------------------------------------- item 8: disconnects
+
+
+def test_non_streaming_request_is_cancelled_when_the_client_disconnects(model_dir):
+    """A non-streaming n=4 request whose client times out and closes the connection leaves the batch within
+    seconds (its natural end is > 9 s away: each decode step is slowed by 20 ms), and is counted as
+    cancelled, not finished, in the engine and /metrics."""
+    with _serving(model_dir) as (base, srv):
+        decode = srv.gen.decode
+
+        def slow(*a, **k):
+            time.sleep(0.02)
+            return decode(*a, **k)
+
+        srv.gen.decode = slow
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", timeout=httpx.Timeout(30, read=1.0), json={
+                "model": "tiny", "prompt": "a", "n": 4, "max_tokens": 480, "ignore_eos": True, "temperature": 0})
+        t = time.monotonic()
+        while (srv.engine.num_running or srv.engine.num_waiting) and time.monotonic() - t < 5:
+            time.sleep(0.05)
+        assert srv.engine.num_running == 0 and srv.engine.num_waiting == 0
+        assert srv.engine.requests_cancelled == 1 and srv.engine.tokens_generated < 4 * 480
+        m = httpx.get(base + "/metrics").text
+        assert "mptkit_requests_cancelled_total 1" in m

@@ -194,6 +194,9 @@ class Metrics:
             "# HELP mptkit_requests_in_flight Generation requests being served.",
             "# TYPE mptkit_requests_in_flight gauge",
             f"mptkit_requests_in_flight {self.in_flight}",
+            "# HELP mptkit_requests_cancelled_total Generation requests cancelled before their end (client gone).",
+            "# TYPE mptkit_requests_cancelled_total counter",
+            f"mptkit_requests_cancelled_total {getattr(engine, 'requests_cancelled', 0)}",
             "# HELP mptkit_decode_steps_total Batched decode steps run.",
             "# TYPE mptkit_decode_steps_total counter",
             f"mptkit_decode_steps_total {engine.steps}",
@@ -514,6 +517,8 @@ class Server:
         try:
             while done < len(h.seqs):
                 ev = await q.get(timeout=1.0)
+                if ev is _CLIENT_GONE:  # a non-streaming request's client disconnected (_collect's watcher)
+                    return
                 if ev is None:  # nothing for a second: is the client still there?
                     if await request.is_disconnected():
                         return
@@ -672,12 +677,18 @@ class Server:
         evs: list[list[Event]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         toks = 0
-        async for ev in self.events(request, h, q):
-            texts[ev.choice].append(ev.text)
-            evs[ev.choice].append(ev)
-            toks += ev.token is not None
-            if ev.finished:
-                reasons[ev.choice] = ev.finish_reason
+        # nothing is sent until the end, so nothing else notices a client that goes away: watch for it (the
+        # request's receive channel says http.disconnect) and end the events, which cancels the sequences
+        watcher = asyncio.get_running_loop().create_task(_await_disconnect(request, q))
+        try:
+            async for ev in self.events(request, h, q):
+                texts[ev.choice].append(ev.text)
+                evs[ev.choice].append(ev)
+                toks += ev.token is not None
+                if ev.finished:
+                    reasons[ev.choice] = ev.finish_reason
+        finally:
+            watcher.cancel()
         return texts, evs, reasons, toks
 
     def _stream(self, agen):
@@ -749,6 +760,19 @@ class Server:
                 "{{NEEDS_KEY}}", "true" if srv.api_key else "false"))
 
         return BodyLimit(app, self.limits.max_body_bytes, self.metrics)
+
+
+_CLIENT_GONE: Any = object()  # put in a request's inbox when its client disconnects
+
+
+async def _await_disconnect(request: Request, q: _Inbox) -> None:
+    """Wait for the client of a request whose body is read to disconnect, then wake its inbox with
+    ``_CLIENT_GONE`` (ASGI: once the body is in, ``receive`` returns only ``http.disconnect``)."""
+    while True:
+        msg = await request.receive()
+        if msg.get("type") == "http.disconnect":
+            q.put(_CLIENT_GONE)
+            return
 
 
 def _sse(obj: dict) -> str:
