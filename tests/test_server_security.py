@@ -213,3 +213,67 @@ def test_non_streaming_request_is_cancelled_when_the_client_disconnects(model_di
         assert srv.engine.requests_cancelled == 1 and srv.engine.tokens_generated < 4 * 480
         m = httpx.get(base + "/metrics").text
         assert "mptkit_requests_cancelled_total 1" in m
+
+
+# ----------------------------------------------------------------------------- item 9: key, metrics, page
+
+
+def test_metrics_need_the_key_unless_public(model_dir):
+    with _serving(model_dir, api_key="sekret") as (base, _):
+        assert httpx.get(base + "/metrics").status_code == 401
+        r = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 200 and "mptkit_requests_total" in r.text
+        assert httpx.get(base + "/health").status_code == 200  # liveness stays open
+    with _serving(model_dir, api_key="sekret", public_metrics=True) as (base, _):
+        assert httpx.get(base + "/metrics").status_code == 200
+
+
+def test_bearer_scheme_is_case_insensitive_and_the_key_compared_in_constant_time(model_dir, monkeypatch):
+    import hmac
+
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    with _serving(model_dir, api_key="sekret") as (base, _):
+        for auth in ("Bearer sekret", "bearer sekret", "BEARER  sekret"):
+            assert httpx.get(base + "/v1/models", headers={"Authorization": auth}).status_code == 200, auth
+        for auth in ("Bearer sekre", "Basic sekret", "sekret", "Bearer", ""):
+            r = httpx.get(base + "/v1/models", headers={"Authorization": auth})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", auth
+    assert calls
+
+
+def test_api_key_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
+    """`mptkit serve --api-key-file PATH` and `MPTKIT_API_KEY` set the key without it showing in `ps`."""
+    import mptkit.infer.server as server_mod
+    from mptkit.cli import main
+    from mptkit.infer.server import BackgroundServer
+
+    started = []
+    monkeypatch.setattr(server_mod, "serve", lambda srv, **kw: started.append(srv))
+    keyfile = tmp_path / "key"
+    keyfile.write_text("from-file\n")
+    monkeypatch.setenv("MPTKIT_API_KEY", "from-env")
+    assert main(["serve", str(model_dir), "--api-key-file", str(keyfile)]) == 0
+    assert main(["serve", str(model_dir)]) == 0
+    monkeypatch.delenv("MPTKIT_API_KEY")
+    (tmp_path / "empty").write_text("\n")
+    assert main(["serve", str(model_dir), "--api-key-file", str(tmp_path / "empty")]) == 2
+    assert main(["serve", str(model_dir), "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert [s.api_key for s in started] == ["from-file", "from-env"]
+    for srv, key in zip(started, ["from-file", "from-env"]):
+        with BackgroundServer(srv) as bg:
+            assert httpx.get(bg.base_url + "/v1/models").status_code == 401
+            assert httpx.get(bg.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_model_name_is_html_escaped_on_the_page(model_dir):
+    name = '<script>alert("x")</script>&'
+    with _serving(model_dir, model_name=name) as (base, _):
+        page = httpx.get(base + "/").text
+    assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from mptkit.errors import InferenceError
 from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
@@ -152,21 +154,45 @@ def cmd_chat(args) -> int:
 # ----------------------------------------------------------------------------- serve
 
 
+API_KEY_ENV = "MPTKIT_API_KEY"
+
+
+def api_key(args) -> str | None:
+    """The server's key: --api-key, else the first line of --api-key-file, else $MPTKIT_API_KEY (unset or
+    empty: none). The file and the variable keep the key out of the process list (`ps`)."""
+    if args.api_key is not None:
+        key = args.api_key
+        where = "--api-key"
+    elif args.api_key_file is not None:
+        where = f"--api-key-file {args.api_key_file}"
+        try:
+            text = Path(args.api_key_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InferenceError(f"{where}: cannot read the key ({e.strerror or e})") from None
+        key = text.strip().splitlines()[0] if text.strip() else ""
+    else:
+        return os.environ.get(API_KEY_ENV, "").strip() or None
+    if not key.strip():
+        raise InferenceError(f"{where}: the API key is empty")
+    return key.strip()
+
+
 def cmd_serve(args) -> int:
     import torch
 
     from mptkit.infer.server import ServerLimits, build_server, serve
 
+    key = api_key(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", args.host)
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                           max_batch=args.max_batch, max_queue=args.max_queue)
-    srv = build_server(args.model, max_context=args.max_context, api_key=args.api_key, limits=limits,
+    srv = build_server(args.model, max_context=args.max_context, api_key=key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
                        dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype,
-                       parse_special_tokens=args.parse_special_tokens)
+                       public_metrics=args.public_metrics, parse_special_tokens=args.parse_special_tokens)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")
     return 0
@@ -197,7 +223,13 @@ def register(sub) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' on /v1 and /metrics (visible in `ps`: prefer "
+                           f"--api-key-file or ${API_KEY_ENV})")
+    keys.add_argument("--api-key-file", default=None, metavar="PATH",
+                      help=f"read the key from the first line of PATH (default: ${API_KEY_ENV}, if set)")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the key")
     p.add_argument("--parse-special-tokens", action="store_true",
                    help="/v1/completions: special tokens spelled in a text prompt (<|endoftext|>) become control "
                         "tokens (default: they are text; a request's parse_special_tokens field overrides)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
+import html
 import json
 import logging
 import threading
@@ -380,14 +382,19 @@ class Server:
     """Holds the engine, tokenizer and limits; builds the FastAPI app."""
 
     def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None,
-                 limits: ServerLimits | None = None, parse_special_tokens: bool = False):
+                 limits: ServerLimits | None = None, public_metrics: bool = False,
+                 parse_special_tokens: bool = False):
         if FastAPI is None:
             raise InferenceError("serving needs fastapi and uvicorn: pip install 'mptkit[serve]'")
+        if api_key is not None and not api_key.strip():
+            raise InferenceError("the API key is empty")
         self.engine = engine
         self.gen = engine.gen
         self.tok = engine.gen.tokenizer
         self.model_name = model_name
         self.api_key = api_key
+        self._key = api_key.strip().encode() if api_key is not None else b""
+        self.public_metrics = public_metrics  # /metrics without the key
         self.parse_special_tokens = parse_special_tokens  # /v1/completions text prompts: special tokens parsed
         self.limits = limits or ServerLimits()
         self.metrics = Metrics()
@@ -401,10 +408,13 @@ class Server:
         return self.gen.max_context
 
     def check_auth(self, request: Request) -> None:
+        """``Authorization: Bearer KEY`` (the scheme in any case, RFC 7235) when the server has a key; the key is
+        compared in constant time."""
         if self.api_key is None:
             return
-        auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {self.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        good = hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._key)
+        if not (good and scheme.lower() == "bearer"):
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     def check_model(self, name: str | None) -> None:
@@ -750,13 +760,15 @@ class Server:
                     "waiting": srv.engine.num_waiting}
 
         @app.get("/metrics")
-        async def metrics():
+        async def metrics(request: Request):
+            if not srv.public_metrics:
+                srv.check_auth(request)
             return PlainTextResponse(srv.metrics.render(srv.engine), media_type="text/plain; version=0.0.4")
 
         @app.get("/", response_class=HTMLResponse)
         async def index():
-            html = (STATIC / "index.html").read_text(encoding="utf-8")
-            return HTMLResponse(html.replace("{{MODEL}}", srv.model_name).replace(
+            page = (STATIC / "index.html").read_text(encoding="utf-8")
+            return HTMLResponse(page.replace("{{MODEL}}", html.escape(srv.model_name)).replace(
                 "{{NEEDS_KEY}}", "true" if srv.api_key else "false"))
 
         return BodyLimit(app, self.limits.max_body_bytes, self.metrics)
@@ -791,7 +803,8 @@ def _usage(p: int, c: int, cached: int = 0) -> dict:
 
 def build_server(model_path: str, *, max_context: int | None = None, api_key: str | None = None,
                  limits: ServerLimits | None = None, model_name: str | None = None, compile: bool = False,
-                 dtype=None, device: str = "cpu", kv_dtype=None, parse_special_tokens: bool = False):
+                 dtype=None, device: str = "cpu", kv_dtype=None, public_metrics: bool = False,
+                 parse_special_tokens: bool = False):
     """Load a model (a model folder, a training run or a checkpoint) and return a started :class:`Server`
     (call ``.app()`` for the ASGI app)."""
     import torch
@@ -807,7 +820,7 @@ def build_server(model_path: str, *, max_context: int | None = None, api_key: st
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name
-    return Server(engine, model_name=name, api_key=api_key, limits=limits,
+    return Server(engine, model_name=name, api_key=api_key, limits=limits, public_metrics=public_metrics,
                   parse_special_tokens=parse_special_tokens)
 
 
