@@ -277,3 +277,75 @@ def test_model_name_is_html_escaped_on_the_page(model_dir):
     with _serving(model_dir, model_name=name) as (base, _):
         page = httpx.get(base + "/").text
     assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+
+
+# ----------------------------------------------------------------------------- item 10: cheap denial of service
+
+
+def test_large_prompts_are_tokenized_off_the_event_loop(served):
+    """While three ~1 MB prompts are being tokenized, /health answers before any of them is done."""
+    base, _ = served
+    text = "def load(fp, *, cls=None): return json.loads(fp.read())\n" * 18000  # ~1 MB, seconds to tokenize
+    done: list[float] = []
+
+    def post(path, body):
+        httpx.post(base + path, json=body, timeout=120)
+        done.append(time.monotonic())
+
+    bodies = [("/v1/completions", {"model": "tiny", "prompt": text}),
+              ("/v1/completions", {"model": "tiny", "prompt": text + "x"}),
+              ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": text}]})]
+    threads = [threading.Thread(target=post, args=b) for b in bodies]
+    for th in threads:
+        th.start()
+    time.sleep(0.5)  # the bodies are up (loopback) and being tokenized
+    r = httpx.get(base + "/health", timeout=60)
+    t_health = time.monotonic()
+    for th in threads:
+        th.join(120)
+    assert r.status_code == 200 and len(done) == 3
+    assert t_health < min(done), (t_health, done)
+
+
+def test_seed_out_of_range_is_400(served):
+    base, _ = served
+    u = base + "/v1/completions"
+    for body in ({"seed": 2**63}, {"seed": 2**64}, {"seed": -1}, {"seed": 2**63 - 1, "n": 2}):
+        r = httpx.post(u, json={"model": "tiny", "prompt": "a", "max_tokens": 2, "temperature": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", (body, r.text)
+    r = httpx.post(u, json={"model": "tiny", "prompt": "a", "max_tokens": 2, "temperature": 1, "seed": 2**63 - 1})
+    assert r.status_code == 200, r.text
+
+
+def test_port_out_of_range_is_an_argument_error(model_dir, monkeypatch, capsys):
+    import mptkit.infer.server as server_mod
+    from mptkit.cli import main
+
+    monkeypatch.setattr(server_mod, "serve", lambda srv, **kw: srv.engine.stop())
+    for port in ("99999", "65536", "-1", "0", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(model_dir), "--port", port])
+        assert e.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+def test_framework_errors_take_the_openai_shape(served):
+    """404 (unknown path), 405 (wrong method) and a chunked body over the limit (413) answer
+    {"error": {message, type, param, code}} like the server's own errors."""
+    base, srv = served
+
+    def shaped(r, status):
+        assert r.status_code == status, (r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+
+    shaped(httpx.get(base + "/nope"), 404)
+    r = httpx.get(base + "/v1/completions")
+    shaped(r, 405)
+    assert "POST" in r.headers.get("allow", "")
+
+    def chunks():
+        for _ in range(srv.limits.max_body_bytes // 65536 + 2):
+            yield b" " * 65536
+
+    shaped(httpx.post(base + "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                      timeout=60), 413)

@@ -157,6 +157,17 @@ def cmd_chat(args) -> int:
 API_KEY_ENV = "MPTKIT_API_KEY"
 
 
+def _port(text: str) -> int:
+    """argparse type of --port: 1..65535 (0, "any free port", is refused: the announced address would be wrong)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1..65535")
+    return port
+
+
 def api_key(args) -> str | None:
     """The server's key: --api-key, else the first line of --api-key-file, else $MPTKIT_API_KEY (unset or
     empty: none). The file and the variable keep the key out of the process list (`ps`)."""
@@ -222,7 +233,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1..65535 (default 8000)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None,
                       help="require 'Authorization: Bearer KEY' on /v1 and /metrics (visible in `ps`: prefer "

@@ -6,7 +6,15 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream 
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: invalid parameters and
 malformed JSON -> 400 naming the field, unknown model -> 404, bad or missing key -> 401, body too large
--> 413, over capacity -> 429 with ``Retry-After``, engine down -> 503 with ``Retry-After``.
+-> 413, over capacity -> 429 with ``Retry-After``, engine down -> 503 with ``Retry-After``; the framework's
+own errors (unknown path 404, wrong method 405) take the same shape.
+
+Security: with an API key every endpoint but ``/health`` and the page ``/`` needs ``Authorization: Bearer
+KEY`` (``/metrics`` too, unless ``public_metrics``; the scheme in any case, the key compared in constant time).
+Text is tokenized as text: a chat message or a completion prompt that spells ``<|im_end|>`` or
+``<|endoftext|>`` does not produce the control token (``parse_special_tokens`` opts a completion prompt in).
+Prompts are tokenized in a worker thread, and a request whose client disconnects is cancelled, streaming or
+not.
 """
 
 from __future__ import annotations
@@ -34,11 +42,15 @@ log = logging.getLogger(__name__)
 
 try:
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import HTTPException as _BodyHTTPException
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError:  # pragma: no cover - the serve extra is optional
     FastAPI = None  # type: ignore[assignment]
+    _BodyHTTPException = StarletteHTTPException = Exception  # type: ignore[assignment,misc]
     BaseModel = object  # type: ignore[assignment,misc]
 
     def Field(*a, **k):  # type: ignore[no-redef]
@@ -77,6 +89,9 @@ class StreamOptions(_Base):
     include_usage: bool = False
 
 
+SEED_LIMIT = 2**63  # seeds are int64 >= 0, as OpenAI's (torch takes up to 2^64 - 1; larger is an error)
+
+
 class _Sampling(_Base):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -86,7 +101,7 @@ class _Sampling(_Base):
     min_p: float = Field(0.0, ge=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # choice i uses seed + i (checked below)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
@@ -130,8 +145,8 @@ class APIError(Exception):
                  code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.type = type_ or {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
         self.headers = headers
 
     def response(self) -> JSONResponse:
@@ -261,17 +276,17 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge(seen)
+                    raise _TooLarge(seen, self.limit)
             return msg
 
         try:
             await self.app(scope, guarded, send)
         except _TooLarge as e:
-            await self._reject(send, e.args[0])
+            await self._reject(send, e.seen)
 
     async def _reject(self, send, n):
-        body = json.dumps({"error": {"message": f"request body of {n} bytes exceeds the limit of {self.limit} bytes",
-                                     "type": "invalid_request_error", "param": None, "code": "body_too_large"}}).encode()
+        body = json.dumps({"error": {"message": _too_large(n, self.limit), "type": "invalid_request_error",
+                                     "param": None, "code": "body_too_large"}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -280,8 +295,18 @@ class BodyLimit:
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
 
 
-class _TooLarge(Exception):
-    pass
+def _too_large(n: int, limit: int) -> str:
+    return f"request body of {n} bytes exceeds the limit of {limit} bytes"
+
+
+class _TooLarge(_BodyHTTPException):
+    """A body over the limit while it is read (chunked, no Content-Length). FastAPI turns any other error of
+    the body read into a 400 "error parsing the body"; its own HTTPException it lets through, to the app's
+    handler (-> 413 in OpenAI's shape)."""
+
+    def __init__(self, seen: int, limit: int):
+        super().__init__(413, _too_large(seen, limit))
+        self.seen = seen
 
 
 # ----------------------------------------------------------------------------- engine thread -> event loop
@@ -459,6 +484,9 @@ class Server:
             mt = max_tokens
         if req.n > lim.max_n:
             raise APIError(400, f"n={req.n} exceeds this server's limit of {lim.max_n}", param="n")
+        if req.seed is not None and req.seed + req.n - 1 >= SEED_LIMIT:
+            raise APIError(400, f"seed={req.seed} with n={req.n}: choice i uses seed + i, which must stay below 2^63",
+                           param="seed")
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -560,12 +588,12 @@ class Server:
                                param="prompt")
             p = p[0]
         parse = self.parse_special_tokens if req.parse_special_tokens is None else req.parse_special_tokens
-        ids = self.encode(p, "prompt", parse)
+        ids = await run_in_threadpool(self.encode, p, "prompt", parse)  # off the event loop: a 1 MB prompt takes s
         params = self.sampling(req, max_tokens=req.max_tokens, default_max=self.limits.default_max_tokens,
                                prompt_len=len(ids), logprobs=req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        echo = (self.tok.decode(ids) if self.tok is not None else "") if req.echo else ""
+        echo = (await run_in_threadpool(self.tok.decode, ids) if self.tok is not None else "") if req.echo else ""
         n = len(params)
 
         def lp_obj(evs: list[Event], offset0: int) -> dict:
@@ -623,7 +651,7 @@ class Server:
         if req.response_format and req.response_format.get("type") not in (None, "text"):
             raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
-        ids = self.chat_ids(msgs)
+        ids = await run_in_threadpool(self.chat_ids, msgs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, max_tokens=max_tokens, default_max=self.limits.default_chat_max_tokens,
@@ -724,6 +752,16 @@ class Server:
             param = ".".join(loc) or None
             msg = f"invalid value for '{param}': {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
             return APIError(400, msg, param=param).response()
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request, exc: StarletteHTTPException):  # the framework's own: 404, 405, body errors
+            if isinstance(exc, _TooLarge):
+                return APIError(413, str(exc.detail), code="body_too_large").response()
+            st = exc.status_code
+            msg = {404: f"no such endpoint: {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(st, str(exc.detail))
+            code = {404: "not_found", 405: "method_not_allowed"}.get(st)
+            return APIError(st, msg, code=code, headers=getattr(exc, "headers", None)).response()
 
         @app.exception_handler(Exception)
         async def _unexpected(request, exc: Exception):
