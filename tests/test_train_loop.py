@@ -205,24 +205,3 @@ def test_pretrained_folder_is_one_decision(tmp_path):
     bad = {**spec, "pretrained_model_name_or_path": str(tmp_path / "tok_only")}
     with pytest.raises(ConfigError, match="not a local model folder with a config.json"):
         pretrained_folder(make_cfg(tmp_path, model=bad))
-
-
-def test_loss_spike_monitor():
-    """A loss above 2x the running mean for `patience` steps is a spike (raises unless log_only);
-    NaN raises at once."""
-    from mptkit.train.metrics import LossSpikeMonitor
-
-    m = LossSpikeMonitor(patience=3, outlier_multiplier=2.0, window_size=20, log_only=False)
-    for i in range(20):
-        assert m(i, 2.0 + 0.01 * (i % 3)) is False
-    m(20, 9.0)
-    m(21, 9.0)
-    with pytest.raises(TrainError, match="loss spike"):
-        m(22, 9.0)
-    quiet = LossSpikeMonitor(patience=2, window_size=10, log_only=True)
-    for i in range(10):
-        quiet(i, 1.0)
-    quiet(10, 5.0)
-    assert quiet(11, 5.0) is True and quiet.spikes == 1
-    with pytest.raises(TrainError, match="diverged"):
-        quiet(12, float("inf"))

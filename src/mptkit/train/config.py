@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from typing import Any
 
 from mptkit.errors import ConfigError
 from mptkit.utils.keys import closest
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------- durations
 
@@ -238,6 +241,24 @@ CLIP_KEYS = {"clipping_type", "clipping_threshold"}
 CALLBACKS = {"speed_monitor", "lr_monitor", "memory_monitor", "runtime_estimator", "kill_loss_spike",
              "optimizer_monitor", "scheduled_gc"}
 SPIKE_KEYS = {"patience", "outlier_multiplier", "window_size", "loss_cap", "log_only"}
+SCHEDULED_GC_KEYS = {"batch_interval", "eval_keep_disabled"}
+OPTIMIZER_MONITOR_KEYS = {"batch_log_interval", "log_optimizer_metrics"}
+SPEED_MONITOR_KEYS = {"window_size", "gpu_flops_available"}
+# composer callbacks whose metrics mptkit always logs its own way: their options change nothing (a warning)
+ALWAYS_ON_CALLBACKS = {
+    "lr_monitor": "the lr is logged every step (metrics.jsonl 'lr')",
+    "memory_monitor": "memory is logged every step (mem_peak_gb on CUDA, mem_rss_peak_gb on CPU)",
+    "runtime_estimator": "the console log and progress bar show an ETA from the speed-monitor window",
+}
+# DataLoader keys of llm-foundry loaders: mptkit reads batches in the training process from memory-mapped
+# shards (no DataLoader, no worker processes), so these change nothing
+_LOADER_IGNORED = {
+    "num_workers": "batches are read in the training process (memory-mapped shards, no DataLoader workers)",
+    "pin_memory": "there is no DataLoader; batches are copied to the device as they are",
+    "prefetch_factor": "there are no DataLoader workers to prefetch",
+    "persistent_workers": "there are no DataLoader workers",
+    "timeout": "there are no DataLoader workers to wait for",
+}
 LOGGERS = {"tensorboard", "jsonl"}
 
 
@@ -371,8 +392,7 @@ class RunConfig:
         if not isinstance(self.callbacks, dict):
             raise ConfigError("callbacks: expected a mapping of callback name -> options")
         _check_keys(self.callbacks, CALLBACKS, "callbacks")
-        if self.callbacks.get("kill_loss_spike"):
-            _check_keys(self.callbacks["kill_loss_spike"], SPIKE_KEYS, "callbacks.kill_loss_spike")
+        _check_callbacks(self.callbacks)
         if not isinstance(self.loggers, dict):
             raise ConfigError("loggers: expected a mapping of logger name -> options")
         _check_keys(self.loggers, LOGGERS, "loggers")
@@ -384,6 +404,7 @@ class RunConfig:
             if not isinstance(ld, dict):
                 raise ConfigError(f"{lname}: expected a mapping with name, dataset {{local, split, ...}}")
             _check_keys(ld, LOADER_KEYS, lname)
+            _warn_ignored_loader_keys(ld, lname)
             name = ld.get("name", "text")
             if name not in ("text", "finetuning"):
                 raise ConfigError(f"{lname}.name: 'text' (prepared token shards) or 'finetuning' (prompt/response or "
@@ -440,6 +461,76 @@ class RunConfig:
         if self._max_duration is None:
             self._max_duration = parse_duration(self.max_duration, "max_duration", allow_zero=False)
         return self._max_duration
+
+
+def _check_callbacks(cb: dict) -> None:
+    """Keys and values of the callbacks mptkit implements; a warning for options of the always-on ones."""
+    _check_keys(cb, CALLBACKS, "callbacks")
+    spike = cb.get("kill_loss_spike")
+    if spike is not None:
+        _check_keys(spike, SPIKE_KEYS, "callbacks.kill_loss_spike")
+        _need_int("callbacks.kill_loss_spike.patience", spike.get("patience", 4), 0)
+        _need_num("callbacks.kill_loss_spike.outlier_multiplier", spike.get("outlier_multiplier", 2), positive=True)
+        if spike.get("window_size") is not None:
+            _need_int("callbacks.kill_loss_spike.window_size", spike["window_size"], 1)
+        if spike.get("loss_cap") is not None:
+            _need_num("callbacks.kill_loss_spike.loss_cap", spike["loss_cap"], positive=True)
+        _need_bool("callbacks.kill_loss_spike.log_only", spike.get("log_only", True))
+    if "scheduled_gc" in cb:
+        sgc = cb["scheduled_gc"]
+        _check_keys(sgc, SCHEDULED_GC_KEYS, "callbacks.scheduled_gc")
+        if not isinstance(sgc, dict) or "batch_interval" not in sgc:
+            raise ConfigError("callbacks.scheduled_gc.batch_interval: required (batches between gc.collect() calls; "
+                              "automatic garbage collection is off during training), as in llm-foundry")
+        _need_int("callbacks.scheduled_gc.batch_interval", sgc["batch_interval"], 1)
+        _need_bool("callbacks.scheduled_gc.eval_keep_disabled", sgc.get("eval_keep_disabled", False))
+    om = cb.get("optimizer_monitor")
+    if om is not None:
+        _check_keys(om, OPTIMIZER_MONITOR_KEYS, "callbacks.optimizer_monitor")
+        _need_int("callbacks.optimizer_monitor.batch_log_interval", om.get("batch_log_interval", 10), 1)
+        _need_bool("callbacks.optimizer_monitor.log_optimizer_metrics", om.get("log_optimizer_metrics", True))
+    sm = cb.get("speed_monitor")
+    if sm is not None:
+        _check_keys(sm, SPEED_MONITOR_KEYS, "callbacks.speed_monitor")
+        _need_int("callbacks.speed_monitor.window_size", sm.get("window_size", 10), 1)
+        if sm.get("gpu_flops_available") is not None:
+            _need_num("callbacks.speed_monitor.gpu_flops_available", sm["gpu_flops_available"], positive=True)
+    for name, what in ALWAYS_ON_CALLBACKS.items():
+        opts = cb.get(name)
+        if opts is None:
+            continue
+        if not isinstance(opts, dict):
+            raise ConfigError(f"callbacks.{name}: expected a mapping (or nothing), got {type(opts).__name__}")
+        for k in opts:
+            log.warning("callbacks.%s.%s is ignored: %s", name, k, what)
+
+
+def _warn_ignored_loader_keys(ld: dict, lname: str) -> None:
+    """llm-foundry loader keys that change nothing in mptkit: one warning per key, naming it and why."""
+    for k, why in _LOADER_IGNORED.items():
+        if k in ld and not (k == "num_workers" and ld[k] == 0):
+            log.warning("%s.%s is ignored: %s", lname, k, why)
+    if "drop_last" in ld:
+        if lname == "train_loader" and ld["drop_last"] is not True:
+            log.warning("train_loader.drop_last is ignored: training always uses whole global batches (each "
+                        "epoch's last partial batch is left out)")
+        if lname == "eval_loader" and ld["drop_last"] is not False:
+            log.warning("eval_loader.drop_last is ignored: evaluation always covers every sample (up to "
+                        "eval_subset_num_batches)")
+    ds = ld.get("dataset") or {}
+    if ld.get("name", "text") == "text":
+        for k in ("eos_token_id", "bos_token_id"):
+            if k in ds:
+                log.warning("%s.dataset.%s is ignored: documents are separated as prepared (the separators in the "
+                            "folder's manifest.json set sequence_id)", lname, k)
+    elif "safe_load" in ds:
+        log.warning("%s.dataset.safe_load is ignored: mptkit reads only JSON/CSV/Parquet/Arrow files and never "
+                    "runs code from a dataset (only an explicit preprocessing_fn)", lname)
+
+
+def _need_bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name}: expected true or false, got {v!r}")
 
 
 def _dym(name: str, options) -> str:

@@ -125,50 +125,77 @@ def _jsonable(x):
     return str(x)
 
 
-class LossSpikeMonitor:
-    """NaN/inf losses stop the run at once; a loss above ``outlier_multiplier`` x the running mean of the
-    last ``window_size`` steps for ``patience`` consecutive steps is a spike (llm-foundry's
-    kill_loss_spike): logged, and it stops the run unless ``log_only``. ``loss_cap``: any loss above it
-    counts as an outlier too."""
+SPIKE_MIN_WINDOW = 100  # llm-foundry's KillLossSpike: the smallest (and default) window
+SPIKE_MAX_LOSS_CAP = 10.0  # its default loss cap, and the ceiling of the cap it derives from the first window
+SPIKE_WINDOW_FRACTION = 0.05  # its default window: 5% of the run's steps, at least SPIKE_MIN_WINDOW
 
-    def __init__(self, patience: int = 4, outlier_multiplier: float = 2.0, window_size: int = 100,
-                 loss_cap: float | None = None, log_only: bool = True):
+
+class LossSpikeMonitor:
+    """llm-foundry's ``KillLossSpike`` (same defaults and rules), plus a stop on NaN/inf.
+
+    Every step's loss goes into a rolling window of ``window_size`` losses (default: 5% of the run's
+    ``total_steps``, at least 100). Nothing is judged until the window is full. Then a loss ``>=
+    outlier_multiplier`` x the window's mean is an outlier; ``patience + 1`` consecutive outliers are a
+    **loss spike** (every further consecutive outlier reports it again); a non-outlier resets the count.
+    Otherwise, from step ``2 x window_size`` on, half the window or more above ``loss_cap`` is a **high
+    loss**. ``loss_cap`` defaults to the largest loss of the first full window, at most 10 (a given value
+    is kept). Each is logged (``log_only``, the default) or stops the run with a :class:`TrainError`.
+    A NaN or infinite loss always stops the run at once (mptkit's; composer has a separate NaNMonitor).
+    ``__call__`` returns the event (a dict for metrics.jsonl) or None."""
+
+    def __init__(self, patience: int = 4, outlier_multiplier: float = 2.0, window_size: int | None = None,
+                 loss_cap: float | None = None, log_only: bool = True, *, total_steps: int | None = None):
         self.patience = int(patience)
         self.mult = float(outlier_multiplier)
-        self.window: deque[float] = deque(maxlen=int(window_size))
-        self.min_window = min(int(window_size), 10)
-        self.loss_cap = loss_cap
-        self.log_only = log_only
-        self.bad = 0
+        if window_size is None:
+            window_size = max(SPIKE_MIN_WINDOW, round(SPIKE_WINDOW_FRACTION * (total_steps or 0)))
+        self.window_size = int(window_size)
+        self.window: deque[float] = deque(maxlen=self.window_size)
+        self.loss_cap = float(loss_cap) if loss_cap is not None else SPIKE_MAX_LOSS_CAP
+        self._cap_set = loss_cap is not None
+        self.log_only = bool(log_only)
+        self.outliers = 0
         self.spikes = 0
+        self.high_losses = 0
 
-    def __call__(self, step: int, loss: float) -> bool:
+    def __call__(self, step: int, loss: float) -> dict | None:
         if not math.isfinite(loss):
             raise TrainError(
                 f"loss is {loss} at step {step}: training diverged. Lower optimizer.lr, raise scheduler.t_warmup, "
                 "set algorithms.gradient_clipping, or use precision=amp_bf16 instead of amp_fp16; then resume "
                 "from the last checkpoint (autoresume: true)"
             )
-        spike = False
-        if len(self.window) >= self.min_window:
+        event = None
+        if len(self.window) == self.window_size:
+            if not self._cap_set:  # the first full window sets the cap
+                self.loss_cap = min(max(self.window), SPIKE_MAX_LOSS_CAP)
+                self._cap_set = True
             mean = sum(self.window) / len(self.window)
-            outlier = loss > self.mult * mean or (self.loss_cap is not None and loss > self.loss_cap)
-            if outlier:
-                self.bad += 1
-                if self.bad >= self.patience:
-                    spike = True
+            if loss >= mean * self.mult:
+                self.outliers += 1
+                if self.outliers > self.patience:
                     self.spikes += 1
-                    msg = (f"loss spike at step {step}: {loss:.4f} > {self.mult} x running mean {mean:.4f} "
-                           f"for {self.patience} steps")
-                    if not self.log_only:
-                        raise TrainError(msg + " (callbacks.kill_loss_spike stopped the run; resume from a "
-                                               "checkpoint with a lower lr)")
-                    log.warning(msg)
-                    self.bad = 0
-                return spike  # outliers do not enter the running mean
-            self.bad = 0
+                    event = {"event": "loss_spike", "step": step, "loss": loss, "running_loss_avg": mean,
+                             "outlier_multiplier": self.mult, "outlier_counter": self.outliers}
+                    msg = (f"loss spike at step {step}: {self.outliers} consecutive losses >= {self.mult} x the "
+                           f"running mean {mean:.4f} of the last {self.window_size} steps (now {loss:.4f})")
+            else:
+                self.outliers = 0
+            if event is None and step >= 2 * self.window_size:
+                high = sum(1 for x in self.window if x > self.loss_cap)
+                if high >= self.window_size / 2:
+                    self.high_losses += 1
+                    event = {"event": "high_loss", "step": step, "loss": loss, "loss_cap": self.loss_cap,
+                             "window_size": self.window_size, "high_losses": high}
+                    msg = (f"high loss at step {step}: {high} of the last {self.window_size} losses are above "
+                           f"loss_cap {self.loss_cap:.4f}")
+            if event is not None:
+                if not self.log_only:
+                    raise TrainError(msg + " (callbacks.kill_loss_spike with log_only: false stopped the run; "
+                                           "resume from a checkpoint with a lower lr)")
+                log.warning(msg)
         self.window.append(loss)
-        return spike
+        return event
 
 
 class Throughput:

@@ -33,6 +33,7 @@ from torch import nn
 
 from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError
 from mptkit.train import checkpoint as ckpt_mod
+from mptkit.train.callbacks import build_callbacks
 from mptkit.train.config import Duration, RunConfig, parse_duration
 from mptkit.train.data import BatchStream, default_collate, make_sampler
 from mptkit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -293,8 +294,12 @@ class Trainer:
         gc = cfg.algorithms.get("gradient_clipping") if cfg.algorithms else None
         self.clip = float(gc.get("clipping_threshold", 1.0)) if gc else None
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp_fp16" else None
+        # callbacks: the loss-spike monitor always runs (llm-foundry's defaults: log only, unless configured);
+        # scheduled_gc and optimizer_monitor only when the recipe names them (train/callbacks.py)
         spike_cfg = (cfg.callbacks or {}).get("kill_loss_spike")
-        self.spike = LossSpikeMonitor(**({"log_only": False, **spike_cfg} if isinstance(spike_cfg, dict) else {}))
+        self.spike = LossSpikeMonitor(**(spike_cfg if isinstance(spike_cfg, dict) else {}), total_steps=self.max_steps)
+        self.scheduled_gc, self.optimizer_monitor = build_callbacks(cfg.callbacks)
+        self._optimizer_metrics: dict = {}
         # DDP (FSDP: the sharded model is its own training module)
         self.train_model: nn.Module = self.model
         if self.dist.enabled and self.fsdp is None:
@@ -764,6 +769,9 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.optimizer_monitor is not None and self.optimizer_monitor.due(self.step + 1):
+            # the gradients as the optimizer used them (unscaled, clipped) and its state after the step
+            self._optimizer_metrics = self.optimizer_monitor.collect(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         loss_acc = all_reduce_sum(loss_acc, self.dist)
         return float(loss_acc), float(gnorm)
@@ -835,7 +843,8 @@ class Trainer:
         writer = MetricsWriter(self.run_folder, enabled=main,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
-        peak, peak_src = peak_flops(self.device, cfg.precision, cfg.peak_tflops)
+        gpu_flops = ((cfg.callbacks or {}).get("speed_monitor") or {}).get("gpu_flops_available")
+        peak, peak_src = peak_flops(self.device, cfg.precision, cfg.peak_tflops or (gpu_flops and gpu_flops / 1e12))
         if main:
             log.info("run %s: %s params, %d steps of %d samples x %d tokens (%s), microbatch %s%s, %d rank(s), "
                      "device %s, precision %s", self.run_name, f"{n_params:,}", self.max_steps,
@@ -858,10 +867,14 @@ class Trainer:
         tput = Throughput(window=int(((cfg.callbacks or {}).get("speed_monitor") or {}).get("window_size", 10)))
         self._last_saved = self.step if self.resumed_from is not None else -1
         self.model.train()
+        if self.scheduled_gc is not None:
+            self.scheduled_gc.fit_start()
         try:
             if cfg.eval_first and self.step == 0:
                 self._log_eval(writer)
             while self.step < self.max_steps:
+                if self.scheduled_gc is not None:
+                    self.scheduled_gc.before_batch(self.step)
                 t0 = time.perf_counter()
                 batch = self.stream.next_batch()
                 loss, gnorm = self._train_step(batch)
@@ -874,15 +887,19 @@ class Trainer:
                 self.tokens += self._step_tokens
                 self.target_tokens += self._step_targets
                 tput.add(dt, self._step_tokens, self._flops_per_batch(self._step_width))
-                self.spike(self.step, loss)
+                spike = self.spike(self.step, loss)
+                optimizer_metrics, self._optimizer_metrics = self._optimizer_metrics, {}
                 if main:
                     rec = {"step": self.step, "epoch": self.stream.epoch, "train_loss": loss, "lr": lr,
                            "grad_norm": gnorm, "tokens": self.tokens, "target_tokens": self.target_tokens,
                            "samples": self.samples,
                            "step_s": dt, "tokens_per_s": tput.tokens_per_s,
                            "mfu": tput.flops_per_s / (peak * self.dist.world_size),
-                           "microbatch": self.microbatch, "time": time.time(), **memory_stats(self.device)}
+                           "microbatch": self.microbatch, "time": time.time(), **memory_stats(self.device),
+                           **optimizer_metrics}
                     writer.write(rec)
+                    if spike is not None:
+                        writer.write(spike)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tput.tokens_per_s:,.0f}",
                                         mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
@@ -903,6 +920,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.scheduled_gc is not None:
+                self.scheduled_gc.fit_end()  # the interpreter's gc setting back, also when the run failed
         wall = time.perf_counter() - t_start
         summary = {"run_name": self.run_name, "run_folder": str(self.run_folder), "steps": self.step,
                    "tokens": self.tokens, "target_tokens": self.target_tokens, "train_wall_s": wall,
@@ -941,7 +960,13 @@ class Trainer:
         return summary
 
     def _log_eval(self, writer: MetricsWriter, bar=None) -> dict | None:
-        rec = self.evaluate()
+        if self.scheduled_gc is not None:
+            self.scheduled_gc.eval_start()
+        try:
+            rec = self.evaluate()
+        finally:
+            if self.scheduled_gc is not None:
+                self.scheduled_gc.eval_end()
         if rec is None or not self.dist.is_main:
             return rec
         writer.write(rec)

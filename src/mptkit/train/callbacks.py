@@ -1,0 +1,122 @@
+"""The recipe's ``callbacks`` that change what the trainer does, under llm-foundry's / composer's names.
+
+``kill_loss_spike`` is :class:`mptkit.train.metrics.LossSpikeMonitor`; this module holds the other two:
+
+* ``scheduled_gc`` (llm-foundry's ``ScheduledGarbageCollector``): :class:`ScheduledGC`. Python's automatic
+  garbage collection is switched off for the run and ``gc.collect()`` runs (with
+  ``torch.cuda.empty_cache()`` on CUDA) at the start of the run, before every ``batch_interval``-th batch
+  (counting the batches done, so also before the first), around each evaluation (during which automatic
+  collection is on again unless ``eval_keep_disabled``) and at the end, which restores the interpreter's
+  previous setting (also when the run fails).
+* ``optimizer_monitor`` (composer's ``OptimizerMonitor``): :class:`OptimizerMonitor`. Every
+  ``batch_log_interval``-th step it adds to that step's ``metrics.jsonl`` line the L2 norm of each
+  parameter's gradient as the optimizer used it (after unscaling and clipping), ``l2_norm/grad/<name>``,
+  and their global norm ``l2_norm/grad/global``; with ``log_optimizer_metrics`` (default) also each
+  parameter's first-moment (``exp_avg``) norm ``l2_norm/moment/<name>`` and weight norm
+  ``l2_norm/param/<name>`` after the step. Names are the model's parameter names
+  (``transformer.blocks.0.attn.Wqkv.weight``; composer's carry its wrapper's ``model.`` prefix).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _collect() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class ScheduledGC:
+    """llm-foundry's ScheduledGarbageCollector: automatic gc off during training, a full collection every
+    ``batch_interval`` batches (see the module docstring for every point it collects at)."""
+
+    def __init__(self, batch_interval: int, eval_keep_disabled: bool = False):
+        self.batch_interval = int(batch_interval)
+        self.eval_keep_disabled = bool(eval_keep_disabled)
+        self._was_enabled: bool | None = None
+
+    def fit_start(self) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+        _collect()
+
+    def before_batch(self, batches_done: int) -> None:
+        if batches_done % self.batch_interval == 0:
+            _collect()
+
+    def eval_start(self) -> None:
+        _collect()
+        if not self.eval_keep_disabled:
+            gc.enable()
+
+    def eval_end(self) -> None:
+        if not self.eval_keep_disabled:
+            gc.disable()
+        _collect()
+
+    def fit_end(self) -> None:
+        if self._was_enabled is None:  # fit_start never ran
+            return
+        _collect()
+        if self._was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
+        self._was_enabled = None
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    n = torch.linalg.vector_norm(t.detach(), 2.0)
+    return n.full_tensor() if hasattr(n, "full_tensor") else n  # FSDP2 shards (DTensor): the whole tensor's norm
+
+
+class OptimizerMonitor:
+    """composer's OptimizerMonitor: per-parameter gradient norms every ``batch_log_interval`` steps and, with
+    ``log_optimizer_metrics``, moment and weight norms (see the module docstring). Under FSDP every rank
+    takes part (one all-reduce per parameter at a logged step); only rank 0 writes."""
+
+    def __init__(self, batch_log_interval: int = 10, log_optimizer_metrics: bool = True):
+        self.interval = int(batch_log_interval)
+        self.log_optimizer_metrics = bool(log_optimizer_metrics)
+
+    def due(self, step: int) -> bool:
+        """Whether the step numbered ``step`` (1-based: the count of steps done after it) is logged."""
+        return step % self.interval == 0
+
+    @torch.no_grad()
+    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """The metrics, read after ``optimizer.step()`` and before the gradients are zeroed."""
+        out: dict[str, Any] = {}
+        for name, p in model.named_parameters():
+            if p.grad is None or not p.requires_grad:
+                continue
+            g = _norm(p.grad)
+            out[f"l2_norm/grad/{name}"] = g
+            if self.log_optimizer_metrics:
+                st = optimizer.state.get(p) or {}
+                if "exp_avg" in st:
+                    out[f"l2_norm/moment/{name}"] = _norm(st["exp_avg"])
+                out[f"l2_norm/param/{name}"] = _norm(p)
+        vals = {k: float(v) for k, v in out.items()}
+        sq = sum(v * v for k, v in vals.items() if k.startswith("l2_norm/grad/"))
+        vals["l2_norm/grad/global"] = math.sqrt(sq)
+        return vals
+
+
+def build_callbacks(callbacks: dict | None) -> tuple[ScheduledGC | None, OptimizerMonitor | None]:
+    """(scheduled_gc, optimizer_monitor) from the validated recipe's ``callbacks`` (None when absent)."""
+    cb = callbacks or {}
+    sgc = cb.get("scheduled_gc")
+    om = cb.get("optimizer_monitor", False)
+    return (ScheduledGC(**sgc) if isinstance(sgc, dict) else None,
+            OptimizerMonitor(**(om or {})) if om is not False else None)
