@@ -134,6 +134,7 @@ def test_bundled_finetune_recipes_are_valid(recipe):
         # what packing with sequence ids does to the trained model: tests/test_finetune_recipes.py
     else:
         assert cfg.data_prep and ds["local"] and cfg.model["max_seq_len"] == cfg.max_seq_len >= 1024
+        # what it trains and exports: tests/test_finetune_recipes.py (StoryWriter past the base's context)
 
 
 def test_token_durations_and_rates_count_non_padding_tokens(tmp_path, make_tokenizer):
