@@ -107,6 +107,30 @@ def test_bad_inputs(server):
     assert "mptkit_requests_total" in m and "mptkit_queue_depth" in m
 
 
+
+def test_unimplemented_completion_fields_are_refused_by_name(server):
+    """best_of other than 1, a non-empty suffix, and echo together with logprobs (the prompt tokens' logprobs,
+    as lm-eval's loglikelihood requests with max_tokens 0) are a 400 naming the field, never a 200 that
+    answers something else; their no-op values, echo alone and logprobs alone are served."""
+    base, _ = server
+    u = base + "/v1/completions"
+    req = {"model": "tiny", "prompt": "def load(", "max_tokens": 3, "temperature": 0}
+    for extra, param in (({"best_of": 2}, "best_of"), ({"best_of": 3, "n": 1}, "best_of"),
+                         ({"suffix": "return x"}, "suffix"), ({"echo": True, "logprobs": 0}, "echo"),
+                         ({"echo": True, "logprobs": 5, "max_tokens": 0}, "echo")):
+        r = httpx.post(u, json={**req, **extra})
+        assert r.status_code == 400, (extra, r.status_code)
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error", extra
+    plain = httpx.post(u, json=req).json()["choices"][0]["text"]
+    for extra in ({"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"suffix": None}):
+        r = httpx.post(u, json={**req, **extra})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain, extra
+    echoed = httpx.post(u, json={**req, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == "def load(" + plain and echoed["logprobs"] is None
+    lp = httpx.post(u, json={**req, "logprobs": 2}).json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == 3 and "".join(lp["tokens"]) == plain
+
 def test_disconnect_frees_slot(server):
     """A client that disconnects mid-stream has its sequence removed from the running batch."""
     base, srv = server

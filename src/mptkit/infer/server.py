@@ -118,7 +118,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = None  # refused unless empty: no insertion (see completions)
+    best_of: int | None = None  # refused unless 1: no server-side choice among candidates
     parse_special_tokens: bool | None = None  # None: the server's setting (default off: special tokens are text)
 
 
@@ -581,6 +582,18 @@ class Server:
     async def completions(self, req: CompletionRequest, request: Request):
         self.check_auth(request)
         self.check_model(req.model)
+        # fields of OpenAI's API this server does not implement: an error naming the field, never a silent
+        # answer to another question (lm-eval's loglikelihood sends echo + logprobs and reads the prompt's logprobs)
+        if req.best_of not in (None, 1):
+            raise APIError(400, f"best_of={req.best_of} is not supported (only 1): request n choices and pick among "
+                                "them on the client", param="best_of")
+        if req.suffix:
+            raise APIError(400, "suffix (text after the insertion point) is not supported by this server",
+                           param="suffix")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs asks for the prompt tokens' logprobs, which this server does not "
+                                "return: send echo without logprobs, or logprobs without echo (the generated "
+                                "tokens' logprobs)", param="echo")
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
