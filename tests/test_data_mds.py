@@ -109,3 +109,22 @@ def test_same_as_mosaicml_streaming_when_installed(tmp_path):
     _write_mds(tmp_path / "m", [{"tokens": _ndarray_dynamic(r)} for r in ROWS], {"tokens": ("ndarray:int32", None)})
     sd = streaming.StreamingDataset(local=str(tmp_path / "m"), shuffle=False)
     assert [sd[i]["tokens"].tolist() for i in range(7)] == ROWS.tolist()
+
+
+def test_training_on_an_mds_folder(tmp_path):
+    """What works today: the trainer trains on an MDSTokenDataset passed from Python (the same items as
+    prepared shards); a recipe whose train_loader.dataset.local is an MDS folder is refused before any step,
+    with the two ways forward in the message."""
+    from mptkit.train.trainer import Trainer
+    from tests._train_helpers import make_cfg, pattern_data
+
+    rows = pattern_data(16).numpy().astype(np.int32)
+    _write_mds(tmp_path / "mds", [{"tokens": _ndarray_dynamic(r)} for r in rows], {"tokens": ("ndarray:int32", None)},
+               per_shard=5)
+    ds = MDSTokenDataset(tmp_path / "mds", eos_token_id=0, max_seq_len=32)
+    summary = Trainer(make_cfg(tmp_path / "py", max_duration="2ba"), train_dataset=ds).fit()
+    assert summary["steps"] == 2 and summary["tokens"] == 2 * 8 * 32
+    cfg = make_cfg(tmp_path / "recipe", max_duration="2ba",
+                   train_loader={"name": "text", "dataset": {"local": str(tmp_path / "mds"), "split": "train"}})
+    with pytest.raises(DataError, match=r"is an MDS dataset \(index.json\).*mptkit data prepare.*MDSTokenDataset"):
+        Trainer(cfg).fit()

@@ -102,6 +102,15 @@ def _open_split(local: str, split: str, which: str):
             f"{which}.dataset.local: {p} does not exist. Prepare it first (`mptkit data prepare INPUTS --tokenizer "
             f"TOK --out {p}`), or add a data_prep section to the recipe so `mptkit train` prepares it")
     if not (p / "manifest.json").exists():
+        from mptkit.data.mds import is_mds_folder
+
+        if is_mds_folder(p, split):
+            raise DataError(
+                f"{which}.dataset.local: {p} is an MDS dataset (index.json), which `mptkit train` does not read from "
+                "a recipe. Either prepare the source documents with `mptkit data prepare INPUTS --tokenizer TOK "
+                f"--max-seq-len N --out DIR` and set {which}.dataset.local: DIR, or train from Python on the MDS "
+                f"folder: Trainer(cfg, {'train' if which == 'train_loader' else 'eval'}_dataset=mptkit.data.mds."
+                f"MDSTokenDataset('{p}', split, eos_token_id=EOS, max_seq_len=N)) (docs/data.md, MDS datasets)")
         raise DataError(f"{which}.dataset.local: {p} holds no prepared data (no manifest.json); "
                         "prepare it with `mptkit data prepare`")
     try:
