@@ -250,3 +250,110 @@ def test_prepare_and_tokenizer_out_are_checked_before_any_work(tmp_path, tok_dir
         assert rc == 2 and msg in err and "--out" in err and len(err.strip().splitlines()) == 1, (out, err)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ lone surrogates, symlinks, huge documents
+SURROGATE_LINE = '{"text": "bad \\ud800 half of a pair"}\n'  # valid JSON, but no UTF-8 text
+
+
+def test_lone_surrogate_is_a_bad_record_in_prepare_and_tokenizer_training(tmp_path, tok_dir, capsys):
+    """A JSON string with a lone surrogate ("\\ud800") is bad input, never a traceback: skipped and counted
+    (kind invalid_unicode) by data prepare and tokenizer train, an error naming file:line with --strict."""
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"text": GOOD * 4}) + "\n" + SURROGATE_LINE + json.dumps({"text": GOOD * 3}) + "\n")
+    m = prepare_dataset([str(src)], tok_dir, tmp_path / "out", 8, val_fraction=0.0, progress=False)
+    assert m["bad_inputs"]["counts"] == {"invalid_unicode": 1}
+    assert f"{src}:2: a lone surrogate in field 'text' (\\ud800 at character 4)" in m["bad_inputs"]["examples"][0]
+    assert m["sources"][0]["documents"] == 2
+    with pytest.raises(DataError, match=r"c\.jsonl:2: a lone surrogate in field 'text'"):
+        prepare_dataset([str(src)], tok_dir, tmp_path / "out2", 8, val_fraction=0.0, strict=True, progress=False)
+    for cmd in (["data", "prepare", str(src), "--tokenizer", str(tok_dir), "--max-seq-len", "8", "--out",
+                 str(tmp_path / "out3"), "--strict"],
+                ["tokenizer", "train", str(src), "--vocab-size", "320", "--out", str(tmp_path / "tok3"), "--strict"]):
+        rc = main(["-q", *cmd])
+        err = capsys.readouterr().err
+        assert rc == 2 and "c.jsonl:2:" in err and "lone surrogate" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+    tok = train_tokenizer([str(src)], 320, tmp_path / "tok4")
+    meta = json.loads((tok / "mptkit_tokenizer.json").read_text())
+    assert meta["bad_inputs"]["counts"] == {"invalid_unicode": 1} and meta["corpus"]["documents"] == 2
+    ft = tmp_path / "ft.jsonl"  # finetuning records are read by the same JSON reader
+    ft.write_text('{"prompt": "hi \\ud800", "response": "there"}\n{"prompt": "ok", "response": "fine"}\n')
+    rc = main(["-q", "data", "finetune-check", str(ft), "--tokenizer", str(tok_dir), "--max-seq-len", "32",
+               "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ft.jsonl:1: a lone surrogate in field 'prompt'" in err and "Traceback" not in err, err
+
+
+def test_symlink_loops_and_dangling_links_are_skipped_with_a_warning(tmp_path, tok_dir, caplog, capsys):
+    """In an input folder, a file symlink loop and a dangling symlink are skipped with a warning naming them
+    (the good files are prepared); given as inputs themselves they are a one-line error naming them."""
+    import os
+
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "good.txt").write_text(GOOD * 5)
+    os.symlink(d / "loop_b.txt", d / "loop_a.txt")
+    os.symlink(d / "loop_a.txt", d / "loop_b.txt")
+    os.symlink(d / "missing.txt", d / "dangling.txt")
+    with caplog.at_level("WARNING"):
+        m = prepare_dataset([str(d)], tok_dir, tmp_path / "out", 8, val_fraction=0.0, progress=False)
+    assert [s["path"] for s in m["sources"]] == [str(d / "good.txt")]
+    for name, why in (("loop_a.txt", "symbolic link loop"), ("loop_b.txt", "symbolic link loop"),
+                      ("dangling.txt", "dangling symbolic link")):
+        assert f"{d / name}" in caplog.text and why in caplog.text
+    for bad, why in ((d / "loop_a.txt", "symbolic link loop"), (d / "dangling.txt", "dangling symbolic link")):
+        rc = main(["-q", "data", "prepare", str(bad), "--tokenizer", str(tok_dir), "--max-seq-len", "8", "--out",
+                   str(tmp_path / "o2")])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(bad) in err and why in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_input_that_vanishes_before_hashing_is_one_line(tmp_path, tok_dir, monkeypatch):
+    """A file listed but unreadable when hashed (deleted, a loop made meanwhile) is a DataError naming it."""
+    from mptkit.data import prepare as prep
+
+    (tmp_path / "a.txt").write_text(GOOD)
+    real = prep.resolve_inputs
+    monkeypatch.setattr(prep, "resolve_inputs", lambda *a, **k: [*real(*a, **k), tmp_path / "gone.txt"])
+    with pytest.raises(DataError, match=r"cannot read input .*gone\.txt: No such file"):
+        prepare_dataset([str(tmp_path / "a.txt")], tok_dir, tmp_path / "out", 8, progress=False)
+
+
+def test_long_runs_without_a_cut_point_are_encoded_in_bounded_pieces(tok_dir, monkeypatch):
+    """A document longer than the piece budget with no newline is encoded in pieces of at most the budget
+    (UTF-8 bytes), a bounded amount of text per encode call: cut at a space between words the ids are those
+    of encoding it whole; a run with no space at all is cut at the budget (a character boundary) and still
+    decodes to the same text."""
+    import random
+
+    from mptkit.data import prepare as prep
+    from mptkit.data.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(prep, "_PIECE_BYTES", 4096)
+    monkeypatch.setattr(prep, "_BATCH_BYTES", 16384)
+    tok = load_tokenizer(tok_dir)
+    enc = prep._Encoder(tok, 1)
+    calls = []
+    real = enc.backend
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name.startswith("encode_batch"):
+                return lambda pieces, **k: calls.append([len(p.encode()) for p in pieces]) or fn(pieces, **k)
+            return fn
+
+    enc.backend = Spy()
+    rng = random.Random(0)
+    words = ["def", "x", "return", "naïve", "é", "12", "(a)", "tokens"]
+    text = " ".join(rng.choice(words) for _ in range(30000))  # ~150 kB, one line, single spaces
+    ids = enc.encode([text])[0].tolist()
+    assert max(n for c in calls for n in c) <= 4096 and sum(len(c) for c in calls) > 30
+    assert all(sum(c) <= 16384 for c in calls) and len(calls) > 5
+    assert ids == real.encode(text, add_special_tokens=False).ids
+    calls.clear()
+    blob = "é" + "ab0" * 20000  # no space, no newline
+    ids = enc.encode([blob])[0].tolist()
+    assert max(n for c in calls for n in c) <= 4096
+    assert tok.decode(ids) == blob

@@ -17,11 +17,13 @@ CPython 3.11 that is about 730 files, 12 MB of text, 3.2 M tokens with an 8K BPE
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +78,29 @@ def default_corpus_files(*, include_tests: bool = False) -> list[Path]:
     if not out:
         raise DataError(f"the default corpus is empty: no .py files under {root} (is the stdlib source installed?)")
     return out
+
+
+def link_problem(path: str | os.PathLike) -> str | None:
+    """Why a symbolic link cannot be read (a loop, a dangling target), or None for anything else."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if e.errno == errno.ENOENT:
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"a dangling symbolic link (to {target})"
+        return f"an unreadable symbolic link ({e.strerror or e})"
+    return None
+
+
+def _real(p: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(p))  # never raises on a symlink loop (Path.resolve does, on Python 3.11)
 
 
 def limit_files(files: list[Path], *, max_files: int | None = None, max_bytes: int | None = None) -> list[Path]:
@@ -159,6 +184,10 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
                     f = Path(dirpath) / fn
                     if fn.startswith(".") or f.suffix.lower() in SKIP_SUFFIXES:
                         continue
+                    problem = link_problem(f)
+                    if problem is not None:
+                        log.warning("skipping %s: %s", f, problem)
+                        continue
                     found.append(f)
             found.sort(key=lambda f: f.relative_to(p).as_posix())
             files.extend(found)
@@ -170,13 +199,15 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
             if not matches:
                 raise DataError(f"input {item!r}: the pattern matches no files")
             files.extend(matches)
+        elif link_problem(p) is not None:
+            raise DataError(f"input {item!r}: {link_problem(p)}; fix or remove the link")
         else:
             raise DataError(f"input {item!r}: no such file or folder")
     # de-duplicate, keep first occurrence
-    skip = [Path(x).resolve() for x in exclude or []]
+    skip = [_real(x) for x in exclude or []]
     seen, uniq = set(), []
     for f in files:
-        k = f.resolve()
+        k = _real(f)
         if any(s == k or s in k.parents for s in skip):
             continue
         if k not in seen:
@@ -261,6 +292,43 @@ def _check_text(value, where: str, text_field: str, issues: Issues) -> str | Non
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, path: str = "", what: str | None = None) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (JSON may escape one, ``"\\ud800"``, but
+    it is no Unicode text: UTF-8 cannot hold it and tokenizers refuse it), e.g. ``"field 'a.b' (\\ud800 at
+    character 4)"``; None when there is none."""
+    if isinstance(value, str):
+        m = None if value.isascii() else _SURROGATE.search(value)
+        if m is None:
+            return None
+        return f"{what or (f'field {path!r}' if path else 'the record')} (\\u{ord(m.group()):04x} at character {m.start()})"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if (found := _lone_surrogate(k, what=f"a key in {f'field {path!r}' if path else 'the record'}")) or \
+                    (found := _lone_surrogate(v, sub)):
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if found := _lone_surrogate(v, f"{path}[{i}]"):
+                return found
+    return None
+
+
+def _unicode_ok(rec: Any, line: str | None, where: str, issues: Issues, skipped: str) -> bool:
+    """False (reported as ``invalid_unicode``) when ``rec`` holds a lone surrogate; only looked for when the
+    raw JSON text ``line`` has a ``\\u`` escape at all (None: always)."""
+    if line is not None and "\\u" not in line:
+        return True
+    found = _lone_surrogate(rec)
+    if found is None:
+        return True
+    issues.report("invalid_unicode", where, f"a lone surrogate in {found}, which is not Unicode text; {skipped}")
+    return False
+
+
 def _decode_utf8(data: bytes, where: str, issues: Issues, skipped: str = "file skipped") -> str | None:
     try:
         return data.decode("utf-8")
@@ -305,7 +373,8 @@ def iter_jsonl_records(path: Path, issues: Issues) -> Iterator[tuple[int, Any]]:
             except ValueError as e:
                 issues.report("malformed_json", where, f"malformed JSON ({e})")
                 continue
-            yield lineno, rec
+            if _unicode_ok(rec, line, where, issues, "line skipped"):
+                yield lineno, rec
     if not nonblank:
         issues.report("empty_file", str(path), "empty file")
 
@@ -356,7 +425,8 @@ def iter_json_records(path: Path, issues: Issues) -> Iterator[tuple[int, str, An
             yield lineno, f"{path}:{lineno}", rec
         return
     for i, rec in enumerate(read_json_array(path, issues) or []):
-        yield i, f"{path}:[{i}]", rec
+        if _unicode_ok(rec, None, f"{path}:[{i}]", issues, "record skipped"):
+            yield i, f"{path}:[{i}]", rec
 
 
 def iter_csv_rows(path: Path, issues: Issues, *, column: str | None = None) -> Iterator[tuple[int, dict]]:

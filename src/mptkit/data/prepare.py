@@ -52,6 +52,12 @@ FORMAT = "mptkit.tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _CHUNK_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters
+# Memory bounds for huge documents (the Rust encoder holds ~150-200 bytes per byte of a piece while it works,
+# and every encoding of one call until it returns): a run of more than _PIECE_BYTES (UTF-8) without a safe
+# cut point is cut anyway (at a space between words if it has one, else at a character boundary), and one
+# encode call gets at most _BATCH_BYTES of text.
+_PIECE_BYTES = 1 << 20
+_BATCH_BYTES = 8 << 20
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -90,6 +96,46 @@ def _safe_chunks(text: str, max_chars: int = _CHUNK_CHARS, pattern: re.Pattern =
             break
         out.append(text[start:m.start()])
         start = m.start()
+    out.append(text[start:])
+    return out
+
+
+def _max_utf8(text: str) -> int:
+    """An upper bound of ``len(text.encode())`` without encoding it."""
+    return len(text) if text.isascii() else 4 * len(text)
+
+
+def _bounded_pieces(text: str, word_cuts: bool, budget: int | None = None) -> list[str]:
+    """``text`` in pieces of at most ``budget`` UTF-8 bytes (default ``_PIECE_BYTES``), for a run that has no
+    safe cut point (``_safe_chunks`` left it whole), so that encoding it needs bounded memory.
+
+    ``word_cuts`` (a plain byte-level BPE, see ``_cut_pattern``): cut before the last single space between a
+    non-space character and a printable ASCII one in the second half of the window: the pre-tokenizer splits
+    there anyway (" word" is a pre-token of its own), so the ids are unchanged. Otherwise, or without such a
+    space, cut at the budget, moved back over combining marks (never between a character and its accents):
+    there, and only there, the ids may differ from encoding the run whole (a token across the cut is split).
+    """
+    import unicodedata
+
+    budget = int(budget or _PIECE_BYTES)
+    if _max_utf8(text) <= budget:
+        return [text]
+    limit = budget if text.isascii() else max(1, budget // 4)  # characters: at most 4 UTF-8 bytes each
+    out, start, n = [], 0, len(text)
+    while n - start > limit:
+        end = start + limit
+        cut = None
+        if word_cuts:
+            i = text.rfind(" ", start + limit // 2, end)
+            while i > start and not (not text[i - 1].isspace() and "!" <= text[i + 1] <= "~"):
+                i = text.rfind(" ", start + limit // 2, i)
+            cut = i if i > start else None
+        if cut is None:
+            cut = end
+            while cut > start + 1 and unicodedata.combining(text[cut]):
+                cut -= 1
+        out.append(text[start:cut])
+        start = cut
     out.append(text[start:])
     return out
 
@@ -171,20 +217,32 @@ class _Encoder:
             log.debug("long documents are encoded whole (the tokenizer is not a plain byte-level BPE)")
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        if self.backend is None:  # slow tokenizer: Python, one core
-            return [np.asarray(self.tok.encode(t, add_special_tokens=False), dtype=np.int64) for t in texts]
         pieces, owner = [], []
+        word_cuts = self.chunk is _SAFE_CUT
         for i, t in enumerate(texts):
             for c in (_safe_chunks(t, pattern=self.chunk) if self.chunk is not None else (t,)):
-                pieces.append(c)
-                owner.append(i)
-        enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        with _tokenizers_parallelism(self.num_workers > 1):
-            encs = enc(pieces, add_special_tokens=False)
+                for b in _bounded_pieces(c, word_cuts):
+                    pieces.append(b)
+                    owner.append(i)
         out: list[list[np.ndarray]] = [[] for _ in texts]
-        for i, e in zip(owner, encs):
-            out[i].append(np.asarray(e.ids, dtype=np.int64))
-        return [a[0] if len(a) == 1 else np.concatenate(a) for a in out]
+        if self.backend is None:  # slow tokenizer: Python, one core
+            for i, c in zip(owner, pieces):
+                out[i].append(np.asarray(self.tok.encode(c, add_special_tokens=False), dtype=np.int64))
+        else:
+            enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            start = 0
+            while start < len(pieces):  # at most _BATCH_BYTES of text per call: its encodings are held at once
+                stop, size = start + 1, _max_utf8(pieces[start])
+                while stop < len(pieces) and size + _max_utf8(pieces[stop]) <= _BATCH_BYTES:
+                    size += _max_utf8(pieces[stop])
+                    stop += 1
+                with _tokenizers_parallelism(self.num_workers > 1):
+                    encs = enc(pieces[start:stop], add_special_tokens=False)
+                for i, e in zip(owner[start:stop], encs):
+                    out[i].append(np.asarray(e.ids, dtype=np.int64))
+                del encs
+                start = stop
+        return [a[0] if len(a) == 1 else (np.concatenate(a) if a else np.empty(0, np.int64)) for a in out]
 
 
 class _ShardWriter:
@@ -320,12 +378,17 @@ def _hash_sources(files: list[Path], manifest_path: Path, *, trust_mtime: bool) 
             known = {}
     out = []
     for f in files:
-        st = f.stat()
-        k = known.get(str(f))
-        if k is not None and k.get("bytes") == st.st_size and k.get("mtime_ns") == st.st_mtime_ns:
-            sha = k["sha256"]
-        else:
-            sha = file_sha256(f)
+        try:
+            st = f.stat()
+            k = known.get(str(f))
+            if k is not None and k.get("bytes") == st.st_size and k.get("mtime_ns") == st.st_mtime_ns:
+                sha = k["sha256"]
+            else:
+                sha = file_sha256(f)
+        except OSError as e:  # gone, a symlink loop, unreadable since it was listed
+            from mptkit.utils.outputs import describe_os_error
+
+            raise DataError(describe_os_error(e, f, "cannot read input")) from None
         out.append({"path": str(f), "sha256": sha, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
