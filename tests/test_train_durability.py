@@ -271,3 +271,141 @@ def test_a_checkpoint_whose_replacement_was_interrupted_is_restored_not_deleted(
     t, _ = _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True))
     assert t.resumed_from.name == "ep0-ba8"
     assert _tree(tmp_path / "ck" / "ep0-ba8") == good and not (tmp_path / "ck" / ".ep0-ba8.old-4242").exists()
+
+
+# ----------------------------------------------------------------------------------- item 5: resuming on other data
+
+
+def test_resuming_on_other_data_is_refused_unless_accepted(tmp_path, caplog):
+    """The checkpoint records what exact resumption depends on (the data's size and content, shuffle seed,
+    global batch size). Resuming with any of them changed stops with a message naming the change and the
+    recipe key that accepts it; with resume_accept_data_change=true the run continues, with a warning."""
+    from tests._train_helpers import pattern_data
+
+    from mptkit.train.data import TensorDataset
+
+    _fit(make_cfg(tmp_path / "a", max_duration="4ba"))
+    cases = {
+        "more samples": ({"train_dataset": TensorDataset(pattern_data(72))}, {}, "samples 64 -> 72"),
+        "same size, other content": ({"train_dataset": TensorDataset(pattern_data(64, seed=3))}, {},
+                                     "dataset content sha256:"),
+        "other shuffle seed": ({}, {"seed": 6}, "shuffle seed 5 -> 6"),
+        "other batch": ({}, {"global_train_batch_size": 16}, "global_train_batch_size 8 -> 16"),
+    }
+    for name, (kw, over, change) in cases.items():
+        folder = tmp_path / name.replace(" ", "-").replace(",", "")
+        import shutil
+
+        shutil.copytree(tmp_path / "a", folder)
+        before = _tree(folder)
+        with pytest.raises(TrainError) as e:
+            _fit(make_cfg(folder, max_duration="8ba", autoresume=True, **over), **kw)
+        msg = str(e.value)
+        assert change in msg and "resume_accept_data_change=true" in msg and "ep0-ba4" in msg, (name, msg)
+        assert _tree(folder) == before, name
+        caplog.clear()
+        t, s = _fit(make_cfg(folder, max_duration="8ba", autoresume=True, resume_accept_data_change=True, **over),
+                    **kw)
+        assert t.resumed_from.name == "ep0-ba4" and s["steps"] == 8
+        assert change in caplog.text and "resume_accept_data_change" in caplog.text, name
+    # the unchanged data resumes silently
+    caplog.clear()
+    t, _ = _fit(make_cfg(tmp_path / "a", max_duration="8ba", autoresume=True))
+    assert t.resumed_from.name == "ep0-ba4" and "changed data" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tokenizer and two prepared corpora (the second with more documents), small shards."""
+    from mptkit.data.prepare import prepare_dataset
+    from mptkit.data.tokenizer import train_tokenizer
+
+    base = tmp_path_factory.mktemp("durable-data")
+    tok = train_tokenizer(None, 320, base / "tok", max_files=3)
+    for name, n in (("a", 300), ("b", 330)):
+        src = base / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": f"doc {i}: " + "word " * (i % 13 + 1)}) + "\n" for i in range(n)))
+        prepare_dataset([str(src)], tok, base / name, 16, val_fraction=0.0, shard_bytes=16 * 2 * 37, progress=False)
+    return base
+
+
+def _data_cfg(tmp, data: Path, tok: Path, **over):
+    from tests._train_helpers import TINY_MODEL
+
+    return make_cfg(tmp, model={**TINY_MODEL, "vocab_size": 320, "max_seq_len": 16}, tokenizer={"name": str(tok)},
+                    train_loader={"name": "text", "dataset": {"local": str(data), "split": "train", "shuffle": False}},
+                    **over)
+
+
+def test_resuming_on_re_prepared_data_is_refused(tmp_path, prepared):
+    """The reported case: the corpus was prepared again with more documents under the same folder name;
+    resuming names the change (samples, content) instead of silently continuing on another order."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "a", data)
+    _fit_recipe(_data_cfg(tmp_path, data, prepared / "tok", max_duration="2ba"))
+    n_a = len(_token_dataset(data))
+    shutil.rmtree(data)
+    shutil.copytree(prepared / "b", data)
+    n_b = len(_token_dataset(data))
+    assert n_b > n_a
+    with pytest.raises(TrainError, match=f"samples {n_a:,} -> {n_b:,}; dataset content sha256:"):
+        _fit_recipe(_data_cfg(tmp_path, data, prepared / "tok", max_duration="4ba", autoresume=True))
+
+
+def _fit_recipe(cfg):
+    t = Trainer(cfg)
+    return t, t.fit()
+
+
+def _token_dataset(folder):
+    from mptkit.data.shards import TokenDataset
+
+    return TokenDataset(folder)
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_data_error_naming_where_it_is(tmp_path, prepared):
+    """A shard corrupted in place (same size, so only a full checksum would notice): the first batch that
+    holds the bad id stops the run with a DataError naming the dataset folder, the shard file, the sample,
+    its row in the shard and the id, instead of an IndexError deep in the embedding hours later."""
+    import shutil
+
+    import numpy as np
+
+    from mptkit.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "a", data)
+    ds = _token_dataset(data)
+    shard = data / ds.manifest["splits"]["train"]["shards"][1]["file"]
+    first = ds.manifest["splits"]["train"]["shards"][0]["num_samples"]
+    arr = np.memmap(shard, dtype=np.uint16, mode="r+")
+    arr[1 * 16 + 5] = 60000  # sample `first + 1` (row 1 of the second shard), position 5
+    arr.flush()
+    del arr
+    with pytest.raises(DataError) as e:
+        _fit_recipe(_data_cfg(tmp_path, data, prepared / "tok", max_duration="1ep", global_train_batch_size=4,
+                              device_train_microbatch_size=4))
+    msg = str(e.value)
+    assert str(data) in msg and shard.name in msg and f"sample {first + 1} " in msg and "row 1" in msg, msg
+    assert "token id 60000" in msg and "vocab_size 320" in msg and "sha256" in msg, msg
+
+
+def test_an_optimizer_change_across_a_resume_is_named_and_takes_effect(tmp_path, caplog):
+    """Resuming with another lr, betas or weight_decay (e.g. a lower lr after a loss spike, as the spike
+    monitor advises) warns naming each change, and the recipe's values are the ones used from then on
+    (torch's load_state_dict would silently bring back the checkpoint's)."""
+    _fit(make_cfg(tmp_path, max_duration="4ba"))
+    caplog.clear()
+    opt = {"name": "decoupled_adamw", "lr": 1e-3, "betas": [0.8, 0.95], "weight_decay": 0.1}
+    t, _ = _fit(make_cfg(tmp_path, max_duration="6ba", autoresume=True, optimizer=opt))
+    assert t.resumed_from.name == "ep0-ba4"
+    assert "the optimizer changed since ep0-ba4" in caplog.text
+    for change in ("lr 0.003 -> 0.001", "betas [0.9, 0.95] -> [0.8, 0.95]", "weight_decay 0.0 -> 0.1"):
+        assert change in caplog.text, caplog.text
+    g = t.optimizer.param_groups[0]
+    assert g["initial_lr"] == 1e-3 and tuple(g["betas"]) == (0.8, 0.95) and g["weight_decay"] == 0.1
+    caplog.clear()
+    _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True, optimizer=opt))
+    assert "the optimizer changed" not in caplog.text  # the same again: silent

@@ -134,6 +134,11 @@ class TokenDataset(torch.utils.data.Dataset):
         s = bisect.bisect_right(self._cum, i) - 1
         return np.array(self._open()[s][i - self._cum[s]])
 
+    def locate(self, i: int) -> tuple[Path, int]:
+        """(shard file, row in it) of sample ``i``."""
+        s = bisect.bisect_right(self._cum, int(i)) - 1
+        return self._shards[s][0], int(i) - self._cum[s]
+
     def __getitem__(self, i: int) -> dict:
         r = self.row(int(i)).astype(np.int64)
         return {"input_ids": torch.from_numpy(r),

@@ -293,6 +293,7 @@ class RunConfig:
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: str | None = None
+    resume_accept_data_change: bool = False  # resume although the data stream differs from the checkpoint's
     progress_bar: bool = True
     log_to_console: bool = True
     console_log_interval: Any = "1ba"

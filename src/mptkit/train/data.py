@@ -10,12 +10,17 @@ checkpoint stores to resume at exactly the next sample.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mptkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +93,113 @@ def default_collate(items: list[dict]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------- what resumption depends on
+
+
+def dataset_content_hash(ds) -> str | None:
+    """A fingerprint of a training dataset's content, cheap to take: prepared shards by the sha256 of each
+    shard recorded in their manifest (no data is read), in-memory datasets (``input_ids`` / ``labels`` /
+    ``sequence_id`` tensors) by their bytes; None for other datasets."""
+    man, split = getattr(ds, "manifest", None), getattr(ds, "split", None)
+    if isinstance(man, dict) and split in (man.get("splits") or {}):
+        shards = [[s.get("file"), s.get("sha256"), s.get("num_samples")] for s in man["splits"][split]["shards"]]
+        payload = {"shards": shards, "max_seq_len": man.get("max_seq_len"), "dtype": man.get("dtype"),
+                   "tokenizer": man.get("tokenizer_fingerprint")}
+        return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    tensors = [(k, getattr(ds, k, None)) for k in ("input_ids", "labels", "sequence_id")]
+    tensors = [(k, t) for k, t in tensors if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return None
+    h = hashlib.sha256()
+    for k, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def data_fingerprint(ds, *, shuffle: bool, shuffle_seed: int, global_batch_size: int, sample_len: int) -> dict:
+    """What exact resumption of the data stream depends on; a checkpoint stores it and a resume compares."""
+    man = getattr(ds, "manifest", None)
+    return {"num_samples": len(ds), "sample_len": int(sample_len), "content": dataset_content_hash(ds),
+            "tokenizer": man.get("tokenizer_fingerprint") if isinstance(man, dict) else None,
+            "shuffle": bool(shuffle), "shuffle_seed": int(shuffle_seed),
+            "global_train_batch_size": int(global_batch_size)}
+
+
+_FINGERPRINT_NAMES = {"num_samples": "samples", "sample_len": "sample length", "tokenizer": "tokenizer fingerprint",
+                      "content": "dataset content", "shuffle": "shuffle", "shuffle_seed": "shuffle seed",
+                      "global_train_batch_size": "global_train_batch_size"}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two :func:`data_fingerprint` results (keys either lacks are
+    skipped: checkpoints written before a key existed)."""
+    out = []
+    for k, name in _FINGERPRINT_NAMES.items():
+        a, b = old.get(k), new.get(k)
+        if a is None or b is None or a == b:
+            continue
+        fmt = (lambda v: f"{v:,}") if isinstance(a, int) and not isinstance(a, bool) else str
+        out.append(f"{name} {fmt(a)} -> {fmt(b)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------- token ids
+
+
+def check_token_ids(batch: dict, indices: list[int], ds, vocab_size: int | None, *, what: str = "training") -> None:
+    """Refuse (:class:`DataError`) a batch holding a token id outside ``[0, vocab_size)``: one min/max over the
+    CPU batch. The error names the sample, and for prepared shards the folder, the shard file, the row in it
+    and whether the shard still matches its manifest's sha256."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    if vocab_size is None or not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    if int(lo) >= 0 and int(hi) < vocab_size:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    row, col = (int(x) for x in torch.nonzero(bad)[0])
+    sample = int(indices[row]) if row < len(indices) else row
+    raise DataError(f"{_where(ds, sample, what)} holds token id {int(ids[row, col])} at position {col}, outside "
+                    f"the model's vocabulary (vocab_size {vocab_size}){_shard_hint(ds, sample)}")
+
+
+def _where(ds, sample: int, what: str) -> str:
+    locate = getattr(ds, "locate", None)
+    if callable(locate):
+        shard, row = locate(sample)
+        return f"{getattr(ds, 'folder', 'the dataset')}: {what} sample {sample} (row {row} of shard {shard.name})"
+    return f"{what} sample {sample}"
+
+
+def _shard_hint(ds, sample: int) -> str:
+    locate, man = getattr(ds, "locate", None), getattr(ds, "manifest", None)
+    if not callable(locate) or not isinstance(man, dict):
+        return ": the data was tokenized for another model, or is corrupt"
+    from mptkit.utils.fs import sha256_file
+
+    shard, _ = locate(sample)
+    want = next((s.get("sha256") for sp in man.get("splits", {}).values() for s in sp.get("shards", [])
+                 if Path(getattr(ds, "folder", ".")) / s.get("file", "") == shard), None)
+    if want and sha256_file(shard) != want:
+        return (f"; {shard} no longer matches the sha256 in manifest.json: it was modified after `mptkit data "
+                "prepare` (corrupted in place); prepare the data again")
+    return ("; the shard matches its sha256 in manifest.json, so the data was prepared with a larger vocabulary "
+            "than the model's: prepare it with the model's tokenizer")
+
+
 class BatchStream:
     """Per-rank batches of ``batch_size`` samples, epoch after epoch, resumable at the exact sample.
 
     The sampler gives this rank's order of sample indices for an epoch (``set_epoch`` then ``iter``); the
-    stream remembers ``(epoch, offset)`` = how many of this epoch's samples it has handed out."""
+    stream remembers ``(epoch, offset)`` = how many of this epoch's samples it has handed out. With
+    ``vocab_size`` set, every batch's token ids are checked against it (:func:`check_token_ids`)."""
 
-    def __init__(self, dataset, sampler, batch_size: int, collate: Callable[[list], Any] = default_collate):
+    def __init__(self, dataset, sampler, batch_size: int, collate: Callable[[list], Any] = default_collate,
+                 vocab_size: int | None = None):
         self.ds, self.sampler, self.bs, self.collate = dataset, sampler, batch_size, collate
+        self.vocab_size = vocab_size
         self.epoch = 0
         self.offset = 0
         self._order: list[int] | None = None
@@ -146,7 +250,10 @@ class BatchStream:
         return idx
 
     def next_batch(self):
-        return self.collate([self.ds[i] for i in self.next_indices()])
+        idx = self.next_indices()
+        batch = self.collate([self.ds[i] for i in idx])
+        check_token_ids(batch, idx, self.ds, self.vocab_size)
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}

@@ -35,7 +35,8 @@ from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError
 from mptkit.train import checkpoint as ckpt_mod
 from mptkit.train.callbacks import build_callbacks
 from mptkit.train.config import Duration, RunConfig, parse_duration
-from mptkit.train.data import BatchStream, default_collate, make_sampler
+from mptkit.train.data import (BatchStream, check_token_ids, data_fingerprint, default_collate, fingerprint_changes,
+                               make_sampler)
 from mptkit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from mptkit.train.metrics import LossSpikeMonitor, MetricsWriter, Throughput, memory_stats, peak_flops
 from mptkit.train.optim import build_optimizer, set_lr
@@ -274,7 +275,12 @@ class Trainer:
         shuffle_seed = ld.get("shuffle_seed", cfg.seed)
         sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=bool(ld.get("shuffle", True)),
                                rank=self.dist.rank, world_size=world, drop_last=True)
-        self.stream = BatchStream(self.train_dataset, sampler, self.per_rank_batch, self.collate)
+        self.stream = BatchStream(self.train_dataset, sampler, self.per_rank_batch, self.collate,
+                                  vocab_size=getattr(getattr(self.model, "config", None), "vocab_size", None))
+        # what exact resumption depends on: stored in every checkpoint, compared on resume
+        self.data_fingerprint = data_fingerprint(self.train_dataset, shuffle=bool(ld.get("shuffle", True)),
+                                                 shuffle_seed=int(shuffle_seed), global_batch_size=gb,
+                                                 sample_len=seq_len)
         if self.stream.batches_per_epoch == 0:
             raise DataError(
                 f"the training data has {len(self.train_dataset)} samples: fewer than one global batch "
@@ -519,6 +525,8 @@ class Trainer:
 
             try:
                 F.dcp_load(self.model, self.optimizer, ck / ckpt_mod.SHARDED_DIR)
+        opt_changed = self._check_resume(ck, st)  # refuses another data stream; names optimizer changes
+        recipe_hp = [{k: g[k] for k in _OPT_HPARAMS if k in g} for g in self.optimizer.param_groups]
             except CheckpointError:
                 raise  # already names the file and the reason (e.g. a refused metadata pickle)
             except Exception as e:  # noqa: BLE001 - DCP raises many types (CheckpointException, RuntimeError...)
@@ -547,9 +555,9 @@ class Trainer:
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         data = self._data_position(st)
-        if st.get("global_train_batch_size") not in (None, self.cfg.global_train_batch_size):
-            log.warning("global_train_batch_size changed since the checkpoint (%s -> %s)",
-                        st.get("global_train_batch_size"), self.cfg.global_train_batch_size)
+        if opt_changed:  # load_state_dict restored the checkpoint's hyperparameters: the recipe's apply
+            for g, hp in zip(self.optimizer.param_groups, recipe_hp):
+                g.update(hp)
         self.step = int(st["step"])
         self.tokens = int(st["tokens"])
         self.target_tokens = int(st.get("target_tokens", 0))
@@ -575,6 +583,41 @@ class Trainer:
         the checkpoint did not have) the start of the checkpoint's epoch."""
         saved = st["data"]
         old_world = int(st.get("world_size", 1))
+    def _check_resume(self, ck: Path, st: dict) -> bool:
+        """Before loading ``ck``: refuse (TrainError) a data stream other than the checkpoint's unless
+        ``resume_accept_data_change``; warn when the optimizer's settings changed (returns whether they did)."""
+        old = st.get("data_fingerprint")
+        if not isinstance(old, dict):  # written before fingerprints: only the batch size is known
+            old = {"global_train_batch_size": st.get("global_train_batch_size")}
+        changes = fingerprint_changes(old, self.data_fingerprint)
+        if changes and self.cfg.resume_accept_data_change:
+            if self.dist.is_main:
+                log.warning("resuming from %s on changed data (%s): resume_accept_data_change=true, so the run "
+                            "continues from step %s at the checkpoint's data position, but not as the original run "
+                            "would have", ck, "; ".join(changes), st.get("step"))
+        elif changes:
+            raise TrainError(
+                f"resuming from {ck}: the training data stream differs from the checkpoint's ({'; '.join(changes)}), "
+                "so the run would not continue the original one exactly. Restore the data (and settings) the run "
+                f"was trained with, or set resume_accept_data_change=true to continue on this data from step "
+                f"{st.get('step')}, or start a new run (another save_folder, or autoresume=false)")
+        was, now = st.get("optimizer_config"), self._optimizer_config()
+        if not isinstance(was, dict):
+            return False
+        diff = [f"{k} {was.get(k)} -> {now.get(k)}" for k in now if was.get(k) != now.get(k)]
+        if diff and self.dist.is_main:
+            log.warning("the optimizer changed since %s: %s; the recipe's settings apply from step %s (the "
+                        "optimizer's moments are the checkpoint's)", ck.name, ", ".join(diff), st.get("step"))
+        return bool(diff)
+
+    def _optimizer_config(self) -> dict:
+        """The optimizer's name and hyperparameters as built from the recipe (a checkpoint records them)."""
+        g = self.optimizer.param_groups[0]
+        return {"name": (self.cfg.optimizer or {}).get("name"), "lr": float(g.get("initial_lr", g["lr"])),
+                "betas": [float(b) for b in g["betas"]] if "betas" in g else None,
+                "eps": float(g["eps"]) if "eps" in g else None,
+                "weight_decay": float(g.get("weight_decay", 0.0))}
+
         if old_world != self.dist.world_size:
             data = _rescale_data_position(saved, old_world, self.dist.world_size)  # warns when not exact
             if data is not None:
@@ -641,6 +684,7 @@ class Trainer:
         if self.fsdp is None:
             return self.optimizer.state_dict()
         from mptkit.train import fsdp as F
+            "data_fingerprint": self.data_fingerprint, "optimizer_config": self._optimizer_config(),
 
         return F.gather_full_optimizer_state(self.optimizer, self.dist.is_main)  # collective
 
@@ -809,6 +853,7 @@ class Trainer:
                 continue
             with self.autocast():
                 loss = self.loss_fn(self.model, batch)
+            check_token_ids(batch, chunk or [0], ds, self.stream.vocab_size, what="evaluation")
             if n:
                 loss_sum += loss.double() * n
                 n_sum += n
@@ -1071,6 +1116,9 @@ def _missing_dirs(folder: Path) -> list[Path]:
     p = Path(folder).absolute()
     while not p.exists() and p != p.parent:
         out.append(p)
+_OPT_HPARAMS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
         p = p.parent
     return out[::-1]
 
