@@ -519,14 +519,14 @@ class Trainer:
 
         # FSDP: every rank maps the full (unsharded) optimizer state and copies out only its shards
         st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
+        opt_changed = self._check_resume(ck, st)  # refuses another data stream; names optimizer changes
+        recipe_hp = [{k: g[k] for k in _OPT_HPARAMS if k in g} for g in self.optimizer.param_groups]
         if ckpt_mod.is_sharded(ck):
             # torch.distributed.checkpoint: loads into a sharded or an unsharded model, any world size
             from mptkit.train import fsdp as F
 
             try:
                 F.dcp_load(self.model, self.optimizer, ck / ckpt_mod.SHARDED_DIR)
-        opt_changed = self._check_resume(ck, st)  # refuses another data stream; names optimizer changes
-        recipe_hp = [{k: g[k] for k in _OPT_HPARAMS if k in g} for g in self.optimizer.param_groups]
             except CheckpointError:
                 raise  # already names the file and the reason (e.g. a refused metadata pickle)
             except Exception as e:  # noqa: BLE001 - DCP raises many types (CheckpointException, RuntimeError...)
@@ -552,12 +552,12 @@ class Trainer:
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") \
                     from None
-        if self.scaler is not None and st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        data = self._data_position(st)
         if opt_changed:  # load_state_dict restored the checkpoint's hyperparameters: the recipe's apply
             for g, hp in zip(self.optimizer.param_groups, recipe_hp):
                 g.update(hp)
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        data = self._data_position(st)
         self.step = int(st["step"])
         self.tokens = int(st["tokens"])
         self.target_tokens = int(st.get("target_tokens", 0))
@@ -577,12 +577,6 @@ class Trainer:
         self.resumed_from = ck
         log.info("resumed from %s at step %d (%d tokens)", ck, self.step, self.tokens)
 
-    def _data_position(self, st: dict) -> dict:
-        """This rank's data position from a checkpoint written by any number of ranks: rescaled when the
-        world size changed (exact when possible), else the saved position of the same rank, else (a rank
-        the checkpoint did not have) the start of the checkpoint's epoch."""
-        saved = st["data"]
-        old_world = int(st.get("world_size", 1))
     def _check_resume(self, ck: Path, st: dict) -> bool:
         """Before loading ``ck``: refuse (TrainError) a data stream other than the checkpoint's unless
         ``resume_accept_data_change``; warn when the optimizer's settings changed (returns whether they did)."""
@@ -618,6 +612,12 @@ class Trainer:
                 "eps": float(g["eps"]) if "eps" in g else None,
                 "weight_decay": float(g.get("weight_decay", 0.0))}
 
+    def _data_position(self, st: dict) -> dict:
+        """This rank's data position from a checkpoint written by any number of ranks: rescaled when the
+        world size changed (exact when possible), else the saved position of the same rank, else (a rank
+        the checkpoint did not have) the start of the checkpoint's epoch."""
+        saved = st["data"]
+        old_world = int(st.get("world_size", 1))
         if old_world != self.dist.world_size:
             data = _rescale_data_position(saved, old_world, self.dist.world_size)  # warns when not exact
             if data is not None:
@@ -678,13 +678,13 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": data, "rng": rng, "microbatch": self.microbatch,
             "world_size": self.dist.world_size, "global_train_batch_size": self.cfg.global_train_batch_size,
+            "data_fingerprint": self.data_fingerprint, "optimizer_config": self._optimizer_config(),
         }
 
     def _optimizer_state(self) -> dict | None:
         if self.fsdp is None:
             return self.optimizer.state_dict()
         from mptkit.train import fsdp as F
-            "data_fingerprint": self.data_fingerprint, "optimizer_config": self._optimizer_config(),
 
         return F.gather_full_optimizer_state(self.optimizer, self.dist.is_main)  # collective
 
@@ -847,13 +847,13 @@ class Trainer:
             chunk = idx[b * bs:(b + 1) * bs]
             pad = not chunk  # FSDP only: a forward with weight 0 to keep this rank in step
             batch = self.collate([ds[i] for i in (chunk or [0])])
+            check_token_ids(batch, chunk or [0], ds, self.stream.vocab_size, what="evaluation")
             batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             n = 0 if pad else self.count_targets(batch)
             if n == 0 and self.fsdp is None:
                 continue
             with self.autocast():
                 loss = self.loss_fn(self.model, batch)
-            check_token_ids(batch, chunk or [0], ds, self.stream.vocab_size, what="evaluation")
             if n:
                 loss_sum += loss.double() * n
                 n_sum += n
@@ -1110,15 +1110,15 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
+_OPT_HPARAMS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
 def _missing_dirs(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, outermost first."""
     out: list[Path] = []
     p = Path(folder).absolute()
     while not p.exists() and p != p.parent:
         out.append(p)
-_OPT_HPARAMS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
-
-
         p = p.parent
     return out[::-1]
 
