@@ -233,6 +233,11 @@ def test_ignored_loader_and_callback_options_are_named_in_warnings(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="mptkit.train.config"):
         load_run_config(recipe)
     assert caplog.records == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mptkit.train.config"):  # a finetuning loader's safe_load
+        make_cfg(tmp_path, train_loader={"name": "finetuning", "dataset": {"hf_name": "x.jsonl", "safe_load": True}})
+    assert [r.getMessage().split(" is ignored")[0] for r in caplog.records] == ["train_loader.dataset.safe_load"]
+    caplog.clear()
     for name in ("mpt-125m", "mpt-1b", "mpt-7b", "quickstart", "instruct", "chat", "storywriter"):  # bundled: no warning
         with caplog.at_level(logging.WARNING, logger="mptkit.train.config"):
             load_run_config(name)
