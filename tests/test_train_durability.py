@@ -409,3 +409,60 @@ def test_an_optimizer_change_across_a_resume_is_named_and_takes_effect(tmp_path,
     caplog.clear()
     _fit(make_cfg(tmp_path, max_duration="8ba", autoresume=True, optimizer=opt))
     assert "the optimizer changed" not in caplog.text  # the same again: silent
+
+
+def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
+    """A run killed after step 12 with its last checkpoint at step 8 is resumed: metrics.jsonl drops the
+    replayed steps 9-12 of the first attempt (and any line cut by the kill), so every step appears once
+    and the curve `mptkit plot` draws is the resumed run's."""
+    from mptkit.train.plot import read_metrics
+
+    _fit(make_cfg(tmp_path, max_duration="12ba"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "ck" / "ep1-ba12")  # as if killed between step 12 and its checkpoint
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "train_lo')  # a line cut by the kill
+    first = {r["step"]: r for r in read_metrics(tmp_path / "run") if "train_loss" in r}
+    _fit(make_cfg(tmp_path, max_duration="12ba", autoresume=True))
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    recs = [json.loads(x) for x in text.splitlines()]  # every line parses
+    steps = [r["step"] for r in recs if "train_loss" in r]
+    assert steps == list(range(1, 13))
+    by = {r["step"]: r for r in recs if "train_loss" in r}
+    assert all(by[s] == first[s] for s in range(1, 9))  # the steps before the checkpoint are the first run's
+    assert sum(1 for r in recs if r.get("event") == "start") == 2  # both starts are kept, the resume marked
+    assert [r["start_step"] for r in recs if r.get("event") == "start"] == [0, 8]
+    from mptkit.train.plot import plot_run
+
+    assert plot_run(tmp_path / "run").read_bytes()[:4] == b"\x89PNG"  # `mptkit plot` reads it as it is
+
+
+def test_generate_says_when_the_context_caps_max_new_tokens(tmp_path, make_tokenizer, caplog, capsys):
+    """`mptkit generate --max-new-tokens 100000` on a 64-token context: one warning gives the cap (context
+    minus prompt) and the way to raise it, and generation stops there as before; a request that fits is
+    silent."""
+    import logging
+
+    import torch
+
+    from mptkit.cli import main
+    from mptkit.model import MPTForCausalLM, load_tokenizer
+    from tests.conftest import tiny_cfg
+
+    tok = load_tokenizer(make_tokenizer())
+    torch.manual_seed(0)
+    d = tmp_path / "m"
+    MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=64)).save_pretrained(d, tokenizer=tok)
+    n_prompt = len(tok.encode("def f(x):", add_special_tokens=False))
+    caplog.set_level(logging.WARNING)
+    args = ["generate", str(d), "--prompt", "def f(x):", "--ignore-eos"]
+    assert main([*args, "--max-new-tokens", "100000"]) == 0
+    warns = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warns) == 1, warns
+    assert (f"--max-new-tokens 100000: the context holds 64 tokens and the prompt takes {n_prompt}, so at most "
+            f"{64 - n_prompt} new tokens") in warns[0] and "--max-context" in warns[0]
+    assert f"[{64 - n_prompt} tokens" in capsys.readouterr().err
+    caplog.clear()
+    assert main([*args, "--max-new-tokens", "5"]) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

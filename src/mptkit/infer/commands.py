@@ -89,6 +89,12 @@ def cmd_generate(args) -> int:
         prompt = INSTRUCT_PROMPT.format(instruction=prompt.strip())
     gen = _load(args)
     params = _params(args)
+    n_prompt = len(gen.encode(prompt))
+    room = gen.max_context - n_prompt
+    if 0 < room < params.max_tokens:  # (a prompt that leaves no room is an error further on)
+        log.warning("--max-new-tokens %d: the context holds %d tokens and the prompt takes %d, so at most %d new "
+                    "tokens will be generated%s", params.max_tokens, gen.max_context, n_prompt, room,
+                    "" if gen.learned_pos else " (raise --max-context: ALiBi models may go past max_seq_len)")
     out = sys.stdout
     if args.echo:
         out.write(prompt)

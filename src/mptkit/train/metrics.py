@@ -75,6 +75,36 @@ def memory_stats(device: torch.device) -> dict:
     return {"mem_rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def drop_records_after(path: str | os.PathLike, step: int) -> int:
+    """Rewrite a metrics.jsonl (atomically) without the records of the steps after ``step`` (step lines, evals,
+    and the start / end events of attempts past it) and without lines cut by a kill: a run resumed from its
+    step-``step`` checkpoint logs those steps again, so each step keeps one line. Returns the lines dropped."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        at = rec.get("step") if isinstance(rec, dict) else None
+        if at is None and isinstance(rec, dict):
+            at = rec.get("steps") if rec.get("event") == "end" else rec.get("start_step")
+        if isinstance(at, int) and at > step:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        from mptkit.utils.fs import atomic_write_text
+
+        atomic_write_text(p, "".join(x + "\n" for x in keep))
+    return dropped
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per line, flushed) and TensorBoard when installed and enabled."""
 

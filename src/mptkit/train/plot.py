@@ -37,13 +37,15 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     except ImportError:
         raise TrainError("mptkit plot needs matplotlib: pip install 'mptkit[plot]' (or pip install matplotlib)") from None
     recs = read_metrics(run)
-    train = [r for r in recs if "train_loss" in r]
-    ev = [r for r in recs if "eval_loss" in r]
+    train = [r for r in recs if "train_loss" in r and "step" in r]
+    ev = [r for r in recs if "eval_loss" in r and "step" in r and "event" not in r]  # not the end event's summary
     if not train and not ev:
         raise TrainError(f"{run}: metrics.jsonl holds no training steps yet")
-    # a resumed run re-logs steps after its checkpoint: keep the last record per step
+    # one point per step (a resume drops the replayed steps' lines; a rerun of a finished run evaluates again)
     by_step = {r["step"]: r for r in train}
     train = [by_step[s] for s in sorted(by_step)]
+    ev_by_step = {r["step"]: r for r in ev}
+    ev = [ev_by_step[s] for s in sorted(ev_by_step)]
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     out = Path(out) if out else run_dir / "curves.png"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -38,7 +38,8 @@ from mptkit.train.config import Duration, RunConfig, parse_duration
 from mptkit.train.data import (BatchStream, check_token_ids, data_fingerprint, default_collate, fingerprint_changes,
                                make_sampler)
 from mptkit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from mptkit.train.metrics import LossSpikeMonitor, MetricsWriter, Throughput, memory_stats, peak_flops
+from mptkit.train.metrics import (LossSpikeMonitor, MetricsWriter, Throughput, drop_records_after, memory_stats,
+                                  peak_flops)
 from mptkit.train.optim import build_optimizer, set_lr
 from mptkit.train.schedule import build_schedule
 
@@ -511,6 +512,11 @@ class Trainer:
         barrier(self.dist)
         if ck is not None:
             self.load_checkpoint(ck)
+            if self.dist.is_main:  # the steps after the checkpoint are trained (and logged) again: one line each
+                n = drop_records_after(self.run_folder / "metrics.jsonl", self.step)
+                if n:
+                    log.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted attempt", n,
+                             self.step)
         elif self.dist.is_main and self.run_folder.joinpath("metrics.jsonl").exists():
             self.run_folder.joinpath("metrics.jsonl").unlink()  # a fresh run: start the log afresh
 
