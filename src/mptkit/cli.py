@@ -3,7 +3,11 @@
 Each area registers its subcommands from a module named in ``COMMAND_MODULES`` that defines
 ``register(subparsers)``; a subcommand's handler is stored as ``func`` on its parser and receives the
 parsed ``argparse.Namespace``. Handlers raise :class:`mptkit.errors.MPTKitError` for user errors: the
-CLI prints one line (no traceback) unless ``--debug`` is given.
+CLI prints one line (no traceback) unless ``--debug`` is given. So are the ordinary errors of the machine that
+escape a handler: an ``OSError`` (disk full, permission denied, read-only file system, ...), a
+``UnicodeError`` (a file that is not UTF-8), and torch's / safetensors' error for a failed write
+("basic_ios::clear: iostream error"): one line saying what failed, where and what to do
+(:func:`mptkit.utils.outputs.describe_os_error`); exit code 2. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -76,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mptkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from mptkit.utils.outputs import describe_os_error, is_write_failure
+
+        if args.debug or not (isinstance(e, (OSError, UnicodeError)) or is_write_failure(e)):
+            raise
+        print(f"mptkit {args.command}: error: {describe_os_error(e, doing='')} (--debug for the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

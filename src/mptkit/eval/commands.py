@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from mptkit.errors import EvalError
+from mptkit.utils import cli_args
 from mptkit.utils.dtypes import WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
@@ -17,20 +18,36 @@ log = logging.getLogger(__name__)
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="HF-layout model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the model folder)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
+    p.add_argument("--device", default="auto", type=cli_args.device_or_auto,
+                   help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="fp32", choices=sorted(WEIGHT_DTYPES), help="weights dtype (default fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli_args.threads, default=None,
+                   help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--attn-impl", default=None, metavar="IMPL",
                    help="attention backend (auto, torch, sdpa, blockwise, flex, flash; default: the folder's "
                         "config.json). auto keeps long windows O(T) in memory; torch holds T x T scores")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
 
 
+def _json_results(p: Path) -> bool:
+    """An earlier --json results file (a JSON object) or an empty file: what --json may replace."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return False
+    return head[:1] in (b"{", b"")
+
+
 def _load(args, *, need_tokenizer: bool = True):
     import torch
 
     from mptkit.eval.scoring import load_model
+    from mptkit.utils.outputs import check_output
 
+    if args.json:  # before the model is loaded and evaluated, not after
+        check_output(args.json, kind="file", flag="--json", replaceable=_json_results,
+                     earlier="a JSON results file", overwrite=None, error=EvalError)
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from mptkit.errors import InferenceError
+from mptkit.utils import cli_args
 from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="HF-layout model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + reply in tokens (default: max_seq_len; ALiBi models may go past it)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
+    p.add_argument("--device", default="cpu", type=cli_args.device, help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli_args.threads, default=None,
+                   help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="KV cache storage (default: the model's dtype); fp16 halves its memory and bytes per step")

@@ -207,7 +207,23 @@ def iter_checkpoint_tensors(folder: str | os.PathLike) -> Iterable[tuple[str, to
 
 def load_bin_state_dict(f: Path) -> dict:
     """A ``pytorch_model*.bin`` file's tensors, memory-mapped, through ``torch.load(weights_only=True)`` only
-    (no arbitrary pickles from a user's path)."""
+    (no arbitrary pickles from a user's path). A legacy (pre-1.6, non-zip) torch file is refused with how to
+    convert it; so is a file that is no torch file at all."""
+    try:
+        with open(f, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        from mptkit.utils.outputs import describe_os_error
+
+        raise CheckpointError(describe_os_error(e, f, "cannot read")) from None
+    if magic != b"PK\x03\x04":  # torch >= 1.6 writes a zip archive
+        if magic[:1] == b"\x80":  # a bare pickle stream: torch's legacy format
+            raise CheckpointError(
+                f"{f}: a legacy (pre-1.6, non-zip) torch file, which mptkit will not unpickle. Convert it once, "
+                "in an environment you trust: load it yourself (torch.load) and save the weights as safetensors "
+                "(the model's save_pretrained, or safetensors.torch.save_file(state_dict, 'model.safetensors')), "
+                "or re-save it with torch.save (zip format); then remove the .bin")
+        raise CheckpointError(f"{f}: not a torch checkpoint (no zip archive; it starts with {magic!r})")
     try:
         sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - pickle errors, non-tensor payloads refused by weights_only

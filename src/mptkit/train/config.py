@@ -617,8 +617,20 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
                 c = closest(str(path), list(training_recipes()))
                 near = f" (did you mean the bundled recipe '{c}'?)" if c else ""
             raise ConfigError(f"{p}: no such recipe file, and no bundled recipe of that name{near}")
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder; give the recipe's YAML file (e.g. {p / 'recipe.yaml'})")
         try:
-            raw = yaml_load(p.read_text(encoding="utf-8")) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = e.object.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{p}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}); save the "
+                              "recipe as UTF-8") from None
+        except OSError as e:
+            from mptkit.utils.outputs import describe_os_error
+
+            raise ConfigError(describe_os_error(e, p, "cannot read the recipe")) from None
+        try:
+            raw = yaml_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):

@@ -218,6 +218,13 @@ class Trainer:
         self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
         self._take_folders()  # rank 0 creates and locks them before anything is written; all ranks learn the outcome
+        if self.dist.is_main and cfg.export_folder:  # found now, not when training has ended
+            from mptkit.utils.outputs import check_writable
+
+            ex = Path(cfg.export_folder.format(run_name=self.run_name))
+            if ex.exists() and not ex.is_dir():
+                raise TrainError(f"export_folder {ex}: exists and is a file, not a folder; choose another export_folder")
+            check_writable(ex.parent, "export_folder", TrainError, out=ex)
         # data and tokenizer
         from mptkit.train.recipe_data import build_data
 

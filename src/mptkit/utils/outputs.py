@@ -98,7 +98,11 @@ def describe_os_error(e: BaseException, path: str | os.PathLike | None = None, d
     errors never do). For torch's "basic_ios::clear: iostream error" the free space on that disk decides
     between "the disk is full" and "the write failed"."""
     where = getattr(e, "filename", None) or path
-    where_s = f" {where}" if where is not None else ""
+    head = " ".join(str(x) for x in (doing, where) if x)
+
+    def line(msg: str) -> str:
+        return f"{head}: {msg}" if head else msg
+
     if isinstance(e, OSError) and e.errno is not None:
         free = ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -106,24 +110,24 @@ def describe_os_error(e: BaseException, path: str | os.PathLike | None = None, d
             free = f" ({_size(f)} free now)" if f is not None else ""
         hint = _HINTS.get(e.errno, "").format(free=free)
         reason = e.strerror or os.strerror(e.errno)
-        return f"{doing}{where_s}: {reason}" + (f"; {hint}" if hint else "")
+        return line(reason + (f"; {hint}" if hint else ""))
     if isinstance(e, UnicodeDecodeError):
-        return (f"{doing}{where_s}: not valid UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                "save it as UTF-8")
+        return line(f"not valid UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8")
+    if isinstance(e, UnicodeError):
+        return line(f"a text encoding error ({e}); the text must be valid Unicode (UTF-8)")
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if any(m in str(e) for m in ("No space left on device", "StorageFull", "Disk quota exceeded")):
         f = free_space(where)
-        return (f"{doing}{where_s}: the disk is full{f' ({_size(f)} free now)' if f is not None else ''}: "
-                "free some space or write somewhere else")
+        return line(f"the disk is full{f' ({_size(f)} free now)' if f is not None else ''}: free some space or "
+                    "write somewhere else")
     if is_write_failure(e):
         f = free_space(where)
         if f is not None and f < (256 << 20):
-            return (f"{doing}{where_s}: the disk is full ({_size(f)} free): free some space or write somewhere "
-                    f"else ({text})")
+            return line(f"the disk is full ({_size(f)} free): free some space or write somewhere else ({text})")
         free = f" ({_size(f)} free now)" if f is not None else ""
-        return (f"{doing}{where_s}: the write failed ({text}): the disk may have filled up during the write{free}, "
-                "or the file system failed; check the disk and run again")
-    return f"{doing}{where_s}: {type(e).__name__}: {text}"
+        return line(f"the write failed ({text}): the disk may have filled up during the write{free}, or the file "
+                    "system failed; check the disk and run again")
+    return line(f"{type(e).__name__}: {text}")
 
 
 @contextlib.contextmanager
