@@ -97,6 +97,26 @@ def test_a_second_run_on_a_live_folder_fails_fast_and_a_dead_runs_lock_is_taken_
     assert not (tmp_path / "ck" / LOCK_NAME).exists() and not (tmp_path / "run" / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
+def test_every_rank_of_a_second_torchrun_job_fails_fast(tmp_path):
+    """A 2-rank torchrun job on a save folder another (live) run holds: rank 0 cannot take the lock and
+    raises its TrainError naming the holder; rank 1, told by rank 0, raises too at once (no wait for the
+    process-group timeout); nothing is written, and the run folder rank 0 had created is gone again."""
+    _fake_lock(tmp_path / "ck", host="node-b", pid=4242, age_s=1)
+    script = tmp_path / "job.py"
+    script.write_text(TRAIN.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path), "8ba"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "pid 4242 on host node-b" in out and "rank 0 could not take the run's folders" in out, out[-4000:]
+    assert time.time() - t0 < 200
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [LOCK_NAME]
+    assert not (tmp_path / "run").exists()
+
+
 def _fake_lock(folder: Path, *, host: str, pid: int, age_s: float = 0.0, **extra) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / LOCK_NAME
