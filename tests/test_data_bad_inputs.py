@@ -357,3 +357,25 @@ def test_long_runs_without_a_cut_point_are_encoded_in_bounded_pieces(tok_dir, mo
     ids = enc.encode([blob])[0].tolist()
     assert max(n for c in calls for n in c) <= 4096
     assert tok.decode(ids) == blob
+
+
+def test_another_prepares_write_probe_does_not_make_out_look_foreign(tmp_path, tok_dir, monkeypatch):
+    """The output check of a second, concurrent prepare may see the first one's probe file in --out (made by
+    check_writable, not yet removed): it has a temporary name, so the folder still counts as prepare's own
+    (not 'not empty, and not a prepared dataset'), and prepare leaves it to its owner."""
+    import os
+
+    from mptkit.utils.outputs import check_writable
+
+    src = _jsonl(tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    prepare_dataset([str(src)], tok_dir, out, 16, val_fraction=0.0, progress=False)
+    with monkeypatch.context() as m:  # the other process, between creating its probe and removing it
+        m.setattr(os, "unlink", lambda p: None)
+        check_writable(out, "--out")
+    probes = [f for f in out.iterdir() if f.name.startswith(".mptkit-write-test")]
+    assert len(probes) == 1
+    (out / "manifest.json").rename(out / ".manifest.json.abc123.tmp")  # an interrupted run: own names only
+    prepare_dataset([str(src)], tok_dir, out, 16, val_fraction=0.0, progress=False)
+    assert (out / "manifest.json").is_file() and not (out / ".manifest.json.abc123.tmp").exists()
+    assert probes[0].exists()

@@ -171,7 +171,7 @@ def check_writable(folder: str | os.PathLike, flag: str, error: type[MPTKitError
     if not p.is_dir():
         raise error(f"{flag} {shown}: {p} is a file, not a folder; choose another path")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".mptkit-write-test-", dir=p)
+        fd, probe = tempfile.mkstemp(prefix=".mptkit-write-test-", suffix=".tmp", dir=p)  # a temporary name
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
