@@ -80,8 +80,8 @@ def test_other_exceptions_still_show_their_traceback(monkeypatch):
     """A programming error is not disguised as an ordinary one: it propagates (the traceback is shown)."""
     import mptkit.data.prepare as prep
 
-    monkeypatch.setattr(prep, "prepare_dataset", lambda *a, **k: [][1])
-    with pytest.raises(IndexError):
+    monkeypatch.setattr(prep, "prepare_dataset", lambda *a, **k: {}["not a key"])
+    with pytest.raises(KeyError):
         main(["-q", "data", "prepare", "--tokenizer", "x", "--max-seq-len", "8", "--out", "o"])
 
 
@@ -139,7 +139,7 @@ def test_unwritable_export_folder_is_refused_before_the_first_step(tmp_path, dat
 def test_eval_json_and_plot_out_are_checked_before_any_work(tmp_path, data, capsys, monkeypatch):
     """eval --json / plot --out that is a folder or lies below a file: refused before the model is loaded or
     anything is read."""
-    import mptkit.eval.scoring as scoring
+    from mptkit.eval import scoring
 
     loaded = []
     monkeypatch.setattr(scoring, "load_model", lambda *a, **k: loaded.append(1) or (_ for _ in ()).throw(

@@ -79,7 +79,7 @@ def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, make_to
     EACCES: the tests may run as root) are one-line errors before the model is read."""
     import tempfile
 
-    import mptkit.export.source as source
+    from mptkit.export import source
 
     make_model(tmp_path / "M", make_tokenizer())
     (tmp_path / "afile").write_text("x")

@@ -73,10 +73,9 @@ def test_bundled_recipe_trains_packed_examples_as_if_alone(recipe, tmp_path, mak
     """One full-batch step of the bundled recipe: the loss the trainer reports at step 1 (computed on the
     packed samples with the starting weights) equals the loss of every example run alone through the base
     model; and the model the recipe exports still keeps packed examples apart and says its context length."""
+    from mptkit.data.finetune import builtin_records
     from mptkit.train.config import load_run_config
     from mptkit.train.recipe_data import build_finetune_data
-
-    from mptkit.data.finetune import builtin_records
 
     base = _base(tmp_path, make_tokenizer())
     path = ROOT / "configs" / "finetune" / f"{recipe}.yaml"
@@ -258,8 +257,8 @@ def test_bundled_storywriter_recipe_trains_past_the_base_context(tmp_path, make_
             "max_seq_len=512", "max_duration=1ba", "scheduler.t_warmup=0ba", "eval_first=false"]
     assert main(["train", str(path), *over, "--print-config"]) == 0  # validates before the data exists
     from mptkit.train.config import load_run_config
-    from mptkit.train.recipe_data import prepare_if_needed
     from mptkit.train.distributed import DistInfo
+    from mptkit.train.recipe_data import prepare_if_needed
 
     prepare_if_needed(load_run_config(path, over), DistInfo())  # what the run does first (cached for it)
     train = TokenDataset(tmp_path / "data", split="train")

@@ -173,8 +173,8 @@ def test_recipe_fused_key_selects_the_optimizer_path(tmp_path, monkeypatch):
     kernel unless fused: false (the per-tensor loop, which never calls it); adamw gets torch's fused=True or
     the single-tensor foreach=False path, as torch reports in its defaults. Each path takes the same step as
     the other, and a bad value or fused lionw is refused by the recipe check."""
-    import mptkit.train.optim as optim
     from mptkit.errors import ConfigError
+    from mptkit.train import optim
     from tests._train_helpers import make_cfg
 
     calls = []

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mptkit.errors import InferenceError
 from mptkit.data.tokenizer import encode_batch
+from mptkit.errors import InferenceError
 from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, IM_END, encode_chatml, im_end_token_id
 from mptkit.infer.engine import Engine, EngineOverloaded, EngineStopped, Event
 from mptkit.infer.sampling import SamplingParams

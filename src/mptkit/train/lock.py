@@ -347,7 +347,7 @@ class RunLock:
         else:
             _release(self.path, self.token, self._stop)
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> RunLock:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -35,11 +35,23 @@ from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError
 from mptkit.train import checkpoint as ckpt_mod
 from mptkit.train.callbacks import build_callbacks
 from mptkit.train.config import Duration, RunConfig, parse_duration
-from mptkit.train.data import (BatchStream, check_token_ids, data_fingerprint, default_collate, fingerprint_changes,
-                               make_sampler)
+from mptkit.train.data import (
+    BatchStream,
+    check_token_ids,
+    data_fingerprint,
+    default_collate,
+    fingerprint_changes,
+    make_sampler,
+)
 from mptkit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from mptkit.train.metrics import (LossSpikeMonitor, MetricsWriter, Throughput, drop_records_after, memory_stats,
-                                  peak_flops)
+from mptkit.train.metrics import (
+    LossSpikeMonitor,
+    MetricsWriter,
+    Throughput,
+    drop_records_after,
+    memory_stats,
+    peak_flops,
+)
 from mptkit.train.optim import build_optimizer, set_lr
 from mptkit.train.schedule import build_schedule
 
