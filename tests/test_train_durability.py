@@ -206,9 +206,20 @@ def test_trainer_refuses_a_held_folder_without_touching_it(tmp_path):
     assert not (tmp_path / "ck" / LOCK_NAME).exists()
 
 
-def test_lock_module_defaults():
-    """The heartbeat is several times shorter than the stale timeout (a slow beat never looks dead)."""
+def test_a_live_holders_heartbeat_keeps_its_lock_and_a_stopped_one_loses_it(tmp_path, monkeypatch):
+    """Seen from another host (where only the heartbeat tells), a holder whose heartbeat runs keeps its lock
+    long past the stale timeout; once its heartbeat stops, the lock goes stale and is taken over. The shipped
+    defaults leave a beat several times inside the timeout (a slow beat never looks dead)."""
     assert lock_mod.STALE_S >= 5 * lock_mod.HEARTBEAT_S
+    holder = RunLock(tmp_path, heartbeat_s=0.1).acquire()
+    monkeypatch.setattr(lock_mod.socket, "gethostname", lambda: "node-z")  # the contender runs elsewhere
+    time.sleep(1.2)
+    with pytest.raises(TrainError, match="in use by another training run: pid"):
+        RunLock(tmp_path, stale_s=0.5).acquire()
+    holder._stop.set()  # the holder's node froze: no more beats
+    time.sleep(1.2)
+    with RunLock(tmp_path, stale_s=0.5) as taken:
+        assert json.loads(taken.path.read_text())["token"] == taken.token
 
 
 def test_an_error_in_training_releases_the_locks(tmp_path):
