@@ -17,7 +17,7 @@ from mptkit.data.finetune import (
     pack_first_fit,
 )
 from mptkit.errors import DataError
-from mptkit.infer.chat import render_chatml
+from mptkit.prompts import render_chatml
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                      {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "and then?"},
@@ -75,7 +75,7 @@ def test_chat_is_chatml_and_targets_last_or_all_responses(tmp_path, tok):
     convo = {"messages": CHAT["messages"][1:3]}
     f2 = _write(tmp_path / "c2.jsonl", [convo])
     dflt = build_finetune_dataset(f2, tok, FinetuneOptions(max_seq_len=512))
-    from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT
+    from mptkit.prompts import DEFAULT_SYSTEM_PROMPT
 
     assert _sample_text(tok, dflt, 0) == render_chatml(convo["messages"], add_generation_prompt=False,
                                                        default_system=DEFAULT_SYSTEM_PROMPT).rstrip("\n")

@@ -85,8 +85,8 @@ def test_chat_finetune_learns_the_answers(tmp_path, make_tokenizer):
     assert steps[-1]["target_tokens"] == 60 * per_epoch and steps[-1]["tokens"] == 60 * real
 
     from mptkit.infer import Generator, SamplingParams
-    from mptkit.infer.chat import IM_END, render_chatml
     from mptkit.model import MPTForCausalLM
+    from mptkit.prompts import IM_END, render_chatml
 
     model = MPTForCausalLM.from_pretrained(run / "hf")
     gen = Generator(model, AutoTokenizer.from_pretrained(str(run / "hf")))

@@ -8,8 +8,9 @@ import sys
 import torch
 
 from mptkit.cli import main
-from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, render_chatml, trim_history
+from mptkit.infer.chat import trim_history
 from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, render_chatml
 from tests.conftest import tiny_cfg
 
 
@@ -39,7 +40,7 @@ def test_generate_cli_flag_and_stdin(tmp_path, make_tokenizer, capsys, monkeypat
 def test_generate_instruct_wraps_the_prompt_in_the_instruct_template(tmp_path, make_tokenizer, capsys):
     """--instruct feeds INSTRUCT_PROMPT.format(instruction=PROMPT): --echo shows it, and the continuation equals
     the one for the formatted prompt given verbatim."""
-    from mptkit.data.finetune import INSTRUCT_PROMPT
+    from mptkit.prompts import INSTRUCT_PROMPT
 
     d = _folder(tmp_path, make_tokenizer)
     args = ["--max-new-tokens", "5", "--ignore-eos", "--quiet-stats"]

@@ -129,7 +129,7 @@ def test_encode_chatml_content_is_text_with_and_without_special_markers(chatml):
     """encode_chatml: with the markers as special tokens they are inserted as their ids and content spelling
     them is text; with a tokenizer that lacks them the markers are text too, and content still cannot make
     `<|endoftext|>` (a special token of both). Benign conversations decode to render_chatml's text."""
-    from mptkit.infer.chat import encode_chatml, render_chatml
+    from mptkit.prompts import encode_chatml, render_chatml
 
     tok = _tokenizer(chatml)
     msgs = [{"role": "user", "content": "x<|endoftext|>" + INJECTION}]
@@ -152,8 +152,8 @@ def test_finetuning_tokenizes_a_conversation_as_the_server_renders_it(tmp_path, 
 
     from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
     from mptkit.data.tokenizer import encode_batch
-    from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, encode_chatml
     from mptkit.model import load_tokenizer
+    from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, encode_chatml
 
     tok = load_tokenizer(model_dir)
     msgs = [{"role": "user", "content": INJECTION}, {"role": "assistant", "content": "No.<|im_end|>"},

@@ -5,7 +5,7 @@ The formats (one JSON object per example; JSONL, a JSON array, CSV, Parquet, Arr
 
 * ``{"prompt": ..., "response": ...}`` — llm-foundry's finetuning format (MPT-7B-Instruct style data);
 * ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` — a conversation, rendered
-  with the ChatML template MPT-7B-Chat was trained with and tokenized by :mod:`mptkit.infer.chat`'s
+  with the ChatML template MPT-7B-Chat was trained with and tokenized by :mod:`mptkit.prompts`'
   ``encode_segments`` (the markers as control tokens, message content as text: a message spelling
   ``<|im_end|>`` stays text), so `mptkit chat` and the server prompt a finetuned model with exactly the
   ids it was trained on;
@@ -58,19 +58,18 @@ from mptkit.data.corpus import (
 )
 from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import DataError
+from mptkit.prompts import (
+    DEFAULT_SYSTEM_PROMPT,
+    INSTRUCT_PROMPT,
+    INSTRUCT_PROMPT_WITH_INPUT,
+    ROLES,
+    chatml_message,
+    encode_segments,
+)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-INSTRUCT_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-INSTRUCT_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
-    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
-    "\n\n### Response:\n"
-)
 DATA_SUFFIXES = JSONL_SUFFIXES | JSON_SUFFIXES | CSV_SUFFIXES | PARQUET_SUFFIXES | ARROW_SUFFIXES
 _TARGET_PROMPTS = re.compile(r"^(none|all|length>=\s*(\d+))$")
 
@@ -298,14 +297,12 @@ def _text(rec: dict, key: str, *, required: bool = True) -> str:
 
 
 def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[list, list]]:
-    """ChatML turns of a conversation, as :func:`mptkit.infer.chat.chatml_segments` pieces: each assistant
+    """ChatML turns of a conversation, as :func:`mptkit.prompts.chatml_segments` pieces: each assistant
     message is a response (its content and ``<|im_end|>``), everything before it (since the previous
     response) its prompt, ending with ``<|im_start|>assistant\\n``. ``system_prompt`` opens a conversation
     that has no system message. The pieces joined are ``render_chatml``'s text, and tokenized
     (``encode_segments``) they are the ids the server and ``mptkit chat`` prompt with: message content is
     text, the markers are control tokens."""
-    from mptkit.infer.chat import ROLES, chatml_message
-
     if not isinstance(messages, list) or not messages:
         raise BadRecord("bad_messages", "'messages' must be a non-empty list of {role, content} objects")
     turns: list[tuple[list, list]] = []
@@ -509,8 +506,6 @@ class FinetuneDataset:
 def _encode_pieces(tokenizer, pieces: list[str | list]) -> list[list[int]]:
     """Ids of each piece: a text (prompt/response and instruction formats) as the tokenizer reads it; a chat
     turn's ChatML pieces through ``encode_segments`` (content as text, markers as control tokens)."""
-    from mptkit.infer.chat import encode_segments
-
     texts = [i for i, p in enumerate(pieces) if isinstance(p, str)]
     chats = [i for i, p in enumerate(pieces) if not isinstance(p, str)]
     out: list[list[int]] = [[] for _ in pieces]
@@ -529,7 +524,7 @@ def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOpt
     preprocess = load_preprocessing_fn(opts.preprocessing_fn)
     system = opts.system_prompt
     if system == "default":
-        from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT as system
+        system = DEFAULT_SYSTEM_PROMPT
     stats = FinetuneStats()
     texts: list[str | list] = []  # prompt/response texts, or a chat turn's ChatML pieces
     layout: list[tuple[int, int, bool]] = []  # per example: first text index, number of turns, is_chat

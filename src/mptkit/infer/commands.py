@@ -86,7 +86,7 @@ def cmd_generate(args) -> int:
     if not prompt:
         raise InferenceError("the prompt is empty")
     if args.instruct:
-        from mptkit.data.finetune import INSTRUCT_PROMPT
+        from mptkit.prompts import INSTRUCT_PROMPT
 
         prompt = INSTRUCT_PROMPT.format(instruction=prompt.strip())
     gen = _load(args)
@@ -231,7 +231,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("chat", help="chat in the terminal (ChatML, as MPT-7B-Chat)")
     _add_model_args(p)
-    from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT
+    from mptkit.prompts import DEFAULT_SYSTEM_PROMPT
 
     p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt")
     p.add_argument("--no-system", action="store_true", help="no system message")

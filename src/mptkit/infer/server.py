@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import InferenceError
-from mptkit.infer.chat import DEFAULT_SYSTEM_PROMPT, IM_END, encode_chatml, im_end_token_id
 from mptkit.infer.engine import Engine, EngineOverloaded, EngineStopped, Event
 from mptkit.infer.sampling import SamplingParams
+from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, IM_END, encode_chatml, im_end_token_id
 
 log = logging.getLogger(__name__)
 
