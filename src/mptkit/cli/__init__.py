@@ -1,7 +1,7 @@
 """The ``mptkit`` command: one subcommand per job, each a thin wrapper over the Python API.
 
-Each area registers its subcommands from a module named in ``COMMAND_MODULES`` that defines
-``register(subparsers)``; a subcommand's handler is stored as ``func`` on its parser and receives the
+Each area registers its subcommands from a module of this package (``mptkit.cli.train``, ``mptkit.cli.infer``
+…, named in ``COMMAND_MODULES``) that defines ``register(subparsers)``; a subcommand's handler is stored as ``func`` on its parser and receives the
 parsed ``argparse.Namespace``. Handlers raise :class:`mptkit.errors.MPTKitError` for user errors: the
 CLI prints one line (no traceback) unless ``--debug`` is given. So are the ordinary errors of the machine that
 escape a handler: an ``OSError`` (disk full, permission denied, read-only file system, ...), a
@@ -21,14 +21,14 @@ import sys
 from mptkit import __version__
 from mptkit.errors import MPTKitError
 
-# Modules that add subcommands (each defines register(subparsers)). Missing modules are skipped.
+# The modules of this package that add subcommands, one per area (each defines register(subparsers)).
 COMMAND_MODULES = (
-    "mptkit.model.commands",
-    "mptkit.data.commands",
-    "mptkit.train.commands",
-    "mptkit.infer.commands",
-    "mptkit.eval.commands",
-    "mptkit.export.commands",
+    "mptkit.cli.model",
+    "mptkit.cli.data",
+    "mptkit.cli.train",
+    "mptkit.cli.infer",
+    "mptkit.cli.eval",
+    "mptkit.cli.export",
 )
 
 
@@ -42,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return p
 
 
@@ -92,7 +86,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
