@@ -385,6 +385,24 @@ def test_resuming_on_re_prepared_data_is_refused(tmp_path, prepared):
         _fit_recipe(_data_cfg(tmp_path, data, prepared / "tok", max_duration="4ba", autoresume=True))
 
 
+def test_resuming_on_the_same_data_prepared_again_goes_on(tmp_path, prepared):
+    """Preparing the same corpus again (``force``: new shard files under a new generation folder) leaves the
+    data stream as it was: the resume is not refused and continues from its checkpoint."""
+    import shutil
+
+    from mptkit.data.prepare import prepare_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "a", data)
+    _fit_recipe(_data_cfg(tmp_path, data, prepared / "tok", max_duration="2ba"))
+    before = sorted(p.relative_to(data) for p in data.rglob("*.bin"))
+    prepare_dataset([str(prepared / "a.jsonl")], prepared / "tok", data, 16, val_fraction=0.0,
+                    shard_bytes=16 * 2 * 37, progress=False, force=True)
+    assert sorted(p.relative_to(data) for p in data.rglob("*.bin")) != before  # rewritten under other names
+    t, summary = _fit_recipe(_data_cfg(tmp_path, data, prepared / "tok", max_duration="4ba", autoresume=True))
+    assert t.resumed_from is not None and summary["steps"] == 4
+
+
 def _fit_recipe(cfg):
     t = Trainer(cfg)
     return t, t.fit()

@@ -102,9 +102,10 @@ def dataset_content_hash(ds) -> str | None:
     ``sequence_id`` tensors) by their bytes; None for other datasets."""
     man, split = getattr(ds, "manifest", None), getattr(ds, "split", None)
     if isinstance(man, dict) and split in (man.get("splits") or {}):
-        shards = [[s.get("file"), s.get("sha256"), s.get("num_samples")] for s in man["splits"][split]["shards"]]
-        payload = {"shards": shards, "max_seq_len": man.get("max_seq_len"), "dtype": man.get("dtype"),
-                   "tokenizer": man.get("tokenizer_fingerprint")}
+        # the shards' content only: a re-prepare of the same data writes them under new names (genN/), and the
+        # tokenizer is a key of its own in the fingerprint
+        shards = [[s.get("sha256"), s.get("num_samples")] for s in man["splits"][split]["shards"]]
+        payload = {"shards": shards, "max_seq_len": man.get("max_seq_len"), "dtype": man.get("dtype")}
         return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     tensors = [(k, getattr(ds, k, None)) for k in ("input_ids", "labels", "sequence_id")]
     tensors = [(k, t) for k, t in tensors if isinstance(t, torch.Tensor)]
