@@ -163,6 +163,29 @@ def test_failed_rerun_with_changed_options_keeps_the_previous_dataset(tmp_path, 
     assert [f for f in now if not f.startswith(".parts/")] == files  # .parts/: tokenized parts, for the next run
 
 
+def test_an_unreadable_manifest_stops_a_rerun_before_anything_is_deleted(tmp_path, tok_dir, monkeypatch):
+    """A manifest that exists but cannot be read (permissions, an I/O error) is not taken for "no dataset":
+    the re-run stops with the manifest named and every shard it lists is still there."""
+    from pathlib import Path
+
+    src = _jsonl(tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    prepare_dataset([str(src)], tok_dir, out, 16, val_fraction=0.0, progress=False)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    real = Path.read_text
+
+    def unreadable(self, *a, **k):
+        if self == out / "manifest.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(DataError, match="manifest.json: cannot read the prepared dataset's manifest"):
+        prepare_dataset([str(src)], tok_dir, out, 16, val_fraction=0.1, progress=False)
+    monkeypatch.undo()
+    assert all(f.exists() for f in files) and _rows(out)
+
+
 def test_killed_prepare_keeps_the_previous_dataset_and_the_next_run_cleans_up(tmp_path, tok_dir, monkeypatch):
     """A re-run with other options interrupted mid-shard (an exception, and a real SIGKILL of the process)
     leaves the previous dataset complete and readable; the next run removes the temporary files the killed

@@ -374,8 +374,8 @@ def _hash_sources(files: list[Path], manifest_path: Path, *, trust_mtime: bool) 
             for s in json.loads(manifest_path.read_text()).get("sources", []):
                 if "mtime_ns" in s:
                     known[s["path"]] = s
-        except (ValueError, AttributeError, TypeError, KeyError):
-            known = {}
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            known = {}  # re-hash the inputs (an unreadable manifest is reported where it matters)
     out = []
     for f in files:
         try:
@@ -519,10 +519,18 @@ def _generations(out: Path) -> list[int]:
 
 
 def _current_manifest(out: Path) -> dict | None:
+    """The folder's finished manifest, None when there is none (or it is not one of ours). A manifest that
+    exists but cannot be read (permissions, I/O error) is an error: what it lists must not be taken for
+    unreferenced and deleted."""
     try:
         m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
+    except ValueError:
+        return None
+    except OSError as e:
+        raise DataError(f"{out / 'manifest.json'}: cannot read the prepared dataset's manifest ({e.strerror or e}); "
+                        "nothing was changed. Fix its permissions (or the disk) and run again") from None
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
