@@ -345,7 +345,6 @@ class Trainer:
         """Rank 0 creates the run and save folders and takes each one's lock (:class:`mptkit.train.lock.RunLock`)
         before anything is written there; a folder another run holds is a TrainError naming the holder. The
         other ranks of this job wait for the outcome and raise the same error."""
-        from mptkit.errors import MPTKitError
         from mptkit.train.distributed import broadcast_object
         from mptkit.train.lock import RunLock
 
@@ -359,7 +358,7 @@ class Trainer:
                     _check_writable(f, key)
                 for f in dict.fromkeys(p.resolve() for p in folders):
                     self._locks.append(RunLock(f).acquire())
-            except MPTKitError as e:
+            except Exception as e:  # noqa: BLE001 - any failure is broadcast first, or the other ranks would wait
                 err = e
         msg = broadcast_object(None if err is None else str(err), self.dist)
         if err is not None:
@@ -632,7 +631,8 @@ class Trainer:
     def _optimizer_config(self) -> dict:
         """The optimizer's name and hyperparameters as built from the recipe (a checkpoint records them)."""
         g = self.optimizer.param_groups[0]
-        return {"name": (self.cfg.optimizer or {}).get("name"), "lr": float(g.get("initial_lr", g["lr"])),
+        name = (self.cfg.optimizer or {}).get("name") or "decoupled_adamw"  # build_optimizer's default, resolved
+        return {"name": name, "lr": float(g.get("initial_lr", g["lr"])),
                 "betas": [float(b) for b in g["betas"]] if "betas" in g else None,
                 "eps": float(g["eps"]) if "eps" in g else None,
                 "weight_decay": float(g.get("weight_decay", 0.0))}
