@@ -200,13 +200,23 @@ class _State:
 
 
 def _beat(path: Path, token: str, every: float, stop: threading.Event, state: _State) -> None:
+    """Refresh the lock's mtime every ``every`` seconds. A read that fails (an NFS hiccup) or a file caught
+    mid-write is not a verdict: the lock counts as lost only when two beats in a row find it missing or
+    another run's (a contender judging it stale moves it aside and back within one beat)."""
+    misses = 0
     while not stop.wait(every):
         raw, info = _read(path)
-        if raw is None or (info or {}).get("token") != token:
+        if raw is not None and info is None:
+            continue  # unreadable just now: no verdict, try again at the next beat
+        if raw is None or info.get("token") != token:
+            misses += 1
+            if misses < 2:
+                continue
             state.lost = (f"the lock {path} was removed" if raw is None else
                           f"the lock {path} was taken over by {describe_holder(info)}")
             log.error("%s: this run no longer owns its folder and will stop at its next checkpoint", state.lost)
             return
+        misses = 0
         with contextlib.suppress(OSError):
             os.utime(path)  # the heartbeat: the file system stamps the time
 
