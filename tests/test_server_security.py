@@ -282,10 +282,27 @@ def test_model_name_is_html_escaped_on_the_page(model_dir):
 # ----------------------------------------------------------------------------- item 10: cheap denial of service
 
 
-def test_large_prompts_are_tokenized_off_the_event_loop(served):
-    """While three ~1 MB prompts are being tokenized, /health answers before any of them is done."""
+def test_large_prompts_are_tokenized_off_the_event_loop(served, monkeypatch):
+    """While three ~1 MB prompts are being tokenized, /health answers before any of them is done. The
+    tokenizer is made to take 2 s per prompt (a blocking sleep beside the real call): on the event loop that
+    would hold /health for 6 s; in worker threads /health answers at once (no timing guess about how fast
+    this machine tokenizes)."""
+    import mptkit.infer.server as server_mod
+
     base, _ = served
-    text = "def load(fp, *, cls=None): return json.loads(fp.read())\n" * 18000  # ~1 MB, seconds to tokenize
+    text = "def load(fp, *, cls=None): return json.loads(fp.read())\n" * 18000  # ~1 MB
+    started = threading.Semaphore(0)
+    real_encode, real_chatml = server_mod.encode_batch, server_mod.encode_chatml
+
+    def slow(real):
+        def call(*a, **k):
+            started.release()
+            time.sleep(2.0)
+            return real(*a, **k)
+        return call
+
+    monkeypatch.setattr(server_mod, "encode_batch", slow(real_encode))
+    monkeypatch.setattr(server_mod, "encode_chatml", slow(real_chatml))
     done: list[float] = []
 
     def post(path, body):
@@ -298,7 +315,7 @@ def test_large_prompts_are_tokenized_off_the_event_loop(served):
     threads = [threading.Thread(target=post, args=b) for b in bodies]
     for th in threads:
         th.start()
-    time.sleep(0.5)  # the bodies are up (loopback) and being tokenized
+    assert started.acquire(timeout=60)  # a prompt is being tokenized now
     r = httpx.get(base + "/health", timeout=60)
     t_health = time.monotonic()
     for th in threads:

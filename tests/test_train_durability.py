@@ -65,12 +65,13 @@ def test_a_second_run_on_a_live_folder_fails_fast_and_a_dead_runs_lock_is_taken_
     killed (SIGKILL leaves its lock behind), the next start breaks the stale lock and resumes."""
     a = _train_proc(tmp_path, "100000ba")
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine: wait for the first checkpoint, however slow
         while time.time() < deadline and a.poll() is None:
             if (tmp_path / "ck" / LOCK_NAME).exists() and ck.list_checkpoints(tmp_path / "ck"):
                 break
             time.sleep(0.05)
         assert a.poll() is None, a.stderr.read()[-3000:]
+        assert ck.list_checkpoints(tmp_path / "ck"), "the first run wrote no checkpoint in 300 s"
         inflight = tmp_path / "ck" / ".ep0-ba99999.abc.tmp"  # what a save in progress looks like
         inflight.mkdir()
         (inflight / "part").write_bytes(b"x")
