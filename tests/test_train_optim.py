@@ -168,6 +168,17 @@ def _recipe_optimizer(spec: dict, tmp_path):
     return Trainer(make_cfg(tmp_path, optimizer=spec), train_dataset=train, eval_dataset=val).setup().optimizer
 
 
+def _three_random_steps(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Three steps of ``opt`` on seeded random gradients; its parameters (stepped in place)."""
+    ps = [p for g in opt.param_groups for p in g["params"]]
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return ps
+
+
 def test_recipe_fused_key_selects_the_optimizer_path(tmp_path, monkeypatch):
     """optimizer.fused reaches the optimizer the trainer builds: decoupled_adamw runs torch's fused AdamW
     kernel unless fused: false (the per-tensor loop, which never calls it); adamw gets torch's fused=True or
@@ -191,12 +202,7 @@ def test_recipe_fused_key_selects_the_optimizer_path(tmp_path, monkeypatch):
         opt = _recipe_optimizer({"name": "decoupled_adamw", "lr": 1e-2, "weight_decay": 0.1, "fused": fused},
                                 tmp_path / str(fused))
         assert opt.fused is fused
-        ps = [p for g in opt.param_groups for p in g["params"]]
-        torch.manual_seed(0)
-        for _ in range(3):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step()
+        ps = _three_random_steps(opt)
         assert calls == ([] if fused is False else [True] * 3 * len(opt.param_groups)), fused
         params[fused] = [p.detach().clone() for p in ps]
     for a, b in zip(params[None], params[False]):
@@ -208,12 +214,7 @@ def test_recipe_fused_key_selects_the_optimizer_path(tmp_path, monkeypatch):
         opt = _recipe_optimizer({"name": "adamw", "lr": 1e-2, "fused": fused}, tmp_path / f"adamw{fused}")
         assert isinstance(opt, torch.optim.AdamW)
         assert (opt.defaults["fused"], opt.defaults["foreach"]) == ((True, None) if fused else (None, False))
-        ps = [p for g in opt.param_groups for p in g["params"]]
-        torch.manual_seed(0)
-        for _ in range(3):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step()
+        ps = _three_random_steps(opt)
         steps[fused] = [p.detach().clone() for p in ps]
     for a, b in zip(steps[None], steps[True]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
