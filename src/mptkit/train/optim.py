@@ -156,21 +156,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
-    """From the recipe's ``optimizer`` section (name, lr, betas, eps, weight_decay, fused)."""
+    """From the recipe's ``optimizer`` section (name, lr, betas, eps, weight_decay, fused), as
+    :meth:`mptkit.train.config.RunConfig.validate` checked it before any work (``fused``: true, false or
+    None; never true for decoupled_lionw)."""
     name = spec.get("name", "decoupled_adamw")
     lr = float(spec.get("lr", 6e-4))
     wd = float(spec.get("weight_decay", 0.0))
     fused = spec.get("fused")
-    if fused is not None and not isinstance(fused, bool):
-        raise ConfigError(f"optimizer.fused: expected true, false or null, got {fused!r}")
     groups = param_groups(model, wd)
     if name == "decoupled_adamw":
         return DecoupledAdamW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.95)), eps=float(spec.get("eps", 1e-8)),
                               fused=fused)
     if name == "decoupled_lionw":
-        if fused:
-            raise ConfigError("optimizer.fused: decoupled_lionw has one implementation (a per-tensor loop); "
-                              "remove optimizer.fused")
         return DecoupledLionW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.99)))
     if name == "adamw":
         # torch's AdamW: decay scaled by lr (p <- p * (1 - lr * wd)). Default: the single-tensor path
