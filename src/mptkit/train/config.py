@@ -465,8 +465,8 @@ class RunConfig:
 
 
 def _check_callbacks(cb: dict) -> None:
-    """Keys and values of the callbacks mptkit implements; a warning for options of the always-on ones."""
-    _check_keys(cb, CALLBACKS, "callbacks")
+    """Values of the callbacks mptkit implements (their names are checked by ``validate`` just before); a
+    warning for options of the always-on ones."""
     spike = cb.get("kill_loss_spike")
     if spike is not None:
         _check_keys(spike, SPIKE_KEYS, "callbacks.kill_loss_spike")
