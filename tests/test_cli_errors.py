@@ -1,6 +1,7 @@
 """Ordinary errors are one line from the CLI (what failed, where, what to do; exit 2), never a raw
 traceback, and `--debug` still shows the traceback: OS errors (disk full, permissions) in any command, a
-full disk while preparing data, training (checkpoint saves) or exporting, an unwritable export_folder found
+full disk while preparing data, training (checkpoint saves, metrics, the export) or exporting, named with the
+folder being written, a read error on the training data named as a read (not a write), an unwritable export_folder found
 before the first step, an `--out`/`--json` that cannot be written, a recipe path that is a folder or not
 UTF-8, `--device cuda` without CUDA, `--threads -3`, a legacy (non-zip) pytorch_model.bin."""
 
@@ -124,6 +125,58 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, data, monkeyp
     _one_line(capsys, main(["-q", "train", str(_recipe(tmp_path, data))]), "mptkit train: error:",
               str(tmp_path / "ck"), "disk is full")
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
+def test_a_read_error_on_the_training_data_is_not_reported_as_a_write(tmp_path, data, monkeypatch, capsys):
+    """An OSError (EIO) while reading a shard mid-run: one line saying the shard could not be read, naming
+    it, not "cannot write" and not the run or save folder."""
+    from mptkit.data.shards import TokenDataset
+
+    real, calls = TokenDataset._open, []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) > 9:  # the third step's batch
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(TokenDataset, "_open", flaky)
+    err = _one_line(capsys, main(["-q", "train", str(_recipe(tmp_path, data))]), "mptkit train: error:",
+                    "cannot read", str(data / "data"), "Input/output error")
+    assert "cannot write" not in err and str(tmp_path / "run") not in err and str(tmp_path / "ck") not in err
+
+
+def test_disk_full_while_writing_metrics_names_the_run_folder(tmp_path, data, monkeypatch, capsys):
+    """A full disk while a metrics line is written: one line naming metrics.jsonl in the run folder."""
+    from mptkit.train import metrics
+
+    real, calls = metrics.MetricsWriter.write, []
+
+    def full(self, rec):
+        calls.append(1)
+        if len(calls) > 2:
+            self._f.write = _full(OSError(errno.ENOSPC, "No space left on device"))
+        return real(self, rec)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", full)
+    monkeypatch.setattr("mptkit.utils.outputs.free_space", lambda p: 4096)
+    err = _one_line(capsys, main(["-q", "train", str(_recipe(tmp_path, data))]), "mptkit train: error:",
+                    "cannot write", str(tmp_path / "run" / "metrics.jsonl"), "disk is full")
+    assert str(tmp_path / "ck") not in err
+
+
+def test_disk_full_while_exporting_at_the_end_names_the_export_folder(tmp_path, data, monkeypatch, capsys):
+    """The export at the end of a run failing on a full disk: one line naming export_folder, no partial
+    export left."""
+    from mptkit.model import MPTForCausalLM
+
+    monkeypatch.setattr(MPTForCausalLM, "save_pretrained", _full(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr("mptkit.utils.outputs.free_space", lambda p: 4096)
+    out = tmp_path / "hf"
+    err = _one_line(capsys, main(["-q", "train", str(_recipe(tmp_path, data, save_folder=None,
+                                                               export_folder=str(out)))]),
+                    "cannot write the export (export_folder)", str(out), "disk is full")
+    assert str(tmp_path / "run") + ":" not in err and not out.exists()
 
 
 def test_unwritable_export_folder_is_refused_before_the_first_step(tmp_path, data, capsys):

@@ -17,16 +17,7 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False), end="")
         return 0
     t = Trainer(cfg)
-    try:
-        summary = t.fit()
-    except Exception as e:  # a full disk (torch.save's "basic_ios::clear: iostream error"), permissions, ...
-        from mptkit.errors import TrainError
-        from mptkit.utils.outputs import describe_os_error, is_write_failure
-
-        if not is_write_failure(e):
-            raise
-        key, folder = _failed_folder(e, t)
-        raise TrainError(describe_os_error(e, folder, f"cannot write the run's files ({key})")) from e
+    summary = t.fit()  # a failed write names its folder (the trainer's own TrainError); other OSErrors: cli.main
     if not t.dist.is_main:
         return 0
     print(f"run {summary['run_name']}: {summary['steps']} steps, {summary['tokens']:,} tokens in "
@@ -41,20 +32,6 @@ def _train(args: argparse.Namespace) -> int:
     if summary.get("sample"):
         print("sample:\n" + summary["sample"])
     return 0
-
-
-def _failed_folder(e: BaseException, t) -> tuple[str, object]:
-    """Which of the run's folders a failed write was for, from where it was raised: the checkpoints'
-    (save_folder), the export (export_folder) or the metrics and config (run_folder)."""
-    import traceback
-
-    where = [(f.f_code.co_filename.replace("\\", "/"), f.f_code.co_name) for f, _ in traceback.walk_tb(e.__traceback__)]
-    save, run = getattr(t, "save_folder", None), getattr(t, "run_folder", None)
-    if any(name == "export" for _, name in where) and t.cfg.export_folder:
-        return "export_folder", t.cfg.export_folder.format(run_name=getattr(t, "run_name", "run"))
-    if save is not None and any(f.endswith(("train/checkpoint.py", "train/fsdp.py")) for f, _ in where):
-        return "save_folder", save
-    return "run_folder", run if run is not None else save
 
 
 def _plot(args: argparse.Namespace) -> int:

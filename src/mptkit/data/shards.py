@@ -132,7 +132,12 @@ class TokenDataset(torch.utils.data.Dataset):
         if not 0 <= i < n:
             raise IndexError(f"sample {i} out of range for {n} samples")
         s = bisect.bisect_right(self._cum, i) - 1
-        return np.array(self._open()[s][i - self._cum[s]])
+        try:
+            return np.array(self._open()[s][i - self._cum[s]])
+        except OSError as e:  # EIO, a vanished file, too many open files...: a read, named as one
+            from mptkit.utils.outputs import describe_os_error
+
+            raise DataError(describe_os_error(e, self._shards[s][0], "cannot read the shard")) from e
 
     def locate(self, i: int) -> tuple[Path, int]:
         """(shard file, row in it) of sample ``i``."""

@@ -15,11 +15,13 @@ import os
 import resource
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from mptkit.errors import TrainError
+from mptkit.utils.outputs import write_errors
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +107,28 @@ def drop_records_after(path: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per line, flushed) and TensorBoard when installed and enabled."""
+_CANNOT_WRITE = "cannot write the metrics (run_folder)"
 
-    def __init__(self, run_folder: Path, *, enabled: bool = True, tensorboard: bool | dict = True):
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per line, flushed) and TensorBoard when installed and enabled.
+
+    ``guard``, when given, is called before every line is written and may raise to stop the write (the
+    trainer's check that its run folder's lock is still its own). A failed write (disk full, ...) is a
+    :class:`TrainError` naming metrics.jsonl."""
+
+    def __init__(self, run_folder: Path, *, enabled: bool = True, tensorboard: bool | dict = True,
+                 guard: Callable[[], None] | None = None):
         self.enabled = enabled
         self.path = Path(run_folder) / "metrics.jsonl"
+        self.guard = guard
         self._f = None
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - appended to all run, closed by close()
+        with write_errors(self.path, TrainError, _CANNOT_WRITE):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - appended to all run, closed by close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -130,8 +142,11 @@ class MetricsWriter:
     def write(self, rec: dict) -> None:
         if not self.enabled:
             return
-        self._f.write(json.dumps(rec, default=_jsonable) + "\n")
-        self._f.flush()
+        if self.guard is not None:
+            self.guard()
+        with write_errors(self.path, TrainError, _CANNOT_WRITE):
+            self._f.write(json.dumps(rec, default=_jsonable) + "\n")
+            self._f.flush()
         if self._tb is not None and "step" in rec:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):

@@ -54,6 +54,7 @@ from mptkit.train.metrics import (
 )
 from mptkit.train.optim import build_optimizer, set_lr
 from mptkit.train.schedule import build_schedule
+from mptkit.utils.outputs import write_errors
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +499,8 @@ class Trainer:
         ck = None
         if self.save_folder is not None and self.save_folder.exists():
             if self.dist.is_main:
-                ckpt_mod.restore_interrupted(self.save_folder)
+                with write_errors(self.save_folder, TrainError, _SAVE):
+                    ckpt_mod.restore_interrupted(self.save_folder)
             barrier(self.dist)  # the other ranks look for checkpoints after rank 0 put back what it could
             existing = ckpt_mod.list_checkpoints(self.save_folder)
             if cfg.autoresume:
@@ -507,10 +509,12 @@ class Trainer:
                     raise CheckpointError(ckpt_mod.no_valid_checkpoint_message(self.save_folder, bad))
                 for c, why in bad:  # newer than the one resumed: out of the way of this run's saves, intact
                     if self.dist.is_main:
-                        log.warning("autoresume: checkpoint %s is invalid (%s): moved aside to %s", c, why,
-                                    ckpt_mod.move_aside(c).name)
+                        with write_errors(self.save_folder, TrainError, _SAVE):
+                            aside = ckpt_mod.move_aside(c)
+                        log.warning("autoresume: checkpoint %s is invalid (%s): moved aside to %s", c, why, aside.name)
             if self.dist.is_main:
-                ckpt_mod.clean_stale_temp(self.save_folder)
+                with write_errors(self.save_folder, TrainError, _SAVE):
+                    ckpt_mod.clean_stale_temp(self.save_folder)
             if existing and not cfg.autoresume and not cfg.load_path:
                 if cfg.save_overwrite:
                     if self.dist.is_main:
@@ -531,12 +535,14 @@ class Trainer:
         if ck is not None:
             self.load_checkpoint(ck)
             if self.dist.is_main:  # the steps after the checkpoint are trained (and logged) again: one line each
-                n = drop_records_after(self.run_folder / "metrics.jsonl", self.step)
+                with write_errors(self.run_folder / "metrics.jsonl", TrainError, _METRICS):
+                    n = drop_records_after(self.run_folder / "metrics.jsonl", self.step)
                 if n:
                     log.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted attempt", n,
                              self.step)
         elif self.dist.is_main and self.run_folder.joinpath("metrics.jsonl").exists():
-            self.run_folder.joinpath("metrics.jsonl").unlink()  # a fresh run: start the log afresh
+            with write_errors(self.run_folder / "metrics.jsonl", TrainError, _METRICS):
+                self.run_folder.joinpath("metrics.jsonl").unlink()  # a fresh run: start the log afresh
 
     def load_checkpoint(self, ck: Path) -> None:
         from safetensors.torch import load_file
@@ -733,10 +739,11 @@ class Trainer:
         model = self._full_model()  # collective under FSDP
         path = None
         if self.dist.is_main:
-            path = ckpt_mod.save_checkpoint(
-                self.save_folder, model=model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
-                tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
-            ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
+            with write_errors(self.save_folder, TrainError, _SAVE):  # a full disk: one line naming save_folder
+                path = ckpt_mod.save_checkpoint(
+                    self.save_folder, model=model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
+                    tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+                ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
         del model
         barrier(self.dist)
         self._last_saved = self.step
@@ -747,13 +754,15 @@ class Trainer:
         from mptkit.train.distributed import broadcast_object, gather_object
 
         state = self.trainer_state(with_optimizer=False)
-        path = ckpt_mod.save_sharded_checkpoint(
-            self.save_folder, write_shards=lambda folder: F.dcp_save(self.model, self.optimizer, folder),
-            broadcast=lambda obj: broadcast_object(obj, self.dist), gather=lambda obj: gather_object(obj, self.dist),
-            rank=self.dist.rank, model_config=self.model.config, trainer_state=state, epoch=self.stream.epoch, step=self.step,
-            tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
-        if self.dist.is_main:
-            ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
+        with write_errors(self.save_folder, TrainError, _SAVE):  # on every rank: each writes its shard
+            path = ckpt_mod.save_sharded_checkpoint(
+                self.save_folder, write_shards=lambda folder: F.dcp_save(self.model, self.optimizer, folder),
+                broadcast=lambda obj: broadcast_object(obj, self.dist),
+                gather=lambda obj: gather_object(obj, self.dist), rank=self.dist.rank,
+                model_config=self.model.config, trainer_state=state, epoch=self.stream.epoch, step=self.step,
+                tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+            if self.dist.is_main:
+                ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
         barrier(self.dist)
         self._last_saved = self.step
         return path
@@ -1016,7 +1025,8 @@ class Trainer:
             writer.write({"event": "end", **summary})
             from mptkit.utils.fs import atomic_write_json
 
-            atomic_write_json(self.run_folder / "summary.json", summary)
+            with write_errors(self.run_folder / "summary.json", TrainError, _RUN):
+                atomic_write_json(self.run_folder / "summary.json", summary)
         writer.close()
         barrier(self.dist)
         if self.dist.initialized_here and self.train_model is not self.model:
@@ -1071,7 +1081,8 @@ class Trainer:
         d["run_name"] = self.run_name
         text = "# The validated configuration of this run (written by mptkit train).\n" + yaml.safe_dump(
             json.loads(json.dumps(d, default=str)), sort_keys=False)
-        atomic_write_text(self.run_folder / "config.yaml", text)
+        with write_errors(self.run_folder / "config.yaml", TrainError, _RUN):
+            atomic_write_text(self.run_folder / "config.yaml", text)
 
     # ------------------------------------------------------------------------------ outputs
     def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
@@ -1081,7 +1092,7 @@ class Trainer:
 
         out = Path(out)
         model = self.model if model is None else model
-        with atomic_dir(out) as tmp:
+        with write_errors(out, TrainError, _EXPORT), atomic_dir(out) as tmp:  # a full disk: one line naming it
             model.save_pretrained(tmp, tokenizer=self.tokenizer)
         log.info("exported the model to %s", out)
         return out
@@ -1134,6 +1145,12 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params]
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
+
+# How a failed write (disk full, permissions, ...) names what it was writing: "{doing} {path}: {reason}".
+_SAVE = "cannot write the checkpoints (save_folder)"
+_METRICS = "cannot write the metrics (run_folder)"
+_RUN = "cannot write the run's files (run_folder)"
+_EXPORT = "cannot write the export (export_folder)"
 
 _OPT_HPARAMS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 
