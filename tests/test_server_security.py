@@ -366,3 +366,31 @@ def test_framework_errors_take_the_openai_shape(served):
 
     shaped(httpx.post(base + "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
                       timeout=60), 413)
+
+
+def test_encode_chatml_tokenizes_as_the_rendered_string_where_llm_foundry_does(tmp_path):
+    """With the markers as special tokens, a prompt's ids are the whole rendered string's ids as the tokenizer
+    itself gives them (it splits only at special tokens), also where content starts with whitespace that
+    would merge with the role header's newline; with an assistant turn, the ids are llm-foundry's
+    prompt/response split: the prompt string (ending "<|im_start|>assistant\\n") and the reply apart."""
+    from mptkit.data.tokenizer import load_tokenizer, train_tokenizer
+    from mptkit.prompts import encode_chatml, render_chatml
+
+    # mptkit's own tokenizer (ChatML markers special) trained on enough source to merge "\n\n"
+    tok = load_tokenizer(train_tokenizer(None, 1000, tmp_path / "tok", max_files=8))
+    assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1
+
+    def whole(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    convs = [[{"role": "user", "content": "Hi"}],
+             [{"role": "system", "content": "\n\nBe brief."}, {"role": "user", "content": "  two spaces\n"}],
+             [{"role": "user", "content": "\n\nnewlines first"}], [{"role": "user", "content": ""}]]
+    for msgs in convs:
+        assert encode_chatml(tok, msgs, default_system="sys") == whole(render_chatml(msgs, default_system="sys"))
+    hist = [{"role": "user", "content": "\nq"}, {"role": "assistant", "content": "\n\nanswer"},
+            {"role": "user", "content": "\n\nmore"}]
+    prompt = render_chatml(hist[:1])
+    reply = "\n\nanswer<|im_end|>"
+    rest = render_chatml(hist, add_generation_prompt=True)[len(prompt) + len(reply):]
+    assert encode_chatml(tok, hist) == whole(prompt) + whole(reply) + whole(rest)

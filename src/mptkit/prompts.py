@@ -56,9 +56,15 @@ def message_text(content: Any, where: str = "messages") -> str:
 
 
 def chatml_message(role: str, content: str) -> list[tuple[str, bool]]:
-    """One message's :func:`chatml_segments` pieces, always these five: ``<|im_start|>``, the role header
-    ``"ROLE\\n"``, the content, ``<|im_end|>``, the newline after it."""
-    return [(IM_START, True), (f"{role}\n", False), (content, False), (IM_END, True), ("\n", False)]
+    """One message's :func:`chatml_segments` pieces. A system or user message is four: ``<|im_start|>``,
+    ``"ROLE\\ncontent"`` (one text: tokenized as the whole rendered string would be, where a tokenizer splits
+    only at the special markers), ``<|im_end|>``, the newline after it. An assistant message is five, its role
+    header apart from its content: ``<|im_start|>``, ``"assistant\\n"``, the content, ``<|im_end|>``,
+    ``"\\n"`` — the boundary where a prompt ends and the reply begins, at inference (the generation prompt
+    ends with the header) and in training (llm-foundry likewise tokenizes prompt and response apart)."""
+    if role == "assistant":
+        return [(IM_START, True), (f"{role}\n", False), (content, False), (IM_END, True), ("\n", False)]
+    return [(IM_START, True), (f"{role}\n{content}", False), (IM_END, True), ("\n", False)]
 
 
 def chatml_segments(messages: list[dict], *, add_generation_prompt: bool = True,

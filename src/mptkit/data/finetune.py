@@ -320,7 +320,7 @@ def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[li
         content = m.get("content")
         if not isinstance(content, str):
             raise BadRecord("non_string_field", f"messages[{i}].content is {type(content).__name__}, expected a string")
-        segs = chatml_message(role, content)  # <|im_start|>, "ROLE\\n", content, <|im_end|>, "\\n"
+        segs = chatml_message(role, content)  # an assistant's: marker, header, content, marker, newline
         if role == "assistant":
             turns.append((pending + segs[:2], segs[2:4]))
             pending = segs[4:]  # the newline after the reply's <|im_end|> opens the next prompt
