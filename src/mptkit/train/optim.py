@@ -30,8 +30,8 @@ from mptkit.errors import ConfigError, TrainError
 class DecoupledAdamW(torch.optim.Optimizer):
     """``fused`` (the recipe's ``optimizer.fused``): None (default) = torch's fused AdamW kernel
     (``torch.optim.adamw.adamw(..., fused=True)``) per group where torch has it (CPU/CUDA floating tensors,
-    one device), else the loop; ~6x less optimizer time on CPU than the per-tensor loop (one pass over the
-    weights instead of seven); True = the fused kernel, an error where it cannot run; False = the plain
+    one device), else the loop; less optimizer time than the per-tensor loop (one pass over the weights
+    instead of seven); True = the fused kernel, an error where it cannot run; False = the plain
     per-tensor loop below. Both implement the same update and share the state layout (``step``,
     ``exp_avg``, ``exp_avg_sq``), so a checkpoint resumes under either."""
 
