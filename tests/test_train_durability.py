@@ -189,6 +189,34 @@ def test_stale_locks_are_broken_and_live_ones_refused(tmp_path, caplog, monkeypa
     assert json.loads((tmp_path / "mine" / LOCK_NAME).read_text())["host"] == "node-c"
 
 
+def test_a_run_without_a_save_folder_stops_writing_once_its_run_folder_is_taken_over(tmp_path, monkeypatch):
+    """No save folder, so no checkpoint to notice at: the run folder's lock is taken over after step 2 (another
+    run replaced the lock file) and the run stops before its next metrics line, naming the lock and the new
+    holder; metrics.jsonl ends at step 2, nothing more is written (no export, no summary), and the new
+    holder's lock stays."""
+    monkeypatch.setattr(lock_mod, "HEARTBEAT_S", 0.05)
+    real = Trainer._train_step
+
+    def step(self, batch):
+        if self.step == 2:  # another run takes the folder over; wait until our heartbeat has seen it
+            _fake_lock(tmp_path / "other", host="node-c", pid=77)
+            os.replace(tmp_path / "other" / LOCK_NAME, self.run_folder / LOCK_NAME)
+            deadline = time.time() + 10
+            while not self._locks[0].lost and time.time() < deadline:
+                time.sleep(0.02)
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    export = tmp_path / "hf"
+    with pytest.raises(TrainError, match="taken over by pid 77 on host node-c") as e:
+        _fit(make_cfg(tmp_path, save_folder=None, export_folder=str(export)))
+    assert str(tmp_path / "run" / LOCK_NAME) in str(e.value)
+    steps = [json.loads(line).get("step") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s is not None] == [1, 2]
+    assert not export.exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["host"] == "node-c"
+
+
 def test_a_lock_that_cannot_be_read_for_a_moment_is_not_lost(tmp_path, monkeypatch):
     """A read of the lock that fails (an NFS hiccup) or one missing beat (a contender moving it aside to judge
     it) is no verdict: the holder keeps its lock and goes on beating."""

@@ -20,8 +20,9 @@ the next run that wants the folder:
   after its previous workers are gone, so the new incarnation takes its predecessor's lock at once.
 
 The holder checks on every heartbeat that the file still holds its token; a run whose lock was taken from
-it (its heartbeat stalled past ``stale_s``, e.g. a suspended process) is told at its next checkpoint and
-stops without writing (:meth:`RunLock.check`).
+it (its heartbeat stalled past ``stale_s``, e.g. a suspended process) notices at two beats in a row, and the
+trainer stops before its next write: rank 0 checks before every metrics line and before the export, and all
+ranks together before every checkpoint (:meth:`RunLock.check`, :attr:`RunLock.lost`).
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def _beat(path: Path, token: str, every: float, stop: threading.Event, state: _S
                 continue
             state.lost = (f"the lock {path} was removed" if raw is None else
                           f"the lock {path} was taken over by {describe_holder(info)}")
-            log.error("%s: this run no longer owns its folder and will stop at its next checkpoint", state.lost)
+            log.error("%s: this run no longer owns its folder and stops before its next write there (metrics line, "
+                      "checkpoint or export)", state.lost)
             return
         misses = 0
         with contextlib.suppress(OSError):
@@ -346,7 +348,7 @@ class RunLock:
         """Raise :class:`TrainError` if the lock was taken over or removed since it was acquired."""
         if self._state.lost:
             raise TrainError(f"{self._state.lost}: another process now owns {self.folder}; this run stops "
-                             "without writing more checkpoints")
+                             "without writing more there")
 
     def release(self) -> None:
         if not self._held:

@@ -378,6 +378,13 @@ class Trainer:
         if msg is not None:
             raise TrainError(f"rank 0 lost the lock on the run's folder ({msg}); stopping without writing")
 
+    def _check_locks(self) -> None:
+        """Rank 0, before each metrics line and the export: raise :class:`TrainError` naming the lock and its
+        new holder if another run took one of the folders over (``lost`` is set by the heartbeat thread: a
+        plain attribute read, free). The other ranks stop when rank 0 exits (torchrun ends the job)."""
+        for lk in self._locks:
+            lk.check()
+
     def close(self) -> None:
         """Release the folders' locks (``fit`` does it at its end, or on an error)."""
         for lk in self._locks:
@@ -918,8 +925,9 @@ class Trainer:
         main = self.dist.is_main
         t_start = time.perf_counter()
         if main:
+            self._check_locks()
             self._write_run_config()
-        writer = MetricsWriter(self.run_folder, enabled=main,
+        writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
         gpu_flops = ((cfg.callbacks or {}).get("speed_monitor") or {}).get("gpu_flops_available")
@@ -1016,6 +1024,7 @@ class Trainer:
             full = self._full_model()  # collective: every rank takes part; rank 0 gets the unsharded weights
         if main and cfg.export_folder:
             out = Path(cfg.export_folder.format(run_name=self.run_name))
+            self._check_locks()  # the run folder is another run's now: no export in its name
             self.export(out, model=full)
             summary["export_folder"] = str(out)
         if main and cfg.sample_prompt and self.tokenizer is not None:
