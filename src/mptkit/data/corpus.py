@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mptkit.errors import DataError
+from mptkit.utils.fs import real_path
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,6 @@ def link_problem(path: str | os.PathLike) -> str | None:
             return f"a dangling symbolic link (to {target})"
         return f"an unreadable symbolic link ({e.strerror or e})"
     return None
-
-
-def _real(p: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(p))  # never raises on a symlink loop (Path.resolve does, on Python 3.11)
 
 
 def limit_files(files: list[Path], *, max_files: int | None = None, max_bytes: int | None = None) -> list[Path]:
@@ -204,10 +201,10 @@ def resolve_inputs(inputs: list[str] | None, *, max_files: int | None = None, ma
         else:
             raise DataError(f"input {item!r}: no such file or folder")
     # de-duplicate, keep first occurrence
-    skip = [_real(x) for x in exclude or []]
+    skip = [real_path(x) for x in exclude or []]
     seen, uniq = set(), []
     for f in files:
-        k = _real(f)
+        k = real_path(f)
         if any(s == k or s in k.parents for s in skip):
             continue
         if k not in seen:

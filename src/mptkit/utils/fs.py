@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
+def real_path(p: str | os.PathLike) -> Path:
+    """``p`` absolute with every symbolic link followed; never raises on a symlink loop (``Path.resolve``
+    does, on Python 3.11)."""
+    return Path(os.path.realpath(p))
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

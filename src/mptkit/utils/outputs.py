@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mptkit.errors import MPTKitError
+from mptkit.utils.fs import real_path
 
 # Text of the errors torch.save (C++ streams) and safetensors raise when a write fails, e.g. on a full disk.
 _IO_RUNTIME_MARKERS = ("basic_ios::clear", "iostream error", "file write failed", "unexpected pos",
@@ -145,10 +146,6 @@ def write_errors(path: str | os.PathLike, error: type[MPTKitError] = MPTKitError
         raise
 
 
-def _real(p: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.abspath(p)))
-
-
 def _related(a: Path, b: Path) -> str | None:
     """How output ``a`` relates to ``b``: 'is', 'inside', 'contains' or None."""
     if a == b:
@@ -206,15 +203,15 @@ def check_output(
     Returns ``Path(out)``. Symbolic links are followed for the comparisons.
     """
     out = Path(out)
-    o = _real(out)
+    o = real_path(out)
     for s in sources:
-        rel = _related(o, _real(s))
+        rel = _related(o, real_path(s))
         if rel is not None:
             what = {"is": "is", "inside": "is inside", "contains": "contains"}[rel]
             raise error(f"{flag} {out}: {what} the source {s}; writing it would replace the source: choose "
                         "another path")
     for s in inputs:
-        rel = _related(o, _real(s))
+        rel = _related(o, real_path(s))
         if rel in ("is", "contains"):
             raise error(f"{flag} {out}: {'is' if rel == 'is' else 'contains'} the input {s}; writing it would "
                         "replace the input: choose another path")
