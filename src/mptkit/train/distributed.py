@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mptkit.errors import TrainError
+from mptkit.utils.env import env_number
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,8 @@ class DistInfo:
 
 
 def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise TrainError(f"environment variable {name}={v!r} is not an integer (set by torchrun)") from None
+    return env_number(name, default, int, invalid=lambda v: TrainError(
+        f"environment variable {name}={v!r} is not an integer (set by torchrun)"))
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

@@ -41,6 +41,7 @@ import weakref
 from pathlib import Path
 
 from mptkit.errors import TrainError
+from mptkit.utils.env import env_number
 from mptkit.utils.fs import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".mptkit-train.lock"
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-HEARTBEAT_S = _env_float("MPTKIT_LOCK_HEARTBEAT_S", 30.0)  # how often the holder refreshes the lock's mtime
-STALE_S = _env_float("MPTKIT_LOCK_STALE_S", 300.0)  # a lock of another host not refreshed for this long is stale
+HEARTBEAT_S = env_number("MPTKIT_LOCK_HEARTBEAT_S", 30.0, float)  # how often the holder refreshes the lock's mtime
+STALE_S = env_number("MPTKIT_LOCK_STALE_S", 300.0, float)  # a lock of another host not refreshed for this long is stale
 _UNREADABLE_GRACE_S = 30.0  # an empty/unreadable lock younger than this is being written: held
 
 _HELD: dict[str, str] = {}  # lock path -> token, for the locks this process holds now
