@@ -54,7 +54,7 @@ from mptkit.train.metrics import (
 )
 from mptkit.train.optim import build_optimizer, set_lr
 from mptkit.train.schedule import build_schedule
-from mptkit.utils.outputs import write_errors
+from mptkit.utils.outputs import check_output, check_writable, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +232,9 @@ class Trainer:
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
         self._take_folders()  # rank 0 creates and locks them before anything is written; all ranks learn the outcome
         if self.dist.is_main and cfg.export_folder:  # found now, not when training has ended
-            from mptkit.utils.outputs import check_writable
-
-            ex = Path(cfg.export_folder.format(run_name=self.run_name))
-            if ex.exists() and not ex.is_dir():
-                raise TrainError(f"export_folder {ex}: exists and is a file, not a folder; choose another export_folder")
-            check_writable(ex.parent, "export_folder", TrainError, out=ex)
+            # not a file, its folder writable; an existing export is replaced at the end (atomic_dir), no flag
+            check_output(Path(cfg.export_folder.format(run_name=self.run_name)), flag="export_folder",
+                         replaceable=lambda _p: True, overwrite=None, error=TrainError)
         # data and tokenizer
         from mptkit.train.recipe_data import build_data
 
@@ -356,7 +353,11 @@ class Trainer:
                 self._created_dirs += _missing_dirs(f)
             try:
                 for f, key in zip(folders, ("run_folder", "save_folder")):
-                    _check_writable(f, key)
+                    try:  # made here (RunLock would), so that a file in the way is named as such
+                        f.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise TrainError(f"{key} {f} is not writable ({e.strerror or e}); choose another {key}") from None
+                    check_writable(f, key, TrainError)
                 for f in dict.fromkeys(p.resolve() for p in folders):
                     self._locks.append(RunLock(f).acquire())
             except Exception as e:  # noqa: BLE001 - any failure is broadcast first, or the other ranks would wait
@@ -1172,16 +1173,6 @@ def _missing_dirs(folder: Path) -> list[Path]:
         out.append(p)
         p = p.parent
     return out[::-1]
-
-
-def _check_writable(folder: Path, key: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise TrainError(f"{key} {folder} is not writable ({e.strerror or e}); choose another {key}") from None
 
 
 def _fmt_s(s: float) -> str:
