@@ -210,3 +210,22 @@ def test_save_with_dtype_and_load_back_in_fp32(tmp_path):
     back = MPTForCausalLM.from_pretrained(tmp_path / "bf")
     assert back.transformer.wte.weight.dtype == torch.float32
     assert torch.equal(back.transformer.wte.weight, model.transformer.wte.weight.to(torch.bfloat16).float())
+
+
+def test_a_meta_init_device_folder_is_no_override_in_the_errors(saved):
+    """A folder whose config says init_device "meta" (where a recipe built it) loads on the CPU, and its
+    mismatch errors name the folder alone: only the caller's overrides are listed as overrides."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "init_device": "meta"}))
+    assert MPTForCausalLM.from_pretrained(folder).config.init_device == "cpu"
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["transformer.blocks.1.ffn.up_proj.weight"]
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensors") as e:
+        MPTForCausalLM.from_pretrained(folder)
+    assert "with overrides" not in str(e.value) and str(folder) in str(e.value)
+    with pytest.raises(CheckpointError, match=r"\(with overrides of attn_config\)"):
+        MPTForCausalLM.from_pretrained(folder, attn_impl="torch")

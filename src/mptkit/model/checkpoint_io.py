@@ -306,13 +306,14 @@ def load_pretrained(
     cfg = MPTConfig.from_json_file(folder / "config.json")
     if attn_impl is not None:
         config_overrides.setdefault("attn_config", {})["attn_impl"] = attn_impl
-    if cfg.init_device == "meta":  # where a recipe built it; the loaded model has its weights
-        config_overrides.setdefault("init_device", "cpu")
-    if config_overrides:  # before the model is built: every module is made from the final config
+    changes = dict(config_overrides)  # the caller's overrides, which alone are named in the errors' label
+    if cfg.init_device == "meta":  # where a recipe built it; the loaded model has its weights (no override)
+        changes.setdefault("init_device", "cpu")
+    if changes:  # before the model is built: every module is made from the final config
         try:
-            cfg = cfg.replace(**config_overrides)
+            cfg = cfg.replace(**changes)
         except ConfigError as e:
-            raise ConfigError(f"{folder}: overriding {', '.join(sorted(config_overrides))}: {e}") from None
+            raise ConfigError(f"{folder}: overriding {', '.join(sorted(changes))}: {e}") from None
     model = MPTForCausalLM(cfg, init=False, device="meta")
     source = str(folder) if not config_overrides else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
     load_state_into(model, iter_checkpoint_tensors(folder), source=source, dtype=dtype, device=device)
