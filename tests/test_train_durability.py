@@ -140,10 +140,11 @@ def test_stale_locks_are_broken_and_live_ones_refused(tmp_path, caplog, monkeypa
     restart of the same torchrun job is stale and taken over with a warning; another host's lock with a fresh
     heartbeat is refused, naming its holder; the holder's heartbeat refreshes the file; release removes it."""
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    here = socket.gethostname()
+    here, ns = socket.gethostname(), lock_mod.pid_namespace()  # pids are compared only within one pid namespace
     cases = {
-        "dead": ({"host": here, "pid": _dead_pid()}, "is no longer running"),
-        "reused": ({"host": here, "pid": os.getppid(), "process_start": "1"}, "now belongs to another process"),
+        "dead": ({"host": here, "pid": _dead_pid(), "pid_ns": ns}, "is no longer running"),
+        "reused": ({"host": here, "pid": os.getppid(), "process_start": "1", "pid_ns": ns},
+                   "now belongs to another process"),
         "old-heartbeat": ({"host": "node-b", "pid": 4242, "age_s": 1000}, "has not refreshed it for"),
     }
     for name, (kw, why) in cases.items():
@@ -215,6 +216,32 @@ def test_a_run_without_a_save_folder_stops_writing_once_its_run_folder_is_taken_
     assert [s for s in steps if s is not None] == [1, 2]
     assert not export.exists() and not (tmp_path / "run" / "summary.json").exists()
     assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["host"] == "node-c"
+
+
+def test_a_live_lock_from_another_container_on_this_host_is_judged_by_its_heartbeat(tmp_path, caplog):
+    """Containers started with --network host share the hostname and the boot id but not the pids: a lock of
+    this host and boot naming a pid that looks dead here, from another pid namespace (or one the lock does
+    not record), is refused while its heartbeat is fresh and broken once it is old. A lock records its
+    holder's pid namespace."""
+    here, boot, ns = socket.gethostname(), lock_mod._boot_id(), lock_mod.pid_namespace()
+    with RunLock(tmp_path / "mine") as lk:
+        assert json.loads(lk.path.read_text())["pid_ns"] == ns
+    if ns is not None:
+        assert ns == os.stat("/proc/self/ns/pid").st_ino
+    other = (ns or 0) + 1
+    for name, extra in (("other-ns", {"pid_ns": other}), ("unknown-ns", {})):
+        if name == "unknown-ns" and ns is None:
+            continue  # neither side knows its namespace (no /proc): pids are compared as before
+        p = _fake_lock(tmp_path / name, host=here, pid=_dead_pid(), boot_id=boot, age_s=5, **extra)
+        with pytest.raises(TrainError, match="in use by another training run") as e:
+            RunLock(tmp_path / name, stale_s=300).acquire()
+        assert str(p) in str(e.value) and "older than 300 s" in str(e.value), (name, e.value)
+        assert json.loads(p.read_text())["token"] == "someone-else"  # untouched
+        _fake_lock(tmp_path / name, host=here, pid=_dead_pid(), boot_id=boot, age_s=1000, **extra)
+        caplog.clear()
+        with caplog.at_level("WARNING"), RunLock(tmp_path / name, stale_s=300) as lk:
+            assert json.loads(lk.path.read_text())["token"] == lk.token
+        assert "broke the stale lock" in caplog.text and "has not refreshed it for" in caplog.text, caplog.text
 
 
 def test_a_lock_that_cannot_be_read_for_a_moment_is_not_lost(tmp_path, monkeypatch):

@@ -6,16 +6,18 @@ metrics.jsonl. The trainer's rank 0 takes :class:`RunLock` on each folder before
 (the other ranks of its job are told the outcome); a second job fails at once, naming the holder.
 
 The lock is a file, ``<folder>/.mptkit-train.lock``, created with ``O_CREAT | O_EXCL`` (atomic on local file
-systems and on NFSv3 and later), holding the holder's pid, host, boot id, process start time, torchrun job
+systems and on NFSv3 and later), holding the holder's pid, pid namespace, host, boot id, process start time, torchrun job
 and a random token. The holder refreshes the file's mtime every ``heartbeat_s`` seconds from a daemon
 thread and removes the file when it releases the lock (at the end of ``fit``, on an error, or at exit). A
 lock left behind by a process that died (SIGKILL, power cut) is *stale* and is broken, with a warning, by
 the next run that wants the folder:
 
-* same host (same hostname and boot id): the pid no longer runs, or it now belongs to another process
-  (its start time differs from the recorded one);
-* another host, or the host rebooted: the heartbeat is older than ``stale_s`` (measured against the file
-  system's own clock, so clock skew between nodes does not matter);
+* same host (same hostname and boot id) and same pid namespace: the pid no longer runs, or it now belongs
+  to another process (its start time differs from the recorded one);
+* the host rebooted: at once;
+* another host, or another (or an unrecorded) pid namespace on this host (containers started with
+  ``--network host`` share the hostname and boot id, not the pids): the heartbeat is older than
+  ``stale_s`` (measured against the file system's own clock, so clock skew between nodes does not matter);
 * the same torchrun job (``TORCHELASTIC_RUN_ID``) at an earlier restart count: torchrun only restarts a job
   after its previous workers are gone, so the new incarnation takes its predecessor's lock at once.
 
@@ -67,6 +69,16 @@ def _boot_id() -> str | None:
         return None
 
 
+def pid_namespace() -> int | None:
+    """This process's pid namespace (the inode of ``/proc/self/ns/pid``), None where unreadable. Containers
+    started with ``--network host`` share the hostname and the boot id but each has its own pids: a pid is
+    only meaningful within the namespace that recorded it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def process_start(pid: int) -> str | None:
     """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc/PID/stat`` field 22);
     None where unknown. Together with the boot id it tells a live holder from a reused pid."""
@@ -108,6 +120,7 @@ def holder_info(token: str) -> dict:
     now = time.time()
     return {"format": "mptkit-train-lock", "version": 1, "token": token, "pid": os.getpid(),
             "host": socket.gethostname(), "boot_id": _boot_id(), "process_start": process_start(os.getpid()),
+            "pid_ns": pid_namespace(),
             "started": now, "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(now)),
             "job": _job(), "argv": " ".join(sys.argv)[:500]}
 
@@ -153,6 +166,17 @@ def fs_now(folder: Path) -> float:
             os.unlink(p)
 
 
+def same_pid_namespace(info: dict) -> bool:
+    """Whether the lock's pid can be looked up here: it was recorded in this process's pid namespace (or
+    neither side can tell its namespace: no ``/proc``, where containers do not share a hostname this way). A
+    lock of another or an unrecorded namespace (another container on this host, an older mptkit) is judged
+    by its heartbeat, as one of another host."""
+    mine, theirs = pid_namespace(), info.get("pid_ns")
+    if mine is None and theirs is None:
+        return True
+    return mine is not None and theirs == mine
+
+
 def why_stale(info: dict | None, age_s: float, *, stale_s: float, path: Path | None = None) -> str | None:
     """Why a lock whose file says ``info`` and whose heartbeat is ``age_s`` old is stale; None if it is held."""
     if info is None:
@@ -167,7 +191,7 @@ def why_stale(info: dict | None, age_s: float, *, stale_s: float, path: Path | N
     boot = _boot_id()
     if same_host and info.get("boot_id") and boot and info["boot_id"] != boot:
         return f"host {info.get('host')} has rebooted since the lock was taken"
-    if same_host:
+    if same_host and same_pid_namespace(info):
         pid = info.get("pid")
         if not isinstance(pid, int):
             return "the lock file names no pid"
@@ -182,7 +206,8 @@ def why_stale(info: dict | None, age_s: float, *, stale_s: float, path: Path | N
             return f"pid {pid} now belongs to another process (it was reused)"
         return None
     if age_s > stale_s:
-        return f"its holder on host {info.get('host')} has not refreshed it for {age_s:.0f} s (> {stale_s:.0f} s)"
+        where = f"host {info.get('host')}" + (" (another pid namespace: another container)" if same_host else "")
+        return f"its holder on {where} has not refreshed it for {age_s:.0f} s (> {stale_s:.0f} s)"
     return None
 
 
@@ -329,7 +354,7 @@ class RunLock:
         return self
 
     def _held_message(self, info: dict | None, age: float) -> str:
-        same_host = (info or {}).get("host") == socket.gethostname()
+        same_host = (info or {}).get("host") == socket.gethostname() and same_pid_namespace(info or {})
         how = ("wait for it to finish or stop it" if same_host else
                f"if that run is dead, this lock becomes stale and is taken over once its heartbeat is older than "
                f"{self.stale_s:.0f} s (now {age:.0f} s)")
