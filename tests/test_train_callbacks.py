@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import math
+import random
 import sys
 
 import pytest
@@ -80,6 +81,72 @@ def test_loss_spike_rules_and_defaults_are_llm_foundrys():
     assert capped.loss_cap == 10.0
     with pytest.raises(TrainError, match="diverged"):
         capped(4, float("nan"))
+
+
+def _spike_reference(losses, window_size, loss_cap=None, patience=4, mult=2.0):
+    """The monitor's rules written out the plain way (the whole window summed and counted every step): the
+    events, and the window's mean before each step."""
+    window, cap, cap_set, outliers, events, means = [], loss_cap or 10.0, loss_cap is not None, 0, [], []
+    for step, loss in enumerate(losses, start=1):
+        means.append(sum(window) / len(window) if window else None)
+        if len(window) == window_size:
+            if not cap_set:
+                cap, cap_set = min(max(window), 10.0), True
+            mean = sum(window) / len(window)
+            ev = None
+            if loss >= mean * mult:
+                outliers += 1
+                if outliers > patience:
+                    ev = ("loss_spike", step, outliers, mean)
+            else:
+                outliers = 0
+            if ev is None and step >= 2 * window_size:
+                high = sum(1 for x in window if x > cap)
+                if high >= window_size / 2:
+                    ev = ("high_loss", step, high, cap)
+            if ev is not None:
+                events.append(ev)
+            window.pop(0)
+        window.append(loss)
+    return events, means
+
+
+@pytest.mark.parametrize("loss_cap", [None, 3.5])
+def test_loss_spike_running_sums_equal_the_whole_window_computation(loss_cap):
+    """The monitor's running window sum and high-loss count give the events the whole-window computation gives,
+    over a long random series with spikes, high-loss stretches and the cap; its mean is the window's exact mean,
+    correctly rounded, within 1e-12 of the plain float sum's."""
+    from fractions import Fraction
+
+    rng = random.Random(0)
+    losses, x = [], 3.0
+    while len(losses) < 6000:
+        r = rng.random() if len(losses) > 60 else 1.0  # a quiet first window: a derived cap of about 3.3
+        if r < 0.01:  # a spike: a few consecutive outliers
+            losses += [x * rng.uniform(2.5, 40.0) for _ in range(rng.randint(1, 8))]
+        elif r < 0.015:  # a high-loss stretch, above the cap but no outlier
+            losses += [rng.uniform(3.6, 5.5) for _ in range(rng.randint(20, 120))]
+        else:
+            x = min(max(x + rng.gauss(0, 0.05), 0.5), 4.0)
+            losses.append(x * rng.uniform(0.9, 1.1))
+    w = 50
+    m = LossSpikeMonitor(window_size=w, loss_cap=loss_cap)
+    want, means = _spike_reference(losses, w, loss_cap)
+    got = []
+    for step, (loss, plain) in enumerate(zip(losses, means), start=1):
+        if step > 1:
+            assert math.isclose(m.running_mean, plain, rel_tol=1e-12)
+        if step % 10 == 0:  # the exact mean (Fractions are slow: every 10th step)
+            window = list(m.window)
+            assert m.running_mean == float(Fraction(sum(map(Fraction, window)), len(window)))
+        ev = m(step, loss)
+        if ev is not None:
+            got.append((ev["event"], ev["step"], ev.get("outlier_counter", ev.get("high_losses")),
+                        ev.get("running_loss_avg", ev.get("loss_cap"))))
+    assert len(want) > 20 and {e[0] for e in want} == {"loss_spike", "high_loss"}
+    assert [e[:3] for e in got] == [e[:3] for e in want]
+    assert all(math.isclose(a[3], b[3], rel_tol=1e-12) for a, b in zip(got, want))
+    assert m.loss_cap == (loss_cap if loss_cap is not None else min(max(losses[:w]), 10.0))
 
 
 def test_kill_loss_spike_through_the_trainer(tmp_path, monkeypatch):

@@ -175,6 +175,15 @@ SPIKE_MAX_LOSS_CAP = 10.0  # its default loss cap, and the ceiling of the cap it
 SPIKE_WINDOW_FRACTION = 0.05  # its default window: 5% of the run's steps, at least SPIKE_MIN_WINDOW
 
 
+_EXACT_SHIFT = 1074  # every finite float is an integer multiple of 2**-1074
+
+
+def _exact(x: float) -> int:
+    """``x`` as an integer count of 2**-1074, exactly: sums of these never round or drift."""
+    n, d = float(x).as_integer_ratio()  # d is a power of two, at most 2**1074
+    return n << (_EXACT_SHIFT + 1 - d.bit_length())
+
+
 class LossSpikeMonitor:
     """llm-foundry's ``KillLossSpike`` (same defaults and rules), plus a stop on NaN/inf.
 
@@ -186,7 +195,11 @@ class LossSpikeMonitor:
     loss**. ``loss_cap`` defaults to the largest loss of the first full window, at most 10 (a given value
     is kept). Each is logged (``log_only``, the default) or stops the run with a :class:`TrainError`.
     A NaN or infinite loss always stops the run at once (mptkit's; composer has a separate NaNMonitor).
-    ``__call__`` returns the event (a dict for metrics.jsonl) or None."""
+    ``__call__`` returns the event (a dict for metrics.jsonl) or None.
+
+    Each step costs O(1) whatever the window: the window's sum (exact, in integer units of 2**-1074, so its
+    mean is the correctly rounded one and never drifts) and its count of losses above ``loss_cap`` are
+    updated as a loss enters and the oldest leaves."""
 
     def __init__(self, patience: int = 4, outlier_multiplier: float = 2.0, window_size: int | None = None,
                  loss_cap: float | None = None, log_only: bool = True, *, total_steps: int | None = None):
@@ -196,12 +209,19 @@ class LossSpikeMonitor:
             window_size = max(SPIKE_MIN_WINDOW, round(SPIKE_WINDOW_FRACTION * (total_steps or 0)))
         self.window_size = int(window_size)
         self.window: deque[float] = deque(maxlen=self.window_size)
+        self._sum = 0  # the window's sum, exactly (see _exact)
         self.loss_cap = float(loss_cap) if loss_cap is not None else SPIKE_MAX_LOSS_CAP
         self._cap_set = loss_cap is not None
+        self._high = 0  # how many of the window's losses are above loss_cap
         self.log_only = bool(log_only)
         self.outliers = 0
         self.spikes = 0
         self.high_losses = 0
+
+    @property
+    def running_mean(self) -> float | None:
+        """The mean of the window's losses (None while it is empty)."""
+        return self._sum / (len(self.window) << _EXACT_SHIFT) if self.window else None
 
     def __call__(self, step: int, loss: float) -> dict | None:
         if not math.isfinite(loss):
@@ -215,7 +235,8 @@ class LossSpikeMonitor:
             if not self._cap_set:  # the first full window sets the cap
                 self.loss_cap = min(max(self.window), SPIKE_MAX_LOSS_CAP)
                 self._cap_set = True
-            mean = sum(self.window) / len(self.window)
+                self._high = sum(1 for x in self.window if x > self.loss_cap)  # once: against the new cap
+            mean = self.running_mean
             if loss >= mean * self.mult:
                 self.outliers += 1
                 if self.outliers > self.patience:
@@ -227,7 +248,7 @@ class LossSpikeMonitor:
             else:
                 self.outliers = 0
             if event is None and step >= 2 * self.window_size:
-                high = sum(1 for x in self.window if x > self.loss_cap)
+                high = self._high
                 if high >= self.window_size / 2:
                     self.high_losses += 1
                     event = {"event": "high_loss", "step": step, "loss": loss, "loss_cap": self.loss_cap,
@@ -239,7 +260,13 @@ class LossSpikeMonitor:
                     raise TrainError(msg + " (callbacks.kill_loss_spike with log_only: false stopped the run; "
                                            "resume from a checkpoint with a lower lr)")
                 log.warning(msg)
+        if len(self.window) == self.window_size:  # the oldest loss leaves as this one enters
+            old = self.window[0]
+            self._sum -= _exact(old)
+            self._high -= old > self.loss_cap
         self.window.append(loss)
+        self._sum += _exact(loss)
+        self._high += loss > self.loss_cap
         return event
 
 
