@@ -261,6 +261,53 @@ def test_optimizer_monitor_logs_per_parameter_norms(tmp_path, optimizer_metrics)
             assert math.isclose(last[f"l2_norm/moment/{n}"], torch.linalg.vector_norm(exp_avg).item(), rel_tol=1e-5)
 
 
+_NORMS_WORKER = r"""
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from mptkit.train import callbacks
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+full = [torch.randn(7, 5), torch.randn(3), torch.randn(4, 2, 3), torch.randn(1, 6), torch.randn(9)]
+flat = init_device_mesh("cpu", (2,))
+hsdp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+ts = [distribute_tensor(t, flat, [Shard(0)]) for t in full[:3]]
+ts += [distribute_tensor(t, hsdp, [Replicate(), Shard(0)]) for t in full[3:]]
+calls = []
+real = DTensor.full_tensor
+DTensor.full_tensor = lambda self, **k: calls.append(1) or real(self, **k)
+got = callbacks._norms(ts)
+want = [torch.linalg.vector_norm(t).item() for t in full]
+if dist.get_rank() == 0:
+    json.dump({"got": got, "want": want, "reductions": len(calls)}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_optimizer_monitor_norms_of_fsdp_shards_take_one_reduction_per_mesh(tmp_path):
+    """Under FSDP (two gloo ranks, DTensor shards on a 1-D mesh and on a HYBRID_SHARD (replicate, shard) mesh,
+    uneven and one-row tensors included) the monitor's norms are the whole tensors' norms, from one reduction
+    per mesh and placement (not one per tensor)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "norms.py"
+    script.write_text(_NORMS_WORKER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "--monitor-interval", "0.1", str(script), str(tmp_path / "out.json")],
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["reductions"] == 2
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(out["got"], out["want"], strict=True))
+
+
 # ----------------------------------------------------------------------------------- keys that change nothing
 
 

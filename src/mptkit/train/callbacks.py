@@ -75,15 +75,44 @@ class ScheduledGC:
         self._was_enabled = None
 
 
-def _norm(t: torch.Tensor) -> torch.Tensor:
-    n = torch.linalg.vector_norm(t.detach(), 2.0)
-    return n.full_tensor() if hasattr(n, "full_tensor") else n  # FSDP2 shards (DTensor): the whole tensor's norm
+def _norms(tensors: list[torch.Tensor]) -> list[float]:
+    """Each tensor's L2 norm, with one ``torch._foreach_norm`` per kind of tensor and one copy to the host.
+    FSDP2 shards (DTensor): the whole tensor's norm, from the squared norms of the local shards summed over
+    the sharded mesh dimensions in one all-reduce for all of them (not one per tensor)."""
+    groups: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        key = (t.device_mesh, tuple(t.placements)) if hasattr(t, "to_local") else None
+        groups.setdefault(key, []).append(i)
+    order: list[int] = []
+    parts: list[torch.Tensor] = []
+    for key, idx in groups.items():
+        if key is None:
+            parts.append(torch.stack(torch._foreach_norm([tensors[i].detach() for i in idx], 2.0)))
+        elif all(pl.is_shard() or pl.is_replicate() for pl in key[1]):
+            from torch.distributed.tensor import DTensor, Partial, Replicate
+
+            mesh, placements = key
+            local = torch.stack(torch._foreach_norm([tensors[i].detach().to_local() for i in idx], 2.0))
+            sq = local.float().square() if local.dtype in (torch.float16, torch.bfloat16) else local.square()
+            spread = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+            parts.append(DTensor.from_local(sq, mesh, spread, run_check=False).full_tensor().sqrt())
+        else:  # a pending (Partial) placement: DTensor's own norm of each
+            parts.append(torch.stack([torch.linalg.vector_norm(tensors[i].detach(), 2.0).full_tensor() for i in idx]))
+        order += idx
+    if not parts:
+        return []
+    dev = parts[0].device
+    vals = torch.cat([p.to(dev) for p in parts]).tolist()
+    out = [0.0] * len(tensors)
+    for i, v in zip(order, vals):
+        out[i] = v
+    return out
 
 
 class OptimizerMonitor:
     """composer's OptimizerMonitor: per-parameter gradient norms every ``batch_log_interval`` steps and, with
     ``log_optimizer_metrics``, moment and weight norms (see the module docstring). Under FSDP every rank
-    takes part (one all-reduce per parameter at a logged step); only rank 0 writes."""
+    takes part (one all-reduce for all the norms at a logged step); only rank 0 writes."""
 
     def __init__(self, batch_log_interval: int = 10, log_optimizer_metrics: bool = True):
         self.interval = int(batch_log_interval)
@@ -96,18 +125,21 @@ class OptimizerMonitor:
     @torch.no_grad()
     def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """The metrics, read after ``optimizer.step()`` and before the gradients are zeroed."""
-        out: dict[str, Any] = {}
+        keys: list[str] = []
+        tensors: list[torch.Tensor] = []
         for name, p in model.named_parameters():
             if p.grad is None or not p.requires_grad:
                 continue
-            g = _norm(p.grad)
-            out[f"l2_norm/grad/{name}"] = g
+            keys.append(f"l2_norm/grad/{name}")
+            tensors.append(p.grad)
             if self.log_optimizer_metrics:
                 st = optimizer.state.get(p) or {}
                 if "exp_avg" in st:
-                    out[f"l2_norm/moment/{name}"] = _norm(st["exp_avg"])
-                out[f"l2_norm/param/{name}"] = _norm(p)
-        vals = {k: float(v) for k, v in out.items()}
+                    keys.append(f"l2_norm/moment/{name}")
+                    tensors.append(st["exp_avg"])
+                keys.append(f"l2_norm/param/{name}")
+                tensors.append(p)
+        vals = dict(zip(keys, _norms(tensors)))
         sq = sum(v * v for k, v in vals.items() if k.startswith("l2_norm/grad/"))
         vals["l2_norm/grad/global"] = math.sqrt(sq)
         return vals
