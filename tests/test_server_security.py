@@ -144,6 +144,38 @@ def test_encode_chatml_content_is_text_with_and_without_special_markers(chatml):
     assert tok.eos_token_id in encode_chatml(tok, msgs, parse_special_tokens=True)
 
 
+def test_chatml_marker_ids_are_encoded_once_per_tokenizer(served, monkeypatch):
+    """The ChatML markers' ids are encoded once per tokenizer object, not at every request: two chat requests
+    to the server encode no marker after the first; a fresh tokenizer encodes each marker once over two
+    conversations, and again after tokens are added to it."""
+    from mptkit import prompts
+
+    real = prompts.encode_batch
+    marker_calls = []
+
+    def counting(tok, texts, **kw):
+        if list(texts) in (["<|im_start|>"], ["<|im_end|>"]):
+            marker_calls.append(texts[0])
+        return real(tok, texts, **kw)
+
+    monkeypatch.setattr(prompts, "encode_batch", counting)
+    base, srv = served
+    prompts._MARKER_IDS.pop(srv.tok, None)  # as a server just started
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+    for want in (2, 0):
+        before = len(marker_calls)
+        assert httpx.post(base + "/v1/chat/completions", timeout=60, json=body).status_code == 200
+        assert len(marker_calls) - before == want
+    tok = _tokenizer(chatml=True)
+    msgs = [{"role": "user", "content": "hi"}]
+    first = prompts.encode_chatml(tok, msgs)
+    assert prompts.encode_chatml(tok, msgs) == first
+    assert sorted(marker_calls[-2:]) == ["<|im_end|>", "<|im_start|>"] and len(marker_calls) == 4
+    n = len(marker_calls)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|extra|>"]})
+    assert prompts.encode_chatml(tok, msgs) == first and len(marker_calls) == n + 2
+
+
 def test_finetuning_tokenizes_a_conversation_as_the_server_renders_it(tmp_path, model_dir):
     """The finetuning data's ChatML ids equal the server's: each trained prompt is exactly the prompt the
     chat endpoint feeds for the conversation so far (forged markers in content stay text in both), followed

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 from mptkit.data.tokenizer import IM_END, IM_START, encode_batch
@@ -94,15 +96,47 @@ def render_chatml(messages: list[dict], *, add_generation_prompt: bool = True, d
                                                   default_system=default_system))
 
 
-def marker_id(tokenizer, marker: str) -> int | None:
-    """The id of a template marker (``<|im_start|>``) when the tokenizer has it as one token, else None."""
-    if tokenizer is None:
-        return None
+_MARKER_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, {marker: id})
+_MARKER_IDS_LOCK = threading.Lock()
+
+
+def _vocab_size(tokenizer) -> int | None:
+    """The tokenizer's size with its added tokens (a token added since invalidates its cached marker ids)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    try:
+        return backend.get_vocab_size(with_added_tokens=True)
+    except (AttributeError, TypeError):
+        try:
+            return len(tokenizer)
+        except TypeError:
+            return None
+
+
+def _encode_marker(tokenizer, marker: str) -> int | None:
     try:
         ids = encode_batch(tokenizer, [marker])[0]
     except Exception:  # noqa: BLE001 - any tokenizer object: one that cannot encode it has no such token
         return None
     return ids[0] if len(ids) == 1 else None
+
+
+def marker_id(tokenizer, marker: str) -> int | None:
+    """The id of a template marker (``<|im_start|>``) when the tokenizer has it as one token, else None.
+    Encoded once per tokenizer object (and again after tokens are added to it), not at every request."""
+    if tokenizer is None:
+        return None
+    size = _vocab_size(tokenizer)
+    with _MARKER_IDS_LOCK:
+        try:
+            entry = _MARKER_IDS.get(tokenizer)
+            if entry is None or entry[0] != size:
+                entry = _MARKER_IDS[tokenizer] = (size, {})
+        except TypeError:  # an object that cannot be weakly referenced (or hashed): no cache
+            return _encode_marker(tokenizer, marker)
+        ids = entry[1]
+        if marker not in ids:
+            ids[marker] = _encode_marker(tokenizer, marker)
+        return ids[marker]
 
 
 def encode_segments(tokenizer, pieces: list[list[tuple[str, bool]]], *,
