@@ -52,6 +52,26 @@ def test_generate_instruct_wraps_the_prompt_in_the_instruct_template(tmp_path, m
     assert capsys.readouterr().out == a
 
 
+def test_generate_warns_of_a_capped_max_new_tokens_encoding_the_prompt_once(tmp_path, make_tokenizer, capsys,
+                                                                           caplog, monkeypatch):
+    """--max-new-tokens beyond what the context leaves after the prompt: a warning with the prompt's token
+    count, taken from the ids the generator encodes (the prompt is tokenized once)."""
+    from mptkit.infer.generate import Generator
+
+    d = _folder(tmp_path, make_tokenizer)
+    calls = []
+    real = Generator.encode
+    monkeypatch.setattr(Generator, "encode", lambda self, p: calls.append(p) or real(self, p))
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(d), "--prompt", "def f(x):", "--max-new-tokens", "100", "--max-context", "16",
+                     "--ignore-eos", "--quiet-stats"]) == 0
+    assert calls == ["def f(x):"]
+    n_prompt = len(load_tokenizer(d).encode("def f(x):", add_special_tokens=False))
+    msg = next(r.getMessage() for r in caplog.records if "--max-new-tokens 100" in r.getMessage())
+    assert f"the context holds 16 tokens and the prompt takes {n_prompt}, so at most {16 - n_prompt} new" in msg
+    assert capsys.readouterr().out.strip()
+
+
 def test_chat_repl_and_trimming(tmp_path, make_tokenizer, capsys, monkeypatch):
     """The chat REPL answers two turns; ChatML renders as MPT-7B-Chat; old turns are dropped to fit."""
     d = _folder(tmp_path, make_tokenizer)

@@ -91,19 +91,22 @@ def cmd_generate(args) -> int:
         prompt = INSTRUCT_PROMPT.format(instruction=prompt.strip())
     gen = _load(args)
     params = _params(args)
-    n_prompt = len(gen.encode(prompt))
-    room = gen.max_context - n_prompt
-    if 0 < room < params.max_tokens:  # (a prompt that leaves no room is an error further on)
-        log.warning("--max-new-tokens %d: the context holds %d tokens and the prompt takes %d, so at most %d new "
-                    "tokens will be generated%s", params.max_tokens, gen.max_context, n_prompt, room,
-                    "" if gen.learned_pos else " (raise --max-context: ALiBi models may go past max_seq_len)")
+
+    def warn_if_capped(seqs) -> None:  # from the ids the generator encoded: the prompt is tokenized once
+        n_prompt = len(seqs[0].prompt_ids)
+        room = gen.max_context - n_prompt
+        if 0 < room < params.max_tokens:  # (a prompt that leaves no room is an error further on)
+            log.warning("--max-new-tokens %d: the context holds %d tokens and the prompt takes %d, so at most %d "
+                        "new tokens will be generated%s", params.max_tokens, gen.max_context, n_prompt, room,
+                        "" if gen.learned_pos else " (raise --max-context: ALiBi models may go past max_seq_len)")
+
     out = sys.stdout
     if args.echo:
         out.write(prompt)
     t0 = time.perf_counter()
     first = None
     n = 0
-    for ev in gen.stream([prompt], params):
+    for ev in gen.stream([prompt], params, on_start=warn_if_capped):
         if first is None:
             first = time.perf_counter() - t0
         n += 1
