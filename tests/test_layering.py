@@ -23,7 +23,6 @@ KNOWN = {  # (importing file, imported module): still to be removed
     ("infer/server.py", "mptkit.export.source"),
     ("eval/scoring.py", "mptkit.export.source"),
     ("train/trainer.py", "mptkit.infer"),
-    ("train/trainer.py", "mptkit.infer.generate"),
 }
 
 

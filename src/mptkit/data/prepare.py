@@ -341,10 +341,8 @@ class _Packer:
 
 
 def _progress(enabled: bool | None, total_bytes: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=(None if enabled is None
                                                                                         else not enabled),
                 dynamic_ncols=True, leave=True)

@@ -64,13 +64,8 @@ def resolve_model_folder(src: str | os.PathLike) -> Path:
                           "a training run or a checkpoint)")
     if is_model_folder(p):
         return p
-    try:
-        from mptkit.train.checkpoint import model_folder
-    except ImportError:
-        raise ExportError(
-            f"{p}: not a model folder (no config.json with *.safetensors weights), and this installation has "
-            "no trainer checkpoint reader (mptkit.train.checkpoint) to look for checkpoints in it"
-        ) from None
+    from mptkit.train.checkpoint import model_folder
+
     try:
         folder = Path(model_folder(p))
     except CheckpointError as e:

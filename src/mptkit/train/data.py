@@ -4,7 +4,7 @@ A dataset is anything with ``len(ds)`` and ``ds[i] -> dict`` of equal-length Lon
 ``input_ids``; optionally ``labels`` (-100 = no loss), ``attention_mask``, ``sequence_id``. Pretraining
 uses :class:`mptkit.data.shards.TokenDataset`; finetuning plugs in its own dataset (and, if needed, its
 own ``collate`` and loss). :class:`BatchStream` orders samples with a sampler (the data package's
-``ResumableSampler`` when present, rank-sliced), and its position — ``(epoch, offset)`` — is what a
+``ResumableSampler``, rank-sliced), and its position — ``(epoch, offset)`` — is what a
 checkpoint stores to resume at exactly the next sample.
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mptkit.data.shards import ResumableSampler
 from mptkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -44,39 +45,8 @@ class TensorDataset:
         return d
 
 
-class _PermutationSampler:
-    """Fallback sampler: a seeded permutation per epoch, rank-sliced, last partial slice dropped."""
-
-    def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True):
-        self.n, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.rank, self.world = rank, world_size
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, e: int) -> None:
-        self.epoch = e
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        usable = (self.n // self.world) * self.world if self.drop_last else self.n
-        return iter(order[self.rank:usable:self.world])
-
-    def __len__(self) -> int:
-        return self.n // self.world if self.drop_last else -(-self.n // self.world)
-
-
 def make_sampler(num_samples: int, *, seed: int, shuffle: bool, rank: int, world_size: int, drop_last: bool = True):
-    """The data package's ResumableSampler when available, else a seeded permutation sampler."""
-    try:
-        from mptkit.data.shards import ResumableSampler
-    except ImportError:
-        return _PermutationSampler(num_samples, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
-                                   drop_last=drop_last)
+    """The data package's :class:`~mptkit.data.shards.ResumableSampler` (seeded order by position, rank-sliced)."""
     return ResumableSampler(num_samples, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                             drop_last=drop_last)
 

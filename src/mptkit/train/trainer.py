@@ -1107,15 +1107,9 @@ class Trainer:
         log.info("exported the model to %s", out)
         return out
 
-    def sample(self, prompt: str, max_new_tokens: int = 64, model: nn.Module | None = None) -> str | None:
-        try:
-            from mptkit.infer import generate_text
-        except ImportError:
-            try:
-                from mptkit.infer.generate import generate_text
-            except ImportError:
-                log.info("mptkit.infer is not available: no sample")
-                return None
+    def sample(self, prompt: str, max_new_tokens: int = 64, model: nn.Module | None = None) -> str:
+        from mptkit.infer import generate_text
+
         model = self.model if model is None else model
         was = model.training
         model.eval()
