@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_cpu_numerics() -> bool:
     """Flush denormal floats to zero on CPU (ALiBi's far-away keys get probabilities ~e^-90, and x86 handles
-    denormals up to ~100x slower: ~4x on attention backward). Must run before the first parallel op, since
-    OpenMP workers inherit the setting when created. ``MPTKIT_KEEP_DENORMALS=1`` opts out. Returns whether
-    flushing is on."""
+    denormals far more slowly than normal floats, attention backward included). Must run before the first
+    parallel op, since OpenMP workers inherit the setting when created. ``MPTKIT_KEEP_DENORMALS=1`` opts out.
+    Returns whether flushing is on."""
     if os.environ.get("MPTKIT_KEEP_DENORMALS", "") not in ("", "0"):
         return False
     import torch

@@ -1,9 +1,9 @@
 """The decode step (one new token for each cache slot) over the model's own parameters, without the
 per-module dispatch of ``MPTForCausalLM.forward``.
 
-At batch 1 a d512 / 8-layer model spends ~6 ms per token streaming its weights and, through the generic
-forward, another ~3 ms in Python: module ``__call__``s, dropout calls that are identities in eval, autocast
-checks, 3-D reshapes around every linear. This module runs the same arithmetic as the model's forward — the
+At batch 1 a decode step's time goes to streaming the model's weights and, through the generic forward, to
+Python: module ``__call__``s, dropout calls that are identities in eval, autocast checks, 3-D reshapes around
+every linear. This module runs the same arithmetic as the model's forward — the
 same kernels on the same tensors in the same order (embedding -> per block: norm_1, fused Wqkv, clip, split,
 qk_ln, cache write + attention through the cache's hooks, out_proj, residual, norm_2, FFN, residual ->
 norm_f -> LM head (x logit_scale)) — on (n, d_model) rows. Equality with the model's forward is tested
@@ -88,9 +88,9 @@ class FastDecoder:
     """``decoder(ids, cache) -> logits (n, V)`` for a cache set up by ``cache.begin_decode(n)``; equivalent to
     ``model(ids[:, None], cache=cache, logits_to_keep=1).logits[:, -1]``.
 
-    oneDNN is switched off for the step (and restored): its fp32 GELU pays a primitive set-up of ~10 us per
-    call, 4x PyTorch's own vectorised kernel at decode sizes (results differ by at most an ulp or two); fp32
-    matmuls are MKL calls either way."""
+    oneDNN is switched off for the step (and restored): its fp32 GELU pays a primitive set-up per call, which
+    makes it slower than PyTorch's own vectorised kernel at decode sizes (results differ by at most an ulp or
+    two); fp32 matmuls are MKL calls either way."""
 
     def __init__(self, model, *, cpu_kernels: bool = True):
         self.model = model

@@ -138,9 +138,9 @@ class Engine:
             # The engine thread gives up and re-takes the GIL around every torch op; while HTTP/event-loop
             # threads run Python, each re-take waits up to the interpreter's switch interval (5 ms by
             # default), stalling the whole batch. A shorter interval bounds that wait (process-wide setting;
-            # ``switch_interval=None`` leaves it alone). 0.1 ms: with 8 streams the event loop's work per
-            # step is ~0.4 ms of Python, and at 0.5 ms the engine thread spent ~0.6 ms per step waiting for
-            # the GIL (0.2-0.3 ms at 0.1 ms; bench/results/inference.md).
+            # ``switch_interval=None`` leaves it alone). 0.1 ms: with 8 streams the event loop runs Python
+            # for every step's events, and at 0.5 ms the engine thread waited for the GIL at every step
+            # (measured: bench/results/inference.md).
             if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
                 self._saved_switch_interval = sys.getswitchinterval()  # restored by stop()
                 sys.setswitchinterval(self.switch_interval)

@@ -42,8 +42,8 @@ class Detokenizer:
         self.ids: list[int] = list(prompt_ids[-4:])
         self.prefix = 0
         self.read = len(self.ids)
-        # a fast tokenizer's Rust backend decodes the same text without the wrapper's conversions (~1.5 vs
-        # ~5 us a call, two calls per token per sequence)
+        # a fast tokenizer's Rust backend decodes the same text without the wrapper's conversions (two calls
+        # per token per sequence)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
 
     def _dec(self, ids: list[int]) -> str:

@@ -10,7 +10,7 @@ self-test, or ``MPTKIT_CPU_KERNELS=0``. The decoder then keeps ``torch.mm`` and 
 results agree to float rounding either way.
 
 Why: at decode time the linear layers stream every weight once per step, and a batch of 8 sequences should
-cost little more than one. MKL's fp32 GEMM at M=8 costs ~2x its M=1 time on a 2-core Xeon (its blocking is
+cost little more than one. MKL's fp32 GEMM at M=8 costs well above its M=1 time (its blocking is
 made for large M); ``csrc/cpu_kernels.c`` walks each weight row once for all rows of ``x`` with software
 prefetch (figures: bench/results/inference.md).
 
@@ -408,8 +408,8 @@ def release_openmp_threads() -> bool:
     Each thread that starts OpenMP work gets its own pool of workers. When the thread that loaded a model
     hands the compute to another (the serving engine's), two pools exist and libgomp, counting more threads
     than cores, stops letting idle workers spin: every parallel region then waits for a sleeping worker to be
-    woken. Measured on 2 cores (bench/results/inference.md): a decode step 1.2-1.5 ms slower (~25%) until
-    the first pool is released. A thread that runs OpenMP work again simply gets a new pool."""
+    woken, and a decode step is slower until the first pool is released (measured:
+    bench/results/inference.md). A thread that runs OpenMP work again simply gets a new pool."""
     if os.environ.get("MPTKIT_KEEP_OPENMP_POOL", "") not in ("", "0"):
         return False
     lib = next(iter(sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))), None)

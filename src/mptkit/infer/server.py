@@ -318,8 +318,9 @@ class _Relay:
 
     ``call_soon_threadsafe`` wakes the loop through its self-pipe (a syscall and a GIL hand-off) each time, so
     events are buffered and the loop is woken once per batch — by the engine (``Engine.add_waker``) as its next
-    forward pass starts: the loop's Python (SSE formatting and writes, ~50 us per event) then runs while the
-    engine computes outside the GIL rather than contending with its sampling and step set-up. Events put from
+    forward pass starts: the loop's Python (SSE formatting and writes, per event; measured:
+    bench/results/inference.md) then runs while the engine computes outside the GIL rather than contending
+    with its sampling and step set-up. Events put from
     the loop's own thread (a request finished at submission) are delivered at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -368,7 +369,7 @@ class _Relay:
 class _Inbox:
     """One request's events on the event loop (loop thread only): ``put`` from the relay's flush, ``get`` with a
     timeout. A future and a timer per wait — ``asyncio.wait_for(queue.get(), t)`` makes a task besides, per
-    token of every stream (~15 us of the loop's time each, on a loop that shares the cores with the engine)."""
+    token of every stream (each costing loop time, on a loop that shares the cores with the engine)."""
 
     __slots__ = ("items", "loop", "waiter")
 

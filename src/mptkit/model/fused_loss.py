@@ -7,7 +7,7 @@ one-hot, times the chunk) and only scaled by the incoming gradient in backward. 
 plus the size of ``h`` and ``w``; FLOPs are those of the plain head (no recomputation).
 
 Per chunk the (rows, V) work is one matmul into a buffer reused by every chunk (a fresh 100+ MB tensor per
-chunk costs page faults that slowed the matmul ~25% on CPU), one fused in-place softmax, and the two
+chunk costs page faults that slow the matmul on CPU), one fused in-place softmax, and the two
 gradient matmuls. The per-row factors (mean, logit scale, ignored rows) are applied to the small operands
 (``h`` rows before ``dW``, ``dh`` rows after), not to the (rows, V) block. The row loss is ``-log p[target]``
 from the softmax; a row whose target probability is below ``TINY_PROB`` (where fp32 would lose precision)

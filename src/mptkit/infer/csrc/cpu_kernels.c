@@ -3,10 +3,11 @@
  * 1. mptkit_smallgemm: y = x @ w^T (+ b) for a few rows of x — the decode step's linear layers.
  *    x (M, K), w (N, K) as nn.Linear stores it, b (N) or NULL, y (M, N); all row-major and contiguous.
  *    At decode time M is the number of sequences in the batch (1..8 typically) and the cost is streaming w.
- *    A BLAS GEMM at such M runs w through a blocking scheme made for large M: at M = 8 it costs ~2x its M = 1
- *    time on a 2-core Xeon, though the arithmetic is small next to the bytes moved. Here each thread walks its
- *    own blocks of w's rows once, for all M rows of x at a time: per step of VW floats along K it loads NB rows
- *    of w and does M x NB fused multiply-adds against x (which stays in L1/L2), prefetching w PFD (L1) and PFD2 (L2) floats ahead
+ *    A BLAS GEMM at such M runs w through a blocking scheme made for large M: at M = 8 it costs well above its
+ *    M = 1 time (measured: bench/results/inference.md), though the arithmetic is small next to the bytes moved.
+ *    Here each thread walks its own blocks of w's rows once, for all M rows of x at a time: per step of VW
+ *    floats along K it loads NB rows of w and does M x NB fused multiply-adds against x (which stays in L1/L2),
+ *    prefetching w PFD (L1) and PFD2 (L2) floats ahead
  *    so the core keeps enough memory requests in flight. Blocks of x past 8 rows are done 8 at a time while
  *    the same rows of w are hot in cache. Every output element is one dot product summed in the same order
  *    whatever M is, so a sequence's result does not depend on which other sequences share the batch.
@@ -24,7 +25,7 @@
 #define PFD 1024 /* prefetch distance along a row of w, in floats, into L1 */
 #endif
 #ifndef PFD2
-#define PFD2 4096 /* and farther ahead into L2 (5-10% at M = 1 and 8 on the 2-core Xeon, paired A/B runs) */
+#define PFD2 4096 /* and farther ahead into L2 (kept after paired A/B runs; measured: bench/results/inference.md) */
 #endif
 
 #if defined(__AVX512F__)
@@ -148,7 +149,7 @@ int mptkit_smallgemm_vector_width(void) { return VW; }
  * Query head h reads kv head h / (H / Hkv) (MHA, GQA, MQA). top > max(pos), top <= cap; scratch: n*H*top floats.
  *
  * score_j = scale * q.k_j + slope * (j - pos)  for j = 0..pos; softmax; out = sum_j p_j v_j — the arithmetic of
- * KVCache._attend (float32), without the (n*Hkv, rep, T) batched matmuls that cost ~120 us per layer at n = 8.
+ * KVCache._attend (float32), without the (n*Hkv, rep, T) batched matmuls.
  */
 #include <math.h>
 #ifndef APF
@@ -407,8 +408,7 @@ int mptkit_decode_attention(const float *q, const float *knew, const float *vnew
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * A whole MPT block for one decode step, in one call (the per-op dispatch of a Python step costs ~1 ms per token
- * on a d512 / 8-layer model, ~15% of a batch-1 step):
+ * A whole MPT block for one decode step, in one call (without the per-op dispatch of a Python step):
  *
  *   x += out_proj(attention(clip(Wqkv(LN1(x)))))        (the new K/V rows written into the cache)
  *   x += down_proj(gelu(up_proj(LN2(x))))               (GELU exact, as MPTMLP)
