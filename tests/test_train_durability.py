@@ -119,6 +119,27 @@ def test_every_rank_of_a_second_torchrun_job_fails_fast(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_any_failure_of_rank_0_to_take_the_folders_reaches_every_rank(tmp_path):
+    """Rank 0 fails to take the folders with an ordinary OSError (a full disk while writing the lock), not an
+    mptkit error: rank 1 is told by rank 0 and raises an error naming rank 0's failure (before, only mptkit's
+    own errors were broadcast: rank 1 sat in the broadcast until torchrun tore the group down)."""
+    script = tmp_path / "job.py"
+    patch = ("import errno, os\nimport mptkit.train.lock as L\n"
+             "def _full(self):\n    raise OSError(errno.ENOSPC, 'No space left on device', str(self.path))\n"
+             "if os.environ.get('RANK') == '0':\n    L.RunLock.acquire = _full\n")
+    script.write_text(TRAIN.format(root=str(ROOT)).replace("tmp = Path(sys.argv[1])", patch + "tmp = Path(sys.argv[1])"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path), "8ba"], env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "rank 0 could not take the run's folders" in out and "No space left on device" in out, out[-4000:]
+    assert time.time() - t0 < 200
+
+
 def _fake_lock(folder: Path, *, host: str, pid: int, age_s: float = 0.0, **extra) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / LOCK_NAME
