@@ -31,7 +31,7 @@ ALLOWED: tuple[Allowed, ...] = (
             "mosaicml-streaming cannot go beside the CPU torch 2.13.0: it needs torchvision, whose PyPI wheels are "
             "CUDA builds (_C.so links libtorch_cuda.so, so `import streaming` fails), unpinned it moves torch to "
             "2.14.1 + CUDA 13, and it pins transformers<5 and numpy<2.2 (.ci/run)",
-            nodeid="tests/test_data_mds.py::test_same_as_mosaicml_streaming_when_installed"),
+            nodeid="tests/data/test_data_mds.py::test_same_as_mosaicml_streaming_when_installed"),
 )
 
 def _mode() -> str:

@@ -123,7 +123,7 @@ def test_bundled_finetune_recipes_are_valid(recipe):
     from mptkit.train.config import load_run_config
     from mptkit.train.recipe_data import _finetune_options, finetune_source
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cfg = load_run_config(root / "configs" / "finetune" / f"{recipe}.yaml")
     ds = cfg.train_loader["dataset"]
     assert cfg.model["pretrained"] is True and cfg.model["pretrained_model_name_or_path"]

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_server_api import server  # noqa: F401  (module-scoped fixture reused)
+from tests.infer.test_server_api import server  # noqa: F401  (module-scoped fixture reused)
 
 
 def test_index_served(server):  # noqa: F811

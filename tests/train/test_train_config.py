@@ -78,7 +78,7 @@ def test_bundled_recipes_validate():
     """Every recipe under configs/pretrain parses and validates (keys, durations, optimizer, scheduler)."""
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
+    recipes = sorted((Path(__file__).resolve().parents[2] / "configs" / "pretrain").glob("*.yaml"))
     assert {r.stem for r in recipes} >= {"quickstart", "mpt-125m", "mpt-1b", "mpt-7b"}
     for r in recipes:
         cfg = load_run_config(r)
@@ -90,7 +90,7 @@ def test_a_bundled_recipe_runs_by_name(tmp_path, monkeypatch):
     unknown name is still "no such recipe"."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     monkeypatch.chdir(tmp_path)
     for name, sub in (("quickstart", "pretrain"), ("instruct", "finetune")):
         assert load_run_config(name).to_dict() == load_run_config(root / sub / f"{name}.yaml").to_dict()

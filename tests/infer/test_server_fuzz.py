@@ -8,7 +8,7 @@ import random
 
 import httpx
 
-from tests.test_server_api import server  # noqa: F401
+from tests.infer.test_server_api import server  # noqa: F401
 
 
 def _value(rng, depth=0):

@@ -297,7 +297,7 @@ def test_optimizer_monitor_norms_of_fsdp_shards_take_one_reduction_per_mesh(tmp_
 
     script = tmp_path / "norms.py"
     script.write_text(_NORMS_WORKER)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "--monitor-interval", "0.1", str(script), str(tmp_path / "out.json")],

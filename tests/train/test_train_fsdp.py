@@ -50,7 +50,7 @@ from mptkit.train.fsdp import FSDPSettings, build_mesh, consolidate_sharded_chec
 from mptkit.train.trainer import Trainer
 from tests._train_helpers import pattern_data, tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHED = {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1, "t_max": "4ba"}
 # eval on 5 samples, batch 2: rank 0 runs 2 eval batches, rank 1 only 1 (FSDP pads it with a weight-0 forward)
 COMMON = {"device": "cpu", "device_train_microbatch_size": 2, "device_eval_batch_size": 2, "save_interval": "2ba",
@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from tests._train_helpers import pattern_data, tiny_run
-from tests.test_train_fsdp import COMMON
+from tests.train.test_train_fsdp import COMMON
 from mptkit.train.config import config_from_dict
 from mptkit.train.data import TensorDataset
 from mptkit.train.fsdp import gather_full_state_dict
@@ -126,7 +126,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests._train_helpers import pattern_data, tiny_run
-from tests.test_train_fsdp import COMMON
+from tests.train.test_train_fsdp import COMMON
 from mptkit.train.config import config_from_dict
 from mptkit.train.data import TensorDataset
 from mptkit.train.trainer import Trainer

@@ -21,7 +21,7 @@ from mptkit.train.lock import LOCK_NAME, RunLock
 from mptkit.train.trainer import Trainer
 from tests._train_helpers import datasets, make_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fit(cfg, **kw):

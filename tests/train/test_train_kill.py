@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mptkit.train import checkpoint as ck
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import logging, sys

@@ -94,7 +94,7 @@ def test_allow_list_entries_have_reasons_and_match_narrowly():
     assert ALLOWED and all(a.why.strip() for a in ALLOWED)
     assert allowed_for("tests/test_x.py::test_y", "Skipped: needs CUDA")
     assert allowed_for("tests/test_x.py::test_y", "Skipped: needs x86-64 with AVX2+FMA and gcc") is None
-    mds = "tests/test_data_mds.py::test_same_as_mosaicml_streaming_when_installed"
+    mds = "tests/data/test_data_mds.py::test_same_as_mosaicml_streaming_when_installed"
     assert allowed_for(mds, "could not import 'streaming': No module named 'streaming'")
     # the streaming entry is for that one test only
     assert allowed_for("tests/test_other.py::test_z", "could not import 'streaming': No module") is None

@@ -20,7 +20,7 @@ from mptkit.model import MPTForCausalLM
 from mptkit.model.config import MPTConfig
 from tests.conftest import tiny_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base(tmp: Path, tok: Path, **cfg) -> Path:

@@ -11,7 +11,7 @@ import ast
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "mptkit"
+SRC = Path(__file__).resolve().parents[2] / "src" / "mptkit"
 FORBIDDEN = {
     "model": {"data", "train", "infer", "eval", "export"},
     "infer": {"train", "export"},
