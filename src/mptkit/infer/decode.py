@@ -7,7 +7,7 @@ every linear. This module runs the same arithmetic as the model's forward — th
 same kernels on the same tensors in the same order (embedding -> per block: norm_1, fused Wqkv, clip, split,
 qk_ln, cache write + attention through the cache's hooks, out_proj, residual, norm_2, FFN, residual ->
 norm_f -> LM head (x logit_scale)) — on (n, d_model) rows. Equality with the model's forward is tested
-(``tests/test_infer_decode.py``): greedy tokens identical, logits equal to float rounding.
+(``tests/infer/test_infer_decode.py``): greedy tokens identical, logits equal to float rounding.
 
 With mptkit's compiled CPU kernels (``mptkit.infer.kernels``; fp32 on x86-64), the linears run through a
 small-M kernel, attention through a fused cache-write + attention kernel, and each standard block (LayerNorm,
