@@ -37,6 +37,15 @@ from mptkit.infer.server.protocol import APIError, ChatMessage, ChatRequest, Com
 from mptkit.infer.server.serving import Server
 
 __all__ = [
-    "APIError", "BackgroundServer", "ChatMessage", "ChatRequest", "CompletionRequest", "Metrics", "Server",
-    "ServerLimits", "build_app", "build_server", "serve",
+    "APIError",
+    "BackgroundServer",
+    "ChatMessage",
+    "ChatRequest",
+    "CompletionRequest",
+    "Metrics",
+    "Server",
+    "ServerLimits",
+    "build_app",
+    "build_server",
+    "serve",
 ]

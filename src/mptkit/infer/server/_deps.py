@@ -30,7 +30,19 @@ except ImportError:  # pragma: no cover - the serve extra is optional
 AVAILABLE = FastAPI is not None
 
 __all__ = [
-    "AVAILABLE", "BaseModel", "BodyHTTPException", "ConfigDict", "FastAPI", "Field", "HTMLResponse", "JSONResponse",
-    "Match", "PlainTextResponse", "Request", "RequestValidationError", "StarletteHTTPException",
-    "StreamingResponse", "run_in_threadpool",
+    "AVAILABLE",
+    "BaseModel",
+    "BodyHTTPException",
+    "ConfigDict",
+    "FastAPI",
+    "Field",
+    "HTMLResponse",
+    "JSONResponse",
+    "Match",
+    "PlainTextResponse",
+    "Request",
+    "RequestValidationError",
+    "StarletteHTTPException",
+    "StreamingResponse",
+    "run_in_threadpool",
 ]

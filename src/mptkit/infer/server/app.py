@@ -57,9 +57,13 @@ def _error_handlers(app: FastAPI) -> None:
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
-            return APIError(400, f"malformed JSON body: {first.get('msg', '')}", code="invalid_json").response()
+            return APIError(
+                400, f"malformed JSON body: {first.get('msg', '')}", code="invalid_json"
+            ).response()
         param = ".".join(loc) or None
-        msg = f"invalid value for '{param}': {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
+        msg = (
+            f"invalid value for '{param}': {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
+        )
         return APIError(400, msg, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -67,8 +71,10 @@ def _error_handlers(app: FastAPI) -> None:
         if isinstance(exc, TooLarge):
             return APIError(413, str(exc.detail), code="body_too_large").response()
         st = exc.status_code
-        msg = {404: f"no such endpoint: {request.url.path}",
-               405: f"method {request.method} is not allowed on {request.url.path}"}.get(st, str(exc.detail))
+        msg = {
+            404: f"no such endpoint: {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(st, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed"}.get(st)
         return APIError(st, msg, code=code, headers=getattr(exc, "headers", None)).response()
 
@@ -82,8 +88,13 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
     """``/v1/models``, ``/health``, ``/metrics`` and the page ``/``."""
 
     def model_card() -> dict:
-        return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "mptkit",
-                "max_model_len": srv.max_context}
+        return {
+            "id": srv.model_name,
+            "object": "model",
+            "created": srv.created,
+            "owned_by": "mptkit",
+            "max_model_len": srv.max_context,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -99,10 +110,17 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
     @app.get("/health")
     async def health():
         if not srv.engine.running:
-            return JSONResponse({"status": "unavailable", "error": srv.engine.error}, status_code=503,
-                                headers={"Retry-After": str(srv.limits.retry_after_s)})
-        return {"status": "ok", "model": srv.model_name, "running": srv.engine.num_running,
-                "waiting": srv.engine.num_waiting}
+            return JSONResponse(
+                {"status": "unavailable", "error": srv.engine.error},
+                status_code=503,
+                headers={"Retry-After": str(srv.limits.retry_after_s)},
+            )
+        return {
+            "status": "ok",
+            "model": srv.model_name,
+            "running": srv.engine.num_running,
+            "waiting": srv.engine.num_waiting,
+        }
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -113,17 +131,30 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
     @app.get("/", response_class=HTMLResponse)
     async def index():
         page = (STATIC / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL}}", html.escape(srv.model_name)).replace(
-            "{{NEEDS_KEY}}", "true" if srv.api_key else "false"))
+        return HTMLResponse(
+            page.replace("{{MODEL}}", html.escape(srv.model_name)).replace(
+                "{{NEEDS_KEY}}", "true" if srv.api_key else "false"
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- building and running
 
 
-def build_server(model_path: str, *, max_context: int | None = None, api_key: str | None = None,
-                 limits: ServerLimits | None = None, model_name: str | None = None, compile: bool = False,
-                 dtype=None, device: str = "cpu", kv_dtype=None, public_metrics: bool = False,
-                 parse_special_tokens: bool = False) -> Server:
+def build_server(
+    model_path: str,
+    *,
+    max_context: int | None = None,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    model_name: str | None = None,
+    compile: bool = False,
+    dtype=None,
+    device: str = "cpu",
+    kv_dtype=None,
+    public_metrics: bool = False,
+    parse_special_tokens: bool = False,
+) -> Server:
     """Load a model (a model folder, a training run or a checkpoint) and return a started :class:`Server`
     (call ``.app()`` for the ASGI app)."""
     import torch
@@ -139,8 +170,14 @@ def build_server(model_path: str, *, max_context: int | None = None, api_key: st
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name
-    return Server(engine, model_name=name, api_key=api_key, limits=limits, public_metrics=public_metrics,
-                  parse_special_tokens=parse_special_tokens)
+    return Server(
+        engine,
+        model_name=name,
+        api_key=api_key,
+        limits=limits,
+        public_metrics=public_metrics,
+        parse_special_tokens=parse_special_tokens,
+    )
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -156,8 +193,14 @@ class BackgroundServer:
     """A server running uvicorn in a daemon thread (notebooks, tests, benchmarks): ``base_url`` once healthy;
     ``stop()`` (or leaving the ``with`` block) shuts uvicorn down and stops the engine."""
 
-    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 ready_timeout: float = 30.0):
+    def __init__(
+        self,
+        server: Server,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        ready_timeout: float = 30.0,
+    ):
         import socket
 
         import uvicorn
@@ -175,7 +218,9 @@ class BackgroundServer:
         while not self._uv.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise InferenceError(f"the server did not start on {host}:{port} within {ready_timeout:.0f} s")
+                raise InferenceError(
+                    f"the server did not start on {host}:{port} within {ready_timeout:.0f} s"
+                )
             time.sleep(0.02)
 
     def stop(self) -> None:

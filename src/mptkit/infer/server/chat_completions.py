@@ -31,13 +31,21 @@ async def create_chat_completion(srv: Server, req: ChatRequest, request: Request
         raise APIError(400, "tools are not supported by this server", param="tools")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise APIError(400, "only response_format type 'text' is supported", param="response_format")
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
+    msgs = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages
+    ]
     ids = await run_in_threadpool(srv.chat_ids, msgs)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = srv.sampling(req, max_tokens=max_tokens, default_max=srv.limits.default_chat_max_tokens,
-                          prompt_len=len(ids), logprobs=k, extra_stop=[IM_END],
-                          extra_stop_ids=[srv.im_end_id] if srv.im_end_id is not None else [])
+    params = srv.sampling(
+        req,
+        max_tokens=max_tokens,
+        default_max=srv.limits.default_chat_max_tokens,
+        prompt_len=len(ids),
+        logprobs=k,
+        extra_stop=[IM_END],
+        extra_stop_ids=[srv.im_end_id] if srv.im_end_id is not None else [],
+    )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     n = len(params)
@@ -48,9 +56,17 @@ async def create_chat_completion(srv: Server, req: ChatRequest, request: Request
             if e.logprob is None:
                 continue
             s = srv.token_str(e.logprob.token)
-            out.append({"token": s, "logprob": e.logprob.logprob, "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": srv.token_str(t), "logprob": v,
-                                          "bytes": list(srv.token_str(t).encode())} for t, v in e.logprob.top]})
+            out.append(
+                {
+                    "token": s,
+                    "logprob": e.logprob.logprob,
+                    "bytes": list(s.encode()),
+                    "top_logprobs": [
+                        {"token": srv.token_str(t), "logprob": v, "bytes": list(srv.token_str(t).encode())}
+                        for t, v in e.logprob.top
+                    ],
+                }
+            )
         return out
 
     h, q = srv.start(ids, params)
@@ -58,8 +74,13 @@ async def create_chat_completion(srv: Server, req: ChatRequest, request: Request
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices, usage_=None):
-            d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.model_name,
-                 "choices": choices}
+            d = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": srv.model_name,
+                "choices": choices,
+            }
             if usage_ is not None:
                 d["usage"] = usage_
             return sse_event(d)
@@ -67,25 +88,52 @@ async def create_chat_completion(srv: Server, req: ChatRequest, request: Request
         async def sse():
             toks = 0
             for i in range(n):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             async for ev in srv.events(request, h, q):
                 if ev.token is not None:
                     toks += 1
                 if not ev.text and not ev.finished and not req.logprobs:
                     continue
                 delta = {"content": ev.text} if ev.text else {}
-                yield chunk([{"index": ev.choice, "delta": delta,
-                              "logprobs": {"content": lp_content([ev])} if req.logprobs else None,
-                              "finish_reason": ev.finish_reason if ev.finished else None}])
+                yield chunk(
+                    [
+                        {
+                            "index": ev.choice,
+                            "delta": delta,
+                            "logprobs": {"content": lp_content([ev])} if req.logprobs else None,
+                            "finish_reason": ev.finish_reason if ev.finished else None,
+                        }
+                    ]
+                )
             if include_usage:
                 yield chunk([], usage(len(ids), toks, h.cached_tokens))
             yield SSE_DONE
 
         return srv.stream(sse())
     texts, evs, reasons, toks = await srv.collect(request, h, q, n)
-    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                "logprobs": {"content": lp_content(evs[i])} if req.logprobs else None,
-                "finish_reason": reasons[i] or "length"} for i in range(n)]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
-            "choices": choices, "usage": usage(len(ids), toks, h.cached_tokens)}
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": "".join(texts[i])},
+            "logprobs": {"content": lp_content(evs[i])} if req.logprobs else None,
+            "finish_reason": reasons[i] or "length",
+        }
+        for i in range(n)
+    ]
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": srv.model_name,
+        "choices": choices,
+        "usage": usage(len(ids), toks, h.cached_tokens),
+    }

@@ -23,7 +23,9 @@ def check_api_key(request: Request, key: bytes) -> None:
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
     good = hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key)
     if not (good and scheme.lower() == "bearer"):
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+        raise APIError(
+            401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
+        )
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -182,8 +184,16 @@ class BodyLimit:
 
     async def _reject(self, send, n):
         body = json.dumps(APIError(413, too_large(n, self.limit), code="body_too_large").body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -69,7 +69,9 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None  # refused unless empty: no insertion (see completions)
     best_of: int | None = None  # refused unless 1: no server-side choice among candidates
-    parse_special_tokens: bool | None = None  # None: the server's setting (default off: special tokens are text)
+    parse_special_tokens: bool | None = (
+        None  # None: the server's setting (default off: special tokens are text)
+    )
 
 
 class ChatMessage(_Base):
@@ -93,12 +95,23 @@ class ChatRequest(SamplingRequest):
 class APIError(Exception):
     """An error answered in OpenAI's shape; ``type`` follows from the status unless given."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, type_: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type_: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
+        self.type = type_ or {
+            401: "authentication_error",
+            404: "not_found_error",
+            429: "rate_limit_error",
+        }.get(status, "invalid_request_error" if status < 500 else "server_error")
         self.headers = headers
 
     def body(self) -> dict:
@@ -122,5 +135,9 @@ SSE_DONE = "data: [DONE]\n\n"
 def usage(p: int, c: int, cached: int = 0) -> dict:
     """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens a slot already held (not
     prefilled again)."""
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

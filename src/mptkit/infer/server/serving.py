@@ -25,9 +25,16 @@ if TYPE_CHECKING:
 class Server:
     """Holds the engine, tokenizer and limits; ``app()`` builds the ASGI app (:mod:`.app`)."""
 
-    def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None,
-                 limits: ServerLimits | None = None, public_metrics: bool = False,
-                 parse_special_tokens: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model_name: str,
+        api_key: str | None = None,
+        limits: ServerLimits | None = None,
+        public_metrics: bool = False,
+        parse_special_tokens: bool = False,
+    ):
         if not AVAILABLE:
             raise InferenceError("serving needs fastapi and uvicorn: pip install 'mptkit[serve]'")
         if api_key is not None and not api_key.strip():
@@ -39,7 +46,9 @@ class Server:
         self.api_key = api_key
         self._key = api_key.strip().encode() if api_key is not None else b""
         self.public_metrics = public_metrics  # /metrics without the key
-        self.parse_special_tokens = parse_special_tokens  # /v1/completions text prompts: special tokens parsed
+        self.parse_special_tokens = (
+            parse_special_tokens  # /v1/completions text prompts: special tokens parsed
+        )
         self.limits = limits or ServerLimits()
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -64,8 +73,12 @@ class Server:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(404, f"model '{name}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model '{name}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def encode(self, prompt: Any, param: str, parse_special_tokens: bool = False) -> list[int]:
         """A prompt's ids: token ids checked against the vocabulary, or text tokenized with its special tokens'
@@ -94,33 +107,56 @@ class Server:
     def token_str(self, t: int) -> str:
         return self.tok.decode([t]) if self.tok is not None else str(t)
 
-    def sampling(self, req: SamplingRequest, *, max_tokens: int | None, default_max: int, prompt_len: int,
-                 logprobs: int | None, extra_stop: list[str] = (), extra_stop_ids: list[int] = ()) -> list[SamplingParams]:
+    def sampling(
+        self,
+        req: SamplingRequest,
+        *,
+        max_tokens: int | None,
+        default_max: int,
+        prompt_len: int,
+        logprobs: int | None,
+        extra_stop: list[str] = (),
+        extra_stop_ids: list[int] = (),
+    ) -> list[SamplingParams]:
         """One :class:`SamplingParams` per choice, the request checked against the context and the limits."""
         lim = self.limits
         if prompt_len == 0:
             raise APIError(400, "the prompt is empty (0 tokens)", param="prompt")
         room = self.max_context - prompt_len
         if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens but this model's context is {self.max_context} "
-                                f"tokens; at most {self.max_context - 1} prompt tokens fit", param="prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens but this model's context is {self.max_context} "
+                f"tokens; at most {self.max_context - 1} prompt tokens fit",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             mt = min(default_max, room, lim.max_tokens)
         else:
             if max_tokens > lim.max_tokens:
-                raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {lim.max_tokens}",
-                               param="max_tokens")
+                raise APIError(
+                    400,
+                    f"max_tokens={max_tokens} exceeds this server's limit of {lim.max_tokens}",
+                    param="max_tokens",
+                )
             if prompt_len + max_tokens > self.max_context:
-                raise APIError(400, f"this model's context is {self.max_context} tokens; you asked for "
-                                    f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
-                               param="max_tokens", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"this model's context is {self.max_context} tokens; you asked for "
+                    f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
             mt = max_tokens
         if req.n > lim.max_n:
             raise APIError(400, f"n={req.n} exceeds this server's limit of {lim.max_n}", param="n")
         if req.seed is not None and req.seed + req.n - 1 >= SEED_LIMIT:
-            raise APIError(400, f"seed={req.seed} with n={req.n}: choice i uses seed + i, which must stay below 2^63",
-                           param="seed")
+            raise APIError(
+                400,
+                f"seed={req.seed} with n={req.n}: choice i uses seed + i, which must stay below 2^63",
+                param="seed",
+            )
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -129,14 +165,24 @@ class Server:
         out = []
         for i in range(req.n):
             try:
-                out.append(SamplingParams(
-                    max_tokens=mt, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                    repetition_penalty=req.repetition_penalty,
-                    seed=None if req.seed is None else req.seed + i,
-                    stop=stop + list(extra_stop), stop_token_ids=list(req.stop_token_ids or []) + list(extra_stop_ids),
-                    ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
-                ))
+                out.append(
+                    SamplingParams(
+                        max_tokens=mt,
+                        temperature=req.temperature,
+                        top_p=req.top_p,
+                        top_k=req.top_k,
+                        min_p=req.min_p,
+                        presence_penalty=req.presence_penalty,
+                        frequency_penalty=req.frequency_penalty,
+                        repetition_penalty=req.repetition_penalty,
+                        seed=None if req.seed is None else req.seed + i,
+                        stop=stop + list(extra_stop),
+                        stop_token_ids=list(req.stop_token_ids or []) + list(extra_stop_ids),
+                        ignore_eos=req.ignore_eos,
+                        min_tokens=req.min_tokens,
+                        logprobs=logprobs,
+                    )
+                )
             except InferenceError as e:
                 raise APIError(400, str(e)) from None
         return out
@@ -155,9 +201,13 @@ class Server:
         try:
             h = self.engine.submit(prompt_ids, params, cb)
         except EngineOverloaded as e:
-            raise APIError(429, str(e), code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)})
+            raise APIError(
+                429, str(e), code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)}
+            )
         except EngineStopped as e:
-            raise APIError(503, str(e), code="unavailable", headers={"Retry-After": str(self.limits.retry_after_s)})
+            raise APIError(
+                503, str(e), code="unavailable", headers={"Retry-After": str(self.limits.retry_after_s)}
+            )
         except InferenceError as e:
             raise APIError(400, str(e), param="prompt")
         self.metrics.prompt_tokens += len(prompt_ids)
@@ -217,5 +267,8 @@ class Server:
     @staticmethod
     def stream(agen) -> StreamingResponse:
         """A server-sent-events response of ``agen``'s strings."""
-        return StreamingResponse(agen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            agen,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
