@@ -3,6 +3,7 @@ input gets the documented status codes without killing the server. Starts its ow
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -106,6 +107,33 @@ def test_bad_inputs(server):
     m = httpx.get(base + "/metrics").text
     assert "mptkit_requests_total" in m and "mptkit_queue_depth" in m
 
+
+
+def test_metrics_label_requests_by_the_apps_routes(server):
+    """/metrics counts each request under the path of the app's route that matches it (a route added to the
+    app gets its own label, a parametrised one its template; a wrong method counts under its route) and every
+    path that no route matches under the one label 'other' (unbounded paths make no new series)."""
+    from starlette.testclient import TestClient
+
+    from mptkit.infer.server import Server
+
+    _, srv = server
+    fresh = Server(srv.engine, model_name="tiny")  # its own counters, the running engine
+    asgi = inner = fresh.app()
+    while not hasattr(inner, "add_api_route"):  # the FastAPI app inside the middleware
+        inner = inner.app
+    inner.add_api_route("/v1/extra", lambda: {"ok": True}, methods=["GET"])
+    with TestClient(asgi) as c:
+        assert c.get("/v1/extra").json() == {"ok": True}
+        assert c.get("/v1/models/tiny").status_code == 200
+        assert c.get("/v1/completions").status_code == 405
+        for path in ("/nope", "/v1/nope", "/v1/extra/x", "/health/"):
+            assert c.get(path, follow_redirects=False).status_code in (404, 307), path
+        m = c.get("/metrics").text
+    found = re.findall(r'mptkit_requests_total\{endpoint="([^"]*)",status="(\d+)"\} (\d+)', m)
+    counts = {(ep, st): n for ep, st, n in found}
+    assert counts == {("/v1/extra", "200"): "1", ("/v1/models/{name:path}", "200"): "1",
+                      ("/v1/completions", "405"): "1", ("other", "404"): "3", ("other", "307"): "1"}, m
 
 
 def test_unimplemented_completion_fields_are_refused_by_name(server):

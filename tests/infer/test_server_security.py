@@ -319,7 +319,7 @@ def test_large_prompts_are_tokenized_off_the_event_loop(served, monkeypatch):
     tokenizer is made to take 2 s per prompt (a blocking sleep beside the real call): on the event loop that
     would hold /health for 6 s; in worker threads /health answers at once (no timing guess about how fast
     this machine tokenizes)."""
-    import mptkit.infer.server as server_mod
+    import mptkit.infer.server.serving as server_mod
 
     base, _ = served
     text = "def load(fp, *, cls=None): return json.loads(fp.read())\n" * 18000  # ~1 MB

@@ -20,7 +20,7 @@ FORBIDDEN = {
     "data": {"model", "train", "infer"},
 }
 KNOWN = {  # (importing file, imported module): still to be removed
-    ("infer/server.py", "mptkit.export.source"),
+    ("infer/server/app.py", "mptkit.export.source"),
     ("eval/scoring.py", "mptkit.export.source"),
     ("train/trainer.py", "mptkit.infer"),
 }

@@ -387,6 +387,29 @@ def test_bad_fsdp_config_is_a_clear_error(tmp_path, cfg, match):
         config_from_dict(tiny_run(tmp_path, fsdp_config=cfg))
 
 
+def test_checking_fsdp_config_does_not_load_the_sharding_runtime(tmp_path):
+    """The recipe validator reads fsdp_config through mptkit.train.fsdp_config alone: checking a recipe (a good
+    fsdp_config and a bad one) leaves the torch.distributed runtime module mptkit.train.fsdp unimported."""
+    code = ("import sys, pathlib\n"
+            "from mptkit.errors import ConfigError\n"
+            "from mptkit.train.config import config_from_dict\n"
+            "from tests._train_helpers import tiny_run\n"
+            f"tmp = pathlib.Path({str(tmp_path)!r})\n"
+            "config_from_dict(tiny_run(tmp, fsdp_config={'sharding_strategy': 'SHARD_GRAD_OP'}))\n"
+            "try:\n"
+            "    config_from_dict(tiny_run(tmp, fsdp_config={'sharding_strategy': 'FULL_SHRAD'}))\n"
+            "except ConfigError as e:\n"
+            "    assert 'FULL_SHARD' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('the bad fsdp_config passed')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('mptkit.train.fsdp')))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == "['mptkit.train.fsdp_config']", r.stdout
+
+
 def test_fsdp_config_parsing_and_mesh_checks():
     s = parse_fsdp_config({"sharding_strategy": "shard_grad_op", "state_dict_type": "sharded",
                            "activation_checkpointing_reentrant": False, "use_orig_params": True, "verbose": True})

@@ -452,7 +452,7 @@ class RunConfig:
         if self.fsdp_config is not None:  # keys and values checked here, applied by the trainer (train/fsdp.py)
             if not isinstance(self.fsdp_config, dict):
                 raise ConfigError("fsdp_config: expected a mapping (sharding_strategy, mixed_precision, ...)")
-            from mptkit.train.fsdp import parse_fsdp_config
+            from mptkit.train.fsdp_config import parse_fsdp_config
 
             parse_fsdp_config(self.fsdp_config)
         return self
