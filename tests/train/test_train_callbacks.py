@@ -298,7 +298,7 @@ def test_optimizer_monitor_norms_of_fsdp_shards_take_one_reduction_per_mesh(tmp_
     script = tmp_path / "norms.py"
     script.write_text(_NORMS_WORKER)
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "--monitor-interval", "0.1", str(script), str(tmp_path / "out.json")],
                        env=env, capture_output=True, text=True, timeout=300, check=False)

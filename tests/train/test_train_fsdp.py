@@ -137,7 +137,7 @@ Trainer(cfg, train_dataset=TensorDataset(pattern_data(64)), eval_dataset=TensorD
 
 
 def _torchrun(script: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--monitor-interval", "0.1", str(script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
