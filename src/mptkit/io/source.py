@@ -31,6 +31,7 @@ from mptkit.io.checkpoints import (
     find_latest_checkpoint,
     is_sharded,
     list_checkpoints,
+    verify_checkpoint,
 )
 from mptkit.io.hf_folder import checkpoint_files, is_model_folder
 from mptkit.io.tokenizer_files import find_tokenizer_folder, load_tokenizer
@@ -103,7 +104,13 @@ def open_model_source(path: str | os.PathLike, *, tokenizer: str | os.PathLike |
                            tokenizer_folder=find_tokenizer_folder(p, p, tokenizer))
     if (p / "config.json").is_file() and not (p / MANIFEST).exists() and not _has_checkpoints(p):
         checkpoint_files(p)  # config.json without weights: raises naming the weight files looked for
-    ck = find_latest_checkpoint(p)
+    if (p / MANIFEST).exists():  # a checkpoint itself
+        reason = verify_checkpoint(p)
+        if reason is not None:
+            raise CheckpointError(f"{p}: an invalid checkpoint: {reason}")
+        ck = p
+    else:
+        ck = find_latest_checkpoint(p)
     if ck is None:
         raise CheckpointError(f"{p}: not a model folder, and no usable checkpoint in it: {_why_none(p)}")
     if ck != p:
@@ -130,8 +137,6 @@ def open_model_source(path: str | os.PathLike, *, tokenizer: str | os.PathLike |
     except BaseException:
         tmp.cleanup()
         raise
-    if tok_folder is not None and tok_folder == ck / MODEL_DIR:
-        tok_folder = folder  # the same files, copied beside the consolidated weights
     return ModelSource(path=p, folder=folder, kind="sharded", checkpoint=ck, tokenizer_folder=tok_folder, _tmp=tmp)
 
 
@@ -140,9 +145,7 @@ def _has_checkpoints(p: Path) -> bool:
 
 
 def _why_none(p: Path) -> str:
-    """Why ``p`` gave no checkpoint (find_latest_checkpoint has logged each invalid one's reason)."""
-    if (p / MANIFEST).exists():
-        return "the checkpoint is invalid (see the warning above)"
+    """Why run or save folder ``p`` gave no checkpoint (find_latest_checkpoint logged each invalid one's reason)."""
     n = len(list_checkpoints(p))
     skipped = f"; {n} invalid one(s) skipped, see the warnings above" if n else ""
     return (f"no valid checkpoint found (looked for ep*-ba* folders with a manifest.json in {p} "
