@@ -32,8 +32,12 @@ def _run(tmp_path, make_tokenizer):
     tok = load_tokenizer(make_tokenizer())
     run = tmp_path / "run"
     old, new = _model(1), _model(2)
-    ck.save_checkpoint(run / "checkpoints", model=old, trainer_state={"step": 2}, epoch=0, step=2, tokenizer=tok)
-    ck.save_checkpoint(run / "checkpoints", model=new, trainer_state={"step": 4}, epoch=0, step=4, tokenizer=tok)
+    ck.save_checkpoint(
+        run / "checkpoints", model=old, trainer_state={"step": 2}, epoch=0, step=2, tokenizer=tok
+    )
+    ck.save_checkpoint(
+        run / "checkpoints", model=new, trainer_state={"step": 4}, epoch=0, step=4, tokenizer=tok
+    )
     return run, old, new
 
 
@@ -41,8 +45,12 @@ def test_a_model_folder_opens_as_itself_with_its_tokenizer(tmp_path, make_tokeni
     model = _model(0)
     model.save_pretrained(tmp_path / "m", tokenizer=make_tokenizer())
     with open_model_source(tmp_path / "m") as src:
-        assert (src.kind, src.folder, src.checkpoint, src.tokenizer_folder) == ("model", tmp_path / "m", None,
-                                                                              tmp_path / "m")
+        assert (src.kind, src.folder, src.checkpoint, src.tokenizer_folder) == (
+            "model",
+            tmp_path / "m",
+            None,
+            tmp_path / "m",
+        )
         assert _same(src.load_model(), model)
         assert src.load_tokenizer().decode(src.load_tokenizer().encode("def f(x):")) == "def f(x):"
         assert src.load_config().d_model == model.config.d_model
@@ -65,7 +73,10 @@ def test_a_run_and_a_checkpoint_folder_open_the_newest_valid_checkpoint(tmp_path
     w.write_bytes(w.read_bytes()[:-64])  # the newest one truncated: the previous valid one is used
     with open_model_source(run) as src:
         assert src.checkpoint.name == "ep0-ba2" and _same(src.load_model(), old)
-    with pytest.raises(CheckpointError, match=r"ep0-ba4: an invalid checkpoint: model/model.safetensors has \d+ bytes, manifest says"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"ep0-ba4: an invalid checkpoint: model/model.safetensors has \d+ bytes, manifest says",
+    ):
         open_model_source(run / "checkpoints" / "ep0-ba4")
 
 
@@ -87,9 +98,18 @@ def test_a_sharded_checkpoint_is_consolidated_for_the_duration(tmp_path, make_to
             dcp_save(model, opt, folder)
 
     run = tmp_path / "run"
-    ck.save_sharded_checkpoint(run, write_shards=write_shards, broadcast=lambda x: x, gather=lambda x: [x], rank=0,
-                               model_config=MPTConfig.from_dict(tiny_cfg()), trainer_state={"optimizer": None},
-                               epoch=0, step=3, tokenizer=make_tokenizer())
+    ck.save_sharded_checkpoint(
+        run,
+        write_shards=write_shards,
+        broadcast=lambda x: x,
+        gather=lambda x: [x],
+        rank=0,
+        model_config=MPTConfig.from_dict(tiny_cfg()),
+        trainer_state={"optimizer": None},
+        epoch=0,
+        step=3,
+        tokenizer=make_tokenizer(),
+    )
     with open_model_source(run) as src:
         assert src.kind == "sharded" and src.checkpoint == run / "ep0-ba3"
         tmp = src.folder
@@ -108,8 +128,11 @@ def test_paths_that_hold_no_model_are_one_clear_error(tmp_path, make_tokenizer):
     with pytest.raises(CheckpointError, match=r"f.txt: not a folder \(expected a model folder"):
         open_model_source(tmp_path / "f.txt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"empty: not a model folder, and no usable checkpoint in it: no valid "
-                                              r"checkpoint found \(looked for ep\*-ba\* folders"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"empty: not a model folder, and no usable checkpoint in it: no valid "
+        r"checkpoint found \(looked for ep\*-ba\* folders",
+    ):
         open_model_source(tmp_path / "empty")
     (tmp_path / "cfg").mkdir()
     MPTConfig.from_dict(tiny_cfg()).save(tmp_path / "cfg")

@@ -97,8 +97,9 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [p for _, _, p in found]
 
 
-def scan_checkpoints(folder: str | os.PathLike, *,
-                     checksums: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+def scan_checkpoints(
+    folder: str | os.PathLike, *, checksums: bool = True
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(the newest valid checkpoint under ``folder`` or None, [(checkpoint, why it is invalid), ...] for every
     invalid one newer than it: all of them when none is valid)."""
     bad: list[tuple[Path, str]] = []

@@ -32,15 +32,25 @@ log = logging.getLogger(__name__)
 # What a DCP ``.metadata`` pickle (torch 2.13, FileSystemWriter) legitimately references: DCP's metadata
 # dataclasses, torch.Size, dtypes and layouts, the checkpoint path. Anything else is refused.
 _DCP_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
     ("pathlib", "PureWindowsPath"),
 }
 
@@ -49,15 +59,20 @@ def _metadata_unpickler(f, where: str):
     class _Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str):
             if (module, name) in _DCP_METADATA_GLOBALS or (
-                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            ):
                 return super().find_class(module, name)
-            raise CheckpointError(f"{where}: refusing to load this sharded checkpoint: its metadata pickle "
-                                  f"references {module}.{name}, which is not a torch.distributed.checkpoint "
-                                  "metadata type (a tampered file, or written by an incompatible torch)")
+            raise CheckpointError(
+                f"{where}: refusing to load this sharded checkpoint: its metadata pickle "
+                f"references {module}.{name}, which is not a torch.distributed.checkpoint "
+                "metadata type (a tampered file, or written by an incompatible torch)"
+            )
 
         def persistent_load(self, pid):
-            raise CheckpointError(f"{where}: refusing to load this sharded checkpoint: its metadata pickle holds "
-                                  "a persistent reference")
+            raise CheckpointError(
+                f"{where}: refusing to load this sharded checkpoint: its metadata pickle holds "
+                "a persistent reference"
+            )
 
     return _Restricted(f)
 
@@ -79,10 +94,13 @@ def safe_reader(folder: Path):
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - a truncated or foreign pickle raises many types
-                raise CheckpointError(f"{path}: unreadable sharded checkpoint metadata "
-                                      f"({type(e).__name__}: {e})") from None
+                raise CheckpointError(
+                    f"{path}: unreadable sharded checkpoint metadata ({type(e).__name__}: {e})"
+                ) from None
             if not isinstance(md, Metadata):
-                raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata ({type(md).__name__})")
+                raise CheckpointError(
+                    f"{path}: not torch.distributed.checkpoint metadata ({type(md).__name__})"
+                )
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
@@ -101,8 +119,10 @@ def safe_planner():
             try:
                 obj = torch.load(value, weights_only=True)
             except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises UnpicklingError and more
-                raise CheckpointError(f"refusing a non-tensor item of the sharded checkpoint "
-                                      f"({read_item.dest_index.fqn}): {str(e).splitlines()[0][:300]}") from None
+                raise CheckpointError(
+                    f"refusing a non-tensor item of the sharded checkpoint "
+                    f"({read_item.dest_index.fqn}): {str(e).splitlines()[0][:300]}"
+                ) from None
             buf = io.BytesIO()  # plain data only now: hand it on in the form the parent planner reads
             torch.save(obj, buf)
             buf.seek(0)
@@ -128,16 +148,22 @@ def read_dcp(state: dict, folder: Path) -> None:
     with warnings.catch_warnings():  # DCP warns that no_dist means a single process: it does
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         try:
-            dcp.load(state, checkpoint_id=str(folder), storage_reader=safe_reader(folder),
-                     planner=safe_planner(), no_dist=no_dist)
+            dcp.load(
+                state,
+                checkpoint_id=str(folder),
+                storage_reader=safe_reader(folder),
+                planner=safe_planner(),
+                no_dist=no_dist,
+            )
         except CheckpointException as e:  # a BaseException: name the first rank's error
             errs = [pair[0] for pair in e.failures.values()]
             own = next((x for x in errs if isinstance(x, CheckpointError)), None)
             if own is not None:
                 raise own from None
             first = errs[0] if errs else e
-            raise CheckpointError(f"{folder}: {type(first).__name__}: {str(first).splitlines()[0][:300]}") \
-                from None
+            raise CheckpointError(
+                f"{folder}: {type(first).__name__}: {str(first).splitlines()[0][:300]}"
+            ) from None
 
 
 def load_dcp_model_state(model: nn.Module, folder: Path) -> None:

@@ -35,7 +35,14 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # what makes a folder a model folder (beside config.json)
-WEIGHT_PATTERNS = (SAFE_SINGLE, SAFE_INDEX, "model-*-of-*.safetensors", BIN_SINGLE, BIN_INDEX, "*.safetensors")
+WEIGHT_PATTERNS = (
+    SAFE_SINGLE,
+    SAFE_INDEX,
+    "model-*-of-*.safetensors",
+    BIN_SINGLE,
+    BIN_INDEX,
+    "*.safetensors",
+)
 
 
 def parse_size(s: int | str) -> int:
@@ -209,7 +216,8 @@ def load_bin_state_dict(f: Path) -> dict:
                 f"{f}: a legacy (pre-1.6, non-zip) torch file, which mptkit will not unpickle. Convert it once, "
                 "in an environment you trust: load it yourself (torch.load) and save the weights as safetensors "
                 "(the model's save_pretrained, or safetensors.torch.save_file(state_dict, 'model.safetensors')), "
-                "or re-save it with torch.save (zip format); then remove the .bin")
+                "or re-save it with torch.save (zip format); then remove the .bin"
+            )
         raise CheckpointError(f"{f}: not a torch checkpoint (no zip archive; it starts with {magic!r})")
     try:
         sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
@@ -224,13 +232,15 @@ def normalise_key(k: str) -> str:
     """MPT's own tensor name for a key saved by Composer (``model.transformer.*``) or a DDP wrapper."""
     for prefix in ("model.transformer.", "module.transformer."):  # Composer / DDP-wrapped names
         if k.startswith(prefix):
-            return k[len(prefix) - len("transformer."):]
+            return k[len(prefix) - len("transformer.") :]
     if k.startswith("model.lm_head."):
-        return k[len("model."):]
+        return k[len("model.") :]
     return k
 
 
-def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device) -> None:
+def load_state_into(
+    model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device
+) -> None:
     """Check names and shapes against the model, then assign the tensors (no second copy in memory)."""
     expected = {k: v for k, v in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
@@ -254,16 +264,20 @@ def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, sourc
     ]
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else ""))
+        problems.append(
+            f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else "")
+        )
     if unexpected:
         problems.append(
-            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}" + (" …" if len(unexpected) > 8 else "")
+            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}"
+            + (" …" if len(unexpected) > 8 else "")
         )
     if shape_bad:
         problems.append(f"mis-shaped tensors ({len(shape_bad)}): " + "; ".join(shape_bad[:8]))
     if problems:
         raise CheckpointError(
-            f"{source}: weights do not match config.json — " + " | ".join(problems)
+            f"{source}: weights do not match config.json — "
+            + " | ".join(problems)
             + " (check d_model / n_heads / n_layers / vocab_size / attn_config / tie_word_embeddings)"
         )
     final = {}
@@ -302,7 +316,11 @@ def load_pretrained(
         except ConfigError as e:
             raise ConfigError(f"{folder}: overriding {', '.join(sorted(changes))}: {e}") from None
     model = model_cls(cfg, init=False, device="meta")
-    source = str(folder) if not config_overrides else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
+    source = (
+        str(folder)
+        if not config_overrides
+        else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
+    )
     load_state_into(model, iter_checkpoint_tensors(folder), source=source, dtype=dtype, device=device)
     model.reset_buffers()
     model.eval()
@@ -344,7 +362,7 @@ class TensorStore:
             for k in h.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 name = normalise_key(k)
                 self._shapes[name] = tuple(h.get_slice(k).get_shape())
-                self._getters[name] = (lambda h=h, k=k: h.get_tensor(k))
+                self._getters[name] = lambda h=h, k=k: h.get_tensor(k)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
 
@@ -352,7 +370,7 @@ class TensorStore:
         for k, v in load_bin_state_dict(f).items():
             name = normalise_key(k)
             self._shapes[name] = tuple(v.shape)
-            self._getters[name] = (lambda v=v: v)
+            self._getters[name] = lambda v=v: v
 
     def names(self) -> list[str]:
         return list(self._getters)
@@ -373,12 +391,21 @@ class TensorStore:
         """Refuse weights that lack a tensor of ``expected`` (name -> shape: what config.json describes, as
         :func:`mptkit.io.source.expected_shapes` gives) or hold one of another shape, naming them."""
         missing = [k for k in expected if k not in self._getters]
-        bad = [f"{k}: file {self._shapes[k]} vs config {tuple(expected[k])}" for k in expected
-               if k in self._shapes and self._shapes[k] != tuple(expected[k])]
+        bad = [
+            f"{k}: file {self._shapes[k]} vs config {tuple(expected[k])}"
+            for k in expected
+            if k in self._shapes and self._shapes[k] != tuple(expected[k])
+        ]
         problems = []
         if missing:
-            problems.append(f"missing tensors ({len(missing)}): " + ", ".join(missing[:8]) + (" …" if len(missing) > 8 else ""))
+            problems.append(
+                f"missing tensors ({len(missing)}): "
+                + ", ".join(missing[:8])
+                + (" …" if len(missing) > 8 else "")
+            )
         if bad:
             problems.append(f"mis-shaped tensors ({len(bad)}): " + "; ".join(bad[:8]))
         if problems:
-            raise CheckpointError(f"{self.folder}: weights do not match config.json — " + " | ".join(problems))
+            raise CheckpointError(
+                f"{self.folder}: weights do not match config.json — " + " | ".join(problems)
+            )

@@ -84,8 +84,9 @@ class ModelSource:
         self.close()
 
 
-def open_model_source(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                      consolidate: bool = True) -> ModelSource:
+def open_model_source(
+    path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, consolidate: bool = True
+) -> ModelSource:
     """Open ``path`` (a model folder, a training run / save folder, a checkpoint, a sharded checkpoint) as a
     :class:`ModelSource`; use it in a ``with`` block (or call ``close()``) so that a consolidated sharded
     checkpoint's temporary folder is removed.
@@ -100,8 +101,9 @@ def open_model_source(path: str | os.PathLike, *, tokenizer: str | os.PathLike |
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a folder (expected {EXPECTED})")
     if is_model_folder(p):
-        return ModelSource(path=p, folder=p, kind="model",
-                           tokenizer_folder=find_tokenizer_folder(p, p, tokenizer))
+        return ModelSource(
+            path=p, folder=p, kind="model", tokenizer_folder=find_tokenizer_folder(p, p, tokenizer)
+        )
     if (p / "config.json").is_file() and not (p / MANIFEST).exists() and not _has_checkpoints(p):
         checkpoint_files(p)  # config.json without weights: raises naming the weight files looked for
     if (p / MANIFEST).exists():  # a checkpoint itself
@@ -117,13 +119,19 @@ def open_model_source(path: str | os.PathLike, *, tokenizer: str | os.PathLike |
         log.info("%s: using the newest valid checkpoint, %s", p, ck)
     if not is_sharded(ck):
         folder = ck / MODEL_DIR
-        return ModelSource(path=p, folder=folder, kind="checkpoint", checkpoint=ck,
-                           tokenizer_folder=find_tokenizer_folder(folder, p, tokenizer))
+        return ModelSource(
+            path=p,
+            folder=folder,
+            kind="checkpoint",
+            checkpoint=ck,
+            tokenizer_folder=find_tokenizer_folder(folder, p, tokenizer),
+        )
     if not consolidate:
         raise CheckpointError(
             f"{ck} is a sharded checkpoint (fsdp_config.state_dict_type: sharded): its weights are in "
             f"{SHARDED_DIR}/; write an HF folder from it with `mptkit export hf RUN OUT` (or "
-            "mptkit.io.dcp.consolidate_sharded_checkpoint(ckpt, out)), or train with state_dict_type: full")
+            "mptkit.io.dcp.consolidate_sharded_checkpoint(ckpt, out)), or train with state_dict_type: full"
+        )
     tok_folder = find_tokenizer_folder(ck / MODEL_DIR, p, tokenizer)  # before the work: a bad --tokenizer
     from mptkit.io.dcp import consolidate_sharded_checkpoint
 
@@ -137,7 +145,9 @@ def open_model_source(path: str | os.PathLike, *, tokenizer: str | os.PathLike |
     except BaseException:
         tmp.cleanup()
         raise
-    return ModelSource(path=p, folder=folder, kind="sharded", checkpoint=ck, tokenizer_folder=tok_folder, _tmp=tmp)
+    return ModelSource(
+        path=p, folder=folder, kind="sharded", checkpoint=ck, tokenizer_folder=tok_folder, _tmp=tmp
+    )
 
 
 def _has_checkpoints(p: Path) -> bool:
@@ -148,8 +158,10 @@ def _why_none(p: Path) -> str:
     """Why run or save folder ``p`` gave no checkpoint (find_latest_checkpoint logged each invalid one's reason)."""
     n = len(list_checkpoints(p))
     skipped = f"; {n} invalid one(s) skipped, see the warnings above" if n else ""
-    return (f"no valid checkpoint found (looked for ep*-ba* folders with a manifest.json in {p} "
-            f"and {p / 'checkpoints'}{skipped})")
+    return (
+        f"no valid checkpoint found (looked for ep*-ba* folders with a manifest.json in {p} "
+        f"and {p / 'checkpoints'}{skipped})"
+    )
 
 
 def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:

@@ -22,8 +22,15 @@ log = logging.getLogger(__name__)
 # Every file a transformers tokenizer may consist of (copied verbatim beside a model or into an export). The
 # first four are those it can be loaded from: a folder holding none of them holds no tokenizer.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
-    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "mptkit_tokenizer.json",
 )
 LOADABLE_TOKENIZER_FILES = TOKENIZER_FILES[:4]
@@ -47,9 +54,14 @@ def load_tokenizer(path: Any, *, missing_ok: bool = False):
         raise DataError(f"expected a tokenizer folder, got {type(path).__name__}")
     p = Path(path).expanduser()
     if not p.exists():
-        hint = (" (a hub name? mptkit only reads local folders: download it first, e.g. "
-                "`huggingface-cli download NAME --local-dir DIR`)") if "/" in str(path) and not str(path).startswith(
-            (".", "/")) else ""
+        hint = (
+            (
+                " (a hub name? mptkit only reads local folders: download it first, e.g. "
+                "`huggingface-cli download NAME --local-dir DIR`)"
+            )
+            if "/" in str(path) and not str(path).startswith((".", "/"))
+            else ""
+        )
         raise DataError(f"tokenizer {path}: no such file or folder{hint}")
     try:
         if p.is_file():
@@ -99,8 +111,9 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
         tokenizer.save_pretrained(str(folder))
 
 
-def find_tokenizer_folder(model_folder: Path, src: Path | None = None, explicit: str | os.PathLike | None = None
-                          ) -> Path | None:
+def find_tokenizer_folder(
+    model_folder: Path, src: Path | None = None, explicit: str | os.PathLike | None = None
+) -> Path | None:
     """Where the tokenizer files of a model are: ``explicit``, else the model folder, else ``src`` and its
     parents up to two levels (a run folder keeps the tokenizer beside its checkpoints), else the model
     folder's parents up to three levels (a checkpoint's run); a ``tokenizer/`` subfolder of any of these
@@ -109,8 +122,9 @@ def find_tokenizer_folder(model_folder: Path, src: Path | None = None, explicit:
     if explicit is not None:
         e = Path(explicit)
         if not has_tokenizer_files(e):
-            raise DataError(f"--tokenizer {e}: not a folder with tokenizer files "
-                            f"({', '.join(LOADABLE_TOKENIZER_FILES)})")
+            raise DataError(
+                f"--tokenizer {e}: not a folder with tokenizer files ({', '.join(LOADABLE_TOKENIZER_FILES)})"
+            )
         return e
     cands = [model_folder]
     if src is not None:
