@@ -39,7 +39,8 @@ def main() -> None:
     from mptkit.data.corpus import resolve_inputs
     from mptkit.data.prepare import prepare_dataset
     from mptkit.data.shards import ResumableSampler, TokenDataset
-    from mptkit.data.tokenizer import load_tokenizer, train_tokenizer
+    from mptkit.data.tokenizer import train_tokenizer
+    from mptkit.io import load_tokenizer
 
     cores = os.cpu_count()
     print(f"machine: {cores} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
 from tests.conftest import tiny_cfg
 
 VOCAB = 448  # the test tokenizer has 400 tokens

@@ -353,7 +353,7 @@ def test_long_runs_without_a_cut_point_are_encoded_in_bounded_pieces(tok_dir, mo
     import random
 
     from mptkit.data import prepare as prep
-    from mptkit.data.tokenizer import load_tokenizer
+    from mptkit.io import load_tokenizer
 
     monkeypatch.setattr(prep, "_PIECE_BYTES", 4096)
     monkeypatch.setattr(prep, "_BATCH_BYTES", 16384)

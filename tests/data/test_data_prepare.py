@@ -13,8 +13,9 @@ import pytest
 from mptkit.data import prepare as prep
 from mptkit.data.prepare import _safe_chunks, prepare_dataset
 from mptkit.data.shards import TokenDataset
-from mptkit.data.tokenizer import load_tokenizer, train_tokenizer
+from mptkit.data.tokenizer import train_tokenizer
 from mptkit.errors import DataError
+from mptkit.io import load_tokenizer
 
 EOS = 0
 

@@ -11,12 +11,12 @@ import pytest
 from mptkit.data.corpus import default_corpus_files, limit_files
 from mptkit.data.tokenizer import (
     SPECIAL_TOKENS,
-    load_tokenizer,
     padded_vocab_size,
     tokenizer_fingerprint,
     train_tokenizer,
 )
 from mptkit.errors import DataError
+from mptkit.io import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from mptkit.cli import main
 from mptkit.errors import EvalError
 from mptkit.eval import build_prompt, icl_accuracy, read_icl_jsonl
 from mptkit.eval.icl import ICLTask, fewshot_indices
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
 from tests._eval_helpers import model_folder as _model_folder
 
 CHOICES = [" return None", " import os", " class Foo:", " def f(x):", " pass"]

@@ -15,7 +15,8 @@ from mptkit.cli import main
 from mptkit.errors import EvalError
 from mptkit.eval import encode_texts, long_context_curve, next_token_logprobs
 from mptkit.eval.long_context import bucket_edges, parse_lengths
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
 from tests._eval_helpers import VOCAB
 from tests._eval_helpers import model_folder as _model_folder
 

@@ -13,7 +13,8 @@ import torch
 from mptkit.cli import main
 from mptkit.errors import EvalError
 from mptkit.eval import encode_texts, load_token_stream, perplexity, sliding_windows
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
 from tests._eval_helpers import VOCAB
 from tests._eval_helpers import model_folder as _model_folder
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import types
 
 import pytest
@@ -14,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mptkit.cli import main as cli_main
-from mptkit.errors import CheckpointError, ExportError
+from mptkit.errors import ExportError
 from mptkit.export.hf import export_hf
 from mptkit.model import MPTForCausalLM
 from tests._export_models import make_model
@@ -103,22 +102,21 @@ def test_settings_transformers_cannot_express_are_warned_and_listed(tmp_path, ma
 
 
 def test_run_folder_resolves_to_the_newest_checkpoint_via_the_trainer(tmp_path, make_tokenizer, monkeypatch):
-    """SRC that is not a model folder is handed to mptkit.train.checkpoint.model_folder (stubbed here);
-    the tokenizer kept at the run's top level is found and copied; a run without checkpoints is an error."""
+    """SRC that is not a model folder is handed to the trainer checkpoints' newest-valid lookup
+    (mptkit.io.checkpoints.find_latest_checkpoint, stubbed here); the tokenizer kept at the run's top level
+    is found and copied; a run without checkpoints is an error."""
+    import mptkit.io.source as io_source
+
     run = tmp_path / "run"
     make_tokenizer(run)
     model = make_model(run / "checkpoints" / "ba20" / "model")
     seen = []
 
-    def model_folder(p):
+    def find_latest_checkpoint(p):
         seen.append(p)
-        if not (p / "checkpoints").exists():
-            raise CheckpointError(f"{p}: no valid checkpoint")
-        return p / "checkpoints" / "ba20" / "model"
+        return p / "checkpoints" / "ba20" if (p / "checkpoints").exists() else None
 
-    fake = types.ModuleType("mptkit.train.checkpoint")
-    fake.model_folder = model_folder
-    monkeypatch.setitem(sys.modules, "mptkit.train.checkpoint", fake)
+    monkeypatch.setattr(io_source, "find_latest_checkpoint", find_latest_checkpoint)
     res = export_hf(run, tmp_path / "out")
     assert seen and res.tokenizer_from == run
     assert (tmp_path / "out" / "tokenizer.json").exists()
@@ -149,7 +147,7 @@ def test_refuses_to_clobber_sources_and_unrelated_folders(tmp_path, make_tokeniz
 
 def test_failed_overwrite_keeps_the_previous_export(tmp_path, make_tokenizer, monkeypatch):
     """--overwrite builds the new folder beside the old one: a failure mid-way leaves the old export whole."""
-    import mptkit.model.checkpoint_io as cio
+    import mptkit.io.hf_folder as cio
 
     make_model(tmp_path / "m", make_tokenizer())
     export_hf(tmp_path / "m", tmp_path / "out")

@@ -9,7 +9,8 @@ import torch
 
 from mptkit.cli import main
 from mptkit.infer.chat import trim_history
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
 from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, render_chatml
 from tests.conftest import tiny_cfg
 

@@ -7,7 +7,8 @@ import torch
 
 from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams, generate_text
-from mptkit.model import MPTForCausalLM, load_tokenizer
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
 from tests.conftest import tiny_cfg
 
 

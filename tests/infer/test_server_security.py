@@ -184,7 +184,7 @@ def test_finetuning_tokenizes_a_conversation_as_the_server_renders_it(tmp_path, 
 
     from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
     from mptkit.data.tokenizer import encode_batch
-    from mptkit.model import load_tokenizer
+    from mptkit.io import load_tokenizer
     from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, encode_chatml
 
     tok = load_tokenizer(model_dir)
@@ -405,7 +405,8 @@ def test_encode_chatml_tokenizes_as_the_rendered_string_where_llm_foundry_does(t
     itself gives them (it splits only at special tokens), also where content starts with whitespace that
     would merge with the role header's newline; with an assistant turn, the ids are llm-foundry's
     prompt/response split: the prompt string (ending "<|im_start|>assistant\\n") and the reply apart."""
-    from mptkit.data.tokenizer import load_tokenizer, train_tokenizer
+    from mptkit.data.tokenizer import train_tokenizer
+    from mptkit.io import load_tokenizer
     from mptkit.prompts import encode_chatml, render_chatml
 
     # mptkit's own tokenizer (ChatML markers special) trained on enough source to merge "\n\n"

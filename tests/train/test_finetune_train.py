@@ -143,7 +143,7 @@ def test_token_durations_and_rates_count_non_padding_tokens(tmp_path, make_token
     3 epochs' worth of tokens is 3 epochs of steps and exactly 3x the data's tokens; MFU still counts every
     position computed (padding included, after pad trimming)."""
     from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
-    from mptkit.model import load_tokenizer
+    from mptkit.io import load_tokenizer
     from mptkit.train.trainer import Trainer
     from tests._train_helpers import TINY_MODEL, make_cfg
 

@@ -64,7 +64,8 @@ def test_train_cli_end_to_end(tmp_path, capsys):
     assert summary["steps"] == 6 and summary["eval_loss"] is not None
     assert (tmp_path / "cache" / "tok" / "tokenizer.json").exists()
     assert (tmp_path / "runs" / "tiny" / "ck" / "ep0-ba6" / "model" / "tokenizer.json").exists()
-    from mptkit.model import MPTForCausalLM, load_tokenizer
+    from mptkit.io import load_tokenizer
+    from mptkit.model import MPTForCausalLM
 
     m = MPTForCausalLM.from_pretrained(run / "hf")
     assert load_tokenizer(run / "hf") is not None and m.config.vocab_size == 384

@@ -595,7 +595,8 @@ def test_generate_says_when_the_context_caps_max_new_tokens(tmp_path, make_token
     import torch
 
     from mptkit.cli import main
-    from mptkit.model import MPTForCausalLM, load_tokenizer
+    from mptkit.io import load_tokenizer
+    from mptkit.model import MPTForCausalLM
     from tests.conftest import tiny_cfg
 
     tok = load_tokenizer(make_tokenizer())

@@ -43,10 +43,12 @@ import torch
 from safetensors.torch import load_file
 
 from mptkit.errors import CheckpointError, ConfigError
+from mptkit.io import open_model_source
+from mptkit.io.dcp import consolidate_sharded_checkpoint
 from mptkit.train import checkpoint as ck
 from mptkit.train.config import config_from_dict
 from mptkit.train.data import TensorDataset
-from mptkit.train.fsdp import FSDPSettings, build_mesh, consolidate_sharded_checkpoint, parse_fsdp_config
+from mptkit.train.fsdp import FSDPSettings, build_mesh, parse_fsdp_config
 from mptkit.train.trainer import Trainer
 from tests._train_helpers import pattern_data, tiny_run
 
@@ -342,7 +344,7 @@ def test_sharded_checkpoints(runs, tmp_path):
     got, ref = load_file(str(out / "model.safetensors")), _weights(runs / "fsdp" / "ck" / "ep0-ba4")
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(CheckpointError, match="sharded checkpoint"):
-        ck.model_folder(save)
+        open_model_source(save, consolidate=False)
     # `mptkit export hf RUN` consolidates the newest sharded checkpoint on the fly (a temporary folder)
     from mptkit.export.hf import export_hf
     from mptkit.model import MPTForCausalLM
@@ -350,11 +352,9 @@ def test_sharded_checkpoints(runs, tmp_path):
     export_hf(save, tmp_path / "exported")
     a, b = MPTForCausalLM.from_pretrained(tmp_path / "exported"), MPTForCausalLM.from_pretrained(out)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    # generate / serve / eval load a run the same way (export.source.model_folders): the same weights
-    from mptkit.export.source import model_folders
-
-    with model_folders(save) as (folder, _tok):
-        c = MPTForCausalLM.from_pretrained(folder)
+    # generate / serve / eval load a run the same way (io.open_model_source): the same weights
+    with open_model_source(save) as source:
+        c = source.load_model()
     assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), b.state_dict().values()))
     # one process resumes from the sharded checkpoint (DCP reshards on load)
     s = _fit(tmp_path / "one", load_path=str(c2))
@@ -527,7 +527,8 @@ def test_sharded_checkpoint_metadata_is_not_unpickled_blindly(tmp_path):
     import io
     import pickle
 
-    from mptkit.train.fsdp import _safe_planner, dcp_load
+    from mptkit.io.dcp import safe_planner
+    from mptkit.train.fsdp import dcp_load
 
     ckpt = tmp_path / "ck"
     _one_process_sharded_checkpoint(ckpt)
@@ -545,7 +546,7 @@ def test_sharded_checkpoint_metadata_is_not_unpickled_blindly(tmp_path):
     assert not marker.exists() and not (tmp_path / "hf2").exists()
     item = type("Item", (), {"dest_index": type("I", (), {"fqn": "optim.param_groups.0.lr"})()})()
     with pytest.raises(CheckpointError, match="refusing a non-tensor item"):
-        _safe_planner().load_bytes(item, io.BytesIO(pickle.dumps(_RunsOnUnpickle(marker), protocol=2)))
+        safe_planner().load_bytes(item, io.BytesIO(pickle.dumps(_RunsOnUnpickle(marker), protocol=2)))
     assert not marker.exists()
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mptkit.errors import ConfigError, TrainError
+from mptkit.io import open_model_source
 from mptkit.train import checkpoint as ck
 from mptkit.train.trainer import Trainer
 from tests._train_helpers import datasets, make_cfg
@@ -73,7 +74,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path):
     wf.write_bytes(wf.read_bytes()[:-100])
     assert ck.verify_checkpoint(newest) is not None
     assert ck.find_latest_checkpoint(c / "ck").name == "ep0-ba4"
-    assert ck.model_folder(c / "ck") == c / "ck" / "ep0-ba4" / "model"
+    assert open_model_source(c / "ck").folder == c / "ck" / "ep0-ba4" / "model"
     t, _ = _fit(make_cfg(c, autoresume=True))
     assert t.resumed_from.name == "ep0-ba4"
     final_c = _weights(c / "ck" / "ep1-ba12")
@@ -126,7 +127,7 @@ def test_auto_microbatch_steps_down_on_oom(tmp_path):
 
 def test_export_folder_loads_in_transformers(tmp_path):
     """export_folder is an HF folder that transformers' AutoModelForCausalLM loads with the same logits;
-    model_folder(save_folder) points at the newest checkpoint's complete model folder."""
+    open_model_source(save_folder).folder is the newest checkpoint's complete model folder."""
     from transformers import AutoModelForCausalLM
 
     t, _s = _fit(make_cfg(tmp_path, max_duration="4ba", export_folder=str(tmp_path / "hf")))
@@ -138,7 +139,7 @@ def test_export_folder_loads_in_transformers(tmp_path):
         ours = t.model(x).logits
         theirs = hf(x).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    mf = ck.model_folder(tmp_path / "ck")
+    mf = open_model_source(tmp_path / "ck").folder
     assert mf == tmp_path / "ck" / "ep0-ba4" / "model" and (mf / "config.json").exists()
     hf2 = AutoModelForCausalLM.from_pretrained(str(mf))
     with torch.no_grad():

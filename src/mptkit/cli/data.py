@@ -18,12 +18,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from mptkit.data.tokenizer import (
-        load_tokenizer,
-        padded_vocab_size,
-        tokenizer_fingerprint,
-        train_tokenizer,
-    )
+    from mptkit.data.tokenizer import padded_vocab_size, tokenizer_fingerprint, train_tokenizer
+    from mptkit.io.tokenizer_files import load_tokenizer
 
     out = train_tokenizer(args.inputs or None, args.vocab_size, args.out, min_frequency=args.min_frequency,
                           text_field=args.text_field, max_files=args.max_files, max_bytes=args.max_bytes,
@@ -101,7 +97,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
     if args.verify:
         print(f"verified     all {args.split} shards match their sha256")
     if args.show and len(ds):
-        from mptkit.data.tokenizer import load_tokenizer
+        from mptkit.io.tokenizer_files import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer or m["tokenizer"]["path"])
         for i in range(min(args.show, len(ds))):
@@ -129,7 +125,7 @@ def render_targets(tok, ids: list[int], labels: list[int], open_: str = "[[", cl
 
 def _finetune_check(args: argparse.Namespace) -> int:
     from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
-    from mptkit.data.tokenizer import load_tokenizer
+    from mptkit.io.tokenizer_files import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     opts = FinetuneOptions(max_seq_len=args.max_seq_len, target_prompts=args.target_prompts,

@@ -60,15 +60,14 @@ def _params(args, **over):
 def _load(args, *, need_tokenizer: bool = True):
     import torch
 
-    from mptkit.export.source import model_folders
     from mptkit.infer.generate import Generator
-    from mptkit.model import MPTForCausalLM, load_tokenizer
+    from mptkit.io.source import open_model_source
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with model_folders(args.model) as (folder, tok_folder):  # a model folder, a training run or a checkpoint
-        model = MPTForCausalLM.from_pretrained(folder, dtype=torch_dtype(args.dtype), device=args.device)
-        tok = load_tokenizer(tok_folder) if tok_folder is not None else None
+    with open_model_source(args.model) as source:  # a model folder, a training run or a checkpoint
+        model = source.load_model(dtype=torch_dtype(args.dtype), device=args.device)
+        tok = source.load_tokenizer()
     if tok is None and need_tokenizer:
         raise InferenceError(f"{args.model}: no tokenizer files (tokenizer.json) next to the weights")
     return Generator(model, tok, max_context=args.max_context, compile=args.compile, kv_dtype=args.kv_dtype)

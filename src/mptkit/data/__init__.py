@@ -2,7 +2,8 @@
 
 - :mod:`mptkit.data.corpus`: input files (and the default corpus: the stdlib source), document readers,
   bad-input reports.
-- :mod:`mptkit.data.tokenizer`: ``train_tokenizer``, ``load_tokenizer``, ``tokenizer_fingerprint``.
+- :mod:`mptkit.data.tokenizer`: ``train_tokenizer``, ``tokenizer_fingerprint``, ``encode_batch`` (loading tokenizer
+  files: :func:`mptkit.io.tokenizer_files.load_tokenizer`).
 - :mod:`mptkit.data.prepare`: ``prepare_dataset`` (corpus -> ``manifest.json`` + shards).
 - :mod:`mptkit.data.shards`: ``TokenDataset``, ``ResumableSampler``, ``check_compatible``.
 - :mod:`mptkit.data.mds`: llm-foundry MDS folders (``MDSTokenDataset``, ``open_token_dataset``).

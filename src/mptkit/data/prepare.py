@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from mptkit.data.corpus import Issues, file_sha256, is_prepared_dir, iter_documents, resolve_inputs
-from mptkit.data.tokenizer import _backend, load_tokenizer, padded_vocab_size, tokenizer_fingerprint
+from mptkit.data.tokenizer import _backend, padded_vocab_size, tokenizer_fingerprint
 from mptkit.errors import DataError
+from mptkit.io.tokenizer_files import load_tokenizer
 from mptkit.utils.fs import atomic_path, atomic_write_json
 from mptkit.utils.outputs import check_output, write_errors
 

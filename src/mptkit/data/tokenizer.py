@@ -1,4 +1,5 @@
-"""Tokenizers: train a GPT-NeoX-style byte-level BPE, load any local HF tokenizer, fingerprint one.
+"""Tokenizers: train a GPT-NeoX-style byte-level BPE, fingerprint one, encode batches (loading tokenizer
+files is :func:`mptkit.io.tokenizer_files.load_tokenizer`).
 
 The trained tokenizer follows GPT-NeoX-20B (the one MPT uses): NFC normalizer, byte-level
 pre-tokenizer without a prefix space, byte-level BPE without unknown token, byte-level decoder. Special
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mptkit.errors import DataError
+from mptkit.io.tokenizer_files import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def round_up(n: int, multiple: int = 64) -> int:
@@ -132,41 +133,6 @@ def train_tokenizer(inputs: list[str] | None, vocab_size: int, out_dir, *, min_f
     log.info("tokenizer with %d tokens written to %s (%d documents, %d chars, %d bad inputs skipped)",
              got, out_dir, stats["documents"], stats["chars"], issues.total)
     return out_dir
-
-
-def load_tokenizer(path):
-    """Load a local HF tokenizer: a tokenizer folder, a model folder holding tokenizer files, or a
-    ``tokenizer.json`` file. Never downloads. Raises :class:`DataError` when unusable."""
-    if not isinstance(path, (str, os.PathLike)):
-        if hasattr(path, "encode") and hasattr(path, "get_vocab"):
-            return path  # already a tokenizer
-        raise DataError(f"expected a tokenizer folder, got {type(path).__name__}")
-    p = Path(path).expanduser()
-    if not p.exists():
-        hint = (" (a hub name? mptkit only reads local folders: download it first, e.g. "
-                "`huggingface-cli download NAME --local-dir DIR`)") if "/" in str(path) and not str(path).startswith(
-            (".", "/")) else ""
-        raise DataError(f"tokenizer {path}: no such file or folder{hint}")
-    try:
-        if p.is_file():
-            if p.name.endswith(".json"):
-                from transformers import PreTrainedTokenizerFast
-
-                return PreTrainedTokenizerFast(tokenizer_file=str(p), clean_up_tokenization_spaces=False)
-            raise DataError(f"tokenizer {p}: expected a folder or a tokenizer.json file")
-        if not any((p / f).exists() for f in TOKENIZER_FILES):
-            raise DataError(f"tokenizer {p}: the folder holds none of {', '.join(TOKENIZER_FILES)}")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - transformers raises many types (OSError, ValueError, KeyError, ...)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"tokenizer {p}: cannot be loaded ({type(e).__name__}: {msg})") from None
-    if not getattr(tok, "is_fast", False):
-        log.info("tokenizer %s is a slow (Python) tokenizer; preparing data with it is slower", p)
-    return tok
 
 
 def _backend(tok):

@@ -47,9 +47,9 @@ def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str
 
     ``tokenizer``: a tokenizer or a folder to use instead of the one beside the weights. With
     ``need_tokenizer`` a folder without tokenizer files is an :class:`EvalError`."""
-    from mptkit.data.tokenizer import load_tokenizer as load_tok
-    from mptkit.model import MPTForCausalLM
-    from mptkit.model import load_tokenizer as load_folder_tok
+    from mptkit.errors import CheckpointError
+    from mptkit.io.source import open_model_source
+    from mptkit.io.tokenizer_files import load_tokenizer
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -59,18 +59,13 @@ def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str
     if not os.path.isdir(folder):
         raise EvalError(f"model {folder}: no such folder (expected an HF-layout model folder: config.json + "
                         "*.safetensors, e.g. runs/quickstart/hf, or a training run)")
-    from mptkit.errors import ExportError
-    from mptkit.export.source import model_folders
-
     try:
-        with model_folders(folder) as (mfolder, tok_folder):
-            model = MPTForCausalLM.from_pretrained(mfolder, dtype=dtype, device=dev, attn_impl=attn_impl).eval()
-            if tokenizer is not None:
-                tok = load_tok(tokenizer)
-            else:
-                tok = load_folder_tok(tok_folder) if tok_folder is not None else None
-    except ExportError as e:
+        source = open_model_source(folder)
+    except CheckpointError as e:
         raise EvalError(f"model {folder}: {e}") from None
+    with source:
+        model = source.load_model(dtype=dtype, device=dev, attn_impl=attn_impl).eval()
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else source.load_tokenizer()
     if tok is None and need_tokenizer:
         raise EvalError(f"model {folder}: no tokenizer files (tokenizer.json) beside the weights; "
                         "pass --tokenizer FOLDER")

@@ -38,15 +38,10 @@ import numpy as np
 import torch
 
 from mptkit.errors import ExportError
-from mptkit.export.source import (
-    TensorStore,
-    find_tokenizer_folder,
-    is_model_folder,
-    load_config,
-    model_source,
-    publish_permissions,
-)
-from mptkit.utils.fs import atomic_path
+from mptkit.export.source import load_config, open_source, open_store
+from mptkit.io.hf_folder import TensorStore, is_model_folder
+from mptkit.io.source import expected_shapes
+from mptkit.utils.fs import atomic_path, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
@@ -121,8 +116,6 @@ def tensor_name_map(cfg) -> dict[str, str]:
 
 def _ordered_names(cfg, store: TensorStore) -> list[str]:
     """The source tensors to write, in llama.cpp's usual order (embeddings, blocks, output)."""
-    from mptkit.export.source import expected_shapes
-
     want = list(expected_shapes(cfg))
     head = [n for n in want if not n.startswith("transformer.blocks.")]
     blocks = [n for n in want if n.startswith("transformer.blocks.")]
@@ -347,7 +340,8 @@ def export_gguf(
     gguf = _gguf()
     src, out = Path(src), Path(out)
     _check_out(src, src if is_model_folder(src) else None, out, overwrite)
-    with model_source(src) as folder:
+    with open_source(src, tokenizer) as source:
+        folder = source.folder
         _check_out(src, folder, out, overwrite)
         cfg = load_config(folder)
         problems = llama_cpp_incompatibilities(cfg)
@@ -355,13 +349,12 @@ def export_gguf(
             raise ExportError(
                 f"{folder}: llama.cpp's mpt architecture cannot express " + "; ".join(problems)
             )
-        tok_folder = find_tokenizer_folder(folder, src, tokenizer)
+        tok_folder = source.tokenizer_folder
         if tok_folder is None:
             raise ExportError(f"{src}: no tokenizer files found beside the model or the run; a GGUF file embeds the "
                               "tokenizer: pass --tokenizer DIR")
         tok = read_tokenizer(tok_folder, cfg.vocab_size)
-        store = TensorStore(folder)
-        store.check_against(cfg)
+        store = open_store(folder, cfg)
         plan = _tensor_plan(cfg, store)
 
         folded = []

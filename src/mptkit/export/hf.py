@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mptkit.errors import ConfigError, ExportError
-from mptkit.export.source import (
-    TOKENIZER_FILES,
-    find_tokenizer_folder,
-    is_model_folder,
-    load_config,
-    model_source,
-    publish_permissions,
-)
-from mptkit.utils.fs import atomic_dir
+from mptkit.export.source import load_config, open_source
+from mptkit.io.hf_folder import is_model_folder
+from mptkit.io.tokenizer_files import copy_tokenizer_files
+from mptkit.utils.fs import atomic_dir, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
@@ -74,7 +68,7 @@ def export_hf(
     ``tokenizer``: a folder with tokenizer files, when neither the model folder nor the run has one.
     ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
     """
-    from mptkit.model.checkpoint_io import parse_size, save_pretrained
+    from mptkit.io.hf_folder import parse_size, save_pretrained
     from mptkit.model.config import MPTConfig, transformers_incompatibilities
     from mptkit.model.model import MPTForCausalLM
 
@@ -89,7 +83,8 @@ def export_hf(
         raise ExportError(str(e)) from None
     src, out = Path(src), Path(out)
     _check_out(src, src if is_model_folder(src) else None, out, overwrite)  # before a sharded source is consolidated
-    with model_source(src) as folder:
+    with open_source(src, tokenizer) as source:
+        folder = source.folder
         _check_out(src, folder, out, overwrite)
         cfg = load_config(folder)
         incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []
@@ -98,7 +93,7 @@ def export_hf(
                         "in mptkit, but transformers would compute a different model:", len(incompat))
             for item in incompat:
                 log.warning("  - %s", item)
-        tok_folder = find_tokenizer_folder(folder, src, tokenizer)
+        tok_folder = source.tokenizer_folder
         if tok_folder is None:
             log.warning("%s: no tokenizer files found beside the model or the run; the export has none "
                         "(pass --tokenizer DIR to include one)", src)
@@ -126,10 +121,7 @@ def export_hf(
             save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype,
                             config=file_cfg)
             if tok_folder is not None:
-                for fname in TOKENIZER_FILES:
-                    f = tok_folder / fname
-                    if f.is_file():
-                        shutil.copyfile(f, tmp / fname)
+                copy_tokenizer_files(tok_folder, tmp)
             files = sorted(p.name for p in tmp.iterdir())
             publish_permissions(tmp)
         log.info("wrote %s: %s", out, ", ".join(files))

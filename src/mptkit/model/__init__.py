@@ -1,7 +1,6 @@
-"""The MPT model: config, attention, blocks, the causal LM, init and checkpoint I/O."""
+"""The MPT model: config, attention, blocks, the causal LM, init (files on disk: :mod:`mptkit.io`)."""
 
 from mptkit.model.attention import alibi_slopes, attention
-from mptkit.model.checkpoint_io import load_tokenizer
 from mptkit.model.config import MPTConfig, load_model_config
 from mptkit.model.model import CausalLMOutput, MPTForCausalLM
 
@@ -12,5 +11,4 @@ __all__ = [
     "alibi_slopes",
     "attention",
     "load_model_config",
-    "load_tokenizer",
 ]

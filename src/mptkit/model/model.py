@@ -262,6 +262,8 @@ class MPTForCausalLM(nn.Module):
             blk.attn.attn_impl = impl
 
     # ---------------------------------------------------------------- I/O
+    # The file formats live in mptkit.io.hf_folder, which knows this class only as the ``cls`` handed to it;
+    # these two lazy calls are the model layer's one documented import of mptkit.io (tests/test_layering.py).
     @classmethod
     def from_pretrained(
         cls,
@@ -272,11 +274,15 @@ class MPTForCausalLM(nn.Module):
         attn_impl: str | None = None,
         **config_overrides: Any,
     ) -> MPTForCausalLM:
-        from mptkit.model.checkpoint_io import load_pretrained
+        """Load a HF-layout model folder (config.json + safetensors, or ``pytorch_model.bin`` read with
+        ``weights_only=True``); ``config_overrides`` change config keys before the model is built."""
+        from mptkit.io.hf_folder import load_pretrained
 
-        return load_pretrained(folder, dtype=dtype, device=device, attn_impl=attn_impl, **config_overrides)
+        return load_pretrained(cls, folder, dtype=dtype, device=device, attn_impl=attn_impl, **config_overrides)
 
     def save_pretrained(self, folder: str | os.PathLike, **kw: Any):
-        from mptkit.model.checkpoint_io import save_pretrained
+        """Write config.json + safetensors (sharded above ``max_shard_size``) and, given ``tokenizer``, its
+        files: :func:`mptkit.io.hf_folder.save_pretrained`."""
+        from mptkit.io.hf_folder import save_pretrained
 
         return save_pretrained(self, folder, **kw)

@@ -1,24 +1,16 @@
-"""Trainer checkpoints: atomic folders with a checksum manifest, keep-last-N, newest-valid lookup.
+"""Trainer checkpoints, the write side: atomic folders with a checksum manifest, keep-last-N, recovery.
 
-A checkpoint is a folder ``<save_folder>/ep{E}-ba{B}/``::
+The layout (``ep{E}-ba{B}/`` holding ``model/``, ``trainer_state.pt``, ``run_config.json``, ``manifest.json``;
+a sharded checkpoint's ``dcp/``), reading a manifest, verifying a checkpoint and the newest-valid lookup are
+the read side, :mod:`mptkit.io.checkpoints`; its names are imported here, so the trainer finds both sides in
+this module.
 
-    model/              a complete HF-layout model folder (config.json, model.safetensors, tokenizer files)
-    trainer_state.pt    optimizer, step counters, data position, RNG states, grad scaler (torch.save;
-                        read back only with torch.load(weights_only=True))
-    run_config.json     the validated run configuration
-    manifest.json       {"format": "mptkit-checkpoint", "step", "epoch", "files": {path: {sha256, bytes}}}
-
-A *sharded* checkpoint (FSDP with ``fsdp_config.state_dict_type: sharded``) has the same files except that
-``model/`` holds only config.json and the tokenizer, the weights and the optimizer state are in ``dcp/``
-(``torch.distributed.checkpoint``: one file per rank + metadata), ``trainer_state.pt`` has no optimizer and
-the manifest says ``"sharded": true``. Every rank writes its shard into the same temporary folder and
-hashes its own shard files; rank 0 renames the folder into place once all files and the manifest are
-complete (see :func:`save_sharded_checkpoint`); the save folder must be on a file system every rank sees.
-
-It is written into a temporary folder beside the final name and renamed into place only when complete
-(``mptkit.utils.fs.atomic_dir``); the manifest is written last inside it. A checkpoint whose manifest is
-missing or whose files do not match their checksums is *invalid* and skipped by
-:func:`find_latest_checkpoint`, so a crash (or SIGKILL) mid-save can never replace a good checkpoint.
+A checkpoint is written into a temporary folder beside the final name and renamed into place only when
+complete (``mptkit.utils.fs.atomic_dir``); the manifest is written last inside it, so a crash (or SIGKILL)
+mid-save can never replace a good checkpoint. For a sharded checkpoint every rank writes its shard into the
+same temporary folder and hashes its own shard files; rank 0 renames the folder into place once all files
+and the manifest are complete (see :func:`save_sharded_checkpoint`); the save folder must be on a file
+system every rank sees.
 """
 
 from __future__ import annotations
@@ -36,20 +28,32 @@ from typing import Any
 import torch
 
 from mptkit.errors import CheckpointError
+from mptkit.io.checkpoints import (
+    FORMAT,
+    MANIFEST,
+    MODEL_DIR,
+    SHARDED_DIR,
+    STATE_FILE,
+    checkpoint_name,
+    find_latest_checkpoint,
+    is_sharded,
+    list_checkpoints,
+    load_trainer_state,
+    read_manifest,
+    scan_checkpoints,
+    verify_checkpoint,
+)
+from mptkit.io.tokenizer_files import save_tokenizer
 from mptkit.utils.fs import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-STATE_FILE = "trainer_state.pt"
-MODEL_DIR = "model"
-SHARDED_DIR = "dcp"
-FORMAT = "mptkit-checkpoint"
-_NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
-
-
-def checkpoint_name(epoch: int, step: int) -> str:
-    return f"ep{epoch}-ba{step}"
+__all__ = [  # the writers, and the read side's names the trainer uses through this module
+    "FORMAT", "MANIFEST", "MODEL_DIR", "SHARDED_DIR", "STATE_FILE", "checkpoint_name", "clean_stale_temp",
+    "find_latest_checkpoint", "is_sharded", "list_checkpoints", "load_trainer_state", "move_aside",
+    "no_valid_checkpoint_message", "prune_checkpoints", "read_manifest", "restore_interrupted",
+    "save_checkpoint", "save_sharded_checkpoint", "scan_checkpoints", "verify_checkpoint",
+]
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -192,92 +196,9 @@ def save_sharded_checkpoint(
 
 def _save_model_meta(folder: Path, config, tokenizer: Any) -> None:
     """config.json and tokenizer files (no weights) of a sharded checkpoint's model/ folder."""
-    from mptkit.model.checkpoint_io import save_tokenizer
-
     folder.mkdir(parents=True, exist_ok=True)
     config.save(folder)
     save_tokenizer(tokenizer, folder)
-
-
-def is_sharded(ckpt: str | os.PathLike) -> bool:
-    """True for a sharded (torch.distributed.checkpoint) checkpoint."""
-    m = read_manifest(ckpt)
-    return bool(m and m.get("sharded"))
-
-
-def read_manifest(ckpt: str | os.PathLike) -> dict | None:
-    p = Path(ckpt) / MANIFEST
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
-        return None
-    return m
-
-
-def verify_checkpoint(ckpt: str | os.PathLike, *, checksums: bool = True) -> str | None:
-    """None if ``ckpt`` is a complete, uncorrupted checkpoint; else the reason it is not."""
-    ckpt = Path(ckpt)
-    m = read_manifest(ckpt)
-    if m is None:
-        return "no valid manifest.json (incomplete write?)"
-    for rel, info in m["files"].items():
-        p = ckpt / rel
-        if not p.is_file():
-            return f"missing file {rel}"
-        if p.stat().st_size != info.get("bytes"):
-            return f"{rel} has {p.stat().st_size} bytes, manifest says {info.get('bytes')} (truncated?)"
-        if checksums and sha256_file(p) != info.get("sha256"):
-            return f"{rel} checksum mismatch (corrupted)"
-    if STATE_FILE not in m["files"] or f"{MODEL_DIR}/config.json" not in m["files"]:
-        return "manifest lacks trainer_state.pt or model/config.json"
-    return None
-
-
-def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders (named ep{E}-ba{B}) under ``folder`` or ``folder/checkpoints``, newest step first."""
-    folder = Path(folder)
-    found: list[tuple[int, int, Path]] = []
-    for base in (folder, folder / "checkpoints"):
-        if not base.is_dir():
-            continue
-        for p in base.iterdir():
-            m = _NAME_RE.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(2)), int(m.group(1)), p))
-    found.sort(key=lambda x: (x[0], x[1]), reverse=True)
-    return [p for _, _, p in found]
-
-
-def scan_checkpoints(folder: str | os.PathLike, *,
-                     checksums: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """(the newest valid checkpoint under ``folder`` or None, [(checkpoint, why it is invalid), ...] for every
-    invalid one newer than it: all of them when none is valid)."""
-    bad: list[tuple[Path, str]] = []
-    for c in list_checkpoints(folder):
-        reason = verify_checkpoint(c, checksums=checksums)
-        if reason is None:
-            return c, bad
-        bad.append((c, reason))
-    return None, bad
-
-
-def find_latest_checkpoint(run_or_save_folder: str | os.PathLike, *, checksums: bool = True) -> Path | None:
-    """The newest *valid* checkpoint in a run folder, a save folder, or the checkpoint itself; else None.
-
-    Invalid ones (no manifest, truncated or corrupted files) are skipped with a warning."""
-    p = Path(run_or_save_folder)
-    if (p / MANIFEST).exists():
-        reason = verify_checkpoint(p, checksums=checksums)
-        if reason is None:
-            return p
-        log.warning("checkpoint %s is invalid: %s", p, reason)
-        return None
-    c, bad = scan_checkpoints(p, checksums=checksums)
-    for b, reason in bad:
-        log.warning("skipping invalid checkpoint %s: %s", b, reason)
-    return c
 
 
 def no_valid_checkpoint_message(folder: str | os.PathLike, bad: list[tuple[Path, str]]) -> str:
@@ -301,45 +222,6 @@ def move_aside(ckpt: str | os.PathLike) -> Path:
         dest = ckpt.with_name(f"{ckpt.name}.invalid-{n}")
     os.replace(ckpt, dest)
     return dest
-
-
-def model_folder(path: str | os.PathLike) -> Path:
-    """The HF model folder for a run folder, save folder or checkpoint (newest valid checkpoint's model/).
-
-    A folder that already is an HF model folder (holds config.json) is returned as is."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such run, save folder or checkpoint")
-    if (p / "config.json").is_file() and not (p / MANIFEST).exists():
-        return p
-    ck = find_latest_checkpoint(p)
-    if ck is None:
-        raise CheckpointError(
-            f"{p}: no valid checkpoint found (looked for ep*-ba* folders with a manifest.json in {p} "
-            f"and {p / 'checkpoints'})"
-        )
-    if is_sharded(ck):
-        raise CheckpointError(
-            f"{ck} is a sharded checkpoint (fsdp_config.state_dict_type: sharded): its weights are in "
-            f"{SHARDED_DIR}/; write an HF folder from it with "
-            "`mptkit export hf RUN OUT` (or mptkit.train.fsdp.consolidate_sharded_checkpoint(ckpt, out)), or train "
-            "with state_dict_type: full")
-    return ck / MODEL_DIR
-
-
-def load_trainer_state(ckpt: str | os.PathLike, *, mmap: bool = False) -> dict:
-    """The trainer state of a checkpoint (``torch.load(weights_only=True)``: tensors and plain data only).
-
-    ``mmap=True`` maps the file instead of reading it: tensors are paged in when touched, and ranks of one
-    node reading the same checkpoint share the page cache (FSDP resuming a full checkpoint keeps only its
-    shard of each optimizer tensor)."""
-    p = Path(ckpt) / STATE_FILE
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: no {STATE_FILE}") from None
-    except Exception as e:  # noqa: BLE001 - corrupted pickles raise many types
-        raise CheckpointError(f"{p}: unreadable trainer state ({type(e).__name__}: {e})") from None
 
 
 def prune_checkpoints(save_folder: str | os.PathLike, keep: int) -> list[Path]:

@@ -22,17 +22,16 @@ torch.distributed runtime, in the order the trainer uses it:
   rank 0, one tensor at a time, in the exact layout a DDP or single-process run writes (so checkpoints are
   interchangeable); :func:`load_full_state_dict` / :func:`shard_optimizer_state` go the other way.
 * :func:`dcp_save` / :func:`dcp_load`: ``torch.distributed.checkpoint`` (sharded checkpoints), which also load
-  into an unsharded model (another world size, DDP, one process) because DCP reshards on load.
+  into an unsharded model (another world size, DDP, one process) because DCP reshards on load; the safe
+  reading of a DCP folder is :mod:`mptkit.io.dcp`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +42,7 @@ from mptkit.train.fsdp_config import FSDPSettings, compute_dtypes, notes, parse_
 log = logging.getLogger(__name__)
 
 __all__ = [  # the settings (from fsdp_config) and the runtime
-    "FSDPSettings", "build_mesh", "compute_dtypes", "consolidate_sharded_checkpoint", "dcp_load", "dcp_save",
+    "FSDPSettings", "build_mesh", "compute_dtypes", "dcp_load", "dcp_save",
     "describe", "fsdp_blocks", "gather_full_optimizer_state", "gather_full_state_dict", "load_full_state_dict",
     "local_numel", "materialize_sharded", "notes", "parse_fsdp_config", "plain_model_from_state",
     "shard_model", "shard_optimizer_state",
@@ -315,145 +314,17 @@ def dcp_save(model: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None
     dcp.save(_dcp_state(model, opt), checkpoint_id=str(folder))
 
 
-# What a DCP ``.metadata`` pickle (torch 2.13, FileSystemWriter) legitimately references: DCP's metadata
-# dataclasses, torch.Size, dtypes and layouts, the checkpoint path. Anything else is refused.
-_DCP_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-}
-
-
-def _metadata_unpickler(f, where: str):
-    import pickle
-
-    class _Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            if (module, name) in _DCP_METADATA_GLOBALS or (
-                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-                return super().find_class(module, name)
-            raise CheckpointError(f"{where}: refusing to load this sharded checkpoint: its metadata pickle "
-                                  f"references {module}.{name}, which is not a torch.distributed.checkpoint "
-                                  "metadata type (a tampered file, or written by an incompatible torch)")
-
-        def persistent_load(self, pid):
-            raise CheckpointError(f"{where}: refusing to load this sharded checkpoint: its metadata pickle holds "
-                                  "a persistent reference")
-
-    return _Restricted(f)
-
-
-def _safe_reader(folder: Path):
-    """A DCP ``FileSystemReader`` whose ``read_metadata`` unpickles through an allow-list (torch's own uses
-    plain ``pickle.load`` on the user-given ``.metadata``)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            from torch.distributed.checkpoint.metadata import Metadata
-
-            path = Path(self._get_metadata_path(kwargs.get("rank")))
-            try:
-                with open(path, "rb") as f:
-                    md = _metadata_unpickler(f, str(path)).load()
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a truncated or foreign pickle raises many types
-                raise CheckpointError(f"{path}: unreadable sharded checkpoint metadata "
-                                      f"({type(e).__name__}: {e})") from None
-            if not isinstance(md, Metadata):
-                raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata ({type(md).__name__})")
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = StorageMeta()
-            md.storage_meta.load_id = self.load_id
-            return md
-
-    return SafeFileSystemReader(str(folder))
-
-
-def _safe_planner():
-    """DCP's default load planner, except that non-tensor items (optimizer hyper-parameters) are read with
-    ``torch.load(weights_only=True)``; torch's own planner uses ``weights_only=False`` on the shard bytes."""
-    import io
-
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class SafeLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value) -> None:
-            try:
-                obj = torch.load(value, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises UnpicklingError and more
-                raise CheckpointError(f"refusing a non-tensor item of the sharded checkpoint "
-                                      f"({read_item.dest_index.fqn}): {str(e).splitlines()[0][:300]}") from None
-            buf = io.BytesIO()  # plain data only now: hand it on in the form the parent planner reads
-            torch.save(obj, buf)
-            buf.seek(0)
-            super().load_bytes(read_item, buf)
-
-    return SafeLoadPlanner()
-
-
 def dcp_load(model: nn.Module, opt: torch.optim.Optimizer | None, folder: Path) -> None:
     """Read a DCP checkpoint into ``model`` (and ``opt``): sharded or not, any world size (DCP reshards).
+    The safe reading itself (allow-listed metadata, weights-only items) is :mod:`mptkit.io.dcp`'s."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    The metadata pickle is read through an allow-list and non-tensor items with ``weights_only=True``; a
-    file that references anything else is a :class:`CheckpointError` before any of it is unpickled."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    no_dist = not (dist.is_available() and dist.is_initialized())  # one process reads every shard
-    _safe_reader(folder).read_metadata()  # every rank: a refused file raises here, before any collective
-
-    def load(state: dict) -> None:
-        with warnings.catch_warnings():  # DCP warns that no_dist means a single process: it does
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            try:
-                dcp.load(state, checkpoint_id=str(folder), storage_reader=_safe_reader(folder),
-                         planner=_safe_planner(), no_dist=no_dist)
-            except CheckpointException as e:  # a BaseException: name the first rank's error
-                errs = [pair[0] for pair in e.failures.values()]
-                own = next((x for x in errs if isinstance(x, CheckpointError)), None)
-                if own is not None:
-                    raise own from None
-                first = errs[0] if errs else e
-                raise CheckpointError(f"{folder}: {type(first).__name__}: {str(first).splitlines()[0][:300]}") \
-                    from None
+    from mptkit.io.dcp import load_dcp_model_state, read_dcp, read_dcp_metadata
 
     if opt is None:
-        state = {"model": get_model_state_dict(model)}
-        load(state)
-        set_model_state_dict(model, state["model"])
+        load_dcp_model_state(model, folder)
         return
+    read_dcp_metadata(folder)  # every rank: a refused file raises here, before any collective
     state = _dcp_state(model, opt)
-    load(state)
+    read_dcp(state, folder)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def consolidate_sharded_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Turn a sharded checkpoint's weights into an HF folder (config.json + safetensors + tokenizer) in one
-    process, e.g. for ``mptkit export`` or ``transformers``."""
-    from mptkit.model import MPTForCausalLM, load_model_config
-    from mptkit.train import checkpoint as ck
-    from mptkit.utils.fs import atomic_dir
-
-    ckpt = Path(ckpt)
-    model = MPTForCausalLM(load_model_config(ckpt / ck.MODEL_DIR), init=False, device="cpu")
-    dcp_load(model, None, ckpt / ck.SHARDED_DIR)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, tokenizer=ckpt / ck.MODEL_DIR)
-    return out

@@ -187,7 +187,7 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
     """(tokenizer, train, eval or None, info) for ``train_loader.name: finetuning``: examples read from local
     files and tokenized by every rank alike (deterministic; no shards are written)."""
     from mptkit.data.finetune import build_finetune_dataset
-    from mptkit.data.tokenizer import load_tokenizer
+    from mptkit.io.tokenizer_files import load_tokenizer
 
     if tokenizer is None:
         src = tokenizer_path(cfg) or pretrained_folder(cfg)
@@ -229,7 +229,7 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
     man = dict(getattr(train, "manifest", {}) or {})
     tok_dir = tokenizer_path(cfg)
     if tokenizer is None and tok_dir is not None:
-        from mptkit.data.tokenizer import load_tokenizer
+        from mptkit.io.tokenizer_files import load_tokenizer
 
         tokenizer = load_tokenizer(tok_dir)
     if tokenizer is not None and man.get("tokenizer_fingerprint"):

@@ -244,7 +244,7 @@ class Trainer:
         else:
             self.data_info = {}
             if self.tokenizer is None and cfg.tokenizer is not None:  # own data, the recipe's tokenizer
-                from mptkit.data.tokenizer import load_tokenizer
+                from mptkit.io.tokenizer_files import load_tokenizer
                 from mptkit.train.recipe_data import tokenizer_path
 
                 self.tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -577,7 +577,7 @@ class Trainer:
             if wfile.exists():
                 sd = load_file(str(wfile), device=str(self.device))
             else:
-                from mptkit.model.checkpoint_io import iter_checkpoint_tensors
+                from mptkit.io.hf_folder import iter_checkpoint_tensors
 
                 sd = dict(iter_checkpoint_tensors(ck / ckpt_mod.MODEL_DIR))
             try:
@@ -670,7 +670,7 @@ class Trainer:
     def _load_full_into_shards(self, ck: Path, st: dict) -> None:
         """A full checkpoint (written by any run) into the sharded model: each rank reads one tensor at a time
         and keeps its shard."""
-        from mptkit.model.checkpoint_io import checkpoint_files, iter_checkpoint_tensors
+        from mptkit.io.hf_folder import checkpoint_files, iter_checkpoint_tensors
         from mptkit.train import fsdp as F
 
         folder = ck / ckpt_mod.MODEL_DIR

@@ -39,6 +39,19 @@ def _public_mode(path: Path, is_dir: bool) -> None:
         os.chmod(path, (0o777 if is_dir else 0o666) & ~_UMASK)
 
 
+def publish_permissions(path: str | os.PathLike) -> None:
+    """Give a finished output (a file, or a folder and the files in it) the permissions an ordinary write
+    would have: temporary entries are created owner-only (0600/0700)."""
+    path = Path(path)
+    if path.is_dir():
+        _public_mode(path, is_dir=True)
+        for f in path.iterdir():
+            if f.is_file():
+                _public_mode(f, is_dir=False)
+    elif path.is_file():
+        _public_mode(path, is_dir=False)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory entry (so a rename survives a power cut). No-op where unsupported."""
     try:

@@ -159,14 +159,13 @@ def build_server(
     (call ``.app()`` for the ASGI app)."""
     import torch
 
-    from mptkit.export.source import model_folders
     from mptkit.infer.generate import Generator
-    from mptkit.model import MPTForCausalLM, load_tokenizer
+    from mptkit.io.source import open_model_source
 
     limits = limits or ServerLimits()
-    with model_folders(model_path) as (folder, tok_folder):
-        model = MPTForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, device=device)
-        tok = load_tokenizer(tok_folder) if tok_folder is not None else None
+    with open_model_source(model_path) as source:
+        model = source.load_model(dtype=dtype or torch.float32, device=device)
+        tok = source.load_tokenizer()
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name

@@ -1,9 +1,14 @@
-"""Weights on disk in the HF layout: config.json + safetensors (sharded with an index above a size).
+"""HF-layout model folders on disk: config.json + safetensors (sharded with an index above a size).
 
-Read: ``model.safetensors``, ``model.safetensors.index.json`` (shards), and — only with
-``torch.load(weights_only=True)`` — ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``.
-Tensor names are MPT's; a folder with missing, unexpected or mis-shaped tensors is refused with their
-names. Writes are atomic per file, and the index (or single file) is written last.
+Read: ``model.safetensors``, ``model.safetensors.index.json`` (shards), any ``*.safetensors``, and — only
+with ``torch.load(weights_only=True)`` — ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``; one
+discovery (:func:`checkpoint_files`) for loading a model and for the exporters' lazy :class:`TensorStore`.
+Tensor names are MPT's (Composer / DDP prefixes are stripped); a folder with missing, unexpected or
+mis-shaped tensors is refused with their names. Writes are atomic per file, and the index (or single file)
+is written last.
+
+This module knows the model only through an instance (its ``state_dict``, ``config``) or a class handed in:
+it never imports ``mptkit.model.model``, whose ``from_pretrained`` / ``save_pretrained`` call into it.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mptkit.errors import CheckpointError, ConfigError
+from mptkit.io.tokenizer_files import save_tokenizer
 from mptkit.model.config import MPTConfig
 from mptkit.utils.fs import atomic_path, atomic_write_json
 
@@ -28,9 +34,14 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "mptkit_tokenizer.json",
+# what makes a folder a model folder (beside config.json)
+WEIGHT_PATTERNS = (
+    SAFE_SINGLE,
+    SAFE_INDEX,
+    "model-*-of-*.safetensors",
+    BIN_SINGLE,
+    BIN_INDEX,
+    "*.safetensors",
 )
 
 
@@ -119,23 +130,6 @@ def save_pretrained(
     return folder
 
 
-def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
-    """Put ``tokenizer`` (a transformers tokenizer, or a folder whose tokenizer files are copied) in ``folder``;
-    None does nothing."""
-    if tokenizer is None:
-        return
-    folder = Path(folder)
-    if isinstance(tokenizer, (str, os.PathLike)):
-        import shutil
-
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer) / name
-            if src.exists() and src.resolve() != (folder / name).resolve():
-                shutil.copyfile(src, folder / name)
-    else:
-        tokenizer.save_pretrained(str(folder))
-
-
 def _weight_files(folder: Path) -> list[Path]:
     pats = ("model.safetensors", "model-*-of-*.safetensors", SAFE_INDEX)
     out: list[Path] = []
@@ -222,7 +216,8 @@ def load_bin_state_dict(f: Path) -> dict:
                 f"{f}: a legacy (pre-1.6, non-zip) torch file, which mptkit will not unpickle. Convert it once, "
                 "in an environment you trust: load it yourself (torch.load) and save the weights as safetensors "
                 "(the model's save_pretrained, or safetensors.torch.save_file(state_dict, 'model.safetensors')), "
-                "or re-save it with torch.save (zip format); then remove the .bin")
+                "or re-save it with torch.save (zip format); then remove the .bin"
+            )
         raise CheckpointError(f"{f}: not a torch checkpoint (no zip archive; it starts with {magic!r})")
     try:
         sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
@@ -237,13 +232,15 @@ def normalise_key(k: str) -> str:
     """MPT's own tensor name for a key saved by Composer (``model.transformer.*``) or a DDP wrapper."""
     for prefix in ("model.transformer.", "module.transformer."):  # Composer / DDP-wrapped names
         if k.startswith(prefix):
-            return k[len(prefix) - len("transformer."):]
+            return k[len(prefix) - len("transformer.") :]
     if k.startswith("model.lm_head."):
-        return k[len("model."):]
+        return k[len("model.") :]
     return k
 
 
-def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device) -> None:
+def load_state_into(
+    model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device
+) -> None:
     """Check names and shapes against the model, then assign the tensors (no second copy in memory)."""
     expected = {k: v for k, v in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
@@ -267,16 +264,20 @@ def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, sourc
     ]
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else ""))
+        problems.append(
+            f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else "")
+        )
     if unexpected:
         problems.append(
-            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}" + (" …" if len(unexpected) > 8 else "")
+            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}"
+            + (" …" if len(unexpected) > 8 else "")
         )
     if shape_bad:
         problems.append(f"mis-shaped tensors ({len(shape_bad)}): " + "; ".join(shape_bad[:8]))
     if problems:
         raise CheckpointError(
-            f"{source}: weights do not match config.json — " + " | ".join(problems)
+            f"{source}: weights do not match config.json — "
+            + " | ".join(problems)
             + " (check d_model / n_heads / n_layers / vocab_size / attn_config / tie_word_embeddings)"
         )
     final = {}
@@ -287,6 +288,7 @@ def load_state_into(model, tensors: Iterable[tuple[str, torch.Tensor]], *, sourc
 
 
 def load_pretrained(
+    model_cls,
     folder: str | os.PathLike,
     *,
     dtype: torch.dtype | None = torch.float32,
@@ -294,9 +296,8 @@ def load_pretrained(
     attn_impl: str | None = None,
     **config_overrides: Any,
 ):
-    """Build an MPTForCausalLM from a HF-layout folder without allocating it twice (meta, then assign)."""
-    from mptkit.model.model import MPTForCausalLM
-
+    """Build a ``model_cls`` (``MPTForCausalLM``: its ``from_pretrained`` calls this) from a HF-layout folder
+    without allocating it twice (built on the meta device, then the file's tensors assigned)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(
@@ -314,22 +315,97 @@ def load_pretrained(
             cfg = cfg.replace(**changes)
         except ConfigError as e:
             raise ConfigError(f"{folder}: overriding {', '.join(sorted(changes))}: {e}") from None
-    model = MPTForCausalLM(cfg, init=False, device="meta")
-    source = str(folder) if not config_overrides else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
+    model = model_cls(cfg, init=False, device="meta")
+    source = (
+        str(folder)
+        if not config_overrides
+        else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
+    )
     load_state_into(model, iter_checkpoint_tensors(folder), source=source, dtype=dtype, device=device)
     model.reset_buffers()
     model.eval()
     return model
 
 
-def load_tokenizer(folder: str | os.PathLike):
-    """The transformers tokenizer stored beside the weights (local files only), or None if there is none."""
-    folder = Path(folder)
-    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
+# ------------------------------------------------------------------------------------ lazy access
 
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad files; all name the folder
-        raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({type(e).__name__}: {e})") from None
+
+def is_model_folder(p: str | os.PathLike) -> bool:
+    """True for a folder holding config.json and weight files (no trainer checkpoint, no run folder)."""
+    p = Path(p)
+    return p.is_dir() and (p / "config.json").is_file() and any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS)
+
+
+class TensorStore:
+    """Lazy access by name to the tensors of a model folder's weights (safetensors handles kept open, torch
+    .bin memory-mapped), found as :func:`checkpoint_files` finds them; names are MPT's (:func:`normalise_key`).
+    The exporters read a 7B model through it one tensor at a time."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._handles: list = []
+        files, kind = checkpoint_files(self.folder)
+        for f in files:
+            if kind == "safe":
+                self._add_safetensors(f)
+            else:
+                self._add_bin(f)
+
+    def _add_safetensors(self, f: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            h = safe_open(str(f), framework="pt", device="cpu")
+            self._handles.append(h)
+            for k in h.keys():  # noqa: SIM118 - a safetensors handle is not iterable
+                name = normalise_key(k)
+                self._shapes[name] = tuple(h.get_slice(k).get_shape())
+                self._getters[name] = lambda h=h, k=k: h.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
+
+    def _add_bin(self, f: Path) -> None:
+        for k, v in load_bin_state_dict(f).items():
+            name = normalise_key(k)
+            self._shapes[name] = tuple(v.shape)
+            self._getters[name] = lambda v=v: v
+
+    def names(self) -> list[str]:
+        return list(self._getters)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._getters
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._getters[name]()
+        except KeyError:
+            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing") from None
+
+    def check_against(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Refuse weights that lack a tensor of ``expected`` (name -> shape: what config.json describes, as
+        :func:`mptkit.io.source.expected_shapes` gives) or hold one of another shape, naming them."""
+        missing = [k for k in expected if k not in self._getters]
+        bad = [
+            f"{k}: file {self._shapes[k]} vs config {tuple(expected[k])}"
+            for k in expected
+            if k in self._shapes and self._shapes[k] != tuple(expected[k])
+        ]
+        problems = []
+        if missing:
+            problems.append(
+                f"missing tensors ({len(missing)}): "
+                + ", ".join(missing[:8])
+                + (" …" if len(missing) > 8 else "")
+            )
+        if bad:
+            problems.append(f"mis-shaped tensors ({len(bad)}): " + "; ".join(bad[:8]))
+        if problems:
+            raise CheckpointError(
+                f"{self.folder}: weights do not match config.json — " + " | ".join(problems)
+            )
