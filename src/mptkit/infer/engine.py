@@ -148,7 +148,7 @@ class Engine:
                 # the caller's idle OpenMP workers would make libgomp throttle the engine thread's own pool
                 from mptkit.infer.kernels import release_openmp_threads
 
-                release_openmp_threads()
+                release_openmp_threads(keep_pool=self.gen.decode_options.keep_openmp_pool)
             self._thread = threading.Thread(target=self._run, name="mptkit-engine", daemon=True)
             self._thread.start()
         return self
