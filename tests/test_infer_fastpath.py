@@ -184,20 +184,52 @@ def test_standard_models_keep_the_fast_path():
 
 
 @pytest.mark.parametrize("name", sorted(WRAPS))
-def test_cpu_training_mlp_runs_the_wrapped_linears(name):
-    """The chunked CPU training MLP (which reads up_proj/down_proj weights) is not taken when they are wrapped:
-    output and gradients are those of the modules' own forward."""
+def test_cpu_training_mlp_runs_the_wrapped_linears(name, monkeypatch):
+    """The chunked CPU training MLP (which reads up_proj/down_proj weights) is taken for the plain MLP and not
+    when its Linears are wrapped: output and gradients are then those of the modules' own forward."""
+    from mptkit.model import blocks
     from mptkit.model.fastpath import FastPathOptions
 
+    calls = []
+    real = blocks._ChunkedMLP.apply
+    monkeypatch.setattr(blocks._ChunkedMLP, "apply", lambda *a: calls.append(1) or real(*a))
     model = _model()
     model.set_fast_paths(FastPathOptions(mlp_chunk=7))
-    mlp = _wrap(model, WRAPS[name]).transformer.blocks[0].ffn
     model.train()
     x = torch.randn(2, 45, 64, requires_grad=True)
+    model.transformer.blocks[0].ffn(x)
+    assert calls == [1]  # the standard MLP keeps its fast path
+    mlp = _wrap(model, WRAPS[name]).transformer.blocks[0].ffn
+    model.train()
     y = mlp(x)
+    assert calls == [1]
     ref_x = x.detach().clone().requires_grad_(True)
     ref = mlp.down_proj(torch.nn.functional.gelu(mlp.up_proj(ref_x)))
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
-    (y.sum() + 0).backward()
+    y.sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
+
+
+def test_options_defaults_from_the_environment_and_unknown_keys(monkeypatch):
+    """Environment variables are only the options' defaults, read when the options are made; a recipe section
+    with an unknown key is an error naming it."""
+    from mptkit.errors import ConfigError, InferenceError
+    from mptkit.infer.options import DecodeOptions
+    from mptkit.model.fastpath import FastPathOptions
+
+    monkeypatch.setenv("MPTKIT_CPU_KERNELS", "off")
+    monkeypatch.setenv("MPTKIT_KEEP_OPENMP_POOL", "1")
+    monkeypatch.setenv("MPTKIT_FLEX_COMPILE", "0")
+    d, f = DecodeOptions(), FastPathOptions()
+    assert (d.cpu_kernels, d.keep_openmp_pool, f.flex_compile) == (False, True, False)
+    monkeypatch.delenv("MPTKIT_CPU_KERNELS")
+    assert d.cpu_kernels is False and DecodeOptions().cpu_kernels is True  # read at construction only
+    assert FastPathOptions.from_dict({"mlp_chunk": 0}).mlp_chunk == 0
+    with pytest.raises(ConfigError, match="mlp_chunks"):
+        FastPathOptions.from_dict({"mlp_chunks": 0})
+    with pytest.raises(InferenceError, match="small_row"):
+        DecodeOptions.from_dict({"small_row": 4})
+    model = _model()
+    gen = Generator(model, None, decode_options=DecodeOptions(cpu_kernels=False, skip_min_past=5))
+    assert gen.fast is not None and gen.fast.small is None and gen.new_cache().options.skip_min_past == 5

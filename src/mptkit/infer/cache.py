@@ -14,8 +14,13 @@ The cache talks to the model through the KV-cache protocol of :mod:`mptkit.model
   see the slot's cached keys plus themselves, causally.
 * ``begin_decode(n)``: one new token for each of slots ``0..n-1`` (batch ``n``); a slot that is idle in
   this step gets a dummy token whose result the caller ignores (``active`` marks the real ones, only
-  those advance). Keys are read in place (no gather), the ALiBi bias row is computed once per step and
-  shared by every layer.
+  those advance).
+
+The cache holds storage and its modes; the attention over it (prefill with the model's own backend and
+far-key skipping, batched decode reading keys in place with the step's ALiBi bias) is
+:class:`~mptkit.infer.cache_attention.CacheAttention` (``cache.attention``), and the glue to the compiled
+kernels is in :mod:`mptkit.infer.decode`. ``options`` (:class:`~mptkit.infer.options.DecodeOptions`) holds
+the decode knobs the attention reads (``skip_min_past``).
 
 Capacity grows (the tensors are re-allocated, doubling) up to ``max_context``. A model with learned
 position embeddings cannot go past its table (``max_seq_len``); an ALiBi model can, up to the

@@ -94,7 +94,9 @@ class _Slot:
 
 
 class Engine:
-    """Continuous batching over ``max_batch`` cache slots; ``max_queue`` sequences may wait."""
+    """Continuous batching over ``max_batch`` cache slots; ``max_queue`` sequences may wait. The decode options
+    (compiled kernels, key skipping, the OpenMP pool) are the generator's (``Generator(decode_options=...)``):
+    its cache and decode steps are the engine's."""
 
     def __init__(
         self,

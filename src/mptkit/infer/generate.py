@@ -434,12 +434,15 @@ def generate_text(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    *,
+    decode_options: DecodeOptions | None = None,
     **sampling,
 ) -> str:
     """The completion of ``prompt`` (text only): greedy by default, else sampled with ``seed``.
 
-    Extra keyword arguments are :class:`SamplingParams` fields (top_k, top_p, min_p, stop, …)."""
+    Extra keyword arguments are :class:`SamplingParams` fields (top_k, top_p, min_p, stop, …);
+    ``decode_options`` as for :class:`Generator`."""
     max_context = sampling.pop("max_context", None)
     params = SamplingParams.from_kwargs(max_tokens=max_new_tokens, temperature=temperature, seed=seed, **sampling)
-    gen = Generator(model, tokenizer, max_context=max_context)
+    gen = Generator(model, tokenizer, max_context=max_context, decode_options=decode_options)
     return gen.generate([prompt], params)[0].text
