@@ -58,7 +58,7 @@ def _norm_fn(mod):
     return mod  # anything else (LPRMSNorm, custom): the module itself
 
 
-def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small=None, small_rows: int = 16):
+def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small, small_rows: int):
     """``F.linear(x, w, b)`` for 2-D ``x``: our small-M kernel (``mptkit.infer.kernels``) for a decode batch of
     up to ``small_rows`` rows (``DecodeOptions.small_rows``) when it is available for these weights, else the
     one BLAS call it reduces to (``w.t()`` is a view made once)."""
