@@ -155,32 +155,33 @@ def test_long_context_decode_with_key_skipping_equals_the_model():
 
 
 def test_long_prefill_with_key_skipping_matches_reading_every_key():
-    """Prefill chunks past SKIP_MIN_PAST cached tokens leave out, head by head, the keys an ALiBi head gives
+    """Prefill chunks past DecodeOptions.skip_min_past cached tokens leave out, head by head, the keys an ALiBi head gives
     weight 0 (below fp32's smallest denormal): the logits equal those of a cache that reads every key to float
     rounding, and at least one head really skipped keys."""
-    from mptkit.infer.cache import KVCache
+    from mptkit.infer.cache_attention import CacheAttention
+    from mptkit.infer.options import DecodeOptions
 
     torch.manual_seed(0)
     model = MPTForCausalLM(tiny_cfg(d_model=64, n_heads=8, max_seq_len=4096)).eval()
     gen = Generator(model, None, prefill_chunk=512)
     g = torch.Generator().manual_seed(5)
-    prompt = torch.randint(0, 211, (KVCache.SKIP_MIN_PAST + 700,), generator=g).tolist()
+    prompt = torch.randint(0, 211, (DecodeOptions().skip_min_past + 700,), generator=g).tolist()
     calls = []
-    orig = KVCache._prefill_skipping
+    orig = CacheAttention.prefill_skipping
 
     def spy(self, *a, **k):
         out = orig(self, *a, **k)
         calls.append(out is not None)
         return out
 
-    KVCache._prefill_skipping = spy
+    CacheAttention.prefill_skipping = spy
     try:
         with torch.inference_mode():
             a, b = gen.new_cache(capacity=4096), gen.new_cache(capacity=4096)
             b.skip_far_keys = False
             la, lb = gen.prefill(a, 0, prompt), gen.prefill(b, 0, prompt)
     finally:
-        KVCache._prefill_skipping = orig
+        CacheAttention.prefill_skipping = orig
     assert any(calls)  # the chunks past the threshold left keys out
     torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
     assert int(la.argmax()) == int(lb.argmax())

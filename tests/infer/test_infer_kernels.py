@@ -13,6 +13,7 @@ import torch
 
 from mptkit.infer import kernels as K
 from mptkit.infer.kernels import FLAGS, cpu_kernels
+from mptkit.infer.options import DecodeOptions
 
 
 def _cpu_flags() -> set[str]:
@@ -37,15 +38,13 @@ def kern(request, tmp_path_factory, monkeypatch):
     if not CAN_BUILD:
         pytest.skip("needs x86-64 with AVX2+FMA and gcc")
     monkeypatch.setenv("MPTKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kcache"))
-    monkeypatch.delenv("MPTKIT_CPU_KERNELS", raising=False)  # these tests are about the kernels themselves
     k = cpu_kernels(flags=BUILDS[request.param])
     assert k is not None, "the kernels failed to build on a machine that can build them (see the log)"
     assert k.vector_width == (16 if request.param == "native" and "avx512f" in _cpu_flags() else 8)
     return k
 
 
-def test_kernels_build_where_they_can(monkeypatch):
-    monkeypatch.delenv("MPTKIT_CPU_KERNELS", raising=False)
+def test_kernels_build_where_they_can():
     if CAN_BUILD:
         assert cpu_kernels() is not None
     else:
@@ -143,9 +142,8 @@ def test_decode_attention_bad_input(kern):
 
 
 def test_switched_off_and_unbuildable(monkeypatch, tmp_path):
-    monkeypatch.setenv("MPTKIT_CPU_KERNELS", "0")
-    assert cpu_kernels() is None
-    monkeypatch.delenv("MPTKIT_CPU_KERNELS")
+    off = DecodeOptions(cpu_kernels=False)  # the decoder passes its option as `enabled`
+    assert cpu_kernels(enabled=off.cpu_kernels) is None
     monkeypatch.setenv("MPTKIT_CACHE_DIR", str(tmp_path))
     # a compiler that fails: None (the decoder keeps torch.mm), and nothing half-written is left behind
     assert cpu_kernels(cc="false") is None
@@ -172,7 +170,7 @@ def test_gelu_matches_torch(kern):
         kern.gelu_(x.double())
 
 
-def test_release_openmp_threads_then_compute_again(monkeypatch):
+def test_release_openmp_threads_then_compute_again():
     """The calling thread's OpenMP pool can be handed back (as Engine.start does before the engine thread takes
     over the compute) and the thread still computes correctly afterwards, on a new pool; the environment
     switch keeps the pool."""
@@ -192,8 +190,8 @@ def test_release_openmp_threads_then_compute_again(monkeypatch):
     th.start()
     th.join()
     torch.testing.assert_close(out["c"], ref, rtol=0, atol=0)
-    monkeypatch.setenv("MPTKIT_KEEP_OPENMP_POOL", "1")
-    assert release_openmp_threads() is False
+    keep = DecodeOptions(keep_openmp_pool=True)  # what Engine.start passes
+    assert release_openmp_threads(keep_pool=keep.keep_openmp_pool) is False
 
 
 def test_decode_layers_equal_block_by_block(kern):

@@ -207,11 +207,14 @@ def test_flex_backend_refuses_cpu_training_clearly():
         A.attention(q, k, v, slopes=A.alibi_slopes(2), softmax_scale=0.3, impl="flex")
 
 
-def test_flex_uncompiled_matches_eager(monkeypatch):
+def test_flex_uncompiled_matches_eager():
     """The flex score_mod/mask_mod encode the same semantics (ALiBi, causal offset, padding, packing, GQA);
     checked uncompiled (fast)."""
-    monkeypatch.setenv("MPTKIT_FLEX_COMPILE", "0")
     import warnings
+
+    from mptkit.model.fastpath import FastPathOptions
+
+    uncompiled = FastPathOptions(flex_compile=False)
 
     for case in (CASES[1], CASES[3], CASES[5]):
         _, h, hkv, tq, tk, padding, packing = case
@@ -220,7 +223,7 @@ def test_flex_uncompiled_matches_eager(monkeypatch):
             ref = _run("torch", q, k, v, kpm, sid, A.alibi_slopes(h))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                got = _run("flex", q, k, v, kpm, sid, A.alibi_slopes(h))
+                got = _run("flex", q, k, v, kpm, sid, A.alibi_slopes(h), options=uncompiled)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 

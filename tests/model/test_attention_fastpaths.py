@@ -104,6 +104,7 @@ def test_packed_qkv_attention_matches_split_path_and_eager(monkeypatch, kv_heads
 
     attn_mod = importlib.import_module("mptkit.model.attention")  # the package exports a function of that name
     from mptkit.model import attention_sdpa_alibi as sa
+    from mptkit.model.fastpath import FastPathOptions
     from mptkit.model.model import MPTForCausalLM
     from tests.conftest import tiny_cfg
 
@@ -118,7 +119,7 @@ def test_packed_qkv_attention_matches_split_path_and_eager(monkeypatch, kv_heads
     x = torch.randn(2, 80, 64)
 
     def run(packed, impl):
-        monkeypatch.setattr(attn_mod, "PACKED_QKV", packed)
+        model.set_fast_paths(FastPathOptions(packed_qkv=packed))
         layer.attn_impl = impl
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
@@ -158,13 +159,13 @@ def test_packed_qkv_path_not_taken_with_masks_cache_or_qk_ln(monkeypatch):
 
 
 @pytest.mark.parametrize("chunk", [7, 32])
-def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk):
+def test_chunked_mlp_matches_plain_mlp(chunk):
     """The chunked CPU MLP (GELU recomputed in backward, buffers reused per chunk of rows) gives the plain
     up -> GELU -> down output (to fp32 rounding: the BLAS may pick another kernel for a 7-row chunk than for
     the whole matrix, e.g. on AMD EPYC) and the same gradients for the input and both weights (up to the
     summation order of the weight gradients), for chunks that do and do not divide the rows; a whole model
     with gradient checkpointing agrees too."""
-    from mptkit.model import blocks
+    from mptkit.model.fastpath import FastPathOptions
     from mptkit.model.model import MPTForCausalLM
     from tests.conftest import tiny_cfg
 
@@ -173,7 +174,7 @@ def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk):
     x = torch.randn(2, 45, 64)
 
     def run(c):
-        monkeypatch.setattr(blocks, "MLP_CHUNK", c)
+        model.set_fast_paths(FastPathOptions(mlp_chunk=c))
         mlp.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         y = mlp(xi)
@@ -188,7 +189,7 @@ def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk):
     ids = torch.randint(0, 211, (2, 40))
     grads = []
     for c, ckpt in ((0, False), (chunk, True)):
-        monkeypatch.setattr(blocks, "MLP_CHUNK", c)
+        model.set_fast_paths(FastPathOptions(mlp_chunk=c))
         model.zero_grad(set_to_none=True)
         model.set_gradient_checkpointing(ckpt)
         model(ids, labels=ids).loss.backward()

@@ -9,6 +9,7 @@ Quick use::
 
 from mptkit.infer.cache import KVCache
 from mptkit.infer.generate import GenerationOutput, Generator, generate_text
+from mptkit.infer.options import DecodeOptions
 from mptkit.infer.sampling import SamplingParams
 
-__all__ = ["GenerationOutput", "Generator", "KVCache", "SamplingParams", "generate_text"]
+__all__ = ["DecodeOptions", "GenerationOutput", "Generator", "KVCache", "SamplingParams", "generate_text"]

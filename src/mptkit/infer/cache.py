@@ -14,8 +14,13 @@ The cache talks to the model through the KV-cache protocol of :mod:`mptkit.model
   see the slot's cached keys plus themselves, causally.
 * ``begin_decode(n)``: one new token for each of slots ``0..n-1`` (batch ``n``); a slot that is idle in
   this step gets a dummy token whose result the caller ignores (``active`` marks the real ones, only
-  those advance). Keys are read in place (no gather), the ALiBi bias row is computed once per step and
-  shared by every layer.
+  those advance).
+
+The cache holds storage and its modes; the attention over it (prefill with the model's own backend and
+far-key skipping, batched decode reading keys in place with the step's ALiBi bias) is
+:class:`~mptkit.infer.cache_attention.CacheAttention` (``cache.attention``), and the glue to the compiled
+kernels is in :mod:`mptkit.infer.decode`. ``options`` (:class:`~mptkit.infer.options.DecodeOptions`) holds
+the decode knobs the attention reads (``skip_min_past``).
 
 Capacity grows (the tensors are re-allocated, doubling) up to ``max_context``. A model with learned
 position embeddings cannot go past its table (``max_seq_len``); an ALiBi model can, up to the
@@ -30,7 +35,8 @@ import math
 import torch
 
 from mptkit.errors import InferenceError
-from mptkit.model.attention import attention
+from mptkit.infer.cache_attention import CacheAttention
+from mptkit.infer.options import DecodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,9 @@ class _LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor):
         return self.cache._update(self.i, k, v)
 
-    def attend(self, q, k, v, *, slopes, softmax_scale):
-        return self.cache._attend(q, k, v, slopes=slopes, softmax_scale=softmax_scale, layer=self.i)
+    def attend(self, q, k, v, *, slopes, softmax_scale, impl: str = "auto", options=None):
+        return self.cache.attention.attend(self.i, q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl=impl,
+                                           options=options)
 
 
 class KVCache:
@@ -80,8 +87,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         compute_dtype: torch.dtype | None = None,
+        options: DecodeOptions | None = None,
     ):
         self.config = config
+        self.options = options or DecodeOptions()
         self.n_layers = config.n_layers
         self.kv_heads = config.kv_n_heads
         self.n_heads = config.n_heads
@@ -104,8 +113,9 @@ class KVCache:
         self._kmax_valid = True
         self.lengths = [0] * slots  # tokens cached per slot (python ints: no device sync)
         self._layers = [_LayerCache(self, i) for i in range(self.n_layers)]
-        self._slopes = None
-        self._ramp = None
+        self.slopes: torch.Tensor | None = None  # (H,) fp32 ALiBi slopes, or None
+        # the attention over this cache's slots (its maths and per-step tables): mptkit.infer.cache_attention
+        self.attention = CacheAttention(self)
         # per-forward state
         self._mode = None
         self._slot = 0
@@ -113,7 +123,9 @@ class KVCache:
         self._n = 0
         self._active: list[bool] | None = None
         self._pos = None
-        self._bias = None
+        self._rows = None
+        self._pos_t = None
+        self._pos_top = 0
         self.seq_len = 0
 
     # ------------------------------------------------------------------ storage
@@ -139,7 +151,7 @@ class KVCache:
                 t[:, :, : self.capacity].copy_(store[i])
                 store[i] = t
         self.capacity = new_cap
-        self._ramp = None
+        self.attention.invalidate()
 
     # The bounds may have been made inside torch.inference_mode (a cache built in a caller's inference context)
     # and be updated outside it, or the reverse: updates run in inference mode, where an in-place write is
@@ -171,15 +183,8 @@ class KVCache:
 
     # ------------------------------------------------------------------ modes
     def set_slopes(self, slopes: torch.Tensor | None) -> None:
-        self._slopes = None if slopes is None else slopes.to(device=self.device, dtype=torch.float32)
-        self._ramp = None
-
-    def _alibi_ramp(self) -> torch.Tensor:
-        """(H, 1, capacity): slope_h * (j - (capacity-1)); the last L columns are a decode row for length L."""
-        if self._ramp is None:
-            j = torch.arange(-(self.capacity - 1), 1, device=self.device, dtype=torch.float32)
-            self._ramp = (self._slopes[:, None, None] * j[None, None, :]).to(self.compute_dtype)
-        return self._ramp
+        self.slopes = None if slopes is None else slopes.to(device=self.device, dtype=torch.float32)
+        self.attention.invalidate()
 
     def begin_prefill(self, slot: int, t: int) -> None:
         """The next forward pass feeds ``t`` tokens of ``slot`` (batch 1)."""
@@ -217,39 +222,24 @@ class KVCache:
         self._pos_t = None  # int64 lengths for the fused kernel, made on first use in this step
         tk = top + 1
         self.seq_len = top  # what the model sees as "past" (positions for learned embeddings use a mask)
-        if n == 1:
-            self._pos = None
-            if self._slopes is not None:
-                self._bias = self._alibi_ramp()[:, :, self.capacity - tk :]  # (H, 1, tk), a view
-            else:
-                self._bias = None
-            return
-        # the row indices and the (n, H, 1, tk) bias of the batched-matmul path are made on first use
-        # (_decode_tables): the fused kernels need neither
-        self._pos = self._rows = self._bias = None
+        # the row indices (and the attention's bias) of the batched path are made on first use: the fused
+        # kernels need neither
+        self._pos = self._rows = None
         self._tk = tk
+        self.attention.begin_decode(n, tk)
 
-    def _decode_tables(self) -> None:
-        """For a batched (n > 1) decode step on the torch path: where each slot's new K/V row goes, and the
-        ALiBi/causal bias of every slot (computed once per step, shared by all layers)."""
-        if self._rows is not None:
-            return
-        n, tk = self._n, self._tk
-        pos = torch.tensor(self.lengths[:n], device=self.device)
-        self._pos = pos
-        # rows of the (slots*Hkv*capacity, D) view of a layer's K/V where each slot's new key/value goes
-        self._rows = ((torch.arange(n, device=self.device)[:, None] * self.kv_heads
-                       + torch.arange(self.kv_heads, device=self.device)[None]) * self.capacity
-                      + pos[:, None]).reshape(-1)
-        kpos = torch.arange(tk, device=self.device)
-        rel = (kpos[None, :] - pos[:, None]).to(torch.float32)  # (n, tk), <= 0 where visible
-        allowed = rel <= 0
-        if self._slopes is not None:
-            bias = self._slopes[None, :, None, None] * rel[:, None, None, :]
-        else:
-            bias = torch.zeros((n, self.n_heads, 1, tk), device=self.device)
-        self._bias = bias.masked_fill(~allowed[:, None, None, :], torch.finfo(torch.float32).min).to(
-            self.compute_dtype)
+    def decode_rows(self) -> torch.Tensor:
+        """For a batched (n > 1) decode step on the torch path: each slot's length (``self._pos``, a tensor) and
+        where each slot's new K/V row goes (once per step, shared by all layers)."""
+        if self._rows is None:
+            n = self._n
+            pos = torch.tensor(self.lengths[:n], device=self.device)
+            self._pos = pos
+            # rows of the (slots*Hkv*capacity, D) view of a layer's K/V where each slot's new key/value goes
+            self._rows = ((torch.arange(n, device=self.device)[:, None] * self.kv_heads
+                           + torch.arange(self.kv_heads, device=self.device)[None]) * self.capacity
+                          + pos[:, None]).reshape(-1)
+        return self._rows
 
     def decode_attention_mask(self) -> torch.Tensor:
         """For learned-position models in a multi-slot decode: an (n, past+1) mask whose cumulative sum gives
@@ -300,94 +290,35 @@ class KVCache:
                 self.v[i][0:1, :, p : p + 1].copy_(v)
             else:
                 d = self.head_dim
-                self._decode_tables()
-                self.k[i].view(-1, d).index_copy_(0, self._rows, k.reshape(-1, d).to(self.dtype))
-                self.v[i].view(-1, d).index_copy_(0, self._rows, v.reshape(-1, d).to(self.dtype))
+                rows = self.decode_rows()
+                self.k[i].view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.dtype))
+                self.v[i].view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.dtype))
             self._raise_kmax(i, slice(0, n), k.to(self.dtype))
             return self.k[i][:n, :, :tk], self.v[i][:n, :, :tk]
         raise InferenceError("KVCache used without begin_prefill()/begin_decode()")
 
-    def decode1(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-        """Batch-1 decode of layer ``i`` in one call: write the new key/value row at the slot's position and
-        attend over the slot's keys, on 2-D rows. ``q`` (1, H*D), ``k``/``v`` (1, Hkv*D) -> (1, H*D).
-
-        The same arithmetic as ``_update`` + ``_attend`` at n=1 (bmm rows per kv head, the ALiBi row from the
-        ramp), without the (B, H, T, D) views in between."""
-        p, tk = self.lengths[0], self.seq_len + 1
+    def write_row1(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-1 decode of layer ``i``: write the new key/value rows ``k``/``v`` (1, Hkv*D) at slot 0's length
+        (key-norm bound raised); return slot 0's stored keys and values, (Hkv, capacity, D) each."""
+        p = self.lengths[0]
         hkv, d = self.kv_heads, self.head_dim
-        rep = self.n_heads // hkv
         kc = self.k[i][0]  # (Hkv, capacity, D)
         vc = self.v[i][0]
         kc.select(1, p).copy_(k.view(hkv, d))
         vc.select(1, p).copy_(v.view(hkv, d))
         self._raise_kmax(i, 0, kc.select(1, p)[:, None])
-        qq = q.view(hkv, rep, d)
-        kk = kc.narrow(1, 0, tk).to(q.dtype)
-        if self._bias is None:
-            s = torch.bmm(qq, kk.transpose(1, 2)) * softmax_scale
-        else:
-            s = torch.baddbmm(self._bias.view(hkv, rep, tk), qq, kk.transpose(1, 2), alpha=softmax_scale)
-        pr = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
-        return torch.bmm(pr, vc.narrow(1, 0, tk).to(pr.dtype)).view(1, hkv * rep * d)
+        return kc, vc
 
-    SKIP_MIN_PAST = 2048  # prefill chunks after this many cached tokens look for keys to skip
-
-    def _prefill_skipping(self, q, k, v, slopes, softmax_scale: float, layer: int):
-        """A prefill chunk's attention with the far keys its ALiBi heads provably give weight 0 left out, one
-        head at a time (each head its own key range), or None when no head can leave any out.
-
-        Row i of the chunk (position ``start + i``) weighs key j by exp(s_ij - max_i) with s_ij - max_i <=
-        2 * scale * |q_i| * kmax - slope * (start + i - j) (kmax: the slot's key-norm bound, the chunk's keys
-        included). Keys with slope * (start - j) above 2 * scale * max_i |q_i| * kmax + 110 get weights below
-        exp(-110), zero in fp32 (under the smallest denormal), for every row: leaving them out changes the
-        result only by the summation order of the attention's blocks (float rounding). ALiBi biases are
-        relative, so the remaining keys keep theirs."""
-        start = self.lengths[self._slot]
-        if start < self.SKIP_MIN_PAST:
-            return None
-        h, hkv = q.shape[1], k.shape[1]
-        rep = h // hkv
-        with torch.no_grad():
-            qn = q[0].float().norm(dim=-1).amax(dim=-1)  # (H,)
-            km = self.kmax[layer][self._slot].float().repeat_interleave(rep)  # (H,)
-            reach = (2.0 * abs(float(softmax_scale)) * qn * km * (1 + 1e-5) + 110.0) / slopes.float()
-            cut = (start - torch.ceil(reach) - 1).clamp(min=0).long()
-        cuts = [int(c) // 64 * 64 for c in cut.tolist()]  # key slices starting 64-row aligned
-        if not any(cuts):
-            return None
-        outs = []
-        for i, c in enumerate(cuts):
-            g = i // rep
-            outs.append(attention(q[:, i : i + 1], k[:, g : g + 1, c:], v[:, g : g + 1, c:], slopes=slopes[i : i + 1],
-                                  softmax_scale=softmax_scale, impl="sdpa"))
-        return torch.cat(outs, dim=2)  # (1, t, H, D)
-
-    def fused_ok(self, kernels) -> bool:
-        """Whether :meth:`decode_fused` / :meth:`fused_block` may run with ``kernels``: a CPU cache in decode
-        mode computing in fp32, stored in fp32 (or fp16 where the kernels convert it)."""
-        return (self._mode == "decode" and self.device.type == "cpu" and self.compute_dtype == torch.float32
-                and (self.dtype == torch.float32 or (self.dtype == torch.float16 and kernels.has_f16)))
-
-    def decode_fused(self, i: int, q, k, v, softmax_scale: float, kernels) -> torch.Tensor:
-        """Decode step of layer ``i`` for all ``n`` slots through the compiled kernel
-        (``mptkit.infer.kernels``): write each slot's new key/value row at its length, attend over its keys
-        (ALiBi from the slot's own position). ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) -> (n, H*D). Same result
-        as ``_update`` + ``_attend`` to float rounding for the active slots; idle slots are neither written
-        nor read (their output rows are zero)."""
-        pos, top = self.fused_positions()
-        km = self._kmax_arg()
-        return kernels.decode_attention(q, k, v, self.k[i], self.v[i], pos, top, self._slopes, softmax_scale,
-                                        km and km[i])
-
-    def _kmax_arg(self) -> list[torch.Tensor] | None:
-        """The key-norm bounds for the compiled kernels, or None: skipping switched off (the kernels then do
-        not raise the bounds, so they stay off for this cache)."""
+    # ------------------------------------------------------------------ state for the compiled kernels
+    def key_bounds(self) -> list[torch.Tensor] | None:
+        """The per-layer key-norm bounds, or None once far-key skipping was switched off for this cache (code
+        that then reads every key does not raise the bounds, so they stay off)."""
         if not self.skip_far_keys:
             self._kmax_valid = False
         return self.kmax if self._kmax_valid else None
 
-    def fused_positions(self) -> tuple[torch.Tensor, int]:
-        """For the fused kernels in this decode step: each slot's length as an int64 tensor, and max + 1."""
+    def decode_positions(self) -> tuple[torch.Tensor, int]:
+        """In this decode step: each slot's length as an int64 tensor (-1 for an idle slot), and max + 1."""
         if self._pos_t is None:  # once per step, shared by all layers
             n = self._n
             act = self._active or [True] * n
@@ -397,55 +328,6 @@ class KVCache:
             self._pos_t = torch.tensor(pos, dtype=torch.int64)
             self._pos_top = max(max(pos), 0) + 1
         return self._pos_t, self._pos_top
-
-    def fused_block(self, i: int, x: torch.Tensor, weights, kernels) -> None:
-        """Layer ``i``'s whole block on ``x`` (n, d) in place, cache write included
-        (``CpuKernels.decode_block``)."""
-        pos, top = self.fused_positions()
-        km = self._kmax_arg()
-        kernels.decode_block(x, weights, self.k[i], self.v[i], pos, top, self._slopes, km and km[i])
-
-    def fused_layers(self, x: torch.Tensor, stack, kernels) -> None:
-        """Every layer's block on ``x`` (n, d) in place, in one call (``CpuKernels.decode_layers``)."""
-        pos, top = self.fused_positions()
-        kernels.decode_layers(x, stack, self.k, self.v, pos, top, self._slopes, self._kmax_arg())
-
-    def _attend(self, q, k, v, *, slopes, softmax_scale, layer: int | None = None):
-        if k.dtype != q.dtype:  # a cache stored in a narrower type (kv_dtype): attention computes in q's
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if self._mode == "prefill":
-            if slopes is not None and layer is not None and self.skip_far_keys and self._kmax_valid:
-                out = self._prefill_skipping(q, k, v, slopes, softmax_scale, layer)
-                if out is not None:
-                    return out
-            return attention(q, k, v, slopes=slopes, softmax_scale=softmax_scale, impl="sdpa")
-        if self._mode == "prefill_packed":
-            outs, off = [], 0
-            for s, t in self._segs:
-                end = self.lengths[s] + t
-                ks, vs = self.k[layer][s : s + 1, :, :end], self.v[layer][s : s + 1, :, :end]
-                ks, vs = ks.to(q.dtype), vs.to(q.dtype)
-                outs.append(attention(q[:, :, off : off + t], ks, vs, slopes=slopes, softmax_scale=softmax_scale,
-                                      impl="sdpa"))
-                off += t
-            return torch.cat(outs, dim=1)  # (1, sum t, H, D)
-        # decode: q (n, H, 1, D), k/v (n, Hkv, tk, D) read in place. Query heads sharing a kv head are
-        # batched as rows of one bmm, so GQA/MQA need no repeated keys; the bias is shared by all layers.
-        n, h, _, d = q.shape
-        if n > 1:
-            self._decode_tables()
-        hkv, tk = k.shape[1], k.shape[2]
-        rep = h // hkv
-        qq = q.reshape(n * hkv, rep, d)
-        kk = k.reshape(n * hkv, tk, d)
-        vv = v.reshape(n * hkv, tk, d)
-        if self._bias is None:
-            s = torch.bmm(qq, kk.transpose(1, 2)) * softmax_scale
-        else:
-            s = torch.baddbmm(self._bias.reshape(-1, rep, tk), qq, kk.transpose(1, 2), alpha=softmax_scale)
-        p = torch.softmax(s.float(), dim=-1).to(v.dtype) if s.dtype != torch.float32 else torch.softmax(s, dim=-1)
-        out = torch.bmm(p, vv)  # (n*hkv, rep, d)
-        return out.view(n, h, 1, d).transpose(1, 2)
 
 
 def cache_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:

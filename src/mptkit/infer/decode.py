@@ -16,16 +16,35 @@ MPTMLP, no QK-LayerNorm) as one call — all the blocks of a model made only of 
 rounding, tested the same way.
 
 It is a read-only view of the model: parameters are looked up once, never copied, so a model whose weights
-change in place (finetuning between generations) is seen as is. Norms and FFNs of types it does not know are
-called as modules (still exact). Models in training mode, and calls under autocast, use the generic forward.
+change in place (finetuning between generations) is seen as is. Which models it covers is decided once, when it
+is built, by :func:`mptkit.model.fastpath.model_coverage` (the same predicate as the compiled kernels' and the
+training fast paths'): every module must be exactly one of the types whose arithmetic it reproduces. A model
+with a wrapped, subclassed, hooked or unknown module (a LoRA adapter around a Linear) is not covered:
+:meth:`FastDecoder.for_model` logs once which module and why and returns None, and the generator runs the
+model's own forward. Within a covered model, LPRMSNorm, QK-LayerNorm and the GLU FFN are called as modules
+(still exact). Models in training mode, and calls under autocast, use the generic forward.
+
+The glue to the compiled kernels (which cache states they may run on, and the calls with the cache's storage,
+positions and key-norm bounds) lives here too; the cache itself (``mptkit.infer.cache``) only holds storage and
+its modes, and the attention maths over it is ``mptkit.infer.cache_attention``.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from mptkit.errors import InferenceError
+from mptkit.infer.cache import KVCache
+from mptkit.infer.options import DecodeOptions
 from mptkit.model.blocks import MPTMLP, LayerNorm, LPLayerNorm, RMSNorm
+from mptkit.model.fastpath import model_coverage
+
+log = logging.getLogger(__name__)
+_logged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> reasons already logged
 
 
 def _norm_fn(mod):
@@ -39,49 +58,80 @@ def _norm_fn(mod):
     return mod  # anything else (LPRMSNorm, custom): the module itself
 
 
-SMALL_ROWS = 16  # batches up to this many rows use the small-M kernel (when built); larger ones torch.mm
-
-
-def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small=None):
-    """``F.linear(x, w, b)`` for 2-D ``x``: our small-M kernel (``mptkit.infer.kernels``) for a decode batch
-    when it is available for these weights, else the one BLAS call it reduces to (``w.t()`` is a view made
-    once)."""
+def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small, small_rows: int):
+    """``F.linear(x, w, b)`` for 2-D ``x``: our small-M kernel (``mptkit.infer.kernels``) for a decode batch of
+    up to ``small_rows`` rows (``DecodeOptions.small_rows``) when it is available for these weights, else the
+    one BLAS call it reduces to (``w.t()`` is a view made once)."""
     wt = w.t()
     mm = (lambda x: torch.mm(x, wt)) if b is None else (lambda x: torch.addmm(b, x, wt))
     if small is None or not small.supports(w) or (b is not None and not small.supports(b.view(1, -1))):
         return mm
     lin = small.linear
-    return lambda x: lin(x, w, b) if x.shape[0] <= SMALL_ROWS else mm(x)
+    return lambda x: lin(x, w, b) if x.shape[0] <= small_rows else mm(x)
 
 
-def _ffn_fn(mod, small):
-    if type(mod) is MPTMLP:
-        up = _linear_fn(mod.up_proj.weight, mod.up_proj.bias, small)
-        down = _linear_fn(mod.down_proj.weight, mod.down_proj.bias, small)
+def _ffn_fn(mod, small, small_rows: int):
+    if type(mod) is MPTMLP:  # exact types: checked by model_coverage before any layer is built
+        up = _linear_fn(mod.up_proj.weight, mod.up_proj.bias, small, small_rows)
+        down = _linear_fn(mod.down_proj.weight, mod.down_proj.bias, small, small_rows)
         return lambda x: down(F.gelu(up(x)))
-    return mod  # MPTGLU and others: the module (exact, a little slower)
+    return mod  # MPTGLU: the module (exact, a little slower)
 
 
 class _Layer:
     __slots__ = ("block", "clip", "ffn", "k_ln", "norm_1", "norm_2", "out", "q_ln", "qkv", "scale")
 
-    def __init__(self, blk, small):
+    def __init__(self, blk, coverage, small, small_rows: int):
         a = blk.attn
-        if small is not None:
+        if small is not None and coverage.kernel:
             from mptkit.infer.kernels import BlockWeights
 
-            self.block = BlockWeights.of(blk)  # the whole block in one compiled call, where it covers it
+            self.block = BlockWeights.of(blk)  # the whole block in one compiled call (None: tensors it can't read)
         else:
             self.block = None
         self.norm_1 = _norm_fn(blk.norm_1)
-        self.qkv = _linear_fn(a.Wqkv.weight, a.Wqkv.bias, small)
+        self.qkv = _linear_fn(a.Wqkv.weight, a.Wqkv.bias, small, small_rows)
         self.clip = a.clip_qkv
         self.q_ln = a.q_ln if a.qk_ln else None
         self.k_ln = a.k_ln if a.qk_ln else None
-        self.out = _linear_fn(a.out_proj.weight, a.out_proj.bias, small)
+        self.out = _linear_fn(a.out_proj.weight, a.out_proj.bias, small, small_rows)
         self.norm_2 = _norm_fn(blk.norm_2)
-        self.ffn = _ffn_fn(blk.ffn, small)
+        self.ffn = _ffn_fn(blk.ffn, small, small_rows)
         self.scale = a.softmax_scale
+
+
+# ----------------------------------------------------------------------------- glue to the compiled kernels
+
+
+def fused_ok(cache: KVCache, kernels) -> bool:
+    """Whether the compiled decode kernels may run this step of ``cache``: a CPU cache in decode mode computing
+    in fp32, stored in fp32 (or fp16 where the kernels convert it)."""
+    return (cache._mode == "decode" and cache.device.type == "cpu" and cache.compute_dtype == torch.float32
+            and (cache.dtype == torch.float32 or (cache.dtype == torch.float16 and kernels.has_f16)))
+
+
+def decode_fused(cache: KVCache, i: int, q, k, v, softmax_scale: float, kernels) -> torch.Tensor:
+    """Decode step of layer ``i`` for all ``n`` slots through the compiled kernel (``CpuKernels.decode_attention``):
+    write each slot's new key/value row at its length, attend over its keys (ALiBi from the slot's own position).
+    ``q`` (n, H*D), ``k``/``v`` (n, Hkv*D) -> (n, H*D). Same result as the cache's ``update`` + ``attend`` to
+    float rounding for the active slots; idle slots are neither written nor read (their output rows are zero)."""
+    pos, top = cache.decode_positions()
+    km = cache.key_bounds()
+    return kernels.decode_attention(q, k, v, cache.k[i], cache.v[i], pos, top, cache.slopes, softmax_scale,
+                                    km and km[i])
+
+
+def fused_block(cache: KVCache, i: int, x: torch.Tensor, weights, kernels) -> None:
+    """Layer ``i``'s whole block on ``x`` (n, d) in place, cache write included (``CpuKernels.decode_block``)."""
+    pos, top = cache.decode_positions()
+    km = cache.key_bounds()
+    kernels.decode_block(x, weights, cache.k[i], cache.v[i], pos, top, cache.slopes, km and km[i])
+
+
+def fused_layers(cache: KVCache, x: torch.Tensor, stack, kernels) -> None:
+    """Every layer's block on ``x`` (n, d) in place, in one call (``CpuKernels.decode_layers``)."""
+    pos, top = cache.decode_positions()
+    kernels.decode_layers(x, stack, cache.k, cache.v, pos, top, cache.slopes, cache.key_bounds())
 
 
 class FastDecoder:
@@ -90,9 +140,32 @@ class FastDecoder:
 
     oneDNN is switched off for the step (and restored): its fp32 GELU pays a primitive set-up per call, which
     makes it slower than PyTorch's own vectorised kernel at decode sizes (results differ by at most an ulp or
-    two); fp32 matmuls are MKL calls either way."""
+    two); fp32 matmuls are MKL calls either way.
 
-    def __init__(self, model, *, cpu_kernels: bool = True):
+    Only for a model :func:`~mptkit.model.fastpath.model_coverage` covers (else an InferenceError); use
+    :meth:`for_model`, which logs why a model is not covered and returns None."""
+
+    @classmethod
+    def for_model(cls, model, options: DecodeOptions | None = None) -> FastDecoder | None:
+        """A decoder for ``model``, or None (logged once per model and reason) where the fast path does not
+        cover it: the caller then runs the model's own forward."""
+        cov = model_coverage(model)
+        if not cov.fast:
+            seen = _logged.setdefault(model, set())
+            if cov.reason not in seen:
+                seen.add(cov.reason)
+                log.info("fast decode off for this model, using its own forward: %s", cov.reason)
+            return None
+        return cls(model, options=options, coverage=cov)
+
+    def __init__(self, model, *, cpu_kernels: bool | None = None, options: DecodeOptions | None = None,
+                 coverage=None):
+        cov = coverage if coverage is not None else model_coverage(model)
+        if not cov.fast:
+            raise InferenceError(f"the fast decoder does not cover this model ({cov.reason}); run its own forward "
+                                 "(FastDecoder.for_model returns None for such models)")
+        self.options = options = options or DecodeOptions()
+        self.coverage = cov
         self.model = model
         cfg = model.config
         self.cfg = cfg
@@ -100,15 +173,17 @@ class FastDecoder:
         self.wte = t.wte.weight
         self.wpe = t.wpe.weight if hasattr(t, "wpe") else None
         small = None
-        if cpu_kernels and self.wte.device.type == "cpu" and self.wte.dtype == torch.float32:
-            from mptkit.infer.kernels import cpu_kernels
+        use_kernels = options.cpu_kernels if cpu_kernels is None else cpu_kernels
+        if use_kernels and self.wte.device.type == "cpu" and self.wte.dtype == torch.float32:
+            from mptkit.infer.kernels import cpu_kernels as build_kernels
 
-            small = cpu_kernels()
+            small = build_kernels()
         self.small = small  # the small-M linear kernel in use, or None (torch.mm)
-        self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small)
+        rows = options.small_rows
+        self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small, rows)
         self.logit_scale = cfg.logit_scale_value
         self.emb_frac = cfg.embedding_fraction
-        self.layers = [_Layer(b, small) for b in t.blocks]
+        self.layers = [_Layer(b, c, small, rows) for b, c in zip(t.blocks, cov.blocks)]
         self.stack = None  # every block in one compiled call per step, where every block is covered
         if small is not None:
             from mptkit.infer.kernels import DecodeStack
@@ -144,15 +219,16 @@ class FastDecoder:
             x = x * f + x.detach() * (1 - f)
         slopes = self.model.slopes
         d, h, hkv, hd, kvd = self.d, self.h, self.hkv, self.hd, self.kv_dim
-        one = n == 1 and hasattr(cache, "decode1")
-        fused = self.small is not None and hasattr(cache, "fused_ok") and cache.fused_ok(self.small)
+        ours = isinstance(cache, KVCache)
+        one = n == 1 and ours
+        fused = self.small is not None and ours and fused_ok(cache, self.small)
         if fused:
             x = x.contiguous()  # the fused block updates it in place
         if fused and self.stack is not None:
-            cache.fused_layers(x, self.stack, self.small)
+            fused_layers(cache, x, self.stack, self.small)
         for i, L in enumerate(self.layers if not (fused and self.stack is not None) else ()):
             if fused and L.block is not None:
-                cache.fused_block(i, x, L.block, self.small)
+                fused_block(cache, i, x, L.block, self.small)
                 continue
             qkv = L.qkv(L.norm_1(x))
             if L.clip:
@@ -163,9 +239,9 @@ class FastDecoder:
                 q = L.q_ln(q).to(dt)
                 k = L.k_ln(k).to(dt)
             if fused:
-                o = cache.decode_fused(i, q, k, v, L.scale, self.small)
+                o = decode_fused(cache, i, q, k, v, L.scale, self.small)
             elif one:
-                o = cache.decode1(i, q, k, v, L.scale)
+                o = cache.attention.decode1(i, q, k, v, L.scale)
             else:
                 q = q.view(n, 1, h, hd).transpose(1, 2)
                 k = k.view(n, 1, hkv, hd).transpose(1, 2)

@@ -94,7 +94,9 @@ class _Slot:
 
 
 class Engine:
-    """Continuous batching over ``max_batch`` cache slots; ``max_queue`` sequences may wait."""
+    """Continuous batching over ``max_batch`` cache slots; ``max_queue`` sequences may wait. The decode options
+    (compiled kernels, key skipping, the OpenMP pool) are the generator's (``Generator(decode_options=...)``):
+    its cache and decode steps are the engine's."""
 
     def __init__(
         self,
@@ -148,7 +150,7 @@ class Engine:
                 # the caller's idle OpenMP workers would make libgomp throttle the engine thread's own pool
                 from mptkit.infer.kernels import release_openmp_threads
 
-                release_openmp_threads()
+                release_openmp_threads(keep_pool=self.gen.decode_options.keep_openmp_pool)
             self._thread = threading.Thread(target=self._run, name="mptkit-engine", daemon=True)
             self._thread.start()
         return self

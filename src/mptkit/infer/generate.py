@@ -20,6 +20,7 @@ import torch
 from mptkit.errors import InferenceError
 from mptkit.infer.cache import KVCache, context_limit
 from mptkit.infer.decode import FastDecoder
+from mptkit.infer.options import DecodeOptions
 from mptkit.infer.sampling import SamplingParams, SequenceSampler, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,12 @@ class Generator:
 
     ``kv_dtype`` ("auto", "fp32", "fp16", "bf16"): how the KV cache stores keys and values (default: the model's
     dtype). "fp16" on an fp32 model halves the cache's memory and the bytes each decode step reads (the
-    compiled CPU kernels convert on the fly); outputs then differ from full recompute by fp16 rounding."""
+    compiled CPU kernels convert on the fly); outputs then differ from full recompute by fp16 rounding.
+
+    ``decode_options`` (:class:`~mptkit.infer.options.DecodeOptions`): the decode path's knobs (compiled CPU
+    kernels, small-M rows, prefill key skipping), used by the fast decoder and every cache made here. The fast
+    decoder runs only where :func:`mptkit.model.fastpath.model_coverage` covers the model (decided here, once);
+    otherwise (a wrapped or subclassed module) decode steps run the model's own forward."""
 
     def __init__(
         self,
@@ -264,8 +270,10 @@ class Generator:
         compile: bool = False,
         fast_decode: bool = True,
         kv_dtype: torch.dtype | str | None = None,
+        decode_options: DecodeOptions | None = None,
     ):
         self.model = model.eval()
+        self.decode_options = decode_options or DecodeOptions()
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_context = context_limit(self.config, max_context)
@@ -275,7 +283,7 @@ class Generator:
         self.kv_dtype = kv_cache_dtype(kv_dtype, self.dtype)
         self.learned_pos = bool(self.config.use_learned_pos_emb)
         self._decode_fn = self._forward_last
-        self.fast = FastDecoder(model) if fast_decode else None
+        self.fast = FastDecoder.for_model(model, self.decode_options) if fast_decode else None
         if compile:
             self._decode_fn = torch.compile(self._forward_last, dynamic=True)
             self.fast = None
@@ -299,7 +307,7 @@ class Generator:
     def new_cache(self, slots: int = 1, capacity: int | None = None) -> KVCache:
         cache = KVCache(
             self.config, slots=slots, capacity=capacity, max_context=self.max_context, dtype=self.kv_dtype,
-            device=self.device, compute_dtype=self.dtype,
+            device=self.device, compute_dtype=self.dtype, options=self.decode_options,
         )
         cache.set_slopes(self.model.slopes)
         return cache
@@ -426,12 +434,15 @@ def generate_text(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    *,
+    decode_options: DecodeOptions | None = None,
     **sampling,
 ) -> str:
     """The completion of ``prompt`` (text only): greedy by default, else sampled with ``seed``.
 
-    Extra keyword arguments are :class:`SamplingParams` fields (top_k, top_p, min_p, stop, …)."""
+    Extra keyword arguments are :class:`SamplingParams` fields (top_k, top_p, min_p, stop, …);
+    ``decode_options`` as for :class:`Generator`."""
     max_context = sampling.pop("max_context", None)
     params = SamplingParams.from_kwargs(max_tokens=max_new_tokens, temperature=temperature, seed=seed, **sampling)
-    gen = Generator(model, tokenizer, max_context=max_context)
+    gen = Generator(model, tokenizer, max_context=max_context, decode_options=decode_options)
     return gen.generate([prompt], params)[0].text

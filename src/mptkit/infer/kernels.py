@@ -6,8 +6,11 @@
 * ``decode_attention(...)``: one decode step of attention for every cache slot, cache write included —
 
 or ``None`` where they cannot be had: not x86-64 with AVX-512F or AVX2+FMA, no C compiler, a failed build or
-self-test, or ``MPTKIT_CPU_KERNELS=0``. The decoder then keeps ``torch.mm`` and the batched-matmul attention;
-results agree to float rounding either way.
+self-test, or switched off (``DecodeOptions.cpu_kernels``, default from ``MPTKIT_CPU_KERNELS``). The decoder
+then keeps ``torch.mm`` and the batched-matmul attention; results agree to float rounding either way.
+
+Which blocks the kernels may compute is decided by :func:`mptkit.model.fastpath.block_coverage` (the same
+predicate as the decoder's); :class:`BlockWeights` adds the checks on the tensors (fp32, CPU, contiguous).
 
 Why: at decode time the linear layers stream every weight once per step, and a batch of 8 sequences should
 cost little more than one. MKL's fp32 GEMM at M=8 costs well above its M=1 time (its blocking is
@@ -284,21 +287,20 @@ def _ptr(t: torch.Tensor | None) -> int:
 class BlockWeights:
     """The tensors of one standard MPT block that :meth:`CpuKernels.decode_block` reads (looked up once, never
     copied: in-place weight updates are seen). ``BlockWeights.of(blk)`` is None for blocks it does not cover:
-    norms other than LayerNorm/LPLayerNorm, QK-LayerNorm, FFNs other than MPTMLP, non-fp32/non-contiguous or
-    non-CPU weights."""
+    blocks :func:`mptkit.model.fastpath.block_coverage` does not give to the kernel (norms other than
+    LayerNorm/LPLayerNorm, QK-LayerNorm, FFNs other than MPTMLP, any wrapped, subclassed or hooked module), and
+    non-fp32/non-contiguous or non-CPU weights."""
 
     __slots__ = ("bdown", "bout", "bqkv", "bup", "clip", "eps1", "eps2", "ffn", "ln1_b", "ln1_w", "ln2_b", "ln2_w",
                  "n_heads", "qkv_dim", "scale", "wdown", "wout", "wqkv", "wup")
 
     @classmethod
     def of(cls, blk) -> BlockWeights | None:
-        from mptkit.model.blocks import MPTMLP, LayerNorm, LPLayerNorm
+        from mptkit.model.fastpath import block_coverage
 
-        a, f = blk.attn, blk.ffn
-        if (type(blk.norm_1) not in (LayerNorm, LPLayerNorm) or type(blk.norm_2) not in (LayerNorm, LPLayerNorm)
-                or type(f) is not MPTMLP or a.qk_ln or blk.norm_1.weight is None or blk.norm_2.weight is None
-                or a.d_model != a.n_heads * a.head_dim):
+        if not block_coverage(blk).kernel:  # exact standard modules only (no wrapped / hooked Linear)
             return None
+        a, f = blk.attn, blk.ffn
         w = cls()
         w.ln1_w, w.ln1_b, w.eps1 = blk.norm_1.weight, blk.norm_1.bias, float(blk.norm_1.eps)
         w.ln2_w, w.ln2_b, w.eps2 = blk.norm_2.weight, blk.norm_2.bias, float(blk.norm_2.eps)
@@ -401,7 +403,7 @@ def _self_test(sl: CpuKernels) -> None:
                     raise RuntimeError(f"self-test failed for decode attention ({kv} cache)")
 
 
-def release_openmp_threads() -> bool:
+def release_openmp_threads(*, keep_pool: bool = False) -> bool:
     """Hand back the calling thread's OpenMP worker threads (``omp_pause_resource_all(omp_pause_hard)`` in the
     libgomp torch runs on); returns whether it was done.
 
@@ -409,8 +411,10 @@ def release_openmp_threads() -> bool:
     hands the compute to another (the serving engine's), two pools exist and libgomp, counting more threads
     than cores, stops letting idle workers spin: every parallel region then waits for a sleeping worker to be
     woken, and a decode step is slower until the first pool is released (measured:
-    bench/results/inference.md). A thread that runs OpenMP work again simply gets a new pool."""
-    if os.environ.get("MPTKIT_KEEP_OPENMP_POOL", "") not in ("", "0"):
+    bench/results/inference.md). A thread that runs OpenMP work again simply gets a new pool.
+
+    ``keep_pool`` (``DecodeOptions.keep_openmp_pool``): do nothing and return False (for comparisons)."""
+    if keep_pool:
         return False
     lib = next(iter(sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))), None)
     try:
@@ -423,9 +427,10 @@ def release_openmp_threads() -> bool:
     return fn(2) == 0  # omp_pause_hard
 
 
-def cpu_kernels(*, flags: tuple[str, ...] = FLAGS, cc: str | None = None) -> CpuKernels | None:
-    """The compiled kernel, or ``None`` (the reason is logged once). Thread-safe; built once per process."""
-    if os.environ.get("MPTKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+def cpu_kernels(*, enabled: bool = True, flags: tuple[str, ...] = FLAGS, cc: str | None = None) -> CpuKernels | None:
+    """The compiled kernel, or ``None`` (the reason is logged once; ``enabled`` False: None at once, the
+    decoder's ``DecodeOptions.cpu_kernels``). Thread-safe; built once per process."""
+    if not enabled:
         return None
     cc = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     key = (cc, flags)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mptkit.errors import ConfigError
+from mptkit.model.fastpath import FastPathOptions, attention_reason
 
 # ----------------------------------------------------------------------------- ALiBi slopes
 
@@ -139,8 +140,6 @@ def eager_attention(
 # A T x T float bias bigger than this (elements, B*H*Tq*Tk) is avoided by ``auto``: it goes blockwise.
 BIAS_ELEMS_LIMIT = 1 << 25  # 128 MB in fp32
 SDPA_ALIBI_CHUNK = 1024  # query rows per call of the CPU kernel (see attention_sdpa_alibi)
-# MPTAttention hands its fused qkv straight to that kernel path when it applies (False: always split q/k/v).
-PACKED_QKV = True
 
 
 @register_backend("sdpa")
@@ -193,11 +192,12 @@ def _blockwise(q, k, v, **kw):
 
 
 @register_backend("flex")
-def _flex(q, k, v, **kw):
-    """Compiled FlexAttention with an ALiBi score_mod and a block mask (attention_flex)."""
+def _flex(q, k, v, *, compiled: bool = True, **kw):
+    """Compiled FlexAttention with an ALiBi score_mod and a block mask (attention_flex); ``compiled`` is
+    ``FastPathOptions.flex_compile``."""
     from mptkit.model.attention_flex import flex_attention_alibi
 
-    return flex_attention_alibi(q, k, v, **kw)
+    return flex_attention_alibi(q, k, v, compiled=compiled, **kw)
 
 
 @register_backend("flash")
@@ -262,8 +262,10 @@ def attention(
     dropout_p: float = 0.0,
     training: bool = False,
     impl: str = "auto",
+    options: FastPathOptions | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the backend named by ``impl`` (see the module docstring for shapes and semantics)."""
+    """Dispatch to the backend named by ``impl`` (see the module docstring for shapes and semantics).
+    ``options``: the model's fast-path options (the flex backend's compilation); None: the defaults."""
     if q.shape[1] % k.shape[1]:
         raise ConfigError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     if key_padding_mask is not None and bool(key_padding_mask.all()):
@@ -272,9 +274,12 @@ def attention(
         impl, q.device, q.dtype, tq=q.shape[2], tk=k.shape[2], batch_heads=q.shape[0] * q.shape[1],
         masked=key_padding_mask is not None or sequence_id is not None, dropout=bool(dropout_p and training),
     )
+    extra = {}
+    if name == "flex":
+        extra["compiled"] = (options if options is not None else FastPathOptions()).flex_compile
     return BACKENDS[name](
         q, k, v, slopes=slopes, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
-        sequence_id=sequence_id, dropout_p=dropout_p, training=training,
+        sequence_id=sequence_id, dropout_p=dropout_p, training=training, **extra,
     )
 
 
@@ -288,9 +293,10 @@ class LayerKVCache(Protocol):
     already cached, used for positions and mask shapes), ``layer(i)`` -> a LayerKVCache, and
     ``advance(t)`` (called once after all layers have consumed ``t`` new tokens).
 
-    A layer cache may also define ``attend(q, k, v, *, slopes, softmax_scale) -> (B, Tq, H, D)``; then
-    the attention module calls it instead of :func:`attention` (for cache layouts where sequences of a
-    batch have different lengths, e.g. continuous batching).
+    A layer cache may also define ``attend(q, k, v, *, slopes, softmax_scale, impl, options) -> (B, Tq, H, D)``;
+    then the attention module calls it instead of :func:`attention` (for cache layouts where sequences of a
+    batch have different lengths, e.g. continuous batching), with its own backend name (``impl``, resolved per
+    call by :func:`resolve_impl`) and fast-path options for the cache's prefill attention.
     """
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,8 +307,9 @@ class LayerKVCache(Protocol):
 class MPTAttention(nn.Module):
     """MPT's attention: fused Wqkv (rows Q | K | V), optional clip_qkv and qk_ln, out_proj."""
 
-    def __init__(self, config, norm_factory: Callable[[int], nn.Module]):
+    def __init__(self, config, norm_factory: Callable[[int], nn.Module], fast_paths: FastPathOptions | None = None):
         super().__init__()
+        self.fast_paths = fast_paths or FastPathOptions()
         self.d_model = config.d_model
         self.n_heads = config.n_heads
         self.kv_n_heads = config.kv_n_heads
@@ -358,24 +365,28 @@ class MPTAttention(nn.Module):
             k, v = layer_cache.update(k, v)
             attend = getattr(layer_cache, "attend", None)
         if attend is not None:  # a cache with its own layout (per-slot lengths) computes attention itself
-            out = attend(q, k, v, slopes=slopes, softmax_scale=self.softmax_scale)
+            out = attend(q, k, v, slopes=slopes, softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                         options=self.fast_paths)
         else:
             out = attention(
                 q, k, v, slopes=slopes, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
                 sequence_id=sequence_id, dropout_p=self.attn_pdrop, training=self.training, impl=self.attn_impl,
+                options=self.fast_paths,
             )
         return self.out_proj(out.reshape(b, t, self.d_model))
 
     def _packed_path(self, qkv, key_padding_mask, sequence_id) -> bool:
         """True when :func:`attention` would run this call on the CPU flash-kernel ALiBi path (causal
         self-attention, no padding/packing mask, no attention dropout): then the packed variant, which reads
-        q, k, v from ``qkv`` and returns the gradient of ``qkv`` in one piece, computes the same thing."""
-        if not PACKED_QKV or sequence_id is not None or (self.attn_pdrop and self.training):
+        q, k, v from ``qkv`` and returns the gradient of ``qkv`` in one piece, computes the same thing.
+        Off with ``fast_paths.packed_qkv`` false, and for anything but the exact MPTAttention
+        (``fastpath.attention_reason``)."""
+        if not self.fast_paths.packed_qkv or sequence_id is not None or (self.attn_pdrop and self.training):
             return False
         if key_padding_mask is not None and not bool(key_padding_mask.all()):
             return False
         t = qkv.shape[1]
-        if t <= 16 or self.d_model % self.n_heads:
+        if t <= 16 or self.d_model % self.n_heads or attention_reason(self) is not None:
             return False
         from mptkit.model import attention_sdpa_alibi
 

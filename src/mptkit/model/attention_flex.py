@@ -4,8 +4,9 @@ The kernel is compiled once per *bucket*: query and key lengths are rounded up t
 128), the extra keys are masked out and the extra queries dropped, so a run that sees many lengths compiles
 only a handful of times. Causal attention keeps this exact: padded keys sit after every real query.
 
-Compilation can be turned off with the environment variable ``MPTKIT_FLEX_COMPILE=0`` (flex_attention then
-runs uncompiled: slow, O(T^2) memory, meant for debugging). On CPU, torch 2.13's compiled FlexAttention has
+Compilation can be turned off with ``FastPathOptions(flex_compile=False)`` (``mptkit.model.fastpath``; its
+default comes from the environment variable ``MPTKIT_FLEX_COMPILE``, ``0`` = off): flex_attention then runs
+uncompiled (slow, O(T^2) memory, meant for debugging). On CPU, torch 2.13's compiled FlexAttention has
 no backward pass: use it for inference there (training on CPU: ``auto``/``sdpa``/``blockwise``).
 
 The slopes are read from a captured tensor (``slopes[h]``), not from ``exp2(-8 h / H)``: that shortcut is
@@ -15,7 +16,6 @@ only right for power-of-two head counts.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -26,10 +26,6 @@ MIN_BUCKET = 128
 
 def _bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
-
-
-def compile_enabled() -> bool:
-    return os.environ.get("MPTKIT_FLEX_COMPILE", "1").lower() not in ("0", "false", "no", "off")
 
 
 @functools.lru_cache(maxsize=2)
@@ -43,9 +39,11 @@ def _flex_fn(compiled: bool):
 
 
 def flex_attention_alibi(
-    q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False
+    q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False,
+    compiled: bool = True,
 ):
-    """(B, H, Tq, D) q, (B, Hkv, Tk, D) k/v -> (B, Tq, H, D); exact ALiBi causal attention."""
+    """(B, H, Tq, D) q, (B, Hkv, Tk, D) k/v -> (B, Tq, H, D); exact ALiBi causal attention (``compiled``:
+    through ``torch.compile``, bucketed lengths)."""
     if dropout_p and training:
         raise ConfigError("attn_impl 'flex' does not implement attention dropout; set attn_pdrop 0 or use 'sdpa'")
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -55,7 +53,6 @@ def flex_attention_alibi(
         )
     if q.device.type == "cpu":  # no grad wanted here (checked above); flex refuses inputs that require it
         q, k, v = q.detach(), k.detach(), v.detach()
-    compiled = compile_enabled()
     flex, create_block_mask = _flex_fn(compiled)
     b, h, tq, _d = q.shape
     hkv, tk = k.shape[1], k.shape[2]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mptkit.model.attention import MPTAttention
+from mptkit.model.fastpath import FastPathOptions, mlp_reason
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -74,9 +75,6 @@ def norm_factory(config) -> Callable[[int], nn.Module]:
     return lambda d: cls(d, eps=eps, bias=bias)
 
 
-MLP_CHUNK = 2048  # token rows per step of the chunked CPU MLP (0: always the plain three-op MLP)
-
-
 class _ChunkedMLP(torch.autograd.Function):
     """``down(gelu(up(x)))`` (no biases) that keeps only ``up(x)`` for backward and runs GELU, the down
     projection and the whole backward in chunks of token rows through two small reused buffers.
@@ -131,25 +129,30 @@ class _ChunkedMLP(torch.autograd.Function):
         return dx.view(ctx.shape), dwu, dwd, None
 
 
-def _chunked_mlp_ok(x: torch.Tensor, up: nn.Linear, down: nn.Linear) -> bool:
-    """CPU training without biases or autocast, rows to chunk: where the chunked MLP pays off."""
+def _chunked_mlp_ok(x: torch.Tensor, mlp: MPTMLP, chunk: int) -> bool:
+    """CPU training without biases or autocast, rows to chunk: where the chunked MLP pays off; and ``mlp`` and
+    its Linears exactly the plain modules whose weights it reads (``fastpath.mlp_reason``: a wrapped or hooked
+    Linear, or a subclass, runs the modules' own forward)."""
     return (
-        MLP_CHUNK > 0
+        chunk > 0
         and x.device.type == "cpu"
         and torch.is_grad_enabled()
-        and up.bias is None
-        and down.bias is None
+        and x.numel() // x.shape[-1] > chunk
         and not torch.is_autocast_enabled("cpu")
-        and x.dtype == up.weight.dtype == down.weight.dtype
-        and x.numel() // x.shape[-1] > MLP_CHUNK
+        and mlp_reason(mlp) is None
+        and mlp.up_proj.bias is None
+        and mlp.down_proj.bias is None
+        and x.dtype == mlp.up_proj.weight.dtype == mlp.down_proj.weight.dtype
     )
 
 
 class MPTMLP(nn.Module):
-    """up_proj -> GELU (exact) -> down_proj (on CPU training: chunked, see ``_ChunkedMLP``)."""
+    """up_proj -> GELU (exact) -> down_proj (on CPU training: chunked, see ``_ChunkedMLP``; its rows per step
+    are ``fast_paths.mlp_chunk``)."""
 
-    def __init__(self, config):
+    def __init__(self, config, fast_paths: FastPathOptions | None = None):
         super().__init__()
+        self.fast_paths = fast_paths or FastPathOptions()
         h = config.ffn_hidden_size
         bias = not config.no_bias
         self.up_proj = nn.Linear(config.d_model, h, bias=bias)
@@ -157,16 +160,17 @@ class MPTMLP(nn.Module):
         self.down_proj._is_residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _chunked_mlp_ok(x, self.up_proj, self.down_proj):
-            return _ChunkedMLP.apply(x, self.up_proj.weight, self.down_proj.weight, MLP_CHUNK)
+        chunk = self.fast_paths.mlp_chunk
+        if _chunked_mlp_ok(x, self, chunk):
+            return _ChunkedMLP.apply(x, self.up_proj.weight, self.down_proj.weight, chunk)
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
 class MPTGLU(MPTMLP):
     """down_proj(GELU(gate_proj(x)) * up_proj(x)) (llm-foundry's ``mptglu``)."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, fast_paths: FastPathOptions | None = None):
+        super().__init__(config, fast_paths)
         self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden_size, bias=not config.no_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,13 +180,14 @@ class MPTGLU(MPTMLP):
 class MPTBlock(nn.Module):
     """Pre-LN block: x + drop(attn(norm_1(x))), then x + drop(ffn(norm_2(x)))."""
 
-    def __init__(self, config):
+    def __init__(self, config, fast_paths: FastPathOptions | None = None):
         super().__init__()
+        fast_paths = fast_paths or FastPathOptions()
         make_norm = norm_factory(config)
         self.norm_1 = make_norm(config.d_model)
-        self.attn = MPTAttention(config, make_norm)
+        self.attn = MPTAttention(config, make_norm, fast_paths)
         self.norm_2 = make_norm(config.d_model)
-        self.ffn = (MPTGLU if config.ffn_config["ffn_type"] == "mptglu" else MPTMLP)(config)
+        self.ffn = (MPTGLU if config.ffn_config["ffn_type"] == "mptglu" else MPTMLP)(config, fast_paths)
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -201,3 +206,9 @@ class MPTBlock(nn.Module):
         x = x + self.resid_attn_dropout(a)
         x = x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
         return x
+
+    def set_fast_paths(self, fast_paths: FastPathOptions) -> None:
+        """The options of this block's fast paths (its attention's and FFN's)."""
+        for m in (self.attn, self.ffn):
+            if isinstance(getattr(m, "fast_paths", None), FastPathOptions):
+                m.fast_paths = fast_paths

@@ -20,6 +20,7 @@ from mptkit.errors import ConfigError
 from mptkit.model.attention import alibi_slopes
 from mptkit.model.blocks import MPTBlock, norm_factory
 from mptkit.model.config import READ_ONLY_HINT, MPTConfig, load_model_config
+from mptkit.model.fastpath import FastPathOptions
 from mptkit.model.fused_loss import linear_cross_entropy, shifted_labels
 from mptkit.model.init import init_weights
 
@@ -62,14 +63,14 @@ class MPTModel(nn.Module):
 
     config = _ReadOnlyConfig()
 
-    def __init__(self, config: MPTConfig):
+    def __init__(self, config: MPTConfig, fast_paths: FastPathOptions | None = None):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         if config.use_learned_pos_emb:
             self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.emb_drop = nn.Dropout(config.emb_pdrop)
-        self.blocks = nn.ModuleList([MPTBlock(config) for _ in range(config.n_layers)])
+        self.blocks = nn.ModuleList([MPTBlock(config, fast_paths) for _ in range(config.n_layers)])
         self.norm_f = norm_factory(config)(config.d_model)
         self.gradient_checkpointing = False
 
@@ -131,19 +132,23 @@ class MPTForCausalLM(nn.Module):
     ``config`` becomes read-only: the model and its modules read that one config (``model.config``), so
     settings cannot drift apart after construction; build a new model from ``config.replace(...)`` instead.
     ``device`` places the parameters (e.g. ``"meta"`` to build without allocating); by default the config's
-    ``init_device`` does (``cpu`` / ``mixed`` → the current default device)."""
+    ``init_device`` does (``cpu`` / ``mixed`` → the current default device). ``fast_paths``: the options of
+    the training fast paths (:class:`~mptkit.model.fastpath.FastPathOptions`: packed QKV, the chunked CPU
+    MLP, flex compilation); runtime options, not part of the config or of a checkpoint
+    (:meth:`set_fast_paths` changes them)."""
 
     config = _ReadOnlyConfig()
 
     def __init__(self, config: MPTConfig | dict | str, *, init: bool = True,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, fast_paths: FastPathOptions | None = None):
         super().__init__()
         config = load_model_config(config)
         self.config = config
+        self.fast_paths = fast_paths or FastPathOptions()
         if device is None and config.init_device not in (None, "cpu", "mixed"):
             device = config.init_device
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.transformer = MPTModel(config)
+            self.transformer = MPTModel(config, self.fast_paths)
             if not config.tie_word_embeddings:
                 self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
@@ -247,6 +252,15 @@ class MPTForCausalLM(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.transformer.gradient_checkpointing = enabled
+
+    def set_fast_paths(self, fast_paths: FastPathOptions) -> None:
+        """Use ``fast_paths`` (:class:`~mptkit.model.fastpath.FastPathOptions`) in every block from now on."""
+        if not isinstance(fast_paths, FastPathOptions):
+            raise ConfigError(f"set_fast_paths: expected FastPathOptions, got {type(fast_paths).__name__}")
+        self.fast_paths = fast_paths
+        for blk in self.transformer.blocks:
+            if hasattr(blk, "set_fast_paths"):
+                blk.set_fast_paths(fast_paths)
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every layer's attention backend (``auto``, ``torch``, ``sdpa``, …)."""

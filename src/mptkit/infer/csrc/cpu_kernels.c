@@ -149,7 +149,7 @@ int mptkit_smallgemm_vector_width(void) { return VW; }
  * Query head h reads kv head h / (H / Hkv) (MHA, GQA, MQA). top > max(pos), top <= cap; scratch: n*H*top floats.
  *
  * score_j = scale * q.k_j + slope * (j - pos)  for j = 0..pos; softmax; out = sum_j p_j v_j — the arithmetic of
- * KVCache._attend (float32), without the (n*Hkv, rep, T) batched matmuls.
+ * CacheAttention.attend (infer/cache_attention.py, float32), without the (n*Hkv, rep, T) batched matmuls.
  */
 #include <math.h>
 #ifndef APF
