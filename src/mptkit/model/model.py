@@ -277,7 +277,7 @@ class MPTForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- I/O
     # The file formats live in mptkit.io.hf_folder, which knows this class only as the ``cls`` handed to it;
-    # these two lazy calls are the model layer's one documented import of mptkit.io (tests/test_layering.py).
+    # these two lazy calls are the model layer's one documented import of mptkit.io (tests/project/test_layering.py).
     @classmethod
     def from_pretrained(
         cls,
