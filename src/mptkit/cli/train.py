@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False), end="")
         return 0
-    t = Trainer(cfg)
+    t = Trainer(cfg, sample_fn=end_of_run_sample)  # rank 0 writes the sample into the summary
     summary = t.fit()  # a failed write names its folder (the trainer's own TrainError); other OSErrors: cli.main
     if not t.dist.is_main:
         return 0
@@ -32,6 +32,17 @@ def _train(args: argparse.Namespace) -> int:
     if summary.get("sample"):
         print("sample:\n" + summary["sample"])
     return 0
+
+
+def end_of_run_sample(model, tokenizer, cfg) -> str:
+    """The recipe's end-of-run sample (``sample_prompt`` and the ``sample_*`` keys): the prompt and what the
+    trained model generates after it with mptkit's decoder, seeded with the run's seed."""
+    from mptkit.infer import generate_text
+
+    kw = {"top_k": cfg.sample_top_k} if cfg.sample_top_k else {}
+    text = generate_text(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_max_new_tokens,
+                         temperature=float(cfg.sample_temperature), seed=cfg.seed, **kw)
+    return cfg.sample_prompt + text
 
 
 def _plot(args: argparse.Namespace) -> int:
