@@ -39,10 +39,11 @@ def end_of_run_sample(model, tokenizer, cfg) -> str:
     trained model generates after it with mptkit's decoder, seeded with the run's seed."""
     from mptkit.infer import generate_text
 
-    kw = {"top_k": cfg.sample_top_k} if cfg.sample_top_k else {}
-    text = generate_text(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_max_new_tokens,
-                         temperature=float(cfg.sample_temperature), seed=cfg.seed, **kw)
-    return cfg.sample_prompt + text
+    s = cfg.sample
+    kw = {"top_k": s.top_k} if s.top_k else {}
+    text = generate_text(model, tokenizer, s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         seed=s.seed, **kw)
+    return s.prompt + text
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -206,14 +206,15 @@ class Trainer:
                 f"by device_train_microbatch_size ({mb}); pick a microbatch size that divides it, or 'auto'")
         self.microbatch = mb
         # data stream
-        ld = (cfg.train_loader or {}).get("dataset", {}) if cfg.train_loader else {}
-        shuffle_seed = ld.get("shuffle_seed", cfg.seed)
-        sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=bool(ld.get("shuffle", True)),
+        ds = cfg.train_loader.dataset if cfg.train_loader is not None else None
+        shuffle = bool(ds.shuffle) if ds is not None else True
+        shuffle_seed = ds.shuffle_seed if ds is not None and ds.shuffle_seed is not None else cfg.seed
+        sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=shuffle,
                                rank=self.dist.rank, world_size=world, drop_last=True)
         self.stream = BatchStream(self.train_dataset, sampler, self.per_rank_batch, self.collate,
                                   vocab_size=getattr(getattr(self.model, "config", None), "vocab_size", None))
         # what exact resumption depends on: stored in every checkpoint, compared on resume
-        self.data_fingerprint = data_fingerprint(self.train_dataset, shuffle=bool(ld.get("shuffle", True)),
+        self.data_fingerprint = data_fingerprint(self.train_dataset, shuffle=shuffle,
                                                  shuffle_seed=int(shuffle_seed), global_batch_size=gb,
                                                  sample_len=seq_len)
         if self.stream.batches_per_epoch == 0:
@@ -232,12 +233,11 @@ class Trainer:
         # optimizer + schedule
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = build_schedule(cfg.scheduler, max_steps=self.max_steps, to_batches=self._to_batches)
-        gc = cfg.algorithms.get("gradient_clipping") if cfg.algorithms else None
-        clip = float(gc.get("clipping_threshold", 1.0)) if gc else None
         # callbacks: the loss-spike monitor always runs (llm-foundry's defaults: log only, unless configured);
         # scheduled_gc and optimizer_monitor only when the recipe names them (train/callbacks.py)
-        spike_cfg = (cfg.callbacks or {}).get("kill_loss_spike")
-        self.spike = LossSpikeMonitor(**(spike_cfg if isinstance(spike_cfg, dict) else {}), total_steps=self.max_steps)
+        spike = cfg.callbacks.kill_loss_spike
+        self.spike = LossSpikeMonitor(spike.patience, spike.outlier_multiplier, spike.window_size, spike.loss_cap,
+                                      spike.log_only, total_steps=self.max_steps)
         self.scheduled_gc, self.optimizer_monitor = build_callbacks(cfg.callbacks)
         self._optimizer_metrics: dict = {}
         # DDP (FSDP: the sharded model is its own training module)
@@ -250,7 +250,7 @@ class Trainer:
             model=self.model, train_model=self.train_model, optimizer=self.optimizer, schedule=self.schedule,
             loss_fn=self.loss_fn, count_targets_fn=self.count_targets, dist=self.dist, device=self.device,
             precision=cfg.precision, per_rank_batch=self.per_rank_batch, microbatch=self._microbatch,
-            auto_microbatch=self.auto_microbatch, clip=clip, sharded=self.fsdp is not None,
+            auto_microbatch=self.auto_microbatch, clip=cfg.algorithms.clip, sharded=self.fsdp is not None,
             activation_offload=self.fsdp is not None and self.fsdp.activation_cpu_offload,
             optimizer_monitor=self.optimizer_monitor)
         self.scaler = self._step_runner.scaler  # amp_fp16's loss scaler (checkpointed), else None
@@ -495,7 +495,7 @@ class Trainer:
 
     def _optimizer_config(self) -> dict:
         """The optimizer's name and hyperparameters as built from the recipe (a checkpoint records them)."""
-        return state_mod.optimizer_config(self.optimizer, (self.cfg.optimizer or {}).get("name") or "decoupled_adamw")
+        return state_mod.optimizer_config(self.optimizer, self.cfg.optimizer.name)
 
     def _data_position(self, st: dict) -> dict:
         """This rank's data position from a checkpoint written by any number of ranks (train/state.py)."""
@@ -622,7 +622,7 @@ class Trainer:
         writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
-        gpu_flops = ((cfg.callbacks or {}).get("speed_monitor") or {}).get("gpu_flops_available")
+        gpu_flops = cfg.callbacks.speed_monitor.gpu_flops_available
         peak, peak_src = peak_flops(self.device, cfg.precision, cfg.peak_tflops or (gpu_flops and gpu_flops / 1e12))
         if main:
             log.info("run %s: %s params, %d steps of %d samples x %d tokens (%s), microbatch %s%s, %d rank(s), "
@@ -643,7 +643,7 @@ class Trainer:
         elif main and cfg.progress_bar and cfg.log_to_console:
             log.info("stderr is not a terminal: logging progress every %d steps instead of a progress bar",
                      self.log_every)
-        tput = Throughput(window=int(((cfg.callbacks or {}).get("speed_monitor") or {}).get("window_size", 10)))
+        tput = Throughput(window=int(cfg.callbacks.speed_monitor.window_size))
         self._last_saved = self.step if self.resumed_from is not None else -1
         self.model.train()
         if self.scheduled_gc is not None:
