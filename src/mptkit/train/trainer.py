@@ -22,7 +22,6 @@ vocabulary, batch arithmetic, a writable save folder, precision vs device); see 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from mptkit.train.config import Duration, RunConfig, parse_duration
 from mptkit.train.data import BatchStream, data_fingerprint, default_collate, make_sampler
 from mptkit.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mptkit.train.evaluate import evaluate_loss
+from mptkit.train.folders import RunFolders
 from mptkit.train.metrics import (
     LossSpikeMonitor,
     MetricsWriter,
@@ -55,7 +55,7 @@ from mptkit.train.optim import build_optimizer
 from mptkit.train.schedule import build_schedule
 from mptkit.train.state import get_rng_state, seed_everything, set_rng_state
 from mptkit.train.step import StepRunner, autocast, causal_lm_loss, count_targets, count_tokens
-from mptkit.utils.outputs import check_output, check_writable, write_errors
+from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ class Trainer:
         self.samples = 0
         self.last_eval: dict | None = None
         self.resumed_from: Path | None = None
-        self._locks: list = []  # RunLocks on the run and save folders (rank 0)
-        self._created_dirs: list[Path] = []  # folders set-up created (removed again, if empty, when it fails)
+        self.folders = RunFolders()  # rank 0's locks on the run and save folders, the folders set-up created
         self._step_runner: StepRunner | None = None  # one optimizer step (train/step.py), built by setup
         self._microbatch = 0
         self.scaler = None
@@ -264,64 +263,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ folders and their locks
     def _take_folders(self) -> None:
-        """Rank 0 creates the run and save folders and takes each one's lock (:class:`mptkit.train.lock.RunLock`)
-        before anything is written there; a folder another run holds is a TrainError naming the holder. The
-        other ranks of this job wait for the outcome and raise the same error."""
-        from mptkit.train.distributed import broadcast_object
-        from mptkit.train.lock import RunLock
+        """Rank 0 creates the run and save folders and locks them (train/folders.py); all ranks learn the outcome."""
+        self.folders.take(self.run_folder, self.save_folder, self.dist)
 
-        err: BaseException | None = None
-        if self.dist.is_main:
-            folders = [self.run_folder] + ([self.save_folder] if self.save_folder is not None else [])
-            for f in folders:
-                self._created_dirs += _missing_dirs(f)
-            try:
-                for f, key in zip(folders, ("run_folder", "save_folder")):
-                    try:  # made here (RunLock would), so that a file in the way is named as such
-                        f.mkdir(parents=True, exist_ok=True)
-                    except OSError as e:
-                        raise TrainError(f"{key} {f} is not writable ({e.strerror or e}); choose another {key}") from None
-                    check_writable(f, key, TrainError)
-                for f in dict.fromkeys(p.resolve() for p in folders):
-                    self._locks.append(RunLock(f).acquire())
-            except Exception as e:  # noqa: BLE001 - any failure is broadcast first, or the other ranks would wait
-                err = e
-        msg = broadcast_object(None if err is None else str(err), self.dist)
-        if err is not None:
-            raise err
-        if msg is not None:
-            raise TrainError(f"rank 0 could not take the run's folders: {msg}")
+    @property
+    def _locks(self) -> list:
+        return self.folders.locks
 
     def _assert_lock_held(self) -> None:
         """Before writing a checkpoint: every rank raises if rank 0's lock was taken over (collective)."""
-        from mptkit.train.distributed import broadcast_object
-
-        lost = next((lk for lk in self._locks if lk.lost), None)
-        msg = broadcast_object(lost.lost if lost is not None else None, self.dist)
-        if lost is not None:
-            lost.check()
-        if msg is not None:
-            raise TrainError(f"rank 0 lost the lock on the run's folder ({msg}); stopping without writing")
+        self.folders.assert_held(self.dist)
 
     def _check_locks(self) -> None:
-        """Rank 0, before each metrics line and the export: raise :class:`TrainError` naming the lock and its
-        new holder if another run took one of the folders over (``lost`` is set by the heartbeat thread: a
-        plain attribute read, free). The other ranks stop when rank 0 exits (torchrun ends the job)."""
-        for lk in self._locks:
-            lk.check()
+        """Rank 0, before each metrics line and the export: a TrainError if another run took a folder over."""
+        self.folders.check()
 
     def close(self) -> None:
         """Release the folders' locks (``fit`` does it at its end, or on an error)."""
-        for lk in self._locks:
-            lk.release()
-        self._locks = []
+        self.folders.release()
 
     def _abandon_setup(self) -> None:
-        self.close()
-        for d in reversed(self._created_dirs):  # deepest first; only what is still empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        self._created_dirs = []
+        self.folders.abandon()
 
     def _shard_model(self) -> None:
         """fully_shard every block, then the root; materialise a meta-built model shard by shard."""
@@ -814,16 +776,6 @@ _SAVE = "cannot write the checkpoints (save_folder)"
 _METRICS = "cannot write the metrics (run_folder)"
 _RUN = "cannot write the run's files (run_folder)"
 _EXPORT = "cannot write the export (export_folder)"
-
-
-def _missing_dirs(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, outermost first."""
-    out: list[Path] = []
-    p = Path(folder).absolute()
-    while not p.exists() and p != p.parent:
-        out.append(p)
-        p = p.parent
-    return out[::-1]
 
 
 def _fmt_s(s: float) -> str:
