@@ -23,6 +23,7 @@ from typing import Any
 
 from mptkit.errors import ConfigError
 from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _check_keys: importable from here
+    NO_SCHEDULER_ALPHA_F,
     OPTIMIZERS,
     SCHEDULERS,
     AlgorithmsConfig,
@@ -262,7 +263,7 @@ class RunConfig:
     device_eval_batch_size: int | None = None
     precision: str = "fp32"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(alpha_f=NO_SCHEDULER_ALPHA_F))
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
     eval_interval: Any = "1ep"
     eval_subset_num_batches: int = -1
@@ -304,7 +305,7 @@ class RunConfig:
             if f.name.startswith("_"):
                 continue
             v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, Section) else copy.deepcopy(v)
+            out[f.name] = copy.deepcopy(v.to_dict() if isinstance(v, Section) else v)
         return out
 
     # ------------------------------------------------------------------------------ validation

@@ -159,6 +159,8 @@ SCHEDULERS = (
 )
 # the final multiplier when the recipe gives none (llm-foundry: constant's ``alpha`` is 1, the decays' 0)
 DEFAULT_ALPHA_F = {"constant_with_warmup": 1.0}
+# a recipe without a ``scheduler`` section: cosine to 0.1 x lr (MPT's recipes), from the first step
+NO_SCHEDULER_ALPHA_F = 0.1
 
 
 @dataclass
@@ -524,7 +526,8 @@ class CallbacksConfig(Section):
             _need_int("callbacks.scheduled_gc.batch_interval", g.batch_interval, 1)
             _need_bool("callbacks.scheduled_gc.eval_keep_disabled", g.eval_keep_disabled)
         if "optimizer_monitor" in cb:
-            om = cb["optimizer_monitor"] or {}
+            om = cb["optimizer_monitor"]
+            om = {} if om is None else om
             _check_keys(om, OptimizerMonitorConfig.keys_allowed(), "callbacks.optimizer_monitor")
             o = out.optimizer_monitor = OptimizerMonitorConfig(**om)
             _need_int("callbacks.optimizer_monitor.batch_log_interval", o.batch_log_interval, 1)

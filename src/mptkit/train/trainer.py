@@ -698,7 +698,7 @@ class Trainer:
             # fully alive: left to interpreter teardown, gloo's threads can abort the process at exit
             import gc as _gc
 
-            self.train_model = self.model
+            self.train_model = self.step_runner.train_model = self.model
             _gc.collect()
         shutdown(self.dist)
         return summary
