@@ -376,7 +376,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
-        cfg = self.cfg
+        cfg = self.cfg.checkpointing  # autoresume, load_path, save_overwrite (train/sections.py)
         ck = None
         if self.save_folder is not None and self.save_folder.exists():
             if self.dist.is_main:
@@ -452,7 +452,7 @@ class Trainer:
 
     def _check_resume(self, ck: Path, st: dict) -> bool:
         return state_mod.check_resume(ck, st, data_fingerprint=self.data_fingerprint,
-                                      accept_data_change=self.cfg.resume_accept_data_change,
+                                      accept_data_change=self.cfg.checkpointing.resume_accept_data_change,
                                       optimizer_now=self._optimizer_config(), is_main=self.dist.is_main)
 
     def _optimizer_config(self) -> dict:
