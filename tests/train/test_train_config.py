@@ -108,3 +108,26 @@ def test_token_durations_do_not_round_up_a_float_error():
     assert d.to_batches(batches_per_epoch=3, tokens_per_batch=100 / 9 * 3, samples_per_batch=3) == 3
     assert parse_duration("101tok", "d").to_batches(batches_per_epoch=3, tokens_per_batch=100 / 9 * 3,
                                                     samples_per_batch=3) == 4
+
+
+def test_recipe_sections_are_typed_with_their_defaults():
+    """The recipe's sections are typed (attributes under llm-foundry's key names), each default resolved from
+    one place (betas by optimizer, alpha_f by schedule); the validated config written out (config.yaml) reads
+    back to the same config."""
+    import yaml
+
+    cfg = config_from_dict({"optimizer": {"name": "decoupled_lionw", "lr": 1e-4},
+                            "scheduler": {"name": "constant_with_warmup"},
+                            "callbacks": {"optimizer_monitor": None}})
+    assert (cfg.optimizer.name, cfg.optimizer.lr, tuple(cfg.optimizer.betas)) == ("decoupled_lionw", 1e-4, (0.9, 0.99))
+    assert cfg.optimizer.fused is None and cfg.scheduler.alpha_f == 1.0 and cfg.algorithms.clip is None
+    assert cfg.callbacks.optimizer_monitor.batch_log_interval == 10 and cfg.callbacks.scheduled_gc is None
+    d = config_from_dict({}).optimizer
+    assert (d.name, d.lr, tuple(d.betas), d.eps, d.weight_decay) == ("decoupled_adamw", 6e-4, (0.9, 0.95), 1e-8, 0.0)
+    fused = config_from_dict({"optimizer": {"name": "adamw", "fused": True}})
+    assert fused.optimizer.fused is True and fused.to_dict()["optimizer"]["fused"] is True
+    inv = config_from_dict({"scheduler": {"name": "inv_sqrt_with_warmup", "alpha_f_decay": 0.2}})
+    assert inv.scheduler.alpha_f == 0.2
+    back = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert back.to_dict() == cfg.to_dict() and back.optimizer == cfg.optimizer
+    assert cfg.sample.max_new_tokens == 64 and cfg.checkpointing.autoresume is False

@@ -206,3 +206,32 @@ def test_pretrained_folder_is_one_decision(tmp_path):
     bad = {**spec, "pretrained_model_name_or_path": str(tmp_path / "tok_only")}
     with pytest.raises(ConfigError, match="not a local model folder with a config.json"):
         pretrained_folder(make_cfg(tmp_path, model=bad))
+
+
+def test_training_never_imports_inference(tmp_path, make_tokenizer):
+    """The trainer has no decoder of its own: a run with sample_prompt and a tokenizer, through the Python API,
+    imports nothing from mptkit.infer and leaves the summary's sample empty (`mptkit train` passes its sampler)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=300)
+    code = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from tests._train_helpers import TINY_MODEL, datasets, make_cfg
+from mptkit.data.tokenizer import load_tokenizer
+from mptkit.train.trainer import Trainer
+train, val = datasets()
+cfg = make_cfg(Path({str(tmp_path)!r}), model={{**TINY_MODEL, "vocab_size": 320}}, max_duration="2ba",
+               save_folder=None, sample_prompt="ab", sample_max_new_tokens=2)
+t = Trainer(cfg, tokenizer=load_tokenizer({str(tok)!r}), train_dataset=train, eval_dataset=val)
+s = t.fit()
+assert t.tokenizer is not None and s["sample"] is None, s
+bad = sorted(m for m in sys.modules if m.startswith("mptkit.infer"))
+assert not bad, bad
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

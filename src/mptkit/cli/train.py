@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False), end="")
         return 0
-    t = Trainer(cfg)
+    t = Trainer(cfg, sample_fn=end_of_run_sample)  # rank 0 writes the sample into the summary
     summary = t.fit()  # a failed write names its folder (the trainer's own TrainError); other OSErrors: cli.main
     if not t.dist.is_main:
         return 0
@@ -32,6 +32,18 @@ def _train(args: argparse.Namespace) -> int:
     if summary.get("sample"):
         print("sample:\n" + summary["sample"])
     return 0
+
+
+def end_of_run_sample(model, tokenizer, cfg) -> str:
+    """The recipe's end-of-run sample (``sample_prompt`` and the ``sample_*`` keys): the prompt and what the
+    trained model generates after it with mptkit's decoder, seeded with the run's seed."""
+    from mptkit.infer import generate_text
+
+    s = cfg.sample
+    kw = {"top_k": s.top_k} if s.top_k else {}
+    text = generate_text(model, tokenizer, s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         seed=s.seed, **kw)
+    return s.prompt + text
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mptkit.train.sections import CallbacksConfig, OptimizerMonitorConfig, ScheduledGCConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ class ScheduledGC:
     """llm-foundry's ScheduledGarbageCollector: automatic gc off during training, a full collection every
     ``batch_interval`` batches (see the module docstring for every point it collects at)."""
 
-    def __init__(self, batch_interval: int, eval_keep_disabled: bool = False):
+    def __init__(self, batch_interval: int, eval_keep_disabled: bool = ScheduledGCConfig.eval_keep_disabled):
         self.batch_interval = int(batch_interval)
         self.eval_keep_disabled = bool(eval_keep_disabled)
         self._was_enabled: bool | None = None
@@ -114,7 +116,8 @@ class OptimizerMonitor:
     ``log_optimizer_metrics``, moment and weight norms (see the module docstring). Under FSDP every rank
     takes part (one all-reduce for all the norms at a logged step); only rank 0 writes."""
 
-    def __init__(self, batch_log_interval: int = 10, log_optimizer_metrics: bool = True):
+    def __init__(self, batch_log_interval: int = OptimizerMonitorConfig.batch_log_interval,
+                 log_optimizer_metrics: bool = OptimizerMonitorConfig.log_optimizer_metrics):
         self.interval = int(batch_log_interval)
         self.log_optimizer_metrics = bool(log_optimizer_metrics)
 
@@ -145,10 +148,9 @@ class OptimizerMonitor:
         return vals
 
 
-def build_callbacks(callbacks: dict | None) -> tuple[ScheduledGC | None, OptimizerMonitor | None]:
-    """(scheduled_gc, optimizer_monitor) from the validated recipe's ``callbacks`` (None when absent)."""
-    cb = callbacks or {}
-    sgc = cb.get("scheduled_gc")
-    om = cb.get("optimizer_monitor", False)
-    return (ScheduledGC(**sgc) if isinstance(sgc, dict) else None,
-            OptimizerMonitor(**(om or {})) if om is not False else None)
+def build_callbacks(callbacks: CallbacksConfig | dict | None) -> tuple[ScheduledGC | None, OptimizerMonitor | None]:
+    """(scheduled_gc, optimizer_monitor) from the recipe's ``callbacks`` (None when it does not name them)."""
+    cb = CallbacksConfig.from_dict(callbacks or {})
+    sgc, om = cb.scheduled_gc, cb.optimizer_monitor
+    return (ScheduledGC(sgc.batch_interval, sgc.eval_keep_disabled) if sgc is not None else None,
+            OptimizerMonitor(om.batch_log_interval, om.log_optimizer_metrics) if om is not None else None)

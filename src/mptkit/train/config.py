@@ -22,6 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from mptkit.errors import ConfigError
+from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _check_keys: importable from here
+    NO_SCHEDULER_ALPHA_F,
+    OPTIMIZERS,
+    SCHEDULERS,
+    AlgorithmsConfig,
+    CallbacksConfig,
+    CheckpointSettings,
+    LoaderConfig,
+    OptimizerConfig,
+    SampleSettings,
+    SchedulerConfig,
+    Section,
+    _check_keys,
+    _dym,
+    _need_int,
+    _need_num,
+)
 from mptkit.utils.keys import closest
 
 log = logging.getLogger(__name__)
@@ -220,45 +237,11 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------------- the run config
 
-OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
-SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup", "inv_sqrt_with_warmup")
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 
-# Sub-section keys each section accepts (unknown ones are an error naming the closest).
-OPTIMIZER_KEYS = {"name", "lr", "betas", "eps", "weight_decay", "fused"}
-SCHEDULER_KEYS = {"name", "t_warmup", "alpha_f", "t_max", "t_scale", "t_cooldown", "alpha_f_decay",
-                  "alpha_f_cooldown"}
-LOADER_KEYS = {"name", "dataset", "drop_last", "num_workers", "pin_memory", "prefetch_factor",
-               "persistent_workers", "timeout"}
-DATASET_KEYS = {"local", "remote", "split", "shuffle", "max_seq_len", "shuffle_seed", "eos_token_id",
-                "bos_token_id"}
-# llm-foundry's finetuning dataset keys (``train_loader.name: finetuning``); see mptkit.data.finetune
-FINETUNE_DATASET_KEYS = {"hf_name", "hf_kwargs", "path", "split", "max_seq_len", "shuffle", "shuffle_seed",
-                         "decoder_only_format", "allow_pad_trimming", "packing_ratio", "target_prompts", "target_responses",
-                         "preprocessing_fn", "system_prompt", "append_eos", "strict", "safe_load"}
+# Sub-section keys the untyped sections accept (unknown ones are an error naming the closest); the typed
+# sections (train/sections.py) know their own.
 DATA_PREP_KEYS = {"inputs", "vocab_size", "max_files", "max_bytes", "val_fraction", "options"}
-CLIP_KEYS = {"clipping_type", "clipping_threshold"}
-CALLBACKS = {"speed_monitor", "lr_monitor", "memory_monitor", "runtime_estimator", "kill_loss_spike",
-             "optimizer_monitor", "scheduled_gc"}
-SPIKE_KEYS = {"patience", "outlier_multiplier", "window_size", "loss_cap", "log_only"}
-SCHEDULED_GC_KEYS = {"batch_interval", "eval_keep_disabled"}
-OPTIMIZER_MONITOR_KEYS = {"batch_log_interval", "log_optimizer_metrics"}
-SPEED_MONITOR_KEYS = {"window_size", "gpu_flops_available"}
-# composer callbacks whose metrics mptkit always logs its own way: their options change nothing (a warning)
-ALWAYS_ON_CALLBACKS = {
-    "lr_monitor": "the lr is logged every step (metrics.jsonl 'lr')",
-    "memory_monitor": "memory is logged every step (mem_peak_gb on CUDA, mem_rss_peak_gb on CPU)",
-    "runtime_estimator": "the console log and progress bar show an ETA from the speed-monitor window",
-}
-# DataLoader keys of llm-foundry loaders: mptkit reads batches in the training process from memory-mapped
-# shards (no DataLoader, no worker processes), so these change nothing
-_LOADER_IGNORED = {
-    "num_workers": "batches are read in the training process (memory-mapped shards, no DataLoader workers)",
-    "pin_memory": "there is no DataLoader; batches are copied to the device as they are",
-    "prefetch_factor": "there are no DataLoader workers to prefetch",
-    "persistent_workers": "there are no DataLoader workers",
-    "timeout": "there are no DataLoader workers to wait for",
-}
 LOGGERS = {"tensorboard", "jsonl"}
 
 
@@ -268,8 +251,8 @@ class RunConfig:
 
     model: Any = "mpt-tiny"
     tokenizer: Any = None
-    train_loader: dict | None = None
-    eval_loader: dict | None = None
+    train_loader: LoaderConfig | None = None
+    eval_loader: LoaderConfig | None = None
     data_prep: dict | None = None
     run_name: str | None = None
     seed: int = 17
@@ -279,11 +262,9 @@ class RunConfig:
     device_train_microbatch_size: Any = "auto"
     device_eval_batch_size: int | None = None
     precision: str = "fp32"
-    optimizer: dict = field(default_factory=lambda: {"name": "decoupled_adamw", "lr": 6e-4, "betas": [0.9, 0.95],
-                                                     "eps": 1e-8, "weight_decay": 0.0})
-    scheduler: dict = field(default_factory=lambda: {"name": "cosine_with_warmup", "t_warmup": "0ba",
-                                                     "alpha_f": 0.1})
-    algorithms: dict = field(default_factory=dict)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(alpha_f=NO_SCHEDULER_ALPHA_F))
+    algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
     eval_interval: Any = "1ep"
     eval_subset_num_batches: int = -1
     eval_first: bool = False
@@ -297,7 +278,7 @@ class RunConfig:
     progress_bar: bool = True
     log_to_console: bool = True
     console_log_interval: Any = "1ba"
-    callbacks: dict = field(default_factory=dict)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     loggers: dict = field(default_factory=dict)
     # mptkit extensions
     run_folder: str | None = None  # where config.yaml, metrics.jsonl, tb/ go (default runs/<run_name>)
@@ -323,7 +304,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
                 continue
-            out[f.name] = copy.deepcopy(getattr(self, f.name))
+            v = getattr(self, f.name)
+            out[f.name] = copy.deepcopy(v.to_dict() if isinstance(v, Section) else v)
         return out
 
     # ------------------------------------------------------------------------------ validation
@@ -346,93 +328,18 @@ class RunConfig:
             raise ConfigError(f"device: '{self.device}' is not one of auto, cpu, cuda")
         if self.max_seq_len is not None:
             _need_int("max_seq_len", self.max_seq_len, 1)
-        # optimizer
-        if not isinstance(self.optimizer, dict):
-            raise ConfigError("optimizer: expected a mapping with name, lr, betas, eps, weight_decay")
-        _check_keys(self.optimizer, OPTIMIZER_KEYS, "optimizer")
-        name = self.optimizer.get("name", "decoupled_adamw")
-        if name not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name: '{name}' is not one of {OPTIMIZERS}" + _dym(name, OPTIMIZERS))
-        _need_num("optimizer.lr", self.optimizer.get("lr", 6e-4), positive=True)
-        _need_num("optimizer.weight_decay", self.optimizer.get("weight_decay", 0.0))
-        _need_num("optimizer.eps", self.optimizer.get("eps", 1e-8))
-        fused = self.optimizer.get("fused")
-        if fused is not None and not isinstance(fused, bool):
-            raise ConfigError(f"optimizer.fused: expected true, false or null, got {fused!r}")
-        if fused and name == "decoupled_lionw":
-            raise ConfigError("optimizer.fused: decoupled_lionw has one implementation (a per-tensor loop); "
-                              "remove optimizer.fused")
-        betas = self.optimizer.get("betas", [0.9, 0.95] if name != "decoupled_lionw" else [0.9, 0.99])
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
-            isinstance(b, (int, float)) and 0 <= b < 1 for b in betas
-        ):
-            raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {betas!r}")
-        # scheduler
-        if not isinstance(self.scheduler, dict):
-            raise ConfigError("scheduler: expected a mapping with name, t_warmup, alpha_f")
-        _check_keys(self.scheduler, SCHEDULER_KEYS, "scheduler")
-        sname = self.scheduler.get("name", "cosine_with_warmup")
-        if sname not in SCHEDULERS:
-            raise ConfigError(f"scheduler.name: '{sname}' is not one of {SCHEDULERS}" + _dym(sname, SCHEDULERS))
-        parse_duration(self.scheduler.get("t_warmup", "0ba"), "scheduler.t_warmup")
-        if "t_max" in self.scheduler:
-            parse_duration(self.scheduler["t_max"], "scheduler.t_max", allow_zero=False)
-        _need_num("scheduler.alpha_f", self.scheduler.get("alpha_f", 0.0))
-        # algorithms
-        if not isinstance(self.algorithms, dict):
-            raise ConfigError("algorithms: expected a mapping (e.g. gradient_clipping: {clipping_type: norm, ...})")
-        _check_keys(self.algorithms, {"gradient_clipping"}, "algorithms")
-        gc = self.algorithms.get("gradient_clipping")
-        if gc is not None:
-            _check_keys(gc, CLIP_KEYS, "algorithms.gradient_clipping")
-            if gc.get("clipping_type", "norm") != "norm":
-                raise ConfigError("algorithms.gradient_clipping.clipping_type: only 'norm' is supported")
-            _need_num("algorithms.gradient_clipping.clipping_threshold", gc.get("clipping_threshold", 1.0),
-                      positive=True)
-        # callbacks / loggers
-        if not isinstance(self.callbacks, dict):
-            raise ConfigError("callbacks: expected a mapping of callback name -> options")
-        _check_keys(self.callbacks, CALLBACKS, "callbacks")
-        _check_callbacks(self.callbacks)
+        # the typed sections (train/sections.py): keys, values, defaults
+        self.optimizer = OptimizerConfig.from_dict(self.optimizer)
+        self.scheduler = SchedulerConfig.from_dict(self.scheduler)
+        self.algorithms = AlgorithmsConfig.from_dict(self.algorithms)
+        self.callbacks = CallbacksConfig.from_dict(self.callbacks)
         if not isinstance(self.loggers, dict):
             raise ConfigError("loggers: expected a mapping of logger name -> options")
         _check_keys(self.loggers, LOGGERS, "loggers")
-        # loaders
         for lname in ("train_loader", "eval_loader"):
             ld = getattr(self, lname)
-            if ld is None:
-                continue
-            if not isinstance(ld, dict):
-                raise ConfigError(f"{lname}: expected a mapping with name, dataset {{local, split, ...}}")
-            _check_keys(ld, LOADER_KEYS, lname)
-            _warn_ignored_loader_keys(ld, lname)
-            name = ld.get("name", "text")
-            if name not in ("text", "finetuning"):
-                raise ConfigError(f"{lname}.name: 'text' (prepared token shards) or 'finetuning' (prompt/response or "
-                                  f"chat examples) are supported by `mptkit train`; got '{name}'")
-            ds = ld.get("dataset") or {}
-            if not isinstance(ds, dict):
-                raise ConfigError(f"{lname}.dataset: expected a mapping with local, split, ...")
-            if name == "finetuning":
-                _check_keys(ds, FINETUNE_DATASET_KEYS, f"{lname}.dataset")
-                if not (ds.get("hf_name") or ds.get("path")):
-                    raise ConfigError(f"{lname}.dataset.hf_name: the finetuning data (a local JSONL/JSON/CSV/Parquet "
-                                      "file, a folder of them, or a datasets save_to_disk folder) is required")
-                if ds.get("decoder_only_format", True) is not True:
-                    raise ConfigError(f"{lname}.dataset.decoder_only_format: only true (decoder-only models) is "
-                                      "supported")
-                if self.data_prep is not None and lname == "train_loader":
-                    raise ConfigError("data_prep prepares pretraining shards; a finetuning train_loader reads its "
-                                      "examples directly: remove data_prep")
-                continue
-            _check_keys(ds, DATASET_KEYS, f"{lname}.dataset")
-            if ds.get("remote"):
-                raise ConfigError(f"{lname}.dataset.remote: streaming from a remote is not supported; "
-                                  "prepare the data locally (`mptkit data prepare`) and set dataset.local")
-            if not ds.get("local"):
-                raise ConfigError(f"{lname}.dataset.local: the folder of prepared shards is required")
-            if ds.get("split", "train") not in ("train", "val", "validation", "test"):
-                raise ConfigError(f"{lname}.dataset.split: expected train or val, got '{ds.get('split')}'")
+            if ld is not None:
+                setattr(self, lname, LoaderConfig.from_dict(ld, lname, data_prep=self.data_prep is not None))
         if self.data_prep is not None:
             if not isinstance(self.data_prep, dict):
                 raise ConfigError("data_prep: expected a mapping (inputs, vocab_size, ...)")
@@ -463,103 +370,20 @@ class RunConfig:
             self._max_duration = parse_duration(self.max_duration, "max_duration", allow_zero=False)
         return self._max_duration
 
+    @property
+    def checkpointing(self) -> CheckpointSettings:
+        """The checkpointing keys (save_folder, save_interval, save_num_checkpoints_to_keep, save_overwrite,
+        autoresume, load_path, resume_accept_data_change)."""
+        return CheckpointSettings(self.save_folder, self.save_interval, self.save_num_checkpoints_to_keep,
+                                  self.save_overwrite, self.autoresume, self.load_path,
+                                  self.resume_accept_data_change)
 
-def _check_callbacks(cb: dict) -> None:
-    """Values of the callbacks mptkit implements (their names are checked by ``validate`` just before); a
-    warning for options of the always-on ones."""
-    spike = cb.get("kill_loss_spike")
-    if spike is not None:
-        _check_keys(spike, SPIKE_KEYS, "callbacks.kill_loss_spike")
-        _need_int("callbacks.kill_loss_spike.patience", spike.get("patience", 4), 0)
-        _need_num("callbacks.kill_loss_spike.outlier_multiplier", spike.get("outlier_multiplier", 2), positive=True)
-        if spike.get("window_size") is not None:
-            _need_int("callbacks.kill_loss_spike.window_size", spike["window_size"], 1)
-        if spike.get("loss_cap") is not None:
-            _need_num("callbacks.kill_loss_spike.loss_cap", spike["loss_cap"], positive=True)
-        _need_bool("callbacks.kill_loss_spike.log_only", spike.get("log_only", True))
-    if "scheduled_gc" in cb:
-        sgc = cb["scheduled_gc"]
-        _check_keys(sgc, SCHEDULED_GC_KEYS, "callbacks.scheduled_gc")
-        if not isinstance(sgc, dict) or "batch_interval" not in sgc:
-            raise ConfigError("callbacks.scheduled_gc.batch_interval: required (batches between gc.collect() calls; "
-                              "automatic garbage collection is off during training), as in llm-foundry")
-        _need_int("callbacks.scheduled_gc.batch_interval", sgc["batch_interval"], 1)
-        _need_bool("callbacks.scheduled_gc.eval_keep_disabled", sgc.get("eval_keep_disabled", False))
-    om = cb.get("optimizer_monitor")
-    if om is not None:
-        _check_keys(om, OPTIMIZER_MONITOR_KEYS, "callbacks.optimizer_monitor")
-        _need_int("callbacks.optimizer_monitor.batch_log_interval", om.get("batch_log_interval", 10), 1)
-        _need_bool("callbacks.optimizer_monitor.log_optimizer_metrics", om.get("log_optimizer_metrics", True))
-    sm = cb.get("speed_monitor")
-    if sm is not None:
-        _check_keys(sm, SPEED_MONITOR_KEYS, "callbacks.speed_monitor")
-        _need_int("callbacks.speed_monitor.window_size", sm.get("window_size", 10), 1)
-        if sm.get("gpu_flops_available") is not None:
-            _need_num("callbacks.speed_monitor.gpu_flops_available", sm["gpu_flops_available"], positive=True)
-    for name, what in ALWAYS_ON_CALLBACKS.items():
-        opts = cb.get(name)
-        if opts is None:
-            continue
-        if not isinstance(opts, dict):
-            raise ConfigError(f"callbacks.{name}: expected a mapping (or nothing), got {type(opts).__name__}")
-        for k in opts:
-            log.warning("callbacks.%s.%s is ignored: %s", name, k, what)
-
-
-def _warn_ignored_loader_keys(ld: dict, lname: str) -> None:
-    """llm-foundry loader keys that change nothing in mptkit: one warning per key, naming it and why."""
-    for k, why in _LOADER_IGNORED.items():
-        if k in ld and not (k == "num_workers" and ld[k] == 0):
-            log.warning("%s.%s is ignored: %s", lname, k, why)
-    if "drop_last" in ld:
-        if lname == "train_loader" and ld["drop_last"] is not True:
-            log.warning("train_loader.drop_last is ignored: training always uses whole global batches (each "
-                        "epoch's last partial batch is left out)")
-        if lname == "eval_loader" and ld["drop_last"] is not False:
-            log.warning("eval_loader.drop_last is ignored: evaluation always covers every sample (up to "
-                        "eval_subset_num_batches)")
-    ds = ld.get("dataset") or {}
-    if ld.get("name", "text") == "text":
-        for k in ("eos_token_id", "bos_token_id"):
-            if k in ds:
-                log.warning("%s.dataset.%s is ignored: documents are separated as prepared (the separators in the "
-                            "folder's manifest.json set sequence_id)", lname, k)
-    elif "safe_load" in ds:
-        log.warning("%s.dataset.safe_load is ignored: mptkit reads only JSON/CSV/Parquet/Arrow files and never "
-                    "runs code from a dataset (only an explicit preprocessing_fn)", lname)
-
-
-def _need_bool(name: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{name}: expected true or false, got {v!r}")
-
-
-def _dym(name: str, options) -> str:
-    c = closest(str(name), options)
-    return f" (did you mean '{c}'?)" if c else ""
-
-
-def _check_keys(d: Any, allowed: set[str], where: str) -> None:
-    if d is None:
-        return
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            near = closest(str(k), allowed)
-            hint = f"; did you mean '{where}.{near}'?" if near else f"; valid keys: {', '.join(sorted(allowed))}"
-            raise ConfigError(f"unknown key '{where}.{k}'{hint}")
-
-
-def _need_int(name: str, v: Any, lo: int, hint: str = "") -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        extra = f" {hint}" if hint else ""
-        raise ConfigError(f"{name}: expected an integer >= {lo}{extra}, got {v!r}")
-
-
-def _need_num(name: str, v: Any, positive: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
-        raise ConfigError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {v!r}")
+    @property
+    def sample(self) -> SampleSettings:
+        """The end-of-run sample's keys (sample_prompt, sample_max_new_tokens, sample_temperature,
+        sample_top_k) and the run's seed."""
+        return SampleSettings(self.sample_prompt, self.sample_max_new_tokens, float(self.sample_temperature),
+                              self.sample_top_k, self.seed)
 
 
 _FIELD_NAMES = [f.name for f in dataclasses.fields(RunConfig) if not f.name.startswith("_")]
@@ -588,10 +412,6 @@ def config_from_dict(raw: dict, *, where: str = "recipe") -> RunConfig:
         cfg = RunConfig(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if cfg.optimizer is not None and isinstance(cfg.optimizer, dict):
-        cfg.optimizer = {"name": "decoupled_adamw", **cfg.optimizer}
-    if cfg.scheduler is not None and isinstance(cfg.scheduler, dict):
-        cfg.scheduler = {"name": "cosine_with_warmup", **cfg.scheduler}
     return cfg.validate()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mptkit.errors import TrainError
+from mptkit.train.sections import SpikeConfig
 from mptkit.utils.outputs import write_errors
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,9 @@ class LossSpikeMonitor:
     mean is the correctly rounded one and never drifts) and its count of losses above ``loss_cap`` are
     updated as a loss enters and the oldest leaves."""
 
-    def __init__(self, patience: int = 4, outlier_multiplier: float = 2.0, window_size: int | None = None,
-                 loss_cap: float | None = None, log_only: bool = True, *, total_steps: int | None = None):
+    def __init__(self, patience: int = SpikeConfig.patience, outlier_multiplier: float = SpikeConfig.outlier_multiplier,
+                 window_size: int | None = None, loss_cap: float | None = None, log_only: bool = SpikeConfig.log_only,
+                 *, total_steps: int | None = None):
         self.patience = int(patience)
         self.mult = float(outlier_multiplier)
         if window_size is None:

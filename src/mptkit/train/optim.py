@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim.adamw import adamw as torch_adamw_functional
 
 from mptkit.errors import ConfigError, TrainError
+from mptkit.train.sections import DEFAULT_BETAS, OptimizerConfig
 
 
 class DecoupledAdamW(torch.optim.Optimizer):
@@ -35,8 +36,8 @@ class DecoupledAdamW(torch.optim.Optimizer):
     per-tensor loop below. Both implement the same update and share the state layout (``step``,
     ``exp_avg``, ``exp_avg_sq``), so a checkpoint resumes under either."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 fused: bool | None = None):
+    def __init__(self, params, lr: float = 1e-3, betas=DEFAULT_BETAS["decoupled_adamw"], eps: float = 1e-8,
+                 weight_decay: float = 0.0, fused: bool | None = None):
         if lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {lr}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
@@ -108,7 +109,7 @@ class DecoupledAdamW(torch.optim.Optimizer):
 
 
 class DecoupledLionW(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-4, betas=DEFAULT_BETAS["decoupled_lionw"], weight_decay: float = 0.0):
         if lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {lr}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
@@ -155,25 +156,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
-    """From the recipe's ``optimizer`` section (name, lr, betas, eps, weight_decay, fused), as
-    :meth:`mptkit.train.config.RunConfig.validate` checked it before any work (``fused``: true, false or
-    None; never true for decoupled_lionw)."""
-    name = spec.get("name", "decoupled_adamw")
-    lr = float(spec.get("lr", 6e-4))
-    wd = float(spec.get("weight_decay", 0.0))
-    fused = spec.get("fused")
-    groups = param_groups(model, wd)
+def build_optimizer(model: nn.Module, spec: OptimizerConfig | dict) -> torch.optim.Optimizer:
+    """From the recipe's ``optimizer`` section (:class:`mptkit.train.sections.OptimizerConfig`, or its YAML
+    mapping: checked and defaulted the same way); ``fused``: true, false or None, never true for
+    decoupled_lionw."""
+    spec = OptimizerConfig.from_dict(spec)
+    name, lr, fused = spec.name, float(spec.lr), spec.fused
+    groups = param_groups(model, float(spec.weight_decay))
+    betas = tuple(spec.betas)
     if name == "decoupled_adamw":
-        return DecoupledAdamW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.95)), eps=float(spec.get("eps", 1e-8)),
-                              fused=fused)
+        return DecoupledAdamW(groups, lr=lr, betas=betas, eps=float(spec.eps), fused=fused)
     if name == "decoupled_lionw":
-        return DecoupledLionW(groups, lr=lr, betas=spec.get("betas", (0.9, 0.99)))
+        return DecoupledLionW(groups, lr=lr, betas=betas)
     if name == "adamw":
         # torch's AdamW: decay scaled by lr (p <- p * (1 - lr * wd)). Default: the single-tensor path
         # (foreach=False, reproducible op by op); fused: true selects torch's fused kernel (fused=True).
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.95))),
-                                eps=float(spec.get("eps", 1e-8)), foreach=False if not fused else None,
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(spec.eps), foreach=False if not fused else None,
                                 fused=True if fused else None)
         for g in opt.param_groups:
             g.setdefault("initial_lr", g["lr"])

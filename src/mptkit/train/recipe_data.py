@@ -37,11 +37,10 @@ def tokenizer_path(cfg: RunConfig) -> str | None:
     raise ConfigError("tokenizer: expected a folder path or {name: FOLDER, kwargs: {...}}")
 
 
-def _dataset_section(cfg: RunConfig, which: str) -> dict | None:
+def _dataset_section(cfg: RunConfig, which: str):
+    """The ``dataset`` of the recipe's ``train_loader`` / ``eval_loader`` (train/sections.py), None without one."""
     ld = getattr(cfg, which)
-    if not ld:
-        return None
-    return ld.get("dataset") or {}
+    return ld.dataset if ld is not None else None
 
 
 def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
@@ -82,14 +81,14 @@ def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
                     f"data_prep.vocab_size is {dp['vocab_size']} but the cached tokenizer {tok_dir} was trained "
                     f"with {asked}: delete {tok_dir} (and the prepared data) to retrain, or point tokenizer.name "
                     "elsewhere")
-        seq = tr.get("max_seq_len") or cfg.max_seq_len
+        seq = tr.max_seq_len or cfg.max_seq_len
         if not seq:
             raise ConfigError("data_prep: set max_seq_len (or train_loader.dataset.max_seq_len)")
         opts = dict(dp.get("options") or {})
         for k in ("max_files", "max_bytes", "val_fraction"):
             if dp.get(k) is not None:
                 opts[k] = dp[k]
-        prepare_dataset(inputs, tok_dir, tr["local"], int(seq), **opts)
+        prepare_dataset(inputs, tok_dir, tr.local, int(seq), **opts)
     barrier(dist)
 
 
@@ -144,24 +143,24 @@ def pretrained_folder(cfg: RunConfig) -> Path | None:
     return None
 
 
-def _finetune_options(ds: dict, cfg: RunConfig, which: str):
+def _finetune_options(ds, cfg: RunConfig, which: str):
     from mptkit.data.finetune import FinetuneOptions
 
-    seq = ds.get("max_seq_len") or cfg.max_seq_len
+    seq = ds.max_seq_len or cfg.max_seq_len
     if not seq:
         raise ConfigError(f"{which}.dataset.max_seq_len: set it (or max_seq_len) for the finetuning samples")
     keys = {f.name for f in dataclasses.fields(FinetuneOptions)} - {"max_seq_len"}
-    return FinetuneOptions(max_seq_len=int(seq), **{k: ds[k] for k in keys if k in ds})
+    return FinetuneOptions(max_seq_len=int(seq), **{k: v for k, v in ds.options.items() if k in keys})
 
 
 _HF_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
 
 
-def finetune_source(ds: dict, which: str, split: str):
+def finetune_source(ds, which: str, split: str):
     """Where a finetuning loader's examples are: ``hf_name`` (or ``path``) as a local file or folder, or
     llm-foundry's ``hf_name: json`` + ``hf_kwargs: {data_files: ..., data_dir: ...}`` form."""
-    name = ds.get("hf_name") or ds.get("path")
-    kw = ds.get("hf_kwargs") or {}
+    name = ds.hf_name or ds.path
+    kw = ds.hf_kwargs or {}
     if not isinstance(kw, dict):
         raise ConfigError(f"{which}.dataset.hf_kwargs: expected a mapping (data_files, data_dir)")
     bad = sorted(set(kw) - {"data_files", "data_dir"})
@@ -196,20 +195,20 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
                               "holds one (model.pretrained_model_name_or_path)")
         tokenizer = load_tokenizer(src)
     tr = _dataset_section(cfg, "train_loader")
-    split = tr.get("split", "train")
+    split = tr.split
     train = build_finetune_dataset(finetune_source(tr, "train_loader", split), tokenizer,
                                    _finetune_options(tr, cfg, "train_loader"), split=split, where="train_loader.dataset")
     ev = None
     if cfg.eval_loader:
         es = _dataset_section(cfg, "eval_loader")
-        if cfg.eval_loader.get("name", "text") != "finetuning":
+        if not cfg.eval_loader.finetuning:
             raise ConfigError("eval_loader.name: a finetuning run evaluates on finetuning examples; set "
                               "eval_loader.name: finetuning (with its own hf_name and split)")
         opts = _finetune_options(es, cfg, "eval_loader")
         if opts.max_seq_len != train.opts.max_seq_len:
             raise ConfigError(f"eval_loader.dataset.max_seq_len ({opts.max_seq_len}) differs from the training "
                               f"samples' ({train.opts.max_seq_len})")
-        split = es.get("split", "test")
+        split = es.split
         ev = build_finetune_dataset(finetune_source(es, "eval_loader", split), tokenizer, opts, split=split,
                                     where="eval_loader.dataset")
     info = {"vocab_size": None, "max_seq_len": train.opts.max_seq_len,
@@ -219,13 +218,13 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
 
 def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
     """(tokenizer, train dataset, eval dataset or None, info) from the recipe; validated."""
-    if (cfg.train_loader or {}).get("name", "text") == "finetuning":
+    if cfg.train_loader is not None and cfg.train_loader.finetuning:
         return build_finetune_data(cfg, tokenizer=tokenizer)
     prepare_if_needed(cfg, dist)
     tr = _dataset_section(cfg, "train_loader")
     if tr is None:
         raise ConfigError("train_loader: the recipe names no training data (train_loader.dataset.local)")
-    train = _open_split(tr["local"], tr.get("split", "train"), "train_loader")
+    train = _open_split(tr.local, tr.split, "train_loader")
     man = dict(getattr(train, "manifest", {}) or {})
     tok_dir = tokenizer_path(cfg)
     if tokenizer is None and tok_dir is not None:
@@ -238,23 +237,23 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
         fp = tokenizer_fingerprint(tokenizer)
         if fp != man["tokenizer_fingerprint"]:
             raise DataError(
-                f"tokenizer mismatch: {tok_dir} (fingerprint {fp}) is not the tokenizer the data in {tr['local']} "
+                f"tokenizer mismatch: {tok_dir} (fingerprint {fp}) is not the tokenizer the data in {tr.local} "
                 f"was prepared with ({man['tokenizer_fingerprint']}); use that tokenizer or re-prepare the data")
-    want = tr.get("max_seq_len") or cfg.max_seq_len
+    want = tr.max_seq_len or cfg.max_seq_len
     have = man.get("max_seq_len")
     if want and have and int(want) != int(have):
-        raise ConfigError(f"max_seq_len {want} does not match the prepared data in {tr['local']} "
+        raise ConfigError(f"max_seq_len {want} does not match the prepared data in {tr.local} "
                           f"(samples of {have} tokens); set max_seq_len={have} or re-prepare the data")
     ev = None
     es = _dataset_section(cfg, "eval_loader")
     if es is not None:
-        split = es.get("split", "val")
+        split = es.split
         if split == "validation":
             split = "val"
         try:
-            ev = _open_split(es["local"], split, "eval_loader")
+            ev = _open_split(es.local, split, "eval_loader")
         except DataError as e:
-            if Path(es["local"]).resolve() == Path(tr["local"]).resolve():
+            if Path(es.local).resolve() == Path(tr.local).resolve():
                 log.warning("no evaluation data: %s", e)
                 ev = None
             else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from mptkit.errors import ConfigError
 from mptkit.train.config import Duration, parse_duration
+from mptkit.train.sections import SchedulerConfig
 
 
 @dataclass
@@ -59,25 +60,21 @@ class Schedule:
         raise ConfigError(f"scheduler.name: unknown schedule '{self.name}'")
 
 
-def build_schedule(spec: dict, *, max_steps: int, to_batches) -> Schedule:
-    """``spec``: the recipe's ``scheduler`` section. ``to_batches(Duration) -> int`` converts durations."""
-    name = spec.get("name", "cosine_with_warmup")
+def build_schedule(spec: SchedulerConfig | dict, *, max_steps: int, to_batches) -> Schedule:
+    """``spec``: the recipe's ``scheduler`` section (:class:`mptkit.train.sections.SchedulerConfig`, or its
+    YAML mapping). ``to_batches(Duration) -> int`` converts durations."""
+    spec = SchedulerConfig.from_dict(spec)
 
-    def dur(key: str, default: str) -> int:
-        d = parse_duration(spec.get(key, default), f"scheduler.{key}")
-        if d.unit == "dur":  # pragma: no cover (not produced by parse_duration)
-            return int(d.value * max_steps)
-        return to_batches(d)
+    def dur(v, key: str) -> int:
+        return to_batches(parse_duration(v, f"scheduler.{key}"))
 
-    t_warmup = dur("t_warmup", "0ba")
-    t_max = dur("t_max", f"{max_steps}ba") if "t_max" in spec else max_steps
-    default_alpha = 1.0 if name == "constant_with_warmup" else 0.0
-    alpha_f = float(spec.get("alpha_f", spec.get("alpha_f_decay", default_alpha)))
-    s = Schedule(name=name, t_warmup=t_warmup, t_max=t_max, alpha_f=alpha_f)
-    if name == "inv_sqrt_with_warmup":
-        s.t_scale = max(1, dur("t_scale", f"{max(t_warmup, 1)}ba"))
-        s.t_cooldown = dur("t_cooldown", "0ba")
-        s.alpha_f_cooldown = float(spec.get("alpha_f_cooldown", 0.0))
+    t_warmup = dur(spec.t_warmup, "t_warmup")
+    t_max = dur(spec.t_max, "t_max") if spec.t_max is not None else max_steps
+    s = Schedule(name=spec.name, t_warmup=t_warmup, t_max=t_max, alpha_f=float(spec.alpha_f))
+    if spec.name == "inv_sqrt_with_warmup":
+        s.t_scale = max(1, dur(spec.t_scale, "t_scale")) if spec.t_scale is not None else max(t_warmup, 1)
+        s.t_cooldown = dur(spec.t_cooldown, "t_cooldown")
+        s.alpha_f_cooldown = float(spec.alpha_f_cooldown)
         if s.alpha_f_cooldown > s.alpha_f:
             raise ConfigError("scheduler: alpha_f_cooldown must be <= alpha_f_decay (the lr must not rise in cooldown)")
     if t_warmup > max_steps:

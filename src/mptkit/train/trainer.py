@@ -9,6 +9,12 @@ Pluggable parts: pass ``model=``, ``tokenizer=``, ``train_dataset=`` / ``eval_da
 datasets of dicts of LongTensors, see :mod:`mptkit.train.data`), ``collate=`` and ``loss_fn=``
 (``loss_fn(model, microbatch) -> mean loss over the microbatch's targets``; targets are counted by
 ``count_targets(microbatch)`` so that gradient accumulation weights microbatches by their targets).
+``sample_fn(model, tokenizer, cfg) -> text`` writes the end-of-run sample of a recipe with ``sample_prompt``
+into the summary (rank 0, the full model in eval mode); training has no decoder of its own, so `mptkit train`
+passes one (:mod:`mptkit.cli.train`) and without it the summary's ``sample`` is None.
+
+The parts: one optimizer step in :mod:`mptkit.train.step`, the eval pass in :mod:`mptkit.train.evaluate`,
+the checkpointed trainer state in :mod:`mptkit.train.state`; this module holds the loop that runs them.
 
 Everything that can be checked is checked before the first step (data folder, tokenizer fingerprint,
 vocabulary, batch arithmetic, a writable save folder, precision vs device); see :meth:`Trainer.setup`.
@@ -16,12 +22,9 @@ vocabulary, batch arithmetic, a writable save folder, precision vs device); see 
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -33,17 +36,13 @@ from torch import nn
 
 from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError
 from mptkit.train import checkpoint as ckpt_mod
+from mptkit.train import state as state_mod
 from mptkit.train.callbacks import build_callbacks
 from mptkit.train.config import Duration, RunConfig, parse_duration
-from mptkit.train.data import (
-    BatchStream,
-    check_token_ids,
-    data_fingerprint,
-    default_collate,
-    fingerprint_changes,
-    make_sampler,
-)
-from mptkit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from mptkit.train.data import BatchStream, data_fingerprint, default_collate, make_sampler
+from mptkit.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from mptkit.train.evaluate import evaluate_loss
+from mptkit.train.folders import RunFolders
 from mptkit.train.metrics import (
     LossSpikeMonitor,
     MetricsWriter,
@@ -52,104 +51,17 @@ from mptkit.train.metrics import (
     memory_stats,
     peak_flops,
 )
-from mptkit.train.optim import build_optimizer, set_lr
+from mptkit.train.optim import build_optimizer
 from mptkit.train.schedule import build_schedule
-from mptkit.utils.outputs import check_output, check_writable, write_errors
+from mptkit.train.state import get_rng_state, seed_everything, set_rng_state
+from mptkit.train.step import StepRunner, autocast, causal_lm_loss, count_targets, count_tokens
+from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
 
-
-# ----------------------------------------------------------------------------------- loss
-
-
-def count_targets(mb: dict) -> int:
-    """Positions that carry a next-token loss: labels[:, 1:] != -100 (labels default to input_ids)."""
-    labels = mb.get("labels")
-    if labels is None:
-        ids = mb["input_ids"]
-        return ids.shape[0] * (ids.shape[1] - 1)
-    return int((labels[:, 1:] != -100).sum())
-
-
-def count_tokens(mb: dict) -> int:
-    """Tokens a microbatch holds, as llm-foundry counts them for ``tok`` durations and tokens/s: the samples'
-    real (non-padding) lengths when the batch says (``num_tokens``, finetuning data), else every position."""
-    n = mb.get("num_tokens")
-    if n is not None:
-        return int(n.sum())
-    ids = mb["input_ids"]
-    return ids.shape[0] * ids.shape[1]
-
-
-def causal_lm_loss(model: nn.Module, mb: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy of a microbatch (labels = input_ids unless the batch has labels)."""
-    labels = mb.get("labels", mb["input_ids"])
-    kw = {}
-    if mb.get("sequence_id") is not None:
-        kw["sequence_id"] = mb["sequence_id"]
-    if mb.get("attention_mask") is not None:
-        kw["attention_mask"] = mb["attention_mask"]
-    if _accepts_return_logits(model):
-        kw["return_logits"] = False  # fused, chunked LM-head loss: the (B, T, V) logits are never held
-    return model(mb["input_ids"], labels=labels, **kw).loss
-
-
-_RL_CACHE: dict[type, bool] = {}
-
-
-def _accepts_return_logits(model: nn.Module) -> bool:
-    m = model.module if hasattr(model, "module") else model
-    t = type(m)
-    if t not in _RL_CACHE:
-        try:
-            _RL_CACHE[t] = "return_logits" in inspect.signature(m.forward).parameters
-        except (TypeError, ValueError):
-            _RL_CACHE[t] = False
-    return _RL_CACHE[t]
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
-# ----------------------------------------------------------------------------------- RNG
-
-
-def get_rng_state(device: torch.device) -> dict:
-    import numpy as np
-
-    st = np.random.get_state()
-    py = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {"name": st[0], "keys": torch.from_numpy(st[1].astype("int64")), "pos": int(st[2]),
-                  "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
-        "python": {"version": py[0], "state": list(py[1]), "gauss": py[2]},
-    }
-
-
-def set_rng_state(st: dict, device: torch.device) -> None:
-    import numpy as np
-
-    torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(st["cuda"], device)
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = st["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# the loss helpers and RNG functions of train/step.py and train/state.py, importable from here as before
+__all__ = ["Trainer", "causal_lm_loss", "count_targets", "count_tokens", "get_rng_state", "seed_everything",
+           "set_rng_state"]
 
 
 # ----------------------------------------------------------------------------------- the trainer
@@ -167,6 +79,7 @@ class Trainer:
         collate: Callable[[list], dict] = default_collate,
         loss_fn: Callable[[nn.Module, dict], torch.Tensor] = causal_lm_loss,
         count_targets_fn: Callable[[dict], int] = count_targets,
+        sample_fn: Callable[[nn.Module, Any, RunConfig], str] | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -176,6 +89,7 @@ class Trainer:
         self.collate = collate
         self.loss_fn = loss_fn
         self.count_targets = count_targets_fn
+        self.sample_fn = sample_fn
         self._setup_done = False
         self.step = 0
         self.tokens = 0
@@ -187,8 +101,10 @@ class Trainer:
         self.samples = 0
         self.last_eval: dict | None = None
         self.resumed_from: Path | None = None
-        self._locks: list = []  # RunLocks on the run and save folders (rank 0)
-        self._created_dirs: list[Path] = []  # folders set-up created (removed again, if empty, when it fails)
+        self.folders = RunFolders()  # rank 0's locks on the run and save folders, the folders set-up created
+        self._step_runner: StepRunner | None = None  # one optimizer step (train/step.py), built by setup
+        self._microbatch = 0
+        self.scaler = None
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self) -> Trainer:
@@ -289,14 +205,15 @@ class Trainer:
                 f"by device_train_microbatch_size ({mb}); pick a microbatch size that divides it, or 'auto'")
         self.microbatch = mb
         # data stream
-        ld = (cfg.train_loader or {}).get("dataset", {}) if cfg.train_loader else {}
-        shuffle_seed = ld.get("shuffle_seed", cfg.seed)
-        sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=bool(ld.get("shuffle", True)),
+        ds = cfg.train_loader.dataset if cfg.train_loader is not None else None
+        shuffle = bool(ds.shuffle) if ds is not None else True
+        shuffle_seed = ds.shuffle_seed if ds is not None and ds.shuffle_seed is not None else cfg.seed
+        sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=shuffle,
                                rank=self.dist.rank, world_size=world, drop_last=True)
         self.stream = BatchStream(self.train_dataset, sampler, self.per_rank_batch, self.collate,
                                   vocab_size=getattr(getattr(self.model, "config", None), "vocab_size", None))
         # what exact resumption depends on: stored in every checkpoint, compared on resume
-        self.data_fingerprint = data_fingerprint(self.train_dataset, shuffle=bool(ld.get("shuffle", True)),
+        self.data_fingerprint = data_fingerprint(self.train_dataset, shuffle=shuffle,
                                                  shuffle_seed=int(shuffle_seed), global_batch_size=gb,
                                                  sample_len=seq_len)
         if self.stream.batches_per_epoch == 0:
@@ -315,13 +232,11 @@ class Trainer:
         # optimizer + schedule
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = build_schedule(cfg.scheduler, max_steps=self.max_steps, to_batches=self._to_batches)
-        gc = cfg.algorithms.get("gradient_clipping") if cfg.algorithms else None
-        self.clip = float(gc.get("clipping_threshold", 1.0)) if gc else None
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp_fp16" else None
         # callbacks: the loss-spike monitor always runs (llm-foundry's defaults: log only, unless configured);
         # scheduled_gc and optimizer_monitor only when the recipe names them (train/callbacks.py)
-        spike_cfg = (cfg.callbacks or {}).get("kill_loss_spike")
-        self.spike = LossSpikeMonitor(**(spike_cfg if isinstance(spike_cfg, dict) else {}), total_steps=self.max_steps)
+        spike = cfg.callbacks.kill_loss_spike
+        self.spike = LossSpikeMonitor(spike.patience, spike.outlier_multiplier, spike.window_size, spike.loss_cap,
+                                      spike.log_only, total_steps=self.max_steps)
         self.scheduled_gc, self.optimizer_monitor = build_callbacks(cfg.callbacks)
         self._optimizer_metrics: dict = {}
         # DDP (FSDP: the sharded model is its own training module)
@@ -330,6 +245,14 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._step_runner = StepRunner(
+            model=self.model, train_model=self.train_model, optimizer=self.optimizer, schedule=self.schedule,
+            loss_fn=self.loss_fn, count_targets_fn=self.count_targets, dist=self.dist, device=self.device,
+            precision=cfg.precision, per_rank_batch=self.per_rank_batch, microbatch=self._microbatch,
+            auto_microbatch=self.auto_microbatch, clip=cfg.algorithms.clip, sharded=self.fsdp is not None,
+            activation_offload=self.fsdp is not None and self.fsdp.activation_cpu_offload,
+            optimizer_monitor=self.optimizer_monitor)
+        self.scaler = self._step_runner.scaler  # amp_fp16's loss scaler (checkpointed), else None
         # resume
         self._maybe_resume()
         # rank-specific RNG stream after init (dropout differs across ranks), unless restored
@@ -340,64 +263,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ folders and their locks
     def _take_folders(self) -> None:
-        """Rank 0 creates the run and save folders and takes each one's lock (:class:`mptkit.train.lock.RunLock`)
-        before anything is written there; a folder another run holds is a TrainError naming the holder. The
-        other ranks of this job wait for the outcome and raise the same error."""
-        from mptkit.train.distributed import broadcast_object
-        from mptkit.train.lock import RunLock
+        """Rank 0 creates the run and save folders and locks them (train/folders.py); all ranks learn the outcome."""
+        self.folders.take(self.run_folder, self.save_folder, self.dist)
 
-        err: BaseException | None = None
-        if self.dist.is_main:
-            folders = [self.run_folder] + ([self.save_folder] if self.save_folder is not None else [])
-            for f in folders:
-                self._created_dirs += _missing_dirs(f)
-            try:
-                for f, key in zip(folders, ("run_folder", "save_folder")):
-                    try:  # made here (RunLock would), so that a file in the way is named as such
-                        f.mkdir(parents=True, exist_ok=True)
-                    except OSError as e:
-                        raise TrainError(f"{key} {f} is not writable ({e.strerror or e}); choose another {key}") from None
-                    check_writable(f, key, TrainError)
-                for f in dict.fromkeys(p.resolve() for p in folders):
-                    self._locks.append(RunLock(f).acquire())
-            except Exception as e:  # noqa: BLE001 - any failure is broadcast first, or the other ranks would wait
-                err = e
-        msg = broadcast_object(None if err is None else str(err), self.dist)
-        if err is not None:
-            raise err
-        if msg is not None:
-            raise TrainError(f"rank 0 could not take the run's folders: {msg}")
+    @property
+    def _locks(self) -> list:
+        return self.folders.locks
 
     def _assert_lock_held(self) -> None:
         """Before writing a checkpoint: every rank raises if rank 0's lock was taken over (collective)."""
-        from mptkit.train.distributed import broadcast_object
-
-        lost = next((lk for lk in self._locks if lk.lost), None)
-        msg = broadcast_object(lost.lost if lost is not None else None, self.dist)
-        if lost is not None:
-            lost.check()
-        if msg is not None:
-            raise TrainError(f"rank 0 lost the lock on the run's folder ({msg}); stopping without writing")
+        self.folders.assert_held(self.dist)
 
     def _check_locks(self) -> None:
-        """Rank 0, before each metrics line and the export: raise :class:`TrainError` naming the lock and its
-        new holder if another run took one of the folders over (``lost`` is set by the heartbeat thread: a
-        plain attribute read, free). The other ranks stop when rank 0 exits (torchrun ends the job)."""
-        for lk in self._locks:
-            lk.check()
+        """Rank 0, before each metrics line and the export: a TrainError if another run took a folder over."""
+        self.folders.check()
 
     def close(self) -> None:
         """Release the folders' locks (``fit`` does it at its end, or on an error)."""
-        for lk in self._locks:
-            lk.release()
-        self._locks = []
+        self.folders.release()
 
     def _abandon_setup(self) -> None:
-        self.close()
-        for d in reversed(self._created_dirs):  # deepest first; only what is still empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        self._created_dirs = []
+        self.folders.abandon()
 
     def _shard_model(self) -> None:
         """fully_shard every block, then the root; materialise a meta-built model shard by shard."""
@@ -453,19 +339,6 @@ class Trainer:
         elif p == "amp_bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision amp_bf16: this GPU does not support bfloat16; use amp_fp16")
 
-    def _activation_offload(self):
-        """fsdp_config.activation_cpu_offload: keep the activations saved for backward in pinned CPU memory."""
-        if self.fsdp is None or not self.fsdp.activation_cpu_offload or self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=True)
-
-    def autocast(self):
-        p = self.cfg.precision
-        if p == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if p == "amp_bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     @staticmethod
     def _sample_len(ds) -> int:
         if len(ds) == 0:
@@ -503,7 +376,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
-        cfg = self.cfg
+        cfg = self.cfg.checkpointing  # autoresume, load_path, save_overwrite (train/sections.py)
         ck = None
         if self.save_folder is not None and self.save_folder.exists():
             if self.dist.is_main:
@@ -553,46 +426,16 @@ class Trainer:
                 self.run_folder.joinpath("metrics.jsonl").unlink()  # a fresh run: start the log afresh
 
     def load_checkpoint(self, ck: Path) -> None:
-        from safetensors.torch import load_file
-
+        """Restore the run from checkpoint ``ck`` (train/state.py): weights, optimizer, scaler, counters, data
+        position, RNG streams."""
         # FSDP: every rank maps the full (unsharded) optimizer state and copies out only its shards
         st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
         opt_changed = self._check_resume(ck, st)  # refuses another data stream; names optimizer changes
-        recipe_hp = [{k: g[k] for k in _OPT_HPARAMS if k in g} for g in self.optimizer.param_groups]
-        if ckpt_mod.is_sharded(ck):
-            # torch.distributed.checkpoint: loads into a sharded or an unsharded model, any world size
-            from mptkit.train import fsdp as F
-
-            try:
-                F.dcp_load(self.model, self.optimizer, ck / ckpt_mod.SHARDED_DIR)
-            except CheckpointError:
-                raise  # already names the file and the reason (e.g. a refused metadata pickle)
-            except Exception as e:  # noqa: BLE001 - DCP raises many types (CheckpointException, RuntimeError...)
-                raise CheckpointError(f"{ck}: the sharded checkpoint does not load into the recipe's model and "
-                                      f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-        elif self.fsdp is not None:
-            self._load_full_into_shards(ck, st)
-        else:
-            wfile = ck / ckpt_mod.MODEL_DIR / "model.safetensors"
-            if wfile.exists():
-                sd = load_file(str(wfile), device=str(self.device))
-            else:
-                from mptkit.io.hf_folder import iter_checkpoint_tensors
-
-                sd = dict(iter_checkpoint_tensors(ck / ckpt_mod.MODEL_DIR))
-            try:
-                self.model.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"{ck}: weights do not match the recipe's model ({str(e).splitlines()[0]}); "
-                                      "the recipe's model changed since the checkpoint was written") from None
-            try:
-                self.optimizer.load_state_dict(st["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") \
-                    from None
+        recipe_hp = state_mod.recipe_hparams(self.optimizer)
+        state_mod.load_weights_and_optimizer(ck, st, self.model, self.optimizer, device=self.device,
+                                             sharded=self.fsdp is not None)
         if opt_changed:  # load_state_dict restored the checkpoint's hyperparameters: the recipe's apply
-            for g, hp in zip(self.optimizer.param_groups, recipe_hp):
-                g.update(hp)
+            state_mod.apply_recipe_hparams(self.optimizer, recipe_hp)
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         data = self._data_position(st)
@@ -603,139 +446,41 @@ class Trainer:
         self.stream.load_state_dict(data)
         if self.auto_microbatch and st.get("microbatch"):
             self.microbatch = min(int(st["microbatch"]), self.per_rank_batch)
-        rngs = st.get("rng")
-        if isinstance(rngs, list):
-            rngs = rngs[self.dist.rank] if self.dist.rank < len(rngs) else None
-        elif self.dist.rank > 0 and int(st.get("world_size", 1)) == 1:
-            rngs = None  # a one-process checkpoint: its stream is rank 0's; the new ranks seed their own
-        if rngs:
-            set_rng_state(rngs, self.device)
-        elif self.dist.enabled:
-            torch.manual_seed(self.cfg.seed + self.dist.rank + self.step)  # a rank the checkpoint did not have
+        state_mod.restore_rng(st, self.dist, self.device, seed=self.cfg.seed, step=self.step)
         self.resumed_from = ck
         log.info("resumed from %s at step %d (%d tokens)", ck, self.step, self.tokens)
 
     def _check_resume(self, ck: Path, st: dict) -> bool:
-        """Before loading ``ck``: refuse (TrainError) a data stream other than the checkpoint's unless
-        ``resume_accept_data_change``; warn when the optimizer's settings changed (returns whether they did)."""
-        old = st.get("data_fingerprint")
-        if not isinstance(old, dict):  # written before fingerprints: only the batch size is known
-            old = {"global_train_batch_size": st.get("global_train_batch_size")}
-        changes = fingerprint_changes(old, self.data_fingerprint)
-        if changes and self.cfg.resume_accept_data_change:
-            if self.dist.is_main:
-                log.warning("resuming from %s on changed data (%s): resume_accept_data_change=true, so the run "
-                            "continues from step %s at the checkpoint's data position, but not as the original run "
-                            "would have", ck, "; ".join(changes), st.get("step"))
-        elif changes:
-            raise TrainError(
-                f"resuming from {ck}: the training data stream differs from the checkpoint's ({'; '.join(changes)}), "
-                "so the run would not continue the original one exactly. Restore the data (and settings) the run "
-                f"was trained with, or set resume_accept_data_change=true to continue on this data from step "
-                f"{st.get('step')}, or start a new run (another save_folder, or autoresume=false)")
-        was, now = st.get("optimizer_config"), self._optimizer_config()
-        if not isinstance(was, dict):
-            return False
-        diff = [f"{k} {was.get(k)} -> {now.get(k)}" for k in now if was.get(k) != now.get(k)]
-        if diff and self.dist.is_main:
-            log.warning("the optimizer changed since %s: %s; the recipe's settings apply from step %s (the "
-                        "optimizer's moments are the checkpoint's)", ck.name, ", ".join(diff), st.get("step"))
-        return bool(diff)
+        return state_mod.check_resume(ck, st, data_fingerprint=self.data_fingerprint,
+                                      accept_data_change=self.cfg.checkpointing.resume_accept_data_change,
+                                      optimizer_now=self._optimizer_config(), is_main=self.dist.is_main)
 
     def _optimizer_config(self) -> dict:
         """The optimizer's name and hyperparameters as built from the recipe (a checkpoint records them)."""
-        g = self.optimizer.param_groups[0]
-        name = (self.cfg.optimizer or {}).get("name") or "decoupled_adamw"  # build_optimizer's default, resolved
-        return {"name": name, "lr": float(g.get("initial_lr", g["lr"])),
-                "betas": [float(b) for b in g["betas"]] if "betas" in g else None,
-                "eps": float(g["eps"]) if "eps" in g else None,
-                "weight_decay": float(g.get("weight_decay", 0.0))}
+        return state_mod.optimizer_config(self.optimizer, self.cfg.optimizer.name)
 
     def _data_position(self, st: dict) -> dict:
-        """This rank's data position from a checkpoint written by any number of ranks: rescaled when the
-        world size changed (exact when possible), else the saved position of the same rank, else (a rank
-        the checkpoint did not have) the start of the checkpoint's epoch."""
-        saved = st["data"]
-        old_world = int(st.get("world_size", 1))
-        if old_world != self.dist.world_size:
-            data = _rescale_data_position(saved, old_world, self.dist.world_size)  # warns when not exact
-            if data is not None:
-                return data
-        if not isinstance(saved, list):
-            return saved
-        if self.dist.rank < len(saved):
-            return saved[self.dist.rank]
-        return {"epoch": int(st.get("epoch", saved[0]["epoch"] if saved else 0)), "offset": 0}
-
-    def _load_full_into_shards(self, ck: Path, st: dict) -> None:
-        """A full checkpoint (written by any run) into the sharded model: each rank reads one tensor at a time
-        and keeps its shard."""
-        from mptkit.io.hf_folder import checkpoint_files, iter_checkpoint_tensors
-        from mptkit.train import fsdp as F
-
-        folder = ck / ckpt_mod.MODEL_DIR
-        files, kind = checkpoint_files(folder)
-        if kind == "safe":  # random access, one tensor at a time
-            from safetensors import safe_open
-
-            with contextlib.ExitStack() as stack:
-                where = {}
-                for p in files:
-                    f = stack.enter_context(safe_open(str(p), framework="pt", device="cpu"))
-                    where.update(dict.fromkeys(f.keys(), f))
-                F.load_full_state_dict(self.model, lambda k: where[k].get_tensor(k) if k in where else None,
-                                       str(ck))
-        else:
-            sd = dict(iter_checkpoint_tensors(folder))  # .bin weights: memory-mapped by torch.load
-            F.load_full_state_dict(self.model, sd.get, str(ck))
-            del sd
-        full = st.pop("optimizer")  # memory-mapped (load_trainer_state(mmap=True)): sharded tensor by tensor
-        try:
-            self.optimizer.load_state_dict(F.shard_optimizer_state(self.optimizer, full))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") from None
+        """This rank's data position from a checkpoint written by any number of ranks (train/state.py)."""
+        return state_mod.data_position(st, self.dist.rank, self.dist.world_size)
 
     def trainer_state(self, *, with_optimizer: bool = True) -> dict:
         """Counters, data positions and RNG states of every rank, the optimizer (gathered to full tensors
         under FSDP). Collective under several ranks: every rank calls it; under FSDP only rank 0's copy
         holds the optimizer."""
-        rng = get_rng_state(self.device)
-        data = self.stream.state_dict()
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            rngs: list = [None] * self.dist.world_size
-            datas: list = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, rng)
-            dist.all_gather_object(datas, data)
-            rng, data = rngs, datas
-        return {
-            "format": "mptkit-trainer-state", "version": 1,
-            "step": self.step, "epoch": self.stream.epoch, "tokens": self.tokens, "samples": self.samples,
-            "target_tokens": self.target_tokens,
-            "optimizer": self._optimizer_state() if with_optimizer else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "data": data, "rng": rng, "microbatch": self.microbatch,
-            "world_size": self.dist.world_size, "global_train_batch_size": self.cfg.global_train_batch_size,
-            "data_fingerprint": self.data_fingerprint, "optimizer_config": self._optimizer_config(),
-        }
-
-    def _optimizer_state(self) -> dict | None:
-        if self.fsdp is None:
-            return self.optimizer.state_dict()
-        from mptkit.train import fsdp as F
-
-        return F.gather_full_optimizer_state(self.optimizer, self.dist.is_main)  # collective
+        opt = (state_mod.full_optimizer_state(self.optimizer, sharded=self.fsdp is not None,
+                                              is_main=self.dist.is_main) if with_optimizer else None)
+        return state_mod.collect_trainer_state(
+            dist=self.dist, device=self.device, stream=self.stream,
+            counters={"step": self.step, "tokens": self.tokens, "samples": self.samples,
+                      "target_tokens": self.target_tokens},
+            optimizer_state=opt, scaler=self.scaler, microbatch=self.microbatch,
+            global_batch_size=self.cfg.global_train_batch_size, data_fingerprint=self.data_fingerprint,
+            optimizer_settings=self._optimizer_config())
 
     def _full_model(self) -> nn.Module | None:
         """The model with full weights: itself, or under FSDP an unsharded CPU copy on rank 0 (None on the
         other ranks). Collective under FSDP."""
-        if self.fsdp is None:
-            return self.model
-        from mptkit.train import fsdp as F
-
-        sd = F.gather_full_state_dict(self.model, self.dist.is_main)
-        return F.plain_model_from_state(self.model, sd) if sd is not None else None
+        return state_mod.full_model(self.model, sharded=self.fsdp is not None, is_main=self.dist.is_main)
 
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
@@ -776,140 +521,48 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------ steps
-    def _split(self, batch: dict, mb: int) -> list[dict]:
-        n = batch["input_ids"].shape[0]
-        out = []
-        for s in range(0, n, mb):
-            out.append({k: (v[s:s + mb].to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v[s:s + mb])
-                        for k, v in batch.items()})
-        return out
-
     def _train_step(self, batch: dict) -> tuple[float, float]:
-        """One optimizer step on this rank's share of a global batch; returns (loss, grad_norm)."""
-        while True:
-            try:
-                return self._train_step_once(batch, self.microbatch)
-            except Exception as e:
-                if not _is_oom(e):
-                    raise
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.auto_microbatch and self.microbatch > 1 and not self.dist.enabled:
-                    new = self.microbatch // 2
-                    while self.per_rank_batch % new:
-                        new -= 1
-                    log.warning("out of memory with microbatch %d: retrying the step with %d", self.microbatch, new)
-                    self.microbatch = new
-                    continue
-                hint = ("lower device_train_microbatch_size, or set it to 'auto'" if not self.auto_microbatch else
-                        "even a microbatch of 1 does not fit: use a smaller model, a shorter max_seq_len, "
-                        "activation_checkpointing=true or more GPUs" if self.microbatch == 1 else
-                        "with several ranks set device_train_microbatch_size explicitly")
-                raise TrainError(f"out of memory at step {self.step} with device_train_microbatch_size="
-                                 f"{self.microbatch}: {hint}") from None
+        """One optimizer step on this rank's share of a global batch (train/step.py); returns (loss, grad_norm)
+        and records the step's targets, tokens and width."""
+        r = self.step_runner.run(batch, self.step)
+        self._step_targets, self._step_tokens, self._step_width = r.targets, r.tokens, r.width
+        if r.optimizer_metrics:
+            self._optimizer_metrics = r.optimizer_metrics
+        return r.loss, r.grad_norm
 
-    def _train_step_once(self, batch: dict, mb: int) -> tuple[float, float]:
-        lr_mult = self.schedule(self.step)
-        set_lr(self.optimizer, lr_mult)
-        mbs = self._split(batch, mb)
-        counts = [self.count_targets(m) for m in mbs]
-        # targets, tokens and this rank's sample width (after pad trimming), summed over the ranks in one call
-        both = torch.tensor([float(sum(counts)), float(count_tokens(batch)),  # the CPU batch: no device sync
-                             float(batch["input_ids"].shape[1])], dtype=torch.float64)
-        both = all_reduce_sum(both.to(self.device) if self.dist.enabled and self.device.type == "cuda" else both,
-                              self.dist)
-        total, self._step_tokens = float(both[0]), int(both[1])
-        self._step_width = float(both[2]) / self.dist.world_size  # the ranks' mean width: MFU counts every rank
-        if total <= 0:
-            raise DataError(f"step {self.step}: the batch has no target tokens (all labels are -100)")
-        self._step_targets = int(total)
-        world = self.dist.world_size
-        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
-        ddp = self.dist.enabled and self.fsdp is None
-        for i, m in enumerate(mbs):
-            last = i == len(mbs) - 1
-            # DDP all-reduces once per step; FSDP reduce-scatters every microbatch into the sharded grads
-            sync = self.train_model.no_sync() if (ddp and not last) else contextlib.nullcontext()
-            with sync:
-                with self.autocast(), self._activation_offload():
-                    loss = self.loss_fn(self.train_model, m)
-                w = counts[i] / total
-                scaled = loss * (w * world)  # DDP and FSDP average gradients over ranks
-                if self.scaler is not None:
-                    self.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            loss_acc += loss.detach().float() * w
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.clip is not None:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip)  # FSDP: the global norm over all shards
-        else:
-            gnorm = _total_norm(params)
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.optimizer_monitor is not None and self.optimizer_monitor.due(self.step + 1):
-            # the gradients as the optimizer used them (unscaled, clipped) and its state after the step
-            self._optimizer_metrics = self.optimizer_monitor.collect(self.model, self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_acc = all_reduce_sum(loss_acc, self.dist)
-        return float(loss_acc), float(gnorm)
+    @property
+    def microbatch(self) -> int:
+        """The current microbatch size (``auto``: lowered when a step ran out of memory)."""
+        return self.step_runner.microbatch if self._step_runner is not None else self._microbatch
+
+    @microbatch.setter
+    def microbatch(self, mb: int) -> None:
+        if self._step_runner is not None:
+            self.step_runner.microbatch = mb
+        self._microbatch = mb
+
+    @property
+    def step_runner(self) -> StepRunner:
+        if self._step_runner is None:
+            raise TrainError("the trainer is not set up: call setup() (or fit()) first")
+        return self._step_runner
+
+    def autocast(self):
+        return autocast(self.cfg.precision, self.device)
 
     # ------------------------------------------------------------------------------ eval
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
+        """The eval pass (train/evaluate.py) at the current step; None without eval data."""
         ds = self.eval_dataset
         if ds is None or len(ds) == 0:
             return None
-        cfg = self.cfg
-        bs = cfg.device_eval_batch_size or max(1, self.microbatch)
-        was_training = self.model.training
-        self.model.eval()
-        t0 = time.perf_counter()
-        idx = list(range(self.dist.rank, len(ds), self.dist.world_size))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        n_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        n_batches = -(-len(idx) // bs)
-        if cfg.eval_subset_num_batches > 0:
-            n_batches = min(n_batches, cfg.eval_subset_num_batches)
-        if self.fsdp is not None:  # every rank runs every forward (its all-gathers): pad to the longest rank
-            import torch.distributed as dist
-
-            nb = torch.tensor(n_batches, device=self.device)
-            dist.all_reduce(nb, op=dist.ReduceOp.MAX)
-            n_batches = int(nb)
-        for b in range(n_batches):
-            chunk = idx[b * bs:(b + 1) * bs]
-            pad = not chunk  # FSDP only: a forward with weight 0 to keep this rank in step
-            batch = self.collate([ds[i] for i in (chunk or [0])])
-            check_token_ids(batch, chunk or [0], ds, self.stream.vocab_size, what="evaluation")
-            batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            n = 0 if pad else self.count_targets(batch)
-            if n == 0 and self.fsdp is None:
-                continue
-            with self.autocast():
-                loss = self.loss_fn(self.model, batch)
-            if n:
-                loss_sum += loss.double() * n
-                n_sum += n
-        all_reduce_sum(loss_sum, self.dist)
-        all_reduce_sum(n_sum, self.dist)
-        if was_training:
-            self.model.train()
-        if float(n_sum) == 0:
+        r = evaluate_loss(self.model, ds, collate=self.collate, loss_fn=self.loss_fn, count_targets=self.count_targets,
+                          batch_size=self.cfg.device_eval_batch_size or max(1, self.microbatch),
+                          subset_num_batches=self.cfg.eval_subset_num_batches, dist=self.dist, device=self.device,
+                          autocast=self.autocast, vocab_size=self.stream.vocab_size, sharded=self.fsdp is not None)
+        if r is None:
             return None
-        import math
-
-        val = float(loss_sum / n_sum)
-        rec = {"step": self.step, "eval_loss": val, "eval_perplexity": math.exp(min(val, 50.0)),
-               "eval_tokens": int(n_sum), "eval_s": time.perf_counter() - t0}
+        rec = {"step": self.step, **r}
         self.last_eval = rec
         return rec
 
@@ -931,7 +584,7 @@ class Trainer:
         writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
-        gpu_flops = ((cfg.callbacks or {}).get("speed_monitor") or {}).get("gpu_flops_available")
+        gpu_flops = cfg.callbacks.speed_monitor.gpu_flops_available
         peak, peak_src = peak_flops(self.device, cfg.precision, cfg.peak_tflops or (gpu_flops and gpu_flops / 1e12))
         if main:
             log.info("run %s: %s params, %d steps of %d samples x %d tokens (%s), microbatch %s%s, %d rank(s), "
@@ -952,7 +605,7 @@ class Trainer:
         elif main and cfg.progress_bar and cfg.log_to_console:
             log.info("stderr is not a terminal: logging progress every %d steps instead of a progress bar",
                      self.log_every)
-        tput = Throughput(window=int(((cfg.callbacks or {}).get("speed_monitor") or {}).get("window_size", 10)))
+        tput = Throughput(window=int(cfg.callbacks.speed_monitor.window_size))
         self._last_saved = self.step if self.resumed_from is not None else -1
         self.model.train()
         if self.scheduled_gc is not None:
@@ -1021,15 +674,16 @@ class Trainer:
             last = ckpt_mod.find_latest_checkpoint(self.save_folder, checksums=False)
             summary["last_checkpoint"] = str(last) if last else None
         full = self.model
-        if self.fsdp is not None and (cfg.export_folder or (cfg.sample_prompt and self.tokenizer is not None)):
+        want_sample = bool(cfg.sample_prompt) and self.tokenizer is not None and self.sample_fn is not None
+        if self.fsdp is not None and (cfg.export_folder or want_sample):
             full = self._full_model()  # collective: every rank takes part; rank 0 gets the unsharded weights
         if main and cfg.export_folder:
             out = Path(cfg.export_folder.format(run_name=self.run_name))
             self._check_locks()  # the run folder is another run's now: no export in its name
             self.export(out, model=full)
             summary["export_folder"] = str(out)
-        if main and cfg.sample_prompt and self.tokenizer is not None:
-            summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_max_new_tokens, model=full)
+        if main and want_sample:
+            summary["sample"] = self._sample(full)
         del full
         if main:
             writer.write({"event": "end", **summary})
@@ -1044,7 +698,7 @@ class Trainer:
             # fully alive: left to interpreter teardown, gloo's threads can abort the process at exit
             import gc as _gc
 
-            self.train_model = self.model
+            self.train_model = self.step_runner.train_model = self.model
             _gc.collect()
         shutdown(self.dist)
         return summary
@@ -1095,6 +749,15 @@ class Trainer:
             atomic_write_text(self.run_folder / "config.yaml", text)
 
     # ------------------------------------------------------------------------------ outputs
+    def _sample(self, model: nn.Module) -> str:
+        """The end-of-run sample from the recipe's ``sample_*`` keys, by ``sample_fn`` (the model in eval mode)."""
+        was = model.training
+        model.eval()
+        try:
+            return self.sample_fn(model, self.tokenizer, self.cfg)
+        finally:
+            model.train(was)
+
     def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
         """Write the current model (or ``model``) as an HF folder (config.json + safetensors + tokenizer).
         Under FSDP pass the unsharded model (``_full_model()``, which every rank must call)."""
@@ -1107,66 +770,12 @@ class Trainer:
         log.info("exported the model to %s", out)
         return out
 
-    def sample(self, prompt: str, max_new_tokens: int = 64, model: nn.Module | None = None) -> str:
-        from mptkit.infer import generate_text
-
-        model = self.model if model is None else model
-        was = model.training
-        model.eval()
-        try:
-            kw = {"top_k": self.cfg.sample_top_k} if self.cfg.sample_top_k else {}
-            text = generate_text(model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                 temperature=float(self.cfg.sample_temperature), seed=self.cfg.seed, **kw)
-        finally:
-            model.train(was)
-        return prompt + text
-
-
-def _rescale_data_position(data: Any, old_world: int, world: int) -> dict | None:
-    """A checkpoint's per-rank data positions, written by ``old_world`` ranks, as this rank's position under
-    ``world`` ranks. Rank r of W takes global positions r, r+W, ... of the epoch's order, so after k samples
-    per rank exactly the first k*W positions are consumed whatever W is: the same global batches follow, only
-    their split over ranks changes. None (with a warning) when that cannot be exact."""
-    states = data if isinstance(data, list) else [data]
-    keys = {(int(d["epoch"]), int(d["offset"])) for d in states if isinstance(d, dict) and "offset" in d}
-    if len(keys) == 1 and len(states) == old_world:
-        epoch, offset = keys.pop()
-        consumed = offset * old_world
-        if consumed % world == 0:
-            log.info("resuming a %d-rank checkpoint on %d ranks at global sample %d of epoch %d (the same global "
-                     "batches follow)", old_world, world, consumed, epoch)
-            return {"epoch": epoch, "offset": consumed // world}
-    log.warning("resuming a %d-rank checkpoint on %d ranks: data order will differ from the original run",
-                old_world, world)
-    return None
-
-
-def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    if not params:
-        return torch.zeros(())
-    if hasattr(params[0].grad, "full_tensor"):  # FSDP's DTensor shards: the norm over all of them
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-    norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params]
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
-
 
 # How a failed write (disk full, permissions, ...) names what it was writing: "{doing} {path}: {reason}".
 _SAVE = "cannot write the checkpoints (save_folder)"
 _METRICS = "cannot write the metrics (run_folder)"
 _RUN = "cannot write the run's files (run_folder)"
 _EXPORT = "cannot write the export (export_folder)"
-
-_OPT_HPARAMS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
-
-
-def _missing_dirs(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, outermost first."""
-    out: list[Path] = []
-    p = Path(folder).absolute()
-    while not p.exists() and p != p.parent:
-        out.append(p)
-        p = p.parent
-    return out[::-1]
 
 
 def _fmt_s(s: float) -> str:

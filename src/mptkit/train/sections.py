@@ -1,0 +1,584 @@
+"""The typed sections of a training recipe: ``optimizer``, ``scheduler``, ``algorithms``, ``train_loader`` /
+``eval_loader`` (with their ``dataset``), ``callbacks``, and the checkpointing and sample keys. Each default
+is declared here once; the optimizers, schedules and callbacks read these objects. Key names are
+llm-foundry's; an unknown key is a :class:`ConfigError` naming the closest valid one.
+
+A section reads like the YAML mapping it came from as well (``cfg.optimizer["lr"]``, ``.get``, ``in``), and
+``to_dict()`` gives that mapping back (the keys with a value, defaults resolved) for config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mptkit.errors import ConfigError
+from mptkit.utils.keys import closest
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def _check_keys(d: Any, allowed: set[str], where: str) -> None:
+    if d is None:
+        return
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            near = closest(str(k), allowed)
+            hint = (
+                f"; did you mean '{where}.{near}'?" if near else f"; valid keys: {', '.join(sorted(allowed))}"
+            )
+            raise ConfigError(f"unknown key '{where}.{k}'{hint}")
+
+
+def _need_int(name: str, v: Any, lo: int, hint: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        extra = f" {hint}" if hint else ""
+        raise ConfigError(f"{name}: expected an integer >= {lo}{extra}, got {v!r}")
+
+
+def _need_num(name: str, v: Any, positive: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
+        raise ConfigError(
+            f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {v!r}"
+        )
+
+
+def _need_bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name}: expected true or false, got {v!r}")
+
+
+def _dym(name: str, options) -> str:
+    c = closest(str(name), options)
+    return f" (did you mean '{c}'?)" if c else ""
+
+
+# ----------------------------------------------------------------------------------- the base
+
+
+class Section:
+    """A recipe section: attributes are the YAML keys; read-only mapping access under the same names."""
+
+    ALIASES: ClassVar[dict[str, str]] = {}  # accepted key -> the field it sets
+
+    @classmethod
+    def keys_allowed(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")} | set(cls.ALIASES)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.startswith("_") or v is None:
+                continue
+            out[f.name] = v.to_dict() if isinstance(v, Section) else v
+        return out
+
+    def keys(self):
+        return self.to_dict().keys()
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.keys():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.keys() else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
+# betas when the recipe gives none: Adam's (MPT's), Lion's (its paper's)
+DEFAULT_BETAS = {"decoupled_adamw": (0.9, 0.95), "adamw": (0.9, 0.95), "decoupled_lionw": (0.9, 0.99)}
+
+
+@dataclass
+class OptimizerConfig(Section):
+    """``optimizer``: ``fused`` None = the fused kernel where it can run (see train/optim.py)."""
+
+    name: str = "decoupled_adamw"
+    lr: float = 6e-4
+    betas: list | tuple | None = None  # None: DEFAULT_BETAS[name]
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    fused: bool | None = None
+
+    def __post_init__(self):
+        if self.betas is None and self.name in DEFAULT_BETAS:
+            self.betas = list(DEFAULT_BETAS[self.name])
+
+    @classmethod
+    def from_dict(cls, d: Any) -> OptimizerConfig:
+        if isinstance(d, OptimizerConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ConfigError("optimizer: expected a mapping with name, lr, betas, eps, weight_decay")
+        _check_keys(d, cls.keys_allowed(), "optimizer")
+        c = cls(**d)
+        if c.name not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer.name: '{c.name}' is not one of {OPTIMIZERS}" + _dym(c.name, OPTIMIZERS)
+            )
+        _need_num("optimizer.lr", c.lr, positive=True)
+        _need_num("optimizer.weight_decay", c.weight_decay)
+        _need_num("optimizer.eps", c.eps)
+        if c.fused is not None and not isinstance(c.fused, bool):
+            raise ConfigError(f"optimizer.fused: expected true, false or null, got {c.fused!r}")
+        if c.fused and c.name == "decoupled_lionw":
+            raise ConfigError(
+                "optimizer.fused: decoupled_lionw has one implementation (a per-tensor loop); "
+                "remove optimizer.fused"
+            )
+        b = c.betas
+        if (
+            not isinstance(b, (list, tuple))
+            or len(b) != 2
+            or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)
+        ):
+            raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {b!r}")
+        return c
+
+
+# ----------------------------------------------------------------------------------- scheduler
+
+SCHEDULERS = (
+    "cosine_with_warmup",
+    "linear_decay_with_warmup",
+    "constant_with_warmup",
+    "inv_sqrt_with_warmup",
+)
+# the final multiplier when the recipe gives none (llm-foundry: constant's ``alpha`` is 1, the decays' 0)
+DEFAULT_ALPHA_F = {"constant_with_warmup": 1.0}
+# a recipe without a ``scheduler`` section: cosine to 0.1 x lr (MPT's recipes), from the first step
+NO_SCHEDULER_ALPHA_F = 0.1
+
+
+@dataclass
+class SchedulerConfig(Section):
+    """``scheduler``: durations as in the recipe ('100ba', '0.1ep', ...); ``t_max`` None = max_duration;
+    ``t_scale`` None = the warmup's length (at least one batch). ``alpha_f_decay`` (inv_sqrt's name) sets
+    ``alpha_f``."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"alpha_f_decay": "alpha_f"}
+
+    name: str = "cosine_with_warmup"
+    t_warmup: Any = "0ba"
+    alpha_f: float | None = None  # None: DEFAULT_ALPHA_F.get(name, 0.0)
+    t_max: Any = None
+    t_scale: Any = None
+    t_cooldown: Any = "0ba"
+    alpha_f_cooldown: float = 0.0
+
+    def __post_init__(self):
+        if self.alpha_f is None:
+            self.alpha_f = DEFAULT_ALPHA_F.get(self.name, 0.0)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SchedulerConfig:
+        from mptkit.train.config import parse_duration
+
+        if isinstance(d, SchedulerConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ConfigError("scheduler: expected a mapping with name, t_warmup, alpha_f")
+        _check_keys(d, cls.keys_allowed(), "scheduler")
+        d = dict(d)
+        decay = d.pop("alpha_f_decay", None)
+        if d.get("alpha_f") is None and decay is not None:
+            d["alpha_f"] = decay
+        c = cls(**d)
+        if c.name not in SCHEDULERS:
+            raise ConfigError(
+                f"scheduler.name: '{c.name}' is not one of {SCHEDULERS}" + _dym(c.name, SCHEDULERS)
+            )
+        parse_duration(c.t_warmup, "scheduler.t_warmup")
+        if c.t_max is not None:
+            parse_duration(c.t_max, "scheduler.t_max", allow_zero=False)
+        _need_num("scheduler.alpha_f", c.alpha_f)
+        return c
+
+
+# ----------------------------------------------------------------------------------- algorithms
+
+
+@dataclass
+class ClippingConfig(Section):
+    """``algorithms.gradient_clipping``: the global gradient norm clipped to ``clipping_threshold``."""
+
+    clipping_type: str = "norm"
+    clipping_threshold: float = 1.0
+
+
+@dataclass
+class AlgorithmsConfig(Section):
+    gradient_clipping: ClippingConfig | None = None  # None: no clipping
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AlgorithmsConfig:
+        if isinstance(d, AlgorithmsConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ConfigError(
+                "algorithms: expected a mapping (e.g. gradient_clipping: {clipping_type: norm, ...})"
+            )
+        _check_keys(d, cls.keys_allowed(), "algorithms")
+        gc = d.get("gradient_clipping")
+        if gc is None:
+            return cls()
+        _check_keys(gc, ClippingConfig.keys_allowed(), "algorithms.gradient_clipping")
+        c = ClippingConfig(**gc)
+        if c.clipping_type != "norm":
+            raise ConfigError("algorithms.gradient_clipping.clipping_type: only 'norm' is supported")
+        _need_num("algorithms.gradient_clipping.clipping_threshold", c.clipping_threshold, positive=True)
+        return cls(gradient_clipping=c)
+
+    @property
+    def clip(self) -> float | None:
+        """The gradient-norm threshold, None without clipping."""
+        return (
+            float(self.gradient_clipping.clipping_threshold) if self.gradient_clipping is not None else None
+        )
+
+
+# ----------------------------------------------------------------------------------- loaders
+
+LOADERS = ("text", "finetuning")
+# the split a loader reads when its dataset names none
+DEFAULT_SPLIT = {
+    ("text", "train_loader"): "train",
+    ("text", "eval_loader"): "val",
+    ("finetuning", "train_loader"): "train",
+    ("finetuning", "eval_loader"): "test",
+}
+# DataLoader keys of llm-foundry loaders: mptkit reads batches in the training process from memory-mapped
+# shards (no DataLoader, no worker processes), so these change nothing
+LOADER_IGNORED = {
+    "num_workers": "batches are read in the training process (memory-mapped shards, no DataLoader workers)",
+    "pin_memory": "there is no DataLoader; batches are copied to the device as they are",
+    "prefetch_factor": "there are no DataLoader workers to prefetch",
+    "persistent_workers": "there are no DataLoader workers",
+    "timeout": "there are no DataLoader workers to wait for",
+}
+# llm-foundry's finetuning options that mptkit.data.finetune.FinetuneOptions reads (its defaults apply)
+FINETUNE_OPTION_KEYS = {
+    "allow_pad_trimming",
+    "packing_ratio",
+    "target_prompts",
+    "target_responses",
+    "preprocessing_fn",
+    "system_prompt",
+    "append_eos",
+    "strict",
+}
+
+
+@dataclass
+class TextDatasetConfig(Section):
+    """``dataset`` of a ``text`` loader: shards prepared by `mptkit data prepare` in ``local``.
+    ``shuffle_seed`` None = the run's seed. ``eos_token_id`` / ``bos_token_id`` are accepted and ignored."""
+
+    local: str | None = None
+    remote: str | None = None
+    split: str | None = None  # None: DEFAULT_SPLIT
+    shuffle: bool = True
+    max_seq_len: int | None = None
+    shuffle_seed: int | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+
+
+@dataclass
+class FinetuneDatasetConfig(Section):
+    """``dataset`` of a ``finetuning`` loader: examples in ``hf_name`` (or ``path``) as local files, or
+    llm-foundry's ``hf_name: json`` + ``hf_kwargs``. ``options``: the FINETUNE_OPTION_KEYS given (flat keys
+    in the YAML), for :class:`mptkit.data.finetune.FinetuneOptions`."""
+
+    hf_name: str | None = None
+    hf_kwargs: dict | None = None
+    path: str | None = None
+    split: str | None = None  # None: DEFAULT_SPLIT
+    max_seq_len: int | None = None
+    shuffle: bool = True
+    shuffle_seed: int | None = None
+    decoder_only_format: bool = True
+    safe_load: Any = None  # accepted, ignored (mptkit never runs a dataset's code)
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def keys_allowed(cls) -> set[str]:
+        return (super().keys_allowed() - {"options"}) | FINETUNE_OPTION_KEYS
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(out.pop("options", {}))
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # an option given flat: ds.packing_ratio, as in the YAML
+        if name != "options" and name in FINETUNE_OPTION_KEYS:
+            opts = self.__dict__.get("options", {})
+            if name in opts:
+                return opts[name]
+        raise AttributeError(name)
+
+
+@dataclass
+class LoaderConfig(Section):
+    """``train_loader`` / ``eval_loader``: ``name`` text (prepared token shards) or finetuning. The
+    DataLoader keys (LOADER_IGNORED, ``drop_last``) are accepted for llm-foundry YAMLs and change nothing."""
+
+    name: str = "text"
+    dataset: TextDatasetConfig | FinetuneDatasetConfig = field(default_factory=TextDatasetConfig)
+    drop_last: bool | None = None
+    num_workers: int | None = None
+    pin_memory: Any = None
+    prefetch_factor: Any = None
+    persistent_workers: Any = None
+    timeout: Any = None
+
+    @property
+    def finetuning(self) -> bool:
+        return self.name == "finetuning"
+
+    @classmethod
+    def from_dict(cls, d: Any, lname: str, *, data_prep: bool = False) -> LoaderConfig:
+        if isinstance(d, LoaderConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ConfigError(f"{lname}: expected a mapping with name, dataset {{local, split, ...}}")
+        _check_keys(d, cls.keys_allowed(), lname)
+        _warn_ignored_loader_keys(d, lname)
+        name = d.get("name", "text")
+        if name not in LOADERS:
+            raise ConfigError(
+                f"{lname}.name: 'text' (prepared token shards) or 'finetuning' (prompt/response or "
+                f"chat examples) are supported by `mptkit train`; got '{name}'"
+            )
+        ds = d.get("dataset") or {}
+        if not isinstance(ds, dict):
+            raise ConfigError(f"{lname}.dataset: expected a mapping with local, split, ...")
+        if name == "finetuning":
+            _check_keys(ds, FinetuneDatasetConfig.keys_allowed(), f"{lname}.dataset")
+            opts = {k: v for k, v in ds.items() if k in FINETUNE_OPTION_KEYS}
+            dc = FinetuneDatasetConfig(
+                **{k: v for k, v in ds.items() if k not in FINETUNE_OPTION_KEYS}, options=opts
+            )
+            if not (dc.hf_name or dc.path):
+                raise ConfigError(
+                    f"{lname}.dataset.hf_name: the finetuning data (a local JSONL/JSON/CSV/Parquet "
+                    "file, a folder of them, or a datasets save_to_disk folder) is required"
+                )
+            if dc.decoder_only_format is not True:
+                raise ConfigError(
+                    f"{lname}.dataset.decoder_only_format: only true (decoder-only models) is supported"
+                )
+            if data_prep and lname == "train_loader":
+                raise ConfigError(
+                    "data_prep prepares pretraining shards; a finetuning train_loader reads its "
+                    "examples directly: remove data_prep"
+                )
+        else:
+            _check_keys(ds, TextDatasetConfig.keys_allowed(), f"{lname}.dataset")
+            dc = TextDatasetConfig(**ds)
+            if dc.remote:
+                raise ConfigError(
+                    f"{lname}.dataset.remote: streaming from a remote is not supported; "
+                    "prepare the data locally (`mptkit data prepare`) and set dataset.local"
+                )
+            if not dc.local:
+                raise ConfigError(f"{lname}.dataset.local: the folder of prepared shards is required")
+            if dc.split not in (None, "train", "val", "validation", "test"):
+                raise ConfigError(f"{lname}.dataset.split: expected train or val, got '{dc.split}'")
+        if dc.split is None:
+            dc.split = DEFAULT_SPLIT[(name, lname)]
+        return cls(name=name, dataset=dc, **{k: v for k, v in d.items() if k not in ("name", "dataset")})
+
+
+def _warn_ignored_loader_keys(ld: dict, lname: str) -> None:
+    """llm-foundry loader keys that change nothing in mptkit: one warning per key, naming it and why."""
+    for k, why in LOADER_IGNORED.items():
+        if k in ld and not (k == "num_workers" and ld[k] == 0):
+            log.warning("%s.%s is ignored: %s", lname, k, why)
+    if "drop_last" in ld:
+        if lname == "train_loader" and ld["drop_last"] is not True:
+            log.warning(
+                "train_loader.drop_last is ignored: training always uses whole global batches (each "
+                "epoch's last partial batch is left out)"
+            )
+        if lname == "eval_loader" and ld["drop_last"] is not False:
+            log.warning(
+                "eval_loader.drop_last is ignored: evaluation always covers every sample (up to "
+                "eval_subset_num_batches)"
+            )
+    ds = ld.get("dataset") or {}
+    if ld.get("name", "text") == "text":
+        for k in ("eos_token_id", "bos_token_id"):
+            if k in ds:
+                log.warning(
+                    "%s.dataset.%s is ignored: documents are separated as prepared (the separators in the "
+                    "folder's manifest.json set sequence_id)",
+                    lname,
+                    k,
+                )
+    elif "safe_load" in ds:
+        log.warning(
+            "%s.dataset.safe_load is ignored: mptkit reads only JSON/CSV/Parquet/Arrow files and never "
+            "runs code from a dataset (only an explicit preprocessing_fn)",
+            lname,
+        )
+
+
+# ----------------------------------------------------------------------------------- callbacks
+
+
+@dataclass
+class SpikeConfig(Section):
+    """``callbacks.kill_loss_spike`` (llm-foundry's defaults; always on, log only unless ``log_only: false``).
+    ``window_size`` None = the run's length rule; ``loss_cap`` None = the first full window's largest loss."""
+
+    patience: int = 4
+    outlier_multiplier: float = 2.0
+    window_size: int | None = None
+    loss_cap: float | None = None
+    log_only: bool = True
+
+
+@dataclass
+class ScheduledGCConfig(Section):
+    """``callbacks.scheduled_gc``: ``batch_interval`` is required (as in llm-foundry)."""
+
+    batch_interval: int = 0
+    eval_keep_disabled: bool = False
+
+
+@dataclass
+class OptimizerMonitorConfig(Section):
+    batch_log_interval: int = 10
+    log_optimizer_metrics: bool = True
+
+
+@dataclass
+class SpeedMonitorConfig(Section):
+    """``callbacks.speed_monitor``: the throughput window; ``gpu_flops_available`` the per-device peak for MFU."""
+
+    window_size: int = 10
+    gpu_flops_available: float | None = None
+
+
+# composer callbacks whose metrics mptkit always logs its own way: their options change nothing (a warning)
+ALWAYS_ON_CALLBACKS = {
+    "lr_monitor": "the lr is logged every step (metrics.jsonl 'lr')",
+    "memory_monitor": "memory is logged every step (mem_peak_gb on CUDA, mem_rss_peak_gb on CPU)",
+    "runtime_estimator": "the console log and progress bar show an ETA from the speed-monitor window",
+}
+
+
+@dataclass
+class CallbacksConfig(Section):
+    """``callbacks``: the loss-spike monitor and speed monitor always run; ``scheduled_gc`` and
+    ``optimizer_monitor`` when named (``optimizer_monitor:`` with no options: its defaults)."""
+
+    kill_loss_spike: SpikeConfig = field(default_factory=SpikeConfig)
+    scheduled_gc: ScheduledGCConfig | None = None
+    optimizer_monitor: OptimizerMonitorConfig | None = None
+    speed_monitor: SpeedMonitorConfig = field(default_factory=SpeedMonitorConfig)
+    lr_monitor: dict | None = None
+    memory_monitor: dict | None = None
+    runtime_estimator: dict | None = None
+
+    @classmethod
+    def from_dict(cls, cb: Any) -> CallbacksConfig:
+        if isinstance(cb, CallbacksConfig):
+            return cb
+        if not isinstance(cb, dict):
+            raise ConfigError("callbacks: expected a mapping of callback name -> options")
+        _check_keys(cb, cls.keys_allowed(), "callbacks")
+        out = cls()
+        spike = cb.get("kill_loss_spike")
+        if spike is not None:
+            _check_keys(spike, SpikeConfig.keys_allowed(), "callbacks.kill_loss_spike")
+            s = out.kill_loss_spike = SpikeConfig(**spike)
+            _need_int("callbacks.kill_loss_spike.patience", s.patience, 0)
+            _need_num("callbacks.kill_loss_spike.outlier_multiplier", s.outlier_multiplier, positive=True)
+            if s.window_size is not None:
+                _need_int("callbacks.kill_loss_spike.window_size", s.window_size, 1)
+            if s.loss_cap is not None:
+                _need_num("callbacks.kill_loss_spike.loss_cap", s.loss_cap, positive=True)
+            _need_bool("callbacks.kill_loss_spike.log_only", s.log_only)
+        if "scheduled_gc" in cb:
+            sgc = cb["scheduled_gc"]
+            _check_keys(sgc, ScheduledGCConfig.keys_allowed(), "callbacks.scheduled_gc")
+            if not isinstance(sgc, dict) or "batch_interval" not in sgc:
+                raise ConfigError(
+                    "callbacks.scheduled_gc.batch_interval: required (batches between gc.collect() "
+                    "calls; automatic garbage collection is off during training), as in llm-foundry"
+                )
+            g = out.scheduled_gc = ScheduledGCConfig(**sgc)
+            _need_int("callbacks.scheduled_gc.batch_interval", g.batch_interval, 1)
+            _need_bool("callbacks.scheduled_gc.eval_keep_disabled", g.eval_keep_disabled)
+        if "optimizer_monitor" in cb:
+            om = cb["optimizer_monitor"]
+            om = {} if om is None else om
+            _check_keys(om, OptimizerMonitorConfig.keys_allowed(), "callbacks.optimizer_monitor")
+            o = out.optimizer_monitor = OptimizerMonitorConfig(**om)
+            _need_int("callbacks.optimizer_monitor.batch_log_interval", o.batch_log_interval, 1)
+            _need_bool("callbacks.optimizer_monitor.log_optimizer_metrics", o.log_optimizer_metrics)
+        sm = cb.get("speed_monitor")
+        if sm is not None:
+            _check_keys(sm, SpeedMonitorConfig.keys_allowed(), "callbacks.speed_monitor")
+            m = out.speed_monitor = SpeedMonitorConfig(**sm)
+            _need_int("callbacks.speed_monitor.window_size", m.window_size, 1)
+            if m.gpu_flops_available is not None:
+                _need_num("callbacks.speed_monitor.gpu_flops_available", m.gpu_flops_available, positive=True)
+        for name, what in ALWAYS_ON_CALLBACKS.items():
+            if name not in cb:
+                continue
+            opts = cb[name]
+            if opts is None:
+                setattr(out, name, {})
+                continue
+            if not isinstance(opts, dict):
+                raise ConfigError(
+                    f"callbacks.{name}: expected a mapping (or nothing), got {type(opts).__name__}"
+                )
+            for k in opts:
+                log.warning("callbacks.%s.%s is ignored: %s", name, k, what)
+            setattr(out, name, dict(opts))
+        return out
+
+
+# ----------------------------------------------------------------------------------- views of top-level keys
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """The recipe's checkpointing keys (top-level, llm-foundry's names), read together."""
+
+    save_folder: str | None
+    save_interval: Any
+    save_num_checkpoints_to_keep: int
+    save_overwrite: bool
+    autoresume: bool
+    load_path: str | None
+    resume_accept_data_change: bool
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """The end-of-run sample (``sample_prompt``, ``sample_max_new_tokens``, ``sample_temperature``: 0 = greedy,
+    ``sample_top_k``), generated by `mptkit train`; ``seed`` is the run's."""
+
+    prompt: str | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    seed: int
