@@ -158,7 +158,7 @@ def test_auto_runs_the_backend_it_picks_inside_the_model(monkeypatch):
     below it; attention dropout in training runs sdpa even over the limit."""
     from mptkit.model import MPTForCausalLM
     from mptkit.model import attention_sdpa_alibi as sa
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     calls: list[str] = []
     for name in ("torch", "sdpa", "blockwise"):

@@ -9,7 +9,7 @@ import torch
 
 from mptkit.errors import CheckpointError, ConfigError
 from mptkit.model import MPTConfig, MPTForCausalLM, load_tokenizer
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 @pytest.fixture

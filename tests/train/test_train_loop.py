@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from mptkit.errors import ConfigError, TrainError
 from mptkit.train import checkpoint as ck
 from mptkit.train.trainer import Trainer
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 
 
 def _fit(cfg, **kw):
