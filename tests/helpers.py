@@ -59,8 +59,12 @@ class Spread:
 # matter to the logits (MPT's small init leaves a random model nearly blind to its context)
 WIDE = Spread(std=0.15, embed_std=0.5, vectors=(0.6, 1.4), biases=0.1)
 MATRICES = Spread(std=0.3)  # every matrix N(0, 0.3), vectors as built
-SCORES = Spread(std=0.12, embed_std=0.3, embed=("wte",))  # eval: predictions and choices' scores clearly differ
-NORMS = Spread(std=0.15, embed_std=0.3, vectors=(0.5, 1.5))  # matrices and every vector (norms, biases) redrawn
+SCORES = Spread(
+    std=0.12, embed_std=0.3, embed=("wte",)
+)  # eval: predictions and choices' scores clearly differ
+NORMS = Spread(
+    std=0.15, embed_std=0.3, vectors=(0.5, 1.5)
+)  # matrices and every vector (norms, biases) redrawn
 
 
 def spread_weights(model: torch.nn.Module, spread: Spread = WIDE) -> torch.nn.Module:
@@ -69,7 +73,11 @@ def spread_weights(model: torch.nn.Module, spread: Spread = WIDE) -> torch.nn.Mo
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() > 1:
-                std = spread.embed_std if spread.embed_std is not None and any(e in n for e in spread.embed) else spread.std
+                std = (
+                    spread.embed_std
+                    if spread.embed_std is not None and any(e in n for e in spread.embed)
+                    else spread.std
+                )
                 if gen is not None:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
                 else:
@@ -109,8 +117,12 @@ def model_folder(folder, tokenizer=None, **kw) -> Path:
     return Path(folder)
 
 
-def bpe_tokenizer(vocab_size: int = TOKENIZER_VOCAB, *, sources: tuple[str, ...] = ("json", "inspect"),
-                  specials: tuple[str, ...] = (EOS, PAD)):
+def bpe_tokenizer(
+    vocab_size: int = TOKENIZER_VOCAB,
+    *,
+    sources: tuple[str, ...] = ("json", "inspect"),
+    specials: tuple[str, ...] = (EOS, PAD),
+):
     """A byte-level BPE (an HF fast tokenizer: eos <|endoftext|>, pad <|padding|>) trained on the source of the
     standard-library modules ``sources``; ``specials`` past the first two are added special tokens (as
     ChatML's <|im_start|>/<|im_end|> in mptkit's trained tokenizers and MPT-7B-Chat's). Deterministic."""
@@ -124,11 +136,16 @@ def bpe_tokenizer(vocab_size: int = TOKENIZER_VOCAB, *, sources: tuple[str, ...]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(text.splitlines(), trainer)
     extra = {"additional_special_tokens": list(specials[2:])} if len(specials) > 2 else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[1], **extra)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=specials[0], pad_token=specials[1], **extra
+    )
 
 
 class TokenizerFolders:
@@ -153,8 +170,16 @@ class TokenizerFolders:
 
 # --- the trainer tests: a tiny learnable dataset and a tiny run config
 
-TINY_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 2, "expansion_ratio": 4, "max_seq_len": 32,
-              "vocab_size": 64, "learned_pos_emb": False, "attn_config": {"alibi": True, "attn_impl": "torch"}}
+TINY_MODEL = {
+    "d_model": 32,
+    "n_heads": 2,
+    "n_layers": 2,
+    "expansion_ratio": 4,
+    "max_seq_len": 32,
+    "vocab_size": 64,
+    "learned_pos_emb": False,
+    "attn_config": {"alibi": True, "attn_impl": "torch"},
+}
 
 
 def pattern_data(n: int = 64, seq: int = 32, period: int = 8, seed: int = 0) -> torch.Tensor:
@@ -168,13 +193,25 @@ def pattern_data(n: int = 64, seq: int = 32, period: int = 8, seed: int = 0) -> 
 
 def tiny_run(tmp, **over) -> dict:
     """A 12-batch run of ``TINY_MODEL`` on CPU as a recipe dict (folders under ``tmp``); ``over`` replaces keys."""
-    d = {"model": dict(TINY_MODEL), "max_duration": "12ba", "global_train_batch_size": 8,
-         "device_train_microbatch_size": 4, "optimizer": {"name": "decoupled_adamw", "lr": 3e-3},
-         "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
-         "algorithms": {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}},
-         "eval_interval": "0ba", "save_interval": "4ba", "save_folder": str(tmp / "ck"), "run_folder": str(tmp / "run"),
-         "progress_bar": False, "log_to_console": False, "run_name": "t", "peak_tflops": 1.0, "torch_threads": 1,
-         "seed": 5}
+    d = {
+        "model": dict(TINY_MODEL),
+        "max_duration": "12ba",
+        "global_train_batch_size": 8,
+        "device_train_microbatch_size": 4,
+        "optimizer": {"name": "decoupled_adamw", "lr": 3e-3},
+        "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
+        "algorithms": {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}},
+        "eval_interval": "0ba",
+        "save_interval": "4ba",
+        "save_folder": str(tmp / "ck"),
+        "run_folder": str(tmp / "run"),
+        "progress_bar": False,
+        "log_to_console": False,
+        "run_name": "t",
+        "peak_tflops": 1.0,
+        "torch_threads": 1,
+        "seed": 5,
+    }
     for k, v in over.items():
         d[k] = v
     return d
