@@ -116,7 +116,7 @@ def test_training_on_an_mds_folder(tmp_path):
     prepared shards); a recipe whose train_loader.dataset.local is an MDS folder is refused before any step,
     with the two ways forward in the message."""
     from mptkit.train.trainer import Trainer
-    from tests._train_helpers import make_cfg, pattern_data
+    from tests.helpers import make_cfg, pattern_data
 
     rows = pattern_data(16).numpy().astype(np.int32)
     _write_mds(tmp_path / "mds", [{"tokens": _ndarray_dynamic(r)} for r in rows], {"tokens": ("ndarray:int32", None)},

@@ -88,7 +88,7 @@ def test_chat_is_chatml_and_targets_last_or_all_responses(tmp_path, tok):
     from mptkit.infer.chat import ChatSession
     from mptkit.infer.server import Server
     from mptkit.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     gen = Generator(MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=512)).eval(), tok)
     server = types.SimpleNamespace(tok=tok)  # chat_ids needs only the server's tokenizer
@@ -180,7 +180,7 @@ def test_packed_loss_equals_separate_examples(tmp_path, tok):
     relative and the examples cannot see each other) — packing changes the layout, not the objective."""
     from mptkit.model import MPTForCausalLM
     from mptkit.model.config import MPTConfig
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     recs = [{"prompt": "q" * (2 + i), "response": " a" * (3 + i)} for i in range(6)]
     f = _write(tmp_path / "d.jsonl", recs)

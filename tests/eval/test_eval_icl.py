@@ -15,7 +15,15 @@ from mptkit.eval import build_prompt, icl_accuracy, read_icl_jsonl
 from mptkit.eval.icl import ICLTask, fewshot_indices
 from mptkit.io import load_tokenizer
 from mptkit.model import MPTForCausalLM
-from tests._eval_helpers import model_folder as _model_folder
+from tests.helpers import SCORES, model_folder
+
+
+def _model_folder(tmp_path, make_tokenizer, *, name="model", **over):
+    """A tiny model (``helpers.SCORES`` spread: predictions and choices' scores clearly differ, drawn from the
+    test's seeded RNG) saved with the test tokenizer as ``tmp_path/name``."""
+    tok = load_tokenizer(make_tokenizer())
+    return model_folder(tmp_path / name, tok, seed=None, spread=SCORES, **over)
+
 
 CHOICES = [" return None", " import os", " class Foo:", " def f(x):", " pass"]
 
@@ -367,7 +375,7 @@ def test_generation_task_matches_greedy_generation_and_normalized_aliases(tmp_pa
 
 def test_a_tokenizer_bigger_than_the_model_is_refused(tmp_path, make_tokenizer):
     """Token ids past the model's vocab_size: an EvalError naming the spans, for scored and generated tasks."""
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     tok = load_tokenizer(_model_folder(tmp_path, make_tokenizer))
     small = MPTForCausalLM(tiny_cfg(vocab_size=40)).eval()

@@ -15,8 +15,14 @@ from mptkit.errors import EvalError
 from mptkit.eval import encode_texts, load_token_stream, perplexity, sliding_windows
 from mptkit.io import load_tokenizer
 from mptkit.model import MPTForCausalLM
-from tests._eval_helpers import VOCAB
-from tests._eval_helpers import model_folder as _model_folder
+from tests.helpers import SCORES, VOCAB, model_folder
+
+
+def _model_folder(tmp_path, make_tokenizer, *, name="model", **over):
+    """A tiny model (``helpers.SCORES`` spread: predictions and choices' scores clearly differ, drawn from the
+    test's seeded RNG) saved with the test tokenizer as ``tmp_path/name``."""
+    tok = load_tokenizer(make_tokenizer())
+    return model_folder(tmp_path / name, tok, seed=None, spread=SCORES, **over)
 
 
 def _stdlib_text(*modules) -> str:

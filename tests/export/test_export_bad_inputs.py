@@ -11,7 +11,7 @@ import pytest
 
 from mptkit.cli import main as cli_main
 from mptkit.errors import ExportError
-from tests._export_models import make_model
+from tests.helpers import saved_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -29,7 +29,7 @@ def _one_line_error(capsys, rc):
 def test_gguf_out_inside_the_source_is_refused(tmp_path, make_tokenizer, capsys):
     """`export gguf M M/model.safetensors` (or M/config.json, or M itself) is refused in one line and the
     model folder is left exactly as it was."""
-    make_model(tmp_path / "M", make_tokenizer())
+    saved_model(tmp_path / "M", make_tokenizer())
     before = _snapshot(tmp_path / "M")
     for out in (tmp_path / "M" / "model.safetensors", tmp_path / "M" / "config.json", tmp_path / "M" / "new.gguf"):
         rc = cli_main(["-q", "export", "gguf", str(tmp_path / "M"), str(out)])
@@ -46,7 +46,7 @@ def test_gguf_existing_out_needs_overwrite_and_must_be_a_gguf_file(tmp_path, mak
     """An existing .gguf is replaced only with --overwrite; a file that is not a GGUF file never is."""
     from mptkit.export.gguf import export_gguf
 
-    make_model(tmp_path / "M", make_tokenizer())
+    saved_model(tmp_path / "M", make_tokenizer())
     out = tmp_path / "m.gguf"
     export_gguf(tmp_path / "M", out)
     before = out.read_bytes()
@@ -66,7 +66,7 @@ def test_hf_out_inside_the_model_folder_is_refused(tmp_path, make_tokenizer):
     """export hf refuses an OUT inside the model folder (as well as the folder itself or one holding it)."""
     from mptkit.export.hf import export_hf
 
-    make_model(tmp_path / "M", make_tokenizer())
+    saved_model(tmp_path / "M", make_tokenizer())
     before = _snapshot(tmp_path / "M")
     with pytest.raises(ExportError, match="the source"):
         export_hf(tmp_path / "M", tmp_path / "M" / "hf")
@@ -81,7 +81,7 @@ def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, make_to
 
     from mptkit.export import source
 
-    make_model(tmp_path / "M", make_tokenizer())
+    saved_model(tmp_path / "M", make_tokenizer())
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir" / "x").write_text("x")
@@ -113,7 +113,7 @@ def test_disk_full_during_export_is_one_line_and_keeps_the_previous_output(tmp_p
     """A full disk while writing (OSError ENOSPC from the writer, and torch's 'basic_ios::clear: iostream
     error' RuntimeError) is one line naming the output and saying the disk is full; the earlier export is
     left whole and no temporary file remains."""
-    make_model(tmp_path / "M", make_tokenizer())
+    saved_model(tmp_path / "M", make_tokenizer())
     out = tmp_path / ("out" if fmt == "hf" else "m.gguf")
     assert cli_main(["-q", "export", fmt, str(tmp_path / "M"), str(out)]) == 0
     before = _snapshot(out) if fmt == "hf" else out.read_bytes()

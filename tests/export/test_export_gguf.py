@@ -18,8 +18,7 @@ from mptkit.cli import main as cli_main
 from mptkit.errors import ExportError
 from mptkit.export.gguf import export_gguf, llama_cpp_incompatibilities
 from mptkit.model.config import MPTConfig
-from tests._export_models import VOCAB, make_model
-from tests.conftest import tiny_cfg
+from tests.helpers import VOCAB, saved_model, tiny_cfg
 
 
 def _read(path):
@@ -64,7 +63,7 @@ def test_f32_file_holds_the_exact_tensors_and_metadata(tmp_path, make_tokenizer,
     """Every tensor of the model is in the file under llama.cpp's name with the same shape and identical
     f32 values, nothing else is; the hyper-parameters are the model's."""
     tok = make_tokenizer()
-    model = make_model(tmp_path / "m", tok, **CONFIGS[name])
+    model = saved_model(tmp_path / "m", tok, **CONFIGS[name])
     cfg = model.config
     res = export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     fields, tensors = _read(tmp_path / "m.gguf")
@@ -97,7 +96,7 @@ def test_tokenizer_is_embedded_in_id_order_and_padded_to_the_vocab(tmp_path, mak
     """The token list is the tokenizer's vocabulary by id, padded to vocab_size with UNUSED entries; special
     tokens are CONTROL; merges, eos/pad ids are the tokenizer's (bos = eos, as GPT-NeoX)."""
     tok = make_tokenizer()
-    make_model(tmp_path / "m", tok)
+    saved_model(tmp_path / "m", tok)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     fields, _ = _read(tmp_path / "m.gguf")
     tj = json.loads((tok / "tokenizer.json").read_text())
@@ -123,7 +122,7 @@ def test_tokenizer_is_embedded_in_id_order_and_padded_to_the_vocab(tmp_path, mak
 
 def test_f16_matrices_are_rounded_and_norms_stay_f32(tmp_path, make_tokenizer):
     """--dtype f16: weight matrices are the model's values rounded to f16, 1-D tensors stay exact f32."""
-    model = make_model(tmp_path / "m", make_tokenizer(), no_bias=False)
+    model = saved_model(tmp_path / "m", make_tokenizer(), no_bias=False)
     export_gguf(tmp_path / "m", tmp_path / "m16.gguf", dtype="f16")
     fields, tensors = _read(tmp_path / "m16.gguf")
     assert fields["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
@@ -145,7 +144,7 @@ def test_softmax_scale_and_logit_scale_are_folded(tmp_path, make_tokenizer):
     """llama.cpp has a fixed 1/sqrt(head_dim) and no logit scale: softmax_scale is folded into Wqkv's Q rows
     (K and V rows untouched), logit_scale into an explicit output tensor (the tied embedding stays)."""
     s, ls = 0.05, 0.5
-    model = make_model(tmp_path / "m", make_tokenizer(), logit_scale=ls, attn_config={"softmax_scale": s})
+    model = saved_model(tmp_path / "m", make_tokenizer(), logit_scale=ls, attn_config={"softmax_scale": s})
     res = export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     assert len(res.folded) == 2
     _, tensors = _read(tmp_path / "m.gguf")
@@ -174,7 +173,7 @@ def test_inexpressible_settings_are_refused_naming_the_key(tmp_path, make_tokeni
     """A model llama.cpp's mpt graph would compute differently is refused before anything is written."""
     cfg = MPTConfig.from_dict(tiny_cfg(**REFUSED[key]))
     assert any(key in p for p in llama_cpp_incompatibilities(cfg))
-    make_model(tmp_path / "m", make_tokenizer(), **REFUSED[key])
+    saved_model(tmp_path / "m", make_tokenizer(), **REFUSED[key])
     with pytest.raises(ExportError, match=key):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
@@ -188,14 +187,14 @@ def test_expressible_settings_pass_the_check():
 
 
 def test_tokenizer_larger_than_the_vocab_is_refused(tmp_path, make_tokenizer):
-    make_model(tmp_path / "m", make_tokenizer(), vocab_size=300)
+    saved_model(tmp_path / "m", make_tokenizer(), vocab_size=300)
     with pytest.raises(ExportError, match="vocab_size is 300"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf")
 
 
 def test_missing_tokenizer_is_an_error_unless_given(tmp_path, make_tokenizer):
     """No tokenizer beside the model: a clear error; --tokenizer DIR supplies one."""
-    make_model(tmp_path / "run" / "m")
+    saved_model(tmp_path / "run" / "m")
     with pytest.raises(ExportError, match="--tokenizer"):
         export_gguf(tmp_path / "run" / "m", tmp_path / "m.gguf")
     tok = make_tokenizer(tmp_path / "elsewhere")
@@ -208,7 +207,7 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path, make_tokenizer):
     tj = json.loads((tok / "tokenizer.json").read_text())
     tj["pre_tokenizer"] = {"type": "Whitespace"}
     (tok / "tokenizer.json").write_text(json.dumps(tj))
-    make_model(tmp_path / "m", tok)
+    saved_model(tmp_path / "m", tok)
     with pytest.raises(ExportError, match="Whitespace"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf")
 
@@ -217,7 +216,7 @@ def test_failed_export_leaves_the_previous_file_untouched(tmp_path, make_tokeniz
     """An error while the tensors stream out removes the temporary file; the good .gguf stays as it was."""
     import mptkit.export.gguf as g
 
-    make_model(tmp_path / "m", make_tokenizer())
+    saved_model(tmp_path / "m", make_tokenizer())
     out = tmp_path / "m.gguf"
     export_gguf(tmp_path / "m", out)
     before = out.read_bytes()
@@ -239,11 +238,11 @@ def test_failed_export_leaves_the_previous_file_untouched(tmp_path, make_tokeniz
 
 
 def test_cli_writes_the_file_and_reports_errors_in_one_line(tmp_path, make_tokenizer, capsys):
-    make_model(tmp_path / "m", make_tokenizer(), norm_type="rmsnorm")
+    saved_model(tmp_path / "m", make_tokenizer(), norm_type="rmsnorm")
     rc = cli_main(["export", "gguf", str(tmp_path / "m"), str(tmp_path / "x.gguf")])
     err = capsys.readouterr().err
     assert rc == 2 and "norm_type=rmsnorm" in err and "Traceback" not in err
-    make_model(tmp_path / "ok", make_tokenizer(tmp_path / "tok2"))
+    saved_model(tmp_path / "ok", make_tokenizer(tmp_path / "tok2"))
     rc = cli_main(["export", "gguf", str(tmp_path / "ok"), str(tmp_path / "ok.gguf"), "--dtype", "f16"])
     assert rc == 0
     fields, _ = _read(tmp_path / "ok.gguf")
@@ -254,7 +253,7 @@ def test_f16_overflow_is_refused(tmp_path, make_tokenizer):
     """A weight beyond f16's range would become inf in an f16 file: refused, naming the tensor."""
     from safetensors.torch import load_file, save_file
 
-    make_model(tmp_path / "m", make_tokenizer())
+    saved_model(tmp_path / "m", make_tokenizer())
     f = tmp_path / "m" / "model.safetensors"
     sd = load_file(str(f))
     sd["transformer.blocks.1.ffn.up_proj.weight"][0, 0] = 1e6

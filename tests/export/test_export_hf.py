@@ -16,7 +16,7 @@ from mptkit.cli import main as cli_main
 from mptkit.errors import ExportError
 from mptkit.export.hf import export_hf
 from mptkit.model import MPTForCausalLM
-from tests._export_models import make_model
+from tests.helpers import saved_model
 
 X = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(7))
 TEXT = "def load(fp, *, cls=None):\n    return json.loads(fp.read())  # naïve\n"
@@ -26,7 +26,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
     """The default export is transformers' MptForCausalLM layout: AutoModelForCausalLM loads it without
     trust_remote_code and computes mptkit's logits (<= 1e-4); AutoTokenizer encodes like the source."""
     tok = make_tokenizer()
-    model = make_model(tmp_path / "m", tok, expansion_ratio=4, attn_config={"clip_qkv": 1.5})
+    model = saved_model(tmp_path / "m", tok, expansion_ratio=4, attn_config={"clip_qkv": 1.5})
     res = export_hf(tmp_path / "m", tmp_path / "out")
     assert res.incompatibilities == []
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -50,7 +50,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
 def test_reduced_precision_export_stores_rounded_weights(tmp_path, make_tokenizer, dtype, torch_dtype):
     """--dtype bf16/fp16: every tensor is stored in that dtype with the rounded values; config.json says so;
     transformers loads it and its logits stay close to mptkit's fp32 ones."""
-    model = make_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
+    model = saved_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
     export_hf(tmp_path / "m", tmp_path / "out", dtype=dtype)
     sd = model.state_dict()
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
@@ -69,7 +69,7 @@ def test_reduced_precision_export_stores_rounded_weights(tmp_path, make_tokenize
 def test_shards_and_mosaicml_layout(tmp_path, make_tokenizer):
     """--max-shard-size splits the weights with an index that transformers follows; --layout mosaicml writes
     MosaicML's config (MPTForCausalLM + auto_map) that mptkit reads back to the same model."""
-    model = make_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
+    model = saved_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
     export_hf(tmp_path / "m", tmp_path / "sharded", max_shard_size="40KB")
     idx = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     shards = set(idx["weight_map"].values())
@@ -88,7 +88,7 @@ def test_shards_and_mosaicml_layout(tmp_path, make_tokenizer):
 
 def test_settings_transformers_cannot_express_are_warned_and_listed(tmp_path, make_tokenizer, caplog):
     """A GQA + qk_ln model exports (mptkit reads it back exactly) with one warning line per setting."""
-    model = make_model(tmp_path / "m", make_tokenizer(), attn_config={
+    model = saved_model(tmp_path / "m", make_tokenizer(), attn_config={
         "qk_ln": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2})
     with caplog.at_level(logging.WARNING, logger="mptkit.export.hf"):
         res = export_hf(tmp_path / "m", tmp_path / "out")
@@ -109,7 +109,7 @@ def test_run_folder_resolves_to_the_newest_checkpoint_via_the_trainer(tmp_path, 
 
     run = tmp_path / "run"
     make_tokenizer(run)
-    model = make_model(run / "checkpoints" / "ba20" / "model")
+    model = saved_model(run / "checkpoints" / "ba20" / "model")
     seen = []
 
     def find_latest_checkpoint(p):
@@ -129,7 +129,7 @@ def test_run_folder_resolves_to_the_newest_checkpoint_via_the_trainer(tmp_path, 
 
 
 def test_refuses_to_clobber_sources_and_unrelated_folders(tmp_path, make_tokenizer):
-    make_model(tmp_path / "m", make_tokenizer())
+    saved_model(tmp_path / "m", make_tokenizer())
     with pytest.raises(ExportError, match="replace the source"):
         export_hf(tmp_path / "m", tmp_path / "m", overwrite=True)
     with pytest.raises(ExportError, match="replace the source"):
@@ -149,7 +149,7 @@ def test_failed_overwrite_keeps_the_previous_export(tmp_path, make_tokenizer, mo
     """--overwrite builds the new folder beside the old one: a failure mid-way leaves the old export whole."""
     import mptkit.io.hf_folder as cio
 
-    make_model(tmp_path / "m", make_tokenizer())
+    saved_model(tmp_path / "m", make_tokenizer())
     export_hf(tmp_path / "m", tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     with pytest.raises(ExportError, match="not empty"):
@@ -166,7 +166,7 @@ def test_failed_overwrite_keeps_the_previous_export(tmp_path, make_tokenizer, mo
 
 
 def test_cli_export_hf(tmp_path, make_tokenizer, capsys):
-    model = make_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
+    model = saved_model(tmp_path / "m", make_tokenizer(), expansion_ratio=4)
     rc = cli_main(["export", "hf", str(tmp_path / "m"), str(tmp_path / "out"), "--dtype", "fp32"])
     assert rc == 0
     back = MPTForCausalLM.from_pretrained(tmp_path / "out")
@@ -185,8 +185,8 @@ def test_real_trainer_checkpoints_newest_valid_one_is_exported(tmp_path, make_to
 
     t = AutoTokenizer.from_pretrained(str(tok))
     run = tmp_path / "run"
-    old = make_model(tmp_path / "old", seed=1, expansion_ratio=4)
-    new = make_model(tmp_path / "new", seed=2, expansion_ratio=4)
+    old = saved_model(tmp_path / "old", seed=1, expansion_ratio=4)
+    new = saved_model(tmp_path / "new", seed=2, expansion_ratio=4)
     ckpt.save_checkpoint(run, model=old, trainer_state={"step": 10}, epoch=0, step=10, tokenizer=t)
     c20 = ckpt.save_checkpoint(run, model=new, trainer_state={"step": 20}, epoch=0, step=20, tokenizer=t)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_bin_source_exports_the_same_tensors_and_refuses_pickles(tmp_path, make_
     """A model folder holding `pytorch_model.bin` (older MPT uploads) exports to the same safetensors
     weights; a .bin that needs arbitrary unpickling is refused by weights_only=True, naming the file."""
     tok = make_tokenizer()
-    model = make_model(tmp_path / "m", tok)
+    model = saved_model(tmp_path / "m", tok)
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "m" / "pytorch_model.bin")
     export_hf(tmp_path / "m", tmp_path / "out")

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # about a minute in all on a busy 2-core machine
 pytest.importorskip("gguf")
 
 from mptkit.export.gguf import export_gguf
-from tests._export_models import make_model
+from tests.helpers import saved_model
 
 N_NEW = 24
 TEXT = "def load(fp, *, cls=None):\n    return json.loads(fp.read())  # naïve\n\tx = [1, 22, 333]  'quoted'\n"
@@ -67,7 +67,7 @@ def _mptkit_greedy(model, prompt, n):
 
 
 def _check(tmp_path, make_tokenizer, over, dtype, tol):
-    model = make_model(tmp_path / "m", make_tokenizer(), **over)
+    model = saved_model(tmp_path / "m", make_tokenizer(), **over)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype=dtype)
     llm = _llama(tmp_path / "m.gguf", dtype)
     prompt = torch.randint(2, 400, (16,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -100,7 +100,7 @@ def test_embedded_tokenizer_tokenizes_like_the_hf_tokenizer(tmp_path, make_token
     from transformers import AutoTokenizer
 
     tok = make_tokenizer()
-    make_model(tmp_path / "m", tok)
+    saved_model(tmp_path / "m", tok)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     llm = _llama(tmp_path / "m.gguf", "f32")
     hf = AutoTokenizer.from_pretrained(str(tok))
@@ -122,7 +122,7 @@ def test_mptkit_trained_tokenizer_with_chatml_tokens(tmp_path):
 
     hf = AutoTokenizer.from_pretrained(str(tok))
     vocab = tokmod.padded_vocab_size(len(hf))
-    make_model(tmp_path / "m", tok, vocab_size=vocab)
+    saved_model(tmp_path / "m", tok, vocab_size=vocab)
     # --tokenizer: save_pretrained(tokenizer=<folder>) does not copy chat_template.jinja into the model folder
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", tokenizer=tok)
     import gguf

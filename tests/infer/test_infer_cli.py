@@ -12,15 +12,12 @@ from mptkit.infer.chat import trim_history
 from mptkit.io import load_tokenizer
 from mptkit.model import MPTForCausalLM
 from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, render_chatml
-from tests.conftest import tiny_cfg
+from tests.helpers import model_folder
 
 
 def _folder(tmp_path, make_tokenizer):
     tok = load_tokenizer(make_tokenizer())
-    torch.manual_seed(0)
-    d = tmp_path / "m"
-    MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=256)).save_pretrained(d, tokenizer=tok)
-    return d
+    return model_folder(tmp_path / "m", tok, spread=None, vocab_size=len(tok), max_seq_len=256)
 
 
 def test_generate_cli_flag_and_stdin(tmp_path, make_tokenizer, capsys, monkeypatch):
@@ -99,7 +96,7 @@ def test_generate_serve_and_eval_take_a_training_run(tmp_path, make_tokenizer, c
     from mptkit.eval.scoring import load_model
     from mptkit.infer.server import build_server
     from mptkit.train.trainer import Trainer
-    from tests._train_helpers import TINY_MODEL, datasets, make_cfg
+    from tests.helpers import TINY_MODEL, datasets, make_cfg
 
     ck = tmp_path / "ck"
     tok_dir = make_tokenizer(tmp_path / "tok")

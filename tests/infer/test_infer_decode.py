@@ -11,8 +11,9 @@ import torch
 from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams
 from mptkit.model import MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import MATRICES, tiny_cfg, tiny_model
 
+# MATRICES: larger weights than the init, so that attention and the bias matter
 CONFIGS = {
     "mha": {},
     "gqa": {"attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}},
@@ -27,19 +28,9 @@ CONFIGS = {
 }
 
 
-def _model(over):
-    torch.manual_seed(0)
-    m = MPTForCausalLM(tiny_cfg(**over)).eval()
-    with torch.no_grad():  # larger weights than the init, so that attention and the bias matter
-        for n, p in m.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return m
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fast_decode_equals_model_forward(name):
-    model = _model(CONFIGS[name])
+    model = tiny_model(spread=MATRICES, **CONFIGS[name])
     fast = Generator(model, None)
     slow = Generator(model, None, fast_decode=False)
     assert fast.fast is not None and slow.fast is None
@@ -85,7 +76,7 @@ def test_fast_decode_equals_model_forward(name):
 
 def test_fast_decode_steps_aside_in_training_mode_and_restores_onednn():
     """In training mode the generic forward runs (dropout would apply); the oneDNN switch is restored."""
-    model = _model({})
+    model = tiny_model(spread=MATRICES)
     gen = Generator(model, None)
     assert gen.fast.usable()
     model.train()
@@ -103,7 +94,7 @@ def test_fp16_kv_cache(name):
     that differs in its last fp32 bit between the two paths may round to a neighbouring fp16 value — and the
     fp32 cache's logits likewise; greedy batched = unbatched. (The kernels' fp16 arithmetic itself is checked to
     1e-5 in tests/test_infer_kernels.py.)"""
-    model = _model(CONFIGS[name])
+    model = tiny_model(spread=MATRICES, **CONFIGS[name])
     fast = Generator(model, None, kv_dtype="fp16")
     slow = Generator(model, None, kv_dtype="fp16", fast_decode=False)
     ref = Generator(model, None)
@@ -192,7 +183,7 @@ def test_two_threads_decoding_through_one_generator():
     locked): every thread's greedy tokens equal its tokens alone."""
     import threading
 
-    model = _model({})
+    model = tiny_model(spread=MATRICES)
     gen = Generator(model, None)
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]

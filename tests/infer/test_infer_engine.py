@@ -12,13 +12,11 @@ import torch
 from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams
 from mptkit.infer.engine import Engine
-from mptkit.model import MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import MATRICES, tiny_model
 
 
 def test_engine_equals_unbatched_and_cancel():
-    torch.manual_seed(0)
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     eng = Engine(gen, max_batch=3, prefill_chunk=4).start()
     try:
         g = torch.Generator().manual_seed(2)
@@ -46,7 +44,7 @@ def test_engine_restores_the_interpreter_switch_interval():
     import sys
 
     before = sys.getswitchinterval()
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     eng = Engine(gen, max_batch=1).start()
     assert sys.getswitchinterval() == pytest.approx(min(before, eng.switch_interval))
     assert sys.getswitchinterval() < before
@@ -60,12 +58,7 @@ def test_engine_restores_the_interpreter_switch_interval():
 def test_packed_prefill_equals_one_prompt_at_a_time(over):
     """Several slots' prompt chunks in one forward (the engine's prefill) = each slot prefilled on its own:
     the last-position logits, the cache contents, and the decode steps that follow."""
-    torch.manual_seed(0)
-    model = MPTForCausalLM(tiny_cfg(**over)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
+    model = tiny_model(spread=MATRICES, **over)
     gen = Generator(model, None)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (5, 45, 1)]  # a 41-token chunk too
@@ -95,8 +88,7 @@ def test_packed_prefill_equals_one_prompt_at_a_time(over):
 def test_packed_prefill_of_equal_length_prompts():
     """Concurrent new prompts of one length (slots out of order, plus a prompt of another length) packed in one
     forward: the same logits and cache contents as one prompt at a time."""
-    torch.manual_seed(0)
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (6, 9, 6, 6)]
     slots = [3, 1, 0, 2]
@@ -116,7 +108,7 @@ def test_wakers_run_before_each_forward_and_before_idling():
     """``add_waker``: called on the engine thread as every forward pass starts (so a consumer buffering the
     events can deliver them while the engine computes) and before the engine idles — no event is left
     undelivered once a request is done."""
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     log = []
     forwards = []
     for name in ("prefill_packed", "decode"):
@@ -157,8 +149,7 @@ def test_prefix_reuse_prefills_only_what_is_new():
     """A slot keeps its last sequence's keys/values: the next turn of a conversation (prompt = last prompt +
     its answer + new tokens) is placed in that slot and prefills only the tokens it does not hold; its greedy
     tokens equal a fresh generation's; usage counts the cached tokens; ``prefix_reuse=False`` prefills all."""
-    torch.manual_seed(0)
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     fed = []
     orig = gen.prefill_packed
     gen.prefill_packed = lambda cache, segs: (fed.append([len(ids) for _, ids in segs]), orig(cache, segs))[1]
@@ -188,8 +179,7 @@ def test_prefix_reuse_prefills_only_what_is_new():
 
 
 def test_prefix_reuse_picks_the_slot_holding_the_longest_prefix():
-    torch.manual_seed(0)
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     eng = Engine(gen, max_batch=3).start()
     try:
         g = torch.Generator().manual_seed(5)
@@ -207,7 +197,7 @@ def test_prefix_reuse_picks_the_slot_holding_the_longest_prefix():
 
 
 def test_a_waker_returning_false_is_dropped():
-    gen = Generator(MPTForCausalLM(tiny_cfg()).eval(), None)
+    gen = Generator(tiny_model(), None)
     eng = Engine(gen, max_batch=1)
     calls = []
     eng.add_waker(lambda: calls.append("gone") or False)

@@ -17,7 +17,7 @@ from mptkit.infer import Generator, SamplingParams, generate_text
 from mptkit.infer.engine import Engine
 from mptkit.model import MPTForCausalLM
 from mptkit.model.fastpath import block_coverage, model_coverage
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 V = 211
 

@@ -8,13 +8,7 @@ import torch
 from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams, generate_text
 from mptkit.io import load_tokenizer
-from mptkit.model import MPTForCausalLM
-from tests.conftest import tiny_cfg
-
-
-def _model(**over):
-    torch.manual_seed(0)
-    return MPTForCausalLM(tiny_cfg(**over)).eval()
+from tests.helpers import tiny_model
 
 
 def _greedy_recompute(model, ids, n):
@@ -43,7 +37,7 @@ CONFIGS = {
 def test_kv_cache_greedy_equals_full_recompute(name):
     """Proves the cache: greedy tokens with the KV cache equal re-running the full sequence each step,
     and cached logits match full-recompute logits at every step (MHA, GQA, MQA, learned positions)."""
-    model = _model(**CONFIGS[name])
+    model = tiny_model(**CONFIGS[name])
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 211, (9,), generator=g).tolist()
     gen = Generator(model, None, prefill_chunk=4)  # chunked prefill exercised too
@@ -66,7 +60,7 @@ def test_kv_cache_greedy_equals_full_recompute(name):
 def test_batched_equals_unbatched(name):
     """Batched generation of prompts of different lengths (per-sequence positions, finishing at different
     times) gives exactly the tokens each prompt gets alone."""
-    model = _model(**CONFIGS[name])
+    model = tiny_model(**CONFIGS[name])
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
     params = [SamplingParams(max_tokens=m) for m in (12, 5, 16, 9)]
@@ -80,13 +74,13 @@ def test_batched_equals_unbatched(name):
 
 def test_learned_positions_refuse_past_table_alibi_grows():
     """A learned-position model refuses a context past max_seq_len; an ALiBi model generates past it."""
-    learned = _model(**CONFIGS["learned_pos"])
+    learned = tiny_model(**CONFIGS["learned_pos"])
     with pytest.raises(InferenceError, match="max_seq_len"):
         Generator(learned, None, max_context=100)
     gen = Generator(learned, None)
     out = gen.generate([[1] * 60], SamplingParams(max_tokens=50))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 4  # stopped at max_seq_len=64
-    alibi = _model()
+    alibi = tiny_model()
     gen = Generator(alibi, None, max_context=300)
     out = gen.generate([[1] * 60], SamplingParams(max_tokens=200))[0]
     assert len(out.token_ids) == 200  # 260 tokens > max_seq_len 64
@@ -96,7 +90,7 @@ def test_generate_text_and_stops(make_tokenizer):
     """generate_text returns text; stop strings cut the text before the stop; stop ids end generation;
     same seed gives the same sample, different seeds differ."""
     tok = load_tokenizer(make_tokenizer())
-    model = _model(vocab_size=len(tok))
+    model = tiny_model(vocab_size=len(tok))
     greedy = generate_text(model, tok, "def load(fp):", max_new_tokens=16)
     assert isinstance(greedy, str) and len(greedy) > 0
     gen = Generator(model, tok)

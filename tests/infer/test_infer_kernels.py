@@ -199,7 +199,7 @@ def test_decode_layers_equal_block_by_block(kern):
     writes included; the layer table follows a cache that was re-allocated (grown) between steps."""
     from mptkit.infer.kernels import BlockWeights, DecodeStack
     from mptkit.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     torch.manual_seed(0)
     model = MPTForCausalLM(tiny_cfg(attn_config={"clip_qkv": 2.0})).eval()

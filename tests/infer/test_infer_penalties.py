@@ -14,8 +14,7 @@ import torch
 from mptkit.infer import Generator, SamplingParams
 from mptkit.infer.engine import Engine
 from mptkit.infer.sampling import SequenceSampler
-from mptkit.model import MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_model
 
 PENALTIES = {
     "repetition": {"repetition_penalty": 1.7},
@@ -23,11 +22,6 @@ PENALTIES = {
     "frequency": {"frequency_penalty": 0.7},
     "all": {"repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.9},
 }
-
-
-def _model():
-    torch.manual_seed(0)
-    return MPTForCausalLM(tiny_cfg()).eval()
 
 
 def _reference(model, prompt, n, *, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
@@ -50,7 +44,7 @@ def _reference(model, prompt, n, *, repetition_penalty=1.0, presence_penalty=0.0
 def test_generate_with_penalties_equals_reference(name):
     """Proves the fix on the generate path: no in-place write into the inference-mode logits, and the
     penalised greedy tokens equal the reference; sampling (temperature > 0) with penalties runs too."""
-    model = _model()
+    model = tiny_model()
     prompt = [5, 9, 5, 17, 3, 9]
     gen = Generator(model, None)
     out = gen.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True, **PENALTIES[name]))[0]
@@ -62,7 +56,7 @@ def test_generate_with_penalties_equals_reference(name):
 def test_penalties_do_not_touch_raw_logits_and_logprobs_are_raw():
     """Proves ``process`` writes nothing into its input (inside or outside inference mode) and the reported
     logprob is the raw distribution's, not the penalised one."""
-    model = _model()
+    model = tiny_model()
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]])).logits[0, -1]
     before = logits.clone()
@@ -82,7 +76,7 @@ def test_penalties_do_not_touch_raw_logits_and_logprobs_are_raw():
 
 def test_engine_with_penalties_equals_generate():
     """Proves the engine path (sampler state created on a request thread, used on the engine thread)."""
-    gen = Generator(_model(), None)
+    gen = Generator(tiny_model(), None)
     eng = Engine(gen, max_batch=2, prefill_chunk=4).start()
     try:
         prompts = [[5, 9, 5, 17], [3, 3, 3], [7, 1, 7, 1, 7]]
@@ -111,7 +105,7 @@ def test_server_with_penalties(tmp_path):
 
     from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
-    model = _model()
+    model = tiny_model()
     model.save_pretrained(tmp_path / "m")
     prompt = [5, 9, 5, 17]
     pen = {"repetition_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5}

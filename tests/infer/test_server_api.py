@@ -8,33 +8,18 @@ import time
 
 import httpx
 import pytest
-import torch
 
-from mptkit.model import MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import bpe_tokenizer, model_folder
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("uvicorn")
-    import inspect
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from mptkit.infer.server import BackgroundServer, ServerLimits, build_server
 
     folder = tmp_path_factory.mktemp("m")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(inspect.getsource(json).splitlines(), tr)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
-    torch.manual_seed(0)
-    MPTForCausalLM(tiny_cfg(vocab_size=len(fast), max_seq_len=512)).save_pretrained(folder, tokenizer=fast)
+    fast = bpe_tokenizer(300, sources=("json",))
+    model_folder(folder, fast, spread=None, vocab_size=len(fast), max_seq_len=512)
     srv = build_server(str(folder), model_name="tiny", limits=ServerLimits(max_tokens=64, max_body_bytes=20000,
                                                                          max_batch=4, max_queue=8))
     bg = BackgroundServer(srv)

@@ -12,7 +12,7 @@ from mptkit.errors import CheckpointError, DataError
 from mptkit.io import load_tokenizer, open_model_source
 from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.train import checkpoint as ck
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 X = torch.randint(0, 211, (2, 12))
 

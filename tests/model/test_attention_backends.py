@@ -5,6 +5,7 @@ sensibly; backends that cannot run here fail with a clear ConfigError."""
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -158,7 +159,7 @@ def test_auto_runs_the_backend_it_picks_inside_the_model(monkeypatch):
     below it; attention dropout in training runs sdpa even over the limit."""
     from mptkit.model import MPTForCausalLM
     from mptkit.model import attention_sdpa_alibi as sa
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     calls: list[str] = []
     for name in ("torch", "sdpa", "blockwise"):
@@ -243,3 +244,28 @@ def test_flex_compiled_matches_eager_and_buckets_lengths():
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
         outs.append(got)
     assert counters["stats"]["unique_graphs"] <= 1
+
+
+def test_attn_impl_values_come_from_the_backend_registry(monkeypatch):
+    """The config's attn_impl values are "auto", the registry's backends and "triton": a backend added with
+    register_backend is accepted by the config and by set_attn_impl (and its function is what the model runs),
+    an unknown name is refused naming the same list."""
+    from mptkit.model import MPTConfig
+    from mptkit.model.config import ATTN_IMPLS
+    from tests.helpers import tiny_cfg, tiny_model
+
+    assert ATTN_IMPLS == ("auto", "torch", "sdpa", "flex", "flash", "blockwise", "triton")
+    calls = []
+    monkeypatch.setitem(A.BACKENDS, "mine", lambda *a, **k: calls.append(1) or A.eager_attention(*a, **k))
+    mine = tiny_model(attn_config={"attn_impl": "mine"})
+    ref = tiny_model(attn_config={"attn_impl": "torch"})
+    x = torch.randint(0, 211, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(mine(x).logits, ref(x).logits) and len(calls) == 2  # one call per layer
+    ref.set_attn_impl("mine")
+    assert ref.config.attn_config["attn_impl"] == "mine"
+    listed = "('auto', 'torch', 'sdpa', 'flex', 'flash', 'blockwise', 'mine', 'triton')"
+    with pytest.raises(ConfigError, match=re.escape(f"attn_impl 'xformers' is not one of {listed}")):
+        MPTConfig.from_dict(tiny_cfg(attn_config={"attn_impl": "xformers"}))
+    with pytest.raises(ConfigError, match="attn_impl 'xformers' is not one of"):
+        ref.set_attn_impl("xformers")

@@ -106,7 +106,7 @@ def test_packed_qkv_attention_matches_split_path_and_eager(monkeypatch, kv_heads
     from mptkit.model import attention_sdpa_alibi as sa
     from mptkit.model.fastpath import FastPathOptions
     from mptkit.model.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     monkeypatch.setattr(attn_mod, "SDPA_ALIBI_CHUNK", chunk)
     calls = []
@@ -141,7 +141,7 @@ def test_packed_qkv_path_not_taken_with_masks_cache_or_qk_ln(monkeypatch):
     """Padding masks, packed sequence ids, qk_ln and a short input keep the split path (which handles them)."""
     from mptkit.model import attention_sdpa_alibi as sa
     from mptkit.model.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     calls = []
     real = sa.sdpa_alibi_attention_packed
@@ -167,7 +167,7 @@ def test_chunked_mlp_matches_plain_mlp(chunk):
     with gradient checkpointing agrees too."""
     from mptkit.model.fastpath import FastPathOptions
     from mptkit.model.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     model = MPTForCausalLM(tiny_cfg())
     mlp = model.transformer.blocks[0].ffn

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mptkit.errors import ConfigError
 from mptkit.model import MPTForCausalLM
 from mptkit.model.fused_loss import linear_cross_entropy
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def test_alibi_model_extrapolates_past_max_seq_len():

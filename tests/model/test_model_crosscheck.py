@@ -35,18 +35,12 @@ from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from mptkit.model import MPTForCausalLM
 from mptkit.model.attention import alibi_slopes
-from tests.conftest import tiny_cfg
+from tests.helpers import NORMS, spread_weights, tiny_cfg
 
 
 def _randomise(model: nn.Module) -> nn.Module:
     """Weights large enough that attention patterns and norms matter (inits are tiny)."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3 if "wte" in n or "wpe" in n else 0.15)
-            else:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return spread_weights(model, NORMS).eval()
 
 
 def _hf_like(ours: MPTForCausalLM, sd: dict) -> HFMpt:

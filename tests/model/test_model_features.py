@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mptkit.model import MPTConfig, MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def reference_logits(model: MPTForCausalLM, ids: torch.Tensor) -> torch.Tensor:

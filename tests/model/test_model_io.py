@@ -10,7 +10,7 @@ import torch
 from mptkit.errors import CheckpointError, ConfigError
 from mptkit.io import load_tokenizer
 from mptkit.model import MPTConfig, MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, MptConfig
 from transformers import MptForCausalLM as HFMpt
 
 from mptkit.model import MPTForCausalLM
+from tests.helpers import NORMS, spread_weights
 
 
 def _hf_model(tmp_path, *, d=96, h=6, layers=2, vocab=300, seq=64, clip=None, tie=True, bias_max=8):
@@ -17,12 +18,7 @@ def _hf_model(tmp_path, *, d=96, h=6, layers=2, vocab=300, seq=64, clip=None, ti
                     tie_word_embeddings=tie,
                     attn_config={"alibi": True, "clip_qkv": clip, "alibi_bias_max": bias_max})
     model = HFMpt(cfg).eval()
-    with torch.no_grad():  # HF's init is tiny (std 0.02): use larger weights so attention patterns matter
-        for n, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3 if "wte" in n else 0.15)
-            else:
-                p.uniform_(0.5, 1.5)
+    spread_weights(model, NORMS)  # HF's init is tiny (std 0.02): use larger weights so attention patterns matter
     folder = tmp_path / "hf"
     model.save_pretrained(folder)
     return model, folder
@@ -53,7 +49,7 @@ def test_hf_checkpoint_loads_with_same_logits_and_loss(tmp_path, shape):
 
 
 def test_mptkit_save_loads_in_transformers_without_remote_code(tmp_path):
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     ours = MPTForCausalLM(tiny_cfg(expansion_ratio=4, attn_config={"clip_qkv": 2.0})).eval()
     ours.save_pretrained(tmp_path / "ours")

@@ -244,9 +244,9 @@ def test_legacy_non_zip_pytorch_model_bin_says_what_it_is_and_how_to_convert(tmp
     from safetensors.torch import load_file
 
     from mptkit.model import MPTForCausalLM
-    from tests._export_models import make_model
+    from tests.helpers import saved_model
 
-    make_model(tmp_path / "M", make_tokenizer())
+    saved_model(tmp_path / "M", make_tokenizer())
     sd = load_file(str(tmp_path / "M" / "model.safetensors"))
     (tmp_path / "M" / "model.safetensors").unlink()
     torch.save(sd, tmp_path / "M" / "pytorch_model.bin", _use_new_zipfile_serialization=False)

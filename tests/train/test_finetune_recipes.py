@@ -7,7 +7,6 @@ depends on it changes exactly as a model built with that config)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ import torch.nn.functional as F
 from mptkit.cli import main
 from mptkit.errors import ConfigError
 from mptkit.model import MPTForCausalLM
-from mptkit.model.config import MPTConfig
-from tests.conftest import tiny_cfg
+from tests.helpers import Spread, model_folder, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,17 +25,7 @@ def _base(tmp: Path, tok: Path, **cfg) -> Path:
     """A tiny ALiBi MPT (max_seq_len 128, as the quickstart model) with the tokenizer beside it. Its weights are
     random with a large spread: attention is peaked and every setting visibly changes the output (MPT's own
     small init makes a random model nearly blind to its context)."""
-    out = tmp / "base"
-    model = MPTForCausalLM(MPTConfig.from_dict(tiny_cfg(vocab_size=448, max_seq_len=128, **cfg)))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(out)
-    for f in tok.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return model_folder(tmp / "base", tok, seed=None, spread=Spread(std=0.3, seed=5), max_seq_len=128, **cfg)
 
 
 def _overrides(tmp: Path, base: Path) -> list[str]:

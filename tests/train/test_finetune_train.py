@@ -18,18 +18,9 @@ QA = [("colour of the sky?", "blue"), ("two plus two?", "four"), ("capital of Fr
 
 def _base_model(tmp: Path, tok_folder: Path) -> Path:
     """A random-init tiny MPT saved as an HF folder, with the tokenizer beside it."""
-    import shutil
+    from tests.helpers import model_folder
 
-    from mptkit.model import MPTForCausalLM
-    from mptkit.model.config import MPTConfig
-    from tests.conftest import tiny_cfg
-
-    out = tmp / "base"
-    model = MPTForCausalLM(MPTConfig.from_dict(tiny_cfg(vocab_size=448, max_seq_len=128)))
-    model.save_pretrained(out)
-    for f in tok_folder.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return model_folder(tmp / "base", tok_folder, seed=None, spread=None, max_seq_len=128)
 
 
 def _recipe(tmp: Path, base: Path, **over) -> Path:
@@ -145,7 +136,7 @@ def test_token_durations_and_rates_count_non_padding_tokens(tmp_path, make_token
     from mptkit.data.finetune import FinetuneOptions, build_finetune_dataset
     from mptkit.io import load_tokenizer
     from mptkit.train.trainer import Trainer
-    from tests._train_helpers import TINY_MODEL, make_cfg
+    from tests.helpers import TINY_MODEL, make_cfg
 
     tok = load_tokenizer(make_tokenizer())
     f = tmp_path / "qa.jsonl"

@@ -19,7 +19,7 @@ from mptkit.errors import ConfigError, TrainError
 from mptkit.train.config import load_run_config
 from mptkit.train.metrics import LossSpikeMonitor
 from mptkit.train.trainer import Trainer
-from tests._train_helpers import datasets, make_cfg, tiny_run
+from tests.helpers import datasets, make_cfg, tiny_run
 
 
 def _metrics(run):

@@ -17,7 +17,7 @@ SCRIPT = r"""
 import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 from mptkit.train.trainer import Trainer
 tmp = Path(sys.argv[1])
 cfg = make_cfg(tmp, max_duration="4ba", save_interval="2ba", device_train_microbatch_size=2, device="cpu")

@@ -19,7 +19,7 @@ from mptkit.train import checkpoint as ck
 from mptkit.train import lock as lock_mod
 from mptkit.train.lock import LOCK_NAME, RunLock
 from mptkit.train.trainer import Trainer
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 sys.path.insert(0, {root!r})
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 from mptkit.train.trainer import Trainer
 tmp = Path(sys.argv[1])
 cfg = make_cfg(tmp, max_duration=sys.argv[2], save_interval="20ba", autoresume=True, save_num_checkpoints_to_keep=2)
@@ -412,7 +412,7 @@ def test_resuming_on_other_data_is_refused_unless_accepted(tmp_path, caplog):
     global batch size). Resuming with any of them changed stops with a message naming the change and the
     recipe key that accepts it; with resume_accept_data_change=true the run continues, with a warning."""
     from mptkit.train.data import TensorDataset
-    from tests._train_helpers import pattern_data
+    from tests.helpers import pattern_data
 
     _fit(make_cfg(tmp_path / "a", max_duration="4ba"))
     cases = {
@@ -460,7 +460,7 @@ def prepared(tmp_path_factory):
 
 
 def _data_cfg(tmp, data: Path, tok: Path, **over):
-    from tests._train_helpers import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     return make_cfg(tmp, model={**TINY_MODEL, "vocab_size": 320, "max_seq_len": 16}, tokenizer={"name": str(tok)},
                     train_loader={"name": "text", "dataset": {"local": str(data), "split": "train", "shuffle": False}},
@@ -597,7 +597,7 @@ def test_generate_says_when_the_context_caps_max_new_tokens(tmp_path, make_token
     from mptkit.cli import main
     from mptkit.io import load_tokenizer
     from mptkit.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     tok = load_tokenizer(make_tokenizer())
     torch.manual_seed(0)

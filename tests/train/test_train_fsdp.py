@@ -50,7 +50,7 @@ from mptkit.train.config import config_from_dict
 from mptkit.train.data import TensorDataset
 from mptkit.train.fsdp import FSDPSettings, build_mesh, parse_fsdp_config
 from mptkit.train.trainer import Trainer
-from tests._train_helpers import pattern_data, tiny_run
+from tests.helpers import pattern_data, tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHED = {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1, "t_max": "4ba"}
@@ -65,7 +65,7 @@ sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tests._train_helpers import pattern_data, tiny_run
+from tests.helpers import pattern_data, tiny_run
 from tests.train.test_train_fsdp import COMMON
 from mptkit.train.config import config_from_dict
 from mptkit.train.data import TensorDataset
@@ -127,7 +127,7 @@ GROW = r"""
 import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tests._train_helpers import pattern_data, tiny_run
+from tests.helpers import pattern_data, tiny_run
 from tests.train.test_train_fsdp import COMMON
 from mptkit.train.config import config_from_dict
 from mptkit.train.data import TensorDataset
@@ -393,7 +393,7 @@ def test_checking_fsdp_config_does_not_load_the_sharding_runtime(tmp_path):
     code = ("import sys, pathlib\n"
             "from mptkit.errors import ConfigError\n"
             "from mptkit.train.config import config_from_dict\n"
-            "from tests._train_helpers import tiny_run\n"
+            "from tests.helpers import tiny_run\n"
             f"tmp = pathlib.Path({str(tmp_path)!r})\n"
             "config_from_dict(tiny_run(tmp, fsdp_config={'sharding_strategy': 'SHARD_GRAD_OP'}))\n"
             "try:\n"
@@ -467,7 +467,7 @@ def test_materialize_refuses_a_parameter_the_init_misses():
     from mptkit.model.config import MPTConfig
     from mptkit.model.init import init_weights
     from mptkit.train.fsdp import materialize_sharded
-    from tests._train_helpers import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     def build():
         cfg = MPTConfig.from_dict(dict(TINY_MODEL), where="model", strict=True)
@@ -506,7 +506,7 @@ def _one_process_sharded_checkpoint(folder: Path) -> None:
     from mptkit.model.config import MPTConfig
     from mptkit.train.fsdp import dcp_save
     from mptkit.train.optim import build_optimizer
-    from tests._train_helpers import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     torch.manual_seed(0)
     model = MPTForCausalLM(MPTConfig.from_dict(dict(TINY_MODEL), where="model", strict=True))
@@ -552,7 +552,7 @@ def test_sharded_checkpoint_metadata_is_not_unpickled_blindly(tmp_path):
 
 def _meta_config():
     from mptkit.model.config import MPTConfig
-    from tests._train_helpers import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     return MPTConfig.from_dict(dict(TINY_MODEL), where="model", strict=True)
 

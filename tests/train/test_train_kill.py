@@ -22,7 +22,7 @@ import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 sys.path.insert(0, {root!r})
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 from mptkit.train.trainer import Trainer
 tmp = Path(sys.argv[1])
 cfg = make_cfg(tmp, max_duration="150ba", save_interval="5ba", autoresume=True, save_num_checkpoints_to_keep=3)

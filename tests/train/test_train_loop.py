@@ -13,7 +13,7 @@ from mptkit.errors import ConfigError, TrainError
 from mptkit.io import open_model_source
 from mptkit.train import checkpoint as ck
 from mptkit.train.trainer import Trainer
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 
 
 def _fit(cfg, **kw):
@@ -220,7 +220,7 @@ def test_training_never_imports_inference(tmp_path, make_tokenizer):
 import sys
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-from tests._train_helpers import TINY_MODEL, datasets, make_cfg
+from tests.helpers import TINY_MODEL, datasets, make_cfg
 from mptkit.data.tokenizer import load_tokenizer
 from mptkit.train.trainer import Trainer
 train, val = datasets()

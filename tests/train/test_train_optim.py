@@ -111,7 +111,7 @@ def test_weight_decay_only_on_matrices():
     embedding once, not twice) and leaves norm weights and biases untouched; a step with gradients moves every
     parameter (each is in the optimizer)."""
     from mptkit.model import MPTForCausalLM
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     lr, wd = 0.1, 0.5
     for name, factor in (("decoupled_adamw", 1 - wd), ("decoupled_lionw", 1 - wd), ("adamw", 1 - lr * wd)):
@@ -162,7 +162,7 @@ def test_decoupled_adamw_fused_equals_loop():
 def _recipe_optimizer(spec: dict, tmp_path):
     """The optimizer the trainer builds from a recipe's ``optimizer`` section (the recipe validation included)."""
     from mptkit.train.trainer import Trainer
-    from tests._train_helpers import datasets, make_cfg
+    from tests.helpers import datasets, make_cfg
 
     train, val = datasets()
     return Trainer(make_cfg(tmp_path, optimizer=spec), train_dataset=train, eval_dataset=val).setup().optimizer
@@ -186,7 +186,7 @@ def test_recipe_fused_key_selects_the_optimizer_path(tmp_path, monkeypatch):
     the other, and a bad value or fused lionw is refused by the recipe check."""
     from mptkit.errors import ConfigError
     from mptkit.train import optim
-    from tests._train_helpers import make_cfg
+    from tests.helpers import make_cfg
 
     calls = []
     real = optim.torch_adamw_functional

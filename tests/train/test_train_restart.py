@@ -22,7 +22,7 @@ import logging, os, signal, sys, threading, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 sys.path.insert(0, {root!r})
-from tests._train_helpers import datasets, make_cfg
+from tests.helpers import datasets, make_cfg
 from mptkit.train import checkpoint as ck
 from mptkit.train.trainer import Trainer
 tmp = Path(sys.argv[1]); crash_at = int(sys.argv[2])

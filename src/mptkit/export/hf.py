@@ -21,13 +21,13 @@ from mptkit.errors import ConfigError, ExportError
 from mptkit.export.source import load_config, open_source
 from mptkit.io.hf_folder import is_model_folder
 from mptkit.io.tokenizer_files import copy_tokenizer_files
+from mptkit.utils.dtypes import ALIASES, DTYPES, torch_name
 from mptkit.utils.fs import atomic_dir, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
 
 log = logging.getLogger(__name__)
 
-HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f16": "fp16", "half": "fp16"}
+HF_DTYPES = {s: getattr(torch, t) for s, t in DTYPES.items()}  # fp32, bf16, fp16
 LAYOUTS = ("transformers", "mosaicml")
 
 
@@ -72,7 +72,7 @@ def export_hf(
     from mptkit.model.config import MPTConfig, transformers_incompatibilities
     from mptkit.model.model import MPTForCausalLM
 
-    dtype = DTYPE_ALIASES.get(dtype, dtype)  # the arguments first: a sharded source is consolidated below
+    dtype = ALIASES.get(dtype, dtype)  # the arguments first: a sharded source is consolidated below
     if dtype not in HF_DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(HF_DTYPES)}")
     if layout not in LAYOUTS:
@@ -110,7 +110,7 @@ def export_hf(
                 raise ExportError(f"cannot export {folder}: {e}") from None
             raise
         # config.json records the dtype (transformers >= 5 reads "dtype", older versions "torch_dtype").
-        name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+        name = torch_name(torch_dtype)
         file_cfg = model.config.to_dict()
         file_cfg.pop("dtype", None)
         file_cfg.update(torch_dtype=name, init_device="cpu")

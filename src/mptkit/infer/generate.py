@@ -22,6 +22,7 @@ from mptkit.infer.cache import KVCache, context_limit
 from mptkit.infer.decode import FastDecoder
 from mptkit.infer.options import DecodeOptions
 from mptkit.infer.sampling import SamplingParams, SequenceSampler, token_logprobs
+from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
-KV_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+KV_DTYPE_NAMES = {n: torch_dtype(n) for n in WEIGHT_DTYPES}  # fp32/float32, bf16/bfloat16, fp16/float16
 
 
 def kv_cache_dtype(kv_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:

@@ -183,14 +183,6 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
-@register_backend("blockwise")
-def _blockwise(q, k, v, **kw):
-    """Online softmax over key blocks, forward and backward: never T x T (attention_blockwise)."""
-    from mptkit.model.attention_blockwise import blockwise_attention
-
-    return blockwise_attention(q, k, v, **kw)
-
-
 @register_backend("flex")
 def _flex(q, k, v, *, compiled: bool = True, **kw):
     """Compiled FlexAttention with an ALiBi score_mod and a block mask (attention_flex); ``compiled`` is
@@ -206,6 +198,14 @@ def _flash(q, k, v, **kw):
     from mptkit.model.attention_flash import flash_attention_alibi
 
     return flash_attention_alibi(q, k, v, **kw)
+
+
+@register_backend("blockwise")
+def _blockwise(q, k, v, **kw):
+    """Online softmax over key blocks, forward and backward: never T x T (attention_blockwise)."""
+    from mptkit.model.attention_blockwise import blockwise_attention
+
+    return blockwise_attention(q, k, v, **kw)
 
 
 def _flash_usable(device: torch.device, dtype: torch.dtype) -> bool:

@@ -31,8 +31,25 @@ from mptkit.utils.keys import closest
 log = logging.getLogger(__name__)
 
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
-# "auto" picks the fastest exact backend for the device; "triton" (old MPT files) maps to auto.
-ATTN_IMPLS = ("auto", "torch", "sdpa", "flex", "flash", "blockwise", "triton")
+
+
+def attn_impls() -> tuple[str, ...]:
+    """The valid ``attn_config.attn_impl`` values: "auto" (picks the fastest exact backend for the device), the
+    backends of the attention registry (``mptkit.model.attention.BACKENDS``, in registration order: one added
+    with ``register_backend`` is valid too), and "triton" (old MPT files), which maps to auto. Read from the
+    registry when asked (also as ``ATTN_IMPLS``, see ``__getattr__``): this module never imports attention.py
+    at import time."""
+    from mptkit.model.attention import BACKENDS
+
+    return ("auto", *BACKENDS, "triton")
+
+
+def __getattr__(name: str):
+    if name == "ATTN_IMPLS":
+        return attn_impls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 NORM_TYPES = ("low_precision_layernorm", "layernorm", "rmsnorm", "low_precision_rmsnorm")
 FFN_TYPES = ("mptmlp", "mptglu")
 INIT_NAMES = (
@@ -285,8 +302,8 @@ class MPTConfig:
         need_prob("attn_config.attn_pdrop", a["attn_pdrop"])
         if a["attn_type"] not in ATTN_TYPES:
             raise ConfigError(f"config: attn_config.attn_type '{a['attn_type']}' is not one of {ATTN_TYPES}")
-        if a["attn_impl"] not in ATTN_IMPLS:
-            raise ConfigError(f"config: attn_config.attn_impl '{a['attn_impl']}' is not one of {ATTN_IMPLS}")
+        if a["attn_impl"] not in (impls := attn_impls()):
+            raise ConfigError(f"config: attn_config.attn_impl '{a['attn_impl']}' is not one of {impls}")
         if a["attn_type"] == "grouped_query_attention":
             kv = a.get("kv_n_heads")
             if kv is None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mptkit.errors import ConfigError
+from mptkit.utils.dtypes import ALIASES, PRECISIONS, any_torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,7 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
 MIXED_PRECISIONS = ("DEFAULT", "PURE", "FULL")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NONE")
 STATE_DICT_TYPES = ("full", "sharded")
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "amp_bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "amp_fp16": torch.float16,
-}
+_DTYPES = {n: any_torch_dtype(n) for n in (*ALIASES, *PRECISIONS)}  # mptkit.utils.dtypes' names, amp_* too
 
 # implemented keys (see docs/training.md) and composer keys accepted at their defaults only
 FSDP_KEYS = {

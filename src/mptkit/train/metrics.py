@@ -22,6 +22,7 @@ import torch
 
 from mptkit.errors import TrainError
 from mptkit.train.sections import SpikeConfig
+from mptkit.utils.dtypes import PRECISIONS, any_torch_dtype
 from mptkit.utils.outputs import write_errors
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def measure_matmul_peak(device: torch.device | str, dtype: torch.dtype, n: int |
 
 def peak_flops(device: torch.device, precision: str, declared_tflops: float | None) -> tuple[float, str]:
     """(peak FLOP/s per device, how it was obtained) for MFU."""
-    prec = {"fp32": "fp32", "amp_bf16": "bf16", "amp_fp16": "fp16"}[precision]
+    prec = PRECISIONS[precision]
     if declared_tflops:
         return declared_tflops * 1e12, f"declared peak_tflops={declared_tflops}"
     if device.type == "cuda":
@@ -66,7 +67,7 @@ def peak_flops(device: torch.device, precision: str, declared_tflops: float | No
         for (frag, p), v in GPU_PEAKS.items():
             if frag in name and p == prec:
                 return v, f"datasheet {prec} peak of {name} ({v / 1e12:.0f} TFLOP/s)"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    dtype = any_torch_dtype(prec)
     v = measure_matmul_peak(device, dtype)
     return v, f"measured {prec} matmul peak of this {device.type} ({v / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads)"
 
