@@ -233,3 +233,27 @@ def test_options_defaults_from_the_environment_and_unknown_keys(monkeypatch):
     model = _model()
     gen = Generator(model, None, decode_options=DecodeOptions(cpu_kernels=False, skip_min_past=5))
     assert gen.fast is not None and gen.fast.small is None and gen.new_cache().options.skip_min_past == 5
+
+
+def test_a_wrapped_untied_lm_head_is_called_as_a_module_everywhere():
+    """An adapter on an untied LM head (``lm_head`` wrapped) is part of the logits, the fused training loss (which
+    otherwise reads ``lm_head.weight`` straight into its chunked matmul) and greedy generation; on the old code
+    the logits and the loss dropped the delta silently."""
+    from tests.helpers import tiny_model
+
+    model = tiny_model(tie_word_embeddings=False)
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = model(ids, return_hidden=True).hidden_states
+        plain = model.lm_head(h)
+        model.lm_head = LoRALike(model.lm_head)
+        wrapped = model.lm_head(h)
+        assert (wrapped - plain).abs().max() > 1e-2  # the adapter changes the logits
+        torch.testing.assert_close(model(ids).logits, wrapped, rtol=1e-5, atol=1e-5)
+        fused = model(ids, labels=ids, return_logits=False).loss
+        ref = nn.functional.cross_entropy(wrapped[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    assert not model_coverage(model).fast
+    prompt = ids[0, :5].tolist()
+    got = Generator(model, None).generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    assert got == _full_forward_greedy(model, prompt, 6)

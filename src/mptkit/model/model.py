@@ -20,7 +20,7 @@ from mptkit.errors import ConfigError
 from mptkit.model.attention import alibi_slopes
 from mptkit.model.blocks import MPTBlock, norm_factory
 from mptkit.model.config import READ_ONLY_HINT, MPTConfig, load_model_config
-from mptkit.model.fastpath import FastPathOptions
+from mptkit.model.fastpath import FastPathOptions, plain_reason
 from mptkit.model.fused_loss import linear_cross_entropy, shifted_labels
 from mptkit.model.init import init_weights
 
@@ -211,7 +211,9 @@ class MPTForCausalLM(nn.Module):
         )
         if not return_logits:
             loss = None
-            if labels is not None:
+            if labels is not None and not self._plain_head():  # a wrapped LM head: its own forward, unfused
+                loss = causal_lm_loss(self.logits(h), labels)
+            elif labels is not None:
                 w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
                 loss = linear_cross_entropy(
                     h.reshape(-1, h.shape[-1]), w, shifted_labels(labels).reshape(-1),
@@ -223,9 +225,18 @@ class MPTForCausalLM(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=h if return_hidden else None)
 
+    def _plain_head(self) -> bool:
+        """Whether the LM head's logits may be computed from its weight (tied: the embedding's; untied: an exact
+        ``nn.Linear`` with no hooks, ``model/fastpath.py``'s predicate); a wrapped head (an adapter) is called as
+        a module instead."""
+        return self.config.tie_word_embeddings or plain_reason(self.lm_head, nn.Linear) is None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        out = F.linear(h, w)
+        if self._plain_head():
+            w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+            out = F.linear(h, w)
+        else:
+            out = self.lm_head(h)
         s = self.config.logit_scale_value
         if s is not None:
             out = out * s
