@@ -235,8 +235,8 @@ def test_killed_prepare_keeps_the_previous_dataset_and_the_next_run_cleans_up(tm
         f"prep.prepare_dataset([{str(src)!r}], {str(tok_dir)!r}, {str(out)!r}, 8, val_fraction=0.0, progress=False,"
         f" shard_bytes={kw['shard_bytes']}, part_bytes=2000)\n"
     )
-    src = str(pathlib.Path(__file__).resolve().parents[2] / "src")  # this checkout's code, not an installed one
-    r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join([src, os.getcwd()])},
+    code = str(pathlib.Path(__file__).resolve().parents[2] / "src")  # this checkout's code, not an installed one
+    r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join([code, os.getcwd()])},
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert list(out.rglob(".shard-*.tmp")), "the kill should leave a temporary shard behind"
