@@ -131,3 +131,36 @@ def test_recipe_sections_are_typed_with_their_defaults():
     back = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert back.to_dict() == cfg.to_dict() and back.optimizer == cfg.optimizer
     assert cfg.sample.max_new_tokens == 64 and cfg.checkpointing.autoresume is False
+
+
+@pytest.mark.parametrize("chunk, runs", [(0, False), (16, True)])
+def test_model_fast_paths_in_a_recipe_reach_the_training_step(tmp_path, monkeypatch, chunk, runs):
+    """``model.fast_paths`` (the CPU fast paths' options) reaches the modules of the run's model: with
+    ``mlp_chunk: 16`` the training step's MLP runs chunked (the chunked Function is called with 16 rows per step);
+    with ``mlp_chunk: 0`` it never is. Checked through the trainer, not the config's field."""
+    from mptkit.model import blocks
+    from mptkit.train.trainer import Trainer
+    from tests.helpers import TINY_MODEL, datasets, make_cfg
+
+    seen = []
+    real = blocks._ChunkedMLP.apply
+
+    def spy(x, w_up, w_down, c):
+        seen.append(c)
+        return real(x, w_up, w_down, c)
+
+    monkeypatch.setattr(blocks._ChunkedMLP, "apply", spy)
+    model = {**TINY_MODEL, "fast_paths": {"mlp_chunk": chunk}}
+    train, val = datasets()
+    cfg = make_cfg(tmp_path, model=model, max_duration="2ba", save_folder=None, eval_interval="0ba")
+    Trainer(cfg, train_dataset=train, eval_dataset=val).fit()
+    assert (seen and set(seen) == {16}) if runs else not seen
+
+
+def test_model_fast_paths_bad_keys_are_refused_before_any_work(tmp_path):
+    from tests.helpers import TINY_MODEL, make_cfg
+
+    with pytest.raises(ConfigError, match=r"fast_paths: unknown option\(s\) \['mlp_chunks'\]"):
+        make_cfg(tmp_path, model={**TINY_MODEL, "fast_paths": {"mlp_chunks": 0}}).validate()
+    with pytest.raises(ConfigError, match="mlp_chunk must be a whole number"):
+        make_cfg(tmp_path, model={**TINY_MODEL, "fast_paths": {"mlp_chunk": -1}}).validate()

@@ -328,6 +328,13 @@ class RunConfig:
             raise ConfigError(f"device: '{self.device}' is not one of auto, cpu, cuda")
         if self.max_seq_len is not None:
             _need_int("max_seq_len", self.max_seq_len, 1)
+        if isinstance(self.model, dict) and self.model.get("fast_paths") is not None:  # checked before any work
+            from mptkit.model.fastpath import FastPathOptions
+
+            if not isinstance(self.model["fast_paths"], dict):
+                raise ConfigError("model.fast_paths: expected a mapping (packed_qkv, mlp_chunk, flex_compile), got "
+                                  f"{self.model['fast_paths']!r}")
+            FastPathOptions.from_dict(self.model["fast_paths"])
         # the typed sections (train/sections.py): keys, values, defaults
         self.optimizer = OptimizerConfig.from_dict(self.optimizer)
         self.scheduler = SchedulerConfig.from_dict(self.scheduler)

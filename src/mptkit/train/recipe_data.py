@@ -273,7 +273,7 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
 # ----------------------------------------------------------------------------------- the model
 
 _MODEL_META_KEYS = {"name", "pretrained_model_name_or_path", "pretrained", "recipe", "init_device", "loss_fn",
-                    "config_overrides"}
+                    "config_overrides", "fast_paths"}
 
 
 def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = None):
@@ -284,9 +284,12 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
     ``pretrained: true`` loads weights to start from."""
     from mptkit.model import MPTForCausalLM, load_model_config
     from mptkit.model.config import MPTConfig
+    from mptkit.model.fastpath import FastPathOptions
 
     spec = cfg.model
     overrides: dict = {}
+    # model.fast_paths: the CPU fast paths' options (model/fastpath.py), recorded with the recipe in config.yaml
+    fast = FastPathOptions.from_dict(spec.get("fast_paths")) if isinstance(spec, dict) else FastPathOptions()
     if isinstance(spec, dict):  # the name is checked before the folder: a wrong model type is named first
         name = spec.get("name", "mpt_causal_lm")
         if name not in ("mpt_causal_lm", "mpt"):
@@ -322,6 +325,7 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
         # the overrides are applied to the folder's config before the model is built, so every module reads them
         try:
             model = MPTForCausalLM.from_pretrained(pretrained, device=device, **overrides)
+            model.set_fast_paths(fast)
         except CheckpointError as e:
             if not overrides:
                 raise
@@ -333,7 +337,7 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
         log.info("starting from the weights in %s%s", pretrained,
                  f" (overriding {', '.join(sorted(overrides))})" if overrides else "")
         return model
-    model = MPTForCausalLM(mcfg, init=False, device="meta")
+    model = MPTForCausalLM(mcfg, init=False, device="meta", fast_paths=fast)
     model.materialize(device)
     model.train()
     return model
