@@ -158,7 +158,12 @@ _HF_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
 
 def finetune_source(ds, which: str, split: str):
     """Where a finetuning loader's examples are: ``hf_name`` (or ``path``) as a local file or folder, or
-    llm-foundry's ``hf_name: json`` + ``hf_kwargs: {data_files: ..., data_dir: ...}`` form."""
+    llm-foundry's ``hf_name: json`` + ``hf_kwargs: {data_files: ..., data_dir: ...}`` form. ``ds``: the loader's
+    dataset section (a ``FinetuneDatasetConfig``, or the YAML mapping of one)."""
+    if isinstance(ds, dict):
+        from mptkit.train.sections import FinetuneDatasetConfig
+
+        ds = FinetuneDatasetConfig(**{k: ds.get(k) for k in ("hf_name", "hf_kwargs", "path") if k in ds})
     name = ds.hf_name or ds.path
     kw = ds.hf_kwargs or {}
     if not isinstance(kw, dict):
