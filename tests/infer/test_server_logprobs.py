@@ -159,6 +159,21 @@ def test_list_prompts_and_token_ids(server):  # noqa: F811
         model="tiny", prompt=OTHER, max_tokens=2, temperature=0, extra_body={"ignore_eos": True}
     )
     assert r.choices[2].text == OTHER + alone.choices[0].text == r.choices[3].text
+    streamed = {}  # the same request streamed: each chunk's index is its prompt's i * n + j
+    for chunk in c.completions.create(
+        model="tiny",
+        prompt=[TEXT, OTHER],
+        n=2,
+        echo=True,
+        logprobs=0,
+        max_tokens=2,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
+        for ch in chunk.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+    assert streamed == {ch.index: ch.text for ch in r.choices}
     ids_prompts = [[5, 17, 200, 3, 3, 9], [42, 7]]
     r = httpx.post(
         base + "/v1/completions",
