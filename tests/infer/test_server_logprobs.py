@@ -307,10 +307,11 @@ def test_bad_inputs_name_the_parameter(server, body, param):  # noqa: F811
 def test_engine_scores_prompts_in_packed_chunks(over):
     """The engine's prompt scores (prompt_logprobs, max_tokens 0 or not) over several prompts prefilled together
     in chunks smaller than the prompts equal a full forward's log_softmax and torch.topk, for both prefill paths
-    (packed for ALiBi, one slot at a time for learned positions)."""
+    (packed for ALiBi, one slot at a time for learned positions); Generator.generate scores them the same."""
     torch.manual_seed(0)
     model = MPTForCausalLM(tiny_cfg(**over)).eval()
-    eng = Engine(Generator(model, None), max_batch=3, prefill_chunk=5).start()
+    gen = Generator(model, None, prefill_chunk=4)
+    eng = Engine(gen, max_batch=3, prefill_chunk=5).start()
     try:
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 9)]
@@ -332,5 +333,11 @@ def test_engine_scores_prompts_in_packed_chunks(over):
                 v, ix = torch.topk(ref[i], 3)
                 assert [t for t, _ in e.top] == ix.tolist()
                 assert [x for _, x in e.top] == pytest.approx(v.tolist(), abs=1e-5)
+        outs = gen.generate(prompts, [s.params for s in h.seqs])
+        for s, o in zip(h.seqs, outs):
+            assert o.token_ids == s.output_ids and len(o.prompt_logprobs) == len(s.prompt_logprobs)
+            assert [e.token for e in o.prompt_logprobs[1:]] == [e.token for e in s.prompt_logprobs[1:]]
+            got = [e.logprob for e in o.prompt_logprobs[1:]]
+            assert got == pytest.approx([e.logprob for e in s.prompt_logprobs[1:]], abs=1e-5)
     finally:
         eng.stop()

@@ -89,6 +89,7 @@ class GenerationOutput:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     time_to_first_token: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     elapsed: float | None = None
 
     @property
@@ -234,7 +235,7 @@ class Sequence:
         text = self.final_text if self.final_text is not None else self.text[: self.emitted]
         return GenerationOutput(
             text=text, token_ids=list(self.output_ids), finish_reason=self.finish_reason or "length",
-            prompt_tokens=len(self.prompt_ids), logprobs=self.logprobs,
+            prompt_tokens=len(self.prompt_ids), logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -487,7 +488,16 @@ class Generator:
         for i, s in enumerate(seqs):
             if s.finished:
                 continue
-            logits = self.prefill(cache, i, s.prompt_ids)
+            if s.params.prompt_logprobs is None:
+                logits = self.prefill(cache, i, s.prompt_ids)
+            else:  # the prompt scored by its prefill
+                sc = (s.prompt_targets(0, len(s.prompt_ids)), s.params.prompt_logprobs)
+                last, scored = self.prefill_packed_scored(cache, [(i, s.prompt_ids)], [sc])
+                s.add_prompt_logprobs(scored[0])
+                if s.score_only:
+                    s.finish_scoring()
+                    continue
+                logits = last[0]
             tok, delta = s.step(logits)
             nxt[i] = tok
             yield StreamEvent(i, tok, delta, s.finished, s.finish_reason)
