@@ -68,6 +68,8 @@ def test_openai_client_echo_scores_the_prompt_as_a_full_forward(server):  # noqa
         for t in range(1, len(ids)):  # logprobs=1: the most likely token and the prompt's own
             top = lp.top_logprobs[t]
             assert top == pytest.approx(_top_dict(srv, ref[t - 1], ids[t], 1), abs=1e-4)
+    r = c.completions.create(model="tiny", prompt=TEXT, echo=True, max_tokens=0)  # the prompt back, unscored
+    assert r.choices[0].text == TEXT and r.choices[0].logprobs is None and r.usage.completion_tokens == 0
 
 
 def test_server_scoring_equals_mptkit_eval(server):  # noqa: F811
@@ -341,3 +343,38 @@ def test_engine_scores_prompts_in_packed_chunks(over):
             assert got == pytest.approx([e.logprob for e in s.prompt_logprobs[1:]], abs=1e-5)
     finally:
         eng.stop()
+
+
+def test_lm_eval_loglikelihood_request_shape(server):  # noqa: F811
+    """The request lm-eval's local-completions sends for log-likelihoods (token-id prompts = context +
+    continuation, echo, logprobs 1, max_tokens 1, greedy) read as lm-eval reads it (the continuation's
+    token_logprobs [ctxlen:-1] summed, greedy if each equals its position's top logprob) equals mptkit eval's
+    scorer on the continuation tokens."""
+    from mptkit.eval.scoring import next_token_logprobs
+
+    base, srv = server
+    pairs = [
+        (_ids(srv, "def load(fp"), _ids(srv, ", *, cls=None):")),
+        (_ids(srv, "import"), _ids(srv, " json")),
+    ]
+    body = {
+        "model": "tiny",
+        "prompt": [c + x for c, x in pairs],
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 1,
+        "temperature": 0,
+        "seed": 1234,
+    }
+    r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    for (ctx, cont), ch in zip(pairs, r.json()["choices"]):
+        lps = ch["logprobs"]["token_logprobs"][len(ctx) : -1]
+        tops = ch["logprobs"]["top_logprobs"][len(ctx) : -1]
+        ids = torch.tensor([ctx + cont])
+        select = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
+        select[0, len(ctx) - 1 :] = True
+        logp, am = next_token_logprobs(srv.gen.model, ids, select, greedy=True)
+        assert len(lps) == len(cont) and sum(lps) == pytest.approx(float(logp.sum()), abs=1e-4)
+        is_greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops))
+        assert is_greedy == bool((am == torch.tensor(cont)).all())
