@@ -62,9 +62,9 @@ def prompt_list(p: Any) -> list[str | list[int]]:
         if _is_ids(p):
             return [p]
         if all(isinstance(x, list) for x in p):
-            bad = next(i for i, x in enumerate(p) if not _is_ids(x)) if not all(map(_is_ids, p)) else None
-            if bad is not None:
-                raise APIError(400, f"prompt[{bad}] is not a list of token ids (integers)", param="prompt")
+            for i, x in enumerate(p):
+                if not _is_ids(x):
+                    raise APIError(400, f"prompt[{i}] is not a list of token ids (integers)", param="prompt")
             return list(p)
         kinds = sorted({type(x).__name__ for x in p})
         raise APIError(

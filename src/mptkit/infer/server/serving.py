@@ -53,6 +53,7 @@ class Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.im_end_id = im_end_token_id(self.tok)
+        self._token_strs: dict[int, str] = {}  # token_str's (at most the vocabulary's size)
         self._relays = LoopRelays(engine)
 
     def app(self):
@@ -105,7 +106,12 @@ class Server:
             raise APIError(400, str(e), param="messages") from None
 
     def token_str(self, t: int) -> str:
-        return self.tok.decode([t]) if self.tok is not None else str(t)
+        """One token's text (its id as text without a tokenizer); remembered, so the logprobs of a long
+        prompt's tokens and their top k cost dictionary look-ups on the event loop, not decodes."""
+        s = self._token_strs.get(t)
+        if s is None:
+            s = self._token_strs[t] = self.tok.decode([t]) if self.tok is not None else str(t)
+        return s
 
     def sampling(
         self,
