@@ -378,3 +378,16 @@ def test_lm_eval_loglikelihood_request_shape(server):  # noqa: F811
         assert len(lps) == len(cont) and sum(lps) == pytest.approx(float(logp.sum()), abs=1e-4)
         is_greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops))
         assert is_greedy == bool((am == torch.tensor(cont)).all())
+
+
+def test_sampling_params_bound_prompt_logprobs():
+    """prompt_logprobs, like logprobs, is None or 0..MAX_LOGPROBS (20); outside that an error naming it."""
+    from mptkit.errors import InferenceError
+    from mptkit.infer.sampling import MAX_LOGPROBS
+
+    assert SamplingParams(prompt_logprobs=MAX_LOGPROBS).prompt_logprobs == 20
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(InferenceError, match=name):
+            SamplingParams(**{name: MAX_LOGPROBS + 1})
+        with pytest.raises(InferenceError, match=name):
+            SamplingParams(**{name: -1})
