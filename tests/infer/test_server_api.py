@@ -122,15 +122,14 @@ def test_metrics_label_requests_by_the_apps_routes(server):
 
 
 def test_unimplemented_completion_fields_are_refused_by_name(server):
-    """best_of other than 1, a non-empty suffix, and echo together with logprobs (the prompt tokens' logprobs,
-    as lm-eval's loglikelihood requests with max_tokens 0) are a 400 naming the field, never a 200 that
-    answers something else; their no-op values, echo alone and logprobs alone are served."""
+    """A non-empty suffix, best_of below n and best_of streamed are a 400 naming the field, never a 200 that
+    answers something else; their no-op values, echo alone and logprobs alone are served. (echo with
+    logprobs, best_of above n: tests/infer/test_server_logprobs.py.)"""
     base, _ = server
     u = base + "/v1/completions"
     req = {"model": "tiny", "prompt": "def load(", "max_tokens": 3, "temperature": 0}
-    for extra, param in (({"best_of": 2}, "best_of"), ({"best_of": 3, "n": 1}, "best_of"),
-                         ({"suffix": "return x"}, "suffix"), ({"echo": True, "logprobs": 0}, "echo"),
-                         ({"echo": True, "logprobs": 5, "max_tokens": 0}, "echo")):
+    for extra, param in (({"best_of": 1, "n": 2}, "best_of"), ({"best_of": 3, "stream": True}, "best_of"),
+                         ({"suffix": "return x"}, "suffix")):
         r = httpx.post(u, json={**req, **extra})
         assert r.status_code == 400, (extra, r.status_code)
         err = r.json()["error"]
@@ -143,6 +142,7 @@ def test_unimplemented_completion_fields_are_refused_by_name(server):
     assert echoed["text"] == "def load(" + plain and echoed["logprobs"] is None
     lp = httpx.post(u, json={**req, "logprobs": 2}).json()["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == 3 and "".join(lp["tokens"]) == plain
+
 
 def test_disconnect_frees_slot(server):
     """A client that disconnects mid-stream has its sequence removed from the running batch."""

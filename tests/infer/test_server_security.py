@@ -46,13 +46,13 @@ def _serving(model_dir, **kw):
                                                     max_queue=16)
     srv = build_server(str(model_dir), model_name=kw.pop("model_name", "tiny"), limits=limits, **kw)
     srv.submitted = []
-    submit = srv.engine.submit
+    submit = srv.engine.submit_batch
 
-    def recording(ids, params, cb):
-        srv.submitted.append(list(ids))
-        return submit(ids, params, cb)
+    def recording(prompts, cb):
+        srv.submitted.extend(list(ids) for ids, _ in prompts)
+        return submit(prompts, cb)
 
-    srv.engine.submit = recording
+    srv.engine.submit_batch = recording
     with BackgroundServer(srv) as bg:
         yield bg.base_url, srv
 

@@ -55,17 +55,19 @@ class Event:
 
 @dataclass
 class Handle:
-    """A submitted request: its sequences (one per choice) and its callback."""
+    """A submitted request: its sequences (one per choice; a request of several prompts has each prompt's
+    choices in turn, ``starts`` the index of each prompt's first) and its callback."""
 
     rid: int
     seqs: list[Sequence]
     callback: Callable[[Event], None]
+    starts: tuple[int, ...] = (0,)
     arrival: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     done_count: int = 0
     cancelled: bool = False
     finished_at: float | None = None
-    cached_tokens: int = 0  # prompt tokens of the first choice whose keys/values a slot already held
+    cached_tokens: int = 0  # prompt tokens of each prompt's first choice whose keys/values a slot already held
 
     @property
     def finished(self) -> bool:
@@ -73,7 +75,8 @@ class Handle:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.seqs[0].prompt_ids) if self.seqs else 0
+        """The prompts' tokens, each prompt counted once (not once per choice)."""
+        return sum(len(self.seqs[i].prompt_ids) for i in self.starts if i < len(self.seqs))
 
     @property
     def completion_tokens(self) -> int:
@@ -181,10 +184,23 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: list[SamplingParams], callback: Callable[[Event], None]) -> Handle:
         """Queue a request with one sequence per entry of ``params`` (the ``n`` choices)."""
+        return self.submit_batch([(prompt_ids, params)], callback)
+
+    def submit_batch(
+        self, prompts: list[tuple[list[int], list[SamplingParams]]], callback: Callable[[Event], None]
+    ) -> Handle:
+        """Queue one request over several prompts, ``prompts`` = [(prompt ids, one params per choice), ...]:
+        its sequences (and events' ``choice``) run prompt by prompt, so prompt ``i``'s choice ``j`` is
+        ``sum(choices of the prompts before i) + j`` (with ``n`` choices each, OpenAI's ``i * n + j``). The
+        queue limit applies to all the sequences together: the whole request is queued or refused."""
         if not self.running:
             raise EngineStopped("the generation engine is not running" + (f": {self.error}" if self.error else ""))
-        seqs = [self.gen.new_sequence(prompt_ids, p) for p in params]
-        h = Handle(next(self._ids), seqs, callback)
+        seqs: list[Sequence] = []
+        starts = []
+        for prompt_ids, params in prompts:
+            starts.append(len(seqs))
+            seqs.extend(self.gen.new_sequence(prompt_ids, p) for p in params)
+        h = Handle(next(self._ids), seqs, callback, tuple(starts))
         with self._cv:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise EngineOverloaded(
@@ -254,8 +270,12 @@ class Engine:
         fin = sl.seq.finished
         if fin:
             self._finish_seq(sl)
+        self._deliver(sl, Event(sl.choice, delta, tok, lp, fin, sl.seq.finish_reason if fin else None))
+
+    def _deliver(self, sl: _Slot, ev: Event) -> None:
+        h = sl.handle
         try:
-            h.callback(Event(sl.choice, delta, tok, lp, fin, sl.seq.finish_reason if fin else None))
+            h.callback(ev)
         except Exception:  # a broken consumer must not kill the engine
             log.exception("engine: event callback failed; cancelling request %d", h.rid)
             h.cancelled = True
@@ -292,7 +312,9 @@ class Engine:
             prompt = sl.seq.prompt_ids
             # the free slot holding the longest prefix of this prompt; with none, the first free slot that holds
             # nothing (so held tokens stay for a later turn), else the first free slot
-            keeps = {i: reusable_prefix(self._held[i], prompt) if self.prefix_reuse else 0 for i in free}
+            # a prompt to score is fed from its first token (the kept keys/values would leave tokens unscored)
+            reuse = self.prefix_reuse and sl.seq.prompt_logprobs is None
+            keeps = {i: reusable_prefix(self._held[i], prompt) if reuse else 0 for i in free}
             best = max(free, key=lambda i: (keeps[i], not self._held[i], -i))
             keep = keeps[best]
             if keep > 0:
@@ -301,8 +323,8 @@ class Engine:
                 self.cache.reset_slot(best)
             self._held[best] = []
             sl.fed = keep
-            if sl.choice == 0:
-                sl.handle.cached_tokens = keep
+            if sl.choice in sl.handle.starts:
+                sl.handle.cached_tokens += keep
             self.slots[best] = sl
             self.prompt_tokens += len(prompt)
             self.prompt_tokens_cached += keep
@@ -312,23 +334,36 @@ class Engine:
         pass (``Generator.prefill_packed``): concurrent arrivals share one GEMM over their prompts."""
         budget = self.prefill_chunk
         segs: list[tuple[int, list[int]]] = []
+        scores: list[tuple[list[int], int] | None] = []  # prompts to score: (the tokens each row predicts, k)
         for i, sl in enumerate(self.slots):
             if budget <= 0:
                 break
-            if sl is None or sl.next_token is not None or sl.handle.cancelled:
+            if sl is None or sl.next_token is not None or sl.handle.cancelled or sl.seq.finished:
                 continue
             chunk = sl.seq.prompt_ids[sl.fed : sl.fed + budget]
             if chunk:
                 segs.append((i, chunk))
+                k = sl.seq.params.prompt_logprobs
+                scores.append(None if k is None else (sl.seq.prompt_targets(sl.fed, len(chunk)), k))
                 budget -= len(chunk)
         if not segs:
             return
         self._wake()
-        logits = self.gen.prefill_packed(self.cache, segs)
-        for (i, chunk), row in zip(segs, logits):
+        if any(sc is not None for sc in scores):
+            logits, scored = self.gen.prefill_packed_scored(self.cache, segs, scores)
+        else:
+            logits, scored = self.gen.prefill_packed(self.cache, segs), [None] * len(segs)
+        for (i, chunk), row, sc in zip(segs, logits, scored):
             sl = self.slots[i]
             sl.fed += len(chunk)
+            if sc is not None:
+                sl.seq.add_prompt_logprobs(sc)
             if sl.fed >= len(sl.seq.prompt_ids):
+                if sl.seq.score_only:  # scored, nothing to generate: done (the sweep frees the slot)
+                    sl.seq.finish_scoring()
+                    self._finish_seq(sl)
+                    self._deliver(sl, Event(sl.choice, "", None, None, True, sl.seq.finish_reason))
+                    continue
                 tok, delta = sl.seq.step(row)
                 sl.next_token = tok
                 self._emit(sl, tok, delta)

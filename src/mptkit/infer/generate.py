@@ -27,6 +27,7 @@ from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512
+SCORE_CHUNK_ELEMS = 1 << 24  # logits per chunk when scoring prompt tokens (64 MB in fp32)
 
 
 # ----------------------------------------------------------------------------- incremental text
@@ -89,6 +90,7 @@ class GenerationOutput:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     time_to_first_token: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     elapsed: float | None = None
 
     @property
@@ -123,6 +125,11 @@ class Sequence:
         self.context_limit = context_limit
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # the prompt's tokens scored (``params.prompt_logprobs``): entry t for prompt token t, None for the first
+        # (nothing precedes it); filled by whoever prefills the prompt (the engine), chunk by chunk
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
         self.text = ""  # all text decoded so far (may run past a stop string)
         self.emitted = 0  # chars of text already handed out
         self.finish_reason: str | None = None
@@ -130,9 +137,14 @@ class Sequence:
         self.max_stop = max((len(s) for s in params.stop), default=0)
         if params.min_tokens > 0 and self.stop_ids:
             self.sampler.suppress = sorted(self.stop_ids)
-        if params.max_tokens == 0:
+        if params.max_tokens == 0 and params.prompt_logprobs is None:
             self.finish_reason = "length"
             self.final_text = ""
+        elif params.max_tokens == 0:  # scoring only: the prompt is fed (and scored), nothing is generated
+            if len(self.prompt_ids) > context_limit:
+                raise InferenceError(
+                    f"the prompt has {len(self.prompt_ids)} tokens; the context limit is {context_limit} tokens"
+                )
         elif len(self.prompt_ids) >= context_limit:
             raise InferenceError(
                 f"the prompt has {len(self.prompt_ids)} tokens; the context limit is {context_limit} tokens "
@@ -142,6 +154,25 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def score_only(self) -> bool:
+        """Its prompt is to be scored and nothing generated (``max_tokens=0`` with ``prompt_logprobs``)."""
+        return self.params.max_tokens == 0 and self.params.prompt_logprobs is not None
+
+    def prompt_targets(self, start: int, n: int) -> list[int]:
+        """The tokens that prompt positions ``start .. start+n-1`` predict (their next prompt tokens; the last
+        prompt position predicts a new token, not a prompt token, so it has none)."""
+        return self.prompt_ids[start + 1 : start + n + 1]
+
+    def add_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """Record the scores of the next prompt tokens."""
+        self.prompt_logprobs.extend(entries)
+
+    def finish_scoring(self) -> None:
+        """A scoring-only sequence whose prompt is all fed ends here (``finish_reason`` "length")."""
+        self.finish_reason = "length"
+        self.final_text = ""
 
     @property
     def total_len(self) -> int:
@@ -205,7 +236,7 @@ class Sequence:
         text = self.final_text if self.final_text is not None else self.text[: self.emitted]
         return GenerationOutput(
             text=text, token_ids=list(self.output_ids), finish_reason=self.finish_reason or "length",
-            prompt_tokens=len(self.prompt_ids), logprobs=self.logprobs,
+            prompt_tokens=len(self.prompt_ids), logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -354,6 +385,74 @@ class Generator:
         return self.model.logits(out.hidden_states[0, ends])
 
     @torch.inference_mode()
+    def prefill_packed_scored(
+        self,
+        cache: KVCache,
+        segments: list[tuple[int, list[int]]],
+        scores: list[tuple[list[int], int] | None],
+    ) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """:meth:`prefill_packed`, and for each segment whose ``scores`` entry is ``(targets, k)`` the
+        log-probabilities of ``targets`` — ``targets[j]`` is the token that the chunk's row ``j`` predicts
+        (the next prompt token; at most one per row) — with each row's top ``k``: one
+        :class:`TokenLogprob` per target. Every row of a scored chunk gets the LM head (in fp32, a bounded
+        number of rows at a time), the others only their last row, as in :meth:`prefill_packed`."""
+        if not any(sc is not None for sc in scores):
+            return self.prefill_packed(cache, segments), [None] * len(segments)
+        if self.learned_pos or len(segments) == 1:
+            last, scored = [], []
+            for (slot, ids), sc in zip(segments, scores):
+                if sc is None:
+                    last.append(self.prefill(cache, slot, ids))
+                    scored.append(None)
+                    continue
+                h = self._prefill_hidden(cache, slot, ids)
+                last.append(self.model.logits(h[-1:])[0])
+                scored.append(self.score_rows(h, *sc))
+            return torch.stack(last), scored
+        cache.begin_prefill_packed([(slot, len(ids)) for slot, ids in segments])
+        flat = [t for _, ids in segments for t in ids]
+        out = self.model(torch.tensor(flat, dtype=torch.long, device=self.device)[None], cache=cache,
+                         return_logits=False, return_hidden=True)
+        hs = out.hidden_states[0]
+        ends = torch.tensor(list(itertools.accumulate(len(ids) for _, ids in segments)), device=self.device) - 1
+        scored, start = [], 0
+        for (_, ids), sc in zip(segments, scores):
+            scored.append(None if sc is None else self.score_rows(hs[start : start + len(ids)], *sc))
+            start += len(ids)
+        return self.model.logits(hs[ends]), scored
+
+    def _prefill_hidden(self, cache: KVCache, slot: int, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` into ``slot`` (in chunks); return every position's final hidden state (T, D)."""
+        t = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        parts = []
+        for s in range(0, len(ids), self.prefill_chunk):
+            chunk = t[:, s : s + self.prefill_chunk]
+            cache.begin_prefill(slot, chunk.shape[1])
+            parts.append(self.model(chunk, cache=cache, return_logits=False, return_hidden=True).hidden_states[0])
+        return torch.cat(parts)
+
+    def score_rows(self, hidden: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+        """``log p(targets[j])`` under row ``j`` of ``hidden`` (final hidden states; rows past the targets are
+        ignored) and each row's top ``k`` (id, logprob), from fp32 ``log_softmax`` of the LM head's logits,
+        ``SCORE_CHUNK_ELEMS`` logits at a time (a long prompt never holds its (T, V) logits)."""
+        n = len(targets)
+        out: list[TokenLogprob] = []
+        if n == 0:
+            return out
+        step = max(1, SCORE_CHUNK_ELEMS // max(1, self.config.vocab_size))
+        tgt = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+        for s in range(0, n, step):
+            lp = torch.log_softmax(self.model.logits(hidden[s : min(n, s + step)]).float(), -1)
+            chosen = lp.gather(1, tgt[s : s + step, None])[:, 0].tolist()
+            if k > 0:
+                v, i = torch.topk(lp, k, dim=-1)
+                tops = [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            out.extend(TokenLogprob(t, c, top) for t, c, top in zip(targets[s : s + step], chosen, tops))
+        return out
+
+    @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: list[int], active: list[bool] | None = None) -> torch.Tensor:
         """One token for each of slots ``0..len(tokens)-1`` -> logits (n, V)."""
         n = len(tokens)
@@ -389,7 +488,16 @@ class Generator:
         for i, s in enumerate(seqs):
             if s.finished:
                 continue
-            logits = self.prefill(cache, i, s.prompt_ids)
+            if s.params.prompt_logprobs is None:
+                logits = self.prefill(cache, i, s.prompt_ids)
+            else:  # the prompt scored by its prefill
+                sc = (s.prompt_targets(0, len(s.prompt_ids)), s.params.prompt_logprobs)
+                last, scored = self.prefill_packed_scored(cache, [(i, s.prompt_ids)], [sc])
+                s.add_prompt_logprobs(scored[0])
+                if s.score_only:
+                    s.finish_scoring()
+                    continue
+                logits = last[0]
             tok, delta = s.step(logits)
             nxt[i] = tok
             yield StreamEvent(i, tok, delta, s.finished, s.finish_reason)

@@ -16,6 +16,8 @@ import torch
 
 from mptkit.errors import InferenceError
 
+MAX_LOGPROBS = 20  # the most top log-probabilities per position (vLLM's default ``max_logprobs``)
+
 
 @dataclass
 class SamplingParams:
@@ -35,6 +37,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    # None: off; k >= 0: each prompt token's logprob (the first has none) and the top k at its position
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,8 +69,10 @@ class SamplingParams:
                 bad(name, f"must be in [-2, 2], got {v!r}")
         if self.min_tokens < 0:
             bad("min_tokens", f"must be >= 0, got {self.min_tokens!r}")
-        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
-            bad("logprobs", f"must be in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v <= MAX_LOGPROBS):
+                bad(name, f"must be in [0, {MAX_LOGPROBS}], got {v!r}")
 
     @classmethod
     def from_kwargs(cls, **kw) -> SamplingParams:

@@ -31,6 +31,12 @@ async def create_chat_completion(srv: Server, req: ChatRequest, request: Request
         raise APIError(400, "tools are not supported by this server", param="tools")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(
+            400,
+            "top_logprobs needs logprobs: true (the top tokens come with the chosen one's)",
+            param="top_logprobs",
+        )
     msgs = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages
     ]

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mptkit.infer.sampling import MAX_LOGPROBS
 from mptkit.infer.server._deps import BaseModel, ConfigDict, Field, JSONResponse
 
 # ----------------------------------------------------------------------------- limits
@@ -64,11 +65,13 @@ class SamplingRequest(_Base):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    # a string, a list of strings, a list of token ids or a list of token-id lists: checked by
+    # completions.prompt_list (a 400 naming "prompt" that says what is wrong, not a schema union's errors)
+    prompt: Any = Field(...)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None  # refused unless empty: no insertion (see completions)
-    best_of: int | None = None  # refused unless 1: no server-side choice among candidates
+    best_of: int | None = Field(None, ge=1)  # candidates per prompt; the n best returned (see completions)
     parse_special_tokens: bool | None = (
         None  # None: the server's setting (default off: special tokens are text)
     )
@@ -84,7 +87,7 @@ class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
 

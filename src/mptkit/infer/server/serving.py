@@ -53,6 +53,7 @@ class Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.im_end_id = im_end_token_id(self.tok)
+        self._token_strs: dict[int, str] = {}  # token_str's (at most the vocabulary's size)
         self._relays = LoopRelays(engine)
 
     def app(self):
@@ -105,7 +106,12 @@ class Server:
             raise APIError(400, str(e), param="messages") from None
 
     def token_str(self, t: int) -> str:
-        return self.tok.decode([t]) if self.tok is not None else str(t)
+        """One token's text (its id as text without a tokenizer); remembered, so the logprobs of a long
+        prompt's tokens and their top k cost dictionary look-ups on the event loop, not decodes."""
+        s = self._token_strs.get(t)
+        if s is None:
+            s = self._token_strs[t] = self.tok.decode([t]) if self.tok is not None else str(t)
+        return s
 
     def sampling(
         self,
@@ -115,19 +121,25 @@ class Server:
         default_max: int,
         prompt_len: int,
         logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        count: int | None = None,
         extra_stop: list[str] = (),
         extra_stop_ids: list[int] = (),
     ) -> list[SamplingParams]:
-        """One :class:`SamplingParams` per choice, the request checked against the context and the limits."""
+        """One :class:`SamplingParams` per choice (``count``, default ``req.n``: choice i seeded ``seed + i``),
+        the request checked against the context and the limits. ``max_tokens=0`` (scoring only) needs the
+        prompt to fit the context; anything else needs room for one new token besides."""
         lim = self.limits
+        count = req.n if count is None else count
         if prompt_len == 0:
             raise APIError(400, "the prompt is empty (0 tokens)", param="prompt")
         room = self.max_context - prompt_len
-        if room < 1:
+        fits = self.max_context if max_tokens == 0 else self.max_context - 1  # prompt tokens that fit
+        if prompt_len > fits:
             raise APIError(
                 400,
                 f"the prompt has {prompt_len} tokens but this model's context is {self.max_context} "
-                f"tokens; at most {self.max_context - 1} prompt tokens fit",
+                f"tokens; at most {fits} prompt tokens fit",
                 param="prompt",
                 code="context_length_exceeded",
             )
@@ -151,10 +163,10 @@ class Server:
             mt = max_tokens
         if req.n > lim.max_n:
             raise APIError(400, f"n={req.n} exceeds this server's limit of {lim.max_n}", param="n")
-        if req.seed is not None and req.seed + req.n - 1 >= SEED_LIMIT:
+        if req.seed is not None and req.seed + count - 1 >= SEED_LIMIT:
             raise APIError(
                 400,
-                f"seed={req.seed} with n={req.n}: choice i uses seed + i, which must stay below 2^63",
+                f"seed={req.seed} with {count} choices: choice i uses seed + i, which must stay below 2^63",
                 param="seed",
             )
         if req.logit_bias:
@@ -163,7 +175,7 @@ class Server:
         if len(stop) > 4 + len(extra_stop):
             raise APIError(400, "at most 4 stop sequences", param="stop")
         out = []
-        for i in range(req.n):
+        for i in range(count):
             try:
                 out.append(
                     SamplingParams(
@@ -181,6 +193,7 @@ class Server:
                         ignore_eos=req.ignore_eos,
                         min_tokens=req.min_tokens,
                         logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs,
                     )
                 )
             except InferenceError as e:
@@ -191,6 +204,11 @@ class Server:
     def start(self, prompt_ids: list[int], params: list[SamplingParams]):
         """Submit to the engine (errors become 429/503/400 before any response starts); returns the engine's
         handle and the request's :class:`~.relay.Inbox`."""
+        return self.start_batch([(prompt_ids, params)])
+
+    def start_batch(self, prompts: list[tuple[list[int], list[SamplingParams]]]):
+        """:meth:`start` for a request of several prompts, each with its choices' parameters
+        (:meth:`~mptkit.infer.engine.Engine.submit_batch`: the choices run prompt by prompt)."""
         loop = asyncio.get_running_loop()
         q = Inbox(loop)
         relay = self._relays.get(loop)
@@ -199,7 +217,7 @@ class Server:
             _put(q, ev)
 
         try:
-            h = self.engine.submit(prompt_ids, params, cb)
+            h = self.engine.submit_batch(prompts, cb)
         except EngineOverloaded as e:
             raise APIError(
                 429, str(e), code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)}
@@ -210,7 +228,7 @@ class Server:
             )
         except InferenceError as e:
             raise APIError(400, str(e), param="prompt")
-        self.metrics.prompt_tokens += len(prompt_ids)
+        self.metrics.prompt_tokens += sum(len(ids) for ids, _ in prompts)
         self.metrics.in_flight += 1
         return h, q
 
