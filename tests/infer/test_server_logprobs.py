@@ -15,7 +15,7 @@ import torch
 from mptkit.infer import Generator, SamplingParams
 from mptkit.infer.engine import Engine
 from mptkit.model import MPTForCausalLM
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 from tests.infer.test_server_api import server  # noqa: F401
 
 TEXT = "def dumps(obj, *, skipkeys=False):\n    return obj"
