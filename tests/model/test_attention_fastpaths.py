@@ -100,18 +100,14 @@ def test_packed_qkv_attention_matches_split_path_and_eager(monkeypatch, kv_heads
     same output and gradients (input and both weights) as the split q/k/v path through the same kernel, and
     as the eager reference; with one kernel chunk and with several (chunk 32 at T=80: merged log-sum-exps),
     for MHA and GQA. A call counter proves the packed path ran."""
-    import importlib
-
-    attn_mod = importlib.import_module("mptkit.model.attention")  # the package exports a function of that name
     from mptkit.model import attention_sdpa_alibi as sa
     from mptkit.model.fastpath import FastPathOptions
     from mptkit.model.model import MPTForCausalLM
     from tests.helpers import tiny_cfg
 
-    monkeypatch.setattr(attn_mod, "SDPA_ALIBI_CHUNK", chunk)
     calls = []
     real = sa.sdpa_alibi_attention_packed
-    monkeypatch.setattr(sa, "sdpa_alibi_attention_packed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(sa, "sdpa_alibi_attention_packed", lambda *a, **k: calls.append(k["chunk"]) or real(*a, **k))
     over = {"attn_type": "grouped_query_attention", "kv_n_heads": kv_heads} if kv_heads != 4 else {}
     model = MPTForCausalLM(tiny_cfg(attn_config={"attn_impl": "auto", **over}))
     layer = model.transformer.blocks[0].attn
@@ -119,7 +115,7 @@ def test_packed_qkv_attention_matches_split_path_and_eager(monkeypatch, kv_heads
     x = torch.randn(2, 80, 64)
 
     def run(packed, impl):
-        model.set_fast_paths(FastPathOptions(packed_qkv=packed))
+        model.set_fast_paths(FastPathOptions(packed_qkv=packed, sdpa_alibi_chunk=chunk))
         layer.attn_impl = impl
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
@@ -128,7 +124,7 @@ def test_packed_qkv_attention_matches_split_path_and_eager(monkeypatch, kv_heads
         return y.detach(), xi.grad, layer.Wqkv.weight.grad, layer.out_proj.weight.grad
 
     packed = run(True, "auto")
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls == [chunk]  # the options' chunk reached the kernel
     split = run(False, "auto")
     eager = run(False, "torch")
     assert len(calls) == 1

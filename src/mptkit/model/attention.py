@@ -139,14 +139,15 @@ def eager_attention(
 
 # A T x T float bias bigger than this (elements, B*H*Tq*Tk) is avoided by ``auto``: it goes blockwise.
 BIAS_ELEMS_LIMIT = 1 << 25  # 128 MB in fp32
-SDPA_ALIBI_CHUNK = 1024  # query rows per call of the CPU kernel (see attention_sdpa_alibi)
 
 
 @register_backend("sdpa")
 def sdpa_attention(
-    q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False
+    q, k, v, *, slopes, softmax_scale, key_padding_mask=None, sequence_id=None, dropout_p=0.0, training=False,
+    chunk: int = 1024,
 ):
-    """PyTorch's scaled_dot_product_attention.
+    """PyTorch's scaled_dot_product_attention (``chunk``: query rows per call of the CPU flash kernel's ALiBi
+    path, ``FastPathOptions.sdpa_alibi_chunk``).
 
     Causal attention without padding/packing masks on CPU runs ALiBi on the fused CPU flash kernel (exact,
     O(T) memory, the masked half skipped; see :mod:`mptkit.model.attention_sdpa_alibi`). Otherwise the
@@ -160,7 +161,7 @@ def sdpa_attention(
     plain = key_padding_mask is None and sequence_id is None and dp == 0.0
     if plain and tq > 16 and attention_sdpa_alibi.available(q):
         return attention_sdpa_alibi.sdpa_alibi_attention(
-            q, k, v, slopes=slopes, softmax_scale=softmax_scale, chunk=SDPA_ALIBI_CHUNK
+            q, k, v, slopes=slopes, softmax_scale=softmax_scale, chunk=chunk
         )
     if slopes is None and key_padding_mask is None and sequence_id is None:
         if tq == tk:
@@ -275,8 +276,11 @@ def attention(
         masked=key_padding_mask is not None or sequence_id is not None, dropout=bool(dropout_p and training),
     )
     extra = {}
+    opts = options if options is not None else FastPathOptions()
     if name == "flex":
-        extra["compiled"] = (options if options is not None else FastPathOptions()).flex_compile
+        extra["compiled"] = opts.flex_compile
+    elif name == "sdpa":
+        extra["chunk"] = opts.sdpa_alibi_chunk
     return BACKENDS[name](
         q, k, v, slopes=slopes, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
         sequence_id=sequence_id, dropout_p=dropout_p, training=training, **extra,
@@ -348,7 +352,7 @@ class MPTAttention(nn.Module):
 
             out = sdpa_alibi_attention_packed(
                 qkv, n_heads=self.n_heads, kv_heads=self.kv_n_heads, slopes=slopes,
-                softmax_scale=self.softmax_scale, chunk=SDPA_ALIBI_CHUNK,
+                softmax_scale=self.softmax_scale, chunk=self.fast_paths.sdpa_alibi_chunk,
             )
             return self.out_proj(out)
         kv_dim = self.kv_n_heads * self.head_dim

@@ -54,11 +54,13 @@ class FastPathOptions:
 
     ``packed_qkv``: MPTAttention hands its fused qkv straight to the CPU flash-kernel ALiBi path when it applies
     (False: always split q/k/v). ``mlp_chunk``: token rows per step of the chunked CPU training MLP (0: always
-    the plain three-op MLP). ``flex_compile``: compile FlexAttention (``attn_impl: flex``); False runs it
+    the plain three-op MLP). ``sdpa_alibi_chunk``: query rows per call of the CPU flash kernel's ALiBi path (the
+    ``sdpa`` backend; any size gives the same result to float rounding). ``flex_compile``: compile FlexAttention (``attn_impl: flex``); False runs it
     uncompiled (slow, T x T memory, for debugging); default from ``MPTKIT_FLEX_COMPILE`` (unset: on)."""
 
     packed_qkv: bool = True
     mlp_chunk: int = 2048
+    sdpa_alibi_chunk: int = 1024
     flex_compile: bool = field(default_factory=lambda: env_flag("MPTKIT_FLEX_COMPILE", True))
 
     def __post_init__(self) -> None:
@@ -66,6 +68,9 @@ class FastPathOptions:
             raise ConfigError(
                 f"fast_paths.mlp_chunk must be a whole number >= 0 (0: off), got {self.mlp_chunk!r}"
             )
+        c = self.sdpa_alibi_chunk
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ConfigError(f"fast_paths.sdpa_alibi_chunk must be a whole number >= 1, got {c!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> FastPathOptions:
