@@ -40,6 +40,7 @@ BLOCK_SIZE = 32
 FORMAT_VERSION = 1
 QUANT_TYPES = {"int8": "q8_0"}  # the names --quant accepts -> the block format
 CONFIG_KEY = "quantization"
+FORMAT_NAME = "mptkit-weight-only"  # the config entry's "format"
 # output rows dequantised at a time by QuantLinear's forward: bounds its transient fp32 buffer (~4 MiB)
 _CHUNK_ELEMS = 1 << 20
 
@@ -183,7 +184,7 @@ class QuantReport:
     def config_entry(self) -> dict:
         """The ``quantization`` entry of config.json."""
         return {
-            "format": "mptkit-weight-only",
+            "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "type": self.quant,
             "block": QUANT_TYPES[self.quant],
@@ -257,6 +258,7 @@ def quant_buffer_names(model: nn.Module) -> set[str]:
 
 __all__ = [
     "BLOCK_SIZE",
+    "FORMAT_NAME",
     "FORMAT_VERSION",
     "QUANT_TYPES",
     "QuantLinear",
