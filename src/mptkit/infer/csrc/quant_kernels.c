@@ -140,6 +140,7 @@ static void q8_rows(const float *x, const int8_t *q, const uint16_t *s, const fl
                     long n0, long n1, int R) {
   const long nb = K / QB;
   (void)R;
+  (void)N;
   for (long n = n0; n < n1; n++) {
     float acc = 0.f;
     for (long j = 0; j < nb; j++) {
