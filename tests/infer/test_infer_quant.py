@@ -64,9 +64,15 @@ def test_kernel_refuses_what_it_cannot_read():
         k.linear(torch.randn(1, 32), q, s)
     lin = QuantLinear.from_linear(nn.Linear(64, 8))
     assert k.supports(lin)
+    fn = q8_linear_fn(lin, k, 16)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(fn(x), lin(x), rtol=1e-5, atol=1e-5)
     lin.scales = lin.scales.float()  # model.float() casts the scales buffer: the fallback takes over
     assert not k.supports(lin)
     assert q8_linear_fn(lin, k, 16) == lin.forward
+    torch.testing.assert_close(fn(x), lin(x), rtol=1e-6, atol=1e-6)  # a function made before the cast too
+    with pytest.raises(ValueError, match="does not match"):  # x is checked on every call
+        q8_linear_fn(QuantLinear.from_linear(nn.Linear(64, 8)), k, 16)(torch.randn(1, 32))
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -128,12 +128,41 @@ def q8_linear_fn(
     m: QuantLinear, kernels: Q8Kernels | None, small_rows: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``m(x)`` for 2-D ``x``: the compiled kernel for up to ``small_rows`` rows when it can read ``m``'s
-    tensors, else the torch fallback."""
+    tensors, else the torch fallback.
+
+    The decode step calls this once per linear per token, so the checks are kept short: the module's tensors
+    are read from its buffer/parameter tables on every call (``model.float()`` or ``.to()`` replace them) and
+    fully checked (:meth:`Q8Kernels.linear`) whenever their storage differs from the last checked one; ``x``
+    is checked on every call (dtype, device, width: what the C code indexes)."""
     fallback = torch_q8_linear(m)
     if kernels is None or not kernels.supports(m):
         return fallback
-    lin = kernels.linear
-    return lambda x: lin(x, m.weight_q, m.scales, m.bias) if x.shape[0] <= small_rows else fallback(x)
+    bufs, params = m._buffers, m._parameters
+    fn, lin = kernels._fn, kernels.linear
+    n, k = m.out_features, m.in_features
+    seen = [None]  # the (q, scales, bias) data pointers last checked
+    f32, empty, nthreads = torch.float32, torch.empty, torch.get_num_threads
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows > small_rows:
+            return fallback(x)
+        q, sc, b = bufs["weight_q"], bufs["scales"], params["bias"]
+        ptrs = (q.data_ptr(), sc.data_ptr(), 0 if b is None else b.data_ptr())
+        if ptrs != seen[0] or x.dtype is not f32 or x.dim() != 2 or x.shape[1] != k or not x.is_cpu:
+            if not kernels.supports(m):  # cast or moved since: the exact fallback
+                return fallback(x)
+            y = lin(x, q, sc, b)  # the full checks
+            seen[0] = ptrs
+            return y
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = empty((rows, n), dtype=f32)
+        if rows and fn(x.data_ptr(), ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), rows, n, k, nthreads()) != 0:
+            raise RuntimeError(f"q8 linear failed for x {tuple(x.shape)}, q ({n}, {k})")
+        return y
+
+    return run
 
 
 def _self_test(k: Q8Kernels) -> None:
