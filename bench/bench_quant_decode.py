@@ -140,6 +140,7 @@ def main() -> None:
             r = run_llama(llm, prompt, args.new)
             if name not in best or r[0] > best[name][0]:
                 best[name] = r
+    print("weight bytes per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     bw = read_bandwidth(1 << 30)
     print(f"read bandwidth (1 GiB buffer, DRAM): {bw / 1e9:.1f} GB/s")
     ref32, ref8 = best["mptkit fp32"][2], best["mptkit int8"][2]
