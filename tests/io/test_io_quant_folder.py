@@ -140,3 +140,31 @@ def test_cli_export_quant_then_generate_and_bad_inputs(tmp_path, make_tokenizer,
         main(["eval", "perplexity", str(src), "--data", str(text), "--quant", "q4", "--device", "cpu"]) == 2
     )
     assert "unknown quantisation type 'q4'" in capsys.readouterr().err
+
+
+def test_unmapped_reader_equals_safetensors_and_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from mptkit.io.quant_folder import read_safetensors_unmapped
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(5, 7, generator=g),
+        "b": torch.randn(3, generator=g).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int8).reshape(2, 3),
+        "d": torch.randn(4, 2, generator=g).half(),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
+    f = tmp_path / "t.safetensors"
+    save_file(tensors, str(f))
+    got = dict(read_safetensors_unmapped(f))
+    assert got.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        list(read_safetensors_unmapped(f))
+    f.write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        list(read_safetensors_unmapped(f))

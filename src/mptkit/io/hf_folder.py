@@ -330,7 +330,7 @@ def load_pretrained(
     from mptkit.model.quant import quant_buffer_names
 
     tensors = prepare_for_loading(
-        model, iter_checkpoint_tensors(folder), quant=quant, source=str(folder), normalise=normalise_key
+        model, folder, iter_checkpoint_tensors(folder), quant=quant, source=str(folder), normalise=normalise_key
     )
     load_state_into(
         model, tensors, source=source, dtype=dtype, device=device, keep_dtype=quant_buffer_names(model)

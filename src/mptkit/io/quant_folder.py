@@ -22,7 +22,10 @@ model plus one fp32 tensor).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -45,6 +48,72 @@ from mptkit.model.quant import (
 )
 
 log = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_safetensors_unmapped(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file, each read into memory of its own (``readinto``, not a memory
+    map), in file order, and the file's pages dropped from the page cache once read where the OS allows.
+
+    Quantising while loading reads every fp32 weight once and keeps only its int8 form: through a memory map
+    the touched pages of the whole file would count in the process's resident size (and stay mapped while
+    any zero-copy tensor of the file lives); read this way, the peak is the tensors kept plus the one being
+    quantised."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        try:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+            base = 8 + n
+            items = sorted(
+                ((k, v) for k, v in header.items() if k != "__metadata__"),
+                key=lambda kv: kv[1]["data_offsets"][0],
+            )
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f}: corrupt safetensors header ({e})") from None
+        for name, info in items:
+            try:
+                dt = _ST_DTYPES[info["dtype"]]
+                a, b = (int(o) for o in info["data_offsets"])
+                t = torch.empty([int(d) for d in info["shape"]], dtype=dt)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{f}: tensor {name}: unreadable entry {info!r} ({e})") from None
+            nbytes = t.numel() * t.element_size()
+            if b - a != nbytes or base + b > size:
+                raise CheckpointError(
+                    f"{f}: tensor {name}: {b - a} bytes at {a} for {tuple(t.shape)} {dt} "
+                    "(corrupt or truncated file)"
+                )
+            if nbytes:
+                fh.seek(base + a)
+                got = fh.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                if got != nbytes:
+                    raise CheckpointError(f"{f}: tensor {name}: truncated ({got} of {nbytes} bytes)")
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fh.fileno(), base + a, nbytes, os.POSIX_FADV_DONTNEED)
+            yield name, t
+
+
+def _unmapped_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]):
+    """The folder's tensors read without memory maps (safetensors), else ``tensors`` as given (.bin files)."""
+    from mptkit.io.hf_folder import checkpoint_files
+
+    files, kind = checkpoint_files(folder)
+    if kind != "safe":
+        yield from tensors
+        return
+    close = getattr(tensors, "close", None)
+    if close is not None:  # the mapped reader was never started: nothing to undo
+        close()
+    for f in files:
+        yield from read_safetensors_unmapped(f)
 
 
 def quantization_entry(cfg) -> dict | None:
@@ -127,6 +196,7 @@ def _quantizing(tensors: Iterable[tuple[str, torch.Tensor]], weights: set[str], 
 
 def prepare_for_loading(
     model: nn.Module,
+    folder: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     quant: str | None,
@@ -137,7 +207,8 @@ def prepare_for_loading(
 
     A quantised folder (its config has the entry): the entry is checked and its modules become QuantLinears;
     ``quant`` may then only be None or the folder's own type. An fp32 folder with ``quant``: the plan's
-    Linears become QuantLinears and their weights are quantised as they stream by. Neither: unchanged."""
+    Linears become QuantLinears and their weights are quantised as they stream by, read from ``folder``
+    without memory maps (:func:`read_safetensors_unmapped`). Neither: unchanged."""
     if quant is not None:
         check_quant_type(quant)
     entry = quantization_entry(model.config)
@@ -156,7 +227,9 @@ def prepare_for_loading(
     for name, why in rep.kept.items():
         log.info("quantisation: %s stays fp32 (%s)", name, why)
     set_quantization_entry(model, rep.config_entry())
-    return _quantizing(tensors, {f"{n}.weight" for n in rep.quantized}, normalise)
+    return _quantizing(
+        _unmapped_tensors(Path(folder), tensors), {f"{n}.weight" for n in rep.quantized}, normalise
+    )
 
 
 def save_quantized(model: nn.Module, out, *, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:

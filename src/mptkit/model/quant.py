@@ -62,9 +62,9 @@ def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 4096) -> tuple[torch
     """``w`` (N, K) floating, K a multiple of 32 -> (``q`` (N, K) int8, ``scales`` (N, K/32) fp16), on CPU.
 
     ggml's ``quantize_row_q8_0_ref``: per block of 32, ``d = amax / 127`` in fp32, ``id = 1/d`` (0 when d is 0),
-    ``q = roundf(x * id)`` with ties away from zero (the rounding is done in fp64 on the fp32 product, where
-    ``trunc(v + copysign(0.5, v))`` is exact), ``scale = fp16(d)`` (round to nearest even). Rows are done
-    ``rows_per_chunk`` at a time, so the fp64 work buffer stays small for a 7B matrix."""
+    ``q = roundf(x * id)`` with ties away from zero (computed exactly in fp32: round half to even, then the
+    exact ties moved away from zero), ``scale = fp16(d)`` (round to nearest even). Rows are done
+    ``rows_per_chunk`` at a time, so the work buffers stay small for a 7B matrix."""
     if w.dim() != 2 or w.shape[1] % BLOCK_SIZE:
         raise ConfigError(
             f"q8_0 needs a 2-D weight with in_features a multiple of {BLOCK_SIZE}, got {tuple(w.shape)}"
@@ -77,8 +77,11 @@ def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 4096) -> tuple[torch
         x = x.reshape(x.shape[0], -1, BLOCK_SIZE)
         d = x.abs().amax(dim=-1) / 127.0  # fp32, as ggml
         inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-        v = (x * inv.unsqueeze(-1)).double()  # the fp32 product, then exact rounding in fp64
-        r = torch.trunc(v + torch.copysign(torch.full_like(v, 0.5), v))
+        v = x * inv.unsqueeze(-1)  # the fp32 product
+        # roundf (ties away from zero), exactly, in fp32: round-half-even, then each exact tie moved away
+        # from zero (v - trunc(v) is exact, so a tie is recognised exactly)
+        t = torch.trunc(v)
+        r = torch.where((v - t).abs() == 0.5, t + torch.sign(v), torch.round(v))
         q[r0 : r0 + x.shape[0]] = r.clamp_(-127, 127).to(torch.int8).reshape(x.shape[0], k)
         s[r0 : r0 + x.shape[0]] = d.to(torch.float16)
     return q, s
