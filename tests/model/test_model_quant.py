@@ -103,6 +103,12 @@ def test_quant_linear_forward_is_dequantise_then_matmul(bias):
         "weight_q": torch.int8,
         "scales": torch.float16,
     }
+    # a dtype cast leaves the format alone: int8 values, fp16 scales, bit for bit; the bias follows
+    q0, s0 = m.weight_q.clone(), m.scales.clone()
+    m.to(torch.bfloat16)
+    assert torch.equal(m.weight_q, q0) and m.scales.dtype == torch.float16 and torch.equal(m.scales, s0)
+    assert bias is False or m.bias.dtype == torch.bfloat16
+    assert m(x.to(torch.bfloat16)).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="multiple of the block size"):
         QuantLinear(48, 8)
 
@@ -128,6 +134,7 @@ def test_quantize_model_policy():
     for lin in (blk.attn.Wqkv, blk.attn.out_proj, blk.ffn.up_proj, blk.ffn.down_proj):
         assert type(lin) is QuantLinear and lin.bias is not None and lin.bias.dtype == torch.float32
     assert len(rep.quantized) == 8 and rep.kept == {}
+    assert m.num_params() == _model(no_bias=False).num_params()  # int8 weights counted as parameters
     # embeddings and the tied LM head stay fp32, the same tensor
     assert m.transformer.wte.weight is wte and wte.dtype == torch.float32
     assert type(m.transformer.norm_f.weight) is nn.Parameter

@@ -234,6 +234,7 @@ class MPTForCausalLM(nn.Module):
     # ---------------------------------------------------------------- sizes
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
+        n += sum(b.numel() for k, b in self.named_buffers() if k.endswith(".weight_q"))  # int8 QuantLinear weights
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
             if hasattr(self.transformer, "wpe"):

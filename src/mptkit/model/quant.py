@@ -105,8 +105,9 @@ class QuantLinear(nn.Module):
 
     ``forward`` dequantises at most ~1M weights at a time into a transient buffer of ``x``'s dtype and runs
     ``F.linear`` on that slice of output rows: exact dequantise-then-matmul on any device, no fp32 copy of the
-    whole weight kept. ``model.float()`` / ``.half()`` cast the scales buffer too; the forward reads any float
-    scales, the compiled decode kernel only fp16 ones (it falls back to this forward otherwise)."""
+    whole weight kept. Dtype casts of the model (``.half()``, ``.to(torch.bfloat16)``) keep the scales fp16
+    (:meth:`_apply`); the forward reads any float scales, the compiled decode kernel only fp16 ones (it falls
+    back to this forward otherwise)."""
 
     def __init__(
         self,
@@ -148,6 +149,16 @@ class QuantLinear(nn.Module):
         if lin.bias is not None:
             m.bias = nn.Parameter(lin.bias.detach().to(torch.float32).clone(), requires_grad=False)
         return m
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves the buffers; a dtype cast (``model.half()``, ``.to(torch.bfloat16)``) leaves
+        the scales fp16 — the format's type — and the int8 values as they are (the bias follows the cast)."""
+        scales = self._buffers["scales"]
+        out = super()._apply(fn, recurse)
+        new = self._buffers["scales"]
+        if new is not None and new.dtype != torch.float16:
+            self._buffers["scales"] = scales.to(device=new.device)
+        return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole weight as a new (out, in) tensor (for tests and exports; the forward never makes one)."""
