@@ -143,3 +143,33 @@ def test_fast_decoder_on_int8_equals_the_int8_models_own_forward(over, kernels):
     )  # the engine's small batches
     for p, o in zip(prompts, batched):
         assert gen.generate([p], SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids == o.token_ids
+
+
+def test_server_serves_an_int8_model(tmp_path, make_tokenizer):
+    """`mptkit serve MODEL --quant int8`'s build_server: the engine's model is quantised, and a completion
+    through the engine's batched decode equals the int8 model's own greedy tokens."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from mptkit.infer.server import BackgroundServer, build_server
+    from mptkit.io import load_tokenizer
+
+    tok = load_tokenizer(make_tokenizer())
+    torch.manual_seed(0)
+    src = tmp_path / "m"
+    MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=128)).save_pretrained(src, tokenizer=tok)
+    srv = build_server(str(src), model_name="q", quant="int8")
+    model = srv.engine.gen.model
+    assert type(model.transformer.blocks[0].attn.Wqkv) is QuantLinear
+    prompt = tok.encode("def f(x):", add_special_tokens=False)
+    want = (
+        Generator(model, tok).generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    )
+    with BackgroundServer(srv) as bg:
+        r = httpx.post(
+            f"{bg.base_url}/v1/completions",
+            json={"model": "q", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+            timeout=60,
+        )
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == tok.decode(want)
