@@ -192,10 +192,14 @@ class FastDecoder:
             small = build_kernels()
         self.small = small  # the small-M linear kernel in use, or None (torch.mm)
         q8 = None
-        if use_kernels and self.wte.device.type == "cpu" and any(type(m) is QuantLinear for m in t.modules()):
-            from mptkit.infer.quant_kernels import q8_kernels
+        if any(type(m) is QuantLinear for m in t.modules()):
+            if use_kernels and self.wte.device.type == "cpu":
+                from mptkit.infer.quant_kernels import q8_kernels
 
-            q8 = q8_kernels()  # None (logged): the QuantLinears' exact torch fallback
+                q8 = q8_kernels()  # None (logged why): the QuantLinears' exact torch fallback
+            else:
+                log.info("int8 linears: no compiled q8 kernel (%s); each runs its exact torch dequantise-then-"
+                         "matmul", "switched off" if not use_kernels else f"weights on {self.wte.device}")
         self.q8 = q8  # the q8_0 linear kernel in use for quantised layers, or None
         rows = options.small_rows
         self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small, rows)
