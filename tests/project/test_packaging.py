@@ -57,7 +57,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = {Path(n).stem for n in names if n.startswith("mptkit/recipes/model/") and n.endswith(".yaml")}
     assert {p.stem for p in (ROOT / "src" / "mptkit" / "recipes" / "model").glob("*.yaml")} == recipes
-    assert {"mptkit/infer/static/index.html", "mptkit/infer/csrc/cpu_kernels.c"} <= names
+    assert {"mptkit/infer/static/index.html", "mptkit/infer/csrc/cpu_kernels.c",
+            "mptkit/infer/csrc/quant_kernels.c"} <= names
     shipped = {n for n in names if n.startswith(("mptkit/recipes/pretrain/", "mptkit/recipes/finetune/"))}
     assert {f"mptkit/recipes/{p.parent.name}/{p.name}" for d in ("pretrain", "finetune")
             for p in (ROOT / "configs" / d).glob("*.yaml")} == shipped

@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=cli_args.device_or_auto,
                    help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="fp32", choices=sorted(WEIGHT_DTYPES), help="weights dtype (default fp32)")
+    p.add_argument("--quant", default=None, metavar="TYPE",
+                   help="quantise the block Linears' weights while loading: int8 (llama.cpp's q8_0 blocks)")
     p.add_argument("--threads", type=cli_args.threads, default=None,
                    help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--attn-impl", default=None, metavar="IMPL",
@@ -51,7 +53,7 @@ def _load(args, *, need_tokenizer: bool = True):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                      need_tokenizer=need_tokenizer, attn_impl=args.attn_impl)
+                      need_tokenizer=need_tokenizer, attn_impl=args.attn_impl, quant=args.quant)
 
 
 def _write_json(path, payload) -> None:

@@ -1,4 +1,4 @@
-"""`mptkit export hf|gguf`: thin wrappers over mptkit.export.hf / mptkit.export.gguf."""
+"""`mptkit export hf|gguf|quant`: thin wrappers over mptkit.export.hf / .gguf / .quant."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def _gguf(args: argparse.Namespace) -> int:
 
     export_gguf(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
                 overwrite=args.overwrite)  # logs what it wrote
+    return 0
+
+
+def _quant(args: argparse.Namespace) -> int:
+    from mptkit.export.quant import export_quant
+
+    export_quant(args.model, args.out, quant=args.quant, max_shard_size=args.max_shard_size,
+                 tokenizer=args.tokenizer, overwrite=args.overwrite)  # logs what it wrote
     return 0
 
 
@@ -54,3 +62,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokenizer folder to embed, when the model folder / run has none")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier GGUF file at OUT.gguf")
     g.set_defaults(func=_gguf)
+
+    q = ex.add_parser("quant", help="a quantised model folder (int8: llama.cpp's q8_0 blocks) for mptkit",
+                      description="Write MODEL (a model folder, a training run or a checkpoint) with its block "
+                                  "Linears quantised, read and quantised tensor by tensor, as a model folder "
+                                  "that mptkit generate / chat / serve / eval load quantised (embeddings, LM "
+                                  "head, norms and biases stay fp32; see docs/inference.md). Written atomically.")
+    q.add_argument("model", metavar="MODEL", help="model folder, training run or checkpoint folder")
+    q.add_argument("out", metavar="OUT", help="the folder to write")
+    q.add_argument("--quant", default="int8", metavar="TYPE", help="quantisation type: int8 (default)")
+    q.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (5GB)")
+    q.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder to include, when the model folder / run has none")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    q.set_defaults(func=_quant)

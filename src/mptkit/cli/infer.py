@@ -24,6 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + reply in tokens (default: max_seq_len; ALiBi models may go past it)")
     p.add_argument("--device", default="cpu", type=cli_args.device, help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default fp32)")
+    p.add_argument("--quant", default=None, metavar="TYPE",
+                   help="quantise the block Linears' weights while loading: int8 (llama.cpp's q8_0 blocks; "
+                        "a folder from `mptkit export quant` loads quantised without it)")
     p.add_argument("--threads", type=cli_args.threads, default=None,
                    help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
@@ -66,7 +69,7 @@ def _load(args, *, need_tokenizer: bool = True):
     if args.threads:
         torch.set_num_threads(args.threads)
     with open_model_source(args.model) as source:  # a model folder, a training run or a checkpoint
-        model = source.load_model(dtype=torch_dtype(args.dtype), device=args.device)
+        model = source.load_model(dtype=torch_dtype(args.dtype), device=args.device, quant=args.quant)
         tok = source.load_tokenizer()
     if tok is None and need_tokenizer:
         raise InferenceError(f"{args.model}: no tokenizer files (tokenizer.json) next to the weights")
@@ -212,7 +215,7 @@ def cmd_serve(args) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue)
     srv = build_server(args.model, max_context=args.max_context, api_key=key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
-                       dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype,
+                       dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype, quant=args.quant,
                        public_metrics=args.public_metrics, parse_special_tokens=args.parse_special_tokens)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")

@@ -41,12 +41,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype = "fp32",
-               attn_impl: str | None = None, tokenizer=None, need_tokenizer: bool = True):
+               attn_impl: str | None = None, tokenizer=None, need_tokenizer: bool = True, quant: str | None = None):
     """``(model, tokenizer)`` from an HF-layout model folder (or a training run / checkpoint: its newest valid
     checkpoint, a sharded one consolidated), in eval mode on ``device``.
 
     ``tokenizer``: a tokenizer or a folder to use instead of the one beside the weights. With
-    ``need_tokenizer`` a folder without tokenizer files is an :class:`EvalError`."""
+    ``need_tokenizer`` a folder without tokenizer files is an :class:`EvalError`. ``quant`` (``"int8"``):
+    quantise the block Linears while loading (a quantised folder loads quantised without it)."""
     from mptkit.errors import CheckpointError
     from mptkit.io.source import open_model_source
     from mptkit.io.tokenizer_files import load_tokenizer
@@ -64,7 +65,7 @@ def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str
     except CheckpointError as e:
         raise EvalError(f"model {folder}: {e}") from None
     with source:
-        model = source.load_model(dtype=dtype, device=dev, attn_impl=attn_impl).eval()
+        model = source.load_model(dtype=dtype, device=dev, attn_impl=attn_impl, quant=quant).eval()
         tok = load_tokenizer(tokenizer) if tokenizer is not None else source.load_tokenizer()
     if tok is None and need_tokenizer:
         raise EvalError(f"model {folder}: no tokenizer files (tokenizer.json) beside the weights; "

@@ -21,13 +21,23 @@ def open_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = No
         raise ExportError(str(e)) from None
 
 
-def load_config(folder: Path):
+def load_config(folder: Path, *, allow_quantized: bool = False):
+    """The folder's config; a quantised folder (``mptkit export quant``'s) is refused unless
+    ``allow_quantized``: its int8 blocks are mptkit's own format, the fp32 model it came from is the source."""
     from mptkit.model.config import MPTConfig
 
     try:
-        return MPTConfig.from_json_file(folder / "config.json")
+        cfg = MPTConfig.from_json_file(folder / "config.json")
     except ConfigError as e:
         raise ExportError(f"cannot export: {e}") from None
+    q = cfg.extra.get("quantization")
+    if q is not None and not allow_quantized:
+        kind = q.get("type") if isinstance(q, dict) else q
+        raise ExportError(
+            f"cannot export {folder}: it is a quantised folder ({kind}, mptkit's own format); export the fp32 "
+            "model it was quantised from"
+        )
+    return cfg
 
 
 def open_store(folder: Path, cfg) -> TensorStore:

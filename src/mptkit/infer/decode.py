@@ -42,6 +42,7 @@ from mptkit.infer.cache import KVCache
 from mptkit.infer.options import DecodeOptions
 from mptkit.model.blocks import MPTMLP, LayerNorm, LPLayerNorm, RMSNorm
 from mptkit.model.fastpath import model_coverage
+from mptkit.model.quant import QuantLinear
 
 log = logging.getLogger(__name__)
 _logged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> reasons already logged
@@ -70,10 +71,21 @@ def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small, small_rows: int):
     return lambda x: lin(x, w, b) if x.shape[0] <= small_rows else mm(x)
 
 
-def _ffn_fn(mod, small, small_rows: int):
+def _module_linear(mod, small, q8, small_rows: int):
+    """``mod(x)`` for 2-D ``x``, ``mod`` an ``nn.Linear`` or a q8_0 ``QuantLinear`` (exact types: checked by
+    model_coverage): the fp32 path above, or the q8 kernel on the int8 values and scales (``q8``, None: the
+    module's exact torch dequantise-then-matmul, a few rows at a time)."""
+    if type(mod) is QuantLinear:
+        from mptkit.infer.quant_kernels import q8_linear_fn
+
+        return q8_linear_fn(mod, q8, small_rows)
+    return _linear_fn(mod.weight, mod.bias, small, small_rows)
+
+
+def _ffn_fn(mod, small, small_rows: int, q8=None):
     if type(mod) is MPTMLP:  # exact types: checked by model_coverage before any layer is built
-        up = _linear_fn(mod.up_proj.weight, mod.up_proj.bias, small, small_rows)
-        down = _linear_fn(mod.down_proj.weight, mod.down_proj.bias, small, small_rows)
+        up = _module_linear(mod.up_proj, small, q8, small_rows)
+        down = _module_linear(mod.down_proj, small, q8, small_rows)
         return lambda x: down(F.gelu(up(x)))
     return mod  # MPTGLU: the module (exact, a little slower)
 
@@ -81,7 +93,7 @@ def _ffn_fn(mod, small, small_rows: int):
 class _Layer:
     __slots__ = ("block", "clip", "ffn", "k_ln", "norm_1", "norm_2", "out", "q_ln", "qkv", "scale")
 
-    def __init__(self, blk, coverage, small, small_rows: int):
+    def __init__(self, blk, coverage, small, small_rows: int, q8=None):
         a = blk.attn
         if small is not None and coverage.kernel:
             from mptkit.infer.kernels import BlockWeights
@@ -90,13 +102,13 @@ class _Layer:
         else:
             self.block = None
         self.norm_1 = _norm_fn(blk.norm_1)
-        self.qkv = _linear_fn(a.Wqkv.weight, a.Wqkv.bias, small, small_rows)
+        self.qkv = _module_linear(a.Wqkv, small, q8, small_rows)
         self.clip = a.clip_qkv
         self.q_ln = a.q_ln if a.qk_ln else None
         self.k_ln = a.k_ln if a.qk_ln else None
-        self.out = _linear_fn(a.out_proj.weight, a.out_proj.bias, small, small_rows)
+        self.out = _module_linear(a.out_proj, small, q8, small_rows)
         self.norm_2 = _norm_fn(blk.norm_2)
-        self.ffn = _ffn_fn(blk.ffn, small, small_rows)
+        self.ffn = _ffn_fn(blk.ffn, small, small_rows, q8)
         self.scale = a.softmax_scale
 
 
@@ -179,11 +191,21 @@ class FastDecoder:
 
             small = build_kernels()
         self.small = small  # the small-M linear kernel in use, or None (torch.mm)
+        q8 = None
+        if any(type(m) is QuantLinear for m in t.modules()):
+            if use_kernels and self.wte.device.type == "cpu":
+                from mptkit.infer.quant_kernels import q8_kernels
+
+                q8 = q8_kernels()  # None (logged why): the QuantLinears' exact torch fallback
+            else:
+                log.info("int8 linears: no compiled q8 kernel (%s); each runs its exact torch dequantise-then-"
+                         "matmul", "switched off" if not use_kernels else f"weights on {self.wte.device}")
+        self.q8 = q8  # the q8_0 linear kernel in use for quantised layers, or None
         rows = options.small_rows
         self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small, rows)
         self.logit_scale = cfg.logit_scale_value
         self.emb_frac = cfg.embedding_fraction
-        self.layers = [_Layer(b, c, small, rows) for b, c in zip(t.blocks, cov.blocks)]
+        self.layers = [_Layer(b, c, small, rows, q8) for b, c in zip(t.blocks, cov.blocks)]
         self.stack = None  # every block in one compiled call per step, where every block is covered
         if small is not None:
             from mptkit.infer.kernels import DecodeStack

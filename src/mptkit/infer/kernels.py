@@ -343,8 +343,8 @@ def _openmp_link_args() -> list[str]:
     return []
 
 
-def _build(cc: str, flags: tuple[str, ...]) -> Path:
-    src = SOURCE.read_bytes()
+def _build(cc: str, flags: tuple[str, ...], source: Path = SOURCE) -> Path:
+    src = source.read_bytes()
     try:
         version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -352,18 +352,18 @@ def _build(cc: str, flags: tuple[str, ...]) -> Path:
     link = _openmp_link_args()
     key = hashlib.sha256(b"\0".join([src, " ".join(flags + tuple(link)).encode(), version.encode(),
                                      _cpu_id().encode(), torch.__version__.encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_kernels-{key}.so"
+    out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("building mptkit's CPU decode kernels once for this machine (%s, a few seconds) into %s", cc, out.parent)
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *flags, str(SOURCE), "-o", tmp, *link]
+        cmd = [cc, *flags, str(source), "-o", tmp, *link]
         r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{r.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes under its own temp name
     finally:

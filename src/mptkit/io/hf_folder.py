@@ -239,9 +239,10 @@ def normalise_key(k: str) -> str:
 
 
 def load_state_into(
-    model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device
+    model, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str, dtype, device, keep_dtype=frozenset()
 ) -> None:
-    """Check names and shapes against the model, then assign the tensors (no second copy in memory)."""
+    """Check names and shapes against the model, then assign the tensors (no second copy in memory).
+    ``keep_dtype``: names whose stored dtype is part of the format (q8_0 scales), never cast to ``dtype``."""
     expected = {k: v for k, v in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     got: dict[str, torch.Tensor] = {}
@@ -282,7 +283,8 @@ def load_state_into(
         )
     final = {}
     for k, t in got.items():
-        want_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        cast = dtype is not None and t.is_floating_point() and k not in keep_dtype
+        want_dtype = dtype if cast else t.dtype
         final[k] = t.to(device=device, dtype=want_dtype)
     model.load_state_dict(final, strict=True, assign=True)
 
@@ -294,10 +296,13 @@ def load_pretrained(
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
     attn_impl: str | None = None,
+    quant: str | None = None,
     **config_overrides: Any,
 ):
     """Build a ``model_cls`` (``MPTForCausalLM``: its ``from_pretrained`` calls this) from a HF-layout folder
-    without allocating it twice (built on the meta device, then the file's tensors assigned)."""
+    without allocating it twice (built on the meta device, then the file's tensors assigned). A quantised
+    folder loads as such; ``quant`` (``"int8"``) quantises an fp32 folder tensor by tensor as it is read
+    (:mod:`mptkit.io.quant_folder`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(
@@ -321,7 +326,15 @@ def load_pretrained(
         if not config_overrides
         else f"{folder} (with overrides of {', '.join(sorted(config_overrides))})"
     )
-    load_state_into(model, iter_checkpoint_tensors(folder), source=source, dtype=dtype, device=device)
+    from mptkit.io.quant_folder import prepare_for_loading
+    from mptkit.model.quant import quant_buffer_names
+
+    tensors = prepare_for_loading(
+        model, folder, iter_checkpoint_tensors(folder), quant=quant, source=str(folder), normalise=normalise_key
+    )
+    load_state_into(
+        model, tensors, source=source, dtype=dtype, device=device, keep_dtype=quant_buffer_names(model)
+    )
     model.reset_buffers()
     model.eval()
     return model

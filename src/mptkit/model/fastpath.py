@@ -133,12 +133,21 @@ def _child(parent: nn.Module, name: str, types) -> str | None:
     return None if r is None else f"{name}: {r}"
 
 
+def linear_types() -> tuple[type, ...]:
+    """The linear layers the fast decoder computes from their tensors: ``nn.Linear`` and the q8_0
+    :class:`~mptkit.model.quant.QuantLinear` (its int8 values and scales, read by the decoder's q8 kernel or
+    its exact torch fallback)."""
+    from mptkit.model.quant import QuantLinear
+
+    return (nn.Linear, QuantLinear)
+
+
 def decode_types() -> tuple[type, ...]:
     """Every module type a block may contain for the fast decoder to compute it."""
     from mptkit.model.attention import MPTAttention
     from mptkit.model.blocks import MPTGLU, MPTMLP, NORMS, MPTBlock
 
-    return (MPTBlock, MPTAttention, MPTMLP, MPTGLU, nn.Linear, nn.Dropout, *NORMS.values())
+    return (MPTBlock, MPTAttention, MPTMLP, MPTGLU, *linear_types(), nn.Dropout, *NORMS.values())
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,8 @@ class BlockCoverage:
 def block_coverage(blk: nn.Module) -> BlockCoverage:
     """Whether the fast decode / C-kernel path covers ``blk``: every module in it exactly one of
     :func:`decode_types` (no hooks, no patched forward), for the kernel also LayerNorm/LPLayerNorm norms with
-    weights, the plain MLP, no QK-LayerNorm and ``d_model == n_heads * head_dim``."""
+    weights, the plain MLP, fp32 ``nn.Linear`` layers (a quantised block takes the decoder's per-linear path), no
+    QK-LayerNorm and ``d_model == n_heads * head_dim``."""
     from mptkit.model.blocks import LayerNorm, LPLayerNorm, MPTBlock
 
     types = decode_types()
@@ -163,7 +173,8 @@ def block_coverage(blk: nn.Module) -> BlockCoverage:
         if r is not None:
             return BlockCoverage(False, False, f"{name or 'the block'}: {r}")
     a = blk.attn
-    r = attention_reason(a) or _child(a, "Wqkv", nn.Linear) or _child(a, "out_proj", nn.Linear)
+    lin = linear_types()
+    r = attention_reason(a) or _child(a, "Wqkv", lin) or _child(a, "out_proj", lin)
     if r is not None:
         return BlockCoverage(False, False, f"attn: {r}")
     lns = (LayerNorm, LPLayerNorm)
@@ -172,7 +183,9 @@ def block_coverage(blk: nn.Module) -> BlockCoverage:
         and type(blk.norm_2) in lns
         and blk.norm_1.weight is not None
         and blk.norm_2.weight is not None
-        and mlp_reason(blk.ffn) is None
+        and mlp_reason(blk.ffn) is None  # also: up_proj / down_proj exactly nn.Linear
+        and type(a.Wqkv) is nn.Linear
+        and type(a.out_proj) is nn.Linear
         and not a.qk_ln
         and a.d_model == a.n_heads * a.head_dim
     )
@@ -231,6 +244,7 @@ __all__ = [
     "attention_reason",
     "block_coverage",
     "env_flag",
+    "linear_types",
     "mlp_reason",
     "model_coverage",
     "plain_reason",

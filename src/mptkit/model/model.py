@@ -245,6 +245,7 @@ class MPTForCausalLM(nn.Module):
     # ---------------------------------------------------------------- sizes
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
+        n += sum(b.numel() for k, b in self.named_buffers() if k.endswith(".weight_q"))  # int8 QuantLinear weights
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
             if hasattr(self.transformer, "wpe"):
@@ -297,13 +298,17 @@ class MPTForCausalLM(nn.Module):
         dtype: torch.dtype | None = torch.float32,
         device: str | torch.device = "cpu",
         attn_impl: str | None = None,
+        quant: str | None = None,
         **config_overrides: Any,
     ) -> MPTForCausalLM:
         """Load a HF-layout model folder (config.json + safetensors, or ``pytorch_model.bin`` read with
-        ``weights_only=True``); ``config_overrides`` change config keys before the model is built."""
+        ``weights_only=True``); ``config_overrides`` change config keys before the model is built. A quantised
+        folder loads quantised; ``quant="int8"`` quantises the block Linears while reading (``model/quant.py``)."""
         from mptkit.io.hf_folder import load_pretrained
 
-        return load_pretrained(cls, folder, dtype=dtype, device=device, attn_impl=attn_impl, **config_overrides)
+        return load_pretrained(
+            cls, folder, dtype=dtype, device=device, attn_impl=attn_impl, quant=quant, **config_overrides
+        )
 
     def save_pretrained(self, folder: str | os.PathLike, **kw: Any):
         """Write config.json + safetensors (sharded above ``max_shard_size``) and, given ``tokenizer``, its

@@ -154,9 +154,10 @@ def build_server(
     kv_dtype=None,
     public_metrics: bool = False,
     parse_special_tokens: bool = False,
+    quant: str | None = None,
 ) -> Server:
-    """Load a model (a model folder, a training run or a checkpoint) and return a started :class:`Server`
-    (call ``.app()`` for the ASGI app)."""
+    """Load a model (a model folder, a training run or a checkpoint; ``quant="int8"`` quantises it while
+    loading) and return a started :class:`Server` (call ``.app()`` for the ASGI app)."""
     import torch
 
     from mptkit.infer.generate import Generator
@@ -164,7 +165,7 @@ def build_server(
 
     limits = limits or ServerLimits()
     with open_model_source(model_path) as source:
-        model = source.load_model(dtype=dtype or torch.float32, device=device)
+        model = source.load_model(dtype=dtype or torch.float32, device=device, quant=quant)
         tok = source.load_tokenizer()
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()

@@ -1,0 +1,168 @@
+"""Batch-1 decode with int8 weights, side by side in one process: mptkit fp32, mptkit int8 (q8_0 blocks,
+``from_pretrained(..., quant="int8")``) and llama.cpp q8_0 on the same weights (mptkit's f32 GGUF export,
+quantised by llama.cpp's own ``llama_model_quantize``), when ``llama_cpp`` is importable.
+
+Two llama.cpp files: ``q8_0`` (llama.cpp's default for that type: the token embedding, which MPT ties to the
+LM head, quantised too) and ``q8_0+f32-embd`` (the token embedding kept f32, mptkit's policy: the same bytes
+per token as mptkit int8). llama.cpp also quantises the activations to q8_0 blocks for its integer dot
+products; mptkit's kernel computes in fp32 on the dequantised weights, so their logits differ a little.
+
+d_model 512, 8 layers, 8 heads, 128-token prompt, 256 new tokens, greedy, the same prompt ids and thread count
+for every engine; rounds interleaved, each engine's best round reported (a noisy neighbour hurts all alike).
+Prints tokens/s, weight bytes streamed per second against the measured read bandwidth, ratios, and greedy
+agreement with mptkit fp32 / int8.
+
+Run: flock /tmp/mptkit-bench.lock python bench/bench_quant_decode.py [--threads N] [--vocab 8192] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import leading_match, read_bandwidth, run_llama, run_mptkit, tokenizer_folder
+
+from mptkit.infer import Generator, SamplingParams
+from mptkit.model import MPTForCausalLM
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of the model's stored tensors (its state dict; the tied head counted once)."""
+    ts = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in ts.values())
+
+
+def llama_quantize(src: Path, out: Path, *, embd_f32: bool, threads: int) -> Path:
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    p.nthread = threads
+    if embd_f32:
+        p.token_embedding_type = llama_cpp.GGML_TYPE_F32
+        p.output_tensor_type = llama_cpp.GGML_TYPE_F32
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), p)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed (rc={rc})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-llama", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    cfg = {
+        "d_model": 512,
+        "n_heads": 8,
+        "n_layers": 8,
+        "max_seq_len": 2048,
+        "vocab_size": args.vocab,
+        "attn_config": {"alibi": True},
+    }
+    model = MPTForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(2, min(400, args.vocab), (args.prompt,), generator=g).tolist()
+    td = tempfile.TemporaryDirectory()
+    folder = Path(td.name) / "m"
+    tokenizer_folder(folder)
+    model.save_pretrained(folder)
+    q8 = MPTForCausalLM.from_pretrained(folder, quant="int8")
+    sizes = {"mptkit fp32": tensor_bytes(model), "mptkit int8": tensor_bytes(q8)}
+    print(
+        f"threads={threads} params={model.num_params() / 1e6:.1f}M prompt={args.prompt} new={args.new} "
+        f"load_avg_1m={os.getloadavg()[0]:.2f}"
+    )
+    print("weight bytes per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+
+    engines = {"mptkit fp32": Generator(model, None), "mptkit int8": Generator(q8, None)}
+    print(
+        f"mptkit int8 decode: q8 kernel {'on' if engines['mptkit int8'].fast.q8 is not None else 'OFF (torch)'}"
+        + (
+            f", vector width {engines['mptkit int8'].fast.q8.vector_width}"
+            if engines["mptkit int8"].fast.q8
+            else ""
+        )
+    )
+    llamas = {}
+    note = None
+    if not args.no_llama:
+        try:
+            import llama_cpp
+
+            from mptkit.export.gguf import export_gguf
+
+            f32 = export_gguf(folder, Path(td.name) / "m-f32.gguf", dtype="f32").path
+            for name, embd in (("llama.cpp q8_0", False), ("llama.cpp q8_0+f32-embd", True)):
+                path = llama_quantize(
+                    f32, Path(td.name) / f"{name.split()[-1]}.gguf", embd_f32=embd, threads=threads
+                )
+                llm = llama_cpp.Llama(
+                    str(path),
+                    n_ctx=args.prompt + args.new + 8,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_batch=512,
+                    verbose=False,
+                    seed=0,
+                    type_k=llama_cpp.GGML_TYPE_F32,
+                    type_v=llama_cpp.GGML_TYPE_F32,
+                )
+                run_llama(llm, prompt[:16], 4)  # warm-up
+                llamas[name] = llm
+                sizes[name] = path.stat().st_size  # tensors + metadata (the tokenizer: ~10 KB)
+        except Exception as e:  # noqa: BLE001 - an optional engine
+            note = f"{type(e).__name__}: {e}"
+    for gen in engines.values():
+        gen.generate([prompt], SamplingParams(max_tokens=8))  # warm-up
+
+    best: dict[str, tuple[float, float, list[int]]] = {}
+    for _ in range(args.rounds):
+        for name, gen in engines.items():
+            r = run_mptkit(gen, prompt, args.new)
+            if name not in best or r[0] > best[name][0]:
+                best[name] = r
+        for name, llm in llamas.items():
+            r = run_llama(llm, prompt, args.new)
+            if name not in best or r[0] > best[name][0]:
+                best[name] = r
+    print("weight bytes per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+    bw = read_bandwidth(1 << 30)
+    print(f"read bandwidth (1 GiB buffer, DRAM): {bw / 1e9:.1f} GB/s")
+    ref32, ref8 = best["mptkit fp32"][2], best["mptkit int8"][2]
+    for name, (rate, ttft, ids) in best.items():
+        wb = sizes[name]
+        s = (
+            f"{name:24s}: {rate:8.1f} tokens/s  TTFT {ttft * 1000:6.1f} ms  weights {wb * rate / 1e9:5.2f} GB/s "
+            f"({100 * wb * rate / bw:.0f}% of DRAM)"
+        )
+        if name != "mptkit fp32":
+            s += f"  greedy vs fp32: leading {leading_match(ids, ref32)}/{len(ids)}"
+        if name.startswith("llama"):
+            s += f", vs mptkit int8: leading {leading_match(ids, ref8)}, equal {sum(a == b for a, b in zip(ids, ref8))}"
+        print(s)
+    if not llamas:
+        print(f"llama.cpp: skipped ({note or 'disabled'})")
+    r8 = best["mptkit int8"][0]
+    print(f"ratio mptkit int8 / mptkit fp32 = {r8 / best['mptkit fp32'][0]:.2f}x")
+    for name in llamas:
+        print(f"ratio mptkit int8 / {name} = {r8 / best[name][0]:.2f}x (target >= 1.0x)")
+    td.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The q8_0 linear of the decode step: ``x @ W.T (+ b)`` reading a :class:`~mptkit.model.quant.QuantLinear`'s
+int8 values and fp16 scales directly (``csrc/quant_kernels.c``), never an fp32 copy of the weight.
+
+:func:`q8_kernels` returns a :class:`Q8Kernels` (compiled on first use like ``mptkit.infer.kernels``: the
+machine's C compiler, ``-O3 -march=native``, OpenMP linked against torch's runtime, cached under
+``$MPTKIT_CACHE_DIR``, checked against the torch reference before use) or ``None`` (no C compiler, a failed
+build or self-test, switched off by ``DecodeOptions.cpu_kernels``). The C file has an AVX-512F path, an
+AVX2 + FMA path and a plain C one, chosen by what ``-march=native`` enables; unlike the fp32 kernels it is not
+limited to x86-64 (on ARM the plain C path is compiled, vectorised as far as the compiler does).
+
+:func:`q8_linear_fn` is what the fast decoder uses for one QuantLinear: the kernel for batches up to
+``small_rows`` rows, else (and wherever the kernel is missing) :func:`torch_q8_linear`, which dequantises a
+few output rows at a time and multiplies in torch (the module's own forward: exact, on any device).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mptkit.infer.kernels import FLAGS, _build
+from mptkit.model.quant import BLOCK_SIZE, QuantLinear, dequantize_q8_0, quantize_q8_0
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "quant_kernels.c"
+_lock = threading.Lock()
+_cached: dict[tuple, Q8Kernels | None] = {}
+
+
+class Q8Kernels:
+    """``linear(x, q, scales, b=None)``: x (M, K) fp32, q (N, K) int8, scales (N, K/32) fp16, b (N,) fp32."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        P, L = ctypes.c_void_p, ctypes.c_long
+        self._fn = lib.mptkit_q8_linear
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [P] * 5 + [L] * 3 + [ctypes.c_int]
+        self.vector_width = int(lib.mptkit_q8_vector_width())
+        self._h2f = lib.mptkit_q8_half_to_float
+        self._h2f.restype = ctypes.c_float
+        self._h2f.argtypes = [ctypes.c_uint16]
+
+    @staticmethod
+    def supports(m: QuantLinear) -> bool:
+        """Whether the kernel can read ``m``'s tensors as they are now (CPU, contiguous, fp16 scales)."""
+        return (
+            m.weight_q.is_cpu
+            and m.weight_q.dtype == torch.int8
+            and m.weight_q.is_contiguous()
+            and m.scales.dtype == torch.float16
+            and m.scales.is_contiguous()
+            and m.scales.is_cpu
+            and m.weight_q.shape[1] % BLOCK_SIZE == 0
+            and tuple(m.scales.shape) == (m.weight_q.shape[0], m.weight_q.shape[1] // BLOCK_SIZE)
+            and (
+                m.bias is None or (m.bias.dtype == torch.float32 and m.bias.is_cpu and m.bias.is_contiguous())
+            )
+        )
+
+    def linear(
+        self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x @ dequantize(q, scales).T (+ b)``, checked on every call (cheap: the module's tensors may have
+        been moved or cast since the decoder was built)."""
+        n, k = q.shape
+        ok = (
+            q.dtype == torch.int8
+            and q.is_cpu
+            and q.is_contiguous()
+            and k % BLOCK_SIZE == 0
+            and scales.dtype == torch.float16
+            and scales.is_cpu
+            and scales.is_contiguous()
+            and tuple(scales.shape) == (n, k // BLOCK_SIZE)
+            and (
+                b is None or (b.dtype == torch.float32 and b.is_cpu and b.is_contiguous() and b.shape == (n,))
+            )
+        )
+        if not ok:
+            raise ValueError(
+                f"q8 linear: q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} {scales.dtype} "
+                "must be contiguous int8 / fp16 CPU tensors of one q8_0 matrix (was the model moved "
+                "or cast after the decoder was built?)"
+            )
+        if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"q8 linear: x {tuple(x.shape)} {x.dtype} does not match q {tuple(q.shape)}")
+        x = x.contiguous()
+        m = x.shape[0]
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m == 0:
+            return y
+        rc = self._fn(
+            x.data_ptr(),
+            q.data_ptr(),
+            scales.data_ptr(),
+            0 if b is None else b.data_ptr(),
+            y.data_ptr(),
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"q8 linear failed (rc={rc}) for x {tuple(x.shape)}, q {tuple(q.shape)}")
+        return y
+
+    def half_to_float(self, bits: int) -> float:
+        return float(self._h2f(bits))
+
+
+def torch_q8_linear(m: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exact torch fallback for ``m``: its own forward (a few output rows dequantised at a time)."""
+    return m.forward
+
+
+def q8_linear_fn(
+    m: QuantLinear, kernels: Q8Kernels | None, small_rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m(x)`` for 2-D ``x``: the compiled kernel for up to ``small_rows`` rows when it can read ``m``'s
+    tensors, else the torch fallback.
+
+    The decode step calls this once per linear per token, so the checks are kept short: the module's tensors
+    are read from its buffer/parameter tables on every call (``model.float()`` or ``.to()`` replace them) and
+    fully checked (:meth:`Q8Kernels.linear`) whenever their storage differs from the last checked one; ``x``
+    is checked on every call (dtype, device, width: what the C code indexes)."""
+    fallback = torch_q8_linear(m)
+    if kernels is None or not kernels.supports(m):
+        return fallback
+    bufs, params = m._buffers, m._parameters
+    fn, lin = kernels._fn, kernels.linear
+    n, k = m.out_features, m.in_features
+    seen = [None]  # the (q, scales, bias) data pointers last checked
+    f32, empty, nthreads = torch.float32, torch.empty, torch.get_num_threads
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows > small_rows:
+            return fallback(x)
+        q, sc, b = bufs["weight_q"], bufs["scales"], params["bias"]
+        ptrs = (q.data_ptr(), sc.data_ptr(), 0 if b is None else b.data_ptr())
+        if ptrs != seen[0] or x.dtype is not f32 or x.dim() != 2 or x.shape[1] != k or not x.is_cpu:
+            if not kernels.supports(m):  # cast or moved since: the exact fallback
+                return fallback(x)
+            y = lin(x, q, sc, b)  # the full checks
+            seen[0] = ptrs
+            return y
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = empty((rows, n), dtype=f32)
+        if rows and fn(x.data_ptr(), ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), rows, n, k, nthreads()) != 0:
+            raise RuntimeError(f"q8 linear failed for x {tuple(x.shape)}, q ({n}, {k})")
+        return y
+
+    return run
+
+
+def _self_test(k: Q8Kernels) -> None:
+    """Shapes with odd N, K = 32 and K not a multiple of the 64-row task, M across the row-group sizes,
+    zero blocks, with and without bias, against dequantise-then-matmul."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, kk in ((1, 67, 32), (3, 130, 96), (7, 64, 512), (16, 9, 160)):
+        w = torch.randn(n, kk, generator=g)
+        w[0, :32] = 0
+        q, s = quantize_q8_0(w)
+        x = torch.randn(m, kk, generator=g)
+        b = torch.randn(n, generator=g)
+        ref_w = dequantize_q8_0(q, s)
+        for bias in (None, b):
+            ref = x @ ref_w.t() if bias is None else torch.addmm(bias, x, ref_w.t())
+            got = k.linear(x, q, s, bias)
+            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+                err = (got - ref).abs().max().item()
+                raise RuntimeError(f"q8 self-test failed for M={m} N={n} K={kk}: max abs error {err:.3g}")
+    for bits in (0x0000, 0x0001, 0x03FF, 0x3C00, 0xC000, 0x7BFF, 0x1234):
+        want = struct.unpack("<e", struct.pack("<H", bits))[0]
+        if k.half_to_float(bits) != want:
+            raise RuntimeError(f"q8 self-test failed for fp16 0x{bits:04x}")
+
+
+def q8_kernels(
+    *, enabled: bool = True, flags: tuple[str, ...] = FLAGS, cc: str | None = None
+) -> Q8Kernels | None:
+    """The compiled q8_0 kernel, or None (the reason logged once; ``enabled`` False: None at once).
+    Thread-safe; built once per process and flag set."""
+    if not enabled:
+        return None
+    cc = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    key = (cc, flags)
+    with _lock:
+        if key in _cached:
+            return _cached[key]
+        k = None
+        if ctypes.sizeof(ctypes.c_long) != 8:  # the C code takes sizes as `long` (LP64 only)
+            log.info("mptkit q8 kernel: C long is not 64-bit on this platform; using the torch fallback")
+        elif cc is None:
+            log.info(
+                "mptkit q8 kernel: no C compiler found (set CC); using the torch fallback (exact, slower)"
+            )
+        else:
+            try:
+                path = _build(cc, flags, SOURCE)
+                k = Q8Kernels(ctypes.CDLL(str(path)), path)
+                _self_test(k)
+                log.debug("mptkit q8 kernel: %s (vector width %d)", path, k.vector_width)
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                log.warning("mptkit q8 kernel unavailable, using the torch fallback (exact, slower): %s", e)
+                k = None
+        _cached[key] = k
+        return k
+
+
+__all__ = ["Q8Kernels", "q8_kernels", "q8_linear_fn", "torch_q8_linear"]

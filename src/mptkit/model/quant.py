@@ -1,0 +1,286 @@
+"""Weight-only int8 quantisation of a model's block Linears: llama.cpp's ``q8_0`` block format.
+
+The format (one per weight matrix ``w`` of shape (out_features, in_features), as ``nn.Linear`` stores it):
+each row is cut into blocks of :data:`BLOCK_SIZE` = 32 consecutive weights along the input dimension; a block
+``x`` gets one scale ``d = max|x| / 127`` (computed in fp32, stored as fp16) and 32 int8 values
+``q = roundf(x * (1/d))`` (round half away from zero; all zeros when ``d == 0``). The weight it stands for is
+``fp16(d) * q`` — exactly representable in fp32, so dequantising is exact. This is ggml's
+``quantize_row_q8_0_ref`` (the reference llama.cpp writes model files with), so the same weights quantise to the
+same values here and in a llama.cpp ``q8_0`` file. Stored as two tensors per Linear: ``weight_q`` (out, in)
+int8 and ``scales`` (out, in / 32) fp16 (plus the fp32 ``bias``, if any).
+
+Policy (:func:`quantize_model`): every plain ``nn.Linear`` inside the transformer blocks (``attn.Wqkv``,
+``attn.out_proj``, ``ffn.up_proj``, ``ffn.down_proj``, a GLU's ``gate_proj``) is quantised; the token / position
+embeddings, the LM head (tied to ``wte`` in MPT), the norms and every bias stay fp32: the embedding is read one
+row per token (its size costs no decode time), and the tied head shares that tensor. A Linear whose
+``in_features`` is not a multiple of 32 stays fp32 (logged with its name), as does any module that is not
+exactly ``nn.Linear`` (a wrapped or subclassed one: its own forward stays in charge). The model's config records
+what was done under the ``quantization`` key (:data:`FORMAT_VERSION`, the type, the quantised and kept module
+names), so ``save_pretrained`` writes a quantised folder that :mod:`mptkit.io.quant_folder` reads back.
+
+:class:`QuantLinear` is a correct module anywhere: its forward dequantises a few output rows at a time
+(never a full fp32 copy of the weight) and multiplies in torch. The decode step's fast path reads its int8
+values and scales directly (``mptkit.infer.quant_kernels``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mptkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32
+FORMAT_VERSION = 1
+QUANT_TYPES = {"int8": "q8_0"}  # the names --quant accepts -> the block format
+CONFIG_KEY = "quantization"
+FORMAT_NAME = "mptkit-weight-only"  # the config entry's "format"
+# output rows dequantised at a time by QuantLinear's forward: bounds its transient fp32 buffer (~4 MiB)
+_CHUNK_ELEMS = 1 << 20
+
+
+def check_quant_type(name: str) -> str:
+    """``name`` if it is a known quantisation type, else a :class:`ConfigError` naming the known ones."""
+    if name not in QUANT_TYPES:
+        raise ConfigError(
+            f"unknown quantisation type {name!r}: known {', '.join(sorted(QUANT_TYPES))} "
+            "(int8 = llama.cpp's q8_0 blocks; 4-bit types are not implemented yet)"
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------- the block maths
+
+
+def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (N, K) floating, K a multiple of 32 -> (``q`` (N, K) int8, ``scales`` (N, K/32) fp16), on CPU.
+
+    ggml's ``quantize_row_q8_0_ref``: per block of 32, ``d = amax / 127`` in fp32, ``id = 1/d`` (0 when d is 0),
+    ``q = roundf(x * id)`` with ties away from zero (computed exactly in fp32: round half to even, then the
+    exact ties moved away from zero), ``scale = fp16(d)`` (round to nearest even). Rows are done
+    ``rows_per_chunk`` at a time, so the work buffers stay small for a 7B matrix."""
+    if w.dim() != 2 or w.shape[1] % BLOCK_SIZE:
+        raise ConfigError(
+            f"q8_0 needs a 2-D weight with in_features a multiple of {BLOCK_SIZE}, got {tuple(w.shape)}"
+        )
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    s = torch.empty((n, k // BLOCK_SIZE), dtype=torch.float16)
+    for r0 in range(0, n, rows_per_chunk):
+        x = w[r0 : r0 + rows_per_chunk].detach().to(device="cpu", dtype=torch.float32)
+        x = x.reshape(x.shape[0], -1, BLOCK_SIZE)
+        d = x.abs().amax(dim=-1) / 127.0  # fp32, as ggml
+        inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+        v = x * inv.unsqueeze(-1)  # the fp32 product
+        # roundf (ties away from zero), exactly, in fp32: round-half-even, then each exact tie moved away
+        # from zero (v - trunc(v) is exact, so a tie is recognised exactly)
+        t = torch.trunc(v)
+        r = torch.where((v - t).abs() == 0.5, t + torch.sign(v), torch.round(v))
+        q[r0 : r0 + x.shape[0]] = r.clamp_(-127, 127).to(torch.int8).reshape(x.shape[0], k)
+        s[r0 : r0 + x.shape[0]] = d.to(torch.float16)
+    return q, s
+
+
+def dequantize_q8_0(
+    q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``scales`` broadcast over their blocks times ``q``, in fp32 (exact), then cast to ``dtype``."""
+    n, k = q.shape
+    w = q.to(torch.float32).reshape(n, -1, BLOCK_SIZE) * scales.to(torch.float32).unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` held as q8_0 blocks: buffers ``weight_q`` (out, in) int8 and ``scales``
+    (out, in/32) fp16, ``bias`` an fp32 parameter or None. Inference only (no gradient to the weight).
+
+    ``forward`` dequantises at most ~1M weights at a time into a transient buffer of ``x``'s dtype and runs
+    ``F.linear`` on that slice of output rows: exact dequantise-then-matmul on any device, no fp32 copy of the
+    whole weight kept. Dtype casts of the model (``.half()``, ``.to(torch.bfloat16)``) keep the scales fp16
+    (:meth:`_apply`); the forward reads any float scales, the compiled decode kernel only fp16 ones (it falls
+    back to this forward otherwise)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device=None,
+        block_size: int = BLOCK_SIZE,
+    ):
+        super().__init__()
+        if block_size != BLOCK_SIZE:
+            raise ConfigError(f"QuantLinear: only blocks of {BLOCK_SIZE} are implemented, got {block_size}")
+        if in_features % BLOCK_SIZE:
+            raise ConfigError(
+                f"QuantLinear: in_features {in_features} is not a multiple of the block size {BLOCK_SIZE}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight_q", torch.empty((out_features, in_features), dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "scales",
+            torch.empty((out_features, in_features // BLOCK_SIZE), dtype=torch.float16, device=device),
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> QuantLinear:
+        """The q8_0 form of ``lin`` (its bias copied as fp32), on ``lin``'s device."""
+        w = lin.weight
+        m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        q, s = quantize_q8_0(w)
+        m.weight_q = q.to(w.device)
+        m.scales = s.to(w.device)
+        if lin.bias is not None:
+            m.bias = nn.Parameter(lin.bias.detach().to(torch.float32).clone(), requires_grad=False)
+        return m
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves the buffers; a dtype cast (``model.half()``, ``.to(torch.bfloat16)``) leaves
+        the scales fp16 — the format's type — and the int8 values as they are (the bias follows the cast)."""
+        scales = self._buffers["scales"]
+        out = super()._apply(fn, recurse)
+        new = self._buffers["scales"]
+        if new is not None and new.dtype != torch.float16:
+            self._buffers["scales"] = scales.to(device=new.device)
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight as a new (out, in) tensor (for tests and exports; the forward never makes one)."""
+        return dequantize_q8_0(self.weight_q, self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype if x.is_floating_point() else torch.float32
+        rows = max(1, _CHUNK_ELEMS // max(1, self.in_features))
+        n = self.out_features
+        b = self.bias
+        if n <= rows:
+            return F.linear(
+                x, dequantize_q8_0(self.weight_q, self.scales, dt), None if b is None else b.to(dt)
+            )
+        out = x.new_empty((*x.shape[:-1], n), dtype=dt)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            w = dequantize_q8_0(self.weight_q[r0:r1], self.scales[r0:r1], dt)
+            out[..., r0:r1] = F.linear(x, w, None if b is None else b[r0:r1].to(dt))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, q8_0"
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did: ``quantized`` module names, ``kept`` name -> why it stayed fp32."""
+
+    quant: str
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def config_entry(self) -> dict:
+        """The ``quantization`` entry of config.json."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "type": self.quant,
+            "block": QUANT_TYPES[self.quant],
+            "block_size": BLOCK_SIZE,
+            "quantized": list(self.quantized),
+            "kept": dict(self.kept),
+        }
+
+
+def plan_quantization(model: nn.Module) -> QuantReport:
+    """Which block Linears :func:`quantize_model` would quantise and which it keeps fp32 (and why)."""
+    rep = QuantReport("int8")
+    for i, blk in enumerate(model.transformer.blocks):
+        for name, m in blk.named_modules():
+            full = f"transformer.blocks.{i}.{name}"
+            if type(m) is QuantLinear:
+                rep.quantized.append(full)
+            elif type(m) is nn.Linear:
+                if m.in_features % BLOCK_SIZE:
+                    rep.kept[full] = (
+                        f"in_features {m.in_features} is not a multiple of the block size {BLOCK_SIZE}"
+                    )
+                else:
+                    rep.quantized.append(full)
+            elif isinstance(m, nn.Linear):
+                rep.kept[full] = f"{type(m).__qualname__} is not exactly nn.Linear (its own forward is kept)"
+    return rep
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def set_quantization_entry(model: nn.Module, entry: dict) -> None:
+    """Record ``entry`` as the model's ``quantization`` config key (the config stays frozen: a new one is set
+    on the model and its transformer, as ``set_attn_impl`` does)."""
+    cfg = model.config.replace(**{CONFIG_KEY: entry}).freeze()
+    for m in (model, model.transformer):
+        m.__dict__["_config"] = cfg
+
+
+def quantize_model(model: nn.Module, quant: str = "int8") -> QuantReport:
+    """Replace the block Linears of ``model`` (an ``MPTForCausalLM``) by :class:`QuantLinear` in place, one
+    tensor at a time (each fp32 weight is freed as its quantised form takes its place); returns the report,
+    also recorded in ``model.config`` under ``quantization``. Embeddings / LM head / norms / biases stay fp32;
+    Linears that do not fit the block size stay fp32, each named in a log line. Quantising a quantised model
+    again changes nothing."""
+    check_quant_type(quant)
+    rep = plan_quantization(model)
+    for name in rep.quantized:
+        m = model.get_submodule(name)
+        if type(m) is nn.Linear:
+            replace_module(model, name, QuantLinear.from_linear(m))
+    for name, why in rep.kept.items():
+        log.info("quantisation: %s stays fp32 (%s)", name, why)
+    set_quantization_entry(model, rep.config_entry())
+    return rep
+
+
+def quant_buffer_names(model: nn.Module) -> set[str]:
+    """The state-dict names of every QuantLinear's ``weight_q`` / ``scales`` (their dtype is the format's:
+    a loader must not cast them)."""
+    out = set()
+    for name, m in model.named_modules():
+        if type(m) is QuantLinear:
+            out.update((f"{name}.weight_q", f"{name}.scales"))
+    return out
+
+
+__all__ = [
+    "BLOCK_SIZE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "QUANT_TYPES",
+    "QuantLinear",
+    "QuantReport",
+    "check_quant_type",
+    "dequantize_q8_0",
+    "plan_quantization",
+    "quant_buffer_names",
+    "quantize_model",
+    "quantize_q8_0",
+]

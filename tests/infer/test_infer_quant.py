@@ -1,0 +1,175 @@
+"""The q8_0 decode path: the compiled kernel (the vector path ``-march=native`` gives, and the plain C path) and
+the torch fallback equal dequantise-then-matmul to float rounding; the fast-path contract keeps quantised
+blocks off the fp32 whole-block kernel; the fast decoder on an int8 model generates exactly what the int8
+model's own forward gives, with the kernel and with the fallback."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mptkit.infer import DecodeOptions, Generator, SamplingParams
+from mptkit.infer.kernels import FLAGS
+from mptkit.infer.quant_kernels import q8_kernels, q8_linear_fn, torch_q8_linear
+from mptkit.model import MPTForCausalLM
+from mptkit.model.fastpath import block_coverage, model_coverage
+from mptkit.model.quant import QuantLinear, dequantize_q8_0, quantize_model, quantize_q8_0
+from tests.conftest import tiny_cfg
+
+PLAIN_C = tuple(f for f in FLAGS if f != "-march=native")  # no AVX: the scalar path
+
+
+def _kernel(flags):
+    k = q8_kernels(flags=flags)
+    assert k is not None, "the q8 kernel did not build (see the log)"
+    return k
+
+
+@pytest.mark.parametrize("flags", [FLAGS, PLAIN_C], ids=["native", "plain-c"])
+def test_kernel_equals_dequantise_then_matmul(flags):
+    k = _kernel(flags)
+    if flags is PLAIN_C:
+        assert k.vector_width == 1
+    g = torch.Generator().manual_seed(0)
+    for n, kk in ((1, 32), (67, 96), (130, 64), (257, 320), (9, 1024)):
+        w = torch.randn(n, kk, generator=g) * 0.2
+        w[0, :32] = 0
+        q, s = quantize_q8_0(w)
+        ref_w = dequantize_q8_0(q, s)
+        b = torch.randn(n, generator=g)
+        for m in range(1, 17):
+            x = torch.randn(m, kk, generator=g)
+            for bias in (None, b):
+                ref = (x.double() @ ref_w.double().t() + (0 if bias is None else bias.double())).float()
+                got = k.linear(x, q, s, bias)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * kk**0.5)
+    # a row's result does not depend on the other rows of the batch
+    x = torch.randn(16, 320, generator=g)
+    w = torch.randn(33, 320, generator=g)
+    q, s = quantize_q8_0(w)
+    full = k.linear(x, q, s)
+    for m in (1, 3, 7):
+        assert torch.equal(k.linear(x[:m], q, s), full[:m])
+
+
+def test_kernel_refuses_what_it_cannot_read():
+    k = _kernel(FLAGS)
+    q, s = quantize_q8_0(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="q8 linear"):
+        k.linear(torch.randn(1, 64), q, s.float())  # fp32 scales: not the format
+    with pytest.raises(ValueError, match="does not match"):
+        k.linear(torch.randn(1, 32), q, s)
+    lin = QuantLinear.from_linear(nn.Linear(64, 8))
+    assert k.supports(lin)
+    fn = q8_linear_fn(lin, k, 16)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(fn(x), lin(x), rtol=1e-5, atol=1e-5)
+    lin.scales = lin.scales.float()  # model.float() casts the scales buffer: the fallback takes over
+    assert not k.supports(lin)
+    assert q8_linear_fn(lin, k, 16) == lin.forward
+    torch.testing.assert_close(fn(x), lin(x), rtol=1e-6, atol=1e-6)  # a function made before the cast too
+    with pytest.raises(ValueError, match="does not match"):  # x is checked on every call
+        q8_linear_fn(QuantLinear.from_linear(nn.Linear(64, 8)), k, 16)(torch.randn(1, 32))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_fallback_and_dispatch(bias):
+    torch.manual_seed(0)
+    lin = QuantLinear.from_linear(nn.Linear(96, 50, bias=bias))
+    ref_w = lin.dequantize()
+    x = torch.randn(20, 96)
+    want = torch.nn.functional.linear(x, ref_w, lin.bias)
+    torch.testing.assert_close(torch_q8_linear(lin)(x), want, rtol=1e-6, atol=1e-6)
+    fn = q8_linear_fn(lin, _kernel(FLAGS), small_rows=16)
+    torch.testing.assert_close(fn(x[:16]), want[:16], rtol=1e-5, atol=1e-5)  # the kernel
+    torch.testing.assert_close(fn(x), want, rtol=1e-6, atol=1e-6)  # 20 rows > small_rows: the fallback
+    assert q8_linear_fn(lin, None, 16) == lin.forward
+
+
+def _int8_model(**over):
+    torch.manual_seed(0)
+    m = MPTForCausalLM(tiny_cfg(**{"d_model": 64, "n_heads": 4, **over})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    quantize_model(m)
+    return m
+
+
+def test_contract_quantised_blocks_take_the_per_linear_path():
+    m = _int8_model()
+    cov = model_coverage(m)
+    assert cov.fast and not any(c.kernel for c in cov.blocks)
+    fp = MPTForCausalLM(tiny_cfg()).eval()
+    assert block_coverage(fp.transformer.blocks[0]).kernel  # the fp32 block: the whole-block kernel
+    one = copy.deepcopy(fp)
+    blk = one.transformer.blocks[0]
+    blk.attn.out_proj = QuantLinear.from_linear(blk.attn.out_proj)  # one quantised Linear is enough
+    assert block_coverage(blk).fast and not block_coverage(blk).kernel
+    gen = Generator(m, None)
+    assert gen.fast is not None and gen.fast.stack is None and all(L.block is None for L in gen.fast.layers)
+    assert gen.fast.q8 is not None  # the compiled q8 kernel reads the int8 blocks
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"no_bias": False, "attn_config": {"clip_qkv": 0.5}},
+        {"attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}},
+    ],
+    ids=["mha", "bias_clip", "gqa"],
+)
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_fast_decoder_on_int8_equals_the_int8_models_own_forward(over, kernels):
+    m = _int8_model(**over)
+    gen = Generator(m, None, decode_options=DecodeOptions(cpu_kernels=kernels))
+    assert gen.fast is not None and (gen.fast.q8 is not None) == kernels
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    for p in prompts:  # batch 1, greedy, token for token against a full recompute
+        out = gen.generate([p], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
+        seq = list(p)
+        with torch.inference_mode():
+            for t in out:
+                assert int(m(torch.tensor([seq])).logits[0, -1].argmax()) == t
+                seq.append(t)
+    batched = gen.generate(
+        prompts, SamplingParams(max_tokens=10, ignore_eos=True)
+    )  # the engine's small batches
+    for p, o in zip(prompts, batched):
+        assert gen.generate([p], SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids == o.token_ids
+
+
+def test_server_serves_an_int8_model(tmp_path, make_tokenizer):
+    """`mptkit serve MODEL --quant int8`'s build_server: the engine's model is quantised, and a completion
+    through the engine's batched decode equals the int8 model's own greedy tokens."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from mptkit.infer.server import BackgroundServer, build_server
+    from mptkit.io import load_tokenizer
+
+    tok = load_tokenizer(make_tokenizer())
+    torch.manual_seed(0)
+    src = tmp_path / "m"
+    MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=128)).save_pretrained(src, tokenizer=tok)
+    srv = build_server(str(src), model_name="q", quant="int8")
+    model = srv.engine.gen.model
+    assert type(model.transformer.blocks[0].attn.Wqkv) is QuantLinear
+    prompt = tok.encode("def f(x):", add_special_tokens=False)
+    want = (
+        Generator(model, tok).generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    )
+    with BackgroundServer(srv) as bg:
+        r = httpx.post(
+            f"{bg.base_url}/v1/completions",
+            json={"model": "q", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+            timeout=60,
+        )
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == tok.decode(want)

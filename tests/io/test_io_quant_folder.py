@@ -1,0 +1,170 @@
+"""Quantised model folders (``mptkit.io.quant_folder``): saved and loaded back exactly, quantising while loading
+equals quantising the loaded model, a mismatched format version or entry is one clear error, and the CLI's
+``--quant`` / ``mptkit export quant`` run end to end with their bad inputs refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mptkit.cli import main
+from mptkit.errors import CheckpointError, ConfigError
+from mptkit.io import load_tokenizer
+from mptkit.model import MPTForCausalLM
+from mptkit.model.quant import QuantLinear, quantize_model
+from tests.conftest import tiny_cfg
+
+X = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _fp32(tmp_path, **over):
+    torch.manual_seed(0)
+    m = MPTForCausalLM(tiny_cfg(**over)).eval()
+    d = tmp_path / "fp32"
+    m.save_pretrained(d)
+    return m, d
+
+
+def _equal_state(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def test_saved_and_loaded_back_exactly(tmp_path):
+    m, _ = _fp32(tmp_path, no_bias=False)
+    quantize_model(m)
+    m.save_pretrained(tmp_path / "q")
+    entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert entry["version"] == 1 and entry["type"] == "int8" and len(entry["quantized"]) == 8
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("transformer.blocks.0.attn.Wqkv.weight_q").dtype == torch.int8
+        assert f.get_tensor("transformer.blocks.0.attn.Wqkv.scales").dtype == torch.float16
+        assert f.get_tensor("transformer.blocks.0.attn.Wqkv.bias").dtype == torch.float32
+    assert "transformer.blocks.0.attn.Wqkv.weight" not in names and "transformer.wte.weight" in names
+    back = MPTForCausalLM.from_pretrained(tmp_path / "q")  # default dtype fp32: the scales stay fp16
+    assert type(back.transformer.blocks[1].ffn.down_proj) is QuantLinear
+    assert _equal_state(m, back)
+    assert back.config.extra["quantization"] == entry
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, m(X).logits)
+    # loading it asking for its own type is fine; a quantised folder re-saved is the same folder
+    again = MPTForCausalLM.from_pretrained(tmp_path / "q", quant="int8")
+    assert _equal_state(m, again)
+
+
+def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path):
+    _, d = _fp32(tmp_path, d_model=48, n_heads=3)  # some Linears do not fit the blocks: kept fp32 either way
+    streamed = MPTForCausalLM.from_pretrained(d, quant="int8")
+    after = MPTForCausalLM.from_pretrained(d)
+    quantize_model(after)
+    assert _equal_state(streamed, after)
+    assert streamed.config.extra["quantization"] == after.config.extra["quantization"]
+    assert type(streamed.transformer.blocks[0].attn.Wqkv) is torch.nn.Linear
+    assert type(streamed.transformer.blocks[0].ffn.down_proj) is QuantLinear
+
+
+def _quantised_folder(tmp_path):
+    m, _ = _fp32(tmp_path)
+    quantize_model(m)
+    m.save_pretrained(tmp_path / "q")
+    return tmp_path / "q"
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"version": 2}, r"format version 2, this mptkit reads version 1 \(a newer mptkit wrote it: upgrade"),
+        (
+            {"version": 0},
+            r"format version 0, this mptkit reads version 1 \(re-quantise it from the fp32 model",
+        ),
+        ({"format": "gptq"}, "has format 'gptq'"),
+        ({"block_size": 64}, "block_size 64 is not one this mptkit reads"),
+        (
+            {"quantized": ["transformer.blocks.7.attn.Wqkv"]},
+            "names transformer.blocks.7.attn.Wqkv, which this model",
+        ),
+    ],
+)
+def test_a_mismatched_entry_is_one_clear_error(tmp_path, change, match):
+    q = _quantised_folder(tmp_path)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization"].update(change)
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        MPTForCausalLM.from_pretrained(q)
+
+
+def test_unknown_quant_name_on_load(tmp_path):
+    _, d = _fp32(tmp_path)
+    with pytest.raises(ConfigError, match="unknown quantisation type 'q4'"):
+        MPTForCausalLM.from_pretrained(d, quant="q4")
+
+
+def test_cli_export_quant_then_generate_and_bad_inputs(tmp_path, make_tokenizer, capsys):
+    tok = load_tokenizer(make_tokenizer())
+    torch.manual_seed(0)
+    src = tmp_path / "m"
+    MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=128)).save_pretrained(src, tokenizer=tok)
+    out = tmp_path / "m-int8"
+    assert main(["export", "quant", str(src), str(out), "--quant", "int8"]) == 0
+    assert (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["quantization"]["type"] == "int8"
+    fp32_bytes = (src / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < fp32_bytes
+    capsys.readouterr()
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "6", "--ignore-eos", "--quiet-stats"]
+    assert main(["generate", str(out), *args]) == 0
+    from_folder = capsys.readouterr().out
+    assert main(["generate", str(src), "--quant", "int8", *args]) == 0
+    assert capsys.readouterr().out == from_folder  # the same int8 model either way
+    # bad inputs: one line, exit 2, nothing written
+    assert main(["generate", str(src), "--quant", "q4", *args]) == 2
+    assert "unknown quantisation type 'q4'" in capsys.readouterr().err
+    assert main(["export", "quant", str(src), str(tmp_path / "bad"), "--quant", "q4"]) == 2
+    assert "unknown quantisation type 'q4'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["export", "hf", str(out), str(tmp_path / "hf")]) == 2
+    assert "quantised folder" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    assert (
+        main(["eval", "perplexity", str(src), "--data", str(text), "--quant", "int8", "--device", "cpu"]) == 0
+    )
+    assert (
+        main(["eval", "perplexity", str(src), "--data", str(text), "--quant", "q4", "--device", "cpu"]) == 2
+    )
+    assert "unknown quantisation type 'q4'" in capsys.readouterr().err
+
+
+def test_unmapped_reader_equals_safetensors_and_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from mptkit.io.quant_folder import read_safetensors_unmapped
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(5, 7, generator=g),
+        "b": torch.randn(3, generator=g).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int8).reshape(2, 3),
+        "d": torch.randn(4, 2, generator=g).half(),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
+    f = tmp_path / "t.safetensors"
+    save_file(tensors, str(f))
+    got = dict(read_safetensors_unmapped(f))
+    assert got.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        list(read_safetensors_unmapped(f))
+    f.write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        list(read_safetensors_unmapped(f))
