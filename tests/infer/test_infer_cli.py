@@ -152,3 +152,27 @@ def test_chat_session_reuses_the_conversation_so_far(tmp_path, make_tokenizer):
     fresh.history = s.history[:2]
     assert "".join(fresh.send("and again")) == second
     assert fresh.last_cached == 0
+
+
+def test_attn_impl_flag_picks_the_prefill_backend(tmp_path, make_tokenizer, capsys, monkeypatch):
+    """The folder's config names ``torch`` (as many HF MPT files do): prefill runs the eager backend; with
+    ``--attn-impl sdpa`` it runs ``sdpa`` instead, and the greedy continuation is the same. A name that is no
+    backend is a one-line error (exit 2)."""
+    import importlib
+
+    attn_mod = importlib.import_module("mptkit.model.attention")  # the package exports a function of that name
+    d = _folder(tmp_path, make_tokenizer)
+    used = []
+    for name in ("torch", "sdpa"):
+        real = attn_mod.BACKENDS[name]
+        monkeypatch.setitem(attn_mod.BACKENDS, name, lambda *a, _n=name, _r=real, **k: used.append(_n) or _r(*a, **k))
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "4", "--ignore-eos", "--quiet-stats"]
+    assert main(["generate", str(d), *args]) == 0
+    a = capsys.readouterr().out
+    assert "torch" in used and "sdpa" not in used
+    used.clear()
+    assert main(["generate", str(d), *args, "--attn-impl", "sdpa"]) == 0
+    assert capsys.readouterr().out == a and a.strip()
+    assert "sdpa" in used and "torch" not in used
+    assert main(["generate", str(d), *args, "--attn-impl", "nope"]) == 2
+    assert "attn_impl" in capsys.readouterr().err

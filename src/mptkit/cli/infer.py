@@ -30,6 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=cli_args.threads, default=None,
                    help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    p.add_argument("--attn-impl", default=None, metavar="IMPL",
+                   help="attention backend for prefill (auto, torch, sdpa, blockwise, flex, flash; default: the "
+                        "folder's config.json). Many HF MPT files name torch, the eager reference that holds "
+                        "T x T scores: auto keeps long prompts O(T) in memory")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="KV cache storage (default: the model's dtype); fp16 halves its memory and bytes per step")
 
@@ -69,7 +73,8 @@ def _load(args, *, need_tokenizer: bool = True):
     if args.threads:
         torch.set_num_threads(args.threads)
     with open_model_source(args.model) as source:  # a model folder, a training run or a checkpoint
-        model = source.load_model(dtype=torch_dtype(args.dtype), device=args.device, quant=args.quant)
+        model = source.load_model(dtype=torch_dtype(args.dtype), device=args.device, quant=args.quant,
+                                  attn_impl=args.attn_impl)
         tok = source.load_tokenizer()
     if tok is None and need_tokenizer:
         raise InferenceError(f"{args.model}: no tokenizer files (tokenizer.json) next to the weights")
@@ -216,6 +221,7 @@ def cmd_serve(args) -> int:
     srv = build_server(args.model, max_context=args.max_context, api_key=key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
                        dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype, quant=args.quant,
+                       attn_impl=args.attn_impl,
                        public_metrics=args.public_metrics, parse_special_tokens=args.parse_special_tokens)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")

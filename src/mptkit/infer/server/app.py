@@ -155,9 +155,11 @@ def build_server(
     public_metrics: bool = False,
     parse_special_tokens: bool = False,
     quant: str | None = None,
+    attn_impl: str | None = None,
 ) -> Server:
     """Load a model (a model folder, a training run or a checkpoint; ``quant="int8"`` quantises it while
-    loading) and return a started :class:`Server` (call ``.app()`` for the ASGI app)."""
+    loading; ``attn_impl`` replaces the config's attention backend) and return a started :class:`Server` (call
+    ``.app()`` for the ASGI app)."""
     import torch
 
     from mptkit.infer.generate import Generator
@@ -165,7 +167,7 @@ def build_server(
 
     limits = limits or ServerLimits()
     with open_model_source(model_path) as source:
-        model = source.load_model(dtype=dtype or torch.float32, device=device, quant=quant)
+        model = source.load_model(dtype=dtype or torch.float32, device=device, quant=quant, attn_impl=attn_impl)
         tok = source.load_tokenizer()
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
