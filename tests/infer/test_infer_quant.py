@@ -17,7 +17,7 @@ from mptkit.infer.quant_kernels import q8_kernels, q8_linear_fn, torch_q8_linear
 from mptkit.model import MPTForCausalLM
 from mptkit.model.fastpath import block_coverage, model_coverage
 from mptkit.model.quant import QuantLinear, dequantize_q8_0, quantize_model, quantize_q8_0
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 PLAIN_C = tuple(f for f in FLAGS if f != "-march=native")  # no AVX: the scalar path
 

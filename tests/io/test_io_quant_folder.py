@@ -15,7 +15,7 @@ from mptkit.errors import CheckpointError, ConfigError
 from mptkit.io import load_tokenizer
 from mptkit.model import MPTForCausalLM
 from mptkit.model.quant import QuantLinear, quantize_model
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 X = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(0))
 

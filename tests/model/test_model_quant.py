@@ -21,7 +21,7 @@ from mptkit.model.quant import (
     quantize_model,
     quantize_q8_0,
 )
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def ref_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
