@@ -427,31 +427,43 @@ def release_openmp_threads(*, keep_pool: bool = False) -> bool:
     return fn(2) == 0  # omp_pause_hard
 
 
+def load_kernel(
+    what: str, source: Path, wrap, self_test, fallback: str, *, cache: dict, lock: threading.Lock,
+    flags: tuple[str, ...] = FLAGS, cc: str | None = None, x86_only: bool = False,
+):
+    """Compile ``source`` with the machine's C compiler (cached on disk by content), load it, wrap the library
+    (``wrap(cdll, path)``) and run ``self_test`` on it: the wrapped kernel, or None with the reason logged once
+    (``what``: the kernel's name in the log; ``fallback``: what runs instead). Thread-safe; built once per
+    process, compiler and flag set (``cache`` / ``lock``: the caller's)."""
+    cc = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    key = (cc, flags)
+    with lock:
+        if key in cache:
+            return cache[key]
+        k = None
+        if x86_only and platform.machine().lower() not in ("x86_64", "amd64"):
+            log.info("mptkit %s: %s is not x86-64; using %s", what, platform.machine(), fallback)
+        elif ctypes.sizeof(ctypes.c_long) != 8:  # the C code takes sizes and int64 tensors as `long` (LP64 only)
+            log.info("mptkit %s: C long is not 64-bit on this platform; using %s", what, fallback)
+        elif cc is None:
+            log.info("mptkit %s: no C compiler found (set CC); using %s", what, fallback)
+        else:
+            try:
+                path = _build(cc, flags, source)
+                k = wrap(ctypes.CDLL(str(path)), path)
+                self_test(k)
+                log.debug("mptkit %s: %s (vector width %d)", what, path, k.vector_width)
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                log.warning("mptkit %s unavailable, using %s: %s", what, fallback, e)
+                k = None
+        cache[key] = k
+        return k
+
+
 def cpu_kernels(*, enabled: bool = True, flags: tuple[str, ...] = FLAGS, cc: str | None = None) -> CpuKernels | None:
     """The compiled kernel, or ``None`` (the reason is logged once; ``enabled`` False: None at once, the
     decoder's ``DecodeOptions.cpu_kernels``). Thread-safe; built once per process."""
     if not enabled:
         return None
-    cc = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    key = (cc, flags)
-    with _lock:
-        if key in _cached:
-            return _cached[key]
-        sl = None
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            log.info("mptkit CPU kernels: %s is not x86-64; using torch.mm", platform.machine())
-        elif ctypes.sizeof(ctypes.c_long) != 8:  # the C code takes int64 tensors as `long` (LP64 only)
-            log.info("mptkit CPU kernels: C long is not 64-bit on this platform; using torch.mm")
-        elif cc is None:
-            log.info("mptkit CPU kernels: no C compiler found (set CC); using torch.mm")
-        else:
-            try:
-                path = _build(cc, flags)
-                sl = CpuKernels(ctypes.CDLL(str(path)), path)
-                _self_test(sl)
-                log.debug("mptkit CPU kernels: %s (vector width %d)", path, sl.vector_width)
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-                log.warning("mptkit CPU kernels unavailable, using torch.mm: %s", e)
-                sl = None
-        _cached[key] = sl
-        return sl
+    return load_kernel("CPU kernels", SOURCE, CpuKernels, _self_test, "torch.mm", cache=_cached, lock=_lock,
+                       flags=flags, cc=cc, x86_only=True)

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import shutil
 import struct
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mptkit.infer.kernels import FLAGS, _build
+from mptkit.infer.kernels import FLAGS, load_kernel
 from mptkit.model.quant import BLOCK_SIZE, QuantLinear, dequantize_q8_0, quantize_q8_0
 
 log = logging.getLogger(__name__)
@@ -195,29 +192,8 @@ def q8_kernels(
     Thread-safe; built once per process and flag set."""
     if not enabled:
         return None
-    cc = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    key = (cc, flags)
-    with _lock:
-        if key in _cached:
-            return _cached[key]
-        k = None
-        if ctypes.sizeof(ctypes.c_long) != 8:  # the C code takes sizes as `long` (LP64 only)
-            log.info("mptkit q8 kernel: C long is not 64-bit on this platform; using the torch fallback")
-        elif cc is None:
-            log.info(
-                "mptkit q8 kernel: no C compiler found (set CC); using the torch fallback (exact, slower)"
-            )
-        else:
-            try:
-                path = _build(cc, flags, SOURCE)
-                k = Q8Kernels(ctypes.CDLL(str(path)), path)
-                _self_test(k)
-                log.debug("mptkit q8 kernel: %s (vector width %d)", path, k.vector_width)
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-                log.warning("mptkit q8 kernel unavailable, using the torch fallback (exact, slower): %s", e)
-                k = None
-        _cached[key] = k
-        return k
+    return load_kernel("q8 kernel", SOURCE, Q8Kernels, _self_test, "the torch fallback (exact, slower)",
+                       cache=_cached, lock=_lock, flags=flags, cc=cc)
 
 
 __all__ = ["Q8Kernels", "q8_kernels", "q8_linear_fn", "torch_q8_linear"]
