@@ -236,3 +236,21 @@ def test_arguments_are_checked_before_the_source_is_opened(tmp_path):
         assert "no such file" not in str(e.value)
     with pytest.raises(ExportError, match="--dtype"):
         export_gguf(tmp_path / "missing", tmp_path / "o.gguf", dtype="q4")
+
+
+def test_exported_tokenizer_truncates_to_what_the_exported_model_accepts(tmp_path, make_tokenizer):
+    """The exported tokenizer's limit is the model's ``max_seq_len`` (mptkit's trained tokenizers say 2048): text
+    tokenized with ``truncation=True`` — as lm-eval's ``hf`` backend and most harnesses do — fits transformers'
+    MPT, which refuses anything longer; the source tokenizer's files are left as they were."""
+    tok = make_tokenizer()
+    before = (tok / "tokenizer_config.json").read_bytes()
+    saved_model(tmp_path / "m", tok, max_seq_len=48, expansion_ratio=4)
+    export_hf(tmp_path / "m", tmp_path / "out")
+    t_out = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    long_text = TEXT * 40
+    ids = t_out(long_text, truncation=True)["input_ids"]
+    assert len(ids) == 48 < len(t_out(long_text)["input_ids"])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert hf(torch.tensor([ids])).logits.shape == (1, 48, hf.config.vocab_size)
+    assert (tok / "tokenizer_config.json").read_bytes() == before

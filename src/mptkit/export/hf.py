@@ -20,7 +20,7 @@ import torch
 from mptkit.errors import ConfigError, ExportError
 from mptkit.export.source import load_config, open_source
 from mptkit.io.hf_folder import is_model_folder
-from mptkit.io.tokenizer_files import copy_tokenizer_files
+from mptkit.io.tokenizer_files import copy_tokenizer_files, set_model_max_length
 from mptkit.utils.dtypes import ALIASES, DTYPES, torch_name
 from mptkit.utils.fs import atomic_dir, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
@@ -122,6 +122,7 @@ def export_hf(
                             config=file_cfg)
             if tok_folder is not None:
                 copy_tokenizer_files(tok_folder, tmp)
+                set_model_max_length(tmp, file_cfg.max_seq_len)  # the tokenizer's limit is the model's
             files = sorted(p.name for p in tmp.iterdir())
             publish_permissions(tmp)
         log.info("wrote %s: %s", out, ", ".join(files))

@@ -100,6 +100,28 @@ def copy_tokenizer_files(src: str | os.PathLike, folder: str | os.PathLike) -> l
     return copied
 
 
+def set_model_max_length(folder: str | os.PathLike, n: int) -> bool:
+    """Make ``tokenizer_config.json`` in ``folder`` (if there is one) say ``model_max_length: n`` — the model's
+    ``max_seq_len`` in an exported folder, so harnesses that size their inputs by the tokenizer (lm-eval's ``hf``
+    backend, ``truncation=True``) never send transformers' MPT more tokens than it accepts. True if changed."""
+    import json
+
+    from mptkit.utils.fs import atomic_write_json
+
+    f = Path(folder) / "tokenizer_config.json"
+    if not f.is_file():
+        return False
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{f}: not readable JSON ({e}); fix or remove the file") from None
+    if not isinstance(d, dict) or d.get("model_max_length") == n:
+        return False
+    d["model_max_length"] = int(n)
+    atomic_write_json(f, d)
+    return True
+
+
 def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
     """Put ``tokenizer`` (a transformers tokenizer, or a folder whose tokenizer files are copied) in ``folder``;
     None does nothing."""
