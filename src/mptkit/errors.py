@@ -24,6 +24,16 @@ class TrainError(MPTKitError):
     """A training run cannot start or continue."""
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; rerun the same command to resume
+
+
+class TrainPreempted(TrainError):
+    """The run was asked to stop (SIGTERM / SIGINT: preemption, a scheduler's requeue) and stopped at a step
+    boundary after saving a checkpoint; ``exit_code`` (:data:`EXIT_PREEMPTED`) is what `mptkit train` exits with."""
+
+    exit_code = EXIT_PREEMPTED
+
+
 class InferenceError(MPTKitError):
     """Generation or serving was asked for something it cannot do."""
 

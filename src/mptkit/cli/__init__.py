@@ -19,7 +19,7 @@ import os
 import sys
 
 from mptkit import __version__
-from mptkit.errors import MPTKitError
+from mptkit.errors import MPTKitError, TrainPreempted
 
 # The modules of this package that add subcommands, one per area (each defines register(subparsers)).
 COMMAND_MODULES = (
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
         return int(rc or 0)
+    except TrainPreempted as e:  # not an error: the checkpoint is saved, the same command resumes
+        print(f"mptkit {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except MPTKitError as e:
         if args.debug:
             raise

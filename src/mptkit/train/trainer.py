@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError
+from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError, TrainPreempted
 from mptkit.train import checkpoint as ckpt_mod
 from mptkit.train import state as state_mod
 from mptkit.train.callbacks import build_callbacks
@@ -482,6 +482,64 @@ class Trainer:
         other ranks). Collective under FSDP."""
         return state_mod.full_model(self.model, sharded=self.fsdp is not None, is_main=self.dist.is_main)
 
+    # ------------------------------------------------------------------ preemption (SIGTERM / SIGINT)
+    def _catch_stop_signals(self) -> Callable[[], None]:
+        """From here to the end of the loop, SIGTERM / SIGINT ask the run to stop at the next step boundary
+        (checkpoint, then :class:`TrainPreempted`); a second one ends the process at once (the signal's default
+        action). Returns the function that puts the previous handlers back. Only in the main thread (Python
+        delivers signals there); elsewhere signals keep their handlers."""
+        import signal
+        import threading
+
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # the second one: no more waiting
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self._stop_signal = signum
+            log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
+                        signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+        return restore
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (every rank takes part when there are several, so all stop at
+        the same step: a scheduler signals the ranks at slightly different times)."""
+        flag = 1.0 if getattr(self, "_stop_signal", None) is not None else 0.0
+        if self.dist.world_size > 1:
+            from mptkit.train.distributed import all_reduce_sum
+
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            flag = float(all_reduce_sum(torch.tensor([flag], device=dev), self.dist).item())
+        return flag > 0
+
+    def _stop_for_signal(self, writer) -> None:
+        import signal
+
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a peer rank's signal"
+        saved = None
+        if self.save_folder is not None:
+            saved = self.save_checkpoint() if self._last_saved != self.step else ckpt_mod.find_latest_checkpoint(
+                self.save_folder, checksums=False)
+        if self.dist.is_main:
+            writer.write({"event": "preempted", "step": self.step, "signal": name,
+                          "checkpoint": str(saved) if saved else None, "time": time.time()})
+        where = (f"checkpoint {saved}; run the same command again to resume from it" if saved else
+                 "nothing was saved (no save_folder): a rerun starts over")
+        raise TrainPreempted(f"stopped by {name} at step {self.step}/{self.max_steps}: {where}")
+
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
             return None
@@ -610,6 +668,7 @@ class Trainer:
         self.model.train()
         if self.scheduled_gc is not None:
             self.scheduled_gc.fit_start()
+        restore_signals = self._catch_stop_signals()
         try:
             if cfg.eval_first and self.step == 0:
                 self._log_eval(writer)
@@ -654,11 +713,14 @@ class Trainer:
                     self._log_eval(writer, bar)
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
+                if self.step < self.max_steps and self._stop_requested():
+                    self._stop_for_signal(writer)
             # the end: final eval, checkpoint, export, sample
             final_eval = self._log_eval(writer, bar) if self.eval_dataset is not None else None
             if self.save_folder is not None and self._last_saved != self.step:
                 self.save_checkpoint()
         finally:
+            restore_signals()
             if bar is not None:
                 bar.close()
             if self.scheduled_gc is not None:
