@@ -144,3 +144,19 @@ def test_paths_that_hold_no_model_are_one_clear_error(tmp_path, make_tokenizer):
         open_model_source(tmp_path / "m", tokenizer=tmp_path / "notok")
     with open_model_source(tmp_path / "m", tokenizer=make_tokenizer()) as src:
         assert src.tokenizer_folder == tmp_path / "tok"
+
+
+def test_a_saved_model_folders_tokenizer_is_limited_to_the_models_length(tmp_path, make_tokenizer):
+    """``save_pretrained(folder, tokenizer=...)`` — the trainer's end-of-run export, checkpoints' model folders,
+    `mptkit export hf/quant` — writes the tokenizer with ``model_max_length`` = the model's ``max_seq_len``, so
+    ``truncation=True`` keeps inputs to what the model accepts; the tokenizer's own files are left alone."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import tiny_model
+
+    tok = make_tokenizer()
+    before = (tok / "tokenizer_config.json").read_bytes()
+    tiny_model(vocab_size=448, max_seq_len=40).save_pretrained(tmp_path / "m", tokenizer=tok)
+    t = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    assert len(t("def f(x):\n    return x\n" * 50, truncation=True)["input_ids"]) == 40
+    assert (tok / "tokenizer_config.json").read_bytes() == before

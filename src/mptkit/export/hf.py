@@ -20,7 +20,6 @@ import torch
 from mptkit.errors import ConfigError, ExportError
 from mptkit.export.source import load_config, open_source
 from mptkit.io.hf_folder import is_model_folder
-from mptkit.io.tokenizer_files import copy_tokenizer_files, set_model_max_length
 from mptkit.utils.dtypes import ALIASES, DTYPES, torch_name
 from mptkit.utils.fs import atomic_dir, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
@@ -118,11 +117,9 @@ def export_hf(
 
         log.info("exporting %s -> %s (%s, %s layout)", folder, out, dtype, layout)
         with write_errors(out, ExportError), atomic_dir(out) as tmp:  # a full disk: one line naming OUT
+            # the tokenizer files are copied and their limit set to the model's max_seq_len (save_pretrained)
             save_pretrained(model, tmp, max_shard_size=max_shard_size, layout=layout, dtype=torch_dtype,
-                            config=file_cfg)
-            if tok_folder is not None:
-                copy_tokenizer_files(tok_folder, tmp)
-                set_model_max_length(tmp, file_cfg.max_seq_len)  # the tokenizer's limit is the model's
+                            config=file_cfg, tokenizer=tok_folder)
             files = sorted(p.name for p in tmp.iterdir())
             publish_permissions(tmp)
         log.info("wrote %s: %s", out, ", ".join(files))

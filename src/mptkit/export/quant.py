@@ -18,7 +18,6 @@ from pathlib import Path
 from mptkit.errors import ConfigError, ExportError, MPTKitError
 from mptkit.export.source import load_config, open_source
 from mptkit.io.hf_folder import is_model_folder
-from mptkit.io.tokenizer_files import copy_tokenizer_files, set_model_max_length
 from mptkit.utils.fs import atomic_dir, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
 
@@ -95,10 +94,7 @@ def export_quant(
             len(entry["kept"]),
         )
         with write_errors(out, ExportError), atomic_dir(out) as tmp:
-            save_pretrained(model, tmp, max_shard_size=max_shard_size)
-            if tok_folder is not None:
-                copy_tokenizer_files(tok_folder, tmp)
-                set_model_max_length(tmp, model.config.max_seq_len)  # the tokenizer's limit is the model's
+            save_pretrained(model, tmp, max_shard_size=max_shard_size, tokenizer=tok_folder)  # + its tokenizer
             files = sorted(p.name for p in tmp.iterdir())
             n_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix == ".safetensors")
             publish_permissions(tmp)

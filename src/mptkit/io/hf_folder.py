@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mptkit.errors import CheckpointError, ConfigError
-from mptkit.io.tokenizer_files import save_tokenizer
+from mptkit.io.tokenizer_files import save_tokenizer, set_model_max_length
 from mptkit.model.config import MPTConfig
 from mptkit.utils.fs import atomic_path, atomic_write_json
 
@@ -123,10 +123,13 @@ def save_pretrained(
         total = sum(v.numel() * v.element_size() for v in sd.values())
         atomic_write_json(folder / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.add(folder / SAFE_INDEX)
-    (config or model.config).save(folder, layout=layout)
+    cfg = config or model.config
+    cfg.save(folder, layout=layout)
     for p in old - written:
         p.unlink(missing_ok=True)
     save_tokenizer(tokenizer, folder)
+    if tokenizer is not None:  # the folder's tokenizer limits inputs to what its model accepts
+        set_model_max_length(folder, cfg.max_seq_len)
     return folder
 
 
