@@ -536,8 +536,12 @@ class Trainer:
         if self.dist.is_main:
             writer.write({"event": "preempted", "step": self.step, "signal": name,
                           "checkpoint": str(saved) if saved else None, "time": time.time()})
-        where = (f"checkpoint {saved}; run the same command again to resume from it" if saved else
-                 "nothing was saved (no save_folder): a rerun starts over")
+        if saved:
+            where = f"checkpoint {saved}; run the same command again to resume from it"
+        elif self.save_folder is not None:  # a rank other than 0: rank 0 wrote (and names) the checkpoint
+            where = f"checkpoint of step {self.step} saved by rank 0; run the same command again to resume"
+        else:
+            where = "nothing was saved (no save_folder): a rerun starts over"
         raise TrainPreempted(f"stopped by {name} at step {self.step}/{self.max_steps}: {where}")
 
     def save_checkpoint(self) -> Path | None:
