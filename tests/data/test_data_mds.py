@@ -112,9 +112,7 @@ def test_same_as_mosaicml_streaming_when_installed(tmp_path):
 
 
 def test_training_on_an_mds_folder(tmp_path):
-    """What works today: the trainer trains on an MDSTokenDataset passed from Python (the same items as
-    prepared shards); a recipe whose train_loader.dataset.local is an MDS folder is refused before any step,
-    with the two ways forward in the message."""
+    """The trainer trains on an MDSTokenDataset passed from Python (the same items as prepared shards)."""
     from mptkit.train.trainer import Trainer
     from tests.helpers import make_cfg, pattern_data
 
@@ -124,7 +122,67 @@ def test_training_on_an_mds_folder(tmp_path):
     ds = MDSTokenDataset(tmp_path / "mds", eos_token_id=0, max_seq_len=32)
     summary = Trainer(make_cfg(tmp_path / "py", max_duration="2ba"), train_dataset=ds).fit()
     assert summary["steps"] == 2 and summary["tokens"] == 2 * 8 * 32
-    cfg = make_cfg(tmp_path / "recipe", max_duration="2ba",
-                   train_loader={"name": "text", "dataset": {"local": str(tmp_path / "mds"), "split": "train"}})
-    with pytest.raises(DataError, match=r"is an MDS dataset \(index.json\).*mptkit data prepare.*MDSTokenDataset"):
-        Trainer(cfg).fit()
+
+
+def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, make_tokenizer):
+    """`mptkit train` reads an MDS folder (index.json) where a prepared folder (manifest.json) goes: the same
+    tokens written as llm-foundry MDS (this file's writer, built from mosaicml-streaming's documented format:
+    mosaicml-streaming cannot be imported beside the CPU torch here) give exactly the prepared folder's batches
+    (input_ids and sequence_id, over an epoch and into the next), the same trained weights, and evaluate to the
+    same perplexity with `mptkit eval perplexity`."""
+    import json as _json
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from mptkit.cli import main
+    from mptkit.data.prepare import prepare_dataset
+    from mptkit.data.shards import TokenDataset
+    from mptkit.train.config import config_from_dict
+    from mptkit.train.data import BatchStream, make_sampler
+    from mptkit.train.distributed import DistInfo
+    from mptkit.train.recipe_data import build_data
+
+    tok = make_tokenizer(tmp_path / "tok")
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(_json.dumps({"text": f"doc {i}: " + "word " * (i % 9 + 2)}) + "\n" for i in range(120)))
+    prepare_dataset([str(src)], tok, tmp_path / "prep", 16, val_fraction=0.2, progress=False)
+    for split in ("train", "val"):
+        ds = TokenDataset(tmp_path / "prep", split)
+        _write_mds(tmp_path / "mds" / split, [{"tokens": _ndarray_dynamic(ds.row(i).astype(np.int32))}
+                                              for i in range(len(ds))],
+                   {"tokens": ("ndarray:int32", None)}, per_shard=7)
+
+    def recipe(local: Path, name: str) -> dict:
+        return {"max_seq_len": 16, "tokenizer": {"name": str(tok)},
+                "model": {"name": "mpt_causal_lm", "d_model": 32, "n_heads": 2, "n_layers": 2, "expansion_ratio": 2,
+                          "max_seq_len": 16, "vocab_size": 448, "attn_config": {"alibi": True}},
+                "train_loader": {"name": "text", "dataset": {"local": str(local), "split": "train"}},
+                "eval_loader": {"name": "text", "dataset": {"local": str(local), "split": "val"}},
+                "max_duration": "3ba", "global_train_batch_size": 8, "device_train_microbatch_size": 8,
+                "eval_interval": "0ba", "save_interval": "0ba", "run_folder": str(tmp_path / name),
+                "export_folder": str(tmp_path / name / "hf"), "run_name": name, "progress_bar": False,
+                "log_to_console": False, "peak_tflops": 1.0, "torch_threads": 1, "seed": 1}
+
+    batches = {}
+    for name, local in (("prep", tmp_path / "prep"), ("mds", tmp_path / "mds")):
+        _, train, ev, _ = build_data(config_from_dict(recipe(local, name)), DistInfo())
+        assert ev is not None and len(ev) == len(TokenDataset(tmp_path / "prep", "val"))
+        st = BatchStream(train, make_sampler(len(train), seed=1, shuffle=True, rank=0, world_size=1), 8)
+        batches[name] = [st.next_batch() for _ in range(st.batches_per_epoch + 2)]
+    assert type(train).__name__ == "MDSTokenDataset"
+    for a, b in zip(batches["prep"], batches["mds"]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["sequence_id"], b["sequence_id"])
+    for name, local in (("prep", tmp_path / "prep"), ("mds", tmp_path / "mds")):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe(local, name)))
+        assert main(["train", str(tmp_path / f"{name}.yaml")]) == 0
+    w = [load_file(str(tmp_path / n / "hf" / "model.safetensors")) for n in ("prep", "mds")]
+    assert w[0].keys() == w[1].keys() and all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    ppl = []
+    for local in (tmp_path / "prep", tmp_path / "mds"):
+        out = tmp_path / f"ppl-{local.name}.json"
+        assert main(["eval", "perplexity", str(tmp_path / "prep" / "hf"), "--data", str(local),
+                     "--json", str(out)]) == 0
+        ppl.append(_json.loads(out.read_text()))
+    assert ppl[0]["perplexity"] == ppl[1]["perplexity"] and ppl[0]["tokens"] == ppl[1]["tokens"]

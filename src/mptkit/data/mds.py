@@ -35,9 +35,29 @@ _VALUE_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16"
 _SHAPE_DTYPES = {0: "uint8", 1: "uint16", 2: "uint32", 3: "uint64"}
 
 
+# the subfolder names llm-foundry's converters give a split (convert_dataset_hf.py writes train/ and val/ or
+# val_small/), by mptkit's split name
+MDS_SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "val_small", "eval", "test")}
+
+
 def is_mds_folder(folder, split: str | None = None) -> bool:
+    """``folder`` holds an MDS dataset: ``index.json`` in it, or in a subfolder of ``split`` (any subfolder
+    when ``split`` is None)."""
     p = Path(folder)
-    return (p / "index.json").is_file() or (split is not None and (p / split / "index.json").is_file())
+    if (p / "index.json").is_file():
+        return True
+    if split is None:
+        return p.is_dir() and any((d / "index.json").is_file() for d in p.iterdir() if d.is_dir())
+    return mds_split_folder(p, split) is not None
+
+
+def mds_split_folder(folder, split: str) -> str | None:
+    """The subfolder of ``folder`` holding the MDS ``split`` (llm-foundry's names: MDS_SPLIT_NAMES), or None."""
+    from mptkit.data.shards import SPLIT_ALIASES
+
+    split = SPLIT_ALIASES.get(split, split)
+    return next((s for s in (split, *MDS_SPLIT_NAMES.get(split, ())) if (Path(folder) / s / "index.json").is_file()),
+                None)
 
 
 def _decode_tokens(encoding: str, data: memoryview, bytes_dtype: np.dtype, where: str) -> np.ndarray:
@@ -163,9 +183,14 @@ class MDSTokenDataset(torch.utils.data.Dataset):
         self.eos_token_id, self.bos_token_id = eos_token_id, bos_token_id
         self.max_seq_len = max_seq_len
         self.bytes_dtype = np.dtype(bytes_dtype).newbyteorder("<")
+        self.folder = folder
+        import hashlib
+
         self.manifest = {"format": "mds", "path": str(local), "split": split, "eos_token_id": eos_token_id,
                          "bos_token_id": bos_token_id, "max_seq_len": max_seq_len,
-                         "num_samples": {split or "train": len(self)}}
+                         "num_samples": {split or "train": len(self)},
+                         # the content, cheap to take (what exact resumption depends on)
+                         "index_sha256": hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()}
 
     @staticmethod
     def _open_streaming(local: Path, split: str | None):
@@ -207,13 +232,12 @@ class MDSTokenDataset(torch.utils.data.Dataset):
 def open_token_dataset(folder, split: str = "train", **kw):
     """A :class:`TokenDataset` for an mptkit prepared folder (``manifest.json``), an
     :class:`MDSTokenDataset` for an MDS folder (``index.json``), else :class:`DataError`."""
-    from mptkit.data.shards import SPLIT_ALIASES, TokenDataset
+    from mptkit.data.shards import TokenDataset
 
     p = Path(folder)
     if (p / "manifest.json").is_file():
         return TokenDataset(p, split, **{k: v for k, v in kw.items() if k == "verify"})
-    subs = [s for s in (split, SPLIT_ALIASES.get(split, split)) if (p / s / "index.json").is_file()]
-    if subs or (p / "index.json").is_file():
-        sub = subs[0] if subs else None
+    sub = mds_split_folder(p, split)
+    if sub is not None or (p / "index.json").is_file():
         return MDSTokenDataset(p, sub, **{k: v for k, v in kw.items() if k != "verify"})
     raise DataError(f"{p}: neither an mptkit prepared dataset (manifest.json) nor an MDS dataset (index.json)")

@@ -52,10 +52,14 @@ class TokenStream:
 
 
 def is_prepared_folder(path) -> bool:
-    """True for a folder written by ``mptkit data prepare`` (holds an mptkit token ``manifest.json``)."""
+    """True for a folder of tokenized samples: written by ``mptkit data prepare`` (an mptkit token
+    ``manifest.json``) or an MDS folder (llm-foundry's ``--concat_tokens``: ``index.json``, in the folder or in
+    its split subfolders)."""
     from mptkit.data.corpus import is_prepared_dir
+    from mptkit.data.mds import is_mds_folder
 
-    return Path(path).is_dir() and is_prepared_dir(path)
+    p = Path(path)
+    return p.is_dir() and (is_prepared_dir(p) or is_mds_folder(p))
 
 
 def _decoded_bytes(tokenizer, ids: list[int]) -> int:
@@ -141,20 +145,31 @@ def load_prepared(folder, *, split: str = "val", max_tokens: int | None = None, 
     """The rows of a prepared folder's ``split``, concatenated (at most ``max_tokens``). With ``tokenizer``
     and/or ``vocab_size`` the folder is checked against the model first (same tokenizer fingerprint, ids
     that fit the embedding)."""
+    from mptkit.data.mds import open_token_dataset
     from mptkit.data.shards import TokenDataset, check_compatible
 
     try:
-        ds = TokenDataset(folder, split)
-        if tokenizer is not None or vocab_size is not None:
+        ds = open_token_dataset(folder, split)
+        if isinstance(ds, TokenDataset) and (tokenizer is not None or vocab_size is not None):
             check_compatible(ds.manifest, tokenizer=tokenizer, vocab_size=vocab_size, where=str(folder))
     except DataError as e:
         raise EvalError(f"--data {folder}: {e}") from None
+    if not isinstance(ds, TokenDataset):  # an MDS folder: rows of any length, in order
+        ds.split, ds.max_seq_len = ds.manifest.get("split") or split, None
     n = len(ds)
     if n == 0:
         raise EvalError(f"--data {folder}: the {ds.split!r} split has no samples (choose another --split, or "
                         "prepare the data with a larger --val-fraction)")
-    rows = n if max_tokens is None else min(n, -(-int(max_tokens) // ds.max_seq_len))
-    parts = [ds.row(i).astype(np.int64) for i in range(rows)]
+    if isinstance(ds, TokenDataset):
+        rows = n if max_tokens is None else min(n, -(-int(max_tokens) // ds.max_seq_len))
+        parts = [ds.row(i).astype(np.int64) for i in range(rows)]
+    else:
+        parts, have = [], 0
+        for i in range(n):
+            if max_tokens is not None and have >= int(max_tokens):
+                break
+            parts.append(ds[i]["input_ids"].numpy())
+            have += len(parts[-1])
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if max_tokens is not None:
         ids = ids[: int(max_tokens)]

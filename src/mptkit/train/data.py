@@ -45,8 +45,16 @@ class TensorDataset:
         return d
 
 
-def make_sampler(num_samples: int, *, seed: int, shuffle: bool, rank: int, world_size: int, drop_last: bool = True):
-    """The data package's :class:`~mptkit.data.shards.ResumableSampler` (seeded order by position, rank-sliced)."""
+def make_sampler(num_samples: int, *, seed: int, shuffle: bool, rank: int, world_size: int, drop_last: bool = True,
+                 dataset=None):
+    """The data package's :class:`~mptkit.data.shards.ResumableSampler` (seeded order by position, rank-sliced);
+    for a data mixture (``dataset`` a :class:`~mptkit.data.mixture.MixtureDataset`) its
+    :class:`~mptkit.data.mixture.MixtureSampler` over the epoch's picks."""
+    from mptkit.data.mixture import MixtureDataset, MixtureSampler
+
+    if isinstance(dataset, MixtureDataset):
+        return MixtureSampler(dataset, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+                              drop_last=drop_last)
     return ResumableSampler(num_samples, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                             drop_last=drop_last)
 
@@ -70,7 +78,11 @@ def dataset_content_hash(ds) -> str | None:
     """A fingerprint of a training dataset's content, cheap to take: prepared shards by the sha256 of each
     shard recorded in their manifest (no data is read), in-memory datasets (``input_ids`` / ``labels`` /
     ``sequence_id`` tensors) by their bytes; None for other datasets."""
+    if callable(getattr(ds, "content_hash", None)):  # a data mixture: its streams and their counts
+        return ds.content_hash()
     man, split = getattr(ds, "manifest", None), getattr(ds, "split", None)
+    if isinstance(man, dict) and man.get("format") == "mds" and man.get("index_sha256"):
+        return "sha256:" + str(man["index_sha256"])[:16]
     if isinstance(man, dict) and split in (man.get("splits") or {}):
         # the shards' content only: a re-prepare of the same data writes them under new names (genN/), and the
         # tokenizer is a key of its own in the fingerprint
@@ -92,7 +104,8 @@ def dataset_content_hash(ds) -> str | None:
 def data_fingerprint(ds, *, shuffle: bool, shuffle_seed: int, global_batch_size: int, sample_len: int) -> dict:
     """What exact resumption of the data stream depends on; a checkpoint stores it and a resume compares."""
     man = getattr(ds, "manifest", None)
-    return {"num_samples": len(ds), "sample_len": int(sample_len), "content": dataset_content_hash(ds),
+    return {"num_samples": int(getattr(ds, "epoch_size", len(ds))), "sample_len": int(sample_len),
+            "content": dataset_content_hash(ds),
             "tokenizer": man.get("tokenizer_fingerprint") if isinstance(man, dict) else None,
             "shuffle": bool(shuffle), "shuffle_seed": int(shuffle_seed),
             "global_train_batch_size": int(global_batch_size)}
@@ -175,6 +188,9 @@ class BatchStream:
         self.offset = 0
         self._order: list[int] | None = None
         self._order_epoch = -1
+        # a data mixture: samples taken from each stream by all ranks together since the run began
+        self.mixture_counts = (np.zeros(len(sampler.mixture.sizes), dtype=np.int64)
+                               if callable(getattr(sampler, "stream_counts", None)) else None)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -215,6 +231,9 @@ class BatchStream:
             w, r = int(self.sampler.world_size), int(self.sampler.rank)
             pos = np.arange(self.offset, self.offset + self.bs, dtype=np.int64) * w + r
             idx = [int(i) for i in self.sampler.at(pos, self.epoch)]
+            if self.mixture_counts is not None:  # the global batch: positions [offset*W, (offset+bs)*W)
+                self.mixture_counts += self.sampler.stream_counts(self.offset * w, (self.offset + self.bs) * w,
+                                                                  self.epoch)
         else:
             idx = self._epoch_order()[self.offset:self.offset + self.bs]
         self.offset += self.bs
@@ -227,9 +246,47 @@ class BatchStream:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        st = {"epoch": self.epoch, "offset": self.offset}
+        if self.mixture_counts is not None:
+            st["mixture_counts"] = [int(c) for c in self.mixture_counts]
+        return st
 
     def load_state_dict(self, st: dict) -> None:
         self.epoch = int(st["epoch"])
         self.offset = int(st["offset"])
         self._order = None
+        if self.mixture_counts is not None:
+            saved = st.get("mixture_counts")
+            if isinstance(saved, list) and len(saved) == len(self.mixture_counts):
+                self.mixture_counts = np.asarray(saved, dtype=np.int64)
+            else:  # (a checkpoint rescaled to another world size): counted again from the data order
+                self.mixture_counts = self._count_consumed()
+
+    def _count_consumed(self) -> np.ndarray:
+        """Samples of each stream in every global batch before the current position."""
+        w = int(self.sampler.world_size)
+        per_epoch = self.batches_per_epoch * self.bs * w
+        out = np.zeros(len(self.sampler.mixture.sizes), dtype=np.int64)
+        for e in range(self.epoch):
+            out += self.sampler.stream_counts(0, per_epoch, e)
+        return out + self.sampler.stream_counts(0, self.offset * w, self.epoch)
+
+    def mixture_report(self) -> dict | None:
+        """The mixture's realised proportions so far (None without a mixture): per stream the samples taken
+        and their share, beside the share the recipe asked for."""
+        if self.mixture_counts is None:
+            return None
+        mix = self.sampler.mixture
+        total = max(1, int(self.mixture_counts.sum()))
+        return {"samples_per_epoch": mix.epoch_size,
+                "streams": {d["name"]: {"samples": int(c), "realised_proportion": round(int(c) / total, 6),
+                                        "proportion": d["proportion"], "samples_per_epoch": d["samples_per_epoch"],
+                                        "folder": d["folder"]}
+                            for d, c in zip(mix.describe(), self.mixture_counts)}}
+
+    def mixture_metrics(self) -> dict:
+        """``mixture/<stream>``: each stream's realised share of the samples so far (for the metrics log)."""
+        if self.mixture_counts is None:
+            return {}
+        total = max(1, int(self.mixture_counts.sum()))
+        return {f"mixture/{n}": int(c) / total for n, c in zip(self.sampler.mixture.names, self.mixture_counts)}

@@ -49,8 +49,9 @@ def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
     if not dp:
         return
     tr = _dataset_section(cfg, "train_loader")
-    if tr is None:
-        raise ConfigError("data_prep needs train_loader.dataset.local (where the prepared shards go)")
+    if tr is None or not tr.local:
+        raise ConfigError("data_prep needs train_loader.dataset.local (where the prepared shards go); it prepares "
+                          "one folder, not the streams of a mixture: prepare each with `mptkit data prepare`")
     tok_dir = tokenizer_path(cfg)
     if tok_dir is None:
         raise ConfigError("data_prep needs tokenizer.name (the folder to train the tokenizer into, or to read it from)")
@@ -92,32 +93,108 @@ def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
     barrier(dist)
 
 
-def _open_split(local: str, split: str, which: str):
-    from mptkit.data.shards import TokenDataset
+def _open_split(local: str, split: str, which: str, *, key: str | None = None, eos_token_id: int | None = None,
+                bos_token_id: int | None = None, root_ok: bool = True):
+    """The ``split`` of the folder ``local``: a prepared folder (``manifest.json``: :class:`TokenDataset`) or an
+    MDS folder (``index.json`` in ``local/<split>/`` or in ``local`` itself: :class:`MDSTokenDataset`, its
+    ``sequence_id`` from ``eos_token_id`` / ``bos_token_id``). ``key`` names the recipe key in messages;
+    ``root_ok``: an MDS folder without a ``split`` subfolder may be read whole."""
+    from mptkit.data.shards import SPLIT_ALIASES, TokenDataset
 
+    key = key or f"{which}.dataset.local"
     p = Path(local)
     if not p.exists():
         raise DataError(
-            f"{which}.dataset.local: {p} does not exist. Prepare it first (`mptkit data prepare INPUTS --tokenizer "
+            f"{key}: {p} does not exist. Prepare it first (`mptkit data prepare INPUTS --tokenizer "
             f"TOK --out {p}`), or add a data_prep section to the recipe so `mptkit train` prepares it")
     if not (p / "manifest.json").exists():
-        from mptkit.data.mds import is_mds_folder
+        from mptkit.data.mds import MDSTokenDataset, mds_split_folder
 
-        if is_mds_folder(p, split):
-            raise DataError(
-                f"{which}.dataset.local: {p} is an MDS dataset (index.json), which `mptkit train` does not read from "
-                "a recipe. Either prepare the source documents with `mptkit data prepare INPUTS --tokenizer TOK "
-                f"--max-seq-len N --out DIR` and set {which}.dataset.local: DIR, or train from Python on the MDS "
-                f"folder: Trainer(cfg, {'train' if which == 'train_loader' else 'eval'}_dataset=mptkit.data.mds."
-                f"MDSTokenDataset('{p}', split, eos_token_id=EOS, max_seq_len=N)) (docs/data.md, MDS datasets)")
-        raise DataError(f"{which}.dataset.local: {p} holds no prepared data (no manifest.json); "
+        split = SPLIT_ALIASES.get(split, split)
+        sub = mds_split_folder(p, split)
+        if sub is not None or ((p / "index.json").is_file() and root_ok):
+            return MDSTokenDataset(p, sub, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+        if (p / "index.json").is_file():
+            raise DataError(f"{key}: {p} is an MDS folder without a '{split}' subfolder")
+        raise DataError(f"{key}: {p} holds no prepared data (no manifest.json) and no MDS dataset (no index.json); "
                         "prepare it with `mptkit data prepare`")
     try:
         return TokenDataset(p, split=split)
     except DataError:
         raise
     except (FileNotFoundError, KeyError, ValueError) as e:
-        raise DataError(f"{which}.dataset.local: {p} has no usable '{split}' split ({e})") from None
+        raise DataError(f"{key}: {p} has no usable '{split}' split ({e})") from None
+
+
+def _separators(es, tokenizer) -> tuple[int | None, int | None]:
+    """sequence_id separators for MDS folders (they do not record them): the dataset's ``eos_token_id`` /
+    ``bos_token_id`` (llm-foundry's keys), else the tokenizer's EOS."""
+    eos = es.eos_token_id if es.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    return eos, es.bos_token_id
+
+
+def _check_stream_pair(a, b, na: str, nb: str) -> None:
+    """Streams of one mixture must hold tokens of one tokenizer and one sample length."""
+    ma, mb = getattr(a, "manifest", {}) or {}, getattr(b, "manifest", {}) or {}
+    fa, fb = ma.get("tokenizer_fingerprint"), mb.get("tokenizer_fingerprint")
+    if fa and fb and fa != fb:
+        raise DataError(f"{nb}: {mb.get('tokenizer', {}).get('path') or 'its tokenizer'} (fingerprint {fb}) is not "
+                        f"the tokenizer of {na} ({ma.get('tokenizer', {}).get('path') or ''} {fa}): the streams of a "
+                        "mixture must be prepared with one tokenizer; prepare them again with the same --tokenizer")
+    la, lb = int(a[0]["input_ids"].shape[-1]), int(b[0]["input_ids"].shape[-1])
+    if la != lb:
+        raise DataError(f"{nb}: samples of {lb} tokens, but {na} has samples of {la}: the streams of a mixture "
+                        "must have one sample length (prepare them with the same --max-seq-len)")
+    va, vb = ma.get("vocab_size"), mb.get("vocab_size")
+    if va and vb and va != vb:
+        raise DataError(f"{nb}: vocabulary of {vb} tokens, but {na} has {va}: the streams of a mixture must be "
+                        "prepared with one tokenizer")
+
+
+def _open_text(es, which: str, tokenizer, seed: int, *, root_ok: bool = True, epoch_counts: bool = True):
+    """A loader's text data: one folder, or the mixture of ``streams`` (data/mixture.py). ``epoch_counts``
+    False (evaluation): every stream's samples once."""
+    from mptkit.data.mixture import MixtureDataset, StreamWeight, resolve_counts
+
+    eos, bos = _separators(es, tokenizer)
+    if not es.streams:
+        ds = _open_split(es.local, es.split, which, eos_token_id=eos, bos_token_id=bos, root_ok=root_ok)
+        if es.epoch_size is None or not epoch_counts:
+            return ds
+        streams = {"local": {"local": es.local}}
+        opened = [ds]
+    else:
+        streams = es.streams
+        opened = [_open_split(st["local"], st.get("split") or es.split, which, key=f"{which}.dataset.streams.{n}.local",
+                              eos_token_id=eos, bos_token_id=bos) for n, st in streams.items()]
+    names = list(streams)
+    keys = [f"{which}.dataset.streams.{n}" for n in names]
+    for i in range(1, len(opened)):
+        _check_stream_pair(opened[0], opened[i], f"{keys[0]} ({streams[names[0]]['local']})",
+                           f"{keys[i]} ({streams[names[i]]['local']})")
+    sizes = [len(d) for d in opened]
+    for k, n, st in zip(keys, sizes, streams.values()):
+        if n == 0:
+            raise DataError(f"{k}: {st['local']} has no samples in its '{st.get('split') or es.split}' split")
+    if epoch_counts:
+        weights = [StreamWeight(n, st.get("proportion"), st.get("repeat"), st.get("choose"), where=k)
+                   for n, st, k in zip(names, streams.values(), keys)]
+        counts = resolve_counts(weights, sizes, epoch_size=es.epoch_size, seed=seed)
+    else:
+        counts = sizes
+    first = dict(getattr(opened[0], "manifest", {}) or {})
+    man = {k: first.get(k) for k in ("tokenizer_fingerprint", "tokenizer", "vocab_size", "tokenizer_vocab_size",
+                                     "max_seq_len", "eos_token_id", "bos_token_id", "dtype")}
+    vocabs = [(getattr(d, "manifest", {}) or {}).get("vocab_size") for d in opened]
+    man["vocab_size"] = max((v for v in vocabs if v), default=None)
+    man["max_seq_len"] = int(opened[0][0]["input_ids"].shape[-1])
+    mix = MixtureDataset(opened, names, counts, seed=seed, sampling_method=es.sampling_method or "balanced",
+                         folders=[str(st["local"]) for st in streams.values()], manifest=man)
+    if epoch_counts:
+        log.info("data mixture: %s per epoch (%d samples)", ", ".join(
+            f"{d['name']} {d['samples_per_epoch']} of {d['samples']} ({100 * d['proportion']:.1f}%)"
+            for d in mix.describe()), mix.epoch_size)
+    return mix
 
 
 def pretrained_folder(cfg: RunConfig) -> Path | None:
@@ -229,25 +306,32 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
     tr = _dataset_section(cfg, "train_loader")
     if tr is None:
         raise ConfigError("train_loader: the recipe names no training data (train_loader.dataset.local)")
-    train = _open_split(tr.local, tr.split, "train_loader")
-    man = dict(getattr(train, "manifest", {}) or {})
     tok_dir = tokenizer_path(cfg)
     if tokenizer is None and tok_dir is not None:
         from mptkit.io.tokenizer_files import load_tokenizer
 
         tokenizer = load_tokenizer(tok_dir)
-    if tokenizer is not None and man.get("tokenizer_fingerprint"):
+    seed = int(tr.shuffle_seed if tr.shuffle_seed is not None else cfg.seed)
+    train = _open_text(tr, "train_loader", tokenizer, seed)
+    where = tr.local or "the streams' folders"
+    man = dict(getattr(train, "manifest", {}) or {})
+    if tokenizer is not None:
         from mptkit.data.tokenizer import tokenizer_fingerprint
 
         fp = tokenizer_fingerprint(tokenizer)
-        if fp != man["tokenizer_fingerprint"]:
-            raise DataError(
-                f"tokenizer mismatch: {tok_dir} (fingerprint {fp}) is not the tokenizer the data in {tr.local} "
-                f"was prepared with ({man['tokenizer_fingerprint']}); use that tokenizer or re-prepare the data")
+        parts = getattr(train, "datasets", None) or [train]
+        for d, folder in zip(parts, getattr(train, "folders", None) or [tr.local]):
+            have_fp = (getattr(d, "manifest", {}) or {}).get("tokenizer_fingerprint")
+            if have_fp and fp != have_fp:
+                raise DataError(
+                    f"tokenizer mismatch: {tok_dir} (fingerprint {fp}) is not the tokenizer the data in {folder} "
+                    f"was prepared with ({have_fp}); use that tokenizer or re-prepare the data")
     want = tr.max_seq_len or cfg.max_seq_len
     have = man.get("max_seq_len")
+    if have is None and len(train):  # an MDS folder: its samples' length
+        have = int(train[0]["input_ids"].shape[-1])
     if want and have and int(want) != int(have):
-        raise ConfigError(f"max_seq_len {want} does not match the prepared data in {tr.local} "
+        raise ConfigError(f"max_seq_len {want} does not match the prepared data in {where} "
                           f"(samples of {have} tokens); set max_seq_len={have} or re-prepare the data")
     ev = None
     es = _dataset_section(cfg, "eval_loader")
@@ -255,10 +339,13 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
         split = es.split
         if split == "validation":
             split = "val"
+        es = dataclasses.replace(es, split=split)
+        same = (not es.streams and not tr.streams and es.local and tr.local
+                and Path(es.local).resolve() == Path(tr.local).resolve())
         try:
-            ev = _open_split(es.local, split, "eval_loader")
+            ev = _open_text(es, "eval_loader", tokenizer, seed, root_ok=not same, epoch_counts=False)
         except DataError as e:
-            if Path(es.local).resolve() == Path(tr.local).resolve():
+            if same:
                 log.warning("no evaluation data: %s", e)
                 ev = None
             else:
@@ -268,7 +355,8 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
             ev = None
         if ev is not None and tokenizer is not None:
             m2 = getattr(ev, "manifest", {}) or {}
-            if m2.get("tokenizer_fingerprint") and m2["tokenizer_fingerprint"] != man.get("tokenizer_fingerprint"):
+            if m2.get("tokenizer_fingerprint") and man.get("tokenizer_fingerprint") and \
+                    m2["tokenizer_fingerprint"] != man.get("tokenizer_fingerprint"):
                 raise DataError("eval_loader: the evaluation data was prepared with a different tokenizer "
                                 "than the training data")
     info = {"vocab_size": man.get("vocab_size"), "max_seq_len": have, "eos_token_id": man.get("eos_token_id")}

@@ -295,6 +295,67 @@ class TextDatasetConfig(Section):
     shuffle_seed: int | None = None
     eos_token_id: int | None = None
     bos_token_id: int | None = None
+    # a mixture (llm-foundry / mosaicml-streaming): {name: {local, split, proportion | repeat | choose}}
+    streams: dict | None = None
+    epoch_size: int | None = None
+    sampling_method: str | None = None  # balanced (default) | fixed
+
+
+# the keys of one stream of ``dataset.streams``; STREAM_IGNORED are mosaicml-streaming's download settings
+STREAM_KEYS = {"local", "remote", "split", "proportion", "repeat", "choose"}
+STREAM_IGNORED = {"download_retry", "download_timeout", "validate_hash", "keep_zip"}
+
+
+def _check_streams(dc: TextDatasetConfig, lname: str) -> None:
+    """``dataset.streams`` (and ``epoch_size`` / ``sampling_method``): the shape, each stream's keys and
+    weights, before any data is opened (the counts need the data: mptkit.data.mixture)."""
+    where = f"{lname}.dataset.streams"
+    if dc.streams is not None:
+        if not isinstance(dc.streams, dict) or not dc.streams:
+            raise ConfigError(f"{where}: expected a mapping of stream names to {{local, proportion | repeat | "
+                              "choose}}")
+        if dc.local:
+            raise ConfigError(f"{lname}.dataset: give either local (one folder) or streams (a mixture), not both")
+        relative = {}
+        for name, st in dc.streams.items():
+            w = f"{where}.{name}"
+            if not isinstance(st, dict):
+                raise ConfigError(f"{w}: expected a mapping with local and at most one of proportion, repeat, "
+                                  "choose")
+            _check_keys(st, STREAM_KEYS | STREAM_IGNORED, w)
+            for k in sorted(STREAM_IGNORED & set(st)):
+                log.warning("%s.%s is ignored: streams are read from local folders (nothing is downloaded)", w, k)
+            if st.get("remote"):
+                raise ConfigError(f"{w}.remote: streaming from a remote is not supported; prepare the data "
+                                  f"locally (`mptkit data prepare`) and set {w}.local")
+            if not st.get("local"):
+                raise ConfigError(f"{w}.local: the stream's folder (prepared or MDS) is required")
+            given = [k for k in ("proportion", "repeat", "choose") if st.get(k) is not None]
+            if len(given) > 1:
+                raise ConfigError(f"{w}: give at most one of proportion, repeat, choose (it has "
+                                  f"{' and '.join(given)})")
+            for k in given:
+                v = st[k]
+                if k == "choose":
+                    _need_int(f"{w}.choose", v, 1)
+                else:
+                    _need_num(f"{w}.{k}", v, positive=True)
+            relative[name] = given == ["proportion"]
+            if st.get("split") not in (None, "train", "val", "validation", "test"):
+                raise ConfigError(f"{w}.split: expected train or val, got '{st['split']}'")
+        if any(relative.values()) and not all(relative.values()):
+            a = next(n for n, r in relative.items() if r)
+            b = next(n for n, r in relative.items() if not r)
+            raise ConfigError(f"{where}.{b}: relative (proportion, as {where}.{a} has) and absolute (repeat, choose "
+                              "or none) stream weights cannot be mixed: give every stream a proportion, or none")
+        if dc.epoch_size is not None and not all(relative.values()) and any(
+                st.get("repeat") is not None or st.get("choose") is not None for st in dc.streams.values()):
+            raise ConfigError(f"{lname}.dataset.epoch_size: only with relative stream weights (proportion) or none; "
+                              "with repeat / choose the epoch is the sum of the streams' samples")
+    if dc.epoch_size is not None:
+        _need_int(f"{lname}.dataset.epoch_size", dc.epoch_size, 1)
+    if dc.sampling_method not in (None, "balanced", "fixed"):
+        raise ConfigError(f"{lname}.dataset.sampling_method: balanced or fixed, got '{dc.sampling_method}'")
 
 
 @dataclass
@@ -394,8 +455,10 @@ class LoaderConfig(Section):
                     f"{lname}.dataset.remote: streaming from a remote is not supported; "
                     "prepare the data locally (`mptkit data prepare`) and set dataset.local"
                 )
-            if not dc.local:
-                raise ConfigError(f"{lname}.dataset.local: the folder of prepared shards is required")
+            _check_streams(dc, lname)
+            if not dc.local and not dc.streams:
+                raise ConfigError(f"{lname}.dataset.local: the folder of prepared shards is required (or "
+                                  "streams: a mixture of folders)")
             if dc.split not in (None, "train", "val", "validation", "test"):
                 raise ConfigError(f"{lname}.dataset.split: expected train or val, got '{dc.split}'")
         if dc.split is None:
@@ -424,8 +487,8 @@ def _warn_ignored_loader_keys(ld: dict, lname: str) -> None:
         for k in ("eos_token_id", "bos_token_id"):
             if k in ds:
                 log.warning(
-                    "%s.dataset.%s is ignored: documents are separated as prepared (the separators in the "
-                    "folder's manifest.json set sequence_id)",
+                    "%s.dataset.%s is ignored for prepared folders: documents are separated as prepared (the "
+                    "separators in the folder's manifest.json set sequence_id); an MDS folder uses it",
                     lname,
                     k,
                 )

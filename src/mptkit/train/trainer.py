@@ -209,7 +209,7 @@ class Trainer:
         shuffle = bool(ds.shuffle) if ds is not None else True
         shuffle_seed = ds.shuffle_seed if ds is not None and ds.shuffle_seed is not None else cfg.seed
         sampler = make_sampler(len(self.train_dataset), seed=int(shuffle_seed), shuffle=shuffle,
-                               rank=self.dist.rank, world_size=world, drop_last=True)
+                               rank=self.dist.rank, world_size=world, drop_last=True, dataset=self.train_dataset)
         self.stream = BatchStream(self.train_dataset, sampler, self.per_rank_batch, self.collate,
                                   vocab_size=getattr(getattr(self.model, "config", None), "vocab_size", None))
         # what exact resumption depends on: stored in every checkpoint, compared on resume
@@ -700,7 +700,7 @@ class Trainer:
                            "step_s": dt, "tokens_per_s": tput.tokens_per_s,
                            "mfu": tput.flops_per_s / (peak * self.dist.world_size),
                            "microbatch": self.microbatch, "time": time.time(), **memory_stats(self.device),
-                           **optimizer_metrics}
+                           **optimizer_metrics, **self.stream.mixture_metrics()}
                     writer.write(rec)
                     if spike is not None:
                         writer.write(spike)
@@ -736,6 +736,8 @@ class Trainer:
                    "eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "last_checkpoint": None, "export_folder": None, "sample": None}
+        if self.stream.mixture_counts is not None:  # a data mixture: what each stream gave, beside what was asked
+            summary["mixture"] = self.stream.mixture_report()
         if self.save_folder is not None and main:
             last = ckpt_mod.find_latest_checkpoint(self.save_folder, checksums=False)
             summary["last_checkpoint"] = str(last) if last else None
