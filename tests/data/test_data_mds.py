@@ -154,7 +154,7 @@ def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, 
                                               for i in range(len(ds))],
                    {"tokens": ("ndarray:int32", None)}, per_shard=7)
 
-    def recipe(local: Path, name: str) -> dict:
+    def recipe(local, name: str) -> dict:
         return {"max_seq_len": 16, "tokenizer": {"name": str(tok)},
                 "model": {"name": "mpt_causal_lm", "d_model": 32, "n_heads": 2, "n_layers": 2, "expansion_ratio": 2,
                           "max_seq_len": 16, "vocab_size": 448, "attn_config": {"alibi": True}},

@@ -56,12 +56,38 @@ def _data_prepare(args: argparse.Namespace) -> int:
             args.model_vocab_size = vocab
         if args.max_seq_len > seq:
             raise DataError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {seq} ({args.model})")
+    if args.num_shards is not None and args.shard_index is None:
+        from mptkit.data.prepare_parts import default_shard_index
+
+        args.shard_index = default_shard_index()
+        if args.shard_index is None:
+            raise DataError("--num-shards needs --shard-index I (or a batch system's array index in the environment: "
+                            "SLURM_ARRAY_TASK_ID, PBS_ARRAY_INDEX, JOB_COMPLETION_INDEX)")
+    if args.shard_index is not None and args.num_shards is None:
+        raise DataError("--shard-index needs --num-shards N (how many parts the corpus is prepared in)")
     m = prepare_dataset(args.inputs or None, args.tokenizer, args.out, args.max_seq_len, text_field=args.text_field,
                         eos_text=args.eos_text, bos_text=args.bos_text, wrap=not args.no_wrap,
                         val_fraction=args.val_fraction, split_seed=args.split_seed, max_files=args.max_files,
                         max_bytes=args.max_bytes, hf_split=args.hf_split, strict=args.strict,
                         num_workers=args.workers, model_vocab_size=args.model_vocab_size, force=args.force,
-                        keep_parts=args.keep_parts, progress=False if args.quiet else None)
+                        keep_parts=args.keep_parts, progress=False if args.quiet else None,
+                        num_shards=args.num_shards, shard_index=args.shard_index)
+    if args.num_shards is not None:
+        lo, hi = m["range"]
+        print(f"part         {m['shard_index']} of {m['num_shards']} -> {args.out}")
+        print(f"files        {hi - lo} of {len(m['listing'])} ({sum(s['bytes'] for s in m['sources']):,} bytes), "
+              f"{sum(s['documents'] for s in m['sources']):,} documents, {m['stats']['tokenized_tokens']:,} tokens")
+        print(f"next         mptkit data merge PART_0 ... PART_{m['num_shards'] - 1} --out DIR (once every part "
+              "is done)")
+        return 0
+    _print_summary(args.out, m)
+    return 0
+
+
+def _data_merge(args: argparse.Namespace) -> int:
+    from mptkit.data.prepare_parts import merge_parts
+
+    m = merge_parts(args.parts, args.out, progress=False if args.quiet else None, force=args.force)
     _print_summary(args.out, m)
     return 0
 
@@ -185,7 +211,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="check the tokenizer and --max-seq-len against this model (recipe, YAML, config.json, folder)")
     pp.add_argument("--force", action="store_true", help="prepare again even if the folder is up to date")
     pp.add_argument("--keep-parts", action="store_true", help="keep the per-part token cache (.parts/)")
+    pp.add_argument("--num-shards", type=int, default=None,
+                    help="prepare the corpus in N parts (one machine or job each; then `mptkit data merge`)")
+    pp.add_argument("--shard-index", type=int, default=None,
+                    help="the part to prepare, 0..N-1 (default: the batch system's array index, e.g. "
+                         "SLURM_ARRAY_TASK_ID); --out is then the part's folder")
     pp.set_defaults(func=_data_prepare)
+    mp = dsub.add_parser("merge", help="write the dataset of the whole from the parts of a sharded prepare",
+                         description="Pack the part folders of `mptkit data prepare --num-shards N --shard-index I` "
+                                     "into one prepared folder: shards and manifest as a one-machine prepare of the "
+                                     "same inputs writes them (docs/data.md).")
+    mp.add_argument("parts", nargs="+", metavar="PART", help="the part folders (any order; all N of them)")
+    mp.add_argument("--out", required=True, help="output folder (the prepared dataset)")
+    mp.add_argument("--force", action="store_true", help="merge again even if the folder is up to date")
+    mp.set_defaults(func=_data_merge)
     ip = dsub.add_parser("inspect", help="summarize a prepared folder (and decode samples)")
     ip.add_argument("folder")
     ip.add_argument("--split", default="train")

@@ -419,7 +419,8 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
                     max_bytes: int | None = None, hf_split: str | None = None, strict: bool = False,
                     num_workers: int | None = None, part_bytes: int = 8 << 20, shard_bytes: int = 256 << 20,
                     model_vocab_size: int | None = None, force: bool = False, keep_parts: bool = False,
-                    progress: bool | None = None) -> dict:
+                    progress: bool | None = None, num_shards: int | None = None,
+                    shard_index: int | None = None) -> dict:
     """Tokenize ``inputs`` (``None`` = the default stdlib corpus) into packed shards under ``out_dir``.
 
     Returns the manifest (also written to ``out_dir/manifest.json``). A no-op returning the existing
@@ -435,6 +436,10 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     - ``strict``: fail on the first bad input instead of skipping and counting it.
     - ``num_workers``: cores for tokenization (default: all).
     - ``model_vocab_size``: refuse a tokenizer with more tokens than the model's vocabulary.
+    - ``num_shards`` / ``shard_index``: tokenize only part ``shard_index`` of ``num_shards`` of the corpus (a
+      contiguous run of its files, balanced by bytes) into ``out_dir`` as a *part folder*;
+      :func:`mptkit.data.prepare_parts.merge_parts` then writes the dataset of the whole, the same as a
+      one-machine prepare (data/prepare_parts.py).
     """
     t0 = time.perf_counter()
     if int(max_seq_len) < 1:
@@ -446,10 +451,16 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     tok_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", "")
     # OUT may lie inside an input folder (it is never read back), but must not be or hold an input or the
     # tokenizer; an existing OUT must be a prepared folder (a re-run replaces it once complete).
+    part = num_shards is not None
     check_output(out, kind="folder", flag="--out",
                  inputs=[p for p in [*(inputs or []), tok_path] if p and Path(p).exists()],
-                 replaceable=_is_prepare_output, earlier="a prepared dataset (manifest.json)", overwrite=None,
+                 replaceable=_is_part_output if part else _is_prepare_output,
+                 earlier="a part folder (part.json)" if part else "a prepared dataset (manifest.json)", overwrite=None,
                  error=DataError)
+    if part:
+        from mptkit.data.prepare_parts import check_part_args
+
+        check_part_args(num_shards, shard_index, out, inputs)
     tok = load_tokenizer(tokenizer)
     # the number of ids the data can hold (len(tok), or more when the vocabulary has gaps)
     n_tok = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
@@ -470,15 +481,32 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
     num_workers = int(num_workers or os.cpu_count() or 1)
 
     files = resolve_inputs(inputs, max_files=max_files, max_bytes=max_bytes, hf_split=hf_split, exclude=[out])
-    sources = _hash_sources(files, out / "manifest.json", trust_mtime=not force)
     settings = {
         "format_version": FORMAT_VERSION, "tokenizer_fingerprint": fp, "text_field": text_field,
         "eos_ids": eos_ids, "bos_ids": bos_ids, "val_fraction": float(val_fraction), "split_seed": int(split_seed),
         "dtype": dtype, "part_bytes": int(part_bytes),
     }
     pack = {"max_seq_len": T, "wrap": bool(wrap), "shard_bytes": int(shard_bytes), "strict": bool(strict)}
-    key = _hash({"settings": settings, "pack": pack, "sources": [(s["path"], s["sha256"]) for s in sources]})
 
+    limits = {"max_files": max_files, "max_bytes": max_bytes, "hf_split": hf_split}
+    if num_shards is not None:  # one part of a corpus prepared on several machines (data/prepare_parts.py)
+        from mptkit.data.prepare_parts import prepare_part
+
+        return prepare_part(files, out, int(num_shards), int(shard_index if shard_index is not None else -1),
+                            tok=tok, tok_path=tok_path, fp=fp, settings=settings, pack=pack, eos_text=eos_text,
+                            bos_text=bos_text, n_tok=n_tok, num_workers=num_workers, strict=strict,
+                            progress=progress, limits=limits, default_corpus=not inputs, force=force, t0=t0)
+    sources = _hash_sources(files, out / "manifest.json", trust_mtime=not force)
+    key = _hash({"settings": settings, "pack": pack, "sources": [(s["path"], s["sha256"]) for s in sources]})
+    return _write_dataset(out, key, force, lambda gen: _run(
+        out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype, n_tok, num_workers,
+        strict, progress, keep_parts, t0, limits=limits, default_corpus=not inputs, gen=gen))
+
+
+def _write_dataset(out: Path, key: str, force: bool, produce) -> dict:
+    """Under the folder's lock: the existing manifest when it holds ``key`` and its shards are intact (a no-op
+    re-run), else ``produce(gen)`` writes a new generation ``genN/`` and its manifest, and what no manifest
+    names any more is removed (also when ``produce`` fails: its own shards)."""
     with _folder_lock(out):
         old = _current_manifest(out)
         _remove_unreferenced(out, old)  # what a killed run left (we hold the lock: no other prepare is running)
@@ -490,10 +518,7 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
         gen = f"gen{max([0, *_generations(out)]) + 1}"
         try:
             with write_errors(out / gen, DataError):
-                manifest = _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T,
-                                dtype, n_tok, num_workers, strict, progress, keep_parts, t0,
-                                limits={"max_files": max_files, "max_bytes": max_bytes, "hf_split": hf_split},
-                                default_corpus=not inputs, gen=gen)
+                manifest = produce(gen)
         except BaseException:
             with contextlib.suppress(OSError):  # this run's shards, unless its manifest did land
                 _remove_unreferenced(out, _current_manifest(out))
@@ -504,12 +529,18 @@ def prepare_dataset(inputs: list[str] | None, tokenizer, out_dir, max_seq_len: i
 
 _GEN = re.compile(r"gen(\d+)")
 _OWN_NAMES = {".lock", ".parts", *SPLITS}  # and manifest.json, when it is an mptkit token manifest
+_PART_NAMES = {".lock", "part.json", "chunks"}  # a part folder (data/prepare_parts.py)
 
 
 def _is_prepare_output(folder: Path) -> bool:
     """A folder this module wrote: a prepared dataset, or one an interrupted run left (only its own names)."""
     return is_prepared_dir(folder) or all(f.name in _OWN_NAMES or _GEN.fullmatch(f.name) or _TEMP.fullmatch(f.name)
                                           for f in folder.iterdir())
+
+
+def _is_part_output(folder: Path) -> bool:
+    """A part folder (``prepare --num-shards``), or what an interrupted one left (only its own names)."""
+    return all(f.name in _PART_NAMES or _TEMP.fullmatch(f.name) for f in folder.iterdir())
 _TEMP = re.compile(r"\..+\.tmp")  # the temporary names mptkit.utils.fs.atomic_path makes
 
 
@@ -621,6 +652,73 @@ def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
         th.join(timeout=5)
 
 
+def _build_manifest(packers, writers, sources, doc_counts, bad_inputs, settings, pack, key, fp, tok_info, n_tok,
+                    eos_text, bos_text, pad_token_id, T, dtype, limits, default_corpus, t0, t_loop, total_tokens,
+                    stats) -> dict:
+    """The finished dataset's manifest (after the packers finished), or DataError when it holds no training
+    sample. Shared by the one-machine prepare and the merge of parts, so that both write the same manifest."""
+    if sum(doc_counts) == 0:
+        raise DataError(f"no usable documents in {len(sources)} input files ({bad_inputs['total']} bad inputs "
+                        f"skipped: {bad_inputs['counts']}); see the warnings above")
+    if packers["train"].w.num_samples == 0:
+        raise DataError(f"the corpus yields no training sample of {T} tokens ({packers['train'].tokens_in} train "
+                        "tokens); use more data or a smaller --max-seq-len")
+    if settings["val_fraction"] > 0 and packers["val"].w.num_samples == 0:
+        log.warning("the validation split is empty (%d documents; %d val tokens): use more documents, a larger "
+                    "val_fraction or a smaller max_seq_len", sum(doc_counts), packers["val"].tokens_in)
+
+    elapsed = time.perf_counter() - t0
+    loop_s = time.perf_counter() - t_loop
+    eos_id = settings["eos_ids"][0] if len(settings["eos_ids"]) == 1 else None
+    bos_id = settings["bos_ids"][0] if len(settings["bos_ids"]) == 1 else None
+    splits = {}
+    for name in SPLITS:
+        p, w = packers[name], writers[name]
+        splits[name] = {"num_samples": w.num_samples, "num_documents": p.documents, "num_tokens": p.tokens_in,
+                        "tokens_in_samples": w.num_samples * T, "dropped_tokens": p.dropped, "shards": w.shards}
+    from mptkit import __version__
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "mptkit_version": __version__, "key": key,
+        "tokenizer_fingerprint": fp,
+        "tokenizer": tok_info,
+        "vocab_size": padded_vocab_size(n_tok), "tokenizer_vocab_size": n_tok,
+        "max_seq_len": T, "dtype": dtype, "wrap": pack["wrap"],
+        "eos_text": eos_text, "bos_text": bos_text, "eos_ids": settings["eos_ids"], "bos_ids": settings["bos_ids"],
+        "eos_token_id": eos_id, "bos_token_id": bos_id,
+        "pad_token_id": pad_token_id,
+        "text_field": settings["text_field"], "val_fraction": settings["val_fraction"],
+        "split_seed": settings["split_seed"],
+        "num_samples": {n: splits[n]["num_samples"] for n in SPLITS},
+        "num_tokens": {n: splits[n]["num_tokens"] for n in SPLITS},
+        "splits": splits,
+        "sources": [{**s, "documents": doc_counts[i]} for i, s in enumerate(sources)],
+        "default_corpus": default_corpus, "limits": limits,
+        "bad_inputs": bad_inputs,
+        "stats": {"elapsed_s": round(elapsed, 3), "tokens_per_s": round(total_tokens / max(loop_s, 1e-9)), **stats},
+    }
+    return manifest
+
+
+def _tokenize_batch(batch, sources, settings, encoder, eos, bos, dtype) -> tuple[dict, int]:
+    """One part's documents -> ``{<split>_tokens, <split>_doclens}`` (each document ``[bos] ids [eos]``, routed
+    to its split by the seeded hash), and the number of document tokens."""
+    ids = encoder.encode([text for _, _, text in batch])
+    part = {}
+    which = [_split_of(settings["split_seed"], sources[si]["sha256"], line, settings["val_fraction"])
+             for si, line, _ in batch]
+    extra = len(bos) + len(eos)
+    for split_i, name in enumerate(SPLITS):
+        pieces, lens = [], []
+        for k, w in enumerate(which):
+            if w == split_i:
+                pieces += (bos, ids[k], eos)
+                lens.append(len(ids[k]) + extra)
+        part[f"{name}_tokens"] = np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype)
+        part[f"{name}_doclens"] = np.asarray(lens, dtype=np.int64)
+    return part, sum(len(a) for a in ids)
+
+
 def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_text, T, dtype, n_tok, num_workers,
          strict, progress, keep_parts, t0, limits, default_corpus, gen) -> dict:
     parts_dir = out / ".parts"
@@ -654,21 +752,9 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
                     part = None  # a damaged cache entry: tokenize again
             if part is None:
                 ts = time.perf_counter()
-                ids = encoder.encode([text for _, _, text in batch])
+                part, n = _tokenize_batch(batch, sources, settings, encoder, eos, bos, dtype)
                 tokenized_s += time.perf_counter() - ts
-                part = {}
-                which = [_split_of(settings["split_seed"], sources[si]["sha256"], line, settings["val_fraction"])
-                         for si, line, _ in batch]
-                extra = len(bos) + len(eos)
-                for split_i, name in enumerate(SPLITS):
-                    pieces, lens = [], []
-                    for k, w in enumerate(which):
-                        if w == split_i:
-                            pieces += (bos, ids[k], eos)
-                            lens.append(len(ids[k]) + extra)
-                    part[f"{name}_tokens"] = np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype)
-                    part[f"{name}_doclens"] = np.asarray(lens, dtype=np.int64)
-                tokenized_tokens += sum(len(a) for a in ids)
+                tokenized_tokens += n
                 with atomic_path(ppath) as tmp, open(tmp, "wb") as f:
                     np.savez(f, **part)
             for name in SPLITS:
@@ -691,48 +777,12 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
         if bar is not None:
             bar.close()
 
-    if sum(doc_counts) == 0:
-        raise DataError(f"no usable documents in {len(sources)} input files ({issues.total} bad inputs skipped: "
-                        f"{issues.counts}); see the warnings above")
-    if packers["train"].w.num_samples == 0:
-        raise DataError(f"the corpus yields no training sample of {T} tokens ({packers['train'].tokens_in} train "
-                        "tokens); use more data or a smaller --max-seq-len")
-    if settings["val_fraction"] > 0 and packers["val"].w.num_samples == 0:
-        log.warning("the validation split is empty (%d documents; %d val tokens): use more documents, a larger "
-                    "val_fraction or a smaller max_seq_len", sum(doc_counts), packers["val"].tokens_in)
-
-    elapsed = time.perf_counter() - t0
-    loop_s = time.perf_counter() - t_loop
-    eos_id = settings["eos_ids"][0] if len(settings["eos_ids"]) == 1 else None
-    bos_id = settings["bos_ids"][0] if len(settings["bos_ids"]) == 1 else None
-    splits = {}
-    for name in SPLITS:
-        p, w = packers[name], writers[name]
-        splits[name] = {"num_samples": w.num_samples, "num_documents": p.documents, "num_tokens": p.tokens_in,
-                        "tokens_in_samples": w.num_samples * T, "dropped_tokens": p.dropped, "shards": w.shards}
-    from mptkit import __version__
-
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "mptkit_version": __version__, "key": key,
-        "tokenizer_fingerprint": fp,
-        "tokenizer": {"path": tok_path, "class": type(tok).__name__, "size": len(tok)},
-        "vocab_size": padded_vocab_size(n_tok), "tokenizer_vocab_size": n_tok,
-        "max_seq_len": T, "dtype": dtype, "wrap": pack["wrap"],
-        "eos_text": eos_text, "bos_text": bos_text, "eos_ids": settings["eos_ids"], "bos_ids": settings["bos_ids"],
-        "eos_token_id": eos_id, "bos_token_id": bos_id,
-        "pad_token_id": getattr(tok, "pad_token_id", None),
-        "text_field": settings["text_field"], "val_fraction": settings["val_fraction"],
-        "split_seed": settings["split_seed"],
-        "num_samples": {n: splits[n]["num_samples"] for n in SPLITS},
-        "num_tokens": {n: splits[n]["num_tokens"] for n in SPLITS},
-        "splits": splits,
-        "sources": [{**s, "documents": doc_counts[i]} for i, s in enumerate(sources)],
-        "default_corpus": default_corpus, "limits": limits,
-        "bad_inputs": issues.as_dict(),
-        "stats": {"elapsed_s": round(elapsed, 3), "tokens_per_s": round(total_tokens / max(loop_s, 1e-9)),
-                  "parts": len(used_parts), "parts_reused": reused, "tokenized_tokens": tokenized_tokens,
-                  "tokenize_s": round(tokenized_s, 3), "num_workers": num_workers},
-    }
+    stats = {"parts": len(used_parts), "parts_reused": reused, "tokenized_tokens": tokenized_tokens,
+             "tokenize_s": round(tokenized_s, 3), "num_workers": num_workers}
+    tok_info = {"path": tok_path, "class": type(tok).__name__, "size": len(tok)}
+    manifest = _build_manifest(packers, writers, sources, doc_counts, issues.as_dict(), settings, pack, key, fp,
+                               tok_info, n_tok, eos_text, bos_text, getattr(tok, "pad_token_id", None), T, dtype,
+                               limits, default_corpus, t0, t_loop, total_tokens, stats)
     atomic_write_json(out / "manifest.json", manifest)
     if not keep_parts:
         for f in parts_dir.glob("*"):
@@ -743,8 +793,12 @@ def _run(out, tok, tok_path, fp, sources, settings, pack, key, eos_text, bos_tex
         for f in parts_dir.glob("part-*.npz"):
             if f.name not in used_parts:
                 f.unlink()
-    log.info("prepared %s: %d train / %d val samples of %d tokens (%s tokens, %.1fs, %s tok/s; %d bad inputs skipped"
-             "%s)", out, splits["train"]["num_samples"], splits["val"]["num_samples"], T, f"{total_tokens:,}", elapsed,
-             f"{total_tokens / max(loop_s, 1e-9):,.0f}", issues.total,
-             f"; {reused} of {len(used_parts)} parts reused" if reused else "")
+    _log_prepared(out, manifest, total_tokens, f"; {reused} of {len(used_parts)} parts reused" if reused else "")
     return manifest
+
+
+def _log_prepared(out, m: dict, total_tokens: int, extra: str = "") -> None:
+    st = m["stats"]
+    log.info("prepared %s: %d train / %d val samples of %d tokens (%s tokens, %.1fs, %s tok/s; %d bad inputs skipped"
+             "%s)", out, m["num_samples"]["train"], m["num_samples"]["val"], m["max_seq_len"], f"{total_tokens:,}",
+             st["elapsed_s"], f"{st['tokens_per_s']:,}", m["bad_inputs"]["total"], extra)
