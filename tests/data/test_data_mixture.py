@@ -30,7 +30,7 @@ def folders(tmp_path_factory, tokenizer_folders):
     base = tmp_path_factory.mktemp("mix")
     tok = tokenizer_folders.make(base / "tok")
     out = {"tok": tok}
-    for name, word, n in (("a", "alpha", 34), ("b", "beta", 60)):
+    for name, word, n in (("a", "alpha", 12), ("b", "beta", 60)):
         (base / f"{name}.jsonl").write_text(_docs(word, n))
         prepare_dataset([str(base / f"{name}.jsonl")], tok, base / name, SEQ, val_fraction=0.0, progress=False)
         out[name] = base / name
@@ -130,13 +130,22 @@ def test_three_to_one_over_an_epoch_through_mptkit_train(tmp_path, folders, caps
     stream = BatchStream(train, make_sampler(len(train), seed=3, shuffle=True, rank=0, world_size=1,
                                              dataset=train), 8)
     a_rows, b_rows = _rows(folders["a"]), _rows(folders["b"])
-    assert len(a_rows) < 48 < 2 * len(a_rows)  # A is upsampled (some samples twice), B subsampled
+    assert len(a_rows) < 48 and len(b_rows) > 16  # A is upsampled (some samples twice), B subsampled
     seen = {"a": 0, "b": 0}
     for _ in range(stream.batches_per_epoch):
         for r in stream.next_batch()["input_ids"].tolist():
             seen["a" if tuple(r) in a_rows else "b" if tuple(r) in b_rows else "?"] += 1
     assert seen == {"a": 48, "b": 16}
     assert stream.mixture_report()["streams"]["web"]["samples"] == 48
+
+    # an eval_loader with streams evaluates every stream's split once; one folder with epoch_size is resampled
+    ev_cfg = {**d, "eval_loader": {"name": "text", "dataset": {"streams": streams, "split": "train"}},
+              "train_loader": {"name": "text", "dataset": {"local": str(folders["a"]), "epoch_size": 10}}}
+    _, one, ev, _ = build_data(config_from_dict(ev_cfg), DistInfo())
+    from mptkit.data.shards import TokenDataset
+
+    n_a, n_b = len(TokenDataset(folders["a"])), len(TokenDataset(folders["b"]))
+    assert len(ev) == n_a + n_b == ev.epoch_size and one.epoch_size == 10 and n_a < 48 < 2 * n_a  # A: upsampled
 
     assert main(["train", str(_write(tmp_path, d))]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
