@@ -124,12 +124,12 @@ def test_training_on_an_mds_folder(tmp_path):
     assert summary["steps"] == 2 and summary["tokens"] == 2 * 8 * 32
 
 
-def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, make_tokenizer):
+def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, make_tokenizer, capsys):
     """`mptkit train` reads an MDS folder (index.json) where a prepared folder (manifest.json) goes: the same
     tokens written as llm-foundry MDS (this file's writer, built from mosaicml-streaming's documented format:
     mosaicml-streaming cannot be imported beside the CPU torch here) give exactly the prepared folder's batches
     (input_ids and sequence_id, over an epoch and into the next), the same trained weights, and evaluate to the
-    same perplexity with `mptkit eval perplexity`."""
+    same perplexity with `mptkit eval perplexity`; `mptkit data inspect` summarizes it."""
     import json as _json
 
     import torch
@@ -186,3 +186,8 @@ def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, 
                      "--json", str(out)]) == 0
         ppl.append(_json.loads(out.read_text()))
     assert ppl[0]["perplexity"] == ppl[1]["perplexity"] and ppl[0]["tokens"] == ppl[1]["tokens"]
+    capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "mds"), "--show", "1", "--tokenizer", str(tok)]) == 0
+    out = capsys.readouterr().out
+    n_train = len(TokenDataset(tmp_path / "prep"))
+    assert f"samples      train {n_train:,} x 16 tokens" in out and "--- train[0]" in out

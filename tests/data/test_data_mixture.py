@@ -147,7 +147,9 @@ def test_three_to_one_over_an_epoch_through_mptkit_train(tmp_path, folders, caps
     n_a, n_b = len(TokenDataset(folders["a"])), len(TokenDataset(folders["b"]))
     assert len(ev) == n_a + n_b == ev.epoch_size and one.epoch_size == 10 and n_a < 48 < 2 * n_a  # A: upsampled
 
+    capsys.readouterr()
     assert main(["train", str(_write(tmp_path, d))]) == 0
+    assert "mixture: web 48 samples (75.0%, asked 75.0%), code 16 samples (25.0%, asked 25.0%)" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 8
     mix = summary["mixture"]["streams"]

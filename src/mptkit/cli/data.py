@@ -110,10 +110,47 @@ def _print_summary(folder, m: dict) -> None:
         print(f"speed        {st.get('tokens_per_s', 0):,} tokens/s ({st.get('elapsed_s')} s)")
 
 
+def _inspect_mds(args: argparse.Namespace) -> int:
+    """`mptkit data inspect` of an MDS folder: samples and sample length per split (and decoded samples)."""
+    from pathlib import Path
+
+    from mptkit.data.mds import MDS_SPLIT_NAMES, MDSTokenDataset, mds_split_folder
+    from mptkit.errors import DataError
+
+    p = Path(args.folder)
+    subs = [None] if (p / "index.json").is_file() else sorted(
+        {s for n in MDS_SPLIT_NAMES for s in [mds_split_folder(p, n)] if s})
+    print(f"dataset      {p} (MDS: index.json; no tokenizer recorded)")
+    shown = None
+    for sub in subs:
+        ds = MDSTokenDataset(p, sub)
+        n = len(ds)
+        seq = len(ds[0]["input_ids"]) if n else 0
+        print(f"samples      {sub or '(root)'} {n:,} x {seq} tokens ({len(ds._native.shards) if ds._native else '?'} "
+              "shards)")
+        if shown is None and (sub is None or sub == mds_split_folder(p, args.split)):
+            shown = ds
+    if args.show and shown is not None and len(shown):
+        if not args.tokenizer:
+            raise DataError(f"{p}: an MDS folder records no tokenizer: pass --tokenizer to decode samples")
+        from mptkit.io.tokenizer_files import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        for i in range(min(args.show, len(shown))):
+            print(f"--- {args.split}[{i}]")
+            print(tok.decode(shown[i]["input_ids"].tolist()))
+    return 0
+
+
 def _data_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mptkit.data.mds import is_mds_folder
     from mptkit.data.prepare import read_manifest
     from mptkit.data.shards import TokenDataset
 
+    if not (Path(args.folder) / "manifest.json").is_file() and is_mds_folder(args.folder):
+        return _inspect_mds(args)
     m = read_manifest(args.folder)
     if args.json:
         print(json.dumps(m, indent=2))
@@ -225,7 +262,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mp.add_argument("--out", required=True, help="output folder (the prepared dataset)")
     mp.add_argument("--force", action="store_true", help="merge again even if the folder is up to date")
     mp.set_defaults(func=_data_merge)
-    ip = dsub.add_parser("inspect", help="summarize a prepared folder (and decode samples)")
+    ip = dsub.add_parser("inspect", help="summarize a prepared folder or an MDS folder (and decode samples)")
     ip.add_argument("folder")
     ip.add_argument("--split", default="train")
     ip.add_argument("--show", type=int, default=0, help="decode the first N samples")

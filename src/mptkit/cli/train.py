@@ -24,6 +24,9 @@ def _train(args: argparse.Namespace) -> int:
           f"{summary['train_wall_s']:.0f} s")
     if summary.get("eval_loss") is not None:
         print(f"validation loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
+    if summary.get("mixture"):  # a data mixture: what each stream gave, beside what the recipe asked
+        print("mixture: " + ", ".join(f"{n} {d['samples']:,} samples ({100 * d['realised_proportion']:.1f}%, asked "
+                                      f"{100 * d['proportion']:.1f}%)" for n, d in summary["mixture"]["streams"].items()))
     print(f"metrics: {summary['run_folder']}/metrics.jsonl  (plot: mptkit plot {summary['run_folder']})")
     if summary.get("last_checkpoint"):
         print(f"checkpoint: {summary['last_checkpoint']}")

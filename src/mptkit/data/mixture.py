@@ -114,7 +114,7 @@ def resolve_counts(weights: list[StreamWeight], sizes: list[int], *, epoch_size:
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class MixtureDataset:
     """Several token datasets as one: ``ds[i]`` indexes their concatenation (stream 0's samples, then stream
     1's, ...); :meth:`picks` maps an epoch's pick numbers to those indices. ``manifest`` holds what the trainer
