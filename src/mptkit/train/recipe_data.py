@@ -93,11 +93,11 @@ def prepare_if_needed(cfg: RunConfig, dist: DistInfo) -> None:
     barrier(dist)
 
 
-def _open_split(local: str, split: str, which: str, *, key: str | None = None, eos_token_id: int | None = None,
-                bos_token_id: int | None = None, root_ok: bool = True):
+def _open_split(local: str, split: str, which: str, *, key: str | None = None, separators=None,
+                root_ok: bool = True):
     """The ``split`` of the folder ``local``: a prepared folder (``manifest.json``: :class:`TokenDataset`) or an
     MDS folder (``index.json`` in ``local/<split>/`` or in ``local`` itself: :class:`MDSTokenDataset`, its
-    ``sequence_id`` from ``eos_token_id`` / ``bos_token_id``). ``key`` names the recipe key in messages;
+    ``sequence_id`` from ``separators()``, the (eos, bos) ids). ``key`` names the recipe key in messages;
     ``root_ok``: an MDS folder without a ``split`` subfolder may be read whole."""
     from mptkit.data.shards import SPLIT_ALIASES, TokenDataset
 
@@ -113,7 +113,8 @@ def _open_split(local: str, split: str, which: str, *, key: str | None = None, e
         split = SPLIT_ALIASES.get(split, split)
         sub = mds_split_folder(p, split)
         if sub is not None or ((p / "index.json").is_file() and root_ok):
-            return MDSTokenDataset(p, sub, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+            eos, bos = separators() if separators is not None else (None, None)
+            return MDSTokenDataset(p, sub, eos_token_id=eos, bos_token_id=bos)
         if (p / "index.json").is_file():
             raise DataError(f"{key}: {p} is an MDS folder without a '{split}' subfolder")
         raise DataError(f"{key}: {p} holds no prepared data (no manifest.json) and no MDS dataset (no index.json); "
@@ -128,9 +129,10 @@ def _open_split(local: str, split: str, which: str, *, key: str | None = None, e
 
 def _separators(es, tokenizer) -> tuple[int | None, int | None]:
     """sequence_id separators for MDS folders (they do not record them): the dataset's ``eos_token_id`` /
-    ``bos_token_id`` (llm-foundry's keys), else the tokenizer's EOS."""
-    eos = es.eos_token_id if es.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-    return eos, es.bos_token_id
+    ``bos_token_id`` (llm-foundry's keys), else the EOS of the tokenizer (``tokenizer()``: loaded when needed)."""
+    if es.eos_token_id is not None:
+        return es.eos_token_id, es.bos_token_id
+    return getattr(tokenizer(), "eos_token_id", None), es.bos_token_id
 
 
 def _check_stream_pair(a, b, na: str, nb: str) -> None:
@@ -152,13 +154,16 @@ def _check_stream_pair(a, b, na: str, nb: str) -> None:
 
 
 def _open_text(es, which: str, tokenizer, seed: int, *, root_ok: bool = True, epoch_counts: bool = True):
-    """A loader's text data: one folder, or the mixture of ``streams`` (data/mixture.py). ``epoch_counts``
-    False (evaluation): every stream's samples once."""
+    """A loader's text data: one folder, or the mixture of ``streams`` (data/mixture.py). ``tokenizer()``
+    gives the recipe's tokenizer (for an MDS folder's EOS). ``epoch_counts`` False (evaluation): every stream's
+    samples once."""
     from mptkit.data.mixture import MixtureDataset, StreamWeight, resolve_counts
 
-    eos, bos = _separators(es, tokenizer)
+    def seps():
+        return _separators(es, tokenizer)
+
     if not es.streams:
-        ds = _open_split(es.local, es.split, which, eos_token_id=eos, bos_token_id=bos, root_ok=root_ok)
+        ds = _open_split(es.local, es.split, which, separators=seps, root_ok=root_ok)
         if es.epoch_size is None or not epoch_counts:
             return ds
         streams = {"local": {"local": es.local}}
@@ -166,16 +171,26 @@ def _open_text(es, which: str, tokenizer, seed: int, *, root_ok: bool = True, ep
     else:
         streams = es.streams
         opened = [_open_split(st["local"], st.get("split") or es.split, which, key=f"{which}.dataset.streams.{n}.local",
-                              eos_token_id=eos, bos_token_id=bos) for n, st in streams.items()]
+                              separators=seps) for n, st in streams.items()]
     names = list(streams)
     keys = [f"{which}.dataset.streams.{n}" for n in names]
+    sizes = [len(d) for d in opened]
+    for k, n, st in zip(keys, sizes, streams.values()):
+        if n == 0 and epoch_counts:
+            raise DataError(f"{k}: {st['local']} has no samples in its '{st.get('split') or es.split}' split")
+        if n == 0:
+            log.warning("%s: %s has no samples in its '%s' split: not evaluated", k, st["local"],
+                        st.get("split") or es.split)
+    if not epoch_counts:  # evaluation: the streams that have samples
+        keep = [i for i, n in enumerate(sizes) if n] or [0]
+        opened, sizes = [opened[i] for i in keep], [sizes[i] for i in keep]
+        names, keys = [names[i] for i in keep], [keys[i] for i in keep]
+        streams = {n: streams[n] for n in names}
+        if not sizes[0]:
+            return opened[0]
     for i in range(1, len(opened)):
         _check_stream_pair(opened[0], opened[i], f"{keys[0]} ({streams[names[0]]['local']})",
                            f"{keys[i]} ({streams[names[i]]['local']})")
-    sizes = [len(d) for d in opened]
-    for k, n, st in zip(keys, sizes, streams.values()):
-        if n == 0:
-            raise DataError(f"{k}: {st['local']} has no samples in its '{st.get('split') or es.split}' split")
     if epoch_counts:
         weights = [StreamWeight(n, st.get("proportion"), st.get("repeat"), st.get("choose"), where=k)
                    for n, st, k in zip(names, streams.values(), keys)]
@@ -307,12 +322,18 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
     if tr is None:
         raise ConfigError("train_loader: the recipe names no training data (train_loader.dataset.local)")
     tok_dir = tokenizer_path(cfg)
-    if tokenizer is None and tok_dir is not None:
-        from mptkit.io.tokenizer_files import load_tokenizer
+    loaded = {"tok": tokenizer}
 
-        tokenizer = load_tokenizer(tok_dir)
+    def get_tokenizer():  # loaded once, when first needed: a missing data folder is named before the tokenizer
+        if loaded["tok"] is None and tok_dir is not None:
+            from mptkit.io.tokenizer_files import load_tokenizer
+
+            loaded["tok"] = load_tokenizer(tok_dir)
+        return loaded["tok"]
+
     seed = int(tr.shuffle_seed if tr.shuffle_seed is not None else cfg.seed)
-    train = _open_text(tr, "train_loader", tokenizer, seed)
+    train = _open_text(tr, "train_loader", get_tokenizer, seed)
+    tokenizer = get_tokenizer()
     where = tr.local or "the streams' folders"
     man = dict(getattr(train, "manifest", {}) or {})
     if tokenizer is not None:
@@ -343,7 +364,7 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
         same = (not es.streams and not tr.streams and es.local and tr.local
                 and Path(es.local).resolve() == Path(tr.local).resolve())
         try:
-            ev = _open_text(es, "eval_loader", tokenizer, seed, root_ok=not same, epoch_counts=False)
+            ev = _open_text(es, "eval_loader", get_tokenizer, seed, root_ok=not same, epoch_counts=False)
         except DataError as e:
             if same:
                 log.warning("no evaluation data: %s", e)
