@@ -223,3 +223,20 @@ def test_a_spike_in_prepared_data_through_mptkit_train_logs_stops_with_the_code_
     assert {e["action"] for e in s["recovery"]} == {"rollback"} and s["recovery"][0]["step"] == 9
     assert s["recovery"][0]["batches_skipped"] == [[0, 8, 8]] and s["batches_skipped"] == len(s["recovery"])
     assert [r["step"] for r in lines if "train_loss" in r] == list(range(1, 13))
+
+
+def test_a_rollback_moves_aside_the_checkpoints_saved_during_the_spike(tmp_path):
+    """patience 1: batches 7 and 8 are outliers, the spike is found at step 9, but ep0-ba8 already holds the update
+    of step 8: the rollback goes to ep0-ba4 (before the first outlier), moves ep0-ba8 aside as ep0-ba8.rolledback
+    (never resumed from), skips the batches of steps 5..9 and ends bitwise as a run without them."""
+    x = _data()
+    x[8 * BS:9 * BS] = torch.randint(2, 64, (BS, 32), generator=torch.Generator().manual_seed(2))
+    rec = {"callbacks": {"kill_loss_spike": {"window_size": 4, "patience": 1, "outlier_multiplier": 1.5}},
+           "recovery": {"loss_spike": "rollback"}, "save_interval": "4ba", "max_duration": "11ba"}
+    t, s = _fit(tmp_path / "a", x, **rec)
+    [ev] = s["recovery"]
+    assert (ev["step"], ev["outlier_counter"], ev["rollback_to"]) == (9, 2, 4)
+    assert ev["batches_skipped"] == [[0, 4, 8]] and ev["checkpoints_moved_aside"] == ["ep0-ba8.rolledback"]
+    assert (tmp_path / "a" / "ck" / "ep0-ba8.rolledback" / "trainer_state.pt").is_file()
+    ref, _ = _fit(tmp_path / "ref", _data(drop=(4, 5, 6, 7, 8)), save_interval="4ba", max_duration="11ba")
+    _assert_bitwise(_weights(t), _weights(ref))
