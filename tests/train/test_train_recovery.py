@@ -57,8 +57,8 @@ def _weights(t: Trainer) -> dict:
 
 def _assert_bitwise(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
 
 
 def _metrics(tmp: Path) -> list[dict]:
@@ -124,7 +124,7 @@ def test_nonfinite_loss_skip_and_rollback_finish_bitwise_as_without_the_batch(tm
     ref, _ = _fit(tmp_path / "ref", _data(drop=(BAD,)))
     _assert_bitwise(_weights(t), _weights(ref))
 
-    r, s = _fit(tmp_path / "rb", x, loss_fn=nan_on_marked,
+    _, s = _fit(tmp_path / "rb", x, loss_fn=nan_on_marked,
                 recovery={"nonfinite": "rollback", "skip_batches": 1, "lr_factor": 0.5, "lr_steps": 2})
     [ev] = s["recovery"]
     assert (ev["action"], ev["rollback_to"], ev["batches_skipped"]) == ("rollback", 6, [[0, BAD, BAD]])
@@ -240,3 +240,86 @@ def test_a_rollback_moves_aside_the_checkpoints_saved_during_the_spike(tmp_path)
     assert (tmp_path / "a" / "ck" / "ep0-ba8.rolledback" / "trainer_state.pt").is_file()
     ref, _ = _fit(tmp_path / "ref", _data(drop=(4, 5, 6, 7, 8)), save_interval="4ba", max_duration="11ba")
     _assert_bitwise(_weights(t), _weights(ref))
+
+
+TWO_RANKS = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+from mptkit.train.data import TensorDataset
+from mptkit.train.step import causal_lm_loss
+from mptkit.train.trainer import Trainer
+from tests.helpers import make_cfg
+from tests.train.test_train_recovery import BAD, BS, _data
+
+def nan_on_rank1(model, mb):  # rank 1's share of the poisoned batch only: the other rank's loss is finite
+    loss = causal_lm_loss(model, mb)
+    poisoned = bool((mb["input_ids"] == 1).any())
+    return loss * float("nan") if poisoned else loss
+
+x = _data()
+x[BAD * BS + 1, 0] = 1  # global position 57: rank 1 of 2 (rank r takes r, r+2, ...)
+cfg = make_cfg(Path(sys.argv[1]), device="cpu", save_interval="3ba", max_duration="9ba",
+               recovery={{"nonfinite": "rollback"}},
+               train_loader={{"name": "text", "dataset": {{"local": "unused", "shuffle": False}}}})
+Trainer(cfg, train_dataset=TensorDataset(x), loss_fn=nan_on_rank1).fit()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_nan_of_one_rank_and_roll_back_together(tmp_path):
+    """2 gloo ranks, a NaN in rank 1's half of batch 7 only: both ranks judge the step non-finite, roll back to
+    ep0-ba6 together, skip batches 6 and 7 and finish; the weights are those of one process on the data without
+    them (to float rounding: the ranks sum gradients in another order); each rank's data position moved past them."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.train.test_train_ddp import ROOT, _free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        e = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS.format(root=str(ROOT)), str(tmp_path / "two")],
+                                      env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    s = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
+    [ev] = s["recovery"]
+    assert (ev["event"], ev["step"], ev["action"], ev["rollback_to"]) == ("nonfinite", 8, "rollback", 6)
+    assert ev["batches_skipped"] == [[0, 6, 7]] and s["steps"] == 9
+    st = torch.load(tmp_path / "two" / "ck" / "ep0-ba9" / "trainer_state.pt", weights_only=True)
+    assert st["recovery"]["ranges"] == [[0, 6, 7]] and [d["offset"] for d in st["data"]] == [11 * 4, 11 * 4]
+    ref, _ = _fit(tmp_path / "ref", _data(drop=(6, 7)), device="cpu", max_duration="9ba")
+    two = load_file(str(tmp_path / "two" / "ck" / "ep0-ba9" / "model" / "model.safetensors"))
+    for k, v in _weights(ref).items():
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_the_stream_passes_over_skipped_batches_across_epochs():
+    """RecoveryState merges skipped ids into ranges; BatchStream never hands them out (into the next epoch when an
+    epoch's last batches are skipped) and batch_ids replays the ids from any position without reading data."""
+    from mptkit.train.data import BatchStream, TensorDataset, make_sampler
+    from mptkit.train.recovery import RecoveryState
+
+    rs = RecoveryState()
+    assert rs.add_batches([(0, 3), (0, 2)]) == [[0, 2, 3]]
+    rs.add_batches([(0, 4), (1, 0), (0, 7)])
+    assert rs.ranges == [[0, 2, 4], [0, 7, 7], [1, 0, 0]] and rs.batches_skipped == 5 and (0, 3) in rs
+    ds = TensorDataset(torch.arange(64 * 4).view(64, 4))
+    stream = BatchStream(ds, make_sampler(64, seed=0, shuffle=False, rank=0, world_size=1), 8)
+    stream.skip = rs
+    got = []
+    for _ in range(6):
+        b = stream.next_batch()
+        got.append(stream.last_batch)
+        assert int(b["input_ids"][0, 0]) == 4 * 8 * (stream.last_batch[1])  # the batch's own rows
+    assert got == [(0, 0), (0, 1), (0, 5), (0, 6), (1, 1), (1, 2)]
+    assert stream.batch_ids({"epoch": 0, "offset": 8}, 4) == [(0, 1), (0, 5), (0, 6), (1, 1)]
