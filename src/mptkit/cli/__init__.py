@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mptkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # e.g. TrainDiverged's EXIT_DIVERGED (not to be retried)
     except Exception as e:
         from mptkit.utils.outputs import describe_os_error, is_write_failure
 
