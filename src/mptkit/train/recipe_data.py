@@ -200,6 +200,14 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
                               "holds one (model.pretrained_model_name_or_path)")
         tokenizer = load_tokenizer(src)
     tr = _dataset_section(cfg, "train_loader")
+    for which in ("train_loader", "eval_loader"):
+        ds = _dataset_section(cfg, which)
+        named = getattr(ds, "tokenizer_name", None) if ds is not None else None
+        run_tok = tokenizer_path(cfg) or pretrained_folder(cfg)
+        if named and (run_tok is None or Path(str(named)).resolve() != Path(str(run_tok)).resolve()):
+            raise ConfigError(f"{which}.dataset.tokenizer_name: {named} is not the run's tokenizer ({run_tok}); the "
+                              "examples are tokenized with the run's tokenizer (tokenizer.name): make them the same "
+                              "or remove dataset.tokenizer_name")
     split = tr.split
     train = build_finetune_dataset(finetune_source(tr, "train_loader", split), tokenizer,
                                    _finetune_options(tr, cfg, "train_loader"), split=split, where="train_loader.dataset")

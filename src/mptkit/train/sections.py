@@ -279,6 +279,7 @@ FINETUNE_OPTION_KEYS = {
     "system_prompt",
     "append_eos",
     "strict",
+    "eos_token_id",
 }
 
 
@@ -312,6 +313,7 @@ class FinetuneDatasetConfig(Section):
     shuffle_seed: int | None = None
     decoder_only_format: bool = True
     safe_load: Any = None  # accepted, ignored (mptkit never runs a dataset's code)
+    tokenizer_name: str | None = None  # llm-foundry's older key: must name the run's tokenizer
     options: dict = field(default_factory=dict)
 
     @classmethod
