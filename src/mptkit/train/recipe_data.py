@@ -305,8 +305,12 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
     fast = FastPathOptions.from_dict(spec.get("fast_paths")) if isinstance(spec, dict) else FastPathOptions()
     if isinstance(spec, dict):  # the name is checked before the folder: a wrong model type is named first
         name = spec.get("name", "mpt_causal_lm")
-        if name not in ("mpt_causal_lm", "mpt"):
-            raise ConfigError(f"model.name: '{name}' is not supported; mptkit trains MPT models (mpt_causal_lm)")
+        if name == "hf_causal_lm" and not spec.get("pretrained_model_name_or_path"):
+            raise ConfigError("model.name: hf_causal_lm starts from a model folder: set "
+                              "model.pretrained_model_name_or_path to a local MPT folder (or use mpt_causal_lm)")
+        if name not in ("mpt_causal_lm", "mpt", "hf_causal_lm"):
+            raise ConfigError(f"model.name: '{name}' is not supported; mptkit trains MPT models (mpt_causal_lm, or "
+                              "hf_causal_lm from a local MPT folder)")
     pretrained = pretrained_folder(cfg)
     if isinstance(spec, (str, Path)):
         mcfg = load_model_config(pretrained if pretrained is not None else str(spec))
