@@ -141,9 +141,10 @@ def _doc_table_keys() -> dict[str, str]:
     for line in text[start:].splitlines()[1:]:
         if line.startswith("#"):
             break
-        m = re.match(r"^\| `([a-z_0-9]+)` \| ([a-z]+) \|", line)
-        if m:
-            rows[m.group(1)] = m.group(2)
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            for key in re.findall(r"`([a-z_0-9]+)`", cells[0]):
+                rows[key] = cells[1]
     return rows
 
 
