@@ -261,7 +261,7 @@ PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 # Sub-section keys the untyped sections accept (unknown ones are an error naming the closest); the typed
 # sections (train/sections.py) know their own.
 DATA_PREP_KEYS = {"inputs", "vocab_size", "max_files", "max_bytes", "val_fraction", "options"}
-LOGGERS = {"tensorboard", "jsonl"}
+LOGGERS = {"tensorboard", "jsonl", "mlflow", "wandb"}  # mlflow, wandb: train/loggers.py
 
 
 @dataclass
@@ -373,6 +373,9 @@ class RunConfig:
         if not isinstance(self.loggers, dict):
             raise ConfigError("loggers: expected a mapping of logger name -> options")
         _check_keys(self.loggers, LOGGERS, "loggers")
+        from mptkit.train.loggers import check_loggers
+
+        check_loggers(self.loggers)
         if isinstance(self.eval_loader, list):
             raise ConfigError("eval_loader: a list of eval loaders (llm-foundry's eval_loaders) is not supported: "
                               "mptkit evaluates one eval_loader")

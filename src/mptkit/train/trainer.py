@@ -687,6 +687,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if getattr(self, "_sinks", None) is not None:
+                self._sinks.close(ok=False)  # a failed run's mlflow / wandb runs end as failed (no-op after close)
             self.close()  # the folders' locks: released at the end, and on any error
 
     def _fit(self) -> dict:
@@ -697,7 +699,14 @@ class Trainer:
         if main:
             self._check_locks()
             self._write_run_config()
-        writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks,
+        sinks = None
+        if main and any(k in (cfg.loggers or {}) for k in ("mlflow", "wandb")):
+            from mptkit.train.loggers import LoggerSinks
+
+            sinks = self._sinks = LoggerSinks(cfg.loggers, run_name=self.run_name, run_folder=self.run_folder,
+                                              config=json.loads(json.dumps(cfg.to_dict(), default=str))
+                                              if cfg.log_config else None)
+        writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks, sinks=sinks,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
         gpu_flops = cfg.callbacks.speed_monitor.gpu_flops_available
