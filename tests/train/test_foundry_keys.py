@@ -161,3 +161,31 @@ def test_the_docs_table_lists_every_key_the_parser_knows():
     assert set(LLM_FOUNDRY_TRAIN_KEYS) <= fields | set(REFUSED)
     assert set(rows.values()) <= {"supported", "mapped", "refused", "mptkit"}
     json.dumps(rows)
+
+
+def test_fsdp_device_mesh_maps_onto_the_fsdp2_mesh(tmp_path):
+    """composer's fsdp_config.device_mesh: [shard] or [replicate, shard] (mpt-7b.yaml's [2, 4]: HSDP, 2 replicas
+    of 4-way shards); the mesh FSDP2 is built on has that shape, and one that does not fit the ranks or disagrees
+    with the data_parallel degrees is refused naming the key."""
+    from mptkit.train.fsdp import build_mesh
+    from mptkit.train.fsdp_config import parse_fsdp_config
+
+    s = parse_fsdp_config({"sharding_strategy": "FULL_SHARD", "device_mesh": [2, 4]})
+    assert (s.sharding_strategy, s.data_parallel_replicate_degree, s.data_parallel_shard_degree) == (
+        "HYBRID_SHARD", 2, 4)
+    assert parse_fsdp_config({"sharding_strategy": "SHARD_GRAD_OP", "device_mesh": [2, 2]}).sharding_strategy == (
+        "_HYBRID_SHARD_ZERO2")
+    one = parse_fsdp_config({"device_mesh": [4]})
+    assert (one.sharding_strategy, one.data_parallel_shard_degree) == ("FULL_SHARD", 4)
+    with pytest.raises(ConfigError, match="use sharding_strategy HYBRID_SHARD"):  # [4] on 8 ranks
+        build_mesh(one, 8, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="must equal the number of ranks"):  # [2, 4] on 4 ranks
+        build_mesh(s, 4, torch.device("cpu"))
+    for bad, match in (([2, 0], "device_mesh: expected"), ([1, 2, 3], "device_mesh: expected"),
+                       ("2x4", "device_mesh: expected")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict(tiny_run(tmp_path, fsdp_config={"device_mesh": bad}))
+    with pytest.raises(ConfigError, match="disagrees"):
+        parse_fsdp_config({"device_mesh": [2, 4], "data_parallel_shard_degree": 2})
+    with pytest.raises(ConfigError, match="NO_SHARD"):
+        parse_fsdp_config({"sharding_strategy": "NO_SHARD", "device_mesh": [2, 4]})
