@@ -86,6 +86,8 @@ def test_load_strict_model_weights_and_composer_files(tmp_path):
     torch.save({"state": {"model": {f"model.{k}": v for k, v in w.items()}}}, pt)
     t2 = _trainer(make_cfg(tmp_path / "d", model=one, load_path=str(pt), load_weights_only=True)).setup()
     assert all(torch.equal(t2.model.state_dict()[k], v) for k, v in w.items())
+    with pytest.raises(CheckpointError, match="load_weights_only"):
+        _trainer(make_cfg(tmp_path / "e", model=one, load_path=str(pt))).setup()
 
 
 def test_save_weights_only_checkpoints_hold_no_optimizer_and_are_not_resumed(tmp_path):

@@ -1,6 +1,7 @@
 """llm-foundry's own YAMLs as written (project-made copies of the shape of pretrain/mpt-125m.yaml, pretrain/mpt-7b.yaml
 with its fsdp_config.device_mesh, and finetune/mpt-7b_dolly_sft.yaml, under tests/train/foundry_yamls/): `mptkit
-train` validates each unchanged, and trains one step of each with only local paths and tiny sizes overridden."""
+train` validates each unchanged, and trains one step of the 125m and Dolly ones with only local paths and tiny sizes
+overridden (the 7b one differs from the 125m one in sizes and its fsdp_config, whose mapping is checked)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def prepared(tmp_path, make_tokenizer):
     return tok, tmp_path / "c4"
 
 
-@pytest.mark.parametrize("name", ["mpt-125m", "mpt-7b"])
+@pytest.mark.parametrize("name", ["mpt-125m"])  # mpt-7b.yaml: the same keys but fsdp_config's (validated above)
 def test_pretrain_yamls_train_a_step(tmp_path, prepared, name):
     tok, data = prepared
     run = tmp_path / "run"

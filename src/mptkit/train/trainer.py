@@ -431,6 +431,10 @@ class Trainer:
                          sharded=self.fsdp is not None)
             self.loaded_weights_from = cfg.load_path
         elif ck is None and cfg.load_path:
+            if Path(cfg.load_path).is_file():
+                raise CheckpointError(f"load_path {cfg.load_path} is a file (a Composer checkpoint?): a run continues "
+                                      "only from mptkit's checkpoint folders; start a new run from its weights with "
+                                      "load_weights_only: true (or convert it: mptkit convert composer)")
             ck = ckpt_mod.find_latest_checkpoint(cfg.load_path)
             if ck is None:
                 raise CheckpointError(f"load_path {cfg.load_path}: no valid checkpoint there")
