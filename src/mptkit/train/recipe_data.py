@@ -203,7 +203,7 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
     for which in ("train_loader", "eval_loader"):
         ds = _dataset_section(cfg, which)
         named = getattr(ds, "tokenizer_name", None) if ds is not None else None
-        run_tok = tokenizer_path(cfg) or pretrained_folder(cfg)
+        run_tok = (tokenizer_path(cfg) or pretrained_folder(cfg)) if named else None
         if named and (run_tok is None or Path(str(named)).resolve() != Path(str(run_tok)).resolve()):
             raise ConfigError(f"{which}.dataset.tokenizer_name: {named} is not the run's tokenizer ({run_tok}); the "
                               "examples are tokenized with the run's tokenizer (tokenizer.name): make them the same "
