@@ -191,3 +191,35 @@ def test_fsdp_device_mesh_maps_onto_the_fsdp2_mesh(tmp_path):
         parse_fsdp_config({"device_mesh": [2, 4], "data_parallel_shard_degree": 2})
     with pytest.raises(ConfigError, match="NO_SHARD"):
         parse_fsdp_config({"sharding_strategy": "NO_SHARD", "device_mesh": [2, 4]})
+
+
+def test_compile_config_compiles_the_blocks_and_stays_eager_on_cpu(tmp_path, monkeypatch, caplog):
+    """compile_config: on CPU the blocks stay eager with a warning (measured no faster, docs/training.md);
+    MPTKIT_COMPILE_ON_CPU=1 compiles each block in place (torch.compile's options passed through); a key that
+    is no torch.compile option is refused."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="mptkit"):
+        t = _trainer(make_cfg(tmp_path / "a", save_folder=None, compile_config={})).setup()
+    assert "run eagerly" in caplog.text
+    assert all(b._compiled_call_impl is None for b in t.model.transformer.blocks)
+    monkeypatch.setenv("MPTKIT_COMPILE_ON_CPU", "1")
+    calls = []  # torch.compile itself takes ~15 s to import and set up here: record the calls instead
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((self, kw)))
+    t = _trainer(make_cfg(tmp_path / "b", save_folder=None, compile_config={"dynamic": False})).setup()
+    assert [c[0] for c in calls] == list(t.model.transformer.blocks) and calls[0][1] == {"dynamic": False}
+    with pytest.raises(ConfigError, match="compile_config.fullgrph"):
+        make_cfg(tmp_path, compile_config={"fullgrph": True})
+
+
+def test_cuda_allocator_keys_set_the_environment_before_cuda_starts(tmp_path, monkeypatch):
+    from mptkit.train.trainer import _cuda_environment
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    _cuda_environment(make_cfg(tmp_path, max_split_size_mb=256, expandable_segments=True, cuda_load_lazy=True))
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256,expandable_segments:True"
+    assert os.environ["CUDA_MODULE_LOADING"] == "LAZY"
