@@ -117,6 +117,10 @@ run("hsdp", save_folder=None, fsdp_config={{"sharding_strategy": "HYBRID_SHARD",
 run("zero2", save_folder=None, fsdp_config={{"sharding_strategy": "SHARD_GRAD_OP", "sync_module_states": True,
     "cpu_offload": True, "activation_cpu_offload": True}})  # both offloads: ignored on CPU, with a warning
 run("from_hf", save_folder=None, model=str(tmp / "fsdp" / "hf"), fsdp_config={{"sync_module_states": True}})
+run("weights_only", fsdp_config={{}}, max_duration="2ba", load_path=str(tmp / "one" / "ck" / "ep0-ba2"),
+    load_weights_only=True, load_ignore_keys=["state/model/model.transformer.wte*"],  # into the shards
+    callbacks={{"hf_checkpointer": {{"save_folder": str(tmp / "weights_only" / "hfck"), "save_interval": "1ba",
+                                    "precision": "bfloat16"}}}})  # gathered from the shards
 import gc
 gc.collect()  # the runs' DDP/FSDP modules (and their gloo work objects) go before the group, not at teardown
 dist.destroy_process_group()
@@ -366,6 +370,23 @@ def test_sharded_checkpoints(runs, tmp_path):
     shard = next(p for p in sorted((bad / "ep0-ba4" / "dcp").iterdir()) if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:-8])
     assert ck.find_latest_checkpoint(bad).name == "ep0-ba2"
+
+
+@pytest.mark.slow
+def test_load_weights_only_into_fsdp_shards(runs, tmp_path):
+    """load_path + load_weights_only (with load_ignore_keys) on 2 FSDP ranks: the weights are set shard by shard;
+    the run ends with the weights of the same run in one process; its hf_checkpointer folders hold the gathered
+    weights."""
+    one = _fit(tmp_path / "one", max_duration="2ba", load_path=str(runs / "one" / "ck" / "ep0-ba2"),
+               load_weights_only=True, load_ignore_keys=["state/model/model.transformer.wte*"])
+    assert one["steps"] == 2 and one["resumed_from"] is None
+    final = _weights(runs / "weights_only" / "ck" / "ep0-ba2")
+    _close(final, _weights(tmp_path / "one" / "ck" / "ep0-ba2"))
+    # callbacks.hf_checkpointer under FSDP: the gathered weights in bf16, every batch and at the end
+    hf = runs / "weights_only" / "hfck" / "huggingface"
+    assert sorted(p.name for p in hf.iterdir()) == ["ba1", "ba2"]
+    got = load_file(str(hf / "ba2" / "model.safetensors"))
+    assert got.keys() == final.keys() and all(torch.equal(got[k], final[k].to(torch.bfloat16)) for k in got)
 
 
 @pytest.mark.parametrize(("cfg", "match"), [

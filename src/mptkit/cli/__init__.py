@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "mptkit.cli.infer",
     "mptkit.cli.eval",
     "mptkit.cli.export",
+    "mptkit.cli.convert",
 )
 
 

@@ -89,6 +89,9 @@ class FinetuneOptions:
     # chat examples without a system message get this one ("default" = the one `mptkit chat` and the server
     # add, so training and inference see the same prompt; None or "" = none)
     system_prompt: str | None = "default"
+    # the id that ends the final response with append_eos (and pads when the tokenizer has no pad token);
+    # None = the tokenizer's eos_token_id
+    eos_token_id: int | None = None
 
     def __post_init__(self):
         if int(self.max_seq_len) < 2:
@@ -97,6 +100,9 @@ class FinetuneOptions:
             raise DataError(f"finetuning: target_prompts must be none, all or length>=N, got {self.target_prompts!r}")
         if self.target_responses not in ("last", "all"):
             raise DataError(f"finetuning: target_responses must be last or all, got {self.target_responses!r}")
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool) or not isinstance(
+                self.eos_token_id, int) or self.eos_token_id < 0):
+            raise DataError(f"finetuning: eos_token_id must be a token id (an integer >= 0), got {self.eos_token_id!r}")
         pr = self.packing_ratio
         if pr is not None and pr != "auto":
             try:
@@ -331,9 +337,64 @@ def chat_turns(messages: Any, system_prompt: str | None = None) -> list[tuple[li
     return turns
 
 
+_PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+
+
+def chat_template_renderer(tokenizer) -> Callable[..., str] | None:
+    """``render(messages, add_generation_prompt)`` with the tokenizer's own ``chat_template``, or None when it
+    has none or its template renders ChatML exactly as :mod:`mptkit.prompts` does (then conversations keep
+    mptkit's ChatML path: content as text, the markers as control tokens; ChatML is the default)."""
+    from mptkit.prompts import render_chatml
+
+    if not getattr(tokenizer, "chat_template", None) or not callable(getattr(tokenizer, "apply_chat_template", None)):
+        return None
+
+    def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    try:
+        if render(_PROBE) == render_chatml(_PROBE, add_generation_prompt=False) and render(
+                _PROBE[:2], True) == render_chatml(_PROBE[:2]):
+            return None
+    except Exception as e:  # noqa: BLE001 - a template that cannot render a plain conversation
+        raise DataError(f"the tokenizer's chat_template cannot render a system/user/assistant conversation "
+                        f"({type(e).__name__}: {e})") from None
+    return render
+
+
+def template_chat_turns(messages: Any, render: Callable[..., str],
+                        system_prompt: str | None = None) -> list[tuple[str, str]]:
+    """Turns of a conversation rendered with a tokenizer's own chat template: each assistant message's
+    response is what the template adds for it (its content and the template's end-of-turn text), its prompt
+    what the template renders before it since the previous response, through the generation prompt. The
+    pieces are texts tokenized as the tokenizer reads the rendered conversation (the template's markers are
+    its special tokens), as llm-foundry tokenizes templated chat."""
+    chat_turns(messages)  # the same checks of roles and contents (raises BadRecord)
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}, *msgs]
+    turns: list[tuple[str, str]] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        try:
+            prompt, full = render(msgs[:i], True), render(msgs[:i + 1], False)
+        except Exception as e:  # noqa: BLE001 - the template's own errors (e.g. role order it refuses)
+            raise BadRecord("chat_template", f"the tokenizer's chat_template failed: {type(e).__name__}: {e}") from None
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise BadRecord("chat_template", "the tokenizer's chat_template does not render the conversation turn by "
+                                             "turn (a longer conversation changes the text before it)")
+        turns.append((prompt[len(done):], full[len(prompt):]))
+        done = full
+    return turns
+
+
 def example_turns(rec: Any, preprocess: Callable[[dict], Any] | None = None,
-                  system_prompt: str | None = None) -> tuple[list[tuple[Any, Any]], bool]:
-    """``(turns, is_chat)`` of one record, in any of the module's formats."""
+                  system_prompt: str | None = None,
+                  render: Callable[..., str] | None = None) -> tuple[list[tuple[Any, Any]], bool]:
+    """``(turns, is_chat)`` of one record, in any of the module's formats (conversations with ``render``, a
+    tokenizer's chat template: :func:`chat_template_renderer`, when given)."""
     if preprocess is not None:
         try:
             rec = preprocess(rec)
@@ -344,6 +405,8 @@ def example_turns(rec: Any, preprocess: Callable[[dict], Any] | None = None,
     if not isinstance(rec, dict):
         raise BadRecord("not_an_object", f"the record is {type(rec).__name__}, expected a JSON object")
     if "messages" in rec:
+        if render is not None:
+            return template_chat_turns(rec["messages"], render, system_prompt), True
         return chat_turns(rec["messages"], system_prompt), True
     if "instruction" in rec:
         instruction = _text(rec, "instruction")
@@ -526,6 +589,9 @@ def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOpt
     if system == "default":
         system = DEFAULT_SYSTEM_PROMPT
     stats = FinetuneStats()
+    render = chat_template_renderer(tokenizer)
+    if render is not None:
+        log.info("finetuning data %s: conversations are rendered with the tokenizer's own chat_template", path)
     texts: list[str | list] = []  # prompt/response texts, or a chat turn's ChatML pieces
     layout: list[tuple[int, int, bool]] = []  # per example: first text index, number of turns, is_chat
     if isinstance(path, str) and path.startswith("mptkit:"):
@@ -536,14 +602,17 @@ def build_finetune_dataset(path: str | Path | list, tokenizer, opts: FinetuneOpt
         for at, rec in src:
             stats.records += 1
             try:
-                turns, is_chat = example_turns(rec, preprocess, system)
+                turns, is_chat = example_turns(rec, preprocess, system, render)
             except BadRecord as e:
                 issues.report(e.kind, at, str(e))
                 continue
             layout.append((len(texts), len(turns), is_chat))
             for p, r in turns:
                 texts += [p, r]
-    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = opts.eos_token_id if opts.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if opts.eos_token_id is not None and opts.eos_token_id >= len(tokenizer):
+        raise DataError(f"{where}.eos_token_id: {opts.eos_token_id} is not an id of the tokenizer "
+                        f"({len(tokenizer)} tokens)")
     encoded = _encode_pieces(tokenizer, texts)
     examples = []
     for start, nt, is_chat in layout:

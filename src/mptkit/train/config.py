@@ -37,6 +37,7 @@ from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _che
     Section,
     _check_keys,
     _dym,
+    _need_bool,
     _need_int,
     _need_num,
 )
@@ -46,14 +47,17 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------- durations
 
-_UNITS = ("ba", "ep", "tok", "sp")
+_UNITS = ("ba", "ep", "tok", "sp", "dur")
 _MULT = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-_DUR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMBGT]?)(ba|ep|tok|sp)\s*$")
+_DUR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMBGT]?)(ba|ep|tok|sp|dur)\s*$")
 
 
 @dataclass(frozen=True)
 class Duration:
-    """A length of training: ``value`` batches ("ba"), epochs ("ep"), tokens ("tok") or samples ("sp")."""
+    """A length of training: ``value`` batches ("ba"), epochs ("ep"), tokens ("tok"), samples ("sp"), or a
+    fraction of ``max_duration`` ("dur", composer's unit: ``0.02dur`` is ``int(0.02 x max_duration's value)`` in
+    max_duration's unit, e.g. 2ba of 100ba, and of its batches when max_duration is in epochs;
+    ``max_duration`` itself cannot be in ``dur``)."""
 
     value: float
     unit: str
@@ -62,8 +66,21 @@ class Duration:
         v = int(self.value) if float(self.value).is_integer() else self.value
         return f"{v}{self.unit}"
 
-    def to_batches(self, *, batches_per_epoch: int | None, tokens_per_batch: int, samples_per_batch: int) -> int:
-        """Number of optimizer steps this duration covers (rounded up)."""
+    def to_batches(self, *, batches_per_epoch: int | None, tokens_per_batch: int, samples_per_batch: int,
+                   max_duration: Duration | None = None) -> int:
+        """Number of optimizer steps this duration covers (rounded up). A ``dur`` fraction needs ``max_duration``:
+        as composer converts it, the fraction of max_duration's value, truncated to an integer in its unit."""
+        if self.unit == "dur":
+            if max_duration is None or max_duration.unit == "dur":
+                raise ConfigError(f"duration '{self}' is a fraction of max_duration, which is not known here")
+            if max_duration.unit == "ep":  # composer: a fraction of an epochs duration counts batches
+                if batches_per_epoch is None:
+                    raise ConfigError(f"duration '{self}' is a fraction of max_duration in epochs, but the dataset "
+                                      "length is unknown")
+                return int(self.value * batches_per_epoch * max_duration.value)
+            whole = Duration(float(int(self.value * max_duration.value)), max_duration.unit)
+            return whole.to_batches(batches_per_epoch=batches_per_epoch, tokens_per_batch=tokens_per_batch,
+                                    samples_per_batch=samples_per_batch)
         if self.unit == "ba":
             return math.ceil(self.value)
         if self.unit == "tok":  # tokens per batch may be a mean (finetuning data): no step for a rounding error
@@ -88,9 +105,11 @@ def parse_duration(v: Any, key: str, *, int_unit: str = "ba", allow_zero: bool =
         if not m:
             raise ConfigError(
                 f"{key}: cannot read duration {v!r}; use a number with a unit: 'Nba' (batches), 'Nep' (epochs), "
-                "'Ntok' (tokens, e.g. '5Mtok') or 'Nsp' (samples)"
+                "'Ntok' (tokens, e.g. '5Mtok'), 'Nsp' (samples) or 'Xdur' (a fraction of max_duration, e.g. '0.02dur')"
             )
         d = Duration(float(m.group(1)) * _MULT[m.group(2)], m.group(3))
+    if d.unit == "dur" and key == "max_duration":
+        raise ConfigError(f"max_duration: {v!r} is a fraction of max_duration itself; give it in ba, ep, tok or sp")
     if d.value < 0 or (d.value == 0 and not allow_zero):
         raise ConfigError(f"{key}: duration must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
     return d
@@ -243,7 +262,7 @@ PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 # Sub-section keys the untyped sections accept (unknown ones are an error naming the closest); the typed
 # sections (train/sections.py) know their own.
 DATA_PREP_KEYS = {"inputs", "vocab_size", "max_files", "max_bytes", "val_fraction", "options"}
-LOGGERS = {"tensorboard", "jsonl"}
+LOGGERS = {"tensorboard", "jsonl", "mlflow", "wandb"}  # mlflow, wandb: train/loggers.py
 
 
 @dataclass
@@ -275,7 +294,18 @@ class RunConfig:
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: str | None = None
+    load_weights_only: bool = False  # load_path: the weights only (a new run from them), not the trainer state
+    load_strict_model_weights: bool = True  # with load_weights_only: every model tensor must be in load_path
+    load_ignore_keys: list | None = None  # with load_weights_only: globs of tensors not loaded (state/model/...)
+    save_weights_only: bool = False  # checkpoints without optimizer state (cannot be resumed)
     resume_accept_data_change: bool = False  # resume although the data stream differs from the checkpoint's
+    python_log_level: str | None = None  # the level of mptkit's loggers (llm-foundry: composer's/llmfoundry's)
+    log_config: bool = True  # the validated config goes to the loggers (config.yaml is always written)
+    metadata: dict | None = None  # free key/values recorded in config.yaml and the metrics' start event
+    compile_config: dict | None = None  # torch.compile each block for training (train/compile.py)
+    max_split_size_mb: int | None = None  # CUDA caching allocator settings (PYTORCH_CUDA_ALLOC_CONF) ...
+    expandable_segments: bool | None = None
+    cuda_load_lazy: bool = False  # ... and CUDA_MODULE_LOADING=LAZY, set before CUDA starts
     progress_bar: bool = True
     log_to_console: bool = True
     console_log_interval: Any = "1ba"
@@ -351,6 +381,12 @@ class RunConfig:
         if not isinstance(self.loggers, dict):
             raise ConfigError("loggers: expected a mapping of logger name -> options")
         _check_keys(self.loggers, LOGGERS, "loggers")
+        from mptkit.train.loggers import check_loggers
+
+        check_loggers(self.loggers)
+        if isinstance(self.eval_loader, list):
+            raise ConfigError("eval_loader: a list of eval loaders (llm-foundry's eval_loaders) is not supported: "
+                              "mptkit evaluates one eval_loader")
         for lname in ("train_loader", "eval_loader"):
             ld = getattr(self, lname)
             if ld is not None:
@@ -360,6 +396,7 @@ class RunConfig:
                 raise ConfigError("data_prep: expected a mapping (inputs, vocab_size, ...)")
             _check_keys(self.data_prep, DATA_PREP_KEYS, "data_prep")
         _need_int("save_num_checkpoints_to_keep", self.save_num_checkpoints_to_keep, -1)
+        self._validate_foundry_keys()
         if self.torch_threads is not None:
             _need_int("torch_threads", self.torch_threads, 1)
         if self.peak_tflops is not None:
@@ -379,6 +416,45 @@ class RunConfig:
             parse_fsdp_config(self.fsdp_config)
         return self
 
+    def _validate_foundry_keys(self) -> None:
+        """llm-foundry's loading, saving, logging and system keys: values, and combinations mptkit refuses."""
+        for k in ("load_weights_only", "load_strict_model_weights", "save_weights_only", "log_config",
+                  "cuda_load_lazy"):
+            _need_bool(k, getattr(self, k))
+        if self.expandable_segments is not None:
+            _need_bool("expandable_segments", self.expandable_segments)
+        if self.max_split_size_mb is not None:
+            _need_int("max_split_size_mb", self.max_split_size_mb, 1)
+        ik = self.load_ignore_keys
+        if ik is not None and (not isinstance(ik, list) or not all(isinstance(x, str) for x in ik)):
+            raise ConfigError(f"load_ignore_keys: expected a list of key patterns (e.g. ['state/model/*wte*']), "
+                              f"got {ik!r}")
+        if self.load_weights_only and not self.load_path:
+            raise ConfigError("load_weights_only: true needs load_path (the checkpoint or model whose weights to load)")
+        if not self.load_weights_only:
+            for k in ("load_ignore_keys", "load_strict_model_weights"):
+                v = getattr(self, k)
+                if (k == "load_ignore_keys" and v) or (k == "load_strict_model_weights" and v is False):
+                    raise ConfigError(
+                        f"{k}: applies to a weights-only load (load_weights_only: true); a full resume restores the "
+                        "weights with their optimizer state, all or nothing")
+        if self.save_weights_only and self.autoresume:
+            raise ConfigError("save_weights_only: true with autoresume: true: a weights-only checkpoint has no "
+                              "optimizer state, so a run cannot continue from it; set one of them to false")
+        if self.python_log_level is not None and str(self.python_log_level).upper() not in (
+                "DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"):
+            raise ConfigError(f"python_log_level: expected debug, info, warning, error or critical, got "
+                              f"{self.python_log_level!r}")
+        if self.metadata is not None and not isinstance(self.metadata, dict):
+            raise ConfigError("metadata: expected a mapping of names to values")
+        if self.compile_config is not None:
+            from mptkit.train.compile import check_compile_config
+
+            check_compile_config(self.compile_config)
+        if not self.log_config:
+            log.warning("log_config: false: config.yaml is still written to the run folder (mptkit's record of "
+                        "the run); the config is not sent to the loggers")
+
     @property
     def duration(self) -> Duration:
         if self._max_duration is None:
@@ -391,7 +467,9 @@ class RunConfig:
         autoresume, load_path, resume_accept_data_change)."""
         return CheckpointSettings(self.save_folder, self.save_interval, self.save_num_checkpoints_to_keep,
                                   self.save_overwrite, self.autoresume, self.load_path,
-                                  self.resume_accept_data_change)
+                                  self.resume_accept_data_change, self.load_weights_only,
+                                  self.load_strict_model_weights, tuple(self.load_ignore_keys or ()),
+                                  self.save_weights_only)
 
     @property
     def sample(self) -> SampleSettings:
@@ -408,15 +486,20 @@ def config_from_dict(raw: dict, *, where: str = "recipe") -> RunConfig:
     """Interpolate, check keys (closest valid key on a typo), build and validate a RunConfig."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of run keys at the top level")
+    from mptkit.train.foundry_keys import REFUSED, unset
+
     variables_used = _referenced_top_keys(raw)
     resolved = interpolate(raw)
     kwargs = {}
     for k, v in resolved.items():
         if k in _FIELD_NAMES:
             kwargs[k] = v
+        elif k in REFUSED:  # llm-foundry keys mptkit does not implement: fine unset, else refused with why
+            if not unset(v):
+                raise ConfigError(f"{where}: {k}: not supported: {REFUSED[k]}; remove it or set it to null")
         elif k in variables_used:
             continue  # a variable only used through ${...}
-        elif k in ("dist_timeout", "python_log_level", "console_log_level"):
+        elif k in ("dist_timeout", "console_log_level"):
             continue
         else:
             near = closest(str(k), _FIELD_NAMES)

@@ -64,7 +64,6 @@ FSDP_KEYS = {
 _MUST_BE_UNSET = {
     "ignored_modules": "mptkit shards every parameter",
     "process_group": "the process group is torchrun's (world) group",
-    "device_mesh": "the mesh follows from sharding_strategy and data_parallel_shard_degree",
     "load_planner": "DCP's default planner is used",
     "save_planner": "DCP's default planner is used",
     "te_checkpoint_wrapper": "Transformer Engine is not used by mptkit",
@@ -170,8 +169,14 @@ def parse_fsdp_config(d: dict | None) -> FSDPSettings | None:
             "use 'sharded' (torch.distributed.checkpoint) or 'full'"
         )
     state_dict_type = _choice(d, "state_dict_type", "full", STATE_DICT_TYPES, upper=False)
+    strategy = _choice(d, "sharding_strategy", "FULL_SHARD", SHARDING_STRATEGIES)
+    shard_degree = _int(d, "data_parallel_shard_degree", -1, 1)
+    replicate_degree = _int(d, "data_parallel_replicate_degree", None, 1)
+    if d.get("device_mesh") is not None:
+        strategy, shard_degree, replicate_degree = _device_mesh(d["device_mesh"], strategy, shard_degree,
+                                                                replicate_degree)
     s = FSDPSettings(
-        sharding_strategy=_choice(d, "sharding_strategy", "FULL_SHARD", SHARDING_STRATEGIES),
+        sharding_strategy=strategy,
         mixed_precision=mp,
         activation_checkpointing=_bool(d, "activation_checkpointing", False),
         activation_cpu_offload=_bool(d, "activation_cpu_offload", False),
@@ -187,8 +192,8 @@ def parse_fsdp_config(d: dict | None) -> FSDPSettings | None:
         reshard_after_forward=(
             None if d.get("reshard_after_forward") is None else _bool(d, "reshard_after_forward", True)
         ),
-        data_parallel_shard_degree=_int(d, "data_parallel_shard_degree", -1, 1),
-        data_parallel_replicate_degree=_int(d, "data_parallel_replicate_degree", None, 1),
+        data_parallel_shard_degree=shard_degree,
+        data_parallel_replicate_degree=replicate_degree,
     )
     for k in (
         "limit_all_gathers",
@@ -209,9 +214,38 @@ def parse_fsdp_config(d: dict | None) -> FSDPSettings | None:
     return s
 
 
+_TO_HYBRID = {"FULL_SHARD": "HYBRID_SHARD", "SHARD_GRAD_OP": "_HYBRID_SHARD_ZERO2"}
+
+
+def _device_mesh(mesh: Any, strategy: str, shard: int, replicate: int | None) -> tuple[str, int, int | None]:
+    """composer's (FSDP1) ``device_mesh``: ``[shard]``, or ``[replicate, shard]`` (HSDP: replicate across groups,
+    shard within each), mapped onto the strategy and the data_parallel degrees FSDP2's mesh is built from."""
+    if (not isinstance(mesh, (list, tuple)) or len(mesh) not in (1, 2)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in mesh)):
+        raise ConfigError(f"fsdp_config.device_mesh: expected [shard] or [replicate, shard] (positive integers, "
+                          f"their product the number of ranks), got {mesh!r}")
+    rep, sh = (1, mesh[0]) if len(mesh) == 1 else (mesh[0], mesh[1])
+    if shard not in (-1, sh) or replicate not in (None, -1, rep if rep > 1 else replicate):
+        raise ConfigError(f"fsdp_config.device_mesh {list(mesh)} disagrees with data_parallel_shard_degree / "
+                          "data_parallel_replicate_degree; give one of them")
+    if rep == 1:
+        if strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+            raise ConfigError(f"fsdp_config.device_mesh {list(mesh)}: HYBRID_SHARD needs [replicate, shard] with "
+                              "replicate > 1")
+        return strategy, sh, replicate
+    if strategy == "NO_SHARD":
+        raise ConfigError(f"fsdp_config.device_mesh {list(mesh)}: a 2-D mesh shards; NO_SHARD does not")
+    return _TO_HYBRID.get(strategy, strategy), sh, rep
+
+
 def notes(d: dict, s: FSDPSettings) -> list[str]:
     """One line per accepted key that FSDP2 implements differently from FSDP1 (logged once by rank 0)."""
     out = []
+    if d.get("device_mesh") is not None:
+        out.append(f"device_mesh {list(d['device_mesh'])}: {s.sharding_strategy}, shard over "
+                   f"{s.data_parallel_shard_degree} ranks"
+                   + (f", replicate over {s.data_parallel_replicate_degree}" if s.hybrid else "")
+                   + " (composer's [replicate, shard] order)")
     if "limit_all_gathers" in d:
         out.append("limit_all_gathers: FSDP2 bounds in-flight all-gathers itself (no rate limiter to set)")
     if d.get("use_orig_params") is False:

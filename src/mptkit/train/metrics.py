@@ -121,8 +121,9 @@ class MetricsWriter:
     :class:`TrainError` naming metrics.jsonl."""
 
     def __init__(self, run_folder: Path, *, enabled: bool = True, tensorboard: bool | dict = True,
-                 guard: Callable[[], None] | None = None):
+                 guard: Callable[[], None] | None = None, sinks=None):
         self.enabled = enabled
+        self.sinks = sinks  # the recipe's mlflow / wandb loggers (train/loggers.py LoggerSinks), rank 0
         self.path = Path(run_folder) / "metrics.jsonl"
         self.guard = guard
         self._f = None
@@ -150,6 +151,8 @@ class MetricsWriter:
         with write_errors(self.path, TrainError, _CANNOT_WRITE):
             self._f.write(json.dumps(rec, default=_jsonable) + "\n")
             self._f.flush()
+        if self.sinks is not None:
+            self.sinks.log(rec)
         if self._tb is not None and "step" in rec:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -172,6 +175,9 @@ class MetricsWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self.sinks is not None:
+            self.sinks.close(ok=True)
+            self.sinks = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

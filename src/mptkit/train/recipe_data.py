@@ -292,6 +292,14 @@ def build_finetune_data(cfg: RunConfig, *, tokenizer: Any = None):
                               "holds one (model.pretrained_model_name_or_path)")
         tokenizer = load_tokenizer(src)
     tr = _dataset_section(cfg, "train_loader")
+    for which in ("train_loader", "eval_loader"):
+        ds = _dataset_section(cfg, which)
+        named = getattr(ds, "tokenizer_name", None) if ds is not None else None
+        run_tok = (tokenizer_path(cfg) or pretrained_folder(cfg)) if named else None
+        if named and (run_tok is None or Path(str(named)).resolve() != Path(str(run_tok)).resolve()):
+            raise ConfigError(f"{which}.dataset.tokenizer_name: {named} is not the run's tokenizer ({run_tok}); the "
+                              "examples are tokenized with the run's tokenizer (tokenizer.name): make them the same "
+                              "or remove dataset.tokenizer_name")
     split = tr.split
     train = build_finetune_dataset(finetune_source(tr, "train_loader", split), tokenizer,
                                    _finetune_options(tr, cfg, "train_loader"), split=split, where="train_loader.dataset")
@@ -406,8 +414,12 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
     fast = FastPathOptions.from_dict(spec.get("fast_paths")) if isinstance(spec, dict) else FastPathOptions()
     if isinstance(spec, dict):  # the name is checked before the folder: a wrong model type is named first
         name = spec.get("name", "mpt_causal_lm")
-        if name not in ("mpt_causal_lm", "mpt"):
-            raise ConfigError(f"model.name: '{name}' is not supported; mptkit trains MPT models (mpt_causal_lm)")
+        if name == "hf_causal_lm" and not spec.get("pretrained_model_name_or_path"):
+            raise ConfigError("model.name: hf_causal_lm starts from a model folder: set "
+                              "model.pretrained_model_name_or_path to a local MPT folder (or use mpt_causal_lm)")
+        if name not in ("mpt_causal_lm", "mpt", "hf_causal_lm"):
+            raise ConfigError(f"model.name: '{name}' is not supported; mptkit trains MPT models (mpt_causal_lm, or "
+                              "hf_causal_lm from a local MPT folder)")
     pretrained = pretrained_folder(cfg)
     if isinstance(spec, (str, Path)):
         mcfg = load_model_config(pretrained if pretrained is not None else str(spec))

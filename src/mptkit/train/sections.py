@@ -279,6 +279,7 @@ FINETUNE_OPTION_KEYS = {
     "system_prompt",
     "append_eos",
     "strict",
+    "eos_token_id",
 }
 
 
@@ -373,6 +374,7 @@ class FinetuneDatasetConfig(Section):
     shuffle_seed: int | None = None
     decoder_only_format: bool = True
     safe_load: Any = None  # accepted, ignored (mptkit never runs a dataset's code)
+    tokenizer_name: str | None = None  # llm-foundry's older key: must name the run's tokenizer
     options: dict = field(default_factory=dict)
 
     @classmethod
@@ -537,6 +539,62 @@ class SpeedMonitorConfig(Section):
     gpu_flops_available: float | None = None
 
 
+HF_PRECISIONS = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16"}
+
+
+@dataclass
+class HFCheckpointerConfig(Section):
+    """``callbacks.hf_checkpointer`` (llm-foundry's ``HuggingFaceCheckpointer``): every ``save_interval`` (a bare
+    integer counts epochs) and at the end of training, an HF folder of the model in ``precision`` at
+    ``{save_folder}/huggingface/{huggingface_folder_name}`` (``ba{batch}``). The MLflow registry options must
+    stay unset; ``flatten_imports`` and ``register_wait_seconds`` concern MosaicML's remote-code files and the
+    registry, which mptkit's folders (transformers' MptForCausalLM layout) do not use."""
+
+    save_folder: str | None = None
+    save_interval: Any = None
+    huggingface_folder_name: str = "ba{batch}"
+    precision: str = "float32"
+    overwrite: bool = True
+    mlflow_registered_model_name: str | None = None
+    mlflow_logging_config: dict | None = None
+    flatten_imports: Any = None
+    final_register_only: bool = False
+    register_wait_seconds: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any) -> HFCheckpointerConfig:
+        from mptkit.train.config import parse_duration
+
+        where = "callbacks.hf_checkpointer"
+        _check_keys(d, cls.keys_allowed(), where)
+        d = dict(d or {})
+        for k in ("save_folder", "save_interval"):
+            if d.get(k) in (None, ""):
+                raise ConfigError(f"{where}.{k}: required (as in llm-foundry)")
+        c = cls(**d)
+        parse_duration(c.save_interval, f"{where}.save_interval", int_unit="ep", allow_zero=False)
+        if str(c.precision) not in HF_PRECISIONS:
+            raise ConfigError(f"{where}.precision: {c.precision!r} is not one of float32, bfloat16, float16"
+                              + _dym(c.precision, HF_PRECISIONS))
+        _need_bool(f"{where}.overwrite", c.overwrite)
+        if c.mlflow_registered_model_name or c.mlflow_logging_config or c.final_register_only:
+            raise ConfigError(f"{where}: registering the model in an MLflow model registry "
+                              "(mlflow_registered_model_name, mlflow_logging_config, final_register_only) is not "
+                              "supported; the HF folders are written under save_folder")
+        if not isinstance(c.huggingface_folder_name, str) or "/" in c.huggingface_folder_name.strip("/"):
+            raise ConfigError(f"{where}.huggingface_folder_name: expected one folder name such as 'ba{{batch}}'")
+        return c
+
+    def folder_name(self, **values) -> str:
+        try:
+            return self.huggingface_folder_name.format(**values)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"callbacks.hf_checkpointer.huggingface_folder_name: "
+                              f"{self.huggingface_folder_name!r} names an unknown field ({e}); use {{batch}}, "
+                              "{epoch}, {sample}, {token}, {run_name}, {rank}") from None
+
+
 # composer callbacks whose metrics mptkit always logs its own way: their options change nothing (a warning)
 ALWAYS_ON_CALLBACKS = {
     "lr_monitor": "the lr is logged every step (metrics.jsonl 'lr')",
@@ -554,6 +612,7 @@ class CallbacksConfig(Section):
     scheduled_gc: ScheduledGCConfig | None = None
     optimizer_monitor: OptimizerMonitorConfig | None = None
     speed_monitor: SpeedMonitorConfig = field(default_factory=SpeedMonitorConfig)
+    hf_checkpointer: HFCheckpointerConfig | None = None
     lr_monitor: dict | None = None
     memory_monitor: dict | None = None
     runtime_estimator: dict | None = None
@@ -602,6 +661,8 @@ class CallbacksConfig(Section):
             _need_int("callbacks.speed_monitor.window_size", m.window_size, 1)
             if m.gpu_flops_available is not None:
                 _need_num("callbacks.speed_monitor.gpu_flops_available", m.gpu_flops_available, positive=True)
+        if cb.get("hf_checkpointer") is not None:
+            out.hf_checkpointer = HFCheckpointerConfig.from_dict(cb["hf_checkpointer"])
         for name, what in ALWAYS_ON_CALLBACKS.items():
             if name not in cb:
                 continue
@@ -699,6 +760,10 @@ class CheckpointSettings:
     autoresume: bool
     load_path: str | None
     resume_accept_data_change: bool
+    load_weights_only: bool = False
+    load_strict_model_weights: bool = True
+    load_ignore_keys: tuple = ()
+    save_weights_only: bool = False
 
 
 @dataclass(frozen=True)

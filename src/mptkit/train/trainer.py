@@ -123,6 +123,10 @@ class Trainer:
 
     def _setup(self) -> Trainer:
         cfg = self.cfg
+        if cfg.python_log_level:  # llm-foundry sets composer's and llmfoundry's loggers; here mptkit's
+            level = str(cfg.python_log_level).upper()
+            logging.getLogger("mptkit").setLevel("WARNING" if level == "WARN" else level)
+        _cuda_environment(cfg)
         self.dist: DistInfo = init_distributed(cfg.device, cfg.dist_timeout)
         self.device = self.dist.device
         if self.device.type == "cpu" and cfg.torch_threads:
@@ -192,6 +196,13 @@ class Trainer:
         ac = cfg.activation_checkpointing or (self.fsdp is not None and self.fsdp.activation_checkpointing)
         if ac and hasattr(self.model, "set_gradient_checkpointing"):
             self.model.set_gradient_checkpointing(True)
+        if cfg.compile_config is not None:  # train/compile.py: each block, in place
+            from mptkit.train.compile import compile_blocks
+
+            compile_blocks(self.model, cfg.compile_config, self.device.type)
+        if cfg.save_weights_only and self.fsdp is not None and self.fsdp.sharded_checkpoints:
+            raise ConfigError("save_weights_only with fsdp_config.state_dict_type: sharded is not supported; use "
+                              "state_dict_type: full")
         # batch arithmetic
         world = self.dist.world_size
         gb = cfg.global_train_batch_size
@@ -231,6 +242,10 @@ class Trainer:
         self.max_steps = self._to_batches(cfg.duration)
         self.eval_every = self._interval(cfg.eval_interval, "eval_interval", int_unit="ep")
         self.save_every = self._interval(cfg.save_interval, "save_interval", int_unit="ep")
+        hfc = cfg.callbacks.hf_checkpointer
+        self.hf_every = (max(1, self._interval(hfc.save_interval, "callbacks.hf_checkpointer.save_interval",
+                                               int_unit="ep")) if hfc is not None else 0)
+        self._last_hf = -1
         self.log_every = max(1, self._interval(cfg.console_log_interval, "console_log_interval", int_unit="ba"))
         # optimizer + schedule
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -377,7 +392,8 @@ class Trainer:
     def _to_batches(self, d: Duration) -> int:
         return d.to_batches(batches_per_epoch=self.stream.batches_per_epoch,
                             tokens_per_batch=self.duration_tokens_per_batch,
-                            samples_per_batch=self.cfg.global_train_batch_size)
+                            samples_per_batch=self.cfg.global_train_batch_size,
+                            max_duration=self.cfg.duration)
 
     def _interval(self, v, key: str, int_unit: str) -> int:
         d = parse_duration(v, key, int_unit=int_unit)
@@ -418,7 +434,17 @@ class Trainer:
                         f"save_folder {self.save_folder} already holds checkpoints ({existing[0].name} …) from an "
                         "earlier run: set autoresume=true to continue it, save_overwrite=true to start over, or "
                         "choose another save_folder")
-        if ck is None and cfg.load_path:
+        if ck is None and cfg.load_path and cfg.load_weights_only:  # a new run from these weights (train/weights.py)
+            from mptkit.train.weights import load_weights
+
+            load_weights(self.model, cfg.load_path, ignore=cfg.load_ignore_keys, strict=cfg.load_strict_model_weights,
+                         sharded=self.fsdp is not None)
+            self.loaded_weights_from = cfg.load_path
+        elif ck is None and cfg.load_path:
+            if Path(cfg.load_path).is_file():
+                raise CheckpointError(f"load_path {cfg.load_path} is a file (a Composer checkpoint?): a run continues "
+                                      "only from mptkit's checkpoint folders; start a new run from its weights with "
+                                      "load_weights_only: true (or convert it: mptkit convert composer)")
             ck = ckpt_mod.find_latest_checkpoint(cfg.load_path)
             if ck is None:
                 raise CheckpointError(f"load_path {cfg.load_path}: no valid checkpoint there")
@@ -441,6 +467,9 @@ class Trainer:
         # FSDP: every rank maps the full (unsharded) optimizer state and copies out only its shards
         if st is None:
             st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
+        if st.get("weights_only"):
+            raise CheckpointError(f"{ck} holds weights only (save_weights_only: true): a run cannot continue from "
+                                  "it; start a new run from its weights with load_path and load_weights_only: true")
         opt_changed = self._check_resume(ck, st)  # refuses another data stream; names optimizer changes
         recipe_hp = state_mod.recipe_hparams(self.optimizer)
         state_mod.load_weights_and_optimizer(ck, st, self.model, self.optimizer, device=self.device,
@@ -559,13 +588,42 @@ class Trainer:
             where = "nothing was saved (no save_folder): a rerun starts over"
         raise TrainPreempted(f"stopped by {name} at step {self.step}/{self.max_steps}: {where}")
 
+    def save_hf_checkpoint(self) -> Path | None:
+        """``callbacks.hf_checkpointer``: the model as an HF folder in its precision at
+        ``{save_folder}/huggingface/{huggingface_folder_name}`` (llm-foundry's layout), written atomically by rank 0.
+        Collective under FSDP (the weights are gathered)."""
+        from mptkit.train.sections import HF_PRECISIONS
+        from mptkit.utils.fs import atomic_dir
+
+        hfc = self.cfg.callbacks.hf_checkpointer
+        name = hfc.folder_name(batch=self.step, epoch=self.stream.epoch, sample=self.samples, token=self.tokens,
+                               run_name=self.run_name, rank=0, local_rank=0, world_size=self.dist.world_size,
+                               node_rank=0)
+        dest = Path(hfc.save_folder.format(run_name=self.run_name)) / "huggingface" / name
+        model = self._full_model()  # collective under FSDP
+        self._last_hf = self.step
+        if self.dist.is_main:
+            if dest.exists() and not hfc.overwrite:
+                raise TrainError(f"callbacks.hf_checkpointer: {dest} exists and overwrite is false")
+            self._check_locks()
+            dtype = getattr(torch, HF_PRECISIONS[str(hfc.precision)])
+            with write_errors(dest, TrainError, _SAVE), atomic_dir(dest) as tmp:
+                model.save_pretrained(tmp, tokenizer=self.tokenizer, dtype=dtype)
+            log.info("hf_checkpointer: wrote %s (%s)", dest, hfc.precision)
+        del model
+        barrier(self.dist)
+        return dest if self.dist.is_main else None
+
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
             return None
         self._assert_lock_held()  # another run took the folder over: write nothing more
         if self.fsdp is not None and self.fsdp.sharded_checkpoints:
             return self._save_sharded_checkpoint()
-        state = self.trainer_state()  # collective under DDP / FSDP: every rank takes part
+        weights_only = self.cfg.save_weights_only
+        state = self.trainer_state(with_optimizer=not weights_only)  # collective under DDP / FSDP
+        if weights_only:
+            state["weights_only"] = True
         model = self._full_model()  # collective under FSDP
         path = None
         if self.dist.is_main:
@@ -773,6 +831,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if getattr(self, "_sinks", None) is not None:
+                self._sinks.close(ok=False)  # a failed run's mlflow / wandb runs end as failed (no-op after close)
             self.close()  # the folders' locks: released at the end, and on any error
 
     def _fit(self) -> dict:
@@ -783,7 +843,14 @@ class Trainer:
         if main:
             self._check_locks()
             self._write_run_config()
-        writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks,
+        sinks = None
+        if main and any(k in (cfg.loggers or {}) for k in ("mlflow", "wandb")):
+            from mptkit.train.loggers import LoggerSinks
+
+            sinks = self._sinks = LoggerSinks(cfg.loggers, run_name=self.run_name, run_folder=self.run_folder,
+                                              config=json.loads(json.dumps(cfg.to_dict(), default=str))
+                                              if cfg.log_config else None)
+        writer = MetricsWriter(self.run_folder, enabled=main, guard=self._check_locks, sinks=sinks,
                                tensorboard=(cfg.loggers or {}).get("tensorboard", True) if cfg.loggers is not None else True)
         n_params = sum(p.numel() for p in self.model.parameters())
         gpu_flops = cfg.callbacks.speed_monitor.gpu_flops_available
@@ -798,7 +865,8 @@ class Trainer:
                           "peak_flops": peak, "peak_source": peak_src, "world_size": self.dist.world_size,
                           "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                           "start_step": self.step,
-                          "params_per_rank": getattr(self, "fsdp_local_params", n_params)})
+                          "params_per_rank": getattr(self, "fsdp_local_params", n_params),
+                          **({"metadata": cfg.metadata} if cfg.metadata else {})})
         bar = None
         if main and cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -871,12 +939,16 @@ class Trainer:
                     self._log_eval(writer, bar)
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
+                if self.hf_every and self.step % self.hf_every == 0 and self.step < self.max_steps:
+                    self.save_hf_checkpoint()
                 if self.step < self.max_steps and self._stop_requested():
                     self._stop_for_signal(writer)
             # the end: final eval, checkpoint, export, sample
             final_eval = self._log_eval(writer, bar) if self.eval_dataset is not None else None
             if self.save_folder is not None and self._last_saved != self.step:
                 self.save_checkpoint()
+            if self.hf_every and self._last_hf != self.step:  # llm-foundry's: also at the end of training
+                self.save_hf_checkpoint()
         finally:
             restore_signals()
             if bar is not None:
@@ -999,6 +1071,27 @@ _SAVE = "cannot write the checkpoints (save_folder)"
 _METRICS = "cannot write the metrics (run_folder)"
 _RUN = "cannot write the run's files (run_folder)"
 _EXPORT = "cannot write the export (export_folder)"
+
+
+def _cuda_environment(cfg: RunConfig) -> None:
+    """llm-foundry's CUDA keys: the caching allocator's settings (PYTORCH_CUDA_ALLOC_CONF) and lazy module
+    loading (CUDA_MODULE_LOADING), which only apply before CUDA starts in this process."""
+    conf = []
+    if cfg.max_split_size_mb is not None:
+        conf.append(f"max_split_size_mb:{int(cfg.max_split_size_mb)}")
+    if cfg.expandable_segments is not None:
+        conf.append(f"expandable_segments:{cfg.expandable_segments}")
+    if not conf and not cfg.cuda_load_lazy:
+        return
+    if torch.cuda.is_initialized():
+        log.warning("max_split_size_mb / expandable_segments / cuda_load_lazy: CUDA already started in this process; "
+                    "they apply to the next run (set them before anything uses the GPU)")
+        return
+    if conf:
+        old = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(([old] if old else []) + conf)
+    if cfg.cuda_load_lazy:
+        os.environ["CUDA_MODULE_LOADING"] = "LAZY"
 
 
 def _fmt_s(s: float) -> str:
