@@ -261,6 +261,12 @@ def test_cli_config_and_gauntlet_on_the_example_tasks(tmp_path, make_tokenizer, 
         fmt = {**t.format(r["num_fewshot"]), "max_seq_len": t.max_seq_len}
         api = icl_accuracy(model, tok, t.dataset_uri, max_examples=2, **fmt)
         assert r["examples"] == 2
+        if r["label"] == "everyday":  # a subset by index (one rank's share): the same per-record results
+            part = icl_accuracy(model, tok, t.dataset_uri, indices=[5, 1], **fmt).details
+            whole = icl_accuracy(model, tok, t.dataset_uri, **fmt).details
+            assert [d["index"] for d in part] == [5, 1]
+            for d, w in zip(part, [whole[5], whole[1]]):
+                assert d["choice_norm"] == w["choice_norm"] and d["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
         metric = next(iter(r["metrics"]))
         assert r["metrics"][metric] == (api.accuracy_norm if t.icl_task_type in ("multiple_choice", "schema")
                                         else api.accuracy), r["label"]
