@@ -489,8 +489,8 @@ def _warn_ignored_loader_keys(ld: dict, lname: str) -> None:
         for k in ("eos_token_id", "bos_token_id"):
             if k in ds:
                 log.warning(
-                    "%s.dataset.%s is ignored for prepared folders: documents are separated as prepared (the "
-                    "separators in the folder's manifest.json set sequence_id); an MDS folder uses it",
+                    "%s.dataset.%s is ignored: in a prepared folder documents are separated as prepared (the "
+                    "separators in the folder's manifest.json set sequence_id); only an MDS folder uses it",
                     lname,
                     k,
                 )
