@@ -34,6 +34,7 @@ from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _che
     SampleSettings,
     SchedulerConfig,
     Section,
+    WatchdogConfig,
     _check_keys,
     _dym,
     _need_int,
@@ -295,6 +296,7 @@ class RunConfig:
     dist_timeout: float = 600.0
     variables: dict = field(default_factory=dict)
     fsdp_config: dict | None = None  # llm-foundry keys; FSDP2 sharding under torchrun (docs/training.md)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # the step watchdog (train/watchdog.py)
 
     # derived (filled by validate)
     _max_duration: Duration | None = field(default=None, repr=False)
@@ -340,6 +342,7 @@ class RunConfig:
         self.scheduler = SchedulerConfig.from_dict(self.scheduler)
         self.algorithms = AlgorithmsConfig.from_dict(self.algorithms)
         self.callbacks = CallbacksConfig.from_dict(self.callbacks)
+        self.watchdog = WatchdogConfig.from_dict(self.watchdog)
         if not isinstance(self.loggers, dict):
             raise ConfigError("loggers: expected a mapping of logger name -> options")
         _check_keys(self.loggers, LOGGERS, "loggers")

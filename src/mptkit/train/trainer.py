@@ -34,14 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptkit.errors import CheckpointError, ConfigError, DataError, TrainError, TrainPreempted
+from mptkit.errors import CheckpointError, ConfigError, DataError, MPTKitError, TrainError, TrainPreempted
 from mptkit.train import checkpoint as ckpt_mod
 from mptkit.train import state as state_mod
+from mptkit.train import watchdog as _wd
 from mptkit.train.callbacks import build_callbacks
 from mptkit.train.config import Duration, RunConfig, parse_duration
 from mptkit.train.data import BatchStream, data_fingerprint, default_collate, make_sampler
 from mptkit.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mptkit.train.evaluate import evaluate_loss
+from mptkit.train.faults import FaultInjector
 from mptkit.train.folders import RunFolders
 from mptkit.train.metrics import (
     LossSpikeMonitor,
@@ -105,6 +107,8 @@ class Trainer:
         self._step_runner: StepRunner | None = None  # one optimizer step (train/step.py), built by setup
         self._microbatch = 0
         self.scaler = None
+        self.faults = FaultInjector([], rank=0, run_folder=Path("."))  # MPTKIT_FAULTS (train/faults.py), set by setup
+        self.watchdog = None  # the step watchdog of this rank while fit() trains (train/watchdog.py)
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self) -> Trainer:
@@ -114,8 +118,10 @@ class Trainer:
             return self
         try:
             return self._setup()
-        except BaseException:
+        except BaseException as e:
             self._abandon_setup()
+            if isinstance(e, MPTKitError):
+                e.before_first_step = True  # a retry fails the same way: `mptkit train` exits EXIT_NOT_RETRYABLE
             raise
 
     def _setup(self) -> Trainer:
@@ -147,6 +153,7 @@ class Trainer:
         self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
         self._take_folders()  # rank 0 creates and locks them before anything is written; all ranks learn the outcome
+        self.faults = FaultInjector.from_env(rank=self.dist.rank, run_folder=self.run_folder)  # MPTKIT_FAULTS
         if self.dist.is_main and cfg.export_folder:  # found now, not when training has ended
             # not a file, its folder writable; an existing export is replaced at the end (atomic_dir), no flag
             check_output(Path(cfg.export_folder.format(run_name=self.run_name)), flag="export_folder",
@@ -544,10 +551,61 @@ class Trainer:
             where = "nothing was saved (no save_folder): a rerun starts over"
         raise TrainPreempted(f"stopped by {name} at step {self.step}/{self.max_steps}: {where}")
 
+    # ------------------------------------------------------------------ the step watchdog (train/watchdog.py)
+    def _start_watchdog(self) -> None:
+        if not self.cfg.watchdog.enabled:
+            return
+        self.watchdog = _wd.StepWatchdog(self.cfg.watchdog, rank=self.dist.rank, run_folder=self.run_folder)
+        self.watchdog.start(self.step)
+
+    def _watchdog_phase(self, name: str, progress=None):
+        import contextlib
+
+        return self.watchdog.phase(name, progress) if self.watchdog is not None else contextlib.nullcontext()
+
+    def _report_earlier_failures(self, writer: MetricsWriter) -> None:
+        """Rank 0 at the start of an attempt: the watchdog events and injected faults of earlier attempts, as
+        ``watchdog`` / ``fault`` events in metrics.jsonl (``at_step``: kept by a later resume) and warnings."""
+        from mptkit.train import faults as faults_mod
+
+        for path, rec in _wd.unreported_failures(self.run_folder):
+            rec = {k: v for k, v in rec.items() if k != "step"}
+            at = _wd_step(path)
+            writer.write({**rec, "at_step": at, "reported_by_attempt": _wd.attempt()})
+            log.warning("an earlier attempt was stopped by the step watchdog: rank %s, %s after step %s for %.1f s; "
+                        "stacks in %s", rec.get("rank"), rec.get("phase"), at, rec.get("idle_s", 0), rec.get("stacks"))
+            _wd.mark_reported(path)
+        for rec in faults_mod.unreported_faults(self.run_folder):
+            writer.write({"event": "fault", **{k: v for k, v in rec.items() if k != "step"}, "at_step": rec["step"],
+                          "reported_by_attempt": _wd.attempt()})
+            log.warning("an earlier attempt had an injected fault: %s", rec["fault"])
+            faults_mod.mark_reported(self.run_folder, rec)
+
+    def _recoveries(self) -> dict:
+        """For summary.json: the watchdog events and injected faults this run folder has seen."""
+        from mptkit.train import faults as faults_mod
+
+        events = []
+        folder = self.run_folder / _wd.FAILURES_DIR
+        for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                events.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return {"watchdog": sorted(events, key=lambda r: r.get("time", 0)),
+                "faults": faults_mod.fired_faults(self.run_folder)}
+
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
             return None
+        folder = self.save_folder
+        with self._watchdog_phase("checkpoint", progress=lambda: _wd.folder_bytes(folder)):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path | None:
         self._assert_lock_held()  # another run took the folder over: write nothing more
+        if not (self.dist.is_main and not (self.fsdp is not None and self.fsdp.sharded_checkpoints)):
+            self.faults.during_checkpoint(self.step)  # MPTKIT_FAULTS ckpt_* on a rank that writes no files
         if self.fsdp is not None and self.fsdp.sharded_checkpoints:
             return self._save_sharded_checkpoint()
         state = self.trainer_state()  # collective under DDP / FSDP: every rank takes part
@@ -557,7 +615,8 @@ class Trainer:
             with write_errors(self.save_folder, TrainError, _SAVE):  # a full disk: one line naming save_folder
                 path = ckpt_mod.save_checkpoint(
                     self.save_folder, model=model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
-                    tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+                    tokenizer=self.tokenizer, run_config=self.cfg.to_dict(),
+                    during_write=lambda: self.faults.during_checkpoint(self.step))
                 ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
         del model
         barrier(self.dist)
@@ -657,7 +716,7 @@ class Trainer:
             writer.write({"event": "start", "run_name": self.run_name, "params": n_params, "max_steps": self.max_steps,
                           "peak_flops": peak, "peak_source": peak_src, "world_size": self.dist.world_size,
                           "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                          "start_step": self.step,
+                          "start_step": self.step, "attempt": _wd.attempt(),
                           "params_per_rank": getattr(self, "fsdp_local_params", n_params)})
         bar = None
         if main and cfg.progress_bar and sys.stderr.isatty():
@@ -673,6 +732,9 @@ class Trainer:
         if self.scheduled_gc is not None:
             self.scheduled_gc.fit_start()
         restore_signals = self._catch_stop_signals()
+        if main:
+            self._report_earlier_failures(writer)
+        self._start_watchdog()
         try:
             if cfg.eval_first and self.step == 0:
                 self._log_eval(writer)
@@ -681,7 +743,9 @@ class Trainer:
                     self.scheduled_gc.before_batch(self.step)
                 t0 = time.perf_counter()
                 batch = self.stream.next_batch()
+                self.faults.mid_step(self.step + 1)  # MPTKIT_FAULTS kill / hang / error (tests and drills)
                 loss, gnorm = self._train_step(batch)
+                loss = self.faults.loss(self.step + 1, loss)  # MPTKIT_FAULTS nan
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
@@ -691,6 +755,8 @@ class Trainer:
                 self.tokens += self._step_tokens
                 self.target_tokens += self._step_targets
                 tput.add(dt, self._step_tokens, self._flops_per_batch(self._step_width))
+                if self.watchdog is not None:
+                    self.watchdog.step_done(self.step, dt)
                 spike = self.spike(self.step, loss)
                 optimizer_metrics, self._optimizer_metrics = self._optimizer_metrics, {}
                 if main:
@@ -724,6 +790,9 @@ class Trainer:
             if self.save_folder is not None and self._last_saved != self.step:
                 self.save_checkpoint()
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+                self.watchdog = None
             restore_signals()
             if bar is not None:
                 bar.close()
@@ -735,7 +804,8 @@ class Trainer:
                    "eval_loss": final_eval["eval_loss"] if final_eval else None,
                    "eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                   "last_checkpoint": None, "export_folder": None, "sample": None}
+                   "last_checkpoint": None, "export_folder": None, "sample": None,
+                   "recoveries": self._recoveries()}
         if self.save_folder is not None and main:
             last = ckpt_mod.find_latest_checkpoint(self.save_folder, checksums=False)
             summary["last_checkpoint"] = str(last) if last else None
@@ -773,7 +843,8 @@ class Trainer:
         if self.scheduled_gc is not None:
             self.scheduled_gc.eval_start()
         try:
-            rec = self.evaluate()
+            with self._watchdog_phase("eval"):
+                rec = self.evaluate()
         finally:
             if self.scheduled_gc is not None:
                 self.scheduled_gc.eval_end()
@@ -835,6 +906,14 @@ class Trainer:
             model.save_pretrained(tmp, tokenizer=self.tokenizer)
         log.info("exported the model to %s", out)
         return out
+
+
+def _wd_step(path: Path) -> int | None:
+    """The step in a failure record's name (``rank0-attempt1-step5.json``)."""
+    import re
+
+    m = re.search(r"-step(\d+)", path.name)
+    return int(m.group(1)) if m else None
 
 
 # How a failed write (disk full, permissions, ...) names what it was writing: "{doing} {path}: {reason}".
