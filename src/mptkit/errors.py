@@ -44,6 +44,19 @@ class TrainPreempted(TrainError):
     exit_code = EXIT_PREEMPTED
 
 
+EXIT_DIVERGED = 79  # a NaN/inf or a loss spike stopped the run (recovery action stop): rerunning repeats it, do not retry
+
+
+class TrainDiverged(TrainError):
+    """Training stopped on a non-finite loss or gradient norm, or a loss spike / high loss, under the recovery action
+    ``stop`` (or when no recovery was possible: no checkpoint to roll back to, ``recovery.max_recoveries`` spent).
+    Deterministic: a restart from the same checkpoint meets it again, so it must not be retried as it is;
+    ``exit_code`` (:data:`EXIT_DIVERGED`) is what `mptkit train` exits with."""
+
+    exit_code = EXIT_DIVERGED
+    retryable = False
+
+
 class InferenceError(MPTKitError):
     """Generation or serving was asked for something it cannot do."""
 

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mptkit {args.command}: error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", None)  # e.g. TrainDiverged's EXIT_DIVERGED (not to be retried)
+        if code:
+            return code
         if args.command == "train" and not_retryable(e):  # a retry fails the same way (docs/training.md)
             return _not_retryable_exit(e)
         return 2

@@ -215,15 +215,16 @@ def no_valid_checkpoint_message(folder: str | os.PathLike, bad: list[tuple[Path,
             "delete them and start over, or choose a new save_folder.")
 
 
-def move_aside(ckpt: str | os.PathLike) -> Path:
-    """Rename an invalid checkpoint to ``<name>.invalid`` (``.invalid-2``, ... when taken): kept as it is for
-    inspection, and never resumed from, overwritten or pruned (the name is no checkpoint name)."""
+def move_aside(ckpt: str | os.PathLike, suffix: str = "invalid") -> Path:
+    """Rename an invalid checkpoint to ``<name>.invalid`` (``.invalid-2``, ... when taken; ``suffix`` for another
+    reason, e.g. a rollback's ``rolledback``): kept as it is for inspection, and never resumed from, overwritten
+    or pruned (the name is no checkpoint name)."""
     ckpt = Path(ckpt)
-    dest = ckpt.with_name(f"{ckpt.name}.invalid")
+    dest = ckpt.with_name(f"{ckpt.name}.{suffix}")
     n = 1
     while dest.exists():
         n += 1
-        dest = ckpt.with_name(f"{ckpt.name}.invalid-{n}")
+        dest = ckpt.with_name(f"{ckpt.name}.{suffix}-{n}")
     os.replace(ckpt, dest)
     return dest
 

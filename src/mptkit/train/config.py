@@ -31,6 +31,7 @@ from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _che
     CheckpointSettings,
     LoaderConfig,
     OptimizerConfig,
+    RecoveryConfig,
     SampleSettings,
     SchedulerConfig,
     Section,
@@ -297,6 +298,7 @@ class RunConfig:
     variables: dict = field(default_factory=dict)
     fsdp_config: dict | None = None  # llm-foundry keys; FSDP2 sharding under torchrun (docs/training.md)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # the step watchdog (train/watchdog.py)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)  # NaN / loss-spike actions (train/recovery.py)
 
     # derived (filled by validate)
     _max_duration: Duration | None = field(default=None, repr=False)
@@ -341,8 +343,14 @@ class RunConfig:
         self.optimizer = OptimizerConfig.from_dict(self.optimizer)
         self.scheduler = SchedulerConfig.from_dict(self.scheduler)
         self.algorithms = AlgorithmsConfig.from_dict(self.algorithms)
+        raw_spike = self.callbacks.get("kill_loss_spike") if isinstance(self.callbacks, dict) else None
         self.callbacks = CallbacksConfig.from_dict(self.callbacks)
         self.watchdog = WatchdogConfig.from_dict(self.watchdog)
+        self.recovery = RecoveryConfig.from_dict(self.recovery, spike=raw_spike)
+        if "rollback" in self.recovery.actions(self.callbacks.kill_loss_spike.log_only) and not self.save_folder:
+            key = "nonfinite" if self.recovery.nonfinite == "rollback" else "loss_spike"
+            raise ConfigError(f"recovery.{key}: rollback reloads the last good checkpoint, so it needs a "
+                              "save_folder (and a save_interval); set save_folder, or use skip or stop")
         if not isinstance(self.loggers, dict):
             raise ConfigError("loggers: expected a mapping of logger name -> options")
         _check_keys(self.loggers, LOGGERS, "loggers")

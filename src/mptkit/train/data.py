@@ -165,7 +165,9 @@ class BatchStream:
 
     The sampler gives this rank's order of sample indices for an epoch (``set_epoch`` then ``iter``); the
     stream remembers ``(epoch, offset)`` = how many of this epoch's samples it has handed out. With
-    ``vocab_size`` set, every batch's token ids are checked against it (:func:`check_token_ids`)."""
+    ``vocab_size`` set, every batch's token ids are checked against it (:func:`check_token_ids`). A batch's id
+    is ``(epoch, offset // batch_size)``: the same on every rank and under any number of ranks (rank r of W
+    takes global positions r, r+W, ...); batches whose id is in ``skip`` are passed over."""
 
     def __init__(self, dataset, sampler, batch_size: int, collate: Callable[[list], Any] = default_collate,
                  vocab_size: int | None = None):
@@ -173,6 +175,9 @@ class BatchStream:
         self.vocab_size = vocab_size
         self.epoch = 0
         self.offset = 0
+        # batch ids (epoch, batch in epoch) never handed out (the recovery's skipped batches: train/recovery.py)
+        self.skip: Any = frozenset()
+        self.last_batch: tuple[int, int] | None = None  # the id of the batch handed out last
         self._order: list[int] | None = None
         self._order_epoch = -1
 
@@ -202,13 +207,33 @@ class BatchStream:
             self._order_epoch = self.epoch
         return self._order
 
+    def _to_next_batch(self, epoch: int, offset: int) -> tuple[int, int]:
+        """The position of the next batch handed out from ``(epoch, offset)``: into the next epoch when this one
+        has no whole batch left, past the batches in ``skip``."""
+        while True:
+            if offset + self.bs > self.samples_per_epoch:
+                epoch, offset = epoch + 1, 0
+            if (epoch, offset // self.bs) not in self.skip:
+                return epoch, offset
+            offset += self.bs
+
+    def batch_ids(self, position: dict, n: int) -> list[tuple[int, int]]:
+        """The ids ``(epoch, batch in epoch)`` of the ``n`` batches the stream hands out from ``position`` (a
+        :meth:`state_dict`), honouring ``skip``; reads no data."""
+        epoch, offset = int(position["epoch"]), int(position["offset"])
+        out = []
+        for _ in range(n):
+            epoch, offset = self._to_next_batch(epoch, offset)
+            out.append((epoch, offset // self.bs))
+            offset += self.bs
+        return out
+
     def next_indices(self) -> list[int]:
         if self.batches_per_epoch == 0:
             raise ValueError(f"dataset has {self.samples_per_epoch} samples per rank, fewer than one batch "
                              f"of {self.bs}")
-        if self.offset + self.bs > self.samples_per_epoch:
-            self.epoch += 1
-            self.offset = 0
+        self.epoch, self.offset = self._to_next_batch(self.epoch, self.offset)
+        self.last_batch = (self.epoch, self.offset // self.bs)
         if hasattr(self.sampler, "at") and hasattr(self.sampler, "world_size"):
             # positional access: this rank's j-th sample of the epoch is global position j*W + rank, so no
             # per-epoch list of every index is built (at 1T tokens that list would hold ~500M entries)

@@ -79,14 +79,15 @@ def memory_stats(device: torch.device) -> dict:
     return {"mem_rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def drop_records_after(path: str | os.PathLike, step: int) -> int:
+def drop_records_after(path: str | os.PathLike, step: int, keep: Callable[[dict], bool] | None = None) -> int:
     """Rewrite a metrics.jsonl (atomically) without the records of the steps after ``step`` (step lines, evals,
     and the start / end events of attempts past it) and without lines cut by a kill: a run resumed from its
-    step-``step`` checkpoint logs those steps again, so each step keeps one line. Returns the lines dropped."""
+    step-``step`` checkpoint logs those steps again, so each step keeps one line. ``keep(record)`` true keeps a
+    record whatever its step (the recovery events the checkpoint's history holds). Returns the lines dropped."""
     p = Path(path)
     if not p.is_file():
         return 0
-    keep, dropped = [], 0
+    kept, dropped = [], 0
     for line in p.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -98,14 +99,14 @@ def drop_records_after(path: str | os.PathLike, step: int) -> int:
         at = rec.get("step") if isinstance(rec, dict) else None
         if at is None and isinstance(rec, dict):
             at = rec.get("steps") if rec.get("event") == "end" else rec.get("start_step")
-        if isinstance(at, int) and at > step:
+        if isinstance(at, int) and at > step and not (keep is not None and keep(rec)):
             dropped += 1
             continue
-        keep.append(line)
+        kept.append(line)
     if dropped:
         from mptkit.utils.fs import atomic_write_text
 
-        atomic_write_text(p, "".join(x + "\n" for x in keep))
+        atomic_write_text(p, "".join(x + "\n" for x in kept))
     return dropped
 
 
@@ -154,6 +155,18 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(k.replace("_", "/", 1) if k.startswith(("train_", "eval_")) else k, v,
                                         rec["step"])
+
+    def rewind(self, step: int, keep: Callable[[dict], bool] | None = None) -> int:
+        """Drop the lines of the steps after ``step`` (:func:`drop_records_after`, ``keep`` as there) from the
+        open metrics.jsonl: a rollback trains those steps again. Returns the lines dropped."""
+        if not self.enabled:
+            return 0
+        with write_errors(self.path, TrainError, _CANNOT_WRITE):
+            self._f.close()
+            try:
+                return drop_records_after(self.path, step, keep)
+            finally:
+                self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def close(self) -> None:
         if self._f is not None:
@@ -228,41 +241,51 @@ class LossSpikeMonitor:
 
     def __call__(self, step: int, loss: float) -> dict | None:
         if not math.isfinite(loss):
-            raise TrainError(
-                f"loss is {loss} at step {step}: training diverged. Lower optimizer.lr, raise scheduler.t_warmup, "
-                "set algorithms.gradient_clipping, or use precision=amp_bf16 instead of amp_fp16; then resume "
-                "from the last checkpoint (autoresume: true)"
-            )
+            raise TrainError(nonfinite_message("loss", loss, step))
+        event, judged = self.check(step, loss)
+        if event is not None:
+            if not self.log_only:
+                raise TrainError(event["message"] + " (callbacks.kill_loss_spike with log_only: false stopped the "
+                                                    "run; resume from a checkpoint with a lower lr)")
+            log.warning(event["message"])
+        self.update(loss, judged)
+        return event
+
+    def check(self, step: int, loss: float) -> tuple[dict | None, tuple]:
+        """Judge the loss of step ``step`` without changing the monitor: (the event or None, what
+        :meth:`update` records if the loss is kept). The trainer judges a step before its update is applied,
+        so that a recovery can drop it (train/recovery.py); a dropped step's loss never enters the window."""
+        cap, high, cap_set = self.loss_cap, self._high, self._cap_set
+        outliers = self.outliers
         event = None
         if len(self.window) == self.window_size:
-            if not self._cap_set:  # the first full window sets the cap
-                self.loss_cap = min(max(self.window), SPIKE_MAX_LOSS_CAP)
-                self._cap_set = True
-                self._high = sum(1 for x in self.window if x > self.loss_cap)  # once: against the new cap
+            if not cap_set:  # the first full window sets the cap
+                cap = min(max(self.window), SPIKE_MAX_LOSS_CAP)
+                cap_set = True
+                high = sum(1 for x in self.window if x > cap)  # once: against the new cap
             mean = self.running_mean
             if loss >= mean * self.mult:
-                self.outliers += 1
-                if self.outliers > self.patience:
-                    self.spikes += 1
+                outliers += 1
+                if outliers > self.patience:
                     event = {"event": "loss_spike", "step": step, "loss": loss, "running_loss_avg": mean,
-                             "outlier_multiplier": self.mult, "outlier_counter": self.outliers}
-                    msg = (f"loss spike at step {step}: {self.outliers} consecutive losses >= {self.mult} x the "
-                           f"running mean {mean:.4f} of the last {self.window_size} steps (now {loss:.4f})")
+                             "outlier_multiplier": self.mult, "outlier_counter": outliers,
+                             "message": f"loss spike at step {step}: {outliers} consecutive losses >= {self.mult} x "
+                                        f"the running mean {mean:.4f} of the last {self.window_size} steps (now "
+                                        f"{loss:.4f})"}
             else:
-                self.outliers = 0
-            if event is None and step >= 2 * self.window_size:
-                high = self._high
-                if high >= self.window_size / 2:
-                    self.high_losses += 1
-                    event = {"event": "high_loss", "step": step, "loss": loss, "loss_cap": self.loss_cap,
-                             "window_size": self.window_size, "high_losses": high}
-                    msg = (f"high loss at step {step}: {high} of the last {self.window_size} losses are above "
-                           f"loss_cap {self.loss_cap:.4f}")
-            if event is not None:
-                if not self.log_only:
-                    raise TrainError(msg + " (callbacks.kill_loss_spike with log_only: false stopped the run; "
-                                           "resume from a checkpoint with a lower lr)")
-                log.warning(msg)
+                outliers = 0
+            if event is None and step >= 2 * self.window_size and high >= self.window_size / 2:
+                event = {"event": "high_loss", "step": step, "loss": loss, "loss_cap": cap,
+                         "window_size": self.window_size, "high_losses": high,
+                         "message": f"high loss at step {step}: {high} of the last {self.window_size} losses are "
+                                    f"above loss_cap {cap:.4f}"}
+        return event, (outliers, cap, high, cap_set, event["event"] if event else None)
+
+    def update(self, loss: float, judged: tuple) -> None:
+        """Record a kept loss as :meth:`check` judged it: the outlier count, the cap, the window."""
+        self.outliers, self.loss_cap, self._high, self._cap_set, kind = judged
+        self.spikes += kind == "loss_spike"
+        self.high_losses += kind == "high_loss"
         if len(self.window) == self.window_size:  # the oldest loss leaves as this one enters
             old = self.window[0]
             self._sum -= _exact(old)
@@ -270,7 +293,26 @@ class LossSpikeMonitor:
         self.window.append(loss)
         self._sum += _exact(loss)
         self._high += loss > self.loss_cap
-        return event
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run (or a rollback) judges as the uninterrupted one."""
+        return {"window": [float(x) for x in self.window], "outliers": self.outliers, "loss_cap": self.loss_cap,
+                "cap_set": self._cap_set, "spikes": self.spikes, "high_losses": self.high_losses}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.window = deque((float(x) for x in st["window"]), maxlen=self.window_size)
+        self._sum = sum(_exact(x) for x in self.window)
+        self.outliers = int(st["outliers"])
+        self.loss_cap, self._cap_set = float(st["loss_cap"]), bool(st["cap_set"])
+        self._high = sum(1 for x in self.window if x > self.loss_cap)
+        self.spikes, self.high_losses = int(st["spikes"]), int(st["high_losses"])
+
+
+def nonfinite_message(what: str, value: float, step: int) -> str:
+    return (f"{what} is {value} at step {step}: training diverged. Lower optimizer.lr, raise scheduler.t_warmup, "
+            "set algorithms.gradient_clipping, or use precision=amp_bf16 instead of amp_fp16; then resume from the "
+            "last checkpoint (autoresume: true), or let the run recover by itself (recovery.nonfinite: skip or "
+            "rollback)")
 
 
 class Throughput:

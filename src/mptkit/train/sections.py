@@ -594,6 +594,72 @@ class WatchdogConfig(Section):
         return c
 
 
+# ----------------------------------------------------------------------------------- recovery
+
+RECOVERY_ACTIONS = ("stop", "skip", "rollback")
+SPIKE_ACTIONS = ("log", *RECOVERY_ACTIONS)
+
+
+@dataclass
+class RecoveryConfig(Section):
+    """``recovery`` (mptkit): what the trainer does, without a human, on a non-finite loss or gradient norm
+    (``nonfinite``) and on a ``callbacks.kill_loss_spike`` event (``loss_spike``): ``stop`` (exit code
+    ``mptkit.errors.EXIT_DIVERGED``), ``skip`` (drop the step's update and its batch), ``rollback`` (reload the
+    newest checkpoint from before the trouble and skip the batches since it; PaLM's recipe); ``loss_spike`` also
+    ``log``. ``loss_spike`` None: ``kill_loss_spike.log_only`` decides (true: log, false: stop), as in llm-foundry.
+    ``skip_batches`` None: a rollback skips every batch from the checkpoint to the bad step, N: the last N of them.
+    After a skip or rollback the lr is multiplied by ``lr_factor`` for ``lr_steps`` steps. More than
+    ``max_recoveries`` skips and rollbacks in one run stop it. See train/recovery.py and docs/training.md."""
+
+    nonfinite: str = "stop"
+    loss_spike: str | None = None
+    skip_batches: int | None = None
+    lr_factor: float = 1.0
+    lr_steps: int = 0
+    max_recoveries: int = 20
+
+    @classmethod
+    def from_dict(cls, d: Any, *, spike: Any = None) -> RecoveryConfig:
+        """``d``: the ``recovery`` mapping; ``spike``: the recipe's ``callbacks.kill_loss_spike`` mapping as
+        written (an explicit ``log_only`` must agree with ``loss_spike``)."""
+        if isinstance(d, RecoveryConfig):
+            return d
+        d = {} if d is None else d
+        _check_keys(d, cls.keys_allowed(), "recovery")
+        c = cls(**d)
+        if c.nonfinite not in RECOVERY_ACTIONS:
+            raise ConfigError(f"recovery.nonfinite: expected one of {', '.join(RECOVERY_ACTIONS)}, got "
+                              f"{c.nonfinite!r}" + _dym(c.nonfinite, RECOVERY_ACTIONS))
+        if c.loss_spike is not None and c.loss_spike not in SPIKE_ACTIONS:
+            raise ConfigError(f"recovery.loss_spike: expected one of {', '.join(SPIKE_ACTIONS)} (or null: "
+                              f"callbacks.kill_loss_spike.log_only decides), got {c.loss_spike!r}"
+                              + _dym(c.loss_spike, SPIKE_ACTIONS))
+        log_only = spike.get("log_only") if isinstance(spike, dict) else None
+        if c.loss_spike is not None and isinstance(log_only, bool) and log_only != (c.loss_spike == "log"):
+            raise ConfigError(
+                f"recovery.loss_spike: {c.loss_spike} contradicts callbacks.kill_loss_spike.log_only: {log_only} "
+                f"(log_only true only logs, false acts); remove callbacks.kill_loss_spike.log_only, or set it to "
+                f"{str(c.loss_spike == 'log').lower()}")
+        if c.skip_batches is not None:
+            _need_int("recovery.skip_batches", c.skip_batches, 1, hint="(or null: every batch since the checkpoint)")
+        if isinstance(c.lr_factor, bool) or not isinstance(c.lr_factor, (int, float)) or not 0 < c.lr_factor <= 1:
+            raise ConfigError(f"recovery.lr_factor: expected a number in (0, 1] (the lr multiplier after a "
+                              f"recovery), got {c.lr_factor!r}")
+        _need_int("recovery.lr_steps", c.lr_steps, 0)
+        if c.lr_factor != 1 and c.lr_steps == 0:
+            raise ConfigError(f"recovery.lr_steps: lr_factor {c.lr_factor} lowers the lr for lr_steps steps after "
+                              "a recovery; set lr_steps >= 1")
+        _need_int("recovery.max_recoveries", c.max_recoveries, 0)
+        return c
+
+    def spike_action(self, log_only: bool) -> str:
+        """The action on a kill_loss_spike event: ``loss_spike``, else log (log_only) or stop."""
+        return self.loss_spike if self.loss_spike is not None else ("log" if log_only else "stop")
+
+    def actions(self, log_only: bool) -> set[str]:
+        return {self.nonfinite, self.spike_action(log_only)}
+
+
 # ----------------------------------------------------------------------------------- views of top-level keys
 
 

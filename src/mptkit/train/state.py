@@ -215,6 +215,7 @@ def collect_trainer_state(
     global_batch_size: int,
     data_fingerprint: dict,
     optimizer_settings: dict,
+    extra: dict | None = None,
 ) -> dict:
     """The trainer state of a checkpoint: ``counters`` (step, tokens, samples, target_tokens), every rank's
     data position and RNG streams (gathered: collective under several ranks), the optimizer state given."""
@@ -245,6 +246,7 @@ def collect_trainer_state(
         "global_train_batch_size": global_batch_size,
         "data_fingerprint": data_fingerprint,
         "optimizer_config": optimizer_settings,
+        **(extra or {}),  # the recovery's record and the loss monitor's window (train/recovery.py)
     }
 
 

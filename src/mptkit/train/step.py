@@ -116,6 +116,7 @@ class StepResult:
     tokens: int  # tokens (non-padding for finetuning data), all ranks
     width: float  # positions per sample computed (after pad trimming), the ranks' mean
     optimizer_metrics: dict = field(default_factory=dict)  # the optimizer monitor's norms at its steps
+    applied: bool = True  # False: ``guard`` dropped the update (no optimizer step)
 
 
 class StepRunner:
@@ -165,6 +166,9 @@ class StepRunner:
         self.activation_offload = activation_offload
         self.optimizer_monitor = optimizer_monitor
         self.scaler = grad_scaler(precision)
+        # guard(loss, grad_norm) -> apply the update?, called before the optimizer step with the all-reduced loss
+        # and the norm before clipping (the recovery's judgement: train/recovery.py); None: always apply
+        self.guard: Callable[[float, float], bool] | None = None
 
     def autocast(self):
         return autocast(self.precision, self.device)
@@ -268,6 +272,13 @@ class StepRunner:
             gnorm = total_norm(params)
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
+        if self.guard is not None:  # judged before the update: the loss of every rank first
+            loss_acc = all_reduce_sum(loss_acc, self.dist)
+            if not self.guard(float(loss_acc), float(gnorm)):
+                if self.scaler is not None:
+                    self.scaler.update()  # unscale_ ran: the scaler's per-step state is reset for the next step
+                self.optimizer.zero_grad(set_to_none=True)
+                return StepResult(float(loss_acc), float(gnorm), int(total), tokens, width, {}, applied=False)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -278,5 +289,6 @@ class StepRunner:
             # the gradients as the optimizer used them (unscaled, clipped) and its state after the step
             metrics = self.optimizer_monitor.collect(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_acc = all_reduce_sum(loss_acc, self.dist)
+        if self.guard is None:
+            loss_acc = all_reduce_sum(loss_acc, self.dist)
         return StepResult(float(loss_acc), float(gnorm), int(total), tokens, width, metrics)

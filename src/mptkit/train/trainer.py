@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -34,8 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptkit.errors import CheckpointError, ConfigError, DataError, MPTKitError, TrainError, TrainPreempted
+from mptkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MPTKitError,
+    TrainDiverged,
+    TrainError,
+    TrainPreempted,
+)
 from mptkit.train import checkpoint as ckpt_mod
+from mptkit.train import recovery as rec_mod
 from mptkit.train import state as state_mod
 from mptkit.train import watchdog as _wd
 from mptkit.train.callbacks import build_callbacks
@@ -51,6 +61,7 @@ from mptkit.train.metrics import (
     Throughput,
     drop_records_after,
     memory_stats,
+    nonfinite_message,
     peak_flops,
 )
 from mptkit.train.optim import build_optimizer
@@ -244,6 +255,11 @@ class Trainer:
         spike = cfg.callbacks.kill_loss_spike
         self.spike = LossSpikeMonitor(spike.patience, spike.outlier_multiplier, spike.window_size, spike.loss_cap,
                                       spike.log_only, total_steps=self.max_steps)
+        # what a NaN / inf or a spike does (train/recovery.py): the skipped batches are the stream's to pass over
+        self.recovery = rec_mod.RecoveryState()
+        self.stream.skip = self.recovery
+        self.spike_action = cfg.recovery.spike_action(spike.log_only)
+        self._verdict: tuple | None = None
         self.scheduled_gc, self.optimizer_monitor = build_callbacks(cfg.callbacks)
         self._optimizer_metrics: dict = {}
         # DDP (FSDP: the sharded model is its own training module)
@@ -253,13 +269,15 @@ class Trainer:
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._step_runner = StepRunner(
-            model=self.model, train_model=self.train_model, optimizer=self.optimizer, schedule=self.schedule,
+            model=self.model, train_model=self.train_model, optimizer=self.optimizer, schedule=self._lr_multiplier,
             loss_fn=self.loss_fn, count_targets_fn=self.count_targets, dist=self.dist, device=self.device,
             precision=cfg.precision, per_rank_batch=self.per_rank_batch, microbatch=self._microbatch,
             auto_microbatch=self.auto_microbatch, clip=cfg.algorithms.clip, sharded=self.fsdp is not None,
             activation_offload=self.fsdp is not None and self.fsdp.activation_cpu_offload,
             optimizer_monitor=self.optimizer_monitor)
         self.scaler = self._step_runner.scaler  # amp_fp16's loss scaler (checkpointed), else None
+        if {"skip", "rollback"} & cfg.recovery.actions(spike.log_only):
+            self._step_runner.guard = self._guard  # judged before the update, which a recovery drops
         # resume
         self._maybe_resume()
         # rank-specific RNG stream after init (dropout differs across ranks), unless restored
@@ -424,7 +442,7 @@ class Trainer:
             self.load_checkpoint(ck)
             if self.dist.is_main:  # the steps after the checkpoint are trained (and logged) again: one line each
                 with write_errors(self.run_folder / "metrics.jsonl", TrainError, _METRICS):
-                    n = drop_records_after(self.run_folder / "metrics.jsonl", self.step)
+                    n = drop_records_after(self.run_folder / "metrics.jsonl", self.step, keep=self._kept_event)
                 if n:
                     log.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted attempt", n,
                              self.step)
@@ -432,11 +450,12 @@ class Trainer:
             with write_errors(self.run_folder / "metrics.jsonl", TrainError, _METRICS):
                 self.run_folder.joinpath("metrics.jsonl").unlink()  # a fresh run: start the log afresh
 
-    def load_checkpoint(self, ck: Path) -> None:
+    def load_checkpoint(self, ck: Path, st: dict | None = None) -> None:
         """Restore the run from checkpoint ``ck`` (train/state.py): weights, optimizer, scaler, counters, data
-        position, RNG streams."""
+        position, RNG streams, the recovery's record and the loss monitor. ``st``: its trainer state, if read."""
         # FSDP: every rank maps the full (unsharded) optimizer state and copies out only its shards
-        st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
+        if st is None:
+            st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
         opt_changed = self._check_resume(ck, st)  # refuses another data stream; names optimizer changes
         recipe_hp = state_mod.recipe_hparams(self.optimizer)
         state_mod.load_weights_and_optimizer(ck, st, self.model, self.optimizer, device=self.device,
@@ -454,6 +473,9 @@ class Trainer:
         if self.auto_microbatch and st.get("microbatch"):
             self.microbatch = min(int(st["microbatch"]), self.per_rank_batch)
         state_mod.restore_rng(st, self.dist, self.device, seed=self.cfg.seed, step=self.step)
+        self.recovery.load_state_dict(st.get("recovery") or {})  # the batches to pass over, the events, lr windows
+        if st.get("loss_monitor"):  # written before mptkit checkpointed it: the window fills again
+            self.spike.load_state_dict(st["loss_monitor"])
         self.resumed_from = ck
         log.info("resumed from %s at step %d (%d tokens)", ck, self.step, self.tokens)
 
@@ -482,7 +504,8 @@ class Trainer:
                       "target_tokens": self.target_tokens},
             optimizer_state=opt, scaler=self.scaler, microbatch=self.microbatch,
             global_batch_size=self.cfg.global_train_batch_size, data_fingerprint=self.data_fingerprint,
-            optimizer_settings=self._optimizer_config())
+            optimizer_settings=self._optimizer_config(),
+            extra={"recovery": self.recovery.state_dict(), "loss_monitor": self.spike.state_dict()})
 
     def _full_model(self) -> nn.Module | None:
         """The model with full weights: itself, or under FSDP an unsharded CPU copy on rank 0 (None on the
@@ -641,12 +664,138 @@ class Trainer:
         self._last_saved = self.step
         return path
 
+    # ------------------------------------------------------------------------------ recovery (train/recovery.py)
+    def _lr_multiplier(self, step: int) -> float:
+        """The schedule's lr multiplier at 0-based ``step``, lowered in the windows after a recovery."""
+        return self.schedule(step) * self.recovery.lr_scale(step)
+
+    def _judge(self, loss: float, gnorm: float) -> tuple:
+        """(trigger or None, action or None, event or None, what the loss monitor records) of the step being
+        run (number ``self.step + 1``): a NaN / inf loss or gradient norm on any rank, else a kill_loss_spike
+        event. Every rank judges alike (the loss is all-reduced, and so is the non-finite flag)."""
+        step = self.step + 1
+        loss = self.faults.loss(step, loss)  # MPTKIT_FAULTS nan: judged as a real NaN would be
+        if rec_mod.nonfinite(loss, gnorm, check_grad=self.scaler is None, dist=self.dist, device=self.device):
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
+            event = {"event": "nonfinite", "step": step, "message": nonfinite_message(what, value, step)}
+            return "nonfinite", self.cfg.recovery.nonfinite, event, None
+        event, judged = self.spike.check(step, loss)
+        return (event["event"], self.spike_action, event, judged) if event else (None, None, None, judged)
+
+    def _guard(self, loss: float, gnorm: float) -> bool:
+        """StepRunner's guard: judge the step before its update; False drops the update (a recovery)."""
+        self._verdict = self._judge(loss, gnorm)
+        return self._verdict[1] not in rec_mod.ACTING
+
+    def _event(self, verdict: tuple, loss: float, gnorm: float, batch_id, action: str) -> dict:
+        ev = {k: v for k, v in verdict[2].items() if k != "message"}
+        ev.update({"loss": loss, "grad_norm": gnorm, "batch": list(batch_id) if batch_id else None,
+                   "action": action, "time": time.time()})
+        return ev
+
+    def _logged_event(self, verdict: tuple, loss: float, gnorm: float, batch_id) -> dict:
+        """A kill_loss_spike event under log only (llm-foundry's default): a warning and an event line."""
+        log.warning("%s", verdict[2]["message"])
+        return self.recovery.add_event(self._event(verdict, loss, gnorm, batch_id, "log"))
+
+    def _kept_event(self, rec: dict) -> bool:
+        """Whether a metrics.jsonl record past a resume or rollback step stays: a recovery event of the history."""
+        return rec.get("event") in rec_mod.TRIGGERS and rec.get("id") in self.recovery.event_ids()
+
+    def _recover(self, writer: MetricsWriter, verdict: tuple, loss: float, gnorm: float, batch_id) -> None:
+        """The recovery action of a judged step whose update was dropped: stop, skip or rollback."""
+        action, msg = verdict[1], verdict[2]["message"]
+        cfg = self.cfg.recovery
+        why = None
+        if action == "stop":
+            why = "recovery action stop"
+        elif self.recovery.count >= cfg.max_recoveries:
+            why = f"recovery.max_recoveries ({cfg.max_recoveries}) skips and rollbacks already done"
+        if why is not None:
+            self._stop_diverged(writer, verdict, loss, gnorm, batch_id, why)
+        if action == "skip":
+            self.recovery.count += 1
+            ev = self._event(verdict, loss, gnorm, batch_id, "skip")
+            ev["batches_skipped"] = self.recovery.add_batches([tuple(batch_id)])
+            self._lower_lr(ev, self.step)
+            log.warning("%s: skipped the batch %s (no update; step %d is trained on the next batch)", msg,
+                        list(batch_id), self.step + 1)
+            self.recovery.add_event(ev)
+        else:
+            ev = self._rollback(writer, verdict, loss, gnorm, batch_id)
+        writer.write(ev)
+
+    def _stop_diverged(self, writer, verdict, loss, gnorm, batch_id, why: str) -> None:
+        ev = self._event(verdict, loss, gnorm, batch_id, "stop")
+        ev["reason"] = why
+        writer.write(self.recovery.add_event(ev))
+        raise TrainDiverged(f"{verdict[2]['message']} ({why}; exit code {TrainDiverged.exit_code}: a rerun from the "
+                            "same checkpoint meets it again, so it is not retried)")
+
+    def _lower_lr(self, ev: dict, first: int) -> None:
+        """After a recovery: the lr multiplier times recovery.lr_factor for recovery.lr_steps steps from the
+        0-based step ``first``."""
+        cfg = self.cfg.recovery
+        if cfg.lr_factor != 1 and cfg.lr_steps > 0:
+            self.recovery.lr_windows.append([first, first + cfg.lr_steps, float(cfg.lr_factor)])
+            ev.update({"lr_factor": cfg.lr_factor, "lr_steps": cfg.lr_steps, "lr_from_step": first + 1,
+                       "lr_to_step": first + cfg.lr_steps})
+
+    def _rollback(self, writer: MetricsWriter, verdict: tuple, loss: float, gnorm: float, batch_id) -> dict:
+        """PaLM's recipe: back to the newest valid checkpoint from before the trouble, the batches since it (up to
+        the bad one; the last recovery.skip_batches of them) recorded as skipped, the newer checkpoints moved
+        aside, and the checkpoint saved again with that record. Returns the event."""
+        from mptkit.train.distributed import broadcast_object
+
+        trigger, _, event, _ = verdict
+        step = self.step + 1
+        first = rec_mod.first_bad_step(event if trigger != "nonfinite" else None, step, self.spike.window_size)
+        ck = rec_mod.rollback_target(self.save_folder, first - 1) if self.dist.is_main else None
+        ck = broadcast_object(str(ck) if ck else None, self.dist) if self.dist.enabled else ck
+        if ck is None:
+            self._stop_diverged(writer, verdict, loss, gnorm, batch_id,
+                                f"recovery rollback: no valid checkpoint of step {first - 1} or earlier in "
+                                f"{self.save_folder}")
+        ck = Path(ck)
+        st = ckpt_mod.load_trainer_state(ck, mmap=self.fsdp is not None)
+        ck_step = int(st["step"])
+        ids = self.stream.batch_ids(self._data_position(st), step - ck_step)  # what steps ck_step+1..step trained
+        if ids and tuple(ids[-1]) != tuple(batch_id):
+            log.warning("recovery rollback: the replayed data order ends at batch %s, not at the bad batch %s",
+                        ids[-1], list(batch_id))
+        n = self.cfg.recovery.skip_batches
+        chosen = ids if n is None else ids[-n:]
+        history = self.recovery.state_dict()
+        resumed_from = self.resumed_from
+        moved = []
+        if self.dist.is_main:
+            with write_errors(self.save_folder, TrainError, _SAVE):
+                for c in rec_mod.newer_than(self.save_folder, ck_step):  # they hold the updates being undone
+                    moved.append(ckpt_mod.move_aside(c, rec_mod.ROLLED_BACK).name)
+        barrier(self.dist)
+        self.load_checkpoint(ck, st)
+        self.resumed_from = resumed_from
+        self.recovery.load_state_dict(history)  # the history goes on; the checkpoint's is a part of it
+        self.recovery.count += 1
+        self.recovery.forget_logged_after(ck_step)
+        ev = self._event(verdict, loss, gnorm, batch_id, "rollback")
+        ev.update({"rollback_to": ck_step, "checkpoint": str(ck), "batches_skipped": self.recovery.add_batches(chosen),
+                   "checkpoints_moved_aside": moved})
+        self._lower_lr(ev, ck_step)
+        writer.rewind(ck_step, keep=self._kept_event)  # steps ck_step+1.. are trained again: one line each
+        log.warning("%s: rolled back to %s (step %d), skipping %d batch(es) %s", verdict[2]["message"], ck.name,
+                    ck_step, len(chosen), ev["batches_skipped"])
+        self.recovery.add_event(ev)  # in the checkpoint saved now; written to metrics.jsonl by the caller
+        self.save_checkpoint()  # the same step, with the record: a restart does not meet the bad batches again
+        return ev
+
     # ------------------------------------------------------------------------------ steps
     def _train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step on this rank's share of a global batch (train/step.py); returns (loss, grad_norm)
         and records the step's targets, tokens and width."""
         r = self.step_runner.run(batch, self.step)
         self._step_targets, self._step_tokens, self._step_width = r.targets, r.tokens, r.width
+        self._step_applied = r.applied
         if r.optimizer_metrics:
             self._optimizer_metrics = r.optimizer_metrics
         return r.loss, r.grad_norm
@@ -731,6 +880,9 @@ class Trainer:
         self.model.train()
         if self.scheduled_gc is not None:
             self.scheduled_gc.fit_start()
+        if (self.save_folder is not None and self.step == 0 and self.resumed_from is None
+                and "rollback" in self.cfg.recovery.actions(self.cfg.callbacks.kill_loss_spike.log_only)):
+            self.save_checkpoint()  # a rollback before the first periodic checkpoint goes back to the start
         restore_signals = self._catch_stop_signals()
         if main:
             self._report_earlier_failures(writer)
@@ -743,12 +895,23 @@ class Trainer:
                     self.scheduled_gc.before_batch(self.step)
                 t0 = time.perf_counter()
                 batch = self.stream.next_batch()
+                batch_id = self.stream.last_batch
+                self._verdict = None
                 self.faults.mid_step(self.step + 1)  # MPTKIT_FAULTS kill / hang / error (tests and drills)
                 loss, gnorm = self._train_step(batch)
-                loss = self.faults.loss(self.step + 1, loss)  # MPTKIT_FAULTS nan
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
+                # judged before the update when a recovery may drop it (StepRunner.guard), else now
+                verdict = self._verdict if self._verdict is not None else self._judge(loss, gnorm)
+                if verdict[1] in rec_mod.ACTING:  # stop raises; skip and rollback train other batches instead
+                    self._recover(writer, verdict, loss, gnorm, batch_id)
+                    self._optimizer_metrics = {}
+                    if self.watchdog is not None:  # a recovery is progress too
+                        self.watchdog.step_done(self.step, dt)
+                    if self.step < self.max_steps and self._stop_requested():
+                        self._stop_for_signal(writer)
+                    continue
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.step += 1
                 self.samples += self.cfg.global_train_batch_size
@@ -757,7 +920,8 @@ class Trainer:
                 tput.add(dt, self._step_tokens, self._flops_per_batch(self._step_width))
                 if self.watchdog is not None:
                     self.watchdog.step_done(self.step, dt)
-                spike = self.spike(self.step, loss)
+                self.spike.update(loss, verdict[3])
+                spike = self._logged_event(verdict, loss, gnorm, batch_id) if verdict[2] is not None else None
                 optimizer_metrics, self._optimizer_metrics = self._optimizer_metrics, {}
                 if main:
                     rec = {"step": self.step, "epoch": self.stream.epoch, "train_loss": loss, "lr": lr,
@@ -805,6 +969,7 @@ class Trainer:
                    "eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "last_checkpoint": None, "export_folder": None, "sample": None,
+                   "recovery": self.recovery.events, "batches_skipped": self.recovery.batches_skipped,
                    "recoveries": self._recoveries()}
         if self.save_folder is not None and main:
             last = ckpt_mod.find_latest_checkpoint(self.save_folder, checksums=False)
