@@ -138,7 +138,7 @@ class FaultInjector:
             raise RuntimeError(f"fault injection ({ENV}): ckpt_error@rank{self.rank}:step{step}")
 
     def loss(self, step: int, loss: float) -> float:
-        """Step ``step``'s loss, or NaN for a ``nan`` fault."""
+        """Step ``step``'s loss, or NaN for a ``nan`` fault (the trainer asks once per step, when it judges it)."""
         if self.mine and self._claim("nan", step):
             return float("nan")
         return loss

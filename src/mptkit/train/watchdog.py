@@ -15,8 +15,8 @@ watchdog
 This works for a hang outside collectives (a wedged read, a sleep) and inside one (a rank blocked in an
 all-reduce whose peer is hung or dead): the thread needs only the GIL, which blocking calls release. For a
 hang that holds the GIL (a stuck C extension), ``faulthandler.dump_traceback_later`` is armed as a backstop
-at twice the timeout: a C thread dumps the stacks into ``<run_folder>/failures/rank<R>.stacks`` and exits
-with code 1.
+at twice the timeout plus 5 s: a C thread dumps the stacks to stderr (torchrun's log of the worker) and exits
+with code 1. (It is process-wide: it replaces a ``dump_traceback_later`` of your own while training runs.)
 
 The timeout (:class:`mptkit.train.sections.WatchdogConfig`): ``watchdog.timeout`` seconds if given, else
 ``max(min_timeout, step_multiplier x the slowest step so far)``, and ``first_step_timeout`` until the first
@@ -90,7 +90,6 @@ class StepWatchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stacks_file = None
         self.fired: dict | None = None
 
     # ------------------------------------------------------------------ what the trainer calls
@@ -129,10 +128,6 @@ class StepWatchdog:
         self._stop.set()
         with contextlib.suppress(Exception):
             faulthandler.cancel_dump_traceback_later()
-        if self._stacks_file is not None:
-            with contextlib.suppress(Exception):
-                self._stacks_file.close()
-            self._stacks_file = None
 
     # ------------------------------------------------------------------ the timeout
     def timeout(self) -> float | None:
@@ -155,12 +150,9 @@ class StepWatchdog:
             if t is None:
                 faulthandler.cancel_dump_traceback_later()
                 return
-            if self._stacks_file is None:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                self._stacks_file = open(self.folder / f"rank{self.rank}.stacks", "a")  # noqa: SIM115
-            faulthandler.dump_traceback_later(2 * t + 5, exit=True, file=self._stacks_file)
-        except (OSError, ValueError, RuntimeError):
-            pass  # no backstop (a read-only run folder): the Python watchdog still runs
+            faulthandler.dump_traceback_later(2 * t + 5, exit=True)  # to stderr (torchrun's log of the worker)
+        except (OSError, ValueError, RuntimeError, AttributeError):
+            pass  # no usable stderr (e.g. replaced by an object without a file descriptor): no backstop
 
     # ------------------------------------------------------------------ the thread
     def _watch(self) -> None:
