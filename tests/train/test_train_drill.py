@@ -166,3 +166,23 @@ def test_a_recipe_typo_under_torchrun_is_not_retried(tmp_path):
     assert len(first) == 1, out[-4000:]  # reported once, by attempt 0
     assert len(again) == 3, out[-4000:]  # torchrun's 3 restarts each stop at once
     assert f"exitcode  : {EXIT_NOT_RETRYABLE}" in out or f"exitcode: {EXIT_NOT_RETRYABLE}" in out, out[-4000:]
+
+
+@pytest.mark.slow
+def test_a_rank_blocked_in_a_collective_is_caught_by_its_watchdog_while_its_peer_holds_the_gil(tmp_path):
+    """Rank 1 hangs holding the GIL (``stall``: its own watchdog thread cannot run); rank 0, blocked in the
+    step's all-reduce, is stopped by its watchdog (exit 70) with its stack in the collective; rank 1 ends by its
+    faulthandler backstop; torchrun restarts both and the run finishes."""
+    r = subprocess.run(_cmd(tmp_path / "run", 1, "6ba"), env=_env("stall@rank1:step3"), capture_output=True,
+                       text=True, timeout=400, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    failures = tmp_path / "run" / "run" / "failures"
+    rec = json.loads((failures / "rank0-attempt0-step2.reported.json").read_text())  # reported by attempt 1
+    assert rec["phase"] == "step" and rec["exit_code"] == 70
+    dump = (failures / "rank0-attempt0-step2.log").read_text()
+    main = dump.split("Thread MainThread")[1]
+    assert "all_reduce" in main, main[-2000:]  # the innermost frames: the collective
+    assert not list(failures.glob("rank1-*.json"))  # rank 1's Python watchdog could not finish (GIL held) ...
+    assert "Timeout (0:00:17)!" in out and "in mid_step" in out, out[-4000:]  # ... its backstop dumped and exited
+    assert find_latest_checkpoint(tmp_path / "run" / "ck").name.endswith("-ba6")

@@ -9,6 +9,9 @@ Each item is ``KIND@rankR:stepN`` (``rank`` is the global rank; ``step`` is the 
   hardware fault or an OOM killer would.
 - ``hang``: sleep forever at the same point (a wedged data read, a dead NFS mount): the step watchdog
   (:mod:`mptkit.train.watchdog`) must notice; peers block in the step's collectives.
+- ``stall``: hang while holding the GIL (a stuck C call: a regular expression that never ends), so this
+  rank's Python watchdog thread cannot run; its faulthandler backstop ends it, and its peers' watchdogs
+  fire while they are blocked in the step's collective.
 - ``error``: raise a ``RuntimeError`` at the same point (an unexpected crash of the Python code).
 - ``ckpt_kill`` / ``ckpt_error``: SIGKILL / raise while the checkpoint of step N is being written (on the
   writing rank, rank 0 for full checkpoints: after the weights and trainer state are in the temporary folder,
@@ -40,7 +43,7 @@ from mptkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENV = "MPTKIT_FAULTS"
-KINDS = ("kill", "hang", "error", "ckpt_kill", "ckpt_error", "nan")
+KINDS = ("kill", "hang", "stall", "error", "ckpt_kill", "ckpt_error", "nan")
 FAULTS_DIR = "faults"
 _ITEM = re.compile(r"^\s*([a-z_]+)@rank(\d+):step(\d+)\s*$")
 
@@ -125,6 +128,10 @@ class FaultInjector:
         if self._claim("hang", step):
             while True:  # a wedged read: only the watchdog (or a signal's default action) ends this
                 time.sleep(3600)
+        if self._claim("stall", step):
+            import re as _re
+
+            _re.fullmatch(r"(a+)+b", "a" * 64)  # exponential backtracking in C, the GIL held: ~forever
         if self._claim("error", step):
             raise RuntimeError(f"fault injection ({ENV}): error@rank{self.rank}:step{step}")
 
