@@ -32,9 +32,10 @@ EXIT_NOT_RETRYABLE = 78  # EX_CONFIG: `mptkit train` failed before its first ste
 
 
 def not_retryable(e: BaseException) -> bool:
-    """Whether ``e`` fails the same way when the run is retried: a :class:`ConfigError` or :class:`DataError`
-    anywhere, or any mptkit error raised before the first training step (``Trainer.setup`` marks them)."""
-    return isinstance(e, (ConfigError, DataError)) or bool(getattr(e, "before_first_step", False))
+    """Whether ``e`` fails the same way when the run is retried: a :class:`ConfigError` anywhere, or any mptkit
+    error raised before the first training step (``Trainer.setup`` marks them). A :class:`DataError` during
+    training may be transient (an I/O error reading a shard): it is not in this class."""
+    return isinstance(e, ConfigError) or bool(getattr(e, "before_first_step", False))
 
 
 class TrainPreempted(TrainError):
