@@ -27,6 +27,17 @@ class TrainError(MPTKitError):
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; rerun the same command to resume
 
 
+EXIT_WATCHDOG = 70  # EX_SOFTWARE: the step watchdog found no progress for its timeout (stacks in run_folder/failures/)
+EXIT_NOT_RETRYABLE = 78  # EX_CONFIG: `mptkit train` failed before its first step (bad recipe, data, tokenizer, paths)
+
+
+def not_retryable(e: BaseException) -> bool:
+    """Whether ``e`` fails the same way when the run is retried: a :class:`ConfigError` anywhere, or any mptkit
+    error raised before the first training step (``Trainer.setup`` marks them). A :class:`DataError` during
+    training may be transient (an I/O error reading a shard): it is not in this class."""
+    return isinstance(e, ConfigError) or bool(getattr(e, "before_first_step", False))
+
+
 class TrainPreempted(TrainError):
     """The run was asked to stop (SIGTERM / SIGINT: preemption, a scheduler's requeue) and stopped at a step
     boundary after saving a checkpoint; ``exit_code`` (:data:`EXIT_PREEMPTED`) is what `mptkit train` exits with."""

@@ -14,11 +14,12 @@ import torch
 import yaml
 
 from mptkit.cli import main
+from mptkit.errors import EXIT_NOT_RETRYABLE
 
 
-def _one_line(capsys, rc, *needles):
+def _one_line(capsys, rc, *needles, code=2):
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert rc == code and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for n in needles:
         assert n in err, (n, err)
     return err
@@ -184,7 +185,7 @@ def test_unwritable_export_folder_is_refused_before_the_first_step(tmp_path, dat
     (tmp_path / "afile").write_text("x")
     for folder in (tmp_path / "afile" / "hf", tmp_path / "afile"):
         rc = main(["-q", "train", str(_recipe(tmp_path, data, export_folder=str(folder)))])
-        _one_line(capsys, rc, "export_folder", str(tmp_path / "afile"))
+        _one_line(capsys, rc, "export_folder", str(tmp_path / "afile"), code=EXIT_NOT_RETRYABLE)
         assert not (tmp_path / "ck").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -209,10 +210,11 @@ def test_eval_json_and_plot_out_are_checked_before_any_work(tmp_path, data, caps
 # ------------------------------------------------------------------------------ recipe paths
 def test_recipe_that_is_a_folder_or_not_utf8_is_a_config_error(tmp_path, capsys):
     (tmp_path / "recipes").mkdir()
-    _one_line(capsys, main(["-q", "train", str(tmp_path / "recipes")]), str(tmp_path / "recipes"), "is a folder")
+    _one_line(capsys, main(["-q", "train", str(tmp_path / "recipes")]), str(tmp_path / "recipes"), "is a folder",
+              code=EXIT_NOT_RETRYABLE)
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"run_name: caf\xe9\n")
-    _one_line(capsys, main(["-q", "train", str(bad)]), str(bad), "not valid UTF-8", "line 1")
+    _one_line(capsys, main(["-q", "train", str(bad)]), str(bad), "not valid UTF-8", "line 1", code=EXIT_NOT_RETRYABLE)
 
 
 # ------------------------------------------------------------------------------ flags checked by argparse

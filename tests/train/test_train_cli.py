@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mptkit.cli import main
+from mptkit.errors import EXIT_NOT_RETRYABLE
 
 
 def _corpus(folder: Path) -> Path:
@@ -80,23 +81,23 @@ def test_train_cli_end_to_end(tmp_path, capsys):
     train_tokenizer([str(tmp_path / "corpus2" / "extra.py")], 320, tmp_path / "tok2")
     r2 = _recipe(tmp_path, tokenizer={"name": str(tmp_path / "tok2")}, data_prep=None,
                  run_folder=str(tmp_path / "runs" / "mismatch"), save_folder=None)
-    assert main(["train", str(r2)]) == 2
+    assert main(["train", str(r2)]) == EXIT_NOT_RETRYABLE
     assert "tokenizer mismatch" in capsys.readouterr().err
     # data prepared with another max_seq_len
     r3 = _recipe(tmp_path, max_seq_len=16, data_prep=None, save_folder=None, run_folder=str(tmp_path / "r3"))
-    assert main(["train", str(r3)]) == 2
+    assert main(["train", str(r3)]) == EXIT_NOT_RETRYABLE
     assert "max_seq_len 16 does not match" in capsys.readouterr().err
 
 
 def test_train_cli_user_errors_are_one_line(tmp_path, capsys):
     """A missing data folder, a typo'd key and a missing recipe each print one actionable error line."""
     r = _recipe(tmp_path, data_prep=None)
-    assert main(["train", str(r)]) == 2
+    assert main(["train", str(r)]) == EXIT_NOT_RETRYABLE
     err = capsys.readouterr().err
     assert "does not exist" in err and "mptkit data prepare" in err and "Traceback" not in err
-    assert main(["train", str(r), "global_train_batch_sise=4"]) == 2
+    assert main(["train", str(r), "global_train_batch_sise=4"]) == EXIT_NOT_RETRYABLE
     assert "did you mean 'global_train_batch_size'" in capsys.readouterr().err
-    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["train", str(tmp_path / "nope.yaml")]) == EXIT_NOT_RETRYABLE
     assert "no such recipe" in capsys.readouterr().err
     assert main(["train", str(r), "--print-config"]) == 0
     assert "global_train_batch_size: 8" in capsys.readouterr().out

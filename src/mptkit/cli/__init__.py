@@ -19,7 +19,7 @@ import os
 import sys
 
 from mptkit import __version__
-from mptkit.errors import MPTKitError, TrainPreempted
+from mptkit.errors import EXIT_NOT_RETRYABLE, MPTKitError, TrainPreempted, not_retryable
 
 # The modules of this package that add subcommands, one per area (each defines register(subparsers)).
 COMMAND_MODULES = (
@@ -59,6 +59,15 @@ def configure_cpu_numerics() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+def _not_retryable_exit(e: BaseException) -> int:
+    """`mptkit train` failed before its first step (or on its data): under torchrun, record it for the restarts
+    of this same agent (``mptkit.train.restarts``), so they stop at once saying so instead of redoing the work."""
+    from mptkit.train.restarts import record_not_retryable
+
+    record_not_retryable(str(e))
+    return EXIT_NOT_RETRYABLE
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_cpu_numerics()
     parser = build_parser()
@@ -78,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mptkit {args.command}: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)  # e.g. TrainDiverged's EXIT_DIVERGED (not to be retried)
+        code = getattr(e, "exit_code", None)  # e.g. TrainDiverged's EXIT_DIVERGED (not to be retried)
+        if code:
+            return code
+        if args.command == "train" and not_retryable(e):  # a retry fails the same way (docs/training.md)
+            return _not_retryable_exit(e)
+        return 2
     except Exception as e:
         from mptkit.utils.outputs import describe_os_error, is_write_failure
 

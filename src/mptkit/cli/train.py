@@ -7,9 +7,16 @@ import json
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mptkit.errors import ConfigError
     from mptkit.train.config import load_run_config
+    from mptkit.train.restarts import earlier_not_retryable
     from mptkit.train.trainer import Trainer
 
+    prev = earlier_not_retryable()  # torchrun restarted us after an error a restart cannot fix: stop at once
+    if prev is not None:
+        raise ConfigError(f"not retried: attempt {prev.get('attempt')} of this torchrun job already failed before "
+                          "its first step, and a restart fails the same way (fix it, then start a new torchrun): "
+                          f"{prev.get('message')}")
     cfg = load_run_config(args.recipe, args.overrides)
     if args.print_config:
         import yaml

@@ -69,14 +69,18 @@ def save_checkpoint(
     step: int,
     tokenizer: Any = None,
     run_config: dict | None = None,
+    during_write: Callable[[], None] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically and return its final path."""
+    """Write one checkpoint atomically and return its final path. ``during_write()`` is called once the weights
+    and trainer state are in the temporary folder, before the manifest (fault injection: train/faults.py)."""
     save_folder = Path(save_folder)
     final = save_folder / checkpoint_name(epoch, step)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / MODEL_DIR, tokenizer=tokenizer)
         torch.save(trainer_state, tmp / STATE_FILE)
+        if during_write is not None:
+            during_write()
         if run_config is not None:
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
         _write_manifest(tmp, epoch=epoch, step=step)

@@ -35,6 +35,7 @@ from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _che
     SampleSettings,
     SchedulerConfig,
     Section,
+    WatchdogConfig,
     _check_keys,
     _dym,
     _need_bool,
@@ -326,6 +327,7 @@ class RunConfig:
     dist_timeout: float = 600.0
     variables: dict = field(default_factory=dict)
     fsdp_config: dict | None = None  # llm-foundry keys; FSDP2 sharding under torchrun (docs/training.md)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # the step watchdog (train/watchdog.py)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)  # NaN / loss-spike actions (train/recovery.py)
 
     # derived (filled by validate)
@@ -373,6 +375,7 @@ class RunConfig:
         self.algorithms = AlgorithmsConfig.from_dict(self.algorithms)
         raw_spike = self.callbacks.get("kill_loss_spike") if isinstance(self.callbacks, dict) else None
         self.callbacks = CallbacksConfig.from_dict(self.callbacks)
+        self.watchdog = WatchdogConfig.from_dict(self.watchdog)
         self.recovery = RecoveryConfig.from_dict(self.recovery, spike=raw_spike)
         if "rollback" in self.recovery.actions(self.callbacks.kill_loss_spike.log_only) and not self.save_folder:
             key = "nonfinite" if self.recovery.nonfinite == "rollback" else "loss_spike"

@@ -71,11 +71,28 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 600.0) -
             if not os.environ.get(var):
                 raise TrainError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _attempt_store(world, timeout)
+        if store is not None:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, store=store)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
         info.initialized_here = True
         log.info("torch.distributed: rank %d of %d, backend %s, device %s", rank, world, backend, device)
     return info
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun's shared agent store (``TORCHELASTIC_USE_AGENT_STORE``), the process group's keys under a
+    prefix of this restart (``TORCHELASTIC_RESTART_COUNT``). The agent's store outlives a restart, so without
+    it a restarted worker can read the address a dead worker of the previous attempt published and fail to
+    connect (gloo: "connectFullMesh failed ... Connection refused"), wasting a restart. None: the default."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                         is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"mptkit/attempt-{attempt}", base)
 
 
 def barrier(info: DistInfo) -> None:

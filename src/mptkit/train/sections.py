@@ -680,6 +680,44 @@ class CallbacksConfig(Section):
         return out
 
 
+# ----------------------------------------------------------------------------------- watchdog
+
+
+@dataclass
+class WatchdogConfig(Section):
+    """``watchdog`` (mptkit): the step watchdog of every rank (train/watchdog.py). ``timeout`` None = derived:
+    ``max(min_timeout, step_multiplier x the slowest step)``, ``first_step_timeout`` before the first step of an
+    attempt has finished; ``checkpoint_timeout`` None = ``max(timeout or min_timeout, 600)`` seconds without
+    the checkpoint's temporary folder growing."""
+
+    enabled: bool = True
+    timeout: float | None = None
+    min_timeout: float = 300.0
+    step_multiplier: float = 10.0
+    first_step_timeout: float = 1800.0
+    checkpoint_timeout: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any) -> WatchdogConfig:
+        if isinstance(d, WatchdogConfig):
+            return d
+        if d is None:
+            return cls()
+        if isinstance(d, bool):  # watchdog: false
+            return cls(enabled=d)
+        if not isinstance(d, dict):
+            raise ConfigError("watchdog: expected a mapping (enabled, timeout, min_timeout, ...) or true/false")
+        _check_keys(d, cls.keys_allowed(), "watchdog")
+        c = cls(**d)
+        _need_bool("watchdog.enabled", c.enabled)
+        for k in ("timeout", "checkpoint_timeout"):
+            if getattr(c, k) is not None:
+                _need_num(f"watchdog.{k}", getattr(c, k), positive=True)
+        for k in ("min_timeout", "step_multiplier", "first_step_timeout"):
+            _need_num(f"watchdog.{k}", getattr(c, k), positive=True)
+        return c
+
+
 # ----------------------------------------------------------------------------------- recovery
 
 RECOVERY_ACTIONS = ("stop", "skip", "rollback")

@@ -35,15 +35,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptkit.errors import CheckpointError, ConfigError, DataError, TrainDiverged, TrainError, TrainPreempted
+from mptkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MPTKitError,
+    TrainDiverged,
+    TrainError,
+    TrainPreempted,
+)
 from mptkit.train import checkpoint as ckpt_mod
 from mptkit.train import recovery as rec_mod
 from mptkit.train import state as state_mod
+from mptkit.train import watchdog as _wd
 from mptkit.train.callbacks import build_callbacks
 from mptkit.train.config import Duration, RunConfig, parse_duration
 from mptkit.train.data import BatchStream, data_fingerprint, default_collate, make_sampler
 from mptkit.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mptkit.train.evaluate import evaluate_loss
+from mptkit.train.faults import FaultInjector
 from mptkit.train.folders import RunFolders
 from mptkit.train.metrics import (
     LossSpikeMonitor,
@@ -108,6 +118,8 @@ class Trainer:
         self._step_runner: StepRunner | None = None  # one optimizer step (train/step.py), built by setup
         self._microbatch = 0
         self.scaler = None
+        self.faults = FaultInjector([], rank=0, run_folder=Path("."))  # MPTKIT_FAULTS (train/faults.py), set by setup
+        self.watchdog = None  # the step watchdog of this rank while fit() trains (train/watchdog.py)
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self) -> Trainer:
@@ -117,8 +129,10 @@ class Trainer:
             return self
         try:
             return self._setup()
-        except BaseException:
+        except BaseException as e:
             self._abandon_setup()
+            if isinstance(e, MPTKitError):
+                e.before_first_step = True  # a retry fails the same way: `mptkit train` exits EXIT_NOT_RETRYABLE
             raise
 
     def _setup(self) -> Trainer:
@@ -154,6 +168,7 @@ class Trainer:
         self.run_folder = Path(cfg.run_folder or Path("runs") / self.run_name)
         self.save_folder = Path(cfg.save_folder.format(run_name=self.run_name)) if cfg.save_folder else None
         self._take_folders()  # rank 0 creates and locks them before anything is written; all ranks learn the outcome
+        self.faults = FaultInjector.from_env(rank=self.dist.rank, run_folder=self.run_folder)  # MPTKIT_FAULTS
         if self.dist.is_main and cfg.export_folder:  # found now, not when training has ended
             # not a file, its folder writable; an existing export is replaced at the end (atomic_dir), no flag
             check_output(Path(cfg.export_folder.format(run_name=self.run_name)), flag="export_folder",
@@ -614,10 +629,61 @@ class Trainer:
         barrier(self.dist)
         return dest if self.dist.is_main else None
 
+    # ------------------------------------------------------------------ the step watchdog (train/watchdog.py)
+    def _start_watchdog(self) -> None:
+        if not self.cfg.watchdog.enabled:
+            return
+        self.watchdog = _wd.StepWatchdog(self.cfg.watchdog, rank=self.dist.rank, run_folder=self.run_folder)
+        self.watchdog.start(self.step)
+
+    def _watchdog_phase(self, name: str, progress=None):
+        import contextlib
+
+        return self.watchdog.phase(name, progress) if self.watchdog is not None else contextlib.nullcontext()
+
+    def _report_earlier_failures(self, writer: MetricsWriter) -> None:
+        """Rank 0 at the start of an attempt: the watchdog events and injected faults of earlier attempts, as
+        ``watchdog`` / ``fault`` events in metrics.jsonl (``at_step``: kept by a later resume) and warnings."""
+        from mptkit.train import faults as faults_mod
+
+        for path, rec in _wd.unreported_failures(self.run_folder):
+            rec = {k: v for k, v in rec.items() if k != "step"}
+            at = _wd_step(path)
+            writer.write({**rec, "at_step": at, "reported_by_attempt": _wd.attempt()})
+            log.warning("an earlier attempt was stopped by the step watchdog: rank %s, %s after step %s for %.1f s; "
+                        "stacks in %s", rec.get("rank"), rec.get("phase"), at, rec.get("idle_s", 0), rec.get("stacks"))
+            _wd.mark_reported(path)
+        for rec in faults_mod.unreported_faults(self.run_folder):
+            writer.write({"event": "fault", **{k: v for k, v in rec.items() if k != "step"}, "at_step": rec["step"],
+                          "reported_by_attempt": _wd.attempt()})
+            log.warning("an earlier attempt had an injected fault: %s", rec["fault"])
+            faults_mod.mark_reported(self.run_folder, rec)
+
+    def _recoveries(self) -> dict:
+        """For summary.json: the watchdog events and injected faults this run folder has seen."""
+        from mptkit.train import faults as faults_mod
+
+        events = []
+        folder = self.run_folder / _wd.FAILURES_DIR
+        for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                events.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return {"watchdog": sorted(events, key=lambda r: r.get("time", 0)),
+                "faults": faults_mod.fired_faults(self.run_folder)}
+
     def save_checkpoint(self) -> Path | None:
         if self.save_folder is None:
             return None
+        folder = self.save_folder
+        with self._watchdog_phase("checkpoint", progress=lambda: _wd.folder_bytes(folder)):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path | None:
         self._assert_lock_held()  # another run took the folder over: write nothing more
+        if not (self.dist.is_main and not (self.fsdp is not None and self.fsdp.sharded_checkpoints)):
+            self.faults.during_checkpoint(self.step)  # MPTKIT_FAULTS ckpt_* on a rank that writes no files
         if self.fsdp is not None and self.fsdp.sharded_checkpoints:
             return self._save_sharded_checkpoint()
         weights_only = self.cfg.save_weights_only
@@ -630,7 +696,8 @@ class Trainer:
             with write_errors(self.save_folder, TrainError, _SAVE):  # a full disk: one line naming save_folder
                 path = ckpt_mod.save_checkpoint(
                     self.save_folder, model=model, trainer_state=state, epoch=self.stream.epoch, step=self.step,
-                    tokenizer=self.tokenizer, run_config=self.cfg.to_dict())
+                    tokenizer=self.tokenizer, run_config=self.cfg.to_dict(),
+                    during_write=lambda: self.faults.during_checkpoint(self.step))
                 ckpt_mod.prune_checkpoints(self.save_folder, self.cfg.save_num_checkpoints_to_keep)
         del model
         barrier(self.dist)
@@ -665,6 +732,7 @@ class Trainer:
         run (number ``self.step + 1``): a NaN / inf loss or gradient norm on any rank, else a kill_loss_spike
         event. Every rank judges alike (the loss is all-reduced, and so is the non-finite flag)."""
         step = self.step + 1
+        loss = self.faults.loss(step, loss)  # MPTKIT_FAULTS nan: judged as a real NaN would be
         if rec_mod.nonfinite(loss, gnorm, check_grad=self.scaler is None, dist=self.dist, device=self.device):
             what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
             event = {"event": "nonfinite", "step": step, "message": nonfinite_message(what, value, step)}
@@ -864,7 +932,7 @@ class Trainer:
             writer.write({"event": "start", "run_name": self.run_name, "params": n_params, "max_steps": self.max_steps,
                           "peak_flops": peak, "peak_source": peak_src, "world_size": self.dist.world_size,
                           "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                          "start_step": self.step,
+                          "start_step": self.step, "attempt": _wd.attempt(),
                           "params_per_rank": getattr(self, "fsdp_local_params", n_params),
                           **({"metadata": cfg.metadata} if cfg.metadata else {})})
         bar = None
@@ -884,6 +952,9 @@ class Trainer:
                 and "rollback" in self.cfg.recovery.actions(self.cfg.callbacks.kill_loss_spike.log_only)):
             self.save_checkpoint()  # a rollback before the first periodic checkpoint goes back to the start
         restore_signals = self._catch_stop_signals()
+        if main:
+            self._report_earlier_failures(writer)
+        self._start_watchdog()
         try:
             if cfg.eval_first and self.step == 0:
                 self._log_eval(writer)
@@ -894,6 +965,7 @@ class Trainer:
                 batch = self.stream.next_batch()
                 batch_id = self.stream.last_batch
                 self._verdict = None
+                self.faults.mid_step(self.step + 1)  # MPTKIT_FAULTS kill / hang / error (tests and drills)
                 loss, gnorm = self._train_step(batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -903,6 +975,8 @@ class Trainer:
                 if verdict[1] in rec_mod.ACTING:  # stop raises; skip and rollback train other batches instead
                     self._recover(writer, verdict, loss, gnorm, batch_id)
                     self._optimizer_metrics = {}
+                    if self.watchdog is not None:  # a recovery is progress too
+                        self.watchdog.step_done(self.step, dt)
                     if self.step < self.max_steps and self._stop_requested():
                         self._stop_for_signal(writer)
                     continue
@@ -912,6 +986,8 @@ class Trainer:
                 self.tokens += self._step_tokens
                 self.target_tokens += self._step_targets
                 tput.add(dt, self._step_tokens, self._flops_per_batch(self._step_width))
+                if self.watchdog is not None:
+                    self.watchdog.step_done(self.step, dt)
                 self.spike.update(loss, verdict[3])
                 spike = self._logged_event(verdict, loss, gnorm, batch_id) if verdict[2] is not None else None
                 optimizer_metrics, self._optimizer_metrics = self._optimizer_metrics, {}
@@ -950,6 +1026,9 @@ class Trainer:
             if self.hf_every and self._last_hf != self.step:  # llm-foundry's: also at the end of training
                 self.save_hf_checkpoint()
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+                self.watchdog = None
             restore_signals()
             if bar is not None:
                 bar.close()
@@ -962,7 +1041,8 @@ class Trainer:
                    "eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "last_checkpoint": None, "export_folder": None, "sample": None,
-                   "recovery": self.recovery.events, "batches_skipped": self.recovery.batches_skipped}
+                   "recovery": self.recovery.events, "batches_skipped": self.recovery.batches_skipped,
+                   "recoveries": self._recoveries()}
         if self.stream.mixture_counts is not None:  # a data mixture: what each stream gave, beside what was asked
             summary["mixture"] = self.stream.mixture_report()
         if self.save_folder is not None and main:
@@ -1002,7 +1082,8 @@ class Trainer:
         if self.scheduled_gc is not None:
             self.scheduled_gc.eval_start()
         try:
-            rec = self.evaluate()
+            with self._watchdog_phase("eval"):
+                rec = self.evaluate()
         finally:
             if self.scheduled_gc is not None:
                 self.scheduled_gc.eval_end()
@@ -1064,6 +1145,14 @@ class Trainer:
             model.save_pretrained(tmp, tokenizer=self.tokenizer)
         log.info("exported the model to %s", out)
         return out
+
+
+def _wd_step(path: Path) -> int | None:
+    """The step in a failure record's name (``rank0-attempt1-step5.json``)."""
+    import re
+
+    m = re.search(r"-step(\d+)", path.name)
+    return int(m.group(1)) if m else None
 
 
 # How a failed write (disk full, permissions, ...) names what it was writing: "{doing} {path}: {reason}".
