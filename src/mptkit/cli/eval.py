@@ -149,8 +149,24 @@ def _stop_strings(arg: str | None) -> list[str] | None:
     return [x for x in arg.split(",") if x]
 
 
+def _distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): the process group (gloo on CPU, NCCL on GPU), each rank on its own
+    GPU when --device is auto or cuda; None for one process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from mptkit.train.distributed import init_distributed
+
+    info = init_distributed("cpu" if args.device == "cpu" else "auto")
+    if info.device.type == "cuda" and args.device in ("auto", "cuda"):
+        args.device = str(info.device)
+    return info
+
+
 def _icl(args) -> int:
-    from mptkit.eval.icl import icl_accuracy, normalize_task_type, read_icl_jsonl
+    from mptkit.eval.distributed import icl_accuracy_sharded
+    from mptkit.eval.icl import normalize_task_type, read_icl_jsonl
 
     files = _split_list(args.tasks)
     if not files:
@@ -165,7 +181,22 @@ def _icl(args) -> int:
         raise EvalError(f"--num-fewshot {args.num_fewshot!r}: expected integers, e.g. 0 or 0,1,5") from None
     tasks = [read_icl_jsonl(f, types[0] if len(types) == 1 else (types[i] if types else None))
              for i, f in enumerate(files)]  # validate every file before loading the model
-    model, tok = _load(args)
+    dist_info = _distributed(args)  # torchrun: the records split over the ranks, results gathered
+    try:
+        model, tok = _load(args)
+        results = _icl_results(args, model, tok, tasks, shots, icl_accuracy_sharded)
+    finally:
+        if dist_info is not None:
+            from mptkit.train.distributed import shutdown
+
+            shutdown(dist_info)
+    if dist_info is not None and not dist_info.is_main:
+        return 0  # rank 0 prints and writes the results (every rank holds them)
+    _print_icl(args, results)
+    return 0
+
+
+def _icl_results(args, model, tok, tasks, shots, icl_accuracy) -> list:
     results = []
     for task in tasks:
         for k in shots:
@@ -175,6 +206,10 @@ def _icl(args) -> int:
                                         prompt_string=args.prompt_string, batch_size=args.batch_size,
                                         max_examples=args.max_examples, max_seq_len=args.max_seq_len,
                                         stop=_stop_strings(args.stop)))
+    return results
+
+
+def _print_icl(args, results) -> None:
     w = max(4, *(len(r.task) for r in results))
     tw = max(18, *(len(r.task_type) for r in results))
     print(f"{'task':<{w}} {'type':<{tw}} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
@@ -185,7 +220,6 @@ def _icl(args) -> int:
                             "example_delimiter": args.example_delimiter,
                             "continuation_delimiter": args.continuation_delimiter,
                             "results": [r.to_dict(details=args.details) for r in results]})
-    return 0
 
 
 # ----------------------------------------------------------------------------- parser

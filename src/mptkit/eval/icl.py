@@ -329,17 +329,8 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], *, batch_
     return out, truncated
 
 
-def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fewshot: int = 0, seed: int = 1234,
-                 example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
-                 continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
-                 batch_size: int = 16, max_examples: int | None = None,
-                 max_seq_len: int | None = None, stop: str | list[str] | None = None) -> ICLResult:
-    """Accuracy of ``model`` on an ICL task (see the module docstring for the formats and the prompt).
-
-    ``task``: a JSONL path, an :class:`ICLTask`, or a list of record dicts. ``num_fewshot``: shots per prompt,
-    drawn (seeded) from the other records. ``max_examples``: evaluate only the first N records (shots still
-    come from the whole file). ``stop``: generation tasks' early-stopping strings (llm-foundry's
-    ``early_stopping_criteria``; default none: EOS or the token limit). Returns an :class:`ICLResult`."""
+def as_task(task, task_type: str | None = None) -> ICLTask:
+    """``task`` (a JSONL path, an :class:`ICLTask` or a list of record dicts) as a validated :class:`ICLTask`."""
     if isinstance(task, ICLTask):
         if task_type is not None and normalize_task_type(task_type) != task.task_type:
             raise EvalError(f"task {task.name} is {task.task_type}, not {task_type}")
@@ -353,9 +344,27 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
                 raise EvalError(f"record {i}: expected a dict, got {type(r).__name__}")
             tt = tt or infer_task_type(r, f"record {i}")
             _check_record(r, tt, f"record {i}")
-        task = ICLTask(name="task", task_type=tt, examples=recs, lines=list(range(1, len(recs) + 1)))
+        return ICLTask(name="task", task_type=tt, examples=recs, lines=list(range(1, len(recs) + 1)))
     else:
-        task = read_icl_jsonl(task, task_type)
+        return read_icl_jsonl(task, task_type)
+    return task
+
+
+def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fewshot: int = 0, seed: int = 1234,
+                 example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
+                 continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
+                 batch_size: int = 16, max_examples: int | None = None,
+                 max_seq_len: int | None = None, stop: str | list[str] | None = None,
+                 indices=None) -> ICLResult:
+    """Accuracy of ``model`` on an ICL task (see the module docstring for the formats and the prompt).
+
+    ``task``: a JSONL path, an :class:`ICLTask`, or a list of record dicts. ``num_fewshot``: shots per prompt,
+    drawn (seeded) from the other records. ``max_examples``: evaluate only the first N records (shots still
+    come from the whole file). ``stop``: generation tasks' early-stopping strings (llm-foundry's
+    ``early_stopping_criteria``; default none: EOS or the token limit). ``indices``: score only these records
+    of the first ``max_examples`` (one rank's share, :func:`mptkit.eval.distributed.icl_accuracy_sharded`;
+    shots, the generation budget and the rest are those of the whole set). Returns an :class:`ICLResult`."""
+    task = as_task(task, task_type)
     if tokenizer is None:
         raise EvalError("ICL tasks need a tokenizer (the model folder has none; pass --tokenizer)")
     if max_seq_len is not None:
@@ -367,15 +376,18 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
     if max_examples is not None and int(max_examples) < 1:
         raise EvalError(f"--max-examples {max_examples}: must be >= 1")
     n = len(task.examples) if max_examples is None else min(len(task.examples), int(max_examples))
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    if any(not 0 <= i < n for i in idx):
+        raise EvalError(f"record indices must be in [0, {n}), got {idx}")
     eos = getattr(tokenizer, "eos_token_id", None)
     t = task.task_type
     fmt = {"num_fewshot": int(num_fewshot), "seed": seed, "example_delimiter": example_delimiter,
            "continuation_delimiter": continuation_delimiter, "prompt_string": prompt_string}
     if t == "generation_task_with_answers":
         return _generation_accuracy(model, tokenizer, task, n, fmt, stop=stop, batch_size=batch_size,
-                                    max_seq_len=max_seq_len)
+                                    max_seq_len=max_seq_len, indices=idx)
     requests, owner = [], []
-    for i in range(n):
+    for i in idx:
         prefix = _prefix(task, i, **fmt)
         for c, (prompt, ans) in enumerate(_alternatives(task.examples[i], t, prefix, continuation_delimiter)):
             ptxt, atxt = split_trailing_space(prompt, ans)
@@ -386,15 +398,16 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
                 raise EvalError(f"{where}: the answer {ans!r} encodes to no tokens")
             requests.append((p_ids, a_ids))
             owner.append((i, c))
-    scores, truncated = score_requests(model, requests, batch_size=batch_size, max_seq_len=max_seq_len)
+    scores, truncated = score_requests(model, requests, batch_size=batch_size, max_seq_len=max_seq_len) if (
+        requests) else ([], 0)
     if truncated:
         log.warning("%s: %d of %d prompts were cut from the start to fit the window", task.name, truncated,
                     len(requests))
-    per: list[list[tuple[float, int, bool]]] = [[] for _ in range(n)]
+    per: dict[int, list[tuple[float, int, bool]]] = {i: [] for i in idx}
     for (i, _), sc in zip(owner, scores):
         per[i].append(sc)
     details, correct, correct_norm = [], 0, 0
-    for i, sc in enumerate(per):
+    for i, sc in per.items():
         if t == "language_modeling":
             ok = sc[0][2]
             details.append({"index": i, "correct": ok, "logprob": sc[0][0], "tokens": sc[0][1]})
@@ -409,13 +422,14 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
             details.append({"index": i, "correct": ok, "correct_norm": pick_n == gold, "choice": pick,
                             "choice_norm": pick_n, "gold": gold, "logprobs": sums, "tokens": [k for _, k, _ in sc]})
         correct += ok
-    return ICLResult(task=task.name, task_type=t, num_fewshot=int(num_fewshot), examples=n,
-                     accuracy=correct / n, accuracy_norm=(correct_norm / n if t in CHOICE_TYPES else None),
+    m = max(1, len(idx))
+    return ICLResult(task=task.name, task_type=t, num_fewshot=int(num_fewshot), examples=len(idx),
+                     accuracy=correct / m, accuracy_norm=(correct_norm / m if t in CHOICE_TYPES else None),
                      truncated=truncated, details=details)
 
 
 def _generation_accuracy(model, tokenizer, task: ICLTask, n: int, fmt: dict, *, stop, batch_size: int,
-                         max_seq_len: int | None) -> ICLResult:
+                         max_seq_len: int | None, indices: list[int]) -> ICLResult:
     """Greedy generation after each prompt (mptkit.infer's batched generator: a cache slot per prompt, no
     padding), cut at the first stop string, scored by normalized prefix match against the aliases."""
     from mptkit.infer.generate import Generator
@@ -430,7 +444,7 @@ def _generation_accuracy(model, tokenizer, task: ICLTask, n: int, fmt: dict, *, 
     new = longest + GENERATION_BUFFER
     eos = getattr(tokenizer, "eos_token_id", None)
     prompts, truncated = [], 0
-    for i in range(n):
+    for i in indices:
         ids = _encode(tokenizer, build_prompt(task, i, **fmt).rstrip()) or ([eos] if eos is not None else [])
         if not ids:
             raise EvalError("a prompt encodes to no tokens (no EOS token to stand in for it)")
@@ -447,13 +461,15 @@ def _generation_accuracy(model, tokenizer, task: ICLTask, n: int, fmt: dict, *, 
     gen = Generator(model, tokenizer, max_context=limit)
     params = SamplingParams(max_tokens=new, temperature=0.0, stop=stops)
     outputs: list[str] = []
-    for s in range(0, n, int(batch_size)):
+    for s in range(0, len(prompts), int(batch_size)):
         outputs += [o.text for o in gen.generate(prompts[s : s + int(batch_size)], params)]
     details, correct = [], 0
-    for i, (out, al) in enumerate(zip(outputs, answers)):
+    for i, out in zip(indices, outputs):
+        al = answers[i]
         got = normalize_answer(out)
         ok = any(got.startswith(normalize_answer(a)) for a in al if normalize_answer(a))
         correct += ok
         details.append({"index": i, "correct": ok, "output": out})
-    return ICLResult(task=task.name, task_type=task.task_type, num_fewshot=fmt["num_fewshot"], examples=n,
-                     accuracy=correct / n, truncated=truncated, details=details)
+    return ICLResult(task=task.name, task_type=task.task_type, num_fewshot=fmt["num_fewshot"],
+                     examples=len(indices), accuracy=correct / max(1, len(indices)), truncated=truncated,
+                     details=details)
