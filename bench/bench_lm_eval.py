@@ -81,10 +81,11 @@ def write_tasks(folder, n: int, model=None, tok=None) -> Path:
     """``folder/mc.jsonl`` and ``folder/lm.jsonl`` (llm-foundry's formats, which mptkit reads) and the lm-eval
     task YAMLs reading the same files. MC record i: a line cut after its first half's last word, the choices
     its own rest and the (different) rests of the next lines, gold 0. LM record i: a line minus its last word; the
-    continuation is a space and that word (LAMBADA's layout: the delimiter is part of the continuation, so it
-    is scored with ``--continuation-delimiter ''`` and lm-eval's ``loglikelihood`` output type, which adds no
-    delimiter), or (every other record, given ``model``) the model's own greedy continuation, so that the
-    greedy flag is sometimes true."""
+    continuation is that word, read with llm-foundry's defaults (fields stripped, " " between context and
+    continuation); lm-eval's ``loglikelihood`` output type adds no delimiter, so its target is ``' ' +
+    continuation``, as its lambada_openai task writes it. Every other record (given ``model``) is cut where
+    the model's greedy next token is a space and a word, when the line has such a cut, and that word is the
+    continuation, so that the greedy flag is sometimes true."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = source_lines(n + 40)
@@ -99,10 +100,14 @@ def write_tasks(folder, n: int, model=None, tok=None) -> Path:
             if r not in choices:
                 choices.append(r)
         mc.append({"query": " ".join(w[: len(w) // 2]), "choices": choices, "gold": 0})
-        ctx, last = lines[i].rsplit(" ", 1)
-        cont = " " + last
-        if model is not None and i % 2:
-            cont = greedy_continuation(model, tok, ctx) or cont
+        ctx, cont = lines[i].rsplit(" ", 1)
+        if model is not None and i % 2:  # a cut of the line after which the model's greedy token is " word"
+            w = lines[i].split(" ")
+            for j in range(len(w) - 1, 0, -1):
+                g = greedy_continuation(model, tok, " ".join(w[:j]), 1)
+                if g is not None and g[:1] == " " and g[1:] and g[1:] == g[1:].strip():
+                    ctx, cont = " ".join(w[:j]), g[1:]
+                    break
         lm.append({"context": ctx, "continuation": cont})
     for name, recs in (("mc.jsonl", mc), ("lm.jsonl", lm)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
@@ -119,7 +124,7 @@ def write_tasks(folder, n: int, model=None, tok=None) -> Path:
     (folder / "mptkit_lm.yaml").write_text(
         "task: mptkit_lm\n"
         + common.format(path=json.dumps(str(folder / "lm.jsonl")))
-        + 'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\n'
+        + 'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{\' \' + continuation}}"\n'
         "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n",
         encoding="utf-8",
     )
@@ -211,7 +216,7 @@ def mptkit_icl(model_dir, task_dir, out_json, *, batch_size: int = 8) -> dict:
 
     task_dir = Path(task_dir)
     out = {}
-    for t in TASKS:  # the MC task with the default " " between query and choice, the LM task with none
+    for t in TASKS:  # llm-foundry's defaults: fields stripped, " " between context and answer
         rc = main(
             [
                 "--quiet",
@@ -228,7 +233,6 @@ def mptkit_icl(model_dir, task_dir, out_json, *, batch_size: int = 8) -> dict:
                 "--device",
                 "cpu",
             ]
-            + (["--continuation-delimiter", ""] if t == "mptkit_lm" else [])
         )
         if rc != 0:
             raise RuntimeError(f"mptkit eval icl failed with exit status {rc}")
@@ -264,7 +268,12 @@ def compare(ref: dict, got: dict, task_dir) -> dict:
         a, b = ref[t]["requests"], got[t]["requests"]
         assert len(a) == len(b), (t, len(a), len(b))
         diffs = [abs(x[0] - y[0]) for ra, rb in zip(a, b) for x, y in zip(ra, rb, strict=True)]
-        row = {"records": len(a), "requests": len(diffs), "max_abs_diff": max(diffs)}
+        row = {
+            "records": len(a),
+            "requests": len(diffs),
+            "max_abs_diff": max(diffs),
+            "requests_over_1e-4": sum(d > 1e-4 for d in diffs),
+        }
         if t == "mptkit_mc":
             chars = [[len(c) for c in r["choices"]] for r in recs[t]]
             toks = ref[t]["tokens"]
@@ -382,7 +391,10 @@ def main(argv=None) -> int:
             else:
                 differ = str(row["greedy_differ"])
                 m = f"acc {row['acc'][1]:.4f}/{row['acc'][0]:.4f}"
-            print(f"{k:<22} {t:<10} {row['requests']:>8} {row['max_abs_diff']:>10.2e} {differ:>20}   {m}")
+            bad = f" ({row['requests_over_1e-4']} over 1e-4)" if row["requests_over_1e-4"] else ""
+            print(
+                f"{k:<22} {t:<10} {row['requests']:>8} {row['max_abs_diff']:>10.2e} {differ:>20}   {m}{bad}"
+            )
     print(
         "MC picks differ: by sum / by sum per character (lm-eval's acc_norm) / by sum per token (mptkit's "
         "acc_norm)"

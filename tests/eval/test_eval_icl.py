@@ -12,7 +12,7 @@ import torch
 from mptkit.cli import main
 from mptkit.errors import EvalError
 from mptkit.eval import build_prompt, icl_accuracy, read_icl_jsonl
-from mptkit.eval.icl import ICLTask, fewshot_indices
+from mptkit.eval.icl import ICLTask, fewshot_draws
 from mptkit.io import load_tokenizer
 from mptkit.model import MPTForCausalLM
 from tests.helpers import SCORES, model_folder
@@ -93,7 +93,7 @@ def test_language_modeling_greedy_match_reaches_1_and_0(tmp_path, make_tokenizer
     tok = load_tokenizer(folder)
     model = MPTForCausalLM.from_pretrained(folder)
     good, bad = [], []
-    for ctx in _lines(40):
+    for ctx in _lines(120):
         p = tok.encode(ctx, add_special_tokens=False)
         with torch.no_grad():
             g1 = int(model(torch.tensor([p])).logits[0, -1].argmax())
@@ -106,6 +106,8 @@ def test_language_modeling_greedy_match_reaches_1_and_0(tmp_path, make_tokenizer
         if tok.encode(cont, add_special_tokens=False) != [g1, g2] or \
                 tok.encode(cont_bad, add_special_tokens=False) != [g1, wrong]:
             continue  # the ids must round-trip through text
+        if any(not c.startswith(" ") or c[1:] != c.strip() for c in (cont, cont_bad)):
+            continue  # llm-foundry strips the continuation and puts one space before it: " word..." survives
         good.append({"context": ctx, "continuation": cont})
         bad.append({"context": ctx, "continuation": cont_bad})
     assert len(good) >= 5
@@ -120,19 +122,21 @@ def test_fewshot_prompt_construction(tmp_path):
     answer (MC: choices[gold]); the defaults are llm-foundry's (ED "\n", CD " ", no prompt string)."""
     recs = [{"query": f"Q{i}?", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(6)]
     task = ICLTask(name="t", task_type="multiple_choice", examples=recs)
+    draws = fewshot_draws(6, 3, seed=7)
+    assert draws == fewshot_draws(6, 3, seed=7) and draws != fewshot_draws(6, 3, seed=8)
     for i in range(6):
-        idx = fewshot_indices(6, i, 3, seed=7)
-        assert i not in idx and len(set(idx)) == 3 and idx == fewshot_indices(6, i, 3, seed=7)
+        idx = draws[i]
+        assert i not in idx and len(set(idx)) == 3
         shots = [f"Q{j}? {recs[j]['choices'][recs[j]['gold']]}" for j in idx]
-        assert build_prompt(task, i, num_fewshot=3, seed=7) == "\n".join([*shots, f"Q{i}? "])
-        want = "PRE\n\n" + "\n\n".join([*shots, f"Q{i}? "])  # llm-foundry: ED after the prompt string too
+        # llm-foundry: the asked context is right-stripped (CD's space goes to the answer as a prefix space)
+        assert build_prompt(task, i, num_fewshot=3, seed=7) == "\n".join([*shots, f"Q{i}?"])
+        want = "PRE\n\n" + "\n\n".join([*shots, f"Q{i}?"])  # llm-foundry: ED after the prompt string too
         assert build_prompt(task, i, num_fewshot=3, seed=7, prompt_string="PRE", example_delimiter="\n\n") == want
-    assert any(fewshot_indices(6, i, 3, 7) != fewshot_indices(6, i, 3, 8) for i in range(6))
     assert build_prompt(task, 2, example_delimiter="\n\n", continuation_delimiter=" ->") == "Q2? ->"
-    assert build_prompt(task, 2, prompt_string="Answer:") == "Answer:\nQ2? "
-    assert fewshot_indices(6, 0, 5, 1) and sorted(fewshot_indices(6, 0, 5, 1)) == [1, 2, 3, 4, 5]
+    assert build_prompt(task, 2, prompt_string="Answer:") == "Answer:\nQ2?"
+    assert sorted(fewshot_draws(6, 5, 1)[0]) == [1, 2, 3, 4, 5]
     with pytest.raises(EvalError, match="only 6 records"):
-        fewshot_indices(6, 0, 6, 1)
+        fewshot_draws(6, 6, 1)
 
 
 def test_batching_padding_and_fewshot_scores_are_consistent(tmp_path, make_tokenizer):
@@ -149,15 +153,22 @@ def test_batching_padding_and_fewshot_scores_are_consistent(tmp_path, make_token
     for da, db in zip(a.details, b.details):
         assert da["logprobs"] == pytest.approx(db["logprobs"], abs=1e-4)
     task = ICLTask(name="t", task_type="multiple_choice", examples=recs)
-    prompt = build_prompt(task, 4, num_fewshot=2, seed=3)
-    assert prompt.endswith(recs[4]["query"] + " ") and prompt.count("\n") == 2
-    p = tok.encode(prompt.rstrip(), add_special_tokens=False)
     ans = tok.encode(" maybe not", add_special_tokens=False)
-    assert len(p) + len(ans) > 64  # longer than max_seq_len: the default window truncates it
-    assert a.details[4]["logprobs"][2] == pytest.approx(_ref_logprob(model, p, ans), abs=1e-4)
+    longest = None
+    for i in range(len(recs)):
+        prompt = build_prompt(task, i, num_fewshot=2, seed=3)
+        asked = "\n" + recs[i]["query"]
+        assert prompt.endswith(asked) and prompt.count("\n") == 2
+        # llm-foundry: the shots and the asked query are tokenized apart
+        p = tok.encode(prompt[: -len(asked)], add_special_tokens=False) + tok.encode(asked, add_special_tokens=False)
+        assert a.details[i]["logprobs"][2] == pytest.approx(_ref_logprob(model, p, ans), abs=1e-4)
+        if len(p) + len(ans) > 64 and (longest is None or len(p) > len(longest[1])):
+            longest = (i, p)
+    assert longest is not None  # a prompt longer than max_seq_len: the default window truncates it
+    i, p = longest
     c = icl_accuracy(model, tok, recs, num_fewshot=2, seed=3)
     assert c.truncated > 0
-    assert c.details[4]["logprobs"][2] == pytest.approx(_ref_logprob(model, p[-(64 - len(ans)):], ans), abs=1e-4)
+    assert c.details[i]["logprobs"][2] == pytest.approx(_ref_logprob(model, p[-(64 - len(ans)):], ans), abs=1e-4)
 
 
 def test_task_files_bad_input(tmp_path):
@@ -193,7 +204,10 @@ def test_task_files_bad_input(tmp_path):
     assert read_icl_jsonl(_write_jsonl(tmp_path / "qa.jsonl", [qa])).task_type == "generation_task_with_answers"
     assert read_icl_jsonl(_write_jsonl(tmp_path / "qa1.jsonl", [qa]), "question_answering").task_type == (
         "generation_task_with_answers")  # llm-foundry's former name
-    with pytest.raises(EvalError, match=r"qa2.jsonl:1: key 'aliases' must be a list of strings"):
+    no_aliases = {"context": "Q: a?", "answer": "b", "chain_of_thought": "because"}  # aliases are optional
+    assert read_icl_jsonl(_write_jsonl(tmp_path / "qa0.jsonl", [no_aliases])).task_type == (
+        "generation_task_with_answers")
+    with pytest.raises(EvalError, match=r"qa2.jsonl:1: key 'aliases' \(optional\) must be a list of strings"):
         read_icl_jsonl(_write_jsonl(tmp_path / "qa2.jsonl", [{**qa, "aliases": "b"}]))
     with pytest.raises(EvalError, match=r"qa3.jsonl:1: .*at least one non-empty answer"):
         read_icl_jsonl(_write_jsonl(tmp_path / "qa3.jsonl", [{**qa, "answer": " ", "aliases": [""]}]))
@@ -281,12 +295,12 @@ def test_cli_and_api_score_llm_foundrys_default_prompt(tmp_path, make_tokenizer,
     cli = res["details"]
     api = icl_accuracy(model, tok, recs, num_fewshot=2, seed=1234, max_seq_len=256).details  # CLI's --seed
     for i, r in enumerate(recs):
-        shots = [f"{recs[j]['query']} {choices[recs[j]['gold']]}"
-                 for j in fewshot_indices(len(recs), i, 2, 1234)]
-        text = "\n".join([*shots, r["query"]])  # llm-foundry: ED "\n" between parts, CD " " before the answer
-        assert build_prompt(task, i, num_fewshot=2, seed=1234) == text + " "
-        ref = [_ref_logprob(model, tok.encode(text, add_special_tokens=False),
-                            tok.encode(" " + c, add_special_tokens=False)) for c in choices]
+        shots = [f"{recs[j]['query']} {choices[recs[j]['gold']]}" for j in fewshot_draws(len(recs), 2, 1234)[i]]
+        pre = "\n".join(shots)  # llm-foundry: ED "\n" between parts, CD " " before the answer
+        assert build_prompt(task, i, num_fewshot=2, seed=1234) == pre + "\n" + r["query"]
+        # the shots and the asked query are tokenized apart (llm-foundry), the answer after a space
+        ids = tok.encode(pre, add_special_tokens=False) + tok.encode("\n" + r["query"], add_special_tokens=False)
+        ref = [_ref_logprob(model, ids, tok.encode(" " + c, add_special_tokens=False)) for c in choices]
         assert cli[i]["logprobs"] == pytest.approx(ref, abs=1e-4), i
         assert api[i]["logprobs"] == pytest.approx(ref, abs=1e-4), i
     other = icl_accuracy(model, tok, recs, num_fewshot=2, seed=1234, example_delimiter="\n\n",
@@ -324,24 +338,27 @@ def test_schema_scores_the_continuation_after_each_context_option(tmp_path, make
     assert icl_accuracy(model, tok, [{**r, "gold": w} for r, w in zip(recs, worst)]).accuracy == 0.0
     task = ICLTask(name="s", task_type="schema", examples=[{**r, "gold": 1} for r in recs])
     p = build_prompt(task, 0, num_fewshot=1, seed=3, option=2)
-    [shot] = fewshot_indices(6, 0, 1, 3)
-    s = recs[shot]
-    assert p == f"{s['context_options'][1]} {s['continuation']}\n{recs[0]['context_options'][2]} "
+    [shot] = fewshot_draws(6, 1, 3)[0]
+    s = recs[shot]  # llm-foundry: ED + option + CD.rstrip() after the shots
+    assert p == f"{s['context_options'][1]} {s['continuation']}\n{recs[0]['context_options'][2]}"
 
 
 def test_generation_task_matches_greedy_generation_and_normalized_aliases(tmp_path, make_tokenizer):
     """generation_task_with_answers: each output is the model's greedy continuation of the prompt (trailing
-    space dropped) for the longest answer's tokens + 10, computed here by hand with full forwards; correct iff
+    space dropped) for llm-foundry's budget (the longest answer's tokens; no chain-of-thought delimiter, so no
+    +10), computed here by hand with full forwards; correct iff
     its normalized form starts with a normalized alias — aliases made from the output's first word (case,
     punctuation and an article changed) give accuracy 1, unrelated ones 0; a stop string cuts the output."""
-    from mptkit.eval.icl import GENERATION_BUFFER, normalize_answer
+    from mptkit.eval.icl import normalize_answer
 
     folder = _model_folder(tmp_path, make_tokenizer)
     tok = load_tokenizer(folder)
     model = MPTForCausalLM.from_pretrained(folder)
     room = model.config.max_seq_len - 40  # prompts that fit whole with any answer budget used here
     ctx = [c for c in (f"Q: {ln}\nA:" for ln in _lines(16)) if len(tok.encode(c, add_special_tokens=False)) <= room]
-    answer = "zz"
+    answer = " ".join(["zz"] * 12)
+    new = len(tok(answer)["input_ids"])  # llm-foundry's max_answer_length: the answer as written, special tokens
+    assert 6 <= new <= 40
     gen_ids = []
     for c in ctx:  # greedy by hand: one full forward per token, stopping at EOS
         ids = tok.encode(c, add_special_tokens=False)
@@ -353,14 +370,12 @@ def test_generation_task_matches_greedy_generation_and_normalized_aliases(tmp_pa
                     break
                 out.append(t)
         gen_ids.append(out)
-    first = [normalize_answer(tok.decode(g[: 1 + GENERATION_BUFFER])) for g in gen_ids]  # the shortest budget
+    first = [normalize_answer(tok.decode(g[:new])) for g in gen_ids]
     keep = [i for i, f in enumerate(first) if f]
     assert len(keep) >= 3, first
     recs = [{"context": ctx[i], "answer": answer, "aliases": ["The " + first[i].split()[0][:2].upper() + "!"]}
             for i in keep]
-    new = max(len(tok.encode(" " + a, add_special_tokens=False)) for r in recs for a in [answer, *r["aliases"]])
-    new += GENERATION_BUFFER
-    assert new <= 40
+    assert max(len(tok(a)["input_ids"]) for r in recs for a in r["aliases"]) <= new  # the budget stays the same
     ref = {i: tok.decode(gen_ids[i][:new]) for i in keep}
     res = icl_accuracy(model, tok, recs, batch_size=2)
     assert res.task_type == "generation_task_with_answers" and res.accuracy == 1.0

@@ -1,4 +1,4 @@
-"""`mptkit eval perplexity`, `mptkit eval long-context`, `mptkit eval icl`."""
+"""`mptkit eval perplexity`, `mptkit eval long-context`, `mptkit eval icl`, `mptkit eval gauntlet`."""
 
 from __future__ import annotations
 
@@ -149,9 +149,16 @@ def _stop_strings(arg: str | None) -> list[str] | None:
     return [x for x in arg.split(",") if x]
 
 
+PROMPT_FLAGS = {"task_type": "--task-type", "num_fewshot": "--num-fewshot", "seed": "--seed",
+                "example_delimiter": "--example-delimiter", "continuation_delimiter": "--continuation-delimiter",
+                "prompt_string": "--prompt-string", "question_prelimiter": "--question-prelimiter",
+                "cot_delimiter": "--cot-delimiter", "stop": "--stop"}
+
+
 def _distributed(args):
-    """Under torchrun (WORLD_SIZE > 1): the process group (gloo on CPU, NCCL on GPU), each rank on its own
-    GPU when --device is auto or cuda; None for one process."""
+    """Under torchrun (WORLD_SIZE > 1): the process group (gloo on CPU, NCCL on GPU), each rank on its own GPU
+    when --device is auto or cuda; None for one process. The records are split over the ranks and gathered
+    (mptkit.eval.distributed); rank 0 reports."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
@@ -165,9 +172,36 @@ def _distributed(args):
 
 
 def _icl(args) -> int:
-    from mptkit.eval.distributed import icl_accuracy_sharded
-    from mptkit.eval.icl import normalize_task_type, read_icl_jsonl
+    info = None
+    try:
+        info = _distributed(args)
+        return _icl_run(args, info)
+    finally:
+        if info is not None:
+            from mptkit.train.distributed import shutdown
 
+            shutdown(info)
+
+
+def _icl_run(args, info) -> int:
+    if getattr(args, "config", None):
+        return _icl_config(args, info=info)
+        return _icl_config(args)
+    if getattr(args, "gauntlet", None):
+        raise EvalError("--gauntlet needs --config TASKS.yaml (the gauntlet's benchmarks are the tasks' labels)")
+    if not args.tasks:
+        raise EvalError("give --tasks FILE.jsonl[,...] or --config TASKS.yaml")
+    from mptkit.eval.distributed import icl_accuracy_sharded as icl_accuracy
+    from mptkit.eval.icl import (
+        DEFAULT_CONTINUATION_DELIMITER,
+        DEFAULT_EXAMPLE_DELIMITER,
+        normalize_task_type,
+        read_icl_jsonl,
+    )
+
+    ed = DEFAULT_EXAMPLE_DELIMITER if args.example_delimiter is None else args.example_delimiter
+    cd = DEFAULT_CONTINUATION_DELIMITER if args.continuation_delimiter is None else args.continuation_delimiter
+    seed = 1234 if args.seed is None else args.seed
     files = _split_list(args.tasks)
     if not files:
         raise EvalError("--tasks: give one or more JSONL files, comma-separated")
@@ -181,45 +215,118 @@ def _icl(args) -> int:
         raise EvalError(f"--num-fewshot {args.num_fewshot!r}: expected integers, e.g. 0 or 0,1,5") from None
     tasks = [read_icl_jsonl(f, types[0] if len(types) == 1 else (types[i] if types else None))
              for i, f in enumerate(files)]  # validate every file before loading the model
-    dist_info = _distributed(args)  # torchrun: the records split over the ranks, results gathered
-    try:
-        model, tok = _load(args)
-        results = _icl_results(args, model, tok, tasks, shots, icl_accuracy_sharded)
-    finally:
-        if dist_info is not None:
-            from mptkit.train.distributed import shutdown
-
-            shutdown(dist_info)
-    if dist_info is not None and not dist_info.is_main:
-        return 0  # rank 0 prints and writes the results (every rank holds them)
-    _print_icl(args, results)
-    return 0
-
-
-def _icl_results(args, model, tok, tasks, shots, icl_accuracy) -> list:
+    model, tok = _load(args)
     results = []
     for task in tasks:
         for k in shots:
-            results.append(icl_accuracy(model, tok, task, num_fewshot=k, seed=args.seed,
-                                        example_delimiter=args.example_delimiter,
-                                        continuation_delimiter=args.continuation_delimiter,
-                                        prompt_string=args.prompt_string, batch_size=args.batch_size,
+            results.append(icl_accuracy(model, tok, task, num_fewshot=k, seed=seed, example_delimiter=ed,
+                                        continuation_delimiter=cd, prompt_string=args.prompt_string or "",
+                                        question_prelimiter=args.question_prelimiter or "",
+                                        cot_delimiter=args.cot_delimiter or "",
+                                        do_normalization=not args.no_normalization,
+                                        strip_whitespace=not args.no_strip, batch_size=args.batch_size,
                                         max_examples=args.max_examples, max_seq_len=args.max_seq_len,
                                         stop=_stop_strings(args.stop)))
-    return results
-
-
-def _print_icl(args, results) -> None:
+    if info is not None and not info.is_main:
+        return 0  # every rank holds the results; rank 0 reports them
     w = max(4, *(len(r.task) for r in results))
     tw = max(18, *(len(r.task_type) for r in results))
     print(f"{'task':<{w}} {'type':<{tw}} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
     for r in results:
         print(f"{r.task:<{w}} {r.task_type:<{tw}} {r.num_fewshot:>5} {r.examples:>6} {r.accuracy:>9.4f} "
               f"{_fmt(r.accuracy_norm):>9}" + (f"  ({r.truncated} prompts truncated)" if r.truncated else ""))
-    _write_json(args.json, {"model": str(args.model), "seed": args.seed,
-                            "example_delimiter": args.example_delimiter,
-                            "continuation_delimiter": args.continuation_delimiter,
+    _write_json(args.json, {"model": str(args.model), "seed": seed, "example_delimiter": ed,
+                            "continuation_delimiter": cd,
                             "results": [r.to_dict(details=args.details) for r in results]})
+    return 0
+
+
+def _icl_config(args, *, need_gauntlet: bool = False, info=None) -> int:
+    """`eval icl --config TASKS.yaml [--gauntlet G.yaml]` and `eval gauntlet`: llm-foundry's icl_tasks YAML."""
+    from mptkit.eval.gauntlet import (
+        RESULT_COLUMNS,
+        aggregate,
+        gauntlet_rows,
+        load_gauntlet,
+        markdown_table,
+        results_rows,
+        text_table,
+    )
+    from mptkit.eval.icl_tasks import evaluate_icl_tasks, load_eval_config, task_partitions
+
+    if getattr(args, "tasks", None):
+        raise EvalError("give --tasks or --config, not both")
+    given = [flag for key, flag in PROMPT_FLAGS.items() if getattr(args, key, None) is not None]
+    given += [f for f, on in (("--no-normalization", getattr(args, "no_normalization", False)),
+                              ("--no-strip", getattr(args, "no_strip", False))) if on]
+    if given:
+        raise EvalError(f"{', '.join(given)}: with --config each task's settings come from the YAML (llm-foundry's "
+                        "keys: num_fewshot, continuation_delimiter, ...); set them there")
+    cfg = load_eval_config(args.config)  # every task file checked before the model is loaded
+    gauntlet = load_gauntlet(args.gauntlet) if args.gauntlet else cfg.gauntlet
+    if need_gauntlet and gauntlet is None:
+        raise EvalError(f"{args.config}: no eval_gauntlet; add one to the file or pass --gauntlet GAUNTLET.yaml")
+    if gauntlet is not None:
+        labels = {(t.label, k) for t in cfg.tasks for k in t.num_fewshot}
+        for c in gauntlet.categories:
+            for b in c.benchmarks:
+                if (b.name, b.num_fewshot) not in labels:
+                    log.warning("gauntlet benchmark %s is not among the tasks of %s: category %s will be left "
+                                "out", b.key, args.config, c.name)
+    if args.markdown and args.markdown != "-":
+        from mptkit.utils.outputs import check_output
+
+        check_output(args.markdown, kind="file", flag="--markdown", replaceable=lambda p: p.suffix == ".md",
+                     earlier="a Markdown file", overwrite=None, error=EvalError)
+    for t in cfg.tasks:  # every JSONL file read and checked before the model is loaded
+        task_partitions(t)
+    model, tok = _load(args)
+    results = evaluate_icl_tasks(model, tok, cfg.tasks, batch_size=args.batch_size, max_examples=args.max_examples,
+                                 max_seq_len=args.max_seq_len,
+                                 progress=lambda r: log.info("%s: %s", r.eval_label, r.metrics))
+    if info is not None and not info.is_main:
+        return 0  # every rank holds the results; rank 0 reports them
+    name = str(args.model)
+    rows = results_rows(results, gauntlet, model=name)
+    g = aggregate(gauntlet, results) if gauntlet is not None else None
+    md = args.markdown is not None
+    table = markdown_table if md else text_table
+    out = [table(rows, RESULT_COLUMNS)]
+    if g is not None:
+        grows, gcols = gauntlet_rows(g, model=name)
+        out += ["", table(grows, gcols)]
+    truncated = [f"{r.eval_label} ({r.truncated})" for r in results if r.truncated]
+    text = "\n".join(out)
+    if args.markdown and args.markdown != "-":
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
+        print(text_table(rows, RESULT_COLUMNS))
+        if g is not None:
+            print()
+            print(text_table(*gauntlet_rows(g, model=name)))
+        print(f"markdown written to {args.markdown}")
+    else:
+        print(text)
+    if truncated:
+        print(f"prompts cut from the start to fit the window: {', '.join(truncated)}")
+    payload = {"model": name, "config": cfg.path, "tasks": [t.to_dict() for t in cfg.tasks],
+               "results": [r.to_dict(details=args.details) for r in results]}
+    if g is not None:
+        payload["gauntlet"] = {**g.to_dict(), "scores": g.scores()}
+    _write_json(args.json, payload)
+    return 0
+
+
+def _gauntlet(args) -> int:
+    info = None
+    try:
+        info = _distributed(args)
+        return _icl_config(args, need_gauntlet=True, info=info)
+    finally:
+        if info is not None:
+            from mptkit.train.distributed import shutdown
+
+            shutdown(info)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -278,26 +385,65 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "under which the continuation is likeliest) and generation_task_with_answers "
                                     "({context, answer, aliases}: greedy generation, normalized prefix match).")
     _add_model_args(p)
-    p.add_argument("--tasks", required=True, help="JSONL task files, comma-separated")
+    p.add_argument("--tasks", default=None, help="JSONL task files, comma-separated")
+    p.add_argument("--config", default=None, metavar="TASKS.yaml",
+                   help="llm-foundry's icl_tasks YAML (a list of tasks, or a mapping with icl_tasks and optionally "
+                        "eval_gauntlet); instead of --tasks and the prompt options")
+    p.add_argument("--gauntlet", default=None, metavar="GAUNTLET.yaml",
+                   help="with --config: llm-foundry's eval_gauntlet YAML (default: the config's eval_gauntlet)")
+    p.add_argument("--markdown", nargs="?", const="-", default=None, metavar="OUT.md",
+                   help="with --config: print the tables as Markdown, or write them to OUT.md")
     p.add_argument("--task-type", default=None,
                    help="language_modeling / multiple_choice / schema / generation_task_with_answers (lm / mc / "
                         "generation): one for all files or one per file, comma-separated (default: inferred from "
                         "the keys)")
-    p.add_argument("--num-fewshot", default="0", help="shots per prompt; a comma list runs each (default 0)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
-    p.add_argument("--example-delimiter", type=_unescape, default=DEFAULT_EXAMPLE_DELIMITER,
-                   help="between shots, and after a --prompt-string (default '\\n', llm-foundry's "
-                        "example_delimiter; backslash escapes are read)")
-    p.add_argument("--continuation-delimiter", type=_unescape, default=DEFAULT_CONTINUATION_DELIMITER,
-                   help="between a context and its answer (default ' ', llm-foundry's continuation_delimiter)")
-    p.add_argument("--prompt-string", type=_unescape, default="",
+    p.add_argument("--num-fewshot", default=None, help="shots per prompt; a comma list runs each (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the few-shot draws (default 1234, llm-foundry's fewshot_random_seed)")
+    p.add_argument("--example-delimiter", type=_unescape, default=None,
+                   help=f"between shots, and after a --prompt-string (default {DEFAULT_EXAMPLE_DELIMITER!r}, "
+                        "llm-foundry's example_delimiter; backslash escapes are read)")
+    p.add_argument("--continuation-delimiter", type=_unescape, default=None,
+                   help=f"between a context and its answer (default {DEFAULT_CONTINUATION_DELIMITER!r}, "
+                        "llm-foundry's continuation_delimiter)")
+    p.add_argument("--prompt-string", type=_unescape, default=None,
                    help="text before the first shot, followed by --example-delimiter (default: none)")
+    p.add_argument("--question-prelimiter", type=_unescape, default=None,
+                   help="text before every context, the shots' too (llm-foundry's question_prelimiter, e.g. "
+                        "'Question: ')")
+    p.add_argument("--cot-delimiter", type=_unescape, default=None,
+                   help="generation tasks: between a chain of thought and the answer; the output is matched "
+                        "after its last occurrence (llm-foundry's cot_delimiter)")
+    p.add_argument("--no-normalization", action="store_true",
+                   help="generation tasks: match outputs and answers as written (llm-foundry's "
+                        "do_normalization: false)")
+    p.add_argument("--no-strip", action="store_true",
+                   help="keep the whitespace around record fields (llm-foundry strips it: strip_dataset)")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records of each file")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="longest prompt + answer (default: the model's max_seq_len); longer prompts lose their start")
+                   help="longest prompt + answer (default: the model's max_seq_len; with --config a task's "
+                        "max_seq_len / the file's icl_seq_len come first); longer prompts lose their start")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--stop", type=_unescape, default=None,
                    help="generation tasks: stop strings, comma-separated or a JSON list (llm-foundry's "
                         "early_stopping_criteria, e.g. '\\n'; default: EOS or the token budget)")
     p.add_argument("--details", action="store_true", help="write per-record results to --json")
     p.set_defaults(func=_icl)
+
+    p = esub.add_parser("gauntlet", help="llm-foundry's Eval Gauntlet: ICL tasks aggregated by category",
+                        description="Run llm-foundry's icl_tasks YAML and aggregate the accuracies with its "
+                                    "eval_gauntlet (random-baseline subtraction, rescaling, weighting, averages). "
+                                    "See docs/evaluation.md.")
+    _add_model_args(p)
+    p.add_argument("--config", required=True, metavar="TASKS.yaml",
+                   help="llm-foundry's icl_tasks YAML (with eval_gauntlet, or give --gauntlet)")
+    p.add_argument("--gauntlet", default=None, metavar="GAUNTLET.yaml",
+                   help="llm-foundry's eval_gauntlet YAML (default: the config's eval_gauntlet)")
+    p.add_argument("--markdown", nargs="?", const="-", default=None, metavar="OUT.md",
+                   help="print the tables as Markdown, or write them to OUT.md")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records of each task")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="window of tasks whose YAML sets no max_seq_len / icl_seq_len (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--details", action="store_true", help="write per-record results to --json")
+    p.set_defaults(func=_gauntlet)

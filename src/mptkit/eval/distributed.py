@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from mptkit.eval.icl import CHOICE_TYPES, ICLResult, as_task, icl_accuracy
+from mptkit.errors import EvalError
+from mptkit.eval.icl import CHOICE_TYPES, ICLResult, _as_task, icl_accuracy
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -60,11 +61,11 @@ def icl_accuracy_sharded(
     rank, world = rank_and_world()
     if world == 1:
         return icl_accuracy(model, tokenizer, task, task_type=task_type, max_examples=max_examples, **kw)
-    task = as_task(task, task_type)
-    n = len(task.examples) if max_examples is None else min(len(task.examples), max(1, int(max_examples)))
-    mine = icl_accuracy(
-        model, tokenizer, task, max_examples=max_examples, indices=shard(n, rank, world), **kw
-    )
+    if max_examples is not None and int(max_examples) < 1:
+        raise EvalError(f"--max-examples {max_examples}: must be >= 1")
+    task = _as_task(task, task_type)
+    n = len(task.examples) if max_examples is None else min(len(task.examples), int(max_examples))
+    mine = icl_accuracy(model, tokenizer, task, indices=shard(n, rank, world), **kw)
     parts: list = [None] * world
     dist.all_gather_object(parts, mine)
     return merge_results(parts, n)

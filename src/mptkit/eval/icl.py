@@ -1,41 +1,40 @@
-"""In-context-learning (ICL) accuracy on llm-foundry's JSONL task formats.
+"""In-context-learning (ICL) accuracy on llm-foundry's JSONL task formats, with llm-foundry's prompts.
 
 Formats (one JSON object per line; the task type is given or inferred from the keys of the first record):
 
 * ``language_modeling``: ``{"context": str, "continuation": str}``. Correct iff the model's greedy (argmax)
-  token at every continuation position equals the continuation's token there (LAMBADA-style; the same
-  single forward pass, no sampling).
+  token at every continuation position equals the continuation's token there (LAMBADA-style).
 * ``multiple_choice``: ``{"query": str, "choices": [str, ...], "gold": int}``. Each choice is scored by the
   summed log-likelihood of its tokens given the prompt. ``accuracy``: the choice with the highest sum is
-  gold; ``accuracy_norm``: the highest mean per-token log-likelihood (length-normalized; the criterion
-  llm-foundry's multiple-choice accuracy uses, lowest per-token perplexity). Ties go to the first choice.
+  gold; ``accuracy_norm``: the highest mean per-token log-likelihood (llm-foundry's multiple-choice
+  accuracy: lowest per-token perplexity). Ties go to the first choice.
 * ``schema``: ``{"context_options": [str, ...], "continuation": str, "gold": int}`` (Winograd-style partial
-  scoring): the one continuation is scored after each context option; the option under which it is most
-  likely is the model's choice (summed and per-token mean give the same pick: the continuation is the same
-  tokens each time). Shots show ``context_options[gold]`` + ``CD`` + ``continuation``.
-* ``generation_task_with_answers``: ``{"context": str, "answer": str, "aliases": [str, ...]}`` (TriviaQA-style):
-  the model generates greedily after the prompt — at most the longest answer's tokens + 10, stopping early at
-  any of ``stop`` (llm-foundry's ``early_stopping_criteria``) or EOS — and is correct when its output,
-  normalized as llm-foundry does (lowercase, punctuation and the articles a/an/the removed, whitespace
-  collapsed), starts with a normalized alias (``answer`` counts as one). Shots show ``context`` + ``CD`` +
-  ``answer``; the prompt's trailing whitespace is dropped (the model writes the space itself).
+  scoring): the one continuation is scored after each context option.
+* ``generation_task_with_answers``: ``{"context": str, "answer": str}`` with optional ``"aliases": [str, ...]``
+  and ``"chain_of_thought": str``: greedy generation, correct when the output (cut at the first stop string,
+  after the last ``cot_delimiter``, normalized unless ``do_normalization`` is false) starts with the answer or
+  an alias (normalized likewise).
 
-The prompt (llm-foundry's ``prompt_string`` / ``example_delimiter`` / ``continuation_delimiter``: ``ED`` goes
-between consecutive parts, after a non-empty ``prompt_string`` too)::
+The prompt is built as llm-foundry's ``InContextLearningDataset`` builds it (the rules, not its code):
 
-    [prompt_string + ED +] shot_1 + ED + ... + shot_k + ED + context + CD      then the answer
-    shot_j = context_j + CD + answer_j      (answer = continuation, or choices[gold])
+* every string field of every record is stripped first (``strip_whitespace``, llm-foundry's
+  ``strip_dataset``, default on); lists (``choices``, ``context_options``, ``aliases``) are not;
+* the shots of record ``i`` are :func:`fewshot_draws` (llm-foundry's sampler: one ``random.Random(seed)``
+  walking the records in order);
+* preamble = ``prompt_string`` + each shot, a shot being ``[ED] + question_prelimiter + context + CD +
+  answer`` (ED = ``example_delimiter`` whenever text precedes it; a schema shot is ``question_prelimiter + [ED]
+  + context_options[gold] + CD + continuation``; a generation shot's answer is ``chain_of_thought +
+  cot_delimiter + answer`` when the file has chains of thought);
+* context = ``[ED] + question_prelimiter + context + CD``, right-stripped (a schema record: one per option,
+  ``question_prelimiter + [ED + option + CD.rstrip()]``, the bare option at zero shots);
+* the preamble is tokenized with the tokenizer's special tokens (a trailing EOS dropped), the context
+  without, and the two concatenated; each answer is tokenized on its own after a space when the tokenizer
+  needs one (byte-level BPEs: :func:`needs_prefix_space`);
+* a context too long for ``max_seq_len`` (llm-foundry's ``icl_seq_len``; default the model's) minus the
+  answer (generation: minus the answer budget) loses tokens from its start.
 
-``ED`` defaults to ``"\\n"``, ``CD`` to ``" "`` and ``prompt_string`` to ``""`` (llm-foundry's defaults); with
-``num_fewshot=k`` the ``k`` shots are drawn without replacement from the *other* records of the same file,
-by a generator seeded with ``(seed, record index)`` (the same shots whatever subset or order is evaluated).
-Whitespace at the end of the prompt (usually ``CD``) is moved to the front of the answer before tokenizing,
-as lm-eval-harness does: byte-level BPEs attach a space to the word after it (`` Paris`` is one token), so
-``"... is"`` + ``" Paris"`` is how the model saw such text in training, ``"... is "`` + ``"Paris"`` is not.
-Prompt and answer are tokenized separately (no special tokens) and concatenated; an empty prompt becomes
-the EOS token. A prompt too long for ``max_seq_len`` (default the model's) loses tokens from its start (the
-answer is always kept whole). Requests are scored in batches, right-padded (causal attention: padding after
-a token cannot change it), longest first.
+Requests are scored in batches, right-padded (causal attention: padding after a token cannot change it),
+longest first.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ TASK_KEYS = {
     "language_modeling": ("context", "continuation"),
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
-    "generation_task_with_answers": ("context", "answer", "aliases"),
+    "generation_task_with_answers": ("context", "answer"),  # optional: aliases, chain_of_thought
 }
 TASK_ALIASES = {"lm": "language_modeling", "mc": "multiple_choice", "language-modeling": "language_modeling",
                 "multiple-choice": "multiple_choice", "generation": "generation_task_with_answers",
@@ -139,11 +138,13 @@ def _check_record(rec: dict, task_type: str, where: str) -> None:
         for k in ("context", "answer"):
             if not isinstance(rec[k], str):
                 raise EvalError(f"{where}: key {k!r} is {type(rec[k]).__name__}, expected a string")
-        al = rec["aliases"]
+        al = rec.get("aliases", [])
         if not isinstance(al, list) or not all(isinstance(a, str) for a in al) or not any(
                 a.strip() for a in [rec["answer"], *al]):
-            raise EvalError(f"{where}: key 'aliases' must be a list of strings (with 'answer', at least one "
-                            "non-empty answer)")
+            raise EvalError(f"{where}: key 'aliases' (optional) must be a list of strings (with 'answer', at "
+                            "least one non-empty answer)")
+        if not isinstance(rec.get("chain_of_thought", ""), str):
+            raise EvalError(f"{where}: key 'chain_of_thought' (optional) must be a string")
     else:
         opts_key = "choices" if task_type == "multiple_choice" else "context_options"
         text_key = "query" if task_type == "multiple_choice" else "continuation"
@@ -196,64 +197,219 @@ def read_icl_jsonl(path, task_type: str | None = None) -> ICLTask:
     return ICLTask(name=p.stem, task_type=task_type, examples=examples, path=str(p), lines=lines)
 
 
-def _context(rec: dict, task_type: str, option: int | None = None) -> str:
-    """The text before ``CD``: as a shot, and as asked (a schema record is asked once per context option;
-    ``option`` None is its gold one)."""
-    if task_type == "multiple_choice":
-        return rec["query"]
-    if task_type == "schema":
-        return rec["context_options"][rec["gold"] if option is None else option]
-    return rec["context"]
+# ----------------------------------------------------------------------------- llm-foundry's prompt construction
+def strip_record(rec: dict) -> dict:
+    """llm-foundry's ``strip_data``: every string value of the record stripped (lists such as ``choices``,
+    ``context_options`` and ``aliases`` are left as they are)."""
+    return {k: v.strip() if isinstance(v, str) else v for k, v in rec.items()}
 
 
-def _gold_answer(rec: dict, task_type: str) -> str:
-    if task_type == "multiple_choice":
-        return rec["choices"][rec["gold"]]
-    if task_type == "generation_task_with_answers":
-        return rec["answer"]
-    return rec["continuation"]
-
-
-def _alternatives(rec: dict, task_type: str, prefix: str, cd: str) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs to score for a record, ``prefix`` being the prompt string and shots joined with
-    their trailing delimiter."""
-    if task_type == "multiple_choice":
-        return [(prefix + _context(rec, task_type) + cd, c) for c in rec["choices"]]
-    if task_type == "schema":
-        return [(prefix + _context(rec, task_type, j) + cd, rec["continuation"])
-                for j in range(len(rec["context_options"]))]
-    return [(prefix + _context(rec, task_type) + cd, rec["continuation"])]
-
-
-def fewshot_indices(n: int, index: int, k: int, seed: int) -> list[int]:
-    """``k`` distinct record indices in ``[0, n)`` other than ``index``, drawn by a generator seeded with
-    ``(seed, index)``."""
+def fewshot_draws(n: int, k: int, seed: int) -> list[list[int]]:
+    """The shot indices of every record of an ``n``-record task at ``k`` shots, as llm-foundry draws them: one
+    ``random.Random(seed)`` walks the records in order; record ``i`` takes ``rng.sample(range(n), k)``, and if
+    that holds ``i`` itself, ``i`` is replaced by ``rng.choice(range(n))`` draws until one is new. The shots
+    are put in the order llm-foundry iterates them (a Python ``set`` of the draws). So record ``i``'s shots
+    depend on the seed and on ``n`` (every record before it draws first), not on which records are scored."""
     if k <= 0:
-        return []
+        return [[] for _ in range(n)]
     if k > n - 1:
         raise EvalError(f"--num-fewshot {k}: the task has only {n} records ({n - 1} available as shots)")
-    rng = random.Random(f"{int(seed)}:{int(index)}")
-    return [j + (j >= index) for j in rng.sample(range(n - 1), k)]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        picked = set(rng.sample(range(n), k))
+        if i in picked:
+            picked.remove(i)
+            if len(picked) < n - 1:
+                extra = rng.choice(range(n))
+                while extra == i or extra in picked:
+                    extra = rng.choice(range(n))
+                picked.add(extra)
+        out.append(list(picked))
+    return out
 
 
-def _prefix(task: ICLTask, index: int, num_fewshot: int, seed: int, example_delimiter: str,
-            continuation_delimiter: str, prompt_string: str) -> str:
-    """``prompt_string`` and the shots, each followed by the example delimiter ("" when there are none)."""
-    t = task.task_type
-    shots = [task.examples[j] for j in fewshot_indices(len(task.examples), index, num_fewshot, seed)]
-    parts = ([prompt_string] if prompt_string else []) + [
-        _context(s, t) + continuation_delimiter + _gold_answer(s, t) for s in shots]
-    return "".join(p + example_delimiter for p in parts)
+@dataclass(frozen=True)
+class PromptFormat:
+    """llm-foundry's prompt settings (its ``icl_tasks`` keys and defaults)."""
+
+    prompt_string: str = ""
+    example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER
+    continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER
+    question_prelimiter: str = ""
+    cot_delimiter: str = ""
+    strip_whitespace: bool = True  # llm-foundry's strip_dataset
+
+
+def _has_cot(task: ICLTask) -> bool:
+    return task.task_type == "generation_task_with_answers" and any("chain_of_thought" in r for r in task.examples)
+
+
+def _shot(rec: dict, task_type: str, f: PromptFormat, preceding: str, cot: bool) -> str:
+    """A solved example as llm-foundry writes it after ``preceding`` (ED first when something precedes)."""
+    ed = f.example_delimiter if preceding else ""
+    if task_type == "schema":  # llm-foundry puts the prelimiter before the delimiter here
+        return f"{f.question_prelimiter}{ed}{rec['context_options'][rec['gold']]}{f.continuation_delimiter}" \
+               f"{rec['continuation']}"
+    if task_type == "multiple_choice":
+        ctx, ans = rec["query"], rec["choices"][rec["gold"]]
+    elif task_type == "generation_task_with_answers":
+        ctx = rec["context"]
+        ans = f"{rec.get('chain_of_thought') or ''}{f.cot_delimiter}{rec['answer']}" if cot else rec["answer"]
+    else:
+        ctx, ans = rec["context"], rec["continuation"]
+    return f"{ed}{f.question_prelimiter}{ctx}{f.continuation_delimiter}{ans}"
+
+
+def _asked(rec: dict, task_type: str, f: PromptFormat, preceding: str) -> list[str]:
+    """The text after the shots for each alternative (one, or one per schema context option)."""
+    ed = f.example_delimiter if preceding else ""
+    if task_type == "schema":
+        if not preceding:  # llm-foundry: a zero-shot schema context has no continuation delimiter
+            return [f"{f.question_prelimiter}{c}" for c in rec["context_options"]]
+        cd = f.continuation_delimiter.rstrip() if f.strip_whitespace else f.continuation_delimiter
+        return [f"{f.question_prelimiter}{ed}{c}{cd}" for c in rec["context_options"]]
+    ctx = rec["query"] if task_type == "multiple_choice" else rec["context"]
+    text = f"{ed}{f.question_prelimiter}{ctx}{f.continuation_delimiter}"
+    return [text.rstrip() if f.strip_whitespace else text]
+
+
+def prompt_texts(task: ICLTask, index: int, shots: list[int], f: PromptFormat) -> tuple[str, list[str]]:
+    """``(preamble, [context, ...])`` of record ``index`` with the shot records ``shots``: the preamble is
+    ``prompt_string`` and the shots (tokenized with the tokenizer's special tokens, as llm-foundry does), each
+    context what follows it for one alternative (tokenized on its own)."""
+    recs = task.examples
+    view = strip_record if f.strip_whitespace else (lambda r: r)
+    cot = _has_cot(task)
+    pre = f.prompt_string
+    for j in shots:
+        pre += _shot(view(recs[j]), task.task_type, f, pre, cot)
+    return pre, _asked(view(recs[index]), task.task_type, f, pre)
 
 
 def build_prompt(task: ICLTask, index: int, *, num_fewshot: int = 0, seed: int = 1234,
                  example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
                  continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
+                 question_prelimiter: str = "", cot_delimiter: str = "", strip_whitespace: bool = True,
                  option: int | None = None) -> str:
-    """The prompt text of record ``index`` (shots included), before the answer (see the module docstring);
-    for a schema record, the prompt of context option ``option`` (default: gold)."""
-    prefix = _prefix(task, index, num_fewshot, seed, example_delimiter, continuation_delimiter, prompt_string)
-    return prefix + _context(task.examples[index], task.task_type, option) + continuation_delimiter
+    """The prompt text of record ``index`` (shots included) before the answer, as llm-foundry builds it; for a
+    schema record, the prompt of context option ``option`` (default: gold)."""
+    f = PromptFormat(prompt_string, example_delimiter, continuation_delimiter, question_prelimiter, cot_delimiter,
+                     strip_whitespace)
+    shots = fewshot_draws(len(task.examples), num_fewshot, seed)[index]
+    pre, ctxs = prompt_texts(task, index, shots, f)
+    if task.task_type == "schema":
+        return pre + ctxs[task.examples[index]["gold"] if option is None else option]
+    return pre + ctxs[0]
+
+
+def needs_prefix_space(tokenizer) -> bool:
+    """llm-foundry's test: a tokenizer that encodes ``" a"`` as one token (byte-level BPE) gets a space put
+    before each answer that does not start with one; a SentencePiece one does not."""
+    return len(_encode(tokenizer, " a")) == 1
+
+
+def _encode_with_special(tokenizer, text: str) -> list[int]:
+    """``tokenizer(text)["input_ids"]``: special tokens added as the tokenizer adds them (a BOS for Llama's)."""
+    if callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
+        return list(tokenizer(text, verbose=False)["input_ids"])
+    return list(tokenizer.encode(text).ids)  # a raw tokenizers.Tokenizer
+
+
+def _encode_preamble(tokenizer, text: str) -> list[int]:
+    ids = _encode_with_special(tokenizer, text)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and len(ids) > 1 and ids[-1] == eos:  # llm-foundry's _fix_eos_on_preamble
+        ids = ids[:-1]
+    return ids
+
+
+@dataclass
+class ICLRequest:
+    """One sequence to score or generate from: record ``index``, alternative ``option`` (a choice or a
+    schema context option; 0 otherwise), ``context`` token ids (already cut from the left to fit),
+    ``answer`` token ids (empty for generation), ``truncated``: whether the context was cut."""
+
+    index: int
+    option: int
+    context: list[int]
+    answer: list[int]
+    truncated: bool = False
+
+
+def generation_budget(task: ICLTask, tokenizer, cot_delimiter: str = "") -> int:
+    """llm-foundry's ``max_answer_length``: the most tokens (special tokens included) of any answer or alias,
+    with ``chain_of_thought + cot_delimiter`` before it when the file has chains of thought, + 10 when
+    ``cot_delimiter`` is set; the generation budget (at least 1) and the room kept for it in the window."""
+    cot = _has_cot(task)
+    longest = 0
+    for r in task.examples:
+        for a in [r["answer"], *r.get("aliases", [])]:
+            resp = f"{r.get('chain_of_thought') or ''}{cot_delimiter}{a}" if cot else a
+            longest = max(longest, len(_encode_with_special(tokenizer, resp)))
+    return longest + (GENERATION_BUFFER if cot_delimiter else 0)
+
+
+def build_requests(task: ICLTask, tokenizer, *, num_fewshot: int = 0, seed: int = 1234,
+                   example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
+                   continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
+                   question_prelimiter: str = "", cot_delimiter: str = "", strip_whitespace: bool = True,
+                   max_seq_len: int, indices=None) -> list[ICLRequest]:
+    """The token sequences llm-foundry builds for the records ``indices`` (default all) of ``task``: the
+    preamble (prompt string + shots) tokenized with special tokens (a trailing EOS dropped), the context
+    tokenized without, concatenated; each answer tokenized without special tokens after a space when the
+    tokenizer needs one (:func:`needs_prefix_space`); contexts longer than ``max_seq_len`` minus the answer
+    (generation: minus :func:`generation_budget`) lose tokens from the start. An empty context becomes the
+    EOS token."""
+    f = PromptFormat(prompt_string, example_delimiter, continuation_delimiter, question_prelimiter, cot_delimiter,
+                     strip_whitespace)
+    t = task.task_type
+    n = len(task.examples)
+    indices = range(n) if indices is None else indices
+    draws = fewshot_draws(n, num_fewshot, seed)
+    space = needs_prefix_space(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    limit = int(max_seq_len)
+    gen_room = limit - generation_budget(task, tokenizer, cot_delimiter) if t == "generation_task_with_answers" \
+        else None
+
+    def answer_ids(text: str, i: int) -> list[int]:
+        if space and not text.startswith(" "):
+            text = " " + text
+        ids = _encode(tokenizer, text)
+        if not ids:
+            where = f"{task.path}:{task.lines[i]}" if task.path else f"record {i}"
+            raise EvalError(f"{where}: the answer {text!r} encodes to no tokens")
+        return ids
+
+    out = []
+    for i in indices:
+        pre, ctxs = prompt_texts(task, i, draws[i], f)
+        pre_ids = _encode_preamble(tokenizer, pre)
+        rec = strip_record(task.examples[i]) if strip_whitespace else task.examples[i]
+        if t == "multiple_choice":
+            answers = [answer_ids(c, i) for c in rec["choices"]]
+        elif t == "generation_task_with_answers":
+            answers = [[]]
+        else:
+            answers = [answer_ids(rec["continuation"], i)] * len(ctxs)
+        for j, a in enumerate(answers):
+            ctx = ctxs[j if t == "schema" else 0]
+            ids = pre_ids + _encode(tokenizer, ctx)
+            if not ids:
+                if eos is None:
+                    raise EvalError("a prompt encodes to no tokens (no EOS token to stand in for it)")
+                ids = [eos]
+            room = gen_room if gen_room is not None else limit - len(a)
+            if room < 1:
+                if gen_room is not None:
+                    raise EvalError(f"answers of up to {limit - gen_room} tokens do not fit a window of {limit} "
+                                    "tokens with a prompt; raise --max-seq-len or shorten the answers")
+                raise EvalError(f"an answer of {len(a)} tokens does not fit a window of {limit} tokens with at "
+                                "least one token of prompt; raise --max-seq-len or shorten the answers")
+            cut = len(ids) > room
+            out.append(ICLRequest(i, j, ids[-room:] if cut else ids, a, cut))
+    return out
 
 
 def normalize_answer(text: str) -> str:
@@ -270,10 +426,14 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).strip()
 
 
-def split_trailing_space(prompt: str, answer: str) -> tuple[str, str]:
-    """Move the prompt's trailing whitespace to the start of the answer."""
-    stripped = prompt.rstrip()
-    return stripped, prompt[len(stripped):] + answer
+def generation_correct(output: str, labels: list[str], *, cot_delimiter: str = "",
+                       do_normalization: bool = True) -> bool:
+    """llm-foundry's exact-match rule: the output (already cut at the first stop string) after the last
+    ``cot_delimiter``, normalized when ``do_normalization``, starts with a label (normalized likewise)."""
+    final = output.split(cot_delimiter)[-1] if cot_delimiter else output
+    if do_normalization:
+        final, labels = normalize_answer(final), [normalize_answer(x) for x in labels]
+    return any(final.startswith(x) for x in labels)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -329,12 +489,12 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], *, batch_
     return out, truncated
 
 
-def as_task(task, task_type: str | None = None) -> ICLTask:
-    """``task`` (a JSONL path, an :class:`ICLTask` or a list of record dicts) as a validated :class:`ICLTask`."""
+def _as_task(task, task_type: str | None) -> ICLTask:
     if isinstance(task, ICLTask):
         if task_type is not None and normalize_task_type(task_type) != task.task_type:
             raise EvalError(f"task {task.name} is {task.task_type}, not {task_type}")
-    elif isinstance(task, (list, tuple)):
+        return task
+    if isinstance(task, (list, tuple)):
         recs = list(task)
         if not recs:
             raise EvalError("the task has no records")
@@ -345,26 +505,24 @@ def as_task(task, task_type: str | None = None) -> ICLTask:
             tt = tt or infer_task_type(r, f"record {i}")
             _check_record(r, tt, f"record {i}")
         return ICLTask(name="task", task_type=tt, examples=recs, lines=list(range(1, len(recs) + 1)))
-    else:
-        return read_icl_jsonl(task, task_type)
-    return task
+    return read_icl_jsonl(task, task_type)
 
 
 def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fewshot: int = 0, seed: int = 1234,
                  example_delimiter: str = DEFAULT_EXAMPLE_DELIMITER,
                  continuation_delimiter: str = DEFAULT_CONTINUATION_DELIMITER, prompt_string: str = "",
-                 batch_size: int = 16, max_examples: int | None = None,
-                 max_seq_len: int | None = None, stop: str | list[str] | None = None,
-                 indices=None) -> ICLResult:
-    """Accuracy of ``model`` on an ICL task (see the module docstring for the formats and the prompt).
+                 question_prelimiter: str = "", cot_delimiter: str = "", do_normalization: bool = True,
+                 strip_whitespace: bool = True, batch_size: int = 16, max_examples: int | None = None,
+                 indices=None, max_seq_len: int | None = None, stop: str | list[str] | None = None) -> ICLResult:
+    """Accuracy of ``model`` on an ICL task, with llm-foundry's prompts (see the module docstring).
 
     ``task``: a JSONL path, an :class:`ICLTask`, or a list of record dicts. ``num_fewshot``: shots per prompt,
-    drawn (seeded) from the other records. ``max_examples``: evaluate only the first N records (shots still
-    come from the whole file). ``stop``: generation tasks' early-stopping strings (llm-foundry's
-    ``early_stopping_criteria``; default none: EOS or the token limit). ``indices``: score only these records
-    of the first ``max_examples`` (one rank's share, :func:`mptkit.eval.distributed.icl_accuracy_sharded`;
-    shots, the generation budget and the rest are those of the whole set). Returns an :class:`ICLResult`."""
-    task = as_task(task, task_type)
+    drawn as llm-foundry draws them with ``seed`` (its ``fewshot_random_seed``). The prompt settings are
+    llm-foundry's ``icl_tasks`` keys (``strip_whitespace`` is its ``strip_dataset``). ``max_examples``: score
+    only the first N records; ``indices``: score only these records (e.g. one rank's share); shots always come
+    from the whole task. ``stop``: generation tasks' ``early_stopping_criteria`` (default none: EOS or the
+    budget); ``cot_delimiter`` / ``do_normalization``: their answer matching. Returns an :class:`ICLResult`."""
+    task = _as_task(task, task_type)
     if tokenizer is None:
         raise EvalError("ICL tasks need a tokenizer (the model folder has none; pass --tokenizer)")
     if max_seq_len is not None:
@@ -375,39 +533,40 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
         raise EvalError(f"--num-fewshot {num_fewshot}: must be >= 0")
     if max_examples is not None and int(max_examples) < 1:
         raise EvalError(f"--max-examples {max_examples}: must be >= 1")
-    n = len(task.examples) if max_examples is None else min(len(task.examples), int(max_examples))
-    idx = list(range(n)) if indices is None else [int(i) for i in indices]
-    if any(not 0 <= i < n for i in idx):
-        raise EvalError(f"record indices must be in [0, {n}), got {idx}")
-    eos = getattr(tokenizer, "eos_token_id", None)
+    if int(batch_size) < 1:
+        raise EvalError(f"--batch-size {batch_size}: must be >= 1")
+    total = len(task.examples)
+    if indices is None:
+        indices = list(range(total if max_examples is None else min(total, int(max_examples))))
+    else:
+        indices = [int(i) for i in indices]
+        if any(not 0 <= i < total for i in indices):
+            raise EvalError(f"indices must lie in [0, {total}) (the task's records)")
+        if max_examples is not None:
+            indices = indices[: int(max_examples)]
     t = task.task_type
-    fmt = {"num_fewshot": int(num_fewshot), "seed": seed, "example_delimiter": example_delimiter,
-           "continuation_delimiter": continuation_delimiter, "prompt_string": prompt_string}
-    if t == "generation_task_with_answers":
-        return _generation_accuracy(model, tokenizer, task, n, fmt, stop=stop, batch_size=batch_size,
-                                    max_seq_len=max_seq_len, indices=idx)
-    requests, owner = [], []
-    for i in idx:
-        prefix = _prefix(task, i, **fmt)
-        for c, (prompt, ans) in enumerate(_alternatives(task.examples[i], t, prefix, continuation_delimiter)):
-            ptxt, atxt = split_trailing_space(prompt, ans)
-            p_ids = _encode(tokenizer, ptxt) or ([eos] if eos is not None else [])
-            a_ids = _encode(tokenizer, atxt)
-            if not a_ids:
-                where = f"{task.path}:{task.lines[i]}" if task.path else f"record {i}"
-                raise EvalError(f"{where}: the answer {ans!r} encodes to no tokens")
-            requests.append((p_ids, a_ids))
-            owner.append((i, c))
-    scores, truncated = score_requests(model, requests, batch_size=batch_size, max_seq_len=max_seq_len) if (
-        requests) else ([], 0)
+    limit = int(max_seq_len or model.config.max_seq_len)
+    reqs = build_requests(task, tokenizer, num_fewshot=int(num_fewshot), seed=seed,
+                          example_delimiter=example_delimiter, continuation_delimiter=continuation_delimiter,
+                          prompt_string=prompt_string, question_prelimiter=question_prelimiter,
+                          cot_delimiter=cot_delimiter, strip_whitespace=strip_whitespace, max_seq_len=limit,
+                          indices=indices)
+    truncated = sum(r.truncated for r in reqs)
     if truncated:
-        log.warning("%s: %d of %d prompts were cut from the start to fit the window", task.name, truncated,
-                    len(requests))
-    per: dict[int, list[tuple[float, int, bool]]] = {i: [] for i in idx}
-    for (i, _), sc in zip(owner, scores):
-        per[i].append(sc)
+        log.warning("%s: %d of %d prompts were cut from the start to fit the window of %d tokens", task.name,
+                    truncated, len(reqs), limit)
+    if t == "generation_task_with_answers":
+        return _generation_accuracy(model, tokenizer, task, reqs, stop=stop, batch_size=batch_size, limit=limit,
+                                    num_fewshot=int(num_fewshot), cot_delimiter=cot_delimiter,
+                                    do_normalization=do_normalization, truncated=truncated)
+    scores, _ = score_requests(model, [(r.context, r.answer) for r in reqs], batch_size=batch_size,
+                               max_seq_len=limit)
+    per: dict[int, list[tuple[float, int, bool]]] = {i: [] for i in indices}
+    for r, sc in zip(reqs, scores):
+        per[r.index].append(sc)
     details, correct, correct_norm = [], 0, 0
-    for i, sc in per.items():
+    for i in indices:
+        sc = per[i]
         if t == "language_modeling":
             ok = sc[0][2]
             details.append({"index": i, "correct": ok, "logprob": sc[0][0], "tokens": sc[0][1]})
@@ -422,54 +581,46 @@ def icl_accuracy(model, tokenizer, task, *, task_type: str | None = None, num_fe
             details.append({"index": i, "correct": ok, "correct_norm": pick_n == gold, "choice": pick,
                             "choice_norm": pick_n, "gold": gold, "logprobs": sums, "tokens": [k for _, k, _ in sc]})
         correct += ok
-    m = max(1, len(idx))
-    return ICLResult(task=task.name, task_type=t, num_fewshot=int(num_fewshot), examples=len(idx),
-                     accuracy=correct / m, accuracy_norm=(correct_norm / m if t in CHOICE_TYPES else None),
+    n = len(indices)
+    return ICLResult(task=task.name, task_type=t, num_fewshot=int(num_fewshot), examples=n,
+                     accuracy=correct / n if n else 0.0,
+                     accuracy_norm=((correct_norm / n if n else 0.0) if t in CHOICE_TYPES else None),
                      truncated=truncated, details=details)
 
 
-def _generation_accuracy(model, tokenizer, task: ICLTask, n: int, fmt: dict, *, stop, batch_size: int,
-                         max_seq_len: int | None, indices: list[int]) -> ICLResult:
+def _generation_accuracy(model, tokenizer, task: ICLTask, reqs: list[ICLRequest], *, stop, batch_size: int,
+                         limit: int, num_fewshot: int, cot_delimiter: str, do_normalization: bool,
+                         truncated: int) -> ICLResult:
     """Greedy generation after each prompt (mptkit.infer's batched generator: a cache slot per prompt, no
-    padding), cut at the first stop string, scored by normalized prefix match against the aliases."""
+    padding) for llm-foundry's budget, cut at the first stop string, scored by llm-foundry's exact match."""
     from mptkit.infer.generate import Generator
     from mptkit.infer.sampling import SamplingParams
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(x, str) or not x for x in stops):
         raise EvalError(f"--stop {stop!r}: stop strings must be non-empty")
-    answers = [[r["answer"], *r["aliases"]] for r in task.examples[:n]]
-    longest = max(len(_encode(tokenizer, " " + a)) for al in answers for a in al if a)
-    limit = int(max_seq_len or model.config.max_seq_len)
-    new = longest + GENERATION_BUFFER
-    eos = getattr(tokenizer, "eos_token_id", None)
-    prompts, truncated = [], 0
-    for i in indices:
-        ids = _encode(tokenizer, build_prompt(task, i, **fmt).rstrip()) or ([eos] if eos is not None else [])
-        if not ids:
-            raise EvalError("a prompt encodes to no tokens (no EOS token to stand in for it)")
-        room = limit - new
-        if room < 1:
-            raise EvalError(f"answers of up to {longest} tokens (+{GENERATION_BUFFER} to spare) do not fit a window "
-                            f"of {limit} tokens; raise --max-seq-len or shorten the answers")
-        if len(ids) > room:
-            ids, truncated = ids[-room:], truncated + 1
-        prompts.append(ids)
-    check_token_ids([t for p in prompts for t in (min(p), max(p))], model.config.vocab_size, "ICL prompts")
-    if int(batch_size) < 1:
-        raise EvalError(f"--batch-size {batch_size}: must be >= 1")
+    new = max(generation_budget(task, tokenizer, cot_delimiter), 1)
+    prompts = [r.context for r in reqs]
+    if prompts:
+        check_token_ids([t for p in prompts for t in (min(p), max(p))], model.config.vocab_size, "ICL prompts")
     gen = Generator(model, tokenizer, max_context=limit)
     params = SamplingParams(max_tokens=new, temperature=0.0, stop=stops)
     outputs: list[str] = []
     for s in range(0, len(prompts), int(batch_size)):
         outputs += [o.text for o in gen.generate(prompts[s : s + int(batch_size)], params)]
     details, correct = [], 0
-    for i, out in zip(indices, outputs):
-        al = answers[i]
-        got = normalize_answer(out)
-        ok = any(got.startswith(normalize_answer(a)) for a in al if normalize_answer(a))
+    empty_label = False
+    for r, out in zip(reqs, outputs):
+        rec = task.examples[r.index]
+        labels = [rec["answer"], *rec.get("aliases", [])]
+        if do_normalization and any(not normalize_answer(x) for x in labels):
+            empty_label = True
+        ok = generation_correct(out, labels, cot_delimiter=cot_delimiter, do_normalization=do_normalization)
         correct += ok
-        details.append({"index": i, "correct": ok, "output": out})
-    return ICLResult(task=task.name, task_type=task.task_type, num_fewshot=fmt["num_fewshot"],
-                     examples=len(indices), accuracy=correct / max(1, len(indices)), truncated=truncated,
-                     details=details)
+        details.append({"index": r.index, "correct": ok, "output": out})
+    if empty_label:
+        log.warning("%s: an answer or alias normalizes to nothing (e.g. 'The'): any output matches it, as in "
+                    "llm-foundry", task.name)
+    n = len(reqs)
+    return ICLResult(task=task.name, task_type=task.task_type, num_fewshot=num_fewshot, examples=n,
+                     accuracy=correct / n if n else 0.0, truncated=truncated, details=details)
