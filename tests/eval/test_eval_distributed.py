@@ -56,6 +56,7 @@ def _tasks(tmp: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_give_the_same_numbers_as_one_process(tmp_path, make_tokenizer):
     folder = model_folder(tmp_path / "m", load_tokenizer(make_tokenizer()), seed=0, spread=SCORES)
     tasks = ",".join(_tasks(tmp_path))

@@ -49,6 +49,7 @@ def _check(cmp: dict, ref: dict, run: dict) -> None:
     assert run["mptkit_lm"]["metrics"]["acc"] == pytest.approx(ref["mptkit_lm"]["metrics"]["acc"])
 
 
+@pytest.mark.slow
 def test_lm_eval_agrees_per_example_hf_backend_and_through_the_server(setup):
     """Per request log-likelihoods within 1e-4 of mptkit eval icl's, identical picks (by sum, per character,
     per token) and greedy flags, for lm-eval's hf model on the folder and its local-completions model against
