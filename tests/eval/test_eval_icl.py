@@ -110,6 +110,8 @@ def test_language_modeling_greedy_match_reaches_1_and_0(tmp_path, make_tokenizer
             continue  # llm-foundry strips the continuation and puts one space before it: " word..." survives
         good.append({"context": ctx, "continuation": cont})
         bad.append({"context": ctx, "continuation": cont_bad})
+        if len(good) == 8:
+            break
     assert len(good) >= 5
     r = icl_accuracy(model, tok, good, continuation_delimiter="", batch_size=4)
     assert r.task_type == "language_modeling" and r.accuracy == 1.0 and r.accuracy_norm is None

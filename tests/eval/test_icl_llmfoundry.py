@@ -237,7 +237,7 @@ def test_cli_config_and_gauntlet_on_the_example_tasks(tmp_path, make_tokenizer, 
     cfg = eval_recipes_dir() / "icl_tasks.yaml"
     out, md = tmp_path / "icl.json", tmp_path / "icl.md"
     assert main(["eval", "gauntlet", str(folder), "--config", str(cfg), "--device", "cpu", "--json", str(out),
-                 "--markdown", str(md), "--max-seq-len", "64", "--max-examples", "4"]) == 0
+                 "--markdown", str(md), "--max-seq-len", "64", "--max-examples", "2"]) == 0
     text = capsys.readouterr().out
     assert "Number few shot" in text and "core_average" in text
     got = json.loads(out.read_text())
@@ -256,11 +256,17 @@ def test_cli_config_and_gauntlet_on_the_example_tasks(tmp_path, make_tokenizer, 
     every = {t.label: t for t in tasks}
     for r in got["results"]:
         t = every[r["label"]]
-        if t.has_categories or r["label"] not in ("everyday", "word_problems", "pronouns"):
-            continue  # the piqa-like MC, the CoT generation, the schema task
+        if t.has_categories or r["label"] not in ("everyday", "simple_qa", "pronouns"):
+            continue  # the piqa-like MC, a generation task, the schema task
         fmt = {**t.format(r["num_fewshot"]), "max_seq_len": t.max_seq_len}
-        api = icl_accuracy(model, tok, t.dataset_uri, max_examples=4, **fmt)
-        assert r["examples"] == 4
+        api = icl_accuracy(model, tok, t.dataset_uri, max_examples=2, **fmt)
+        assert r["examples"] == 2
+        if r["label"] == "everyday":  # a subset by index (one rank's share): the same per-record results
+            part = icl_accuracy(model, tok, t.dataset_uri, indices=[5, 1], **fmt).details
+            whole = icl_accuracy(model, tok, t.dataset_uri, **fmt).details
+            assert [d["index"] for d in part] == [5, 1]
+            for d, w in zip(part, [whole[5], whole[1]]):
+                assert d["choice_norm"] == w["choice_norm"] and d["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
         metric = next(iter(r["metrics"]))
         assert r["metrics"][metric] == (api.accuracy_norm if t.icl_task_type in ("multiple_choice", "schema")
                                         else api.accuracy), r["label"]
@@ -280,3 +286,11 @@ def test_cli_config_and_gauntlet_on_the_example_tasks(tmp_path, make_tokenizer, 
                     "num_fewshot: [0], icl_task_type: language_modeling}\n")
     assert main(["eval", "gauntlet", str(folder), "--config", str(no_g)]) == 2
     assert "no eval_gauntlet" in capsys.readouterr().err
+    # `eval icl --config` on a plain list of tasks: the results table in Markdown on the terminal, and JSON
+    assert main(["eval", "icl", str(folder), "--config", str(no_g), "--device", "cpu", "--markdown",
+                 "--json", str(out)]) == 0
+    assert "| Category | Benchmark | Subtask | Accuracy | Number few shot | Model |" in capsys.readouterr().out
+    [r] = json.loads(out.read_text())["results"]
+    lm = icl_accuracy(model, tok, str(eval_recipes_dir() / "data/sequences_lm.jsonl"))
+    assert r["metrics"] == {"InContextLearningLMAccuracy": lm.accuracy} and "gauntlet" not in json.loads(
+        out.read_text())

@@ -62,6 +62,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     shipped = {n for n in names if n.startswith(("mptkit/recipes/pretrain/", "mptkit/recipes/finetune/"))}
     assert {f"mptkit/recipes/{p.parent.name}/{p.name}" for d in ("pretrain", "finetune")
             for p in (ROOT / "configs" / d).glob("*.yaml")} == shipped
+    examples = ROOT / "src" / "mptkit" / "recipes" / "eval"  # the example ICL tasks (eval icl --config)
+    assert {f"mptkit/recipes/eval/{p.relative_to(examples).as_posix()}" for p in examples.rglob("*")
+            if p.suffix in (".yaml", ".jsonl")} <= names
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env)
