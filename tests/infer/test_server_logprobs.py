@@ -267,6 +267,38 @@ def test_chat_logprobs_in_openais_shape(server):  # noqa: F811
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
 
 
+def test_chat_logprobs_equal_mptkit_eval_scoring(server):  # noqa: F811
+    """Chat logprobs=True, top_logprobs=4 (greedy) through the client, plain and streamed: the generated tokens are
+    a greedy loop of full forwards over the conversation's ChatML ids, each token's logprob equals mptkit eval's
+    scorer (next_token_logprobs) on conversation + generated ids, its top_logprobs torch.topk of the forward."""
+    from mptkit.eval.scoring import next_token_logprobs
+
+    base, srv = server
+    c = _client(base)
+    msgs = [{"role": "user", "content": "def dumps(obj):"}]
+    ids = srv.chat_ids(msgs)
+    gen: list[int] = []
+    stops = {srv.tok.eos_token_id, srv.im_end_id}
+    while len(gen) < 6 and (not gen or gen[-1] not in stops):
+        gen.append(int(torch.argmax(_forward_logprobs(srv, ids + gen)[-1])))
+    full = torch.tensor([ids + gen])
+    select = torch.zeros(1, full.shape[1] - 1, dtype=torch.bool)
+    select[0, len(ids) - 1 :] = True
+    want, _ = next_token_logprobs(srv.gen.model, full, select)
+    ref = _forward_logprobs(srv, ids + gen)
+    kw = {"model": "tiny", "messages": msgs, "logprobs": True, "top_logprobs": 4, "max_completion_tokens": 6}
+    plain = c.chat.completions.create(**kw, temperature=0).choices[0].logprobs.content
+    streamed = [e for ch in c.chat.completions.create(**kw, temperature=0, stream=True) if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    for content in (plain, streamed):
+        assert [e.token for e in content] == [srv.token_str(t) for t in gen]
+        assert [e.logprob for e in content] == pytest.approx(want.tolist(), abs=1e-4)
+        for i, e in enumerate(content):
+            v, ix = torch.topk(ref[len(ids) - 1 + i], 4)
+            assert [t.token for t in e.top_logprobs] == [srv.token_str(t) for t in ix.tolist()]
+            assert [t.logprob for t in e.top_logprobs] == pytest.approx(v.tolist(), abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "body, param",
     [

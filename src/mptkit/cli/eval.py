@@ -155,17 +155,46 @@ PROMPT_FLAGS = {"task_type": "--task-type", "num_fewshot": "--num-fewshot", "see
                 "cot_delimiter": "--cot-delimiter", "stop": "--stop"}
 
 
+def _distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): the process group (gloo on CPU, NCCL on GPU), each rank on its own GPU
+    when --device is auto or cuda; None for one process. The records are split over the ranks and gathered
+    (mptkit.eval.distributed); rank 0 reports."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from mptkit.train.distributed import init_distributed
+
+    info = init_distributed("cpu" if args.device == "cpu" else "auto")
+    if info.device.type == "cuda" and args.device in ("auto", "cuda"):
+        args.device = str(info.device)
+    return info
+
+
 def _icl(args) -> int:
+    info = None
+    try:
+        info = _distributed(args)
+        return _icl_run(args, info)
+    finally:
+        if info is not None:
+            from mptkit.train.distributed import shutdown
+
+            shutdown(info)
+
+
+def _icl_run(args, info) -> int:
     if getattr(args, "config", None):
+        return _icl_config(args, info=info)
         return _icl_config(args)
     if getattr(args, "gauntlet", None):
         raise EvalError("--gauntlet needs --config TASKS.yaml (the gauntlet's benchmarks are the tasks' labels)")
     if not args.tasks:
         raise EvalError("give --tasks FILE.jsonl[,...] or --config TASKS.yaml")
+    from mptkit.eval.distributed import icl_accuracy_sharded as icl_accuracy
     from mptkit.eval.icl import (
         DEFAULT_CONTINUATION_DELIMITER,
         DEFAULT_EXAMPLE_DELIMITER,
-        icl_accuracy,
         normalize_task_type,
         read_icl_jsonl,
     )
@@ -198,6 +227,8 @@ def _icl(args) -> int:
                                         strip_whitespace=not args.no_strip, batch_size=args.batch_size,
                                         max_examples=args.max_examples, max_seq_len=args.max_seq_len,
                                         stop=_stop_strings(args.stop)))
+    if info is not None and not info.is_main:
+        return 0  # every rank holds the results; rank 0 reports them
     w = max(4, *(len(r.task) for r in results))
     tw = max(18, *(len(r.task_type) for r in results))
     print(f"{'task':<{w}} {'type':<{tw}} {'shots':>5} {'n':>6} {'accuracy':>9} {'acc_norm':>9}")
@@ -210,7 +241,7 @@ def _icl(args) -> int:
     return 0
 
 
-def _icl_config(args, *, need_gauntlet: bool = False) -> int:
+def _icl_config(args, *, need_gauntlet: bool = False, info=None) -> int:
     """`eval icl --config TASKS.yaml [--gauntlet G.yaml]` and `eval gauntlet`: llm-foundry's icl_tasks YAML."""
     from mptkit.eval.gauntlet import (
         RESULT_COLUMNS,
@@ -253,6 +284,8 @@ def _icl_config(args, *, need_gauntlet: bool = False) -> int:
     results = evaluate_icl_tasks(model, tok, cfg.tasks, batch_size=args.batch_size, max_examples=args.max_examples,
                                  max_seq_len=args.max_seq_len,
                                  progress=lambda r: log.info("%s: %s", r.eval_label, r.metrics))
+    if info is not None and not info.is_main:
+        return 0  # every rank holds the results; rank 0 reports them
     name = str(args.model)
     rows = results_rows(results, gauntlet, model=name)
     g = aggregate(gauntlet, results) if gauntlet is not None else None
@@ -285,7 +318,15 @@ def _icl_config(args, *, need_gauntlet: bool = False) -> int:
 
 
 def _gauntlet(args) -> int:
-    return _icl_config(args, need_gauntlet=True)
+    info = None
+    try:
+        info = _distributed(args)
+        return _icl_config(args, need_gauntlet=True, info=info)
+    finally:
+        if info is not None:
+            from mptkit.train.distributed import shutdown
+
+            shutdown(info)
 
 
 # ----------------------------------------------------------------------------- parser

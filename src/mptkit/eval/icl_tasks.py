@@ -451,8 +451,10 @@ def evaluate_icl_tasks(model, tokenizer, tasks: list[ICLTaskConfig], *, batch_si
     """Run every task at each of its shot counts (and each category with ``has_categories``), in the config's
     order. ``max_seq_len``: the window of tasks whose config sets none (default the model's).
     ``max_examples``: score only the first N records of each task (or category); shots still come from all.
-    ``progress``: called with each :class:`TaskResult` as it is done."""
-    from mptkit.eval.icl import icl_accuracy
+    ``progress``: called with each :class:`TaskResult` as it is done. Under ``torch.distributed`` (torchrun,
+    the trainer's ranks) every rank must call it: the records are split over the ranks and gathered
+    (:mod:`mptkit.eval.distributed`), every rank gets every result."""
+    from mptkit.eval.distributed import icl_accuracy_sharded as icl_accuracy
 
     parts = [(t, task_partitions(t)) for t in tasks]  # read and validate every file before scoring
     out = []

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mptkit.errors import ConfigError
+from mptkit.errors import ConfigError, MPTKitError
 from mptkit.train.sections import (  # noqa: F401 - OPTIMIZERS, SCHEDULERS, _check_keys: importable from here
     NO_SCHEDULER_ALPHA_F,
     OPTIMIZERS,
@@ -289,6 +289,9 @@ class RunConfig:
     eval_interval: Any = "1ep"
     eval_subset_num_batches: int = -1
     eval_first: bool = False
+    icl_tasks: Any = None  # llm-foundry's icl_tasks (a list of tasks or a YAML file): run at eval_interval
+    eval_gauntlet: Any = None  # llm-foundry's eval_gauntlet (a mapping or a YAML file) over the icl_tasks
+    icl_seq_len: int | None = None  # the window of ICL tasks that set no max_seq_len (default the model's)
     save_folder: str | None = None
     save_interval: Any = "1ep"
     save_num_checkpoints_to_keep: int = -1
@@ -332,6 +335,8 @@ class RunConfig:
 
     # derived (filled by validate)
     _max_duration: Duration | None = field(default=None, repr=False)
+    _icl_tasks: list | None = field(default=None, repr=False)  # mptkit.eval.icl_tasks.ICLTaskConfig
+    _gauntlet: Any = field(default=None, repr=False)  # mptkit.eval.gauntlet.GauntletConfig
 
     def to_dict(self) -> dict:
         out = {}
@@ -343,6 +348,27 @@ class RunConfig:
         return out
 
     # ------------------------------------------------------------------------------ validation
+    def _validate_icl(self) -> None:
+        """``icl_tasks`` / ``eval_gauntlet`` / ``icl_seq_len`` parsed as ``mptkit eval icl --config`` reads them
+        (every task file read and checked now, before any training)."""
+        if self.icl_seq_len is not None:
+            _need_int("icl_seq_len", self.icl_seq_len, 2)
+        if self.icl_tasks is None:
+            if self.eval_gauntlet is not None:
+                raise ConfigError("eval_gauntlet: needs icl_tasks (the gauntlet's benchmarks are the tasks' labels)")
+            return
+        from mptkit.eval.gauntlet import parse_gauntlet
+        from mptkit.eval.icl_tasks import parse_icl_tasks, task_partitions
+
+        self._icl_tasks = parse_icl_tasks(self.icl_tasks, default_max_seq_len=self.icl_seq_len, error=ConfigError)
+        for t in self._icl_tasks:
+            try:
+                task_partitions(t)
+            except MPTKitError as e:
+                raise ConfigError(f"icl_tasks: {e}") from None
+        if self.eval_gauntlet is not None:
+            self._gauntlet = parse_gauntlet(self.eval_gauntlet, error=ConfigError)
+
     def validate(self) -> RunConfig:
         self._max_duration = parse_duration(self.max_duration, "max_duration", allow_zero=False)
         parse_duration(self.eval_interval, "eval_interval", int_unit="ep")
@@ -369,6 +395,7 @@ class RunConfig:
                 raise ConfigError("model.fast_paths: expected a mapping (packed_qkv, mlp_chunk, flex_compile), got "
                                   f"{self.model['fast_paths']!r}")
             FastPathOptions.from_dict(self.model["fast_paths"])
+        self._validate_icl()
         # the typed sections (train/sections.py): keys, values, defaults
         self.optimizer = OptimizerConfig.from_dict(self.optimizer)
         self.scheduler = SchedulerConfig.from_dict(self.scheduler)

@@ -21,8 +21,10 @@ LLM_FOUNDRY_TRAIN_KEYS = (
     "device_train_grad_accum",
 )
 
-_ICL = ("in-context-learning evaluation does not run inside training in mptkit; evaluate a checkpoint or the "
-        "exported model with `mptkit eval icl`")
+_ICL_STR = ("llm-foundry's serialised copy of the ICL settings: give icl_tasks / eval_gauntlet themselves (a list or "
+            "mapping, or a YAML file's path)")
+_ICL_SUBSET = ("mptkit's ICL evaluation during training scores every record of each task (split over the ranks); "
+               "shorten the task files to evaluate fewer")
 _DERIVED = ("llm-foundry derives it from global_train_batch_size and the number of ranks (a recipe does not set "
             "it); set global_train_batch_size and device_train_microbatch_size")
 
@@ -33,12 +35,9 @@ REFUSED: dict[str, str] = {
     "device_train_grad_accum": _DERIVED,
     "code_paths": "mptkit imports no code named by a recipe (a finetuning preprocessing_fn is its one import)",
     "eval_loaders": "mptkit evaluates one eval_loader",
-    "icl_tasks": _ICL,
-    "icl_tasks_str": _ICL,
-    "eval_gauntlet": _ICL,
-    "eval_gauntlet_str": _ICL,
-    "icl_subset_num_batches": _ICL,
-    "icl_seq_len": _ICL,
+    "icl_tasks_str": _ICL_STR,
+    "eval_gauntlet_str": _ICL_STR,
+    "icl_subset_num_batches": _ICL_SUBSET,
     "save_latest_filename": "mptkit writes no 'latest' link: autoresume and load_path find the newest checkpoint "
                             "whose manifest verifies",
     "save_filename": "mptkit names each checkpoint folder ep{E}-ba{B} (model/, trainer_state.pt, manifest.json)",

@@ -1020,7 +1020,8 @@ class Trainer:
                 if self.step < self.max_steps and self._stop_requested():
                     self._stop_for_signal(writer)
             # the end: final eval, checkpoint, export, sample
-            final_eval = self._log_eval(writer, bar) if self.eval_dataset is not None else None
+            final_eval = (self._log_eval(writer, bar)
+                          if self.eval_dataset is not None or self.cfg._icl_tasks else None)
             if self.save_folder is not None and self._last_saved != self.step:
                 self.save_checkpoint()
             if self.hf_every and self._last_hf != self.step:  # llm-foundry's: also at the end of training
@@ -1078,15 +1079,58 @@ class Trainer:
         shutdown(self.dist)
         return summary
 
+    def evaluate_icl(self) -> dict | None:
+        """The recipe's ``icl_tasks`` (and ``eval_gauntlet``) on the model at the current step, the records split
+        over the ranks and gathered (mptkit.eval.distributed): ``{"step", "metrics/{label}/{k}-shot/{metric}":
+        value, ..., "icl/metrics/eval_gauntlet/{category}": score, "icl_s"}`` (llm-foundry's names); None
+        without icl_tasks."""
+        tasks = self.cfg._icl_tasks
+        if not tasks:
+            return None
+        from mptkit.eval.icl_tasks import evaluate_icl_tasks
+
+        if self.fsdp is not None:
+            raise TrainError("icl_tasks with fsdp_config: ICL evaluation of a sharded model is not supported; "
+                             "run `mptkit eval icl --config` on the checkpoints instead")
+        if self.tokenizer is None:
+            raise TrainError("icl_tasks need the run's tokenizer (set tokenizer: in the recipe)")
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        try:
+            with self.autocast():
+                results = evaluate_icl_tasks(self.model, self.tokenizer, tasks,
+                                             batch_size=self.cfg.device_eval_batch_size or max(1, self.microbatch))
+        finally:
+            if was_training:
+                self.model.train()
+        rec: dict = {"step": self.step}
+        for r in results:
+            rec.update(r.logger_keys())
+        if self.cfg._gauntlet is not None:
+            from mptkit.eval.gauntlet import aggregate
+
+            rec.update(aggregate(self.cfg._gauntlet, results).scores())
+        rec["icl_s"] = time.perf_counter() - t0
+        return rec
+
     def _log_eval(self, writer: MetricsWriter, bar=None) -> dict | None:
         if self.scheduled_gc is not None:
             self.scheduled_gc.eval_start()
         try:
             with self._watchdog_phase("eval"):
                 rec = self.evaluate()
+                icl = self.evaluate_icl()
         finally:
             if self.scheduled_gc is not None:
                 self.scheduled_gc.eval_end()
+        if icl is not None and self.dist.is_main:
+            writer.write(icl)
+            msg = f"ICL at step {icl['step']}: " + ", ".join(
+                f"{k.removeprefix('metrics/')} {v:.4f}" for k, v in icl.items() if k not in ("step", "icl_s"))
+            if bar is not None:
+                bar.write(msg)
+            log.info(msg)
         if rec is None or not self.dist.is_main:
             return rec
         writer.write(rec)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mptkit.errors import InferenceError
 from mptkit.infer.engine import Engine
-from mptkit.infer.server import chat_completions, completions
+from mptkit.infer.server import chat_completions, completions, tokenize
 from mptkit.infer.server._deps import (
     FastAPI,
     HTMLResponse,
@@ -39,6 +39,7 @@ def build_app(srv: Server):
     _error_handlers(app)
     completions.register(app, srv)
     chat_completions.register(app, srv)
+    tokenize.register(app, srv)
     _info_routes(app, srv)
     return RequestMetrics(BodyLimit(app, srv.limits.max_body_bytes), srv.metrics, lambda: app.routes)
 

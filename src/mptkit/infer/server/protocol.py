@@ -92,6 +92,21 @@ class ChatRequest(SamplingRequest):
     tools: list[Any] | None = None
 
 
+class TokenizeRequest(_Base):
+    """``POST /tokenize`` (vLLM's): a completion prompt or a chat conversation (see :mod:`.tokenize`)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = False  # mptkit's tokenizers add none to a prompt either way
+    parse_special_tokens: bool | None = None  # None: the server's setting, as /v1/completions
+
+
+class DetokenizeRequest(_Base):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ----------------------------------------------------------------------------- errors
 
 
