@@ -127,7 +127,7 @@ def test_hf_checkpointer_writes_hf_folders_at_its_interval_in_its_precision(tmp_
         make_cfg(tmp_path, callbacks={"hf_checkpointer": {"save_folder": "x"}})
 
 
-@pytest.mark.parametrize("key,value", [("icl_tasks", [{"label": "x"}]), ("eval_gauntlet", "g.yaml"),
+@pytest.mark.parametrize("key,value", [("icl_tasks_str", "[{label: x}]"), ("icl_subset_num_batches", 2),
                                        ("device_train_batch_size", 4), ("save_filename", "ep{epoch}.pt"),
                                        ("code_paths", ["x.py"]), ("profiler", {"schedule": {}})])
 def test_refused_keys_name_the_reason_and_are_fine_unset(tmp_path, key, value):
