@@ -337,14 +337,15 @@ def base_named_tensors(model: nn.Module):
 def base_fingerprint(model: nn.Module, samples: int = 256) -> str:
     """A fingerprint of the base weights an adapter was made on: every tensor's name, shape, and ``samples``
     evenly spaced values (fp32); cheap on a 7B (reads ~2M values), and different for any other base (another
-    finetune changes almost every value). Taken before a ``base_dtype`` cast."""
+    finetune changes almost every value). The values are rounded to bf16 first, so the same base loaded in fp32
+    or bf16 gives the same fingerprint (taken before a ``base_dtype`` cast)."""
     h = hashlib.sha256()
     for n, p in sorted(base_named_tensors(model), key=lambda kv: kv[0]):
         if p.is_meta:
             raise ConfigError("LoRA: the base model's weights are not loaded (meta device): start from a model folder")
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // samples)
-        vals = flat[::step][:samples].float().cpu().contiguous()
+        vals = flat[::step][:samples].to(torch.bfloat16).float().cpu().contiguous()
         h.update(f"{n}:{tuple(p.shape)}:".encode())
         h.update(vals.numpy().tobytes())
     return "sha256:" + h.hexdigest()
