@@ -175,3 +175,29 @@ def test_adapter_file_is_under_5_percent_of_the_quickstart_model_at_r8(tmp_path)
     size = (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size
     base = (tmp_path / "base" / "model.safetensors").stat().st_size
     assert size < 0.05 * base, (size, base)
+
+
+@pytest.mark.parametrize("recipe", ["instruct-lora", "chat-lora"])
+def test_bundled_lora_recipes_are_valid(recipe, caplog):
+    """By name (package data) and by path: every key known (no warning), LoRA settings valid, the same data and
+    packing as the full-finetune recipe they extend; a bad peft_config is refused before any work."""
+    import logging
+
+    from mptkit.errors import ConfigError
+    from mptkit.model.lora import DEFAULT_TARGETS, LoraSettings
+    from mptkit.train.config import load_run_config
+    from mptkit.train.recipe_data import _finetune_options, finetune_source
+
+    with caplog.at_level(logging.WARNING, logger="mptkit.train.config"):
+        cfg = load_run_config(recipe)
+    assert caplog.records == []
+    s = LoraSettings.from_dict(cfg.model["peft_config"])
+    assert s.r == 8 and s.target_modules == DEFAULT_TARGETS
+    ds = cfg.train_loader["dataset"]
+    assert finetune_source(ds, "train_loader", "train") == f"mptkit:stdlib-{recipe.split('-')[0]}"
+    assert _finetune_options(ds, cfg, "train_loader").packing
+    path = ROOT / "configs" / "finetune" / f"{recipe}.yaml"
+    with pytest.raises(ConfigError, match="model.peft_config: unknown key 'rank'"):
+        load_run_config(path, ["model.peft_config.rank=4"])
+    with pytest.raises(ConfigError, match="peft_config with fsdp_config"):
+        load_run_config(path, ["fsdp_config.sharding_strategy=FULL_SHARD"])
