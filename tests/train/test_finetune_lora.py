@@ -201,3 +201,54 @@ def test_bundled_lora_recipes_are_valid(recipe, caplog):
         load_run_config(path, ["model.peft_config.rank=4"])
     with pytest.raises(ConfigError, match="peft_config with fsdp_config"):
         load_run_config(path, ["fsdp_config.sharding_strategy=FULL_SHARD"])
+
+
+DDP_SCRIPT = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.helpers import datasets, make_cfg
+from mptkit.train.trainer import Trainer
+tmp = Path(sys.argv[1])
+model = {{"pretrained_model_name_or_path": sys.argv[2], "pretrained": True,
+         "peft_config": {{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}}}
+cfg = make_cfg(tmp, model=model, max_duration="4ba", save_interval="4ba", device_train_microbatch_size=2,
+               device="cpu", optimizer={{"name": "decoupled_adamw", "lr": 1e-2}})
+tr, ev = datasets()
+Trainer(cfg, train_dataset=tr, eval_dataset=ev).fit()
+"""
+
+
+@pytest.mark.slow
+def test_lora_two_gloo_ranks_match_one_process(tmp_path):
+    """DDP (2 gloo ranks) reduces the adapters' gradients only: the adapter equals one process's with the same
+    global batch (to float rounding), and the checkpoint still holds the adapter alone."""
+    import socket
+
+    from tests.helpers import TINY_MODEL
+
+    base = model_folder(tmp_path / "base", None, seed=3, spread=None, **{k: v for k, v in TINY_MODEL.items()
+                                                                        if k != "name"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = DDP_SCRIPT.format(root=str(ROOT))
+    one = subprocess.run([sys.executable, "-c", code, str(tmp_path / "one"), str(base)], env=env,
+                         capture_output=True, timeout=300, check=False)
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in range(2):
+        e = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "two"), str(base)], env=e,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    a = load_file(str(tmp_path / "one" / "ck" / "ep0-ba4" / "model" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "ck" / "ep0-ba4" / "model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and not (tmp_path / "two" / "ck" / "ep0-ba4" / "model" / "model.safetensors").exists()
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
