@@ -26,6 +26,7 @@ from mptkit.model.lora import (
     base_fingerprint,
     load_adapter_state_dict,
 )
+from mptkit.utils.fs import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,13 @@ def save_adapter(model, folder: str | os.PathLike, *, base_folder: str | os.Path
         ref["base_fingerprint"] = fingerprint
     base_name = ref.get("base_folder")
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(sd, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    cfg = settings.to_peft_config(base_name)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:  # fsynced, renamed into place, an ordinary file's mode
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, settings.to_peft_config(base_name))
     meta = {"format": "mptkit-lora/1", "base_folder": ref.get("base_folder"),
             "base_fingerprint": ref.get("base_fingerprint"),
             "base_dtype": settings.base_dtype, "model_config": model.config.to_dict()}
-    (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_write_text(folder / ADAPTER_META, json.dumps(meta, indent=2, default=str) + "\n")
     if tokenizer is not None:
         from mptkit.io.tokenizer_files import save_tokenizer
 
