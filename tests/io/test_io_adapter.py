@@ -99,3 +99,14 @@ def test_adapter_refused_on_another_base_or_shape(tmp_path):
         load_adapter(MPTForCausalLM.from_pretrained(tmp_path / "wide"), tmp_path / "ad", check=False)
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    # an adapter folder opens as its recorded base + the adapter; exporters that cannot carry it refuse it
+    from mptkit.errors import ExportError
+    from mptkit.export.gguf import export_gguf
+    from mptkit.io.source import open_model_source
+
+    with open_model_source(tmp_path / "ad") as src:
+        assert src.folder.resolve() == a.resolve() and src.adapter == tmp_path / "ad"
+        with pytest.raises(CheckpointError, match="quantised base"):
+            src.load_model(quant="int8")
+    with pytest.raises(ExportError, match="--merge"):
+        export_gguf(tmp_path / "ad", tmp_path / "x.gguf")
