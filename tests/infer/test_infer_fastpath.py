@@ -69,7 +69,19 @@ def _hooked(base: nn.Linear) -> nn.Linear:
     return base
 
 
-WRAPS = {"lora_wrapper": LoRALike, "linear_subclass": _subclassed, "forward_hook": _hooked}
+def _mptkit_lora(base: nn.Linear) -> nn.Module:
+    """mptkit's own LoRA layer (model/lora.py, as ``model.peft_config`` and ``--adapter`` apply it), B nonzero."""
+    from mptkit.model.lora import LoRALinear
+
+    m = LoRALinear(base, r=2, lora_alpha=4)
+    g = torch.Generator().manual_seed(base.out_features)
+    with torch.no_grad():
+        m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return m
+
+
+WRAPS = {"lora_wrapper": LoRALike, "linear_subclass": _subclassed, "forward_hook": _hooked,
+         "mptkit_lora": _mptkit_lora}
 
 
 def _model(**over):

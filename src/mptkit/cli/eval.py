@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="HF-layout model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the model folder)")
+    p.add_argument("--adapter", default=None, metavar="ADAPTER",
+                   help="a LoRA adapter (adapter folder or LoRA run) applied unmerged on top of MODEL")
     p.add_argument("--device", default="auto", type=cli_args.device_or_auto,
                    help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="fp32", choices=sorted(WEIGHT_DTYPES), help="weights dtype (default fp32)")
@@ -53,7 +55,8 @@ def _load(args, *, need_tokenizer: bool = True):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                      need_tokenizer=need_tokenizer, attn_impl=args.attn_impl, quant=args.quant)
+                      need_tokenizer=need_tokenizer, attn_impl=args.attn_impl, quant=args.quant,
+                      adapter=getattr(args, "adapter", None))
 
 
 def _write_json(path, payload) -> None:

@@ -9,7 +9,8 @@ def _hf(args: argparse.Namespace) -> int:
     from mptkit.export.hf import export_hf
 
     export_hf(args.src, args.out, dtype=args.dtype, layout=args.layout, max_shard_size=args.max_shard_size,
-              tokenizer=args.tokenizer, overwrite=args.overwrite)  # logs what it wrote
+              tokenizer=args.tokenizer, overwrite=args.overwrite, merge=args.merge, adapter_only=args.adapter_only,
+              adapter=args.adapter)  # logs what it wrote
     return 0
 
 
@@ -48,6 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder to include, when the model folder / run has none")
     h.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    lora = h.add_mutually_exclusive_group()
+    lora.add_argument("--merge", action="store_true",
+                      help="a LoRA run / adapter: fold the adapter into the base's weights (a plain HF folder)")
+    lora.add_argument("--adapter-only", action="store_true",
+                      help="a LoRA run / adapter: write the adapter alone (peft's adapter_config.json + "
+                           "adapter_model.safetensors) with the tokenizer")
+    h.add_argument("--adapter", default=None, metavar="ADAPTER",
+                   help="a LoRA adapter folder or LoRA run to apply on top of SRC (with --merge)")
     h.set_defaults(func=_hf)
 
     g = ex.add_parser("gguf", help="a GGUF file for llama.cpp (architecture mpt)",

@@ -34,6 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="attention backend for prefill (auto, torch, sdpa, blockwise, flex, flash; default: the "
                         "folder's config.json). Many HF MPT files name torch, the eager reference that holds "
                         "T x T scores: auto keeps long prompts O(T) in memory")
+    p.add_argument("--adapter", default=None, metavar="ADAPTER",
+                   help="a LoRA adapter (an adapter folder in peft's format, or a LoRA training run) applied "
+                        "unmerged on top of MODEL")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="KV cache storage (default: the model's dtype); fp16 halves its memory and bytes per step")
 
@@ -72,7 +75,8 @@ def _load(args, *, need_tokenizer: bool = True):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with open_model_source(args.model) as source:  # a model folder, a training run or a checkpoint
+    # a model folder, a training run or a checkpoint (a LoRA run: its base with the adapter), plus --adapter
+    with open_model_source(args.model, adapter=getattr(args, "adapter", None)) as source:
         model = source.load_model(dtype=torch_dtype(args.dtype), device=args.device, quant=args.quant,
                                   attn_impl=args.attn_impl)
         tok = source.load_tokenizer()
@@ -221,7 +225,7 @@ def cmd_serve(args) -> int:
     srv = build_server(args.model, max_context=args.max_context, api_key=key, limits=limits,
                        model_name=args.model_name, compile=args.compile,
                        dtype=torch_dtype(args.dtype), device=args.device, kv_dtype=args.kv_dtype, quant=args.quant,
-                       attn_impl=args.attn_impl,
+                       attn_impl=args.attn_impl, adapter=args.adapter,
                        public_metrics=args.public_metrics, parse_special_tokens=args.parse_special_tokens)
     print(f"serving '{srv.model_name}' on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     serve(srv, host=args.host, port=args.port, log_level="warning" if args.quiet_http else "info")

@@ -41,7 +41,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype = "fp32",
-               attn_impl: str | None = None, tokenizer=None, need_tokenizer: bool = True, quant: str | None = None):
+               attn_impl: str | None = None, tokenizer=None, need_tokenizer: bool = True, quant: str | None = None,
+               adapter=None):
     """``(model, tokenizer)`` from an HF-layout model folder (or a training run / checkpoint: its newest valid
     checkpoint, a sharded one consolidated), in eval mode on ``device``.
 
@@ -61,7 +62,7 @@ def load_model(folder, *, device: str | torch.device | None = "auto", dtype: str
         raise EvalError(f"model {folder}: no such folder (expected an HF-layout model folder: config.json + "
                         "*.safetensors, e.g. runs/quickstart/hf, or a training run)")
     try:
-        source = open_model_source(folder)
+        source = open_model_source(folder, adapter=adapter)  # adapter: a LoRA adapter applied unmerged
     except CheckpointError as e:
         raise EvalError(f"model {folder}: {e}") from None
     with source:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mptkit.errors import ConfigError, ExportError
+from mptkit.errors import ConfigError, ExportError, MPTKitError
 from mptkit.export.source import load_config, open_source
 from mptkit.io.hf_folder import is_model_folder
 from mptkit.utils.dtypes import ALIASES, DTYPES, torch_name
@@ -58,6 +58,9 @@ def export_hf(
     max_shard_size: int | str = "5GB",
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
+    merge: bool = False,
+    adapter_only: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> HFExportResult:
     """Write ``src``'s model (a model folder, a run or a checkpoint — a sharded FSDP one is consolidated first)
     as a HF folder at ``out``.
@@ -66,6 +69,9 @@ def export_hf(
     ``layout``: transformers (``MptForCausalLM``, loads without trust_remote_code) | mosaicml.
     ``tokenizer``: a folder with tokenizer files, when neither the model folder nor the run has one.
     ``overwrite``: replace an earlier export at ``out`` (never an unrelated folder).
+    A LoRA source (a LoRA run or checkpoint, an adapter folder, or ``adapter`` on top of ``src``) needs one of
+    ``merge`` (the adapter folded into the base's weights: a plain HF folder) or ``adapter_only`` (the adapter
+    folder alone, peft's files, with the tokenizer).
     """
     from mptkit.io.hf_folder import parse_size, save_pretrained
     from mptkit.model.config import MPTConfig, transformers_incompatibilities
@@ -80,11 +86,30 @@ def export_hf(
         parse_size(max_shard_size)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    if merge and adapter_only:
+        raise ExportError("--merge and --adapter-only: give one (merged weights, or the adapter alone)")
     src, out = Path(src), Path(out)
     _check_out(src, src if is_model_folder(src) else None, out, overwrite)  # before a sharded source is consolidated
-    with open_source(src, tokenizer) as source:
+    if adapter is not None:
+        from mptkit.io.source import open_model_source
+
+        try:
+            source_cm = open_model_source(src, tokenizer=tokenizer, adapter=adapter)
+        except MPTKitError as e:
+            raise ExportError(str(e)) from None
+    else:
+        source_cm = open_source(src, tokenizer, adapter_ok=True)
+    with source_cm as source:
         folder = source.folder
         _check_out(src, folder, out, overwrite)
+        if source.adapter is None and (merge or adapter_only):
+            raise ExportError(f"{src}: {'--merge' if merge else '--adapter-only'} needs a LoRA source (a LoRA run, an "
+                              "adapter folder, or --adapter ADAPTER); this is a plain model")
+        if source.adapter is not None and not (merge or adapter_only):
+            raise ExportError(f"{src} is a LoRA adapter ({source.adapter}) on {folder}: pass --merge (one HF folder "
+                              "with the adapter folded in) or --adapter-only (the adapter's peft files)")
+        if adapter_only:
+            return _export_adapter(src, source, out)
         cfg = load_config(folder)
         incompat = transformers_incompatibilities(cfg) if layout == "transformers" else []
         if incompat:
@@ -99,12 +124,16 @@ def export_hf(
 
         torch_dtype = HF_DTYPES[dtype]
         try:
-            model = MPTForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+            if source.adapter is not None:  # merged in fp32, then cast
+                from mptkit.model.lora import merge_lora
+
+                model = merge_lora(source.load_model(dtype=torch.float32)).to(torch_dtype)
+                log.info("merged the LoRA adapter %s into %s", source.adapter, folder)
+            else:
+                model = MPTForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         except ConfigError as e:
             raise ExportError(f"cannot export {folder}: {e}") from None
         except Exception as e:
-            from mptkit.errors import MPTKitError
-
             if isinstance(e, MPTKitError):
                 raise ExportError(f"cannot export {folder}: {e}") from None
             raise
@@ -125,6 +154,27 @@ def export_hf(
         log.info("wrote %s: %s", out, ", ".join(files))
         return HFExportResult(folder=out, source=folder, dtype=dtype, layout=layout, files=files,
                               tokenizer_from=tok_folder, incompatibilities=incompat)
+
+
+def _export_adapter(src: Path, source, out: Path) -> HFExportResult:
+    """The adapter folder alone (peft's adapter_config.json + adapter_model.safetensors, mptkit's base record) with
+    the tokenizer, written atomically."""
+    import shutil
+
+    from mptkit.io.adapter import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS
+    from mptkit.io.tokenizer_files import save_tokenizer
+
+    with write_errors(out, ExportError), atomic_dir(out) as tmp:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_META):
+            if (source.adapter / name).is_file():
+                shutil.copy2(source.adapter / name, tmp / name)
+        if source.tokenizer_folder is not None:
+            save_tokenizer(source.tokenizer_folder, tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        publish_permissions(tmp)
+    log.info("wrote the adapter %s -> %s: %s", source.adapter, out, ", ".join(files))
+    return HFExportResult(folder=out, source=source.adapter, dtype="fp32", layout="peft", files=files,
+                          tokenizer_from=source.tokenizer_folder)
 
 
 __all__ = ["HF_DTYPES", "LAYOUTS", "HFExportResult", "export_hf", "is_model_folder"]

@@ -13,12 +13,20 @@ from mptkit.io.hf_folder import TensorStore
 from mptkit.io.source import ModelSource, expected_shapes, open_model_source
 
 
-def open_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ModelSource:
-    """:func:`open_model_source` (use it in a ``with`` block); its errors as :class:`ExportError`."""
+def open_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
+                adapter_ok: bool = False) -> ModelSource:
+    """:func:`open_model_source` (use it in a ``with`` block); its errors as :class:`ExportError`. A LoRA source (an
+    adapter, a LoRA run) is refused unless ``adapter_ok`` (only ``export hf --merge / --adapter-only`` reads one):
+    exporting its base alone would silently drop the adapter."""
     try:
-        return open_model_source(src, tokenizer=tokenizer)
+        source = open_model_source(src, tokenizer=tokenizer)
     except (CheckpointError, DataError) as e:
         raise ExportError(str(e)) from None
+    if source.adapter is not None and not adapter_ok:
+        source.close()
+        raise ExportError(f"{src} is a LoRA adapter ({source.adapter}) on {source.folder}: fold it in first with "
+                          f"`mptkit export hf {src} OUT --merge`, then export OUT")
+    return source
 
 
 def load_config(folder: Path, *, allow_quantized: bool = False):

@@ -77,7 +77,9 @@ def verify_checkpoint(ckpt: str | os.PathLike, *, checksums: bool = True) -> str
             return f"{rel} has {p.stat().st_size} bytes, manifest says {info.get('bytes')} (truncated?)"
         if checksums and sha256_file(p) != info.get("sha256"):
             return f"{rel} checksum mismatch (corrupted)"
-    if STATE_FILE not in m["files"] or f"{MODEL_DIR}/config.json" not in m["files"]:
+    # model/: a model folder, or a LoRA run's adapter (peft's adapter_config.json, mptkit.io.adapter)
+    has_model = f"{MODEL_DIR}/config.json" in m["files"] or f"{MODEL_DIR}/adapter_config.json" in m["files"]
+    if STATE_FILE not in m["files"] or not has_model:
         return "manifest lacks trainer_state.pt or model/config.json"
     return None
 

@@ -87,6 +87,11 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
+    from mptkit.model.lora import has_lora
+
+    if has_lora(model):  # its state dict holds base_layer / lora_A / lora_B names no reader of model folders knows
+        raise CheckpointError("this model carries LoRA adapters: save the adapter (mptkit.io.adapter.save_adapter) "
+                              "or fold it in first (mptkit.model.lora.merge_lora) to write a model folder")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = _state_for_saving(model)

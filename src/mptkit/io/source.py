@@ -8,7 +8,11 @@ A *model source* is one of
 * a **checkpoint folder** (``ep{E}-ba{B}/`` with a manifest): its ``model/`` folder;
 * a **sharded checkpoint** (FSDP, ``state_dict_type: sharded``), or a run whose newest valid checkpoint is
   one: consolidated into a temporary HF folder in this process (:mod:`mptkit.io.dcp`), removed when the
-  source is closed.
+  source is closed;
+* a **LoRA adapter** (an adapter folder, or a LoRA run / checkpoint, whose ``model/`` is one): the base model
+  folder it names (``mptkit_adapter.json``) with the adapter on top (``adapter``), or any model source with
+  ``adapter=`` an adapter folder / LoRA run. ``load_model`` applies it unmerged (``mptkit.io.adapter``; its
+  base fingerprint checked).
 
 Its tokenizer is looked for beside the weights, then in the run (:func:`find_tokenizer_folder`). generate,
 chat, serve, eval and the exporters all open their model this way, so each accepts the same paths.
@@ -53,6 +57,7 @@ class ModelSource:
     kind: str
     checkpoint: Path | None = None
     tokenizer_folder: Path | None = None
+    adapter: Path | None = None  # a LoRA adapter folder applied on top of ``folder`` by load_model
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def load_config(self):
@@ -62,10 +67,20 @@ class ModelSource:
         return MPTConfig.from_json_file(self.folder / "config.json")
 
     def load_model(self, **kw: Any):
-        """``MPTForCausalLM.from_pretrained(self.folder, **kw)`` (dtype, device, attn_impl, config overrides)."""
+        """``MPTForCausalLM.from_pretrained(self.folder, **kw)`` (dtype, device, attn_impl, config overrides),
+        with the source's LoRA adapter applied (unmerged) when it has one."""
         from mptkit.model.model import MPTForCausalLM
 
-        return MPTForCausalLM.from_pretrained(self.folder, **kw)
+        if self.adapter is not None and kw.get("quant"):
+            raise CheckpointError(f"{self.adapter}: a LoRA adapter on a quantised base is not supported; merge it "
+                                  "first (mptkit export hf RUN OUT --merge), then quantise the merged folder")
+        model = MPTForCausalLM.from_pretrained(self.folder, **kw)
+        if self.adapter is not None:
+            from mptkit.io.adapter import load_adapter
+
+            load_adapter(model, self.adapter)
+            log.info("applied the LoRA adapter %s (unmerged) to %s", self.adapter, self.folder)
+        return model
 
     def load_tokenizer(self):
         """The tokenizer found for this source, or None when there is none."""
@@ -85,7 +100,8 @@ class ModelSource:
 
 
 def open_model_source(
-    path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, consolidate: bool = True
+    path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, consolidate: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> ModelSource:
     """Open ``path`` (a model folder, a training run / save folder, a checkpoint, a sharded checkpoint) as a
     :class:`ModelSource`; use it in a ``with`` block (or call ``close()``) so that a consolidated sharded
@@ -94,8 +110,24 @@ def open_model_source(
     ``tokenizer``: a folder with tokenizer files to use instead of the one found beside the weights or in
     the run (one without tokenizer files is a :class:`~mptkit.errors.DataError`). ``consolidate=False``
     refuses a sharded checkpoint instead of writing a temporary HF folder from it. Anything else that is no
-    usable model is a :class:`CheckpointError` saying what was found and what was expected."""
+    usable model is a :class:`CheckpointError` saying what was found and what was expected. ``adapter``: a LoRA
+    adapter folder (or a LoRA run / checkpoint) to apply on top of ``path``'s model."""
+    if adapter is not None:
+        ad = resolve_adapter(adapter)
+        src = open_model_source(path, tokenizer=tokenizer, consolidate=consolidate)
+        if src.adapter is not None:
+            src.close()
+            raise CheckpointError(f"{path} already is a LoRA adapter ({src.adapter}); give its base model as MODEL "
+                                  "and the adapter as --adapter")
+        src.adapter = ad
+        if tokenizer is None and src.tokenizer_folder is None:
+            src.tokenizer_folder = find_tokenizer_folder(ad, ad, None)
+        return src
     p = Path(path)
+    from mptkit.io.adapter import is_adapter_folder
+
+    if is_adapter_folder(p):
+        return _adapter_source(p, p, None, tokenizer)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder (expected {EXPECTED})")
     if not p.is_dir():
@@ -119,6 +151,10 @@ def open_model_source(
         log.info("%s: using the newest valid checkpoint, %s", p, ck)
     if not is_sharded(ck):
         folder = ck / MODEL_DIR
+        from mptkit.io.adapter import is_adapter_folder
+
+        if is_adapter_folder(folder):  # a LoRA run: its base model with the adapter on top
+            return _adapter_source(p, folder, ck, tokenizer)
         return ModelSource(
             path=p,
             folder=folder,
@@ -148,6 +184,37 @@ def open_model_source(
     return ModelSource(
         path=p, folder=folder, kind="sharded", checkpoint=ck, tokenizer_folder=tok_folder, _tmp=tmp
     )
+
+
+def resolve_adapter(path: str | os.PathLike) -> Path:
+    """The adapter folder ``path`` names: an adapter folder itself, or a LoRA run / checkpoint (its newest valid
+    checkpoint's ``model/``)."""
+    from mptkit.io.adapter import ADAPTER_CONFIG, is_adapter_folder
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"--adapter {p}: no such folder (expected a LoRA adapter folder with {ADAPTER_CONFIG}, "
+                              "or a LoRA training run)")
+    if is_adapter_folder(p):
+        return p
+    ck = p if (p / MANIFEST).exists() else find_latest_checkpoint(p)
+    if ck is not None and is_adapter_folder(ck / MODEL_DIR):
+        return ck / MODEL_DIR
+    raise CheckpointError(f"--adapter {p}: not a LoRA adapter (no {ADAPTER_CONFIG} with adapter_model.safetensors "
+                          "in it, nor in the newest checkpoint of a run there)")
+
+
+def _adapter_source(p: Path, adapter: Path, ck: Path | None, tokenizer) -> ModelSource:
+    from mptkit.io.adapter import base_folder_of
+
+    base = base_folder_of(adapter)
+    if base is None or not is_model_folder(base):
+        what = f"names {base}, which is not a model folder there" if base is not None else "names no base model"
+        raise CheckpointError(f"{p}: a LoRA adapter whose record {what}; give the base model and the adapter: "
+                              f"mptkit generate BASE --adapter {p} (export: merge it onto BASE with mptkit.io.adapter)")
+    return ModelSource(path=p, folder=base, kind="checkpoint" if ck is not None else "model", checkpoint=ck,
+                       tokenizer_folder=find_tokenizer_folder(adapter, p, tokenizer) or find_tokenizer_folder(
+                           base, base, None), adapter=adapter)
 
 
 def _has_checkpoints(p: Path) -> bool:

@@ -77,7 +77,14 @@ def save_checkpoint(
     final = save_folder / checkpoint_name(epoch, step)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / MODEL_DIR, tokenizer=tokenizer)
+        from mptkit.model.lora import has_lora
+
+        if has_lora(model):  # a LoRA run: only the adapter (peft's files) and the base's reference
+            from mptkit.io.adapter import save_adapter
+
+            save_adapter(model, tmp / MODEL_DIR, tokenizer=tokenizer)
+        else:
+            model.save_pretrained(tmp / MODEL_DIR, tokenizer=tokenizer)
         torch.save(trainer_state, tmp / STATE_FILE)
         if during_write is not None:
             during_write()

@@ -396,6 +396,13 @@ class RunConfig:
                                   f"{self.model['fast_paths']!r}")
             FastPathOptions.from_dict(self.model["fast_paths"])
         self._validate_icl()
+        if isinstance(self.model, dict) and self.model.get("peft_config") is not None:  # checked before any work
+            from mptkit.model.lora import LoraSettings
+
+            LoraSettings.from_dict(self.model["peft_config"])
+            if self.fsdp_config is not None:
+                raise ConfigError("model.peft_config with fsdp_config: LoRA runs train with one process or DDP "
+                                  "(torchrun without fsdp_config); the frozen base is not sharded yet")
         # the typed sections (train/sections.py): keys, values, defaults
         self.optimizer = OptimizerConfig.from_dict(self.optimizer)
         self.scheduler = SchedulerConfig.from_dict(self.scheduler)

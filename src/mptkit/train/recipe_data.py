@@ -395,7 +395,7 @@ def build_data(cfg: RunConfig, dist: DistInfo, *, tokenizer: Any = None):
 # ----------------------------------------------------------------------------------- the model
 
 _MODEL_META_KEYS = {"name", "pretrained_model_name_or_path", "pretrained", "recipe", "init_device", "loss_fn",
-                    "config_overrides", "fast_paths"}
+                    "config_overrides", "fast_paths", "peft_config"}
 
 
 def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = None):
@@ -462,8 +462,30 @@ def build_model(cfg: RunConfig, device: torch.device, *, seq_len: int | None = N
         model.train()
         log.info("starting from the weights in %s%s", pretrained,
                  f" (overriding {', '.join(sorted(overrides))})" if overrides else "")
-        return model
+        return _with_lora(model, spec, pretrained)
     model = MPTForCausalLM(mcfg, init=False, device="meta", fast_paths=fast)
     model.materialize(device)
     model.train()
+    return _with_lora(model, spec, None)
+
+
+def _with_lora(model, spec, base_folder: Path | None):
+    """``model.peft_config``: wrap the recipe's target Linears in LoRA adapters (model/lora.py), the base frozen;
+    the base's folder and fingerprint go with every checkpoint of the adapter."""
+    if not isinstance(spec, dict) or spec.get("peft_config") is None:
+        return model
+    from mptkit.model.lora import LoraSettings, apply_lora, base_fingerprint, param_counts
+
+    settings = LoraSettings.from_dict(spec["peft_config"])
+    if model.is_meta:
+        raise ConfigError("model.peft_config: LoRA trains an adapter on a pretrained model; name its folder in "
+                          "model.pretrained_model_name_or_path (a model built on the meta device has no weights)")
+    fp = base_fingerprint(model)  # before base_dtype casts the base
+    wrapped = apply_lora(model, settings)
+    model._lora_base = {"base_folder": str(base_folder.resolve()) if base_folder is not None else None,
+                        "base_fingerprint": fp}
+    n, total = param_counts(model)
+    log.info("LoRA (r=%d, alpha=%g%s): %d Linears wrapped (%s); %s trainable of %s parameters (%.2f%%)",
+             settings.r, settings.lora_alpha, ", rsLoRA" if settings.use_rslora else "", len(wrapped),
+             ", ".join(sorted({w.rsplit(".", 1)[-1] for w in wrapped})), f"{n:,}", f"{total:,}", 100 * n / total)
     return model

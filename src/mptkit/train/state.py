@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptkit.errors import CheckpointError, TrainError
+from mptkit.errors import CheckpointError, ConfigError, TrainError
 from mptkit.train import checkpoint as ckpt_mod
 from mptkit.train.data import fingerprint_changes
 from mptkit.train.distributed import DistInfo
@@ -300,6 +300,9 @@ def load_weights_and_optimizer(
             ) from None
     elif sharded:
         _load_full_into_shards(ck, st, model, optimizer)
+    elif _load_adapter_checkpoint(ck, model):
+        _load_optimizer(ck, st, optimizer)
+        return
     else:
         from safetensors.torch import load_file
 
@@ -317,12 +320,44 @@ def load_weights_and_optimizer(
                 f"{ck}: weights do not match the recipe's model ({str(e).splitlines()[0]}); "
                 "the recipe's model changed since the checkpoint was written"
             ) from None
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(
-                f"{ck}: optimizer state does not match ({e}); did optimizer.name change?"
-            ) from None
+        _load_optimizer(ck, st, optimizer)
+
+
+def _load_optimizer(ck: Path, st: dict, optimizer: torch.optim.Optimizer) -> None:
+    try:
+        optimizer.load_state_dict(st["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{ck}: optimizer state does not match ({e}); did optimizer.name change?"
+        ) from None
+
+
+def _load_adapter_checkpoint(ck: Path, model: nn.Module) -> bool:
+    """A LoRA run's checkpoint (its ``model/`` an adapter folder) into the recipe's LoRA model: the base must be
+    the one the adapter was trained on (fingerprint), the adapter's layers the recipe's. False: not one."""
+    from mptkit.io.adapter import check_base, is_adapter_folder, read_adapter_tensors
+    from mptkit.model.lora import has_lora, load_adapter_state_dict
+
+    folder = ck / ckpt_mod.MODEL_DIR
+    lora_model = has_lora(model)
+    if not is_adapter_folder(folder):
+        if lora_model:
+            raise CheckpointError(f"{ck}: a checkpoint of full weights, but the recipe trains a LoRA adapter "
+                                  "(model.peft_config): resume it without peft_config, or use another save_folder")
+        return False
+    if not lora_model:
+        raise CheckpointError(f"{ck}: the checkpoint holds a LoRA adapter, but the recipe has no model.peft_config: "
+                              "put the run's peft_config back, or use another save_folder")
+    try:
+        check_base(folder, model, fingerprint=(getattr(model, "_lora_base", None) or {}).get("base_fingerprint"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the recipe's model.pretrained_model_name_or_path changed since the checkpoint "
+                              "was written (resume with that base, or use another save_folder)") from None
+    try:
+        load_adapter_state_dict(model, read_adapter_tensors(folder), where=str(folder))
+    except ConfigError as e:
+        raise CheckpointError(f"{e}; the recipe's model.peft_config changed since the checkpoint was written") from None
+    return True
 
 
 def _load_full_into_shards(ck: Path, st: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

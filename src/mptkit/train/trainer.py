@@ -1186,7 +1186,14 @@ class Trainer:
         out = Path(out)
         model = self.model if model is None else model
         with write_errors(out, TrainError, _EXPORT), atomic_dir(out) as tmp:  # a full disk: one line naming it
-            model.save_pretrained(tmp, tokenizer=self.tokenizer)
+            from mptkit.model.lora import has_lora
+
+            if has_lora(model):  # a LoRA run exports its adapter (peft's files); `mptkit export hf --merge` folds it in
+                from mptkit.io.adapter import save_adapter
+
+                save_adapter(model, tmp, tokenizer=self.tokenizer)
+            else:
+                model.save_pretrained(tmp, tokenizer=self.tokenizer)
         log.info("exported the model to %s", out)
         return out
 

@@ -157,6 +157,7 @@ def build_server(
     parse_special_tokens: bool = False,
     quant: str | None = None,
     attn_impl: str | None = None,
+    adapter: str | None = None,
 ) -> Server:
     """Load a model (a model folder, a training run or a checkpoint; ``quant="int8"`` quantises it while
     loading; ``attn_impl`` replaces the config's attention backend) and return a started :class:`Server` (call
@@ -167,7 +168,7 @@ def build_server(
     from mptkit.io.source import open_model_source
 
     limits = limits or ServerLimits()
-    with open_model_source(model_path) as source:
+    with open_model_source(model_path, adapter=adapter) as source:  # adapter: LoRA, applied unmerged
         model = source.load_model(dtype=dtype or torch.float32, device=device, quant=quant, attn_impl=attn_impl)
         tok = source.load_tokenizer()
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
