@@ -13,7 +13,7 @@ from torch import nn
 
 from mptkit.infer import DecodeOptions, Generator, SamplingParams
 from mptkit.infer.kernels import FLAGS
-from mptkit.infer.quant_kernels import q8_kernels, q8_linear_fn, torch_q8_linear
+from mptkit.infer.quant_kernels import int_dot_reference, q8_kernels, q8_linear_fn, torch_q8_linear
 from mptkit.model import MPTForCausalLM
 from mptkit.model.fastpath import block_coverage, model_coverage
 from mptkit.model.quant import (
@@ -60,6 +60,44 @@ def test_kernel_equals_dequantise_then_matmul(flags, block):
     full = k.linear(x, q, s)
     for m in (1, 3, 7):
         assert torch.equal(k.linear(x[:m], q, s), full[:m])
+
+
+@pytest.mark.parametrize("block", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("flags", [FLAGS, PLAIN_C], ids=["native", "plain-c"])
+def test_integer_path_equals_rounded_activations_times_the_dequantised_weight(flags, block):
+    """DecodeOptions(quant_int_dot=True): llama.cpp's arithmetic (activations rounded to q8_0 blocks, integer
+    block dot products) — equal to that rounding done in torch then an fp64 matmul, to fp32 summation order;
+    within ~1% of the exact path on these random matrices."""
+    k = _kernel(flags)
+    g = torch.Generator().manual_seed(1)
+    for n, kk in ((1, 32), (67, 96), (130, 512)):
+        w = torch.randn(n, kk, generator=g) * 0.2
+        w[0, :32] = 0
+        q, s = quantize_weight(w, block)
+        deq = dequantize_weight(q, s, block)
+        b = torch.randn(n, generator=g)
+        for m in (1, 2, 5, 16):
+            x = torch.randn(m, kk, generator=g)
+            x[0, :32] = 0  # an all-zero activation block
+            for bias in (None, b):
+                got = k.int_linear(x, q, s, bias)
+                torch.testing.assert_close(got, int_dot_reference(x, deq, bias), rtol=1e-5, atol=1e-5 * kk**0.5)
+            exact = x @ deq.t()
+            assert (k.int_linear(x, q, s) - exact).abs().max() <= 0.03 * exact.abs().max()
+    lin = QuantLinear.from_linear(nn.Linear(64, 40), block)
+    fn = q8_linear_fn(lin, k.integer_variant(), 16)
+    x = torch.randn(3, 64, generator=g)
+    torch.testing.assert_close(fn(x), int_dot_reference(x, lin.dequantize(), lin.bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fn(x), fn(x))  # the second call takes the unchecked fast path
+
+
+def test_decoder_with_integer_dot_products(tmp_path):
+    m = _int8_model("q4")
+    gen = Generator(m, None, decode_options=DecodeOptions(quant_int_dot=True))
+    assert gen.fast.q8 is not None and gen.fast.q8.int_dot
+    assert Generator(m, None).fast.q8.int_dot is False  # the exact path by default
+    out = gen.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    assert len(out) == 8
 
 
 def test_kernel_refuses_what_it_cannot_read():

@@ -197,6 +197,8 @@ class FastDecoder:
                 from mptkit.infer.quant_kernels import q8_kernels
 
                 q8 = q8_kernels()  # None (logged why): the QuantLinears' exact torch fallback
+                if q8 is not None and options.quant_int_dot:
+                    q8 = q8.integer_variant()  # activations rounded to q8_0 blocks, integer dot products
             else:
                 log.info("quantised linears: no compiled q8/q4 kernel (%s); each runs its exact torch dequantise-then-"
                          "matmul", "switched off" if not use_kernels else f"weights on {self.wte.device}")

@@ -16,6 +16,7 @@ few output rows at a time and multiplies in torch (the module's own forward: exa
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import struct
@@ -52,6 +53,11 @@ class Q8Kernels:
             f.argtypes = [P] * 5 + [L] * 3 + [ctypes.c_int]
             self._fns[block] = f
         self._fn = self._fns["q8_0"]
+        self._qi = lib.mptkit_qi_linear
+        self._qi.restype = ctypes.c_int
+        self._qi.argtypes = [ctypes.c_int] + [P] * 7 + [L] * 3 + [ctypes.c_int]
+        self.int_vectorised = bool(lib.mptkit_qi_vectorised())
+        self.int_dot = False  # this object's linears: the exact fp32 path (integer_variant(): the integer one)
         self.vector_width = int(lib.mptkit_q8_vector_width())
         self._h2f = lib.mptkit_q8_half_to_float
         self._h2f.restype = ctypes.c_float
@@ -126,6 +132,38 @@ class Q8Kernels:
             raise RuntimeError(f"{block} linear failed (rc={rc}) for x {tuple(x.shape)}, q {tuple(q.shape)}")
         return y
 
+    def integer_variant(self) -> Q8Kernels:
+        """The same library with ``int_dot`` on: :func:`q8_linear_fn` then gives the integer path."""
+        other = copy.copy(self)
+        other.int_dot = True
+        return other
+
+    def int_linear(
+        self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """llama.cpp's arithmetic: ``x``'s rows rounded to q8_0 blocks (fp32 scale per 32 values, int8 values),
+        each block's dot product with the weight's block in integers, scaled by both scales and summed in fp32.
+        The same checks as :meth:`linear`."""
+        self.linear(x[:0], q, scales, b)  # the checks (no work for 0 rows)
+        return self._int_run(_QDTYPE_BLOCK[q.dtype], x.contiguous(), q, scales, b)
+
+    def _int_run(self, block, x, q, scales, b, nthreads=None):
+        m, k = x.shape
+        n = scales.shape[0]
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m == 0:
+            return y
+        xq = torch.empty((m, k), dtype=torch.int8)
+        xd = torch.empty((m, k // BLOCK_SIZE), dtype=torch.float32)
+        rc = self._qi(
+            0 if block == "q8_0" else 1, x.data_ptr(), q.data_ptr(), scales.data_ptr(),
+            0 if b is None else b.data_ptr(), y.data_ptr(), xq.data_ptr(), xd.data_ptr(), m, n, k,
+            torch.get_num_threads() if nthreads is None else nthreads,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"{block} integer linear failed (rc={rc}) for x {tuple(x.shape)}")
+        return y
+
     def half_to_float(self, bits: int) -> float:
         return float(self._h2f(bits))
 
@@ -139,7 +177,8 @@ def q8_linear_fn(
     m: QuantLinear, kernels: Q8Kernels | None, small_rows: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``m(x)`` for 2-D ``x``: the compiled kernel for up to ``small_rows`` rows when it can read ``m``'s
-    tensors, else the torch fallback.
+    tensors (``kernels.int_dot``: the integer path, activations rounded to q8_0 blocks), else the torch
+    fallback.
 
     The decode step calls this once per linear per token, so the checks are kept short: the module's tensors
     are read from its buffer/parameter tables on every call (``model.float()`` or ``.to()`` replace them) and
@@ -152,6 +191,7 @@ def q8_linear_fn(
     fn, lin = kernels._fns[m.block], kernels.linear
     n, k = m.out_features, m.in_features
     seen = [None]  # the (q, scales, bias) data pointers last checked
+    int_dot = kernels.int_dot
     f32, empty, nthreads = torch.float32, torch.empty, torch.get_num_threads
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -163,17 +203,37 @@ def q8_linear_fn(
         if ptrs != seen[0] or x.dtype is not f32 or x.dim() != 2 or x.shape[1] != k or not x.is_cpu:
             if not kernels.supports(m):  # cast or moved since: the exact fallback
                 return fallback(x)
-            y = lin(x, q, sc, b)  # the full checks
+            y = kernels.int_linear(x, q, sc, b) if int_dot else lin(x, q, sc, b)  # the full checks
             seen[0] = ptrs
             return y
         if not x.is_contiguous():
             x = x.contiguous()
+        if int_dot:
+            return kernels._int_run(m.block, x, q, sc, b, nthreads())
         y = empty((rows, n), dtype=f32)
         if rows and fn(x.data_ptr(), ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), rows, n, k, nthreads()) != 0:
             raise RuntimeError(f"{m.block} linear failed for x {tuple(x.shape)}, q ({n}, {k})")
         return y
 
     return run
+
+
+def round_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s rows as the integer path sees them: per block of 32, ``d = max|x| / 127`` (fp32), values
+    ``roundf(x * (1/d))`` (ties away from zero), times ``d``."""
+    b = x.to(torch.float32).reshape(x.shape[0], -1, BLOCK_SIZE)
+    d = b.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    v = b * inv
+    r = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (r * d).reshape(x.shape)
+
+
+def int_dot_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """What the integer path computes, up to fp32 summation order: the rounded activations times the
+    dequantised weight (``w``)."""
+    y = (round_activations_q8(x).double() @ w.double().t()).float()
+    return y if b is None else y + b
 
 
 def _self_test(k: Q8Kernels) -> None:
@@ -196,6 +256,12 @@ def _self_test(k: Q8Kernels) -> None:
                     raise RuntimeError(
                         f"{block} self-test failed for M={m} N={n} K={kk}: max abs error {err:.3g}"
                     )
+    for block in ("q8_0", "q4_0"):  # the integer path against its own arithmetic, done in torch
+        w, x = torch.randn(70, 96, generator=g), torch.randn(3, 96, generator=g)
+        q, s = quantize_weight(w, block)
+        ref = int_dot_reference(x, dequantize_weight(q, s, block))
+        if not torch.allclose(k.int_linear(x, q, s), ref, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"{block} integer-path self-test failed")
     for bits in (0x0000, 0x0001, 0x03FF, 0x3C00, 0xC000, 0x7BFF, 0x1234):
         want = struct.unpack("<e", struct.pack("<H", bits))[0]
         if k.half_to_float(bits) != want:
