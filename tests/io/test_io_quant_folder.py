@@ -204,3 +204,24 @@ def test_unmapped_reader_equals_safetensors_and_refuses_a_truncated_file(tmp_pat
     f.write_bytes(b"\xff" * 16)
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):
         list(read_safetensors_unmapped(f))
+
+
+def test_random_quantized_model_is_built_quantised_and_saves_as_a_folder(tmp_path):
+    """bench/bench_quant_7b.py's builder: a random-init model streamed through the quantising loader (no fp32
+    model ever built) — the same as quantising that model, saved and loaded back exactly."""
+    from mptkit.io.quant_folder import random_quantized_model
+    from mptkit.model.config import MPTConfig
+
+    cfg = MPTConfig.from_dict(tiny_cfg(no_bias=False))
+    m = random_quantized_model(cfg, "q4", seed=3)
+    blk = m.transformer.blocks[0]
+    assert type(blk.attn.Wqkv) is QuantLinear and blk.attn.Wqkv.block == "q4_0"
+    assert float(blk.norm_1.weight.min()) == 1.0 and float(blk.attn.Wqkv.bias.abs().max()) == 0.0
+    assert 0.015 < float(m.transformer.wte.weight.std()) < 0.025
+    assert m.config.extra["quantization"]["type"] == "q4"
+    m.save_pretrained(tmp_path / "r")
+    back = MPTForCausalLM.from_pretrained(tmp_path / "r")
+    assert _equal_state(m, back)
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, m(X).logits)
+    assert _equal_state(random_quantized_model(cfg, "q4", seed=3), m)  # seeded
