@@ -152,10 +152,13 @@ def dequantize_q4_0(
     q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``scales`` broadcast over their blocks times (value - 8), in fp32 (exact), then cast to ``dtype``."""
-    v = unpack_q4_0(q)
-    n, k = v.shape
-    w = v.to(torch.float32).reshape(n, -1, BLOCK_SIZE) * scales.to(torch.float32).unsqueeze(-1)
-    return w.reshape(n, k).to(dtype)
+    n = q.shape[0]
+    b = q.reshape(n, -1, BLOCK_SIZE // 2)
+    w = torch.empty((n, b.shape[1], BLOCK_SIZE), dtype=torch.float32, device=q.device)
+    w[..., : BLOCK_SIZE // 2] = b & 0x0F  # written straight into the fp32 buffer: no int8 intermediate
+    w[..., BLOCK_SIZE // 2 :] = b >> 4
+    w.sub_(8).mul_(scales.to(torch.float32).unsqueeze(-1))
+    return w.reshape(n, -1).to(dtype)
 
 
 _QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
