@@ -70,13 +70,13 @@ def check_quant_type(name: str) -> str:
 # ----------------------------------------------------------------------------- the block maths
 
 
-def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (N, K) floating, K a multiple of 32 -> (``q`` (N, K) int8, ``scales`` (N, K/32) fp16), on CPU.
 
     ggml's ``quantize_row_q8_0_ref``: per block of 32, ``d = amax / 127`` in fp32, ``id = 1/d`` (0 when d is 0),
     ``q = roundf(x * id)`` with ties away from zero (computed exactly in fp32: round half to even, then the
     exact ties moved away from zero), ``scale = fp16(d)`` (round to nearest even). Rows are done
-    ``rows_per_chunk`` at a time, so the work buffers stay small for a 7B matrix."""
+    ``rows_per_chunk`` at a time, so the work buffers stay small for a 7B matrix (32 MB at K = 16384)."""
     if w.dim() != 2 or w.shape[1] % BLOCK_SIZE:
         raise ConfigError(
             f"q8_0 needs a 2-D weight with in_features a multiple of {BLOCK_SIZE}, got {tuple(w.shape)}"
@@ -115,7 +115,7 @@ def _check_2d(w: torch.Tensor, block: str) -> None:
         )
 
 
-def quantize_q4_0(w: torch.Tensor, *, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_q4_0(w: torch.Tensor, *, rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (N, K) floating, K a multiple of 32 -> (``q`` (N, K/2) uint8 packed nibbles, ``scales`` (N, K/32)
     fp16), on CPU.
 
