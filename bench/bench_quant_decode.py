@@ -1,10 +1,11 @@
-"""Batch-1 decode with int8 weights, side by side in one process: mptkit fp32, mptkit int8 (q8_0 blocks,
-``from_pretrained(..., quant="int8")``) and llama.cpp q8_0 on the same weights (mptkit's f32 GGUF export,
-quantised by llama.cpp's own ``llama_model_quantize``), when ``llama_cpp`` is importable.
+"""Batch-1 decode with quantised weights, side by side in one process: mptkit fp32, mptkit int8 (q8_0 blocks,
+``from_pretrained(..., quant="int8")``), mptkit q4 (q4_0 blocks) and llama.cpp q8_0 / q4_0 on the same weights,
+when ``llama_cpp`` is importable.
 
-Two llama.cpp files: ``q8_0`` (llama.cpp's default for that type: the token embedding, which MPT ties to the
-LM head, quantised too) and ``q8_0+f32-embd`` (the token embedding kept f32, mptkit's policy: the same bytes
-per token as mptkit int8). llama.cpp also quantises the activations to q8_0 blocks for its integer dot
+llama.cpp files per type: ``q8_0`` / ``q4_0`` (mptkit's f32 GGUF export quantised by llama.cpp's own
+``llama_model_quantize``, llama.cpp's default for that type: the token embedding, which MPT ties to the LM head,
+quantised too) and ``q8_0 mptkit-file`` / ``q4_0 mptkit-file`` (``mptkit export gguf --dtype q8_0|q4_0``: the very
+blocks mptkit runs, the token embedding kept f32 — mptkit's policy: the same bytes per token as mptkit). llama.cpp also quantises the activations to q8_0 blocks for its integer dot
 products; mptkit's kernel computes in fp32 on the dequantised weights, so their logits differ a little.
 
 d_model 512, 8 layers, 8 heads, 128-token prompt, 256 new tokens, greedy, the same prompt ids and thread count
@@ -38,11 +39,11 @@ def tensor_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in ts.values())
 
 
-def llama_quantize(src: Path, out: Path, *, embd_f32: bool, threads: int) -> Path:
+def llama_quantize(src: Path, out: Path, *, embd_f32: bool, threads: int, ftype: str = "q8_0") -> Path:
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    p.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[ftype]
     p.nthread = threads
     if embd_f32:
         p.token_embedding_type = llama_cpp.GGML_TYPE_F32
@@ -82,14 +83,21 @@ def main() -> None:
     tokenizer_folder(folder)
     model.save_pretrained(folder)
     q8 = MPTForCausalLM.from_pretrained(folder, quant="int8")
-    sizes = {"mptkit fp32": tensor_bytes(model), "mptkit int8": tensor_bytes(q8)}
+    q4 = MPTForCausalLM.from_pretrained(folder, quant="q4")
+    sizes = {"mptkit fp32": tensor_bytes(model), "mptkit int8": tensor_bytes(q8), "mptkit q4": tensor_bytes(q4)}
     print(
         f"threads={threads} params={model.num_params() / 1e6:.1f}M prompt={args.prompt} new={args.new} "
         f"load_avg_1m={os.getloadavg()[0]:.2f}"
     )
     print("weight bytes per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
 
-    engines = {"mptkit fp32": Generator(model, None), "mptkit int8": Generator(q8, None)}
+    from mptkit.infer import DecodeOptions
+
+    int_dot = DecodeOptions(quant_int_dot=True)  # llama.cpp's arithmetic: activations rounded to q8_0 blocks
+    engines = {"mptkit fp32": Generator(model, None), "mptkit int8": Generator(q8, None),
+               "mptkit q4": Generator(q4, None), "mptkit int8 int-dot": Generator(q8, None, decode_options=int_dot),
+               "mptkit q4 int-dot": Generator(q4, None, decode_options=int_dot)}
+    sizes["mptkit int8 int-dot"], sizes["mptkit q4 int-dot"] = sizes["mptkit int8"], sizes["mptkit q4"]
     print(
         f"mptkit int8 decode: q8 kernel {'on' if engines['mptkit int8'].fast.q8 is not None else 'OFF (torch)'}"
         + (
@@ -107,10 +115,13 @@ def main() -> None:
             from mptkit.export.gguf import export_gguf
 
             f32 = export_gguf(folder, Path(td.name) / "m-f32.gguf", dtype="f32").path
-            for name, embd in (("llama.cpp q8_0", False), ("llama.cpp q8_0+f32-embd", True)):
-                path = llama_quantize(
-                    f32, Path(td.name) / f"{name.split()[-1]}.gguf", embd_f32=embd, threads=threads
-                )
+            for name, ft, own in (("llama.cpp q8_0", "q8_0", False), ("llama.cpp q8_0 mptkit-file", "q8_0", True),
+                                  ("llama.cpp q4_0", "q4_0", False), ("llama.cpp q4_0 mptkit-file", "q4_0", True)):
+                path = Path(td.name) / f"{name.replace(' ', '_')}.gguf"
+                if own:
+                    export_gguf(folder, path, dtype=ft)
+                else:
+                    llama_quantize(f32, path, embd_f32=False, threads=threads, ftype=ft)
                 llm = llama_cpp.Llama(
                     str(path),
                     n_ctx=args.prompt + args.new + 8,
@@ -143,7 +154,7 @@ def main() -> None:
     print("weight bytes per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     bw = read_bandwidth(1 << 30)
     print(f"read bandwidth (1 GiB buffer, DRAM): {bw / 1e9:.1f} GB/s")
-    ref32, ref8 = best["mptkit fp32"][2], best["mptkit int8"][2]
+    ref32 = best["mptkit fp32"][2]
     for name, (rate, ttft, ids) in best.items():
         wb = sizes[name]
         s = (
@@ -153,14 +164,17 @@ def main() -> None:
         if name != "mptkit fp32":
             s += f"  greedy vs fp32: leading {leading_match(ids, ref32)}/{len(ids)}"
         if name.startswith("llama"):
-            s += f", vs mptkit int8: leading {leading_match(ids, ref8)}, equal {sum(a == b for a, b in zip(ids, ref8))}"
+            mine = best["mptkit q4" if "q4_0" in name else "mptkit int8"][2]
+            s += f", vs mptkit {'q4' if 'q4_0' in name else 'int8'}: leading {leading_match(ids, mine)}"
         print(s)
     if not llamas:
         print(f"llama.cpp: skipped ({note or 'disabled'})")
-    r8 = best["mptkit int8"][0]
-    print(f"ratio mptkit int8 / mptkit fp32 = {r8 / best['mptkit fp32'][0]:.2f}x")
+    r8, r4 = best["mptkit int8"][0], best["mptkit q4"][0]
+    print(f"ratio mptkit int8 / mptkit fp32 = {r8 / best['mptkit fp32'][0]:.2f}x, "
+          f"mptkit q4 / mptkit fp32 = {r4 / best['mptkit fp32'][0]:.2f}x")
     for name in llamas:
-        print(f"ratio mptkit int8 / {name} = {r8 / best[name][0]:.2f}x (target >= 1.0x)")
+        for mine in (("mptkit q4", "mptkit q4 int-dot") if "q4_0" in name else ("mptkit int8", "mptkit int8 int-dot")):
+            print(f"ratio {mine} / {name} = {best[mine][0] / best[name][0]:.2f}x (target >= 1.0x)")
     td.cleanup()
 
 

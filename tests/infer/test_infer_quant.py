@@ -13,10 +13,16 @@ from torch import nn
 
 from mptkit.infer import DecodeOptions, Generator, SamplingParams
 from mptkit.infer.kernels import FLAGS
-from mptkit.infer.quant_kernels import q8_kernels, q8_linear_fn, torch_q8_linear
+from mptkit.infer.quant_kernels import int_dot_reference, q8_kernels, q8_linear_fn, torch_q8_linear
 from mptkit.model import MPTForCausalLM
 from mptkit.model.fastpath import block_coverage, model_coverage
-from mptkit.model.quant import QuantLinear, dequantize_q8_0, quantize_model, quantize_q8_0
+from mptkit.model.quant import (
+    QuantLinear,
+    dequantize_weight,
+    quantize_model,
+    quantize_q8_0,
+    quantize_weight,
+)
 from tests.helpers import tiny_cfg
 
 PLAIN_C = tuple(f for f in FLAGS if f != "-march=native")  # no AVX: the scalar path
@@ -28,8 +34,9 @@ def _kernel(flags):
     return k
 
 
+@pytest.mark.parametrize("block", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("flags", [FLAGS, PLAIN_C], ids=["native", "plain-c"])
-def test_kernel_equals_dequantise_then_matmul(flags):
+def test_kernel_equals_dequantise_then_matmul(flags, block):
     k = _kernel(flags)
     if flags is PLAIN_C:
         assert k.vector_width == 1
@@ -37,8 +44,8 @@ def test_kernel_equals_dequantise_then_matmul(flags):
     for n, kk in ((1, 32), (67, 96), (130, 64), (257, 320), (9, 1024)):
         w = torch.randn(n, kk, generator=g) * 0.2
         w[0, :32] = 0
-        q, s = quantize_q8_0(w)
-        ref_w = dequantize_q8_0(q, s)
+        q, s = quantize_weight(w, block)
+        ref_w = dequantize_weight(q, s, block)
         b = torch.randn(n, generator=g)
         for m in range(1, 17):
             x = torch.randn(m, kk, generator=g)
@@ -49,16 +56,54 @@ def test_kernel_equals_dequantise_then_matmul(flags):
     # a row's result does not depend on the other rows of the batch
     x = torch.randn(16, 320, generator=g)
     w = torch.randn(33, 320, generator=g)
-    q, s = quantize_q8_0(w)
+    q, s = quantize_weight(w, block)
     full = k.linear(x, q, s)
     for m in (1, 3, 7):
         assert torch.equal(k.linear(x[:m], q, s), full[:m])
 
 
+@pytest.mark.parametrize("block", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("flags", [FLAGS, PLAIN_C], ids=["native", "plain-c"])
+def test_integer_path_equals_rounded_activations_times_the_dequantised_weight(flags, block):
+    """DecodeOptions(quant_int_dot=True): llama.cpp's arithmetic (activations rounded to q8_0 blocks, integer
+    block dot products) — equal to that rounding done in torch then an fp64 matmul, to fp32 summation order;
+    within ~1% of the exact path on these random matrices."""
+    k = _kernel(flags)
+    g = torch.Generator().manual_seed(1)
+    for n, kk in ((1, 32), (67, 96), (130, 512)):
+        w = torch.randn(n, kk, generator=g) * 0.2
+        w[0, :32] = 0
+        q, s = quantize_weight(w, block)
+        deq = dequantize_weight(q, s, block)
+        b = torch.randn(n, generator=g)
+        for m in (1, 2, 5, 16):
+            x = torch.randn(m, kk, generator=g)
+            x[0, :32] = 0  # an all-zero activation block
+            for bias in (None, b):
+                got = k.int_linear(x, q, s, bias)
+                torch.testing.assert_close(got, int_dot_reference(x, deq, bias), rtol=1e-5, atol=1e-5 * kk**0.5)
+            exact = x @ deq.t()
+            assert (k.int_linear(x, q, s) - exact).abs().max() <= 0.03 * exact.abs().max()
+    lin = QuantLinear.from_linear(nn.Linear(64, 40), block)
+    fn = q8_linear_fn(lin, k.integer_variant(), 16)
+    x = torch.randn(3, 64, generator=g)
+    torch.testing.assert_close(fn(x), int_dot_reference(x, lin.dequantize(), lin.bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fn(x), fn(x))  # the second call takes the unchecked fast path
+
+
+def test_decoder_with_integer_dot_products(tmp_path):
+    m = _int8_model("q4")
+    gen = Generator(m, None, decode_options=DecodeOptions(quant_int_dot=True))
+    assert gen.fast.q8 is not None and gen.fast.q8.int_dot
+    assert Generator(m, None).fast.q8.int_dot is False  # the exact path by default
+    out = gen.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    assert len(out) == 8
+
+
 def test_kernel_refuses_what_it_cannot_read():
     k = _kernel(FLAGS)
     q, s = quantize_q8_0(torch.randn(8, 64))
-    with pytest.raises(ValueError, match="q8 linear"):
+    with pytest.raises(ValueError, match="quantised linear"):
         k.linear(torch.randn(1, 64), q, s.float())  # fp32 scales: not the format
     with pytest.raises(ValueError, match="does not match"):
         k.linear(torch.randn(1, 32), q, s)
@@ -89,14 +134,14 @@ def test_torch_fallback_and_dispatch(bias):
     assert q8_linear_fn(lin, None, 16) == lin.forward
 
 
-def _int8_model(**over):
+def _int8_model(quant="int8", **over):
     torch.manual_seed(0)
     m = MPTForCausalLM(tiny_cfg(**{"d_model": 64, "n_heads": 4, **over})).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
-    quantize_model(m)
+    quantize_model(m, quant)
     return m
 
 
@@ -126,7 +171,20 @@ def test_contract_quantised_blocks_take_the_per_linear_path():
 )
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 def test_fast_decoder_on_int8_equals_the_int8_models_own_forward(over, kernels):
-    m = _int8_model(**over)
+    _fast_decoder_equals_own_forward("int8", over, kernels)
+
+
+@pytest.mark.parametrize("over", [{}, {"no_bias": False}], ids=["mha", "bias"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_fast_decoder_on_q4_equals_the_q4_models_own_forward(over, kernels):
+    """The q4_0 kernel (batch 1 and the engine's small batches) and the fallback: the q4 model's own tokens."""
+    _fast_decoder_equals_own_forward("q4", over, kernels)
+
+
+def _fast_decoder_equals_own_forward(quant, over, kernels):
+    m = _int8_model(quant, **over)
+    assert type(m.transformer.blocks[0].attn.Wqkv) is QuantLinear
+    assert m.transformer.blocks[0].attn.Wqkv.block == {"int8": "q8_0", "q4": "q4_0"}[quant]
     gen = Generator(m, None, decode_options=DecodeOptions(cpu_kernels=kernels))
     assert gen.fast is not None and (gen.fast.q8 is not None) == kernels
     g = torch.Generator().manual_seed(2)

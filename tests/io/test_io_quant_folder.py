@@ -103,8 +103,8 @@ def test_a_mismatched_entry_is_one_clear_error(tmp_path, change, match):
 
 def test_unknown_quant_name_on_load(tmp_path):
     _, d = _fp32(tmp_path)
-    with pytest.raises(ConfigError, match="unknown quantisation type 'q4'"):
-        MPTForCausalLM.from_pretrained(d, quant="q4")
+    with pytest.raises(ConfigError, match="unknown quantisation type 'q3'"):
+        MPTForCausalLM.from_pretrained(d, quant="q3")
 
 
 def test_cli_export_quant_then_generate_and_bad_inputs(tmp_path, make_tokenizer, capsys):
@@ -125,10 +125,12 @@ def test_cli_export_quant_then_generate_and_bad_inputs(tmp_path, make_tokenizer,
     assert main(["generate", str(src), "--quant", "int8", *args]) == 0
     assert capsys.readouterr().out == from_folder  # the same int8 model either way
     # bad inputs: one line, exit 2, nothing written
-    assert main(["generate", str(src), "--quant", "q4", *args]) == 2
-    assert "unknown quantisation type 'q4'" in capsys.readouterr().err
-    assert main(["export", "quant", str(src), str(tmp_path / "bad"), "--quant", "q4"]) == 2
-    assert "unknown quantisation type 'q4'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["generate", str(src), "--quant", "q3", *args]) == 2
+    assert "unknown quantisation type 'q3'" in capsys.readouterr().err
+    assert main(["export", "quant", str(src), str(tmp_path / "bad"), "--quant", "q3"]) == 2
+    assert "unknown quantisation type 'q3'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["generate", str(out), "--quant", "q4", *args]) == 2  # an int8 folder is not re-quantised
+    assert "already quantised (int8)" in capsys.readouterr().err
     assert main(["export", "hf", str(out), str(tmp_path / "hf")]) == 2
     assert "quantised folder" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     text = tmp_path / "t.txt"
@@ -137,9 +139,43 @@ def test_cli_export_quant_then_generate_and_bad_inputs(tmp_path, make_tokenizer,
         main(["eval", "perplexity", str(src), "--data", str(text), "--quant", "int8", "--device", "cpu"]) == 0
     )
     assert (
-        main(["eval", "perplexity", str(src), "--data", str(text), "--quant", "q4", "--device", "cpu"]) == 2
+        main(["eval", "perplexity", str(src), "--data", str(text), "--quant", "q3", "--device", "cpu"]) == 2
     )
-    assert "unknown quantisation type 'q4'" in capsys.readouterr().err
+    assert "unknown quantisation type 'q3'" in capsys.readouterr().err
+
+
+def test_q4_folder_saved_loaded_and_through_the_cli(tmp_path, make_tokenizer, capsys):
+    """A q4_0 folder: packed uint8 nibbles + fp16 scales on disk, loaded back exactly; `mptkit export quant
+    --type q4_0` equals `--quant q4` while loading; generate runs on it; an entry whose block does not match
+    its type is refused."""
+    tok = load_tokenizer(make_tokenizer())
+    torch.manual_seed(0)
+    src = tmp_path / "m"
+    m = MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=128, no_bias=False)).eval()
+    m.save_pretrained(src, tokenizer=tok)
+    out = tmp_path / "m-q4"
+    assert main(["export", "quant", str(src), str(out), "--type", "q4_0"]) == 0
+    entry = json.loads((out / "config.json").read_text())["quantization"]
+    assert entry["type"] == "q4" and entry["block"] == "q4_0" and len(entry["quantized"]) == 8
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        wq = f.get_tensor("transformer.blocks.0.ffn.up_proj.weight_q")
+        assert wq.dtype == torch.uint8 and tuple(wq.shape) == (2 * 64, 64 // 2)  # expansion 2
+        assert f.get_tensor("transformer.blocks.0.ffn.up_proj.scales").dtype == torch.float16
+    back = MPTForCausalLM.from_pretrained(out)
+    quantize_model(m, "q4")
+    assert _equal_state(m, back) and type(back.transformer.blocks[0].attn.Wqkv) is QuantLinear
+    assert _equal_state(MPTForCausalLM.from_pretrained(src, quant="q4_0"), back)
+    capsys.readouterr()
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "6", "--ignore-eos", "--quiet-stats"]
+    assert main(["generate", str(out), *args]) == 0
+    from_folder = capsys.readouterr().out
+    assert main(["generate", str(src), "--quant", "q4", *args]) == 0
+    assert capsys.readouterr().out == from_folder
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization"]["block"] = "q8_0"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="type 'q4' / block 'q8_0'"):
+        MPTForCausalLM.from_pretrained(out)
 
 
 def test_unmapped_reader_equals_safetensors_and_refuses_a_truncated_file(tmp_path):
@@ -168,3 +204,24 @@ def test_unmapped_reader_equals_safetensors_and_refuses_a_truncated_file(tmp_pat
     f.write_bytes(b"\xff" * 16)
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):
         list(read_safetensors_unmapped(f))
+
+
+def test_random_quantized_model_is_built_quantised_and_saves_as_a_folder(tmp_path):
+    """bench/bench_quant_7b.py's builder: a random-init model streamed through the quantising loader (no fp32
+    model ever built) — the same as quantising that model, saved and loaded back exactly."""
+    from mptkit.io.quant_folder import random_quantized_model
+    from mptkit.model.config import MPTConfig
+
+    cfg = MPTConfig.from_dict(tiny_cfg(no_bias=False))
+    m = random_quantized_model(cfg, "q4", seed=3)
+    blk = m.transformer.blocks[0]
+    assert type(blk.attn.Wqkv) is QuantLinear and blk.attn.Wqkv.block == "q4_0"
+    assert float(blk.norm_1.weight.detach().min()) == 1.0 and float(blk.attn.Wqkv.bias.detach().abs().max()) == 0.0
+    assert 0.015 < float(m.transformer.wte.weight.detach().std()) < 0.025
+    assert m.config.extra["quantization"]["type"] == "q4"
+    m.save_pretrained(tmp_path / "r")
+    back = MPTForCausalLM.from_pretrained(tmp_path / "r")
+    assert _equal_state(m, back)
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, m(X).logits)
+    assert _equal_state(random_quantized_model(cfg, "q4", seed=3), m)  # seeded

@@ -24,7 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="fp32", choices=sorted(WEIGHT_DTYPES), help="weights dtype (default fp32)")
     p.add_argument("--quant", default=None, metavar="TYPE",
-                   help="quantise the block Linears' weights while loading: int8 (llama.cpp's q8_0 blocks)")
+                   help="quantise the block Linears' weights while loading: int8 (llama.cpp's q8_0 blocks) or q4 "
+                        "(its q4_0 blocks)")
     p.add_argument("--threads", type=cli_args.threads, default=None,
                    help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--attn-impl", default=None, metavar="IMPL",

@@ -65,21 +65,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "cannot compute are refused with the key named.")
     g.add_argument("model", metavar="MODEL", help="model folder, training run or checkpoint folder")
     g.add_argument("out", metavar="OUT.gguf", help="the file to write")
-    g.add_argument("--dtype", default="f32", choices=["f32", "f16"],
-                   help="type of the weight matrices (norms and biases stay f32); default f32")
+    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="type of the weight matrices (norms and biases stay f32); q8_0 / q4_0 quantise the "
+                        "block Linears with mptkit's blocks (the weights `--quant int8|q4` runs), embeddings "
+                        "and output head stay f32; default f32")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder to embed, when the model folder / run has none")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier GGUF file at OUT.gguf")
     g.set_defaults(func=_gguf)
 
-    q = ex.add_parser("quant", help="a quantised model folder (int8: llama.cpp's q8_0 blocks) for mptkit",
+    q = ex.add_parser("quant", help="a quantised model folder (int8 / q4: llama.cpp's q8_0 / q4_0 blocks) for mptkit",
                       description="Write MODEL (a model folder, a training run or a checkpoint) with its block "
                                   "Linears quantised, read and quantised tensor by tensor, as a model folder "
                                   "that mptkit generate / chat / serve / eval load quantised (embeddings, LM "
                                   "head, norms and biases stay fp32; see docs/inference.md). Written atomically.")
     q.add_argument("model", metavar="MODEL", help="model folder, training run or checkpoint folder")
     q.add_argument("out", metavar="OUT", help="the folder to write")
-    q.add_argument("--quant", default="int8", metavar="TYPE", help="quantisation type: int8 (default)")
+    q.add_argument("--quant", "--type", dest="quant", default="int8", metavar="TYPE",
+                   help="quantisation type: int8 (q8_0 blocks, the default) or q4 (q4_0 blocks); q8_0 / q4_0 "
+                        "also accepted")
     q.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (5GB)")
     q.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder to include, when the model folder / run has none")

@@ -25,8 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", type=cli_args.device, help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default fp32)")
     p.add_argument("--quant", default=None, metavar="TYPE",
-                   help="quantise the block Linears' weights while loading: int8 (llama.cpp's q8_0 blocks; "
-                        "a folder from `mptkit export quant` loads quantised without it)")
+                   help="quantise the block Linears' weights while loading: int8 (llama.cpp's q8_0 blocks) or q4 "
+                        "(its q4_0 blocks; q8_0 / q4_0 also accepted; a folder from `mptkit export quant` loads "
+                        "quantised without it)")
     p.add_argument("--threads", type=cli_args.threads, default=None,
                    help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")

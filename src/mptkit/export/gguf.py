@@ -19,6 +19,12 @@ What llama.cpp's MPT graph computes (``src/models/mpt.cpp`` in llama.cpp), and s
 * Output head: ``output`` if present, else the token embedding (tied). An MPT ``logit_scale`` is folded into
   an explicit ``output`` tensor.
 
+``--dtype q8_0|q4_0`` quantises the block Linears (QKV, attention output, FFN up and down) with mptkit's own
+blocks (:mod:`mptkit.model.quant`: ggml's reference quantisers, byte for byte), so the file holds the very
+weights ``mptkit ... --quant int8|q4`` runs; the embeddings, the output head, norms and biases stay f32 — the
+policy of mptkit's ``--quant`` (llama.cpp's own ``llama-quantize`` would also quantise ``token_embd``), and a
+matrix whose rows are not whole blocks of 32 stays f32 too (named in the log).
+
 Refused, naming the key: ``norm_type`` rmsnorm (llama.cpp's MPT uses LayerNorm), ``ffn_type: mptglu``,
 ``qk_ln``, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
 tokenizer that is not byte-level BPE or has more tokens than ``vocab_size``.
@@ -47,7 +53,11 @@ from mptkit.utils.outputs import check_output, write_errors
 log = logging.getLogger(__name__)
 
 ARCH = "mpt"
-GGUF_DTYPES = ("f32", "f16")
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANT_DTYPES = ("q8_0", "q4_0")  # written with mptkit's own blocks (mptkit.model.quant), byte for byte ggml's
+# the tensors a quantised file quantises: the block Linears, as mptkit's --quant does (embeddings, the output
+# head, norms and biases stay f32; a matrix whose rows are not whole blocks too)
+_QUANTISED_TENSORS = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
 
 
 def _gguf():
@@ -146,6 +156,8 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
         t[: cfg.d_model] *= r
     if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
         t = t * cfg.logit_scale_value
+    if _quantised(gguf_name, dtype, t.shape):
+        return _ggml_blocks(t, dtype)
     a = t.contiguous().numpy()
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
@@ -155,6 +167,30 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
             raise ExportError(f"{src}: values beyond f16's range (max |x| = {float(t.abs().max()):.4g} > 65504); "
                               "export with --dtype f32")
     return a
+
+
+def _quantised(gguf_name: str, dtype: str, shape) -> bool:
+    """Whether this tensor is written as ``dtype``'s blocks (a block Linear whose rows are whole blocks)."""
+    from mptkit.model.quant import BLOCK_SIZE
+
+    return (dtype in QUANT_DTYPES and gguf_name.endswith(_QUANTISED_TENSORS) and len(shape) == 2
+            and shape[1] % BLOCK_SIZE == 0)
+
+
+def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """``t`` (N, K) as ggml's block array: per row K/32 blocks of (fp16 scale, then 32 int8 values for q8_0 or
+    16 packed bytes for q4_0), as uint8 (N, K/32 * bytes per block): ``block_q8_0`` / ``block_q4_0``."""
+    from mptkit.model.quant import quantize_weight
+
+    q, sc = quantize_weight(t, dtype)
+    n, nb = sc.shape
+    qb = q.contiguous().view(torch.uint8).numpy().reshape(n, nb, -1)
+    sb = sc.contiguous().numpy().view(np.uint8).reshape(n, nb, 2)
+    return np.concatenate([sb, qb], axis=-1).reshape(n, -1)
+
+
+def _block_bytes(dtype: str) -> int:
+    return {"q8_0": 2 + 32, "q4_0": 2 + 16}[dtype]
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -385,7 +421,8 @@ def export_gguf(
                 w.add_max_alibi_bias(float(cfg.attn_config["alibi_bias_max"]) if cfg.alibi else 0.0)
                 if cfg.attn_config["clip_qkv"] is not None:
                     w.add_clamp_kqv(float(cfg.attn_config["clip_qkv"]))
-                w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+                w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(dtype, gguf.LlamaFileType.ALL_F32))
                 w.add_tokenizer_model("gpt2")
                 w.add_tokenizer_pre(tok.pre)
                 w.add_token_list(tok.tokens)
@@ -401,6 +438,15 @@ def export_gguf(
                     w.add_chat_template(tok.chat_template)
                 # Tensor infos first (shapes only), then the data, one tensor at a time.
                 for gname, _src, shape in plan:
+                    if _quantised(gname, dtype, shape):  # the byte shape; the writer turns it into elements
+                        row = shape[1] // 32 * _block_bytes(dtype)
+                        w.add_tensor_info(gname, (shape[0], row), np.dtype(np.uint8), shape[0] * row,
+                                          raw_dtype=gguf.GGMLQuantizationType[dtype.upper()])
+                        n_bytes += shape[0] * row
+                        continue
+                    if dtype in QUANT_DTYPES and gname.endswith(_QUANTISED_TENSORS):
+                        log.info("%s stays f32 (%d columns is not a multiple of the block size 32)", gname,
+                                 shape[1])
                     is_f16 = dtype == "f16" and len(shape) >= 2
                     np_dtype = np.dtype(np.float16 if is_f16 else np.float32)
                     nbytes = int(np.prod(shape)) * np_dtype.itemsize

@@ -57,13 +57,14 @@ def export_quant(
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> QuantExportResult:
-    """Write ``src``'s model quantised (``quant``: ``int8`` = q8_0 blocks) as a model folder at ``out``."""
+    """Write ``src``'s model quantised (``quant``: ``int8`` = q8_0 blocks, ``q4`` = q4_0 blocks) as a model
+    folder at ``out``."""
     from mptkit.io.hf_folder import parse_size, save_pretrained
     from mptkit.model.model import MPTForCausalLM
     from mptkit.model.quant import check_quant_type
 
     try:  # the arguments first: a sharded source is consolidated below
-        check_quant_type(quant)
+        quant = check_quant_type(quant)
         parse_size(max_shard_size)
     except ConfigError as e:
         raise ExportError(f"--quant / --max-shard-size: {e}") from None

@@ -72,8 +72,8 @@ def _linear_fn(w: torch.Tensor, b: torch.Tensor | None, small, small_rows: int):
 
 
 def _module_linear(mod, small, q8, small_rows: int):
-    """``mod(x)`` for 2-D ``x``, ``mod`` an ``nn.Linear`` or a q8_0 ``QuantLinear`` (exact types: checked by
-    model_coverage): the fp32 path above, or the q8 kernel on the int8 values and scales (``q8``, None: the
+    """``mod(x)`` for 2-D ``x``, ``mod`` an ``nn.Linear`` or a q8_0 / q4_0 ``QuantLinear`` (exact types: checked by
+    model_coverage): the fp32 path above, or the quantised kernel on the block values and scales (``q8``, None: the
     module's exact torch dequantise-then-matmul, a few rows at a time)."""
     if type(mod) is QuantLinear:
         from mptkit.infer.quant_kernels import q8_linear_fn
@@ -197,8 +197,10 @@ class FastDecoder:
                 from mptkit.infer.quant_kernels import q8_kernels
 
                 q8 = q8_kernels()  # None (logged why): the QuantLinears' exact torch fallback
+                if q8 is not None and options.quant_int_dot:
+                    q8 = q8.integer_variant()  # activations rounded to q8_0 blocks, integer dot products
             else:
-                log.info("int8 linears: no compiled q8 kernel (%s); each runs its exact torch dequantise-then-"
+                log.info("quantised linears: no compiled q8/q4 kernel (%s); each runs its exact torch dequantise-then-"
                          "matmul", "switched off" if not use_kernels else f"weights on {self.wte.device}")
         self.q8 = q8  # the q8_0 linear kernel in use for quantised layers, or None
         rows = options.small_rows

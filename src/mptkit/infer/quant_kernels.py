@@ -1,5 +1,6 @@
-"""The q8_0 linear of the decode step: ``x @ W.T (+ b)`` reading a :class:`~mptkit.model.quant.QuantLinear`'s
-int8 values and fp16 scales directly (``csrc/quant_kernels.c``), never an fp32 copy of the weight.
+"""The quantised linears of the decode step: ``x @ W.T (+ b)`` reading a :class:`~mptkit.model.quant.QuantLinear`'s
+q8_0 int8 values or q4_0 packed nibbles and its fp16 scales directly (``csrc/quant_kernels.c``), never an fp32
+copy of the weight.
 
 :func:`q8_kernels` returns a :class:`Q8Kernels` (compiled on first use like ``mptkit.infer.kernels``: the
 machine's C compiler, ``-O3 -march=native``, OpenMP linked against torch's runtime, cached under
@@ -15,6 +16,7 @@ few output rows at a time and multiplies in torch (the module's own forward: exa
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import struct
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mptkit.infer.kernels import FLAGS, load_kernel
-from mptkit.model.quant import BLOCK_SIZE, QuantLinear, dequantize_q8_0, quantize_q8_0
+from mptkit.model.quant import BLOCK_SIZE, QuantLinear, dequantize_weight, quantize_weight, weight_q_shape
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +36,28 @@ _lock = threading.Lock()
 _cached: dict[tuple, Q8Kernels | None] = {}
 
 
+_QDTYPE_BLOCK = {torch.int8: "q8_0", torch.uint8: "q4_0"}  # weight_q's dtype -> its block format
+
+
 class Q8Kernels:
-    """``linear(x, q, scales, b=None)``: x (M, K) fp32, q (N, K) int8, scales (N, K/32) fp16, b (N,) fp32."""
+    """``linear(x, q, scales, b=None)``: x (M, K) fp32, q (N, K) int8 (q8_0) or (N, K/2) uint8 (q4_0), scales
+    (N, K/32) fp16, b (N,) fp32."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
         P, L = ctypes.c_void_p, ctypes.c_long
-        self._fn = lib.mptkit_q8_linear
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [P] * 5 + [L] * 3 + [ctypes.c_int]
+        self._fns = {}
+        for block, name in (("q8_0", "mptkit_q8_linear"), ("q4_0", "mptkit_q4_linear")):
+            f = getattr(lib, name)
+            f.restype = ctypes.c_int
+            f.argtypes = [P] * 5 + [L] * 3 + [ctypes.c_int]
+            self._fns[block] = f
+        self._fn = self._fns["q8_0"]
+        self._qi = lib.mptkit_qi_linear
+        self._qi.restype = ctypes.c_int
+        self._qi.argtypes = [ctypes.c_int] + [P] * 7 + [L] * 3 + [ctypes.c_int]
+        self.int_vectorised = bool(lib.mptkit_qi_vectorised())
+        self.int_dot = False  # this object's linears: the exact fp32 path (integer_variant(): the integer one)
         self.vector_width = int(lib.mptkit_q8_vector_width())
         self._h2f = lib.mptkit_q8_half_to_float
         self._h2f.restype = ctypes.c_float
@@ -51,15 +66,17 @@ class Q8Kernels:
     @staticmethod
     def supports(m: QuantLinear) -> bool:
         """Whether the kernel can read ``m``'s tensors as they are now (CPU, contiguous, fp16 scales)."""
+        shape, dt = weight_q_shape(m.block, m.out_features, m.in_features)
         return (
             m.weight_q.is_cpu
-            and m.weight_q.dtype == torch.int8
+            and m.weight_q.dtype == dt
+            and tuple(m.weight_q.shape) == shape
             and m.weight_q.is_contiguous()
             and m.scales.dtype == torch.float16
             and m.scales.is_contiguous()
             and m.scales.is_cpu
-            and m.weight_q.shape[1] % BLOCK_SIZE == 0
-            and tuple(m.scales.shape) == (m.weight_q.shape[0], m.weight_q.shape[1] // BLOCK_SIZE)
+            and m.in_features % BLOCK_SIZE == 0
+            and tuple(m.scales.shape) == (m.out_features, m.in_features // BLOCK_SIZE)
             and (
                 m.bias is None or (m.bias.dtype == torch.float32 and m.bias.is_cpu and m.bias.is_contiguous())
             )
@@ -68,11 +85,14 @@ class Q8Kernels:
     def linear(
         self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``x @ dequantize(q, scales).T (+ b)``, checked on every call (cheap: the module's tensors may have
-        been moved or cast since the decoder was built)."""
-        n, k = q.shape
+        """``x @ dequantize(q, scales).T (+ b)`` (the block format by ``q``'s dtype: int8 q8_0, uint8 q4_0),
+        checked on every call (cheap: the module's tensors may have been moved or cast since the decoder was
+        built)."""
+        block = _QDTYPE_BLOCK.get(q.dtype)
+        n, k = (q.shape[0], q.shape[1] * (2 if block == "q4_0" else 1)) if q.dim() == 2 else (0, 0)
         ok = (
-            q.dtype == torch.int8
+            block is not None
+            and q.dim() == 2
             and q.is_cpu
             and q.is_contiguous()
             and k % BLOCK_SIZE == 0
@@ -86,18 +106,18 @@ class Q8Kernels:
         )
         if not ok:
             raise ValueError(
-                f"q8 linear: q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} {scales.dtype} "
-                "must be contiguous int8 / fp16 CPU tensors of one q8_0 matrix (was the model moved "
-                "or cast after the decoder was built?)"
+                f"quantised linear: q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} {scales.dtype} "
+                "must be contiguous int8 (q8_0) or uint8 (q4_0) / fp16 CPU tensors of one matrix (was the "
+                "model moved or cast after the decoder was built?)"
             )
         if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"q8 linear: x {tuple(x.shape)} {x.dtype} does not match q {tuple(q.shape)}")
+            raise ValueError(f"quantised linear: x {tuple(x.shape)} {x.dtype} does not match a ({n}, {k}) {block}")
         x = x.contiguous()
         m = x.shape[0]
         y = torch.empty((m, n), dtype=torch.float32)
         if m == 0:
             return y
-        rc = self._fn(
+        rc = self._fns[block](
             x.data_ptr(),
             q.data_ptr(),
             scales.data_ptr(),
@@ -109,7 +129,39 @@ class Q8Kernels:
             torch.get_num_threads(),
         )
         if rc != 0:
-            raise RuntimeError(f"q8 linear failed (rc={rc}) for x {tuple(x.shape)}, q {tuple(q.shape)}")
+            raise RuntimeError(f"{block} linear failed (rc={rc}) for x {tuple(x.shape)}, q {tuple(q.shape)}")
+        return y
+
+    def integer_variant(self) -> Q8Kernels:
+        """The same library with ``int_dot`` on: :func:`q8_linear_fn` then gives the integer path."""
+        other = copy.copy(self)
+        other.int_dot = True
+        return other
+
+    def int_linear(
+        self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """llama.cpp's arithmetic: ``x``'s rows rounded to q8_0 blocks (fp32 scale per 32 values, int8 values),
+        each block's dot product with the weight's block in integers, scaled by both scales and summed in fp32.
+        The same checks as :meth:`linear`."""
+        self.linear(x[:0], q, scales, b)  # the checks (no work for 0 rows)
+        return self._int_run(_QDTYPE_BLOCK[q.dtype], x.contiguous(), q, scales, b)
+
+    def _int_run(self, block, x, q, scales, b, nthreads=None):
+        m, k = x.shape
+        n = scales.shape[0]
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m == 0:
+            return y
+        xq = torch.empty((m, k), dtype=torch.int8)
+        xd = torch.empty((m, k // BLOCK_SIZE), dtype=torch.float32)
+        rc = self._qi(
+            0 if block == "q8_0" else 1, x.data_ptr(), q.data_ptr(), scales.data_ptr(),
+            0 if b is None else b.data_ptr(), y.data_ptr(), xq.data_ptr(), xd.data_ptr(), m, n, k,
+            torch.get_num_threads() if nthreads is None else nthreads,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"{block} integer linear failed (rc={rc}) for x {tuple(x.shape)}")
         return y
 
     def half_to_float(self, bits: int) -> float:
@@ -125,7 +177,8 @@ def q8_linear_fn(
     m: QuantLinear, kernels: Q8Kernels | None, small_rows: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``m(x)`` for 2-D ``x``: the compiled kernel for up to ``small_rows`` rows when it can read ``m``'s
-    tensors, else the torch fallback.
+    tensors (``kernels.int_dot``: the integer path, activations rounded to q8_0 blocks), else the torch
+    fallback.
 
     The decode step calls this once per linear per token, so the checks are kept short: the module's tensors
     are read from its buffer/parameter tables on every call (``model.float()`` or ``.to()`` replace them) and
@@ -135,9 +188,10 @@ def q8_linear_fn(
     if kernels is None or not kernels.supports(m):
         return fallback
     bufs, params = m._buffers, m._parameters
-    fn, lin = kernels._fn, kernels.linear
+    fn, lin = kernels._fns[m.block], kernels.linear
     n, k = m.out_features, m.in_features
     seen = [None]  # the (q, scales, bias) data pointers last checked
+    int_dot = kernels.int_dot
     f32, empty, nthreads = torch.float32, torch.empty, torch.get_num_threads
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -149,36 +203,65 @@ def q8_linear_fn(
         if ptrs != seen[0] or x.dtype is not f32 or x.dim() != 2 or x.shape[1] != k or not x.is_cpu:
             if not kernels.supports(m):  # cast or moved since: the exact fallback
                 return fallback(x)
-            y = lin(x, q, sc, b)  # the full checks
+            y = kernels.int_linear(x, q, sc, b) if int_dot else lin(x, q, sc, b)  # the full checks
             seen[0] = ptrs
             return y
         if not x.is_contiguous():
             x = x.contiguous()
+        if int_dot:
+            return kernels._int_run(m.block, x, q, sc, b, nthreads())
         y = empty((rows, n), dtype=f32)
         if rows and fn(x.data_ptr(), ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), rows, n, k, nthreads()) != 0:
-            raise RuntimeError(f"q8 linear failed for x {tuple(x.shape)}, q ({n}, {k})")
+            raise RuntimeError(f"{m.block} linear failed for x {tuple(x.shape)}, q ({n}, {k})")
         return y
 
     return run
+
+
+def round_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s rows as the integer path sees them: per block of 32, ``d = max|x| / 127`` (fp32), values
+    ``roundf(x * (1/d))`` (ties away from zero), times ``d``."""
+    b = x.to(torch.float32).reshape(x.shape[0], -1, BLOCK_SIZE)
+    d = b.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    v = b * inv
+    r = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (r * d).reshape(x.shape)
+
+
+def int_dot_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """What the integer path computes, up to fp32 summation order: the rounded activations times the
+    dequantised weight (``w``)."""
+    y = (round_activations_q8(x).double() @ w.double().t()).float()
+    return y if b is None else y + b
 
 
 def _self_test(k: Q8Kernels) -> None:
     """Shapes with odd N, K = 32 and K not a multiple of the 64-row task, M across the row-group sizes,
     zero blocks, with and without bias, against dequantise-then-matmul."""
     g = torch.Generator().manual_seed(0)
-    for m, n, kk in ((1, 67, 32), (3, 130, 96), (7, 64, 512), (16, 9, 160)):
-        w = torch.randn(n, kk, generator=g)
-        w[0, :32] = 0
-        q, s = quantize_q8_0(w)
-        x = torch.randn(m, kk, generator=g)
-        b = torch.randn(n, generator=g)
-        ref_w = dequantize_q8_0(q, s)
-        for bias in (None, b):
-            ref = x @ ref_w.t() if bias is None else torch.addmm(bias, x, ref_w.t())
-            got = k.linear(x, q, s, bias)
-            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
-                err = (got - ref).abs().max().item()
-                raise RuntimeError(f"q8 self-test failed for M={m} N={n} K={kk}: max abs error {err:.3g}")
+    for block in ("q8_0", "q4_0"):
+        for m, n, kk in ((1, 67, 32), (3, 130, 96), (7, 64, 512), (16, 9, 160)):
+            w = torch.randn(n, kk, generator=g)
+            w[0, :32] = 0
+            q, s = quantize_weight(w, block)
+            x = torch.randn(m, kk, generator=g)
+            b = torch.randn(n, generator=g)
+            ref_w = dequantize_weight(q, s, block)
+            for bias in (None, b):
+                ref = x @ ref_w.t() if bias is None else torch.addmm(bias, x, ref_w.t())
+                got = k.linear(x, q, s, bias)
+                if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+                    err = (got - ref).abs().max().item()
+                    raise RuntimeError(
+                        f"{block} self-test failed for M={m} N={n} K={kk}: max abs error {err:.3g}"
+                    )
+    for block in ("q8_0", "q4_0"):  # the integer path against its own arithmetic, done in torch
+        w, x = torch.randn(70, 96, generator=g), torch.randn(3, 96, generator=g)
+        q, s = quantize_weight(w, block)
+        ref = int_dot_reference(x, dequantize_weight(q, s, block))
+        if not torch.allclose(k.int_linear(x, q, s), ref, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"{block} integer-path self-test failed")
     for bits in (0x0000, 0x0001, 0x03FF, 0x3C00, 0xC000, 0x7BFF, 0x1234):
         want = struct.unpack("<e", struct.pack("<H", bits))[0]
         if k.half_to_float(bits) != want:
@@ -188,7 +271,7 @@ def _self_test(k: Q8Kernels) -> None:
 def q8_kernels(
     *, enabled: bool = True, flags: tuple[str, ...] = FLAGS, cc: str | None = None
 ) -> Q8Kernels | None:
-    """The compiled q8_0 kernel, or None (the reason logged once; ``enabled`` False: None at once).
+    """The compiled q8_0 / q4_0 kernels, or None (the reason logged once; ``enabled`` False: None at once).
     Thread-safe; built once per process and flag set."""
     if not enabled:
         return None

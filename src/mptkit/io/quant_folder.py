@@ -3,12 +3,13 @@
 A quantised folder is an HF-layout folder (:mod:`mptkit.io.hf_folder`) whose config.json has a
 ``quantization`` entry (written from the model's config by ``save_pretrained``)::
 
-    "quantization": {"format": "mptkit-weight-only", "version": 1, "type": "int8", "block": "q8_0",
+    "quantization": {"format": "mptkit-weight-only", "version": 1, "type": "int8", "block": "q8_0",  # or q4 / q4_0
                      "block_size": 32, "quantized": ["transformer.blocks.0.attn.Wqkv", ...],
                      "kept": {"<module>": "<why it stayed fp32>"}}
 
-and, in its safetensors, for each quantised Linear ``<module>.weight_q`` (out, in) int8 and ``<module>.scales``
-(out, in/32) fp16 instead of ``<module>.weight`` (the block format: :mod:`mptkit.model.quant`). Every other
+and, in its safetensors, for each quantised Linear ``<module>.weight_q`` ((out, in) int8 for q8_0, (out, in/2)
+uint8 packed nibbles for q4_0) and ``<module>.scales`` (out, in/32) fp16 instead of ``<module>.weight`` (the
+block formats: :mod:`mptkit.model.quant`). Every other
 tensor is as in an fp32 folder. It is mptkit's own format: transformers does not read it (export from the
 fp32 source for other runtimes).
 
@@ -42,7 +43,8 @@ from mptkit.model.quant import (
     QuantLinear,
     check_quant_type,
     plan_quantization,
-    quantize_q8_0,
+    quant_buffer_names,
+    quantize_weight,
     replace_module,
     set_quantization_entry,
 )
@@ -123,7 +125,8 @@ def quantization_entry(cfg) -> dict | None:
 
 def check_entry(entry, source: str) -> dict:
     """``entry`` if this mptkit reads it, else a CheckpointError naming the mismatch and the way out."""
-    fix = "re-quantise it from the fp32 model with `mptkit export quant SRC OUT --quant int8`"
+    t = entry.get("type") if isinstance(entry, dict) else None
+    fix = f"re-quantise it from the fp32 model with `mptkit export quant SRC OUT --quant {t if t in QUANT_TYPES else 'int8'}`"
     if not isinstance(entry, dict):
         raise CheckpointError(
             f"{source}: config.json 'quantization' must be a mapping, got {type(entry).__name__}"
@@ -144,7 +147,8 @@ def check_entry(entry, source: str) -> dict:
     if t not in QUANT_TYPES or entry.get("block") != QUANT_TYPES[t] or entry.get("block_size") != BLOCK_SIZE:
         raise CheckpointError(
             f"{source}: quantisation type {t!r} / block {entry.get('block')!r} / block_size "
-            f"{entry.get('block_size')!r} is not one this mptkit reads (int8 = q8_0 blocks of {BLOCK_SIZE}; {fix})"
+            f"{entry.get('block_size')!r} is not one this mptkit reads (int8 = q8_0, q4 = q4_0 blocks of "
+            f"{BLOCK_SIZE}; {fix})"
         )
     names = entry.get("quantized")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -154,8 +158,8 @@ def check_entry(entry, source: str) -> dict:
     return entry
 
 
-def _swap_in(model: nn.Module, names: Iterable[str], source: str) -> list[str]:
-    """Replace each named Linear of the (meta) model by an empty QuantLinear of its shape."""
+def _swap_in(model: nn.Module, names: Iterable[str], source: str, block: str) -> list[str]:
+    """Replace each named Linear of the (meta) model by an empty QuantLinear of its shape and ``block``."""
     done = []
     for name in names:
         try:
@@ -164,20 +168,24 @@ def _swap_in(model: nn.Module, names: Iterable[str], source: str) -> list[str]:
             raise CheckpointError(
                 f"{source}: config.json 'quantization' names {name}, which this model does not have"
             ) from None
-        if type(m) is QuantLinear:
+        if type(m) is QuantLinear and m.block == block:
             done.append(name)
             continue
         if type(m) is not nn.Linear or m.in_features % BLOCK_SIZE:
             raise CheckpointError(
-                f"{source}: config.json 'quantization' names {name}, which cannot be q8_0 blocks"
+                f"{source}: config.json 'quantization' names {name}, which cannot be {block} blocks"
             )
-        q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        q = QuantLinear(
+            m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, block=block
+        )
         replace_module(model, name, q)
         done.append(name)
     return done
 
 
-def _quantizing(tensors: Iterable[tuple[str, torch.Tensor]], weights: set[str], normalise) -> Iterator:
+def _quantizing(
+    tensors: Iterable[tuple[str, torch.Tensor]], weights: set[str], normalise, block: str
+) -> Iterator:
     """The folder's tensors, each ``<module>.weight`` of ``weights`` turned into its ``weight_q`` and
     ``scales`` as it is read (the fp32 tensor is dropped at once)."""
     for k, t in tensors:
@@ -185,8 +193,8 @@ def _quantizing(tensors: Iterable[tuple[str, torch.Tensor]], weights: set[str], 
         if name in weights:
             mod = name[: -len(".weight")]
             if t.dim() != 2 or t.shape[1] % BLOCK_SIZE:
-                raise CheckpointError(f"{mod}.weight: shape {tuple(t.shape)} cannot be q8_0 blocks")
-            q, s = quantize_q8_0(t)
+                raise CheckpointError(f"{mod}.weight: shape {tuple(t.shape)} cannot be {block} blocks")
+            q, s = quantize_weight(t, block)
             del t
             yield f"{mod}.weight_q", q
             yield f"{mod}.scales", s
@@ -210,7 +218,7 @@ def prepare_for_loading(
     Linears become QuantLinears and their weights are quantised as they stream by, read from ``folder``
     without memory maps (:func:`read_safetensors_unmapped`). Neither: unchanged."""
     if quant is not None:
-        check_quant_type(quant)
+        quant = check_quant_type(quant)
     entry = quantization_entry(model.config)
     if entry is not None:
         entry = check_entry(entry, source)
@@ -218,17 +226,20 @@ def prepare_for_loading(
             raise ConfigError(
                 f"{source} is already quantised ({entry['type']}); --quant {quant} cannot re-quantise it"
             )
-        _swap_in(model, entry["quantized"], source)
+        _swap_in(model, entry["quantized"], source, entry["block"])
         return tensors
     if quant is None:
         return tensors
-    rep = plan_quantization(model)
-    _swap_in(model, rep.quantized, source)
+    rep = plan_quantization(model, quant)
+    _swap_in(model, rep.quantized, source, QUANT_TYPES[quant])
     for name, why in rep.kept.items():
         log.info("quantisation: %s stays fp32 (%s)", name, why)
     set_quantization_entry(model, rep.config_entry())
     return _quantizing(
-        _unmapped_tensors(Path(folder), tensors), {f"{n}.weight" for n in rep.quantized}, normalise
+        _unmapped_tensors(Path(folder), tensors),
+        {f"{n}.weight" for n in rep.quantized},
+        normalise,
+        QUANT_TYPES[quant],
     )
 
 
@@ -242,4 +253,53 @@ def save_quantized(model: nn.Module, out, *, tokenizer=None, max_shard_size: int
     return save_pretrained(model, out, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
-__all__ = ["FORMAT_NAME", "check_entry", "prepare_for_loading", "quantization_entry", "save_quantized"]
+def random_quantized_model(cfg, quant: str = "int8", *, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """A random-init ``MPTForCausalLM`` of ``cfg`` (an ``MPTConfig``) with its block Linears quantised, built
+    on the meta device and materialised tensor by tensor: each weight is drawn in fp32 (N(0, ``std``); norms'
+    weights 1, biases 0), quantised at once if it is a block Linear's, and dropped — the path
+    ``from_pretrained(..., quant=)`` streams a folder through, without a folder. Peak memory: the quantised
+    model plus one fp32 tensor, so a 7B shape (26.6 GB in fp32) is built in about 8 GB. For benchmarks of
+    shapes no trained checkpoint is at hand for (decode speed does not depend on the values)."""
+    from mptkit.io.hf_folder import load_state_into
+    from mptkit.io.source import expected_shapes
+    from mptkit.model.model import MPTForCausalLM
+
+    quant = check_quant_type(quant)
+    model = MPTForCausalLM(cfg, init=False, device="meta")
+    rep = plan_quantization(model, quant)
+    _swap_in(model, rep.quantized, "random init", QUANT_TYPES[quant])
+    set_quantization_entry(model, rep.config_entry())
+    g = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(cfg)
+
+    def drawn():
+        for name, shape in shapes.items():
+            if name.endswith(".bias"):
+                t = torch.zeros(shape)
+            elif len(shape) == 1:  # norm weights
+                t = torch.ones(shape)
+            else:
+                t = torch.empty(shape).normal_(0.0, std, generator=g)
+            yield name, t
+
+    weights = {f"{n}.weight" for n in rep.quantized}
+    load_state_into(
+        model,
+        _quantizing(drawn(), weights, lambda k: k, QUANT_TYPES[quant]),
+        source="random init",
+        dtype=torch.float32,
+        device="cpu",
+        keep_dtype=quant_buffer_names(model),
+    )
+    model.reset_buffers()
+    return model.eval()
+
+
+__all__ = [
+    "FORMAT_NAME",
+    "check_entry",
+    "prepare_for_loading",
+    "quantization_entry",
+    "random_quantized_model",
+    "save_quantized",
+]

@@ -245,7 +245,8 @@ class MPTForCausalLM(nn.Module):
     # ---------------------------------------------------------------- sizes
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        n += sum(b.numel() for k, b in self.named_buffers() if k.endswith(".weight_q"))  # int8 QuantLinear weights
+        # QuantLinear weights: one per int8 value (q8_0), two per packed byte (q4_0)
+        n += sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "weight_q"))
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
             if hasattr(self.transformer, "wpe"):

@@ -1,13 +1,21 @@
-"""Weight-only int8 quantisation of a model's block Linears: llama.cpp's ``q8_0`` block format.
+"""Weight-only quantisation of a model's block Linears: llama.cpp's ``q8_0`` (int8) and ``q4_0`` (4-bit) blocks.
 
-The format (one per weight matrix ``w`` of shape (out_features, in_features), as ``nn.Linear`` stores it):
-each row is cut into blocks of :data:`BLOCK_SIZE` = 32 consecutive weights along the input dimension; a block
-``x`` gets one scale ``d = max|x| / 127`` (computed in fp32, stored as fp16) and 32 int8 values
-``q = roundf(x * (1/d))`` (round half away from zero; all zeros when ``d == 0``). The weight it stands for is
-``fp16(d) * q`` — exactly representable in fp32, so dequantising is exact. This is ggml's
-``quantize_row_q8_0_ref`` (the reference llama.cpp writes model files with), so the same weights quantise to the
-same values here and in a llama.cpp ``q8_0`` file. Stored as two tensors per Linear: ``weight_q`` (out, in)
-int8 and ``scales`` (out, in / 32) fp16 (plus the fp32 ``bias``, if any).
+The formats (one per weight matrix ``w`` of shape (out_features, in_features), as ``nn.Linear`` stores it):
+each row is cut into blocks of :data:`BLOCK_SIZE` = 32 consecutive weights along the input dimension, and each
+block ``x`` gets one scale ``d`` (computed in fp32, stored as fp16) and 32 small integers.
+
+* ``q8_0`` (``--quant int8``): ``d = max|x| / 127``, ``q = roundf(x * (1/d))`` (round half away from zero; all
+  zeros when ``d == 0``), 32 int8 values; the weight is ``fp16(d) * q``. ggml's ``quantize_row_q8_0_ref``.
+  Stored as ``weight_q`` (out, in) int8 and ``scales`` (out, in / 32) fp16.
+* ``q4_0`` (``--quant q4``): ``m`` = the block's first value of largest magnitude (its sign kept),
+  ``d = m / -8``, ``q = min(15, trunc(x * (1/d) + 8.5))`` (0 when ``d == 0``, so 8 - 8 = 0), values 0..15 with an
+  offset of 8; the weight is ``fp16(d) * (q - 8)``. ggml's ``quantize_row_q4_0_ref``. Stored as ``weight_q``
+  (out, in / 2) uint8 — per block 16 bytes, byte ``j`` holding value ``j`` in its low nibble and value ``j + 16``
+  in its high nibble (ggml's ``block_q4_0.qs``) — and ``scales`` (out, in / 32) fp16.
+
+The weight a block stands for is exactly representable in fp32 (11 significant bits times 4 or 8), so
+dequantising is exact, and the same weights quantise to the same bytes here and in a llama.cpp file of that type
+(``mptkit export gguf --dtype q8_0|q4_0`` writes these very blocks). Biases stay fp32.
 
 Policy (:func:`quantize_model`): every plain ``nn.Linear`` inside the transformer blocks (``attn.Wqkv``,
 ``attn.out_proj``, ``ffn.up_proj``, ``ffn.down_proj``, a GLU's ``gate_proj``) is quantised; the token / position
@@ -38,7 +46,9 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32
 FORMAT_VERSION = 1
-QUANT_TYPES = {"int8": "q8_0"}  # the names --quant accepts -> the block format
+QUANT_TYPES = {"int8": "q8_0", "q4": "q4_0"}  # the names --quant accepts -> the block format
+QUANT_ALIASES = {"q8_0": "int8", "q4_0": "q4"}  # also accepted: the block formats' own names
+BLOCK_TYPES = tuple(QUANT_TYPES.values())
 CONFIG_KEY = "quantization"
 FORMAT_NAME = "mptkit-weight-only"  # the config entry's "format"
 # output rows dequantised at a time by QuantLinear's forward: bounds its transient fp32 buffer (~4 MiB)
@@ -46,11 +56,13 @@ _CHUNK_ELEMS = 1 << 20
 
 
 def check_quant_type(name: str) -> str:
-    """``name`` if it is a known quantisation type, else a :class:`ConfigError` naming the known ones."""
+    """The canonical name (``int8`` / ``q4``) of a known quantisation type (``q8_0`` / ``q4_0`` accepted too),
+    else a :class:`ConfigError` naming the known ones."""
+    name = QUANT_ALIASES.get(name, name)
     if name not in QUANT_TYPES:
         raise ConfigError(
-            f"unknown quantisation type {name!r}: known {', '.join(sorted(QUANT_TYPES))} "
-            "(int8 = llama.cpp's q8_0 blocks; 4-bit types are not implemented yet)"
+            f"unknown quantisation type {name!r}: known {', '.join(QUANT_TYPES)} "
+            "(int8 = llama.cpp's q8_0 blocks, q4 = its q4_0 blocks; q8_0 / q4_0 also accepted)"
         )
     return name
 
@@ -58,13 +70,13 @@ def check_quant_type(name: str) -> str:
 # ----------------------------------------------------------------------------- the block maths
 
 
-def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_q8_0(w: torch.Tensor, *, rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (N, K) floating, K a multiple of 32 -> (``q`` (N, K) int8, ``scales`` (N, K/32) fp16), on CPU.
 
     ggml's ``quantize_row_q8_0_ref``: per block of 32, ``d = amax / 127`` in fp32, ``id = 1/d`` (0 when d is 0),
     ``q = roundf(x * id)`` with ties away from zero (computed exactly in fp32: round half to even, then the
     exact ties moved away from zero), ``scale = fp16(d)`` (round to nearest even). Rows are done
-    ``rows_per_chunk`` at a time, so the work buffers stay small for a 7B matrix."""
+    ``rows_per_chunk`` at a time, so the work buffers stay small for a 7B matrix (32 MB at K = 16384)."""
     if w.dim() != 2 or w.shape[1] % BLOCK_SIZE:
         raise ConfigError(
             f"q8_0 needs a 2-D weight with in_features a multiple of {BLOCK_SIZE}, got {tuple(w.shape)}"
@@ -96,18 +108,94 @@ def dequantize_q8_0(
     return w.reshape(n, k).to(dtype)
 
 
+def _check_2d(w: torch.Tensor, block: str) -> None:
+    if w.dim() != 2 or w.shape[1] % BLOCK_SIZE:
+        raise ConfigError(
+            f"{block} needs a 2-D weight with in_features a multiple of {BLOCK_SIZE}, got {tuple(w.shape)}"
+        )
+
+
+def quantize_q4_0(w: torch.Tensor, *, rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (N, K) floating, K a multiple of 32 -> (``q`` (N, K/2) uint8 packed nibbles, ``scales`` (N, K/32)
+    fp16), on CPU.
+
+    ggml's ``quantize_row_q4_0_ref``, in fp32: per block of 32, ``m`` = the first value of largest |x|,
+    ``d = m / -8``, ``id = 1/d`` (0 when d is 0), ``v = min(15, trunc(x * id + 8.5))``; byte j of the block's 16
+    holds ``v[j] | v[j + 16] << 4``; ``scale = fp16(d)``. Rows are done ``rows_per_chunk`` at a time."""
+    _check_2d(w, "q4_0")
+    n, k = w.shape
+    q = torch.empty((n, k // 2), dtype=torch.uint8)
+    s = torch.empty((n, k // BLOCK_SIZE), dtype=torch.float16)
+    half = BLOCK_SIZE // 2
+    for r0 in range(0, n, rows_per_chunk):
+        x = w[r0 : r0 + rows_per_chunk].detach().to(device="cpu", dtype=torch.float32)
+        rows = x.shape[0]
+        x = x.reshape(rows, -1, BLOCK_SIZE)
+        m = torch.gather(x, -1, x.abs().argmax(dim=-1, keepdim=True))  # argmax: the first of equal maxima
+        d = m / -8.0  # fp32, as ggml
+        inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+        v = torch.trunc(x * inv + 8.5).clamp_(0, 15).to(torch.uint8)  # fp32 product, fp32 sum, truncation
+        q[r0 : r0 + rows] = (v[..., :half] | (v[..., half:] << 4)).reshape(rows, k // 2)
+        s[r0 : r0 + rows] = d.squeeze(-1).to(torch.float16)
+    return q, s
+
+
+def unpack_q4_0(q: torch.Tensor) -> torch.Tensor:
+    """Packed (N, K/2) uint8 -> the values (N, K) int8 in -8..7 (the stored nibbles minus the offset 8)."""
+    n = q.shape[0]
+    b = q.reshape(n, -1, BLOCK_SIZE // 2)
+    v = torch.cat((b & 0x0F, b >> 4), dim=-1).to(torch.int8) - 8
+    return v.reshape(n, -1)
+
+
+def dequantize_q4_0(
+    q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``scales`` broadcast over their blocks times (value - 8), in fp32 (exact), then cast to ``dtype``."""
+    n = q.shape[0]
+    b = q.reshape(n, -1, BLOCK_SIZE // 2)
+    w = torch.empty((n, b.shape[1], BLOCK_SIZE), dtype=torch.float32, device=q.device)
+    w[..., : BLOCK_SIZE // 2] = b & 0x0F  # written straight into the fp32 buffer: no int8 intermediate
+    w[..., BLOCK_SIZE // 2 :] = b >> 4
+    w.sub_(8).mul_(scales.to(torch.float32).unsqueeze(-1))
+    return w.reshape(n, -1).to(dtype)
+
+
+_QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
+_DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0}
+
+
+def quantize_weight(w: torch.Tensor, block: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` as ``block`` (``q8_0`` / ``q4_0``): (values, scales) as :class:`QuantLinear` stores them."""
+    return _QUANTIZE[block](w)
+
+
+def dequantize_weight(
+    q: torch.Tensor, scales: torch.Tensor, block: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return _DEQUANTIZE[block](q, scales, dtype)
+
+
+def weight_q_shape(block: str, out_features: int, in_features: int) -> tuple[tuple[int, int], torch.dtype]:
+    """The shape and dtype of a QuantLinear's ``weight_q`` for ``block``."""
+    if block == "q4_0":
+        return (out_features, in_features // 2), torch.uint8
+    return (out_features, in_features), torch.int8
+
+
 # ----------------------------------------------------------------------------- the module
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` held as q8_0 blocks: buffers ``weight_q`` (out, in) int8 and ``scales``
-    (out, in/32) fp16, ``bias`` an fp32 parameter or None. Inference only (no gradient to the weight).
+    """``y = x @ W.T + b`` with ``W`` held as ``q8_0`` or ``q4_0`` blocks (``block``): buffers ``weight_q``
+    ((out, in) int8 for q8_0, (out, in/2) uint8 packed nibbles for q4_0) and ``scales`` (out, in/32) fp16,
+    ``bias`` an fp32 parameter or None. Inference only (no gradient to the weight).
 
     ``forward`` dequantises at most ~1M weights at a time into a transient buffer of ``x``'s dtype and runs
     ``F.linear`` on that slice of output rows: exact dequantise-then-matmul on any device, no fp32 copy of the
-    whole weight kept. Dtype casts of the model (``.half()``, ``.to(torch.bfloat16)``) keep the scales fp16
-    (:meth:`_apply`); the forward reads any float scales, the compiled decode kernel only fp16 ones (it falls
-    back to this forward otherwise)."""
+    whole weight kept (this is also the prefill's path). Dtype casts of the model (``.half()``,
+    ``.to(torch.bfloat16)``) keep the scales fp16 (:meth:`_apply`); the forward reads any float scales, the
+    compiled decode kernel only fp16 ones (it falls back to this forward otherwise)."""
 
     def __init__(
         self,
@@ -117,18 +205,21 @@ class QuantLinear(nn.Module):
         *,
         device=None,
         block_size: int = BLOCK_SIZE,
+        block: str = "q8_0",
     ):
         super().__init__()
         if block_size != BLOCK_SIZE:
             raise ConfigError(f"QuantLinear: only blocks of {BLOCK_SIZE} are implemented, got {block_size}")
+        if block not in BLOCK_TYPES:
+            raise ConfigError(f"QuantLinear: block {block!r} is not one of {', '.join(BLOCK_TYPES)}")
         if in_features % BLOCK_SIZE:
             raise ConfigError(
                 f"QuantLinear: in_features {in_features} is not a multiple of the block size {BLOCK_SIZE}"
             )
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer(
-            "weight_q", torch.empty((out_features, in_features), dtype=torch.int8, device=device)
-        )
+        self.block = block
+        shape, dt = weight_q_shape(block, out_features, in_features)
+        self.register_buffer("weight_q", torch.empty(shape, dtype=dt, device=device))
         self.register_buffer(
             "scales",
             torch.empty((out_features, in_features // BLOCK_SIZE), dtype=torch.float16, device=device),
@@ -139,11 +230,11 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> QuantLinear:
-        """The q8_0 form of ``lin`` (its bias copied as fp32), on ``lin``'s device."""
+    def from_linear(cls, lin: nn.Linear, block: str = "q8_0") -> QuantLinear:
+        """The ``block`` form of ``lin`` (its bias copied as fp32), on ``lin``'s device."""
         w = lin.weight
-        m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        q, s = quantize_q8_0(w)
+        m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta", block=block)
+        q, s = quantize_weight(w, block)
         m.weight_q = q.to(w.device)
         m.scales = s.to(w.device)
         if lin.bias is not None:
@@ -152,7 +243,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """``.to(device)`` moves the buffers; a dtype cast (``model.half()``, ``.to(torch.bfloat16)``) leaves
-        the scales fp16 — the format's type — and the int8 values as they are (the bias follows the cast)."""
+        the scales fp16 — the format's type — and the integer values as they are (the bias follows the cast)."""
         scales = self._buffers["scales"]
         out = super()._apply(fn, recurse)
         new = self._buffers["scales"]
@@ -162,26 +253,28 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole weight as a new (out, in) tensor (for tests and exports; the forward never makes one)."""
-        return dequantize_q8_0(self.weight_q, self.scales, dtype)
+        return dequantize_weight(self.weight_q, self.scales, self.block, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype if x.is_floating_point() else torch.float32
         rows = max(1, _CHUNK_ELEMS // max(1, self.in_features))
         n = self.out_features
         b = self.bias
+        deq = _DEQUANTIZE[self.block]
         if n <= rows:
-            return F.linear(
-                x, dequantize_q8_0(self.weight_q, self.scales, dt), None if b is None else b.to(dt)
-            )
+            return F.linear(x, deq(self.weight_q, self.scales, dt), None if b is None else b.to(dt))
         out = x.new_empty((*x.shape[:-1], n), dtype=dt)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            w = dequantize_q8_0(self.weight_q[r0:r1], self.scales[r0:r1], dt)
+            w = deq(self.weight_q[r0:r1], self.scales[r0:r1], dt)
             out[..., r0:r1] = F.linear(x, w, None if b is None else b[r0:r1].to(dt))
         return out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, q8_0"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.block}"
+        )
 
 
 # ----------------------------------------------------------------------------- the model
@@ -208,9 +301,10 @@ class QuantReport:
         }
 
 
-def plan_quantization(model: nn.Module) -> QuantReport:
-    """Which block Linears :func:`quantize_model` would quantise and which it keeps fp32 (and why)."""
-    rep = QuantReport("int8")
+def plan_quantization(model: nn.Module, quant: str = "int8") -> QuantReport:
+    """Which block Linears :func:`quantize_model` would quantise as ``quant`` and which it keeps fp32 (and
+    why)."""
+    rep = QuantReport(check_quant_type(quant))
     for i, blk in enumerate(model.transformer.blocks):
         for name, m in blk.named_modules():
             full = f"transformer.blocks.{i}.{name}"
@@ -243,17 +337,23 @@ def set_quantization_entry(model: nn.Module, entry: dict) -> None:
 
 
 def quantize_model(model: nn.Module, quant: str = "int8") -> QuantReport:
-    """Replace the block Linears of ``model`` (an ``MPTForCausalLM``) by :class:`QuantLinear` in place, one
+    """Replace the block Linears of ``model`` (an ``MPTForCausalLM``) by :class:`QuantLinear` s of ``quant``'s
+    blocks (``int8``: q8_0, ``q4``: q4_0) in place, one
     tensor at a time (each fp32 weight is freed as its quantised form takes its place); returns the report,
     also recorded in ``model.config`` under ``quantization``. Embeddings / LM head / norms / biases stay fp32;
     Linears that do not fit the block size stay fp32, each named in a log line. Quantising a quantised model
     again changes nothing."""
-    check_quant_type(quant)
-    rep = plan_quantization(model)
+    quant = check_quant_type(quant)
+    block = QUANT_TYPES[quant]
+    rep = plan_quantization(model, quant)
+    for name in rep.quantized:
+        m = model.get_submodule(name)
+        if type(m) is QuantLinear and m.block != block:
+            raise ConfigError(f"quantize_model: {name} is already {m.block}; quantise the fp32 model as {quant}")
     for name in rep.quantized:
         m = model.get_submodule(name)
         if type(m) is nn.Linear:
-            replace_module(model, name, QuantLinear.from_linear(m))
+            replace_module(model, name, QuantLinear.from_linear(m, block))
     for name, why in rep.kept.items():
         log.info("quantisation: %s stays fp32 (%s)", name, why)
     set_quantization_entry(model, rep.config_entry())
@@ -272,15 +372,23 @@ def quant_buffer_names(model: nn.Module) -> set[str]:
 
 __all__ = [
     "BLOCK_SIZE",
+    "BLOCK_TYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "QUANT_ALIASES",
     "QUANT_TYPES",
     "QuantLinear",
     "QuantReport",
     "check_quant_type",
+    "dequantize_q4_0",
     "dequantize_q8_0",
+    "dequantize_weight",
     "plan_quantization",
     "quant_buffer_names",
     "quantize_model",
+    "quantize_q4_0",
     "quantize_q8_0",
+    "quantize_weight",
+    "unpack_q4_0",
+    "weight_q_shape",
 ]

@@ -1,13 +1,17 @@
-/* mptkit: the q8_0 linear of the decode step, y = x @ W^T (+ b) with W held as llama.cpp's q8_0 blocks;
- * called through ctypes by mptkit/infer/quant_kernels.py, compiled like csrc/cpu_kernels.c (-O3 -march=native).
+/* mptkit: the quantised linears of the decode step, y = x @ W^T (+ b) with W held as llama.cpp's q8_0 or q4_0
+ * blocks; called through ctypes by mptkit/infer/quant_kernels.py, compiled like csrc/cpu_kernels.c
+ * (-O3 -march=native).
  *
- * W (N, K): q (N, K) int8 and s (N, K/32) fp16 (IEEE binary16 bits), one scale per block of 32 weights along K;
- * the weight stands for s[n][k/32] * q[n][k]. x (M, K) fp32, b (N) fp32 or NULL, y (M, N) fp32; all row-major and
- * contiguous, K a multiple of 32. M is the decode batch (1..16): the cost is streaming q (a quarter of an fp32
- * weight's bytes), so each thread walks its own 64-row blocks of W once for all M rows of x.
+ * W (N, K), s (N, K/32) fp16 (IEEE binary16 bits), one scale per block of 32 weights along K, and
+ *   q8_0: q (N, K) int8; the weight stands for s[n][k/32] * q[n][k];
+ *   q4_0: q (N, K/2) uint8, 16 bytes per block, byte j holding value j (low nibble) and value j + 16 (high
+ *         nibble) of the block, each 0..15; the weight stands for s[n][k/32] * (value - 8).
+ * x (M, K) fp32, b (N) fp32 or NULL, y (M, N) fp32; all row-major and contiguous, K a multiple of 32. M is the
+ * decode batch (1..16): the cost is streaming q (a quarter / an eighth of an fp32 weight's bytes), so each thread
+ * walks its own 64-row blocks of W once for all M rows of x.
  *
  * The arithmetic is the dequantise-then-matmul reference's, in fp32: every block is dequantised in registers
- * (the int8 -> fp32 conversion and the multiply by the block's scale are exact: 8 + 11 significant bits) and
+ * (the integer -> fp32 conversion and the multiply by the block's scale are exact: 8 + 11 significant bits) and
  * fused-multiply-added into the row's accumulators; only the summation order differs (float rounding). One
  * accumulator per vector of a block (4 with AVX2, 2 with AVX-512) keeps the chains independent at M = 1; rows
  * of x are taken RB at a time, so an output element is the same sum whatever M is (batch-invariant).
@@ -67,6 +71,13 @@ typedef __m512 qvf;
 #define QMUL(a, b) _mm512_mul_ps(a, b)
 #define QADD(a, b) _mm512_add_ps(a, b)
 #define QCVT8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+/* one q4_0 block's 16 bytes -> 2 vectors of (value - 8) as fp32: the low nibbles (values 0..15), the high ones */
+#define Q4LOAD(p, w)                                                                                             \
+  do {                                                                                                           \
+    const __m128i b_ = _mm_loadu_si128((const __m128i *)(p)), m_ = _mm_set1_epi8(0x0f), o_ = _mm_set1_epi8(8);   \
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(b_, m_), o_)));                    \
+    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b_, 4), m_), o_))); \
+  } while (0)
 static inline float qhsum(qvf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QVW 8
@@ -79,6 +90,17 @@ typedef __m256 qvf;
 #define QMUL(a, b) _mm256_mul_ps(a, b)
 #define QADD(a, b) _mm256_add_ps(a, b)
 #define QCVT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+/* one q4_0 block's 16 bytes -> 4 vectors of (value - 8) as fp32: values 0..7, 8..15 (low nibbles), 16..31 */
+#define Q4LOAD(p, w)                                                                                             \
+  do {                                                                                                           \
+    const __m128i b_ = _mm_loadu_si128((const __m128i *)(p)), m_ = _mm_set1_epi8(0x0f), o_ = _mm_set1_epi8(8);   \
+    const __m128i lo_ = _mm_sub_epi8(_mm_and_si128(b_, m_), o_);                                                 \
+    const __m128i hi_ = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b_, 4), m_), o_);                              \
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo_));                                                        \
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo_, 8)));                                     \
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi_));                                                        \
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi_, 8)));                                     \
+  } while (0)
 static inline float qhsum(qvf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -89,23 +111,29 @@ static inline float qhsum(qvf v) {
 
 #ifdef QVW
 #define NV (QB / QVW) /* vectors per block */
+#define Q8LOAD(p, w)                                                                                             \
+  do {                                                                                                           \
+    _Pragma("GCC unroll 8") for (int v_ = 0; v_ < NV; v_++) w[v_] = QCVT8((const int8_t *)(p) + v_ * QVW);      \
+  } while (0)
 
-/* output rows n0..n1 for R rows of x (R a compile-time constant <= RB, so the accumulators stay in registers) */
-#define Q8ROWS(R)                                                                                                \
-  static void q8_rows##R(const float *x, const int8_t *q, const uint16_t *s, const float *b, float *y, long N,   \
-                         long K, long n0, long n1) {                                                            \
+/* output rows n0..n1 for R rows of x (R a compile-time constant <= RB, so the accumulators stay in registers);
+ * BPB bytes of q per block, LOADW(p, w) turns one block's bytes into NV vectors of unscaled fp32 values */
+#define QROWS(NAME, R, BPB, LOADW)                                                                               \
+  static void NAME##R(const float *x, const void *q, const uint16_t *s, const float *b, float *y, long N, long K, \
+                      long n0, long n1) {                                                                        \
     const long nb = K / QB;                                                                                      \
     for (long n = n0; n < n1; n++) {                                                                             \
       qvf acc[R][NV];                                                                                            \
       _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                        \
       _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[r][v] = QZERO();                                  \
-      const int8_t *qn = q + n * K;                                                                              \
+      const uint8_t *qn = (const uint8_t *)q + n * nb * (BPB);                                                   \
       const uint16_t *sn = s + n * nb;                                                                           \
       for (long j = 0; j < nb; j++) {                                                                            \
-        _mm_prefetch((const char *)(qn + j * QB + QPF), _MM_HINT_T0);                                            \
+        _mm_prefetch((const char *)(qn + j * (BPB) + QPF), _MM_HINT_T0);                                         \
         const qvf d = QSET1(H2F(sn[j]));                                                                         \
         qvf w[NV];                                                                                               \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = QMUL(QCVT8(qn + j * QB + v * QVW), d);       \
+        LOADW(qn + j * (BPB), w);                                                                                \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = QMUL(w[v], d);                               \
         const float *xj = x + j * QB;                                                                            \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
         _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                     \
@@ -120,24 +148,28 @@ static inline float qhsum(qvf v) {
     }                                                                                                            \
   }
 
-typedef void (*q8_rows_fn)(const float *, const int8_t *, const uint16_t *, const float *, float *, long, long,
-                           long, long);
+typedef void (*q_rows_fn)(const float *, const void *, const uint16_t *, const float *, float *, long, long, long,
+                          long);
 #if RB == 2
-Q8ROWS(1) Q8ROWS(2)
-static const q8_rows_fn Q8_ROWS[RB + 1] = {0, q8_rows1, q8_rows2};
+QROWS(q8_rows, 1, QB, Q8LOAD) QROWS(q8_rows, 2, QB, Q8LOAD)
+QROWS(q4_rows, 1, QB / 2, Q4LOAD) QROWS(q4_rows, 2, QB / 2, Q4LOAD)
+static const q_rows_fn Q_ROWS[2][RB + 1] = {{0, q8_rows1, q8_rows2}, {0, q4_rows1, q4_rows2}};
 #else
-Q8ROWS(1) Q8ROWS(2) Q8ROWS(3) Q8ROWS(4)
-static const q8_rows_fn Q8_ROWS[RB + 1] = {0, q8_rows1, q8_rows2, q8_rows3, q8_rows4};
+QROWS(q8_rows, 1, QB, Q8LOAD) QROWS(q8_rows, 2, QB, Q8LOAD) QROWS(q8_rows, 3, QB, Q8LOAD) QROWS(q8_rows, 4, QB, Q8LOAD)
+QROWS(q4_rows, 1, QB / 2, Q4LOAD) QROWS(q4_rows, 2, QB / 2, Q4LOAD) QROWS(q4_rows, 3, QB / 2, Q4LOAD)
+QROWS(q4_rows, 4, QB / 2, Q4LOAD)
+static const q_rows_fn Q_ROWS[2][RB + 1] = {{0, q8_rows1, q8_rows2, q8_rows3, q8_rows4},
+                                            {0, q4_rows1, q4_rows2, q4_rows3, q4_rows4}};
 #endif
-static void q8_rows(const float *x, const int8_t *q, const uint16_t *s, const float *b, float *y, long N, long K,
-                    long n0, long n1, int R) {
-  Q8_ROWS[R](x, q, s, b, y, N, K, n0, n1);
+static void q_rows(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y, long N,
+                   long K, long n0, long n1, int R) {
+  Q_ROWS[kind][R](x, q, s, b, y, N, K, n0, n1);
 }
 #else
 #define RB 1
 /* plain C: the same blocks, dequantised then summed in order */
-static void q8_rows(const float *x, const int8_t *q, const uint16_t *s, const float *b, float *y, long N, long K,
-                    long n0, long n1, int R) {
+static void q_rows(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y, long N,
+                   long K, long n0, long n1, int R) {
   const long nb = K / QB;
   (void)R;
   (void)N;
@@ -145,18 +177,25 @@ static void q8_rows(const float *x, const int8_t *q, const uint16_t *s, const fl
     float acc = 0.f;
     for (long j = 0; j < nb; j++) {
       const float d = half_to_float(s[n * nb + j]);
-      const int8_t *qj = q + n * K + j * QB;
       const float *xj = x + j * QB;
-      for (int i = 0; i < QB; i++) acc += ((float)qj[i] * d) * xj[i];
+      if (kind == 0) {
+        const int8_t *qj = (const int8_t *)q + n * K + j * QB;
+        for (int i = 0; i < QB; i++) acc += ((float)qj[i] * d) * xj[i];
+      } else {
+        const uint8_t *qj = (const uint8_t *)q + (n * nb + j) * (QB / 2);
+        for (int i = 0; i < QB; i++) {
+          const int v = (i < QB / 2 ? qj[i] & 0x0f : qj[i - QB / 2] >> 4) - 8;
+          acc += ((float)v * d) * xj[i];
+        }
+      }
     }
     y[n] = b ? acc + b[n] : acc;
   }
 }
 #endif
 
-/* 0 on success; -1 for a bad shape (K not a multiple of 32). nthreads <= 1 runs on the calling thread. */
-int mptkit_q8_linear(const float *x, const int8_t *q, const uint16_t *s, const float *b, float *y, long M, long N,
-                     long K, int nthreads) {
+static int q_linear(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y, long M,
+                    long N, long K, int nthreads) {
   if (M < 1 || N < 1 || K < QB || K % QB) return -1;
   const long block = 64; /* rows of W per task: 64 x K bytes stay in L2 while every pass of x runs */
   const long tasks = (N + block - 1) / block;
@@ -165,11 +204,153 @@ int mptkit_q8_linear(const float *x, const int8_t *q, const uint16_t *s, const f
     const long n0 = t * block, n1 = n0 + block < N ? n0 + block : N;
     for (long m0 = 0; m0 < M; m0 += RB) {
       const int r = (int)(M - m0 < RB ? M - m0 : RB);
-      q8_rows(x + m0 * K, q, s, b, y + m0 * N, N, K, n0, n1, r);
+      q_rows(kind, x + m0 * K, q, s, b, y + m0 * N, N, K, n0, n1, r);
     }
   }
   return 0;
 }
+
+/* 0 on success; -1 for a bad shape (K not a multiple of 32). nthreads <= 1 runs on the calling thread. */
+int mptkit_q8_linear(const float *x, const int8_t *q, const uint16_t *s, const float *b, float *y, long M, long N,
+                     long K, int nthreads) {
+  return q_linear(0, x, q, s, b, y, M, N, K, nthreads);
+}
+
+/* the same for q4_0 blocks (q: N x K/2 packed bytes) */
+int mptkit_q4_linear(const float *x, const uint8_t *q, const uint16_t *s, const float *b, float *y, long M, long N,
+                     long K, int nthreads) {
+  return q_linear(1, x, q, s, b, y, M, N, K, nthreads);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The integer path (llama.cpp's way): each row of x is first rounded to q8_0 blocks of its own (per 32 values a
+ * scale dx = max|x| / 127 in fp32 and int8 values roundf(x / dx)), then every block's dot product is computed in
+ * integers (exact) and scaled by dw * dx: y[m][n] = sum_j dw[n][j] * dx[m][j] * sum_i wq[n][j][i] * xq[m][j][i].
+ * Not the dequantise-then-matmul arithmetic: x carries q8_0's rounding error too (as in llama.cpp), in exchange
+ * for half the instructions per weight. AVX2 (also what an AVX-512 machine runs) with _mm256_maddubs_epi16 on
+ * |w| and x * sign(w); plain C elsewhere (the same integer sums).
+ */
+
+/* x (M, K) fp32 -> xq (M, K) int8 and xd (M, K/32) fp32 */
+static void quantize_rows_q8(const float *x, int8_t *xq, float *xd, long M, long K) {
+  const long nb = K / QB;
+  for (long m = 0; m < M; m++) {
+    for (long j = 0; j < nb; j++) {
+      const float *v = x + m * K + j * QB;
+      float amax = 0.f;
+      for (int i = 0; i < QB; i++) {
+        const float a = v[i] < 0 ? -v[i] : v[i];
+        amax = a > amax ? a : amax;
+      }
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      xd[m * nb + j] = d;
+      int8_t *o = xq + m * K + j * QB;
+      for (int i = 0; i < QB; i++) {
+        const float t = v[i] * id;
+        o[i] = (int8_t)(t < 0 ? -(int)(-t + 0.5f) : (int)(t + 0.5f));
+      }
+    }
+  }
+}
+
+#define IRB 4 /* rows of x per pass over a weight row */
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256i load_w32(int kind, const uint8_t *p) {
+  if (kind == 0) return _mm256_loadu_si256((const __m256i *)p);
+  const __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0f);
+  const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+  return _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+}
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#define IROWS(R)                                                                                                  \
+  static void irows##R(int kind, const int8_t *xq, const float *xd, const uint8_t *q, const uint16_t *s,         \
+                       const float *b, float *y, long N, long K, long n0, long n1) {                              \
+    const long nb = K / QB, bpb = kind == 0 ? QB : QB / 2;                                                       \
+    const __m256i ones = _mm256_set1_epi16(1);                                                                   \
+    for (long n = n0; n < n1; n++) {                                                                             \
+      __m256 acc[R];                                                                                             \
+      for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                                  \
+      const uint8_t *qn = q + n * nb * bpb;                                                                      \
+      const uint16_t *sn = s + n * nb;                                                                           \
+      for (long j = 0; j < nb; j++) {                                                                            \
+        _mm_prefetch((const char *)(qn + j * bpb + QPF), _MM_HINT_T0);                                           \
+        const __m256i w = load_w32(kind, qn + j * bpb);                                                          \
+        const __m256i aw = _mm256_sign_epi8(w, w);                                                               \
+        const float dw = H2F(sn[j]);                                                                             \
+        for (int r = 0; r < R; r++) {                                                                            \
+          const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + j * QB));                         \
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);          \
+          acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + j]), _mm256_cvtepi32_ps(p), acc[r]);          \
+        }                                                                                                        \
+      }                                                                                                          \
+      for (int r = 0; r < R; r++) {                                                                              \
+        const float sum = hsum8(acc[r]);                                                                         \
+        y[r * N + n] = b ? sum + b[n] : sum;                                                                     \
+      }                                                                                                          \
+    }                                                                                                            \
+  }
+IROWS(1) IROWS(2) IROWS(3) IROWS(4)
+typedef void (*irows_fn)(int, const int8_t *, const float *, const uint8_t *, const uint16_t *, const float *,
+                         float *, long, long, long, long);
+static const irows_fn IROWS_FN[IRB + 1] = {0, irows1, irows2, irows3, irows4};
+static void irows(int kind, const int8_t *xq, const float *xd, const uint8_t *q, const uint16_t *s, const float *b,
+                  float *y, long N, long K, long n0, long n1, int R) {
+  IROWS_FN[R](kind, xq, xd, q, s, b, y, N, K, n0, n1);
+}
+#define QI_VECTOR 1
+#else
+static void irows(int kind, const int8_t *xq, const float *xd, const uint8_t *q, const uint16_t *s, const float *b,
+                  float *y, long N, long K, long n0, long n1, int R) {
+  const long nb = K / QB;
+  for (long n = n0; n < n1; n++) {
+    for (int r = 0; r < R; r++) {
+      float acc = 0.f;
+      for (long j = 0; j < nb; j++) {
+        const int8_t *xj = xq + r * K + j * QB;
+        int dot = 0;
+        if (kind == 0) {
+          const int8_t *qj = (const int8_t *)q + n * K + j * QB;
+          for (int i = 0; i < QB; i++) dot += (int)qj[i] * xj[i];
+        } else {
+          const uint8_t *qj = q + (n * nb + j) * (QB / 2);
+          for (int i = 0; i < QB / 2; i++) dot += ((qj[i] & 0x0f) - 8) * xj[i] + ((qj[i] >> 4) - 8) * xj[i + QB / 2];
+        }
+        acc += half_to_float(s[n * nb + j]) * xd[r * nb + j] * (float)dot;
+      }
+      y[r * N + n] = b ? acc + b[n] : acc;
+    }
+  }
+}
+#define QI_VECTOR 0
+#endif
+
+/* the integer path; xq (M, K) int8 and xd (M, K/32) fp32 are the caller's work buffers. 0 on success. */
+int mptkit_qi_linear(int kind, const float *x, const uint8_t *q, const uint16_t *s, const float *b, float *y,
+                     int8_t *xq, float *xd, long M, long N, long K, int nthreads) {
+  if (M < 1 || N < 1 || K < QB || K % QB || kind < 0 || kind > 1) return -1;
+  quantize_rows_q8(x, xq, xd, M, K);
+  const long block = 64;
+  const long tasks = (N + block - 1) / block;
+  const long nb = K / QB;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+  for (long t = 0; t < tasks; t++) {
+    const long n0 = t * block, n1 = n0 + block < N ? n0 + block : N;
+    for (long m0 = 0; m0 < M; m0 += IRB) {
+      const int r = (int)(M - m0 < IRB ? M - m0 : IRB);
+      irows(kind, xq + m0 * K, xd + m0 * nb, q, s, b, y + m0 * N, N, K, n0, n1, r);
+    }
+  }
+  return 0;
+}
+
+/* 1 when the integer path is vectorised (AVX2), 0 for plain C */
+int mptkit_qi_vectorised(void) { return QI_VECTOR; }
 
 /* lanes of the path compiled in: 16 (AVX-512F), 8 (AVX2 + FMA), 1 (plain C) */
 int mptkit_q8_vector_width(void) {

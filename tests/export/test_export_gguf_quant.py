@@ -1,0 +1,101 @@
+"""Quantised GGUF export (``mptkit export gguf --dtype q8_0|q4_0``): the file read back by the ``gguf`` package
+holds the block Linears as Q8_0 / Q4_0 tensors whose bytes are mptkit's own blocks (the weights ``--quant
+int8|q4`` runs) and everything else f32; with llama-cpp-python, llama.cpp's greedy tokens on that file equal
+mptkit's quantised model's.
+
+llama.cpp multiplies a q8_0 / q4_0 matrix by activations it first rounds to q8_0 blocks (its integer dot
+product); mptkit keeps the activations fp32. The logits therefore differ a little more than the f32 file's
+(tolerance below, measured on these models), while the greedy tokens agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mptkit.cli import main
+from mptkit.errors import ExportError
+from mptkit.export.gguf import export_gguf
+from mptkit.model import MPTForCausalLM
+from mptkit.model.quant import quantize_weight
+from tests.helpers import saved_model
+
+gguf = pytest.importorskip("gguf")
+
+QUANTISED = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantised_gguf_holds_mptkits_blocks(tmp_path, make_tokenizer, dtype):
+    model = saved_model(tmp_path / "m", make_tokenizer(), no_bias=False)
+    res = export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype=dtype)
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    want_type = gguf.GGMLQuantizationType[dtype.upper()]
+    ftype = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+    assert int(r.fields["general.file_type"].parts[-1][0]) == int(ftype)
+    sd = model.state_dict()
+    names = {"attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj", "ffn_up": "ffn.up_proj",
+             "ffn_down": "ffn.down_proj"}
+    seen = 0
+    for t in r.tensors:
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if kind in QUANTISED and t.name.endswith(".weight"):
+            assert t.tensor_type == want_type, t.name
+            i = int(t.name.split(".")[1])
+            w = sd[f"transformer.blocks.{i}.{names[kind]}.weight"]
+            assert [int(d) for d in t.shape] == [w.shape[1], w.shape[0]]  # ggml's order: columns first
+            q, s = quantize_weight(w, dtype)
+            blocks = np.asarray(t.data).reshape(w.shape[0], w.shape[1] // 32, -1)
+            np.testing.assert_array_equal(blocks[..., :2].copy().view(np.uint16)[..., 0], s.numpy().view(np.uint16))
+            np.testing.assert_array_equal(blocks[..., 2:].reshape(w.shape[0], -1),
+                                          q.view(torch.uint8).numpy().reshape(w.shape[0], -1))
+            seen += 1
+        else:  # embeddings, norms, biases: f32, as mptkit's --quant keeps them
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+    assert seen == 4 * model.config.n_layers
+    assert res.n_bytes < sum(v.numel() * 4 for v in sd.values())
+
+
+def test_cli_quantised_gguf_and_a_matrix_that_does_not_fit_stays_f32(tmp_path, make_tokenizer):
+    saved_model(tmp_path / "m", make_tokenizer(), d_model=48, n_heads=3)  # 48 columns: not whole blocks
+    assert main(["export", "gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--dtype", "q4_0"]) == 0
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0  # 192 columns
+    with pytest.raises(ExportError, match="--dtype q5_0: expected one of f32, f16, q8_0, q4_0"):
+        export_gguf(tmp_path / "m", tmp_path / "x.gguf", dtype="q5_0")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# measured on this model (logits' std 4.3), max |logit difference| over prompt + continuation: llama.cpp vs
+# mptkit on the same quantised weights q8_0 0.37, q4_0 0.27 (f32 file: 0.009; llama.cpp rounds the activations
+# to q8_0 blocks, mptkit keeps them fp32) — while mptkit's own q4 model is 3.8 away from fp32 (int8: 0.26), so
+# the bound shows the file holds the weights mptkit quantised, not merely similar ones
+@pytest.mark.slow
+@pytest.mark.parametrize(("quant", "dtype", "tol"), [("int8", "q8_0", 0.6), ("q4", "q4_0", 0.6)])
+def test_llama_cpp_greedy_tokens_equal_mptkits_quantised_model(tmp_path, make_tokenizer, quant, dtype, tol):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mptkit.infer import Generator, SamplingParams
+
+    saved_model(tmp_path / "m", make_tokenizer())
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype=dtype)
+    model = MPTForCausalLM.from_pretrained(tmp_path / "m", quant=quant).eval()
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True,
+                          verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    prompt = torch.randint(2, 400, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm.reset()
+    llm.eval(prompt)
+    got = list(prompt)
+    for _ in range(24):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        got.append(nxt)
+        llm.eval([nxt])
+    out = Generator(model, None).generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
+    assert got == prompt + list(out)  # mptkit's fast decoder (the quantised kernel) on the same weights
+    with torch.no_grad():
+        ref = model(torch.tensor([got])).logits[0].numpy()
+    n = len(got) - 1
+    err = float(np.abs(np.array(llm.scores[:n]) - ref[:n]).max())
+    assert ref.std() > 1.0
+    assert err <= tol, f"max |logit diff| {err:.4g} > {tol}"
