@@ -14,7 +14,7 @@ import yaml
 from mptkit.cli import main
 from mptkit.data.mixture import MixtureDataset, MixtureSampler, StreamWeight, resolve_counts
 from mptkit.data.prepare import prepare_dataset
-from mptkit.errors import ConfigError, DataError
+from mptkit.errors import EXIT_NOT_RETRYABLE, ConfigError, DataError
 
 SEQ = 16
 
@@ -206,7 +206,7 @@ def test_bad_streams_are_refused_naming_the_key(tmp_path, folders, capsys):
          r"streams.y \(.*other\): .*not the tokenizer of train_loader.dataset.streams.x"),
     ]
     for streams, msg in cases:
-        assert main(["train", str(_write(tmp_path, _recipe(tmp_path, folders, streams)))]) == 2
+        assert main(["train", str(_write(tmp_path, _recipe(tmp_path, folders, streams)))]) == EXIT_NOT_RETRYABLE
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1, err
         import re

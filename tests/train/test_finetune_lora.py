@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mptkit.cli import main
+from mptkit.errors import EXIT_NOT_RETRYABLE
 from mptkit.io.adapter import is_adapter_folder
 from mptkit.io.source import open_model_source
 from mptkit.model import MPTForCausalLM
@@ -97,7 +98,7 @@ def test_instruct_lora_recipe_trains_exports_merges_and_generates(tmp_path, make
     # resuming against another base: refused, naming what to change
     other = _base(tmp_path, tok, name="other", seed=6)
     over2 = [o for o in over if not o.startswith(("variables.base=", "max_duration="))]
-    assert main(["train", recipe, *over2, f"variables.base={other}", "max_duration=6ba"]) == 2
+    assert main(["train", recipe, *over2, f"variables.base={other}", "max_duration=6ba"]) == EXIT_NOT_RETRYABLE
     err = capsys.readouterr().err
     assert "trained on another base model" in err and "pretrained_model_name_or_path changed" in err
 
