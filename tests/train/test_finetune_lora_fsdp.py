@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,14 @@ info = {{"opt_params": len(opt), "opt_all_trainable": all(p.requires_grad for p 
         "frozen_grads": sum(p.grad is not None for _, p in frozen),
         "wqkv_local": w.to_local().numel(), "wqkv_full": w.numel(), "base_changed": changed}}
 (tmp / f"info{{rank}}.json").write_text(json.dumps(info))
-if rank == 0:  # a run killed after its step-2 checkpoint: that checkpoint alone, resumed on 2 ranks
-    (tmp / "res" / "ck").mkdir(parents=True)
-    shutil.copytree(tmp / "fsdp" / "ck" / "ep0-ba2", tmp / "res" / "ck" / "ep0-ba2")
-dist.barrier()
-t = run("res")
-if rank == 0:
-    (tmp / "resumed.txt").write_text(str(t.resumed_from))
+for name, src in (("res", "fsdp"), ("cross", "one")):  # a run killed after its step-2 checkpoint, resumed
+    if rank == 0:  # on 2 ranks: that checkpoint alone (cross: the one-process run's)
+        (tmp / name / "ck").mkdir(parents=True)
+        shutil.copytree(tmp / src / "ck" / "ep0-ba2", tmp / name / "ck" / "ep0-ba2")
+    dist.barrier()
+    t = run(name)
+    if rank == 0:
+        (tmp / f"resumed-{{name}}.txt").write_text(str(t.resumed_from))
 """
 
 
@@ -99,10 +101,12 @@ def _adapter(folder: Path, step: int) -> dict:
     return load_file(str(folder / "ck" / f"ep0-ba{step}" / "model" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_lora_under_fsdp2_matches_one_process_and_resumes(tmp_path):
     """Same adapter as one process (fp32, to float rounding: the reductions sum in another order), the base
     sharded and unchanged, only adapter tensors in the optimizer and in the checkpoint, the same trainer-state
-    layout as one process; resuming the step-2 checkpoint on 2 ranks gives the uninterrupted run's step 4."""
+    layout as one process; resuming the step-2 checkpoint on 2 ranks gives the uninterrupted run's step 4 (bit for
+    bit), and checkpoints cross between one process and FSDP both ways."""
     base = model_folder(tmp_path / "base", None, seed=3, spread=None,
                         **{k: v for k, v in TINY_MODEL.items() if k != "name"})
     tr, ev = datasets()
@@ -140,10 +144,22 @@ def test_lora_under_fsdp2_matches_one_process_and_resumes(tmp_path):
             if isinstance(v, torch.Tensor) and v.dim():
                 torch.testing.assert_close(o2["state"][idx][key], v, rtol=1e-3, atol=1e-6)
     # the resumed run (from the step-2 checkpoint) ends where the uninterrupted one did, bit for bit
+    for name in ("res", "cross"):
+        assert (tmp_path / f"resumed-{name}.txt").read_text() == str(tmp_path / name / "ck" / "ep0-ba2")
     c = _adapter(tmp_path / "res", 4)
-    assert (tmp_path / "resumed.txt").read_text() == str(tmp_path / "res" / "ck" / "ep0-ba2")
     for k in b:
         assert torch.equal(b[k], c[k]), k
+    # checkpoints cross: one process's step 2 resumed on 2 FSDP ranks, and FSDP's step 2 in one process
+    (tmp_path / "back" / "ck").mkdir(parents=True)
+    shutil.copytree(tmp_path / "fsdp" / "ck" / "ep0-ba2", tmp_path / "back" / "ck" / "ep0-ba2")
+    back = config_from_dict(tiny_run(tmp_path / "back", model=lora_model(str(base)), autoresume=True, **COMMON))
+    t = Trainer(back, train_dataset=tr, eval_dataset=ev)
+    t.fit()
+    assert t.resumed_from == tmp_path / "back" / "ck" / "ep0-ba2"
+    for name in ("cross", "back"):
+        d = _adapter(tmp_path / name, 4)
+        for k in a:
+            torch.testing.assert_close(d[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("over, match", [
