@@ -200,8 +200,9 @@ def test_bundled_lora_recipes_are_valid(recipe, caplog):
     path = ROOT / "configs" / "finetune" / f"{recipe}.yaml"
     with pytest.raises(ConfigError, match="model.peft_config: unknown key 'rank'"):
         load_run_config(path, ["model.peft_config.rank=4"])
-    with pytest.raises(ConfigError, match="peft_config with fsdp_config"):
-        load_run_config(path, ["fsdp_config.sharding_strategy=FULL_SHARD"])
+    load_run_config(path, ["fsdp_config.sharding_strategy=FULL_SHARD"])  # LoRA under FSDP2 (test_finetune_lora_fsdp)
+    with pytest.raises(ConfigError, match="peft_config with fsdp_config.state_dict_type"):
+        load_run_config(path, ["fsdp_config.state_dict_type=sharded"])
 
 
 DDP_SCRIPT = r"""

@@ -280,9 +280,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *, where: str = "the adapter") -> None:
+def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *, where: str = "the adapter",
+                            convert=None) -> None:
     """Copy ``sd`` (peft's names, or the same without the ``base_model.model.`` prefix) into ``model``'s adapters;
-    missing, unexpected and mis-shaped tensors are a :class:`ConfigError` naming them."""
+    missing, unexpected and mis-shaped tensors are a :class:`ConfigError` naming them. ``convert(full, param)``:
+    the value to copy into ``param`` (an FSDP-sharded model's: this rank's shard of ``full``)."""
     want = adapter_state_dict(model)
     got = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in sd.items()}
     # peft may save an adapter name inside the key (``lora_A.default.weight``) in older files: accept it
@@ -304,7 +306,8 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *, wh
                               "was made for a base model of other dimensions (d_model, n_heads, ffn size)")
     with torch.no_grad():
         for k, t in want.items():
-            t.copy_(got[k].to(t.dtype))
+            v = got[k].to(t.dtype)
+            t.copy_(convert(v, t) if convert is not None else v)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -399,10 +399,16 @@ class RunConfig:
         if isinstance(self.model, dict) and self.model.get("peft_config") is not None:  # checked before any work
             from mptkit.model.lora import LoraSettings
 
-            LoraSettings.from_dict(self.model["peft_config"])
-            if self.fsdp_config is not None:
-                raise ConfigError("model.peft_config with fsdp_config: LoRA runs train with one process or DDP "
-                                  "(torchrun without fsdp_config); the frozen base is not sharded yet")
+            lora = LoraSettings.from_dict(self.model["peft_config"])
+            if isinstance(self.fsdp_config, dict):  # LoRA under FSDP2: train/fsdp.py (docs/finetuning.md)
+                if str(self.fsdp_config.get("state_dict_type") or "full").lower() != "full":
+                    raise ConfigError("model.peft_config with fsdp_config.state_dict_type "
+                                      f"{self.fsdp_config.get('state_dict_type')!r}: a LoRA checkpoint is the adapter "
+                                      "alone, gathered to rank 0 (peft's files); use state_dict_type: full")
+                if lora.base_dtype not in (None, "fp32", "float32"):
+                    raise ConfigError(f"model.peft_config.base_dtype {lora.base_dtype} with fsdp_config: FSDP2 "
+                                      "shards one dtype per unit; leave base_dtype out and set "
+                                      "fsdp_config.mixed_precision (or precision amp_bf16) for bf16 compute")
         # the typed sections (train/sections.py): keys, values, defaults
         self.optimizer = OptimizerConfig.from_dict(self.optimizer)
         self.scheduler = SchedulerConfig.from_dict(self.scheduler)

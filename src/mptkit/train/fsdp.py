@@ -42,8 +42,8 @@ from mptkit.train.fsdp_config import FSDPSettings, compute_dtypes, notes, parse_
 log = logging.getLogger(__name__)
 
 __all__ = [  # the settings (from fsdp_config) and the runtime
-    "FSDPSettings", "build_mesh", "compute_dtypes", "dcp_load", "dcp_save",
-    "describe", "fsdp_blocks", "gather_full_optimizer_state", "gather_full_state_dict", "load_full_state_dict",
+    "FSDPSettings", "adapter_names", "build_mesh", "compute_dtypes", "dcp_load", "dcp_save",
+    "describe", "fsdp_blocks", "gather_adapter_model", "gather_full_optimizer_state", "gather_full_state_dict", "load_full_state_dict",
     "local_numel", "materialize_sharded", "notes", "parse_fsdp_config", "plain_model_from_state",
     "shard_model", "shard_optimizer_state",
 ]
@@ -287,12 +287,57 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, full_sd: dict) -> dict:
 
 
 def plain_model_from_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
-    """An unsharded CPU ``MPTForCausalLM`` holding ``sd`` (no copy: the tensors are assigned)."""
+    """An unsharded CPU ``MPTForCausalLM`` holding ``sd`` (no copy: the tensors are assigned). A LoRA model's
+    copy has the same adapters (``peft_config``, base reference and ``modules_to_save`` carried over)."""
     from mptkit.model import MPTForCausalLM
+    from mptkit.model.lora import has_lora
 
     plain = MPTForCausalLM(model.config, init=False, device="meta")
+    if has_lora(model):
+        _same_lora(plain, model)
     plain.load_state_dict(sd, strict=True, assign=True)
     plain.reset_buffers()
+    plain.train(model.training)
+    return plain
+
+
+def _same_lora(plain: nn.Module, model: nn.Module) -> None:
+    from mptkit.model.lora import apply_lora
+
+    apply_lora(plain, model.peft_config)
+    plain._lora_base = dict(getattr(model, "_lora_base", None) or {})
+    plain._lora_modules_to_save = tuple(getattr(model, "_lora_modules_to_save", ()))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The state-dict names of a LoRA model's adapter tensors (``lora_A`` / ``lora_B`` and ``modules_to_save``)."""
+    from mptkit.model.lora import adapter_state_dict
+
+    ids = {id(t) for t in adapter_state_dict(model).values()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def gather_adapter_model(model: nn.Module, is_main: bool) -> nn.Module | None:
+    """A sharded LoRA model's adapter, unsharded on rank 0, in a model whose frozen base stays on the ``meta``
+    device (never gathered): enough for :func:`mptkit.io.adapter.save_adapter`, which reads only the adapter,
+    the settings and the base's reference. Collective; None on the other ranks."""
+    from mptkit.model import MPTForCausalLM
+
+    params = dict(model.named_parameters())
+    sd = {}
+    for k in adapter_names(model):
+        full = _full(params[k].detach())
+        if is_main:
+            sd[k] = full.cpu().clone()
+        del full
+    if not is_main:
+        return None
+    plain = MPTForCausalLM(model.config, init=False, device="meta")
+    _same_lora(plain, model)
+    missing, unexpected = plain.load_state_dict(sd, strict=False, assign=True)
+    if unexpected or set(adapter_names(plain)) & set(missing):
+        raise CheckpointError(f"the adapter's tensors do not fit its model copy (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
     plain.train(model.training)
     return plain
 

@@ -259,13 +259,17 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, *, sharded: bool, is_
     return F.gather_full_optimizer_state(optimizer, is_main)
 
 
-def full_model(model: nn.Module, *, sharded: bool, is_main: bool) -> nn.Module | None:
+def full_model(model: nn.Module, *, sharded: bool, is_main: bool, adapter_only: bool = False) -> nn.Module | None:
     """The model with full weights: itself, or under FSDP an unsharded CPU copy on rank 0 (None on the
-    other ranks). Collective under FSDP."""
+    other ranks). Collective under FSDP. ``adapter_only`` (a LoRA model): under FSDP only the adapter is
+    gathered, the copy's frozen base left on the meta device (for checkpoints and adapter exports)."""
     if not sharded:
         return model
+    from mptkit.model.lora import has_lora
     from mptkit.train import fsdp as F
 
+    if adapter_only and has_lora(model):
+        return F.gather_adapter_model(model, is_main)
     sd = F.gather_full_state_dict(model, is_main)
     return F.plain_model_from_state(model, sd) if sd is not None else None
 
@@ -298,11 +302,14 @@ def load_weights_and_optimizer(
                 f"{ck}: the sharded checkpoint does not load into the recipe's model and "
                 f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
             ) from None
+    elif _load_adapter_checkpoint(ck, model, sharded=sharded):
+        if sharded:  # every rank maps the full (adapter-only) optimizer state and keeps its shards
+            _load_sharded_optimizer(ck, st, optimizer)
+        else:
+            _load_optimizer(ck, st, optimizer)
+        return
     elif sharded:
         _load_full_into_shards(ck, st, model, optimizer)
-    elif _load_adapter_checkpoint(ck, model):
-        _load_optimizer(ck, st, optimizer)
-        return
     else:
         from safetensors.torch import load_file
 
@@ -332,9 +339,10 @@ def _load_optimizer(ck: Path, st: dict, optimizer: torch.optim.Optimizer) -> Non
         ) from None
 
 
-def _load_adapter_checkpoint(ck: Path, model: nn.Module) -> bool:
+def _load_adapter_checkpoint(ck: Path, model: nn.Module, *, sharded: bool = False) -> bool:
     """A LoRA run's checkpoint (its ``model/`` an adapter folder) into the recipe's LoRA model: the base must be
-    the one the adapter was trained on (fingerprint), the adapter's layers the recipe's. False: not one."""
+    the one the adapter was trained on (fingerprint), the adapter's layers the recipe's. False: not one.
+    ``sharded`` (FSDP): each rank keeps its shard of every adapter tensor."""
     from mptkit.io.adapter import check_base, is_adapter_folder, read_adapter_tensors
     from mptkit.model.lora import has_lora, load_adapter_state_dict
 
@@ -354,10 +362,25 @@ def _load_adapter_checkpoint(ck: Path, model: nn.Module) -> bool:
         raise CheckpointError(f"{e}; the recipe's model.pretrained_model_name_or_path changed since the checkpoint "
                               "was written (resume with that base, or use another save_folder)") from None
     try:
-        load_adapter_state_dict(model, read_adapter_tensors(folder), where=str(folder))
+        convert = None
+        if sharded:
+            from mptkit.train import fsdp as F
+
+            convert = F._shard_like
+        load_adapter_state_dict(model, read_adapter_tensors(folder), where=str(folder), convert=convert)
     except ConfigError as e:
         raise CheckpointError(f"{e}; the recipe's model.peft_config changed since the checkpoint was written") from None
     return True
+
+
+def _load_sharded_optimizer(ck: Path, st: dict, optimizer: torch.optim.Optimizer) -> None:
+    from mptkit.train import fsdp as F
+
+    full = st.pop("optimizer")
+    try:
+        optimizer.load_state_dict(F.shard_optimizer_state(optimizer, full))
+    except (ValueError, KeyError, CheckpointError) as e:
+        raise CheckpointError(f"{ck}: optimizer state does not match ({e}); did optimizer.name change?") from None
 
 
 def _load_full_into_shards(ck: Path, st: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -536,10 +536,11 @@ class Trainer:
             optimizer_settings=self._optimizer_config(),
             extra={"recovery": self.recovery.state_dict(), "loss_monitor": self.spike.state_dict()})
 
-    def _full_model(self) -> nn.Module | None:
+    def _full_model(self, adapter_only: bool = False) -> nn.Module | None:
         """The model with full weights: itself, or under FSDP an unsharded CPU copy on rank 0 (None on the
-        other ranks). Collective under FSDP."""
-        return state_mod.full_model(self.model, sharded=self.fsdp is not None, is_main=self.dist.is_main)
+        other ranks). Collective under FSDP. ``adapter_only``: a LoRA run's copy gathers its adapter alone."""
+        return state_mod.full_model(self.model, sharded=self.fsdp is not None, is_main=self.dist.is_main,
+                                    adapter_only=adapter_only)
 
     # ------------------------------------------------------------------ preemption (SIGTERM / SIGINT)
     def _catch_stop_signals(self) -> Callable[[], None]:
@@ -690,7 +691,7 @@ class Trainer:
         state = self.trainer_state(with_optimizer=not weights_only)  # collective under DDP / FSDP
         if weights_only:
             state["weights_only"] = True
-        model = self._full_model()  # collective under FSDP
+        model = self._full_model(adapter_only=True)  # collective under FSDP (LoRA: the adapter alone)
         path = None
         if self.dist.is_main:
             with write_errors(self.save_folder, TrainError, _SAVE):  # a full disk: one line naming save_folder
@@ -1052,7 +1053,8 @@ class Trainer:
         full = self.model
         want_sample = bool(cfg.sample_prompt) and self.tokenizer is not None and self.sample_fn is not None
         if self.fsdp is not None and (cfg.export_folder or want_sample):
-            full = self._full_model()  # collective: every rank takes part; rank 0 gets the unsharded weights
+            # collective: every rank takes part; rank 0 gets the unsharded weights (LoRA, no sample: the adapter)
+            full = self._full_model(adapter_only=not want_sample)
         if main and cfg.export_folder:
             out = Path(cfg.export_folder.format(run_name=self.run_name))
             self._check_locks()  # the run folder is another run's now: no export in its name
