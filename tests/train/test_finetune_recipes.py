@@ -56,11 +56,12 @@ def _ce_sum(model, ids, labels) -> tuple[float, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["instruct", "chat"])
+@pytest.mark.parametrize("recipe", ["instruct", "chat", "instruct-lora", "chat-lora"])
 def test_bundled_recipe_trains_packed_examples_as_if_alone(recipe, tmp_path, make_tokenizer):
     """One full-batch step of the bundled recipe: the loss the trainer reports at step 1 (computed on the
-    packed samples with the starting weights) equals the loss of every example run alone through the base
-    model; and the model the recipe exports still keeps packed examples apart and says its context length."""
+    packed samples with the starting weights; a fresh LoRA adapter is exactly the base) equals the loss of every
+    example run alone through the base model; and the model the recipe exports (for LoRA: merged by `mptkit
+    export hf RUN OUT --merge`) still keeps packed examples apart and says its context length."""
     from mptkit.data.finetune import builtin_records
     from mptkit.train.config import load_run_config
     from mptkit.train.recipe_data import build_finetune_data
@@ -70,7 +71,7 @@ def test_bundled_recipe_trains_packed_examples_as_if_alone(recipe, tmp_path, mak
     data = tmp_path / "data"  # the first records of the recipe's own built-in dataset (all 716 are slow here)
     data.mkdir()
     for split, n in (("train", 96), ("test", 8)):
-        recs = [r for _, r in builtin_records(f"mptkit:stdlib-{recipe}", split)[:n]]
+        recs = [r for _, r in builtin_records(f"mptkit:stdlib-{recipe.removesuffix('-lora')}", split)[:n]]
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     # 1024-token samples: this test tokenizer's long prompts pack several to a sample (256 holds one)
     over = [*_overrides(tmp_path, base), f"variables.data={data}", "max_seq_len=1024"]
@@ -95,7 +96,11 @@ def test_bundled_recipe_trains_packed_examples_as_if_alone(recipe, tmp_path, mak
     assert steps[0]["step"] == 1
     assert steps[0]["train_loss"] == pytest.approx(total / count, rel=1e-5, abs=1e-6)
 
-    made = MPTForCausalLM.from_pretrained(tmp_path / "run" / "hf").eval()
+    made_folder = tmp_path / "run" / "hf"
+    if recipe.endswith("-lora"):  # the run's export is the adapter alone: merge it into the base
+        made_folder = tmp_path / "merged"
+        assert main(["export", "hf", str(tmp_path / "run" / "hf"), str(made_folder), "--merge"]) == 0
+    made = MPTForCausalLM.from_pretrained(made_folder).eval()
     assert made.config.max_seq_len == 1024  # the context it was trained at, as the recipe's comment says
     i = max(range(n), key=lambda j: len(packs[j]))
     ids, seq = train.input_ids[i][None].long(), train.sequence_id[i][None].long()

@@ -74,6 +74,15 @@ class ModelSource:
         if self.adapter is not None and kw.get("quant"):
             raise CheckpointError(f"{self.adapter}: a LoRA adapter on a quantised base is not supported; merge it "
                                   "first (mptkit export hf RUN OUT --merge), then quantise the merged folder")
+        if self.adapter is not None:
+            # the settings the LoRA run trained the model at (the recipe's max_seq_len, attn_config overrides: no
+            # weight depends on them) come with its adapter, as a full finetune's exported config.json carries them
+            from mptkit.io.adapter import read_adapter_meta
+
+            trained = read_adapter_meta(self.adapter).get("model_config") or {}
+            for key in ("max_seq_len", "attn_config"):
+                if key in trained and key not in kw:
+                    kw[key] = trained[key]
         model = MPTForCausalLM.from_pretrained(self.folder, **kw)
         if self.adapter is not None:
             from mptkit.io.adapter import load_adapter
