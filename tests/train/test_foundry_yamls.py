@@ -20,7 +20,7 @@ STEP = ["global_train_batch_size=4", "device_train_microbatch_size=2", "device_e
         "precision=fp32", "scheduler.t_warmup=0.5dur", "eval_subset_num_batches=1", "torch_threads=1"]
 
 
-@pytest.mark.parametrize("name", ["mpt-125m", "mpt-7b", "mpt-7b_dolly_sft"])
+@pytest.mark.parametrize("name", ["mpt-125m", "mpt-7b", "mpt-7b_dolly_sft", "mpt-7b_dolly_lora"])
 def test_foundry_yamls_validate_as_written(name, capsys):
     assert cli_main(["train", str(YAMLS / f"{name}.yaml"), "--print-config"]) == 0
     printed = capsys.readouterr().out
@@ -55,7 +55,8 @@ def test_pretrain_yamls_train_a_step(tmp_path, prepared, name):
     assert [r["step"] for r in steps if "train_loss" in r] == [1]
 
 
-def test_dolly_sft_yaml_trains_a_step(tmp_path, make_tokenizer):
+@pytest.mark.parametrize("name", ["mpt-7b_dolly_sft", "mpt-7b_dolly_lora"])
+def test_dolly_sft_yaml_trains_a_step(tmp_path, make_tokenizer, name):
     tok = make_tokenizer()
     base = model_folder(tmp_path / "mpt", tok, max_seq_len=64)
     data = tmp_path / "dolly"
@@ -64,8 +65,14 @@ def test_dolly_sft_yaml_trains_a_step(tmp_path, make_tokenizer):
     for split, n in (("train", 8), ("test", 4)):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(rec) + "\n" for _ in range(n)))
     run = tmp_path / "run"
-    assert cli_main(["train", str(YAMLS / "mpt-7b_dolly_sft.yaml"), f"tokenizer_name={base}", f"dolly_local={data}",
-                     f"model.pretrained_model_name_or_path={base}", "max_seq_len=64", *STEP, f"run_folder={run}"]) == 0
+    assert cli_main(["train", str(YAMLS / f"{name}.yaml"), f"tokenizer_name={base}", f"dolly_local={data}",
+                     f"model.pretrained_model_name_or_path={base}", "max_seq_len=64", *STEP, f"run_folder={run}",
+                     f"export_folder={tmp_path / 'out'}"]) == 0
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "train_loss" in r] == [1]
     assert any("eval_loss" in r for r in recs)  # eval_first: true
+    if name.endswith("lora"):  # only the adapter trained: the export is peft's adapter folder, r=16 on Wqkv
+        from mptkit.io.adapter import read_adapter_config
+
+        ad = read_adapter_config(tmp_path / "out")
+        assert (ad.r, ad.lora_alpha, list(ad.target_modules)) == (16, 32, ["Wqkv"])
