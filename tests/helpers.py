@@ -229,3 +229,21 @@ def datasets(n: int = 64):
     from mptkit.train.data import TensorDataset
 
     return TensorDataset(pattern_data(n)), TensorDataset(pattern_data(16, seed=0))
+
+
+def kill_after_checkpoint(proc, save_folder, step: int, *, timeout: float = 240, poll: float = 0.01) -> None:
+    """SIGKILL the training process ``proc`` (a ``subprocess.Popen``) as soon as its newest checkpoint under
+    ``save_folder`` is at step ``step`` or later (the kill-then-autoresume tests); returns at once if it ends first."""
+    import os
+    import signal
+    import time
+
+    from mptkit.io.checkpoints import list_checkpoints
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        cks = list_checkpoints(save_folder)
+        if cks and int(cks[0].name.split("-ba")[1]) >= step:
+            os.kill(proc.pid, signal.SIGKILL)
+            return
+        time.sleep(poll)

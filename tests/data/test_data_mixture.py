@@ -15,6 +15,7 @@ from mptkit.cli import main
 from mptkit.data.mixture import MixtureDataset, MixtureSampler, StreamWeight, resolve_counts
 from mptkit.data.prepare import prepare_dataset
 from mptkit.errors import EXIT_NOT_RETRYABLE, ConfigError, DataError
+from tests.helpers import kill_after_checkpoint
 
 SEQ = 16
 
@@ -221,12 +222,9 @@ def test_bad_streams_are_refused_naming_the_key(tmp_path, folders, capsys):
 
 def _train_process(recipe: Path, save: Path, kill_after_step: int | None = None):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    from mptkit.train import checkpoint as ck
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
@@ -234,13 +232,7 @@ def _train_process(recipe: Path, save: Path, kill_after_step: int | None = None)
     p = subprocess.Popen([sys.executable, "-m", "mptkit.cli", "train", str(recipe)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if kill_after_step is not None:
-        deadline = time.time() + 240
-        while time.time() < deadline and p.poll() is None:
-            cks = ck.list_checkpoints(save)
-            if cks and int(cks[0].name.split("-ba")[1]) >= kill_after_step:
-                os.kill(p.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
+        kill_after_checkpoint(p, save, kill_after_step, poll=0.005)
     _, err = p.communicate(timeout=300)
     return p.returncode, err.decode()
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from mptkit.io.adapter import is_adapter_folder
 from mptkit.io.source import open_model_source
 from mptkit.model import MPTForCausalLM
 from mptkit.train import checkpoint as ck
-from tests.helpers import Spread, model_folder
+from tests.helpers import Spread, kill_after_checkpoint, model_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,13 +128,7 @@ def _run(folder: Path, base: Path, kill_after_step: int | None = None) -> str:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
         return err.decode()
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        cks = ck.list_checkpoints(folder / "ck")
-        if cks and int(cks[0].name.split("-ba")[1]) >= kill_after_step:
-            os.kill(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    kill_after_checkpoint(p, folder / "ck", kill_after_step)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL, "the process finished before it could be killed: make the run longer"
     return ""

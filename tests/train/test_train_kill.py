@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mptkit.train import checkpoint as ck
+from tests.helpers import kill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,13 +39,7 @@ def _run(folder: Path, kill_after_step: int | None = None) -> tuple[int, str]:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
         return p.returncode, err.decode()
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        cks = ck.list_checkpoints(folder / "ck")
-        if cks and int(cks[0].name.split("-ba")[1]) >= kill_after_step:
-            os.kill(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    kill_after_checkpoint(p, folder / "ck", kill_after_step)
     _, err = p.communicate(timeout=60)
     return p.returncode, err.decode()
 
