@@ -117,6 +117,9 @@ def nonfinite(loss: float, grad_norm: float, *, check_grad: bool, dist: DistInfo
     """Whether the step's loss (or, with ``check_grad``, its gradient norm) is NaN or infinite on any rank (all
     ranks get the same answer: the flag is all-reduced)."""
     bad = not math.isfinite(loss) or (check_grad and not math.isfinite(grad_norm))
+    # A real NaN needs no vote (the loss is already all-reduced, the gradient norm is the averaged / global
+    # gradients'): the flag is reduced because MPTKIT_FAULTS' ``nan`` replaces one rank's reduced loss. Injecting
+    # it before the step's loss reduction (train/step.py) would let this per-step collective go.
     if dist.world_size > 1:
         dev = device if device.type == "cuda" else torch.device("cpu")
         bad = float(all_reduce_sum(torch.tensor([1.0 if bad else 0.0], device=dev), dist).item()) > 0
