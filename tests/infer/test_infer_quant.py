@@ -145,19 +145,73 @@ def _int8_model(quant="int8", **over):
     return m
 
 
-def test_contract_quantised_blocks_take_the_per_linear_path():
+def test_contract_quantised_blocks_take_the_whole_block_kernel():
+    """q8_0 / q4_0 blocks (also a block with a single quantised Linear) are covered by the whole-block C kernel:
+    every layer of the step in one call, each quantised linear read through its block kernel; without the
+    compiled kernels the decoder takes the per-linear path (each QuantLinear's exact torch forward)."""
     m = _int8_model()
     cov = model_coverage(m)
-    assert cov.fast and not any(c.kernel for c in cov.blocks)
+    assert cov.fast and all(c.kernel for c in cov.blocks)
     fp = MPTForCausalLM(tiny_cfg()).eval()
     assert block_coverage(fp.transformer.blocks[0]).kernel  # the fp32 block: the whole-block kernel
     one = copy.deepcopy(fp)
     blk = one.transformer.blocks[0]
-    blk.attn.out_proj = QuantLinear.from_linear(blk.attn.out_proj)  # one quantised Linear is enough
-    assert block_coverage(blk).fast and not block_coverage(blk).kernel
+    blk.attn.out_proj = QuantLinear.from_linear(blk.attn.out_proj)  # one quantised Linear in an fp32 block
+    assert block_coverage(blk).fast and block_coverage(blk).kernel
     gen = Generator(m, None)
-    assert gen.fast is not None and gen.fast.stack is None and all(L.block is None for L in gen.fast.layers)
     assert gen.fast.q8 is not None  # the compiled q8 kernel reads the int8 blocks
+    if gen.fast.small is not None:
+        assert gen.fast.stack is not None and all(L.block is not None and L.block.quantised for L in gen.fast.layers)
+        mixed = Generator(one, None).fast
+        assert mixed.stack is not None and mixed.layers[0].block.quantised and not mixed.layers[1].block.quantised
+    off = Generator(m, None, decode_options=DecodeOptions(cpu_kernels=False)).fast
+    assert off.stack is None and off.q8 is None and all(L.block is None for L in off.layers)
+
+
+def _per_linear(gen):
+    """The same generator with the whole-block kernel switched off: one kernel call per quantised linear."""
+    gen.fast.stack = None
+    for L in gen.fast.layers:
+        L.block = None
+    return gen
+
+
+@pytest.mark.parametrize("int_dot", [False, True], ids=["fp32_dot", "int_dot"])
+@pytest.mark.parametrize("quant", ["int8", "q4"])
+def test_whole_block_kernel_equals_the_per_linear_path(quant, int_dot):
+    """The quantised whole-step call computes what the per-linear path computes (the same block kernels, fp32 or
+    integer dot products, on the same rows): logits step by step at batch 1 and in a batched step with slots of
+    different lengths, some idle. Mixed blocks too (one fp32 Linear left in a quantised model)."""
+    m = _int8_model(quant, no_bias=False)
+    blk = m.transformer.blocks[1]
+    blk.ffn.up_proj = nn.Linear(blk.ffn.up_proj.in_features, blk.ffn.up_proj.out_features)  # an fp32 linear
+    opts = DecodeOptions(quant_int_dot=int_dot)
+    fast, ref = Generator(m, None, decode_options=opts), _per_linear(Generator(m, None, decode_options=opts))
+    if fast.fast.small is None or fast.fast.q8 is None:
+        pytest.skip("no compiled CPU kernels on this machine (x86-64 AVX2/AVX-512 only)")
+    assert fast.fast.stack is not None and ref.fast.stack is None
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (7, 3, 12)]
+    with torch.inference_mode():
+        for gen_ in (fast, ref):
+            gen_.c = gen_.new_cache(capacity=8)
+        la, lb = fast.prefill(fast.c, 0, prompts[0]), ref.prefill(ref.c, 0, prompts[0])
+        for _ in range(10):
+            t = int(lb.argmax())
+            la, lb = fast.decode(fast.c, [t])[0], ref.decode(ref.c, [t])[0]
+            torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
+        for gen_ in (fast, ref):
+            gen_.c = gen_.new_cache(slots=3, capacity=16)
+            for i, p in enumerate(prompts):
+                gen_.prefill(gen_.c, i, p)
+        toks = [1, 2, 3]
+        for step in range(5):
+            active = [True, step % 2 == 0, True]
+            la, lb = fast.decode(fast.c, toks, active), ref.decode(ref.c, toks, active)
+            for i in range(3):
+                if active[i]:
+                    torch.testing.assert_close(la[i], lb[i], atol=2e-5, rtol=2e-5)
+            toks = [int(x) for x in lb.argmax(-1)]
 
 
 @pytest.mark.parametrize(

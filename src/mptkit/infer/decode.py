@@ -98,7 +98,7 @@ class _Layer:
         if small is not None and coverage.kernel:
             from mptkit.infer.kernels import BlockWeights
 
-            self.block = BlockWeights.of(blk)  # the whole block in one compiled call (None: tensors it can't read)
+            self.block = BlockWeights.of(blk, q8)  # the whole block in one compiled call (None: tensors it can't read)
         else:
             self.block = None
         self.norm_1 = _norm_fn(blk.norm_1)
@@ -251,7 +251,7 @@ class FastDecoder:
         if fused and self.stack is not None:
             fused_layers(cache, x, self.stack, self.small)
         for i, L in enumerate(self.layers if not (fused and self.stack is not None) else ()):
-            if fused and L.block is not None:
+            if fused and L.block is not None and not L.block.quantised:  # (a quantised block: only in the stack)
                 fused_block(cache, i, x, L.block, self.small)
                 continue
             qkv = L.qkv(L.norm_1(x))

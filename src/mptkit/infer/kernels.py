@@ -196,7 +196,8 @@ class _LayerStruct(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "wqkv", "bqkv", "wout", "bout", "ln2_w",
                                                       "ln2_b", "wup", "bup", "wdown", "bdown", "kc", "vc", "kmax")]
                 + [(name, ctypes.c_float) for name in ("eps1", "eps2", "clip", "scale")]
-                + [("n_heads", ctypes.c_long), ("ffn", ctypes.c_long)])
+                + [("n_heads", ctypes.c_long), ("ffn", ctypes.c_long)]
+                + [(name, ctypes.c_void_p) for name in ("fqkv", "fout", "fup", "fdown", "sqkv", "sout", "sup", "sdown")])
 
 
 class DecodeStack:
@@ -205,13 +206,14 @@ class DecodeStack:
     the same head count and width. :meth:`check` (every call) verifies that no weight was since re-allocated
     or cast (``model.half()``, ``param.data = ...``): the C code reads raw pointers."""
 
-    _PTRS = ("ln1_w", "ln1_b", "wqkv", "bqkv", "wout", "bout", "ln2_w", "ln2_b", "wup", "bup", "wdown", "bdown")
+    _PTRS = ("ln1_w", "ln1_b", "wqkv", "bqkv", "wout", "bout", "ln2_w", "ln2_b", "wup", "bup", "wdown", "bdown",
+             "sqkv", "sout", "sup", "sdown")
 
     def __init__(self, blocks: list[BlockWeights]):
         self.blocks = blocks
         self.n_layers = len(blocks)
         b0 = blocks[0]
-        self.n_heads, self.d_model = b0.n_heads, b0.wqkv.shape[1]
+        self.n_heads, self.d_model = b0.n_heads, b0.d_in
         self.ws_row = max(2 * self.d_model + b.qkv_dim + b.ffn for b in blocks)
         self.table = (_LayerStruct * self.n_layers)()
         self._tensors = [getattr(b, k) for b in blocks for k in self._PTRS if getattr(b, k) is not None]
@@ -221,6 +223,7 @@ class DecodeStack:
                 setattr(row, k, _ptr(getattr(b, k)))
             row.eps1, row.eps2, row.clip, row.scale = b.eps1, b.eps2, b.clip, b.scale
             row.n_heads, row.ffn = b.n_heads, b.ffn
+            row.fqkv, row.fout, row.fup, row.fdown = b.fqkv or None, b.fout or None, b.fup or None, b.fdown or None
         self._kv: list[int] = []
         # one table per model: two threads decoding through one generator (each with its own cache) take
         # turns, or one would run the C code on the other's cache pointers
@@ -231,7 +234,7 @@ class DecodeStack:
         if not blocks or any(b is None for b in blocks):
             return None
         b0 = blocks[0]
-        if any(b.n_heads != b0.n_heads or b.wqkv.shape != b0.wqkv.shape for b in blocks):
+        if any(b.n_heads != b0.n_heads or b.d_in != b0.d_in for b in blocks):
             return None
         return cls(blocks)
 
@@ -291,12 +294,18 @@ class BlockWeights:
     LayerNorm/LPLayerNorm, QK-LayerNorm, FFNs other than MPTMLP, any wrapped, subclassed or hooked module), and
     non-fp32/non-contiguous or non-CPU weights."""
 
-    __slots__ = ("bdown", "bout", "bqkv", "bup", "clip", "eps1", "eps2", "ffn", "ln1_b", "ln1_w", "ln2_b", "ln2_w",
-                 "n_heads", "qkv_dim", "scale", "wdown", "wout", "wqkv", "wup")
+    __slots__ = ("bdown", "bout", "bqkv", "bup", "clip", "d_in", "eps1", "eps2", "fdown", "ffn", "fout", "fqkv", "fup",
+                 "ln1_b", "ln1_w", "ln2_b", "ln2_w", "n_heads", "qkv_dim", "quantised", "scale", "sdown", "sout",
+                 "sqkv", "sup", "wdown", "wout", "wqkv", "wup")
 
     @classmethod
-    def of(cls, blk) -> BlockWeights | None:
+    def of(cls, blk, q8=None) -> BlockWeights | None:
+        """``q8``: the quantised-linear kernels (:func:`mptkit.infer.quant_kernels.q8_kernels`) for a block whose
+        linears are q8_0 / q4_0 :class:`~mptkit.model.quant.QuantLinear` s (read as block values and fp16 scales
+        through their kernel, fp32 or integer dot products as ``q8.int_dot`` says); without it such a block is
+        not covered (None)."""
         from mptkit.model.fastpath import block_coverage
+        from mptkit.model.quant import QuantLinear
 
         if not block_coverage(blk).kernel:  # exact standard modules only (no wrapped / hooked Linear)
             return None
@@ -304,17 +313,31 @@ class BlockWeights:
         w = cls()
         w.ln1_w, w.ln1_b, w.eps1 = blk.norm_1.weight, blk.norm_1.bias, float(blk.norm_1.eps)
         w.ln2_w, w.ln2_b, w.eps2 = blk.norm_2.weight, blk.norm_2.bias, float(blk.norm_2.eps)
-        w.wqkv, w.bqkv = a.Wqkv.weight, a.Wqkv.bias
-        w.wout, w.bout = a.out_proj.weight, a.out_proj.bias
-        w.wup, w.bup = f.up_proj.weight, f.up_proj.bias
-        w.wdown, w.bdown = f.down_proj.weight, f.down_proj.bias
+        fp32 = [w.ln1_w, w.ln1_b, w.ln2_w, w.ln2_b]
+        w.quantised = False
+        for key, m in (("qkv", a.Wqkv), ("out", a.out_proj), ("up", f.up_proj), ("down", f.down_proj)):
+            setattr(w, "b" + key, m.bias)
+            fp32.append(m.bias)
+            if type(m) is QuantLinear:
+                if q8 is None or not q8.supports(m):
+                    return None
+                setattr(w, "w" + key, m.weight_q)
+                setattr(w, "s" + key, m.scales)
+                setattr(w, "f" + key, q8.linear_address(m.block))
+                w.quantised = True
+            else:
+                setattr(w, "w" + key, m.weight)
+                setattr(w, "s" + key, None)
+                setattr(w, "f" + key, 0)
+                fp32.append(m.weight)
         w.clip = float(a.clip_qkv or 0.0)
         w.scale = float(a.softmax_scale)
         w.n_heads = a.n_heads
-        w.qkv_dim = w.wqkv.shape[0]
-        w.ffn = w.wup.shape[0]
-        ts = [getattr(w, k) for k in cls.__slots__ if isinstance(getattr(w, k), torch.Tensor)]
-        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts):
+        w.d_in = a.Wqkv.in_features
+        w.qkv_dim = a.Wqkv.out_features
+        w.ffn = f.up_proj.out_features
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                   for t in fp32 if t is not None):
             return None
         return w
 

@@ -53,6 +53,11 @@ class Q8Kernels:
             f.argtypes = [P] * 5 + [L] * 3 + [ctypes.c_int]
             self._fns[block] = f
         self._fn = self._fns["q8_0"]
+        # the addresses of the linears for csrc/cpu_kernels.c's whole-block decode (its mptkit_qlinear pointer)
+        self._addr = {(blk, i): ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                      for (blk, i), name in {("q8_0", False): "mptkit_q8_linear", ("q4_0", False): "mptkit_q4_linear",
+                                             ("q8_0", True): "mptkit_q8i_linear",
+                                             ("q4_0", True): "mptkit_q4i_linear"}.items()}
         self._qi = lib.mptkit_qi_linear
         self._qi.restype = ctypes.c_int
         self._qi.argtypes = [ctypes.c_int] + [P] * 7 + [L] * 3 + [ctypes.c_int]
@@ -66,6 +71,8 @@ class Q8Kernels:
     @staticmethod
     def supports(m: QuantLinear) -> bool:
         """Whether the kernel can read ``m``'s tensors as they are now (CPU, contiguous, fp16 scales)."""
+        if m.block not in ("q8_0", "q4_0"):
+            return False
         shape, dt = weight_q_shape(m.block, m.out_features, m.in_features)
         return (
             m.weight_q.is_cpu
@@ -131,6 +138,11 @@ class Q8Kernels:
         if rc != 0:
             raise RuntimeError(f"{block} linear failed (rc={rc}) for x {tuple(x.shape)}, q {tuple(q.shape)}")
         return y
+
+    def linear_address(self, block: str) -> int:
+        """The C address of ``block``'s linear (the integer one when ``int_dot``), with the signature of
+        ``mptkit_qlinear`` in csrc/cpu_kernels.c: the whole-block decode kernel calls it for a quantised block."""
+        return self._addr[(block, self.int_dot)]
 
     def integer_variant(self) -> Q8Kernels:
         """The same library with ``int_dot`` on: :func:`q8_linear_fn` then gives the integer path."""

@@ -115,6 +115,15 @@ def mlp_reason(ffn: nn.Module) -> str | None:
     )
 
 
+def mlp_kernel_reason(ffn: nn.Module) -> str | None:
+    """Why the decoder's whole-block kernel may not compute ``ffn`` (an exact MPTMLP whose linears are each
+    exactly one of :func:`linear_types`: fp32 or q8_0 / q4_0, read by the block kernel), or None."""
+    from mptkit.model.blocks import MPTMLP
+
+    lin = linear_types()
+    return plain_reason(ffn, MPTMLP) or _child(ffn, "up_proj", lin) or _child(ffn, "down_proj", lin)
+
+
 def attention_reason(attn: nn.Module) -> str | None:
     """Why the attention fast paths (packed QKV in training, the decoder) may not stand in for ``attn``'s own
     forward, or None. The packed path reads q, k, v from ``Wqkv``'s output (a wrapped Wqkv is still called as a
@@ -183,9 +192,9 @@ def block_coverage(blk: nn.Module) -> BlockCoverage:
         and type(blk.norm_2) in lns
         and blk.norm_1.weight is not None
         and blk.norm_2.weight is not None
-        and mlp_reason(blk.ffn) is None  # also: up_proj / down_proj exactly nn.Linear
-        and type(a.Wqkv) is nn.Linear
-        and type(a.out_proj) is nn.Linear
+        and mlp_kernel_reason(blk.ffn) is None  # also: up_proj / down_proj exactly a linear type
+        and type(a.Wqkv) in lin
+        and type(a.out_proj) in lin
         and not a.qk_ln
         and a.d_model == a.n_heads * a.head_dim
     )

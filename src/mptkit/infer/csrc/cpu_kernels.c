@@ -20,6 +20,7 @@
  */
 #include <immintrin.h>
 #include <stddef.h>
+#include <string.h>
 
 #ifndef PFD
 #define PFD 1024 /* prefetch distance along a row of w, in floats, into L1 */
@@ -446,6 +447,55 @@ void mptkit_gelu(float *u, long count) {
   for (long i = cv; i < count; i++) u[i] = 0.5f * u[i] * (1.f + erff(u[i] * 0.70710678118654752440f));
 }
 
+/* A linear of a block held as quantised blocks (mptkit/infer/csrc/quant_kernels.c: q8_0 / q4_0, fp32 or integer dot
+ * products): y (M, N) = x (M, K) @ W^T (+ b), W's block values at w and its fp16 scales at s. The pointer comes from
+ * the quantised-kernel library (mptkit_q8_linear & co., the same signature); NULL: W is fp32 (mptkit_smallgemm). */
+typedef int (*mptkit_qlinear)(const float *x, const void *w, const unsigned short *s, const float *b, float *y, long M,
+                              long N, long K, int nthreads);
+
+typedef struct {
+  const float *ln1_w, *ln1_b, *wqkv, *bqkv, *wout, *bout, *ln2_w, *ln2_b, *wup, *bup, *wdown, *bdown;
+  void *kc, *vc;
+  float *kmax; /* the cache's |k| bound per slot and kv head (decode attention skips keys it proves irrelevant) */
+  float eps1, eps2, clip, scale;
+  long n_heads, ffn;
+  /* quantised linears (NULL: fp32, the w* pointers are fp32 weights): kernel and fp16 scales per linear */
+  mptkit_qlinear fqkv, fout, fup, fdown;
+  const unsigned short *sqkv, *sout, *sup, *sdown;
+} mptkit_layer;
+
+static inline int block_linear(mptkit_qlinear f, const float *x, const float *w, const unsigned short *s,
+                               const float *b, float *y, long M, long N, long K, int nthreads) {
+  return f ? f(x, (const void *)w, s, b, y, M, N, K, nthreads) : mptkit_smallgemm(x, w, b, y, M, N, K, nthreads);
+}
+
+static int decode_block_impl(float *x, long n, long d, const mptkit_layer *L, int kv_half, const long *pos, long top,
+                             long cap, long Hkv, long D, const float *slopes, float *ws, int nthreads) {
+  const long H = L->n_heads, ffn = L->ffn, kvd = Hkv * D, qkvd = H * D + 2 * kvd;
+  const float clip = L->clip;
+  if (H * D != d) return -3;
+  float *h = ws, *qkv = h + n * d, *o = qkv + n * qkvd, *u = o + n * d, *sc = u + n * ffn;
+  layer_norm_rows(x, h, L->ln1_w, L->ln1_b, L->eps1, n, d);
+  int rc = block_linear(L->fqkv, h, L->wqkv, L->sqkv, L->bqkv, qkv, n, qkvd, d, nthreads);
+  if (rc) return rc;
+  if (clip > 0.f)
+    for (long i = 0; i < n * qkvd; i++) qkv[i] = qkv[i] < -clip ? -clip : (qkv[i] > clip ? clip : qkv[i]);
+  rc = mptkit_decode_attention(qkv, qkv + d, qkv + d + kvd, qkvd, qkvd, qkvd, L->kc, L->vc, kv_half, L->kmax, pos, top,
+                               o, sc, n, H, Hkv, D, cap, slopes, L->scale, nthreads);
+  if (rc) return rc;
+  rc = block_linear(L->fout, o, L->wout, L->sout, L->bout, h, n, d, d, nthreads); /* h <- attention projected */
+  if (rc) return rc;
+  for (long i = 0; i < n * d; i++) x[i] += h[i];
+  layer_norm_rows(x, h, L->ln2_w, L->ln2_b, L->eps2, n, d);
+  rc = block_linear(L->fup, h, L->wup, L->sup, L->bup, u, n, ffn, d, nthreads);
+  if (rc) return rc;
+  mptkit_gelu(u, n * ffn);
+  rc = block_linear(L->fdown, u, L->wdown, L->sdown, L->bdown, h, n, d, ffn, nthreads);
+  if (rc) return rc;
+  for (long i = 0; i < n * d; i++) x[i] += h[i];
+  return 0;
+}
+
 int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const float *ln1_b, float eps1,
                         const float *wqkv, const float *bqkv, float clip, void *kc, void *vc, int kv_half, float *kmax,
                         const long *pos,
@@ -453,51 +503,25 @@ int mptkit_decode_block(float *x, long n, long d, const float *ln1_w, const floa
                         const float *wout, const float *bout, const float *ln2_w, const float *ln2_b, float eps2,
                         const float *wup, const float *bup, long ffn, const float *wdown, const float *bdown,
                         float *ws, int nthreads) {
-  const long kvd = Hkv * D, qkvd = H * D + 2 * kvd;
-  if (H * D != d) return -3;
-  float *h = ws, *qkv = h + n * d, *o = qkv + n * qkvd, *u = o + n * d, *sc = u + n * ffn;
-  layer_norm_rows(x, h, ln1_w, ln1_b, eps1, n, d);
-  int rc = mptkit_smallgemm(h, wqkv, bqkv, qkv, n, qkvd, d, nthreads);
-  if (rc) return rc;
-  if (clip > 0.f)
-    for (long i = 0; i < n * qkvd; i++) qkv[i] = qkv[i] < -clip ? -clip : (qkv[i] > clip ? clip : qkv[i]);
-  rc = mptkit_decode_attention(qkv, qkv + d, qkv + d + kvd, qkvd, qkvd, qkvd, kc, vc, kv_half, kmax, pos, top, o, sc, n,
-                               H, Hkv, D, cap, slopes, scale, nthreads);
-  if (rc) return rc;
-  rc = mptkit_smallgemm(o, wout, bout, h, n, d, d, nthreads);  /* h <- attention output projected */
-  if (rc) return rc;
-  for (long i = 0; i < n * d; i++) x[i] += h[i];
-  layer_norm_rows(x, h, ln2_w, ln2_b, eps2, n, d);
-  rc = mptkit_smallgemm(h, wup, bup, u, n, ffn, d, nthreads);
-  if (rc) return rc;
-  mptkit_gelu(u, n * ffn);
-  rc = mptkit_smallgemm(u, wdown, bdown, h, n, d, ffn, nthreads);
-  if (rc) return rc;
-  for (long i = 0; i < n * d; i++) x[i] += h[i];
-  return 0;
+  mptkit_layer L;
+  memset(&L, 0, sizeof L);
+  L.ln1_w = ln1_w, L.ln1_b = ln1_b, L.wqkv = wqkv, L.bqkv = bqkv, L.wout = wout, L.bout = bout;
+  L.ln2_w = ln2_w, L.ln2_b = ln2_b, L.wup = wup, L.bup = bup, L.wdown = wdown, L.bdown = bdown;
+  L.kc = kc, L.vc = vc, L.kmax = kmax, L.eps1 = eps1, L.eps2 = eps2, L.clip = clip, L.scale = scale;
+  L.n_heads = H, L.ffn = ffn;
+  return decode_block_impl(x, n, d, &L, kv_half, pos, top, cap, Hkv, D, slopes, ws, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
  * The blocks of a whole decode step in one call: every layer's mptkit_decode_block in order, on x in place.
  * One foreign call per step instead of one per layer: the Python thread that serves HTTP then gets the GIL once
  * per step, not at every layer boundary (and the per-call argument marshalling is paid once). */
-typedef struct {
-  const float *ln1_w, *ln1_b, *wqkv, *bqkv, *wout, *bout, *ln2_w, *ln2_b, *wup, *bup, *wdown, *bdown;
-  void *kc, *vc;
-  float *kmax; /* the cache's |k| bound per slot and kv head (decode attention skips keys it proves irrelevant) */
-  float eps1, eps2, clip, scale;
-  long n_heads, ffn;
-} mptkit_layer;
 
 int mptkit_decode_layers(float *x, long n, long d, const mptkit_layer *layers, long n_layers, int kv_half,
                          const long *pos, long top, long cap, long Hkv, long D, const float *slopes, float *ws,
                          int nthreads) {
   for (long i = 0; i < n_layers; i++) {
-    const mptkit_layer *L = layers + i;
-    const int rc = mptkit_decode_block(x, n, d, L->ln1_w, L->ln1_b, L->eps1, L->wqkv, L->bqkv, L->clip, L->kc, L->vc,
-                                       kv_half, L->kmax, pos, top, cap, L->n_heads, Hkv, D, slopes, L->scale, L->wout, L->bout,
-                                       L->ln2_w, L->ln2_b, L->eps2, L->wup, L->bup, L->ffn, L->wdown, L->bdown, ws,
-                                       nthreads);
+    const int rc = decode_block_impl(x, n, d, layers + i, kv_half, pos, top, cap, Hkv, D, slopes, ws, nthreads);
     if (rc) return rc;
   }
   return 0;

@@ -19,6 +19,7 @@
  * Paths: AVX-512F (16 lanes), AVX2 + FMA (8 lanes), and plain C for anything else (the same maths, scalar).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -347,6 +348,38 @@ int mptkit_qi_linear(int kind, const float *x, const uint8_t *q, const uint16_t 
     }
   }
   return 0;
+}
+
+/* The integer path with the fp32 path's signature (csrc/cpu_kernels.c's mptkit_qlinear: the whole-block decode
+ * kernel calls either through one pointer): the activations' q8_0 buffers on the stack up to 16 KiB of x, else
+ * malloc'd for the call. -2 when that allocation fails. */
+static int qi_linear_buffered(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y,
+                              long M, long N, long K, int nthreads) {
+  if (M < 1 || K < QB || K % QB) return -1;
+  const long need = M * K + (M * K / QB) * (long)sizeof(float);
+  if (need <= 20480) {
+    float xd[512];
+    int8_t xq[16384];
+    if (M * K <= 16384 && M * K / QB <= 512)
+      return mptkit_qi_linear(kind, x, (const uint8_t *)q, s, b, y, xq, xd, M, N, K, nthreads);
+  }
+  int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+  float *xd = (float *)malloc((size_t)(M * K / QB) * sizeof(float));
+  int rc = -2;
+  if (xq && xd) rc = mptkit_qi_linear(kind, x, (const uint8_t *)q, s, b, y, xq, xd, M, N, K, nthreads);
+  free(xq);
+  free(xd);
+  return rc;
+}
+
+int mptkit_q8i_linear(const float *x, const void *q, const uint16_t *s, const float *b, float *y, long M, long N,
+                      long K, int nthreads) {
+  return qi_linear_buffered(0, x, q, s, b, y, M, N, K, nthreads);
+}
+
+int mptkit_q4i_linear(const float *x, const void *q, const uint16_t *s, const float *b, float *y, long M, long N,
+                      long K, int nthreads) {
+  return qi_linear_buffered(1, x, q, s, b, y, M, N, K, nthreads);
 }
 
 /* 1 when the integer path is vectorised (AVX2), 0 for plain C */
