@@ -10,11 +10,12 @@
  * decode batch (1..16): the cost is streaming q (a quarter / an eighth of an fp32 weight's bytes), so each thread
  * walks its own 64-row blocks of W once for all M rows of x.
  *
- * The arithmetic is the dequantise-then-matmul reference's, in fp32: every block is dequantised in registers
- * (the integer -> fp32 conversion and the multiply by the block's scale are exact: 8 + 11 significant bits) and
- * fused-multiply-added into the row's accumulators; only the summation order differs (float rounding). One
- * accumulator per vector of a block (4 with AVX2, 2 with AVX-512) keeps the chains independent at M = 1; rows
- * of x are taken RB at a time, so an output element is the same sum whatever M is (batch-invariant).
+ * The arithmetic is the dequantise-then-matmul reference's up to float rounding: each block's integers are
+ * converted to fp32 in registers (exact), multiplied with the row of x and summed over the block, and that sum is
+ * scaled once by the block's fp16 scale into the row's accumulator (s * sum(q * x) rather than sum((s * q) * x):
+ * one multiply per block instead of one per vector; only the rounding of the sums differs). Two accumulators per
+ * row (even / odd blocks) keep the chains independent at M = 1; rows of x are taken RB at a time, so an output
+ * element is the same sum whatever M is (batch-invariant).
  *
  * Paths: AVX-512F (16 lanes), AVX2 + FMA (8 lanes), and plain C for anything else (the same maths, scalar).
  */
@@ -91,16 +92,18 @@ typedef __m256 qvf;
 #define QMUL(a, b) _mm256_mul_ps(a, b)
 #define QADD(a, b) _mm256_add_ps(a, b)
 #define QCVT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-/* one q4_0 block's 16 bytes -> 4 vectors of (value - 8) as fp32: values 0..7, 8..15 (low nibbles), 16..31 */
+/* one q4_0 block's 16 bytes -> 4 vectors of (value - 8) as fp32: values 0..7, 8..15 (low nibbles), 16..31.
+ * Each 8 bytes are zero-extended to 8 int32 straight from memory (one load + one shuffle); the low nibble is
+ * the lane & 15, the high one the lane >> 4 (the byte was zero-extended: nothing above it). */
 #define Q4LOAD(p, w)                                                                                             \
   do {                                                                                                           \
-    const __m128i b_ = _mm_loadu_si128((const __m128i *)(p)), m_ = _mm_set1_epi8(0x0f), o_ = _mm_set1_epi8(8);   \
-    const __m128i lo_ = _mm_sub_epi8(_mm_and_si128(b_, m_), o_);                                                 \
-    const __m128i hi_ = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b_, 4), m_), o_);                              \
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo_));                                                        \
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo_, 8)));                                     \
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi_));                                                        \
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi_, 8)));                                     \
+    const __m256i a_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)));                             \
+    const __m256i b_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)(p) + 8)));      \
+    const __m256i m_ = _mm256_set1_epi32(15), o_ = _mm256_set1_epi32(8);                                        \
+    w[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(a_, m_), o_));                                  \
+    w[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b_, m_), o_));                                  \
+    w[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(a_, 4), o_));                                  \
+    w[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b_, 4), o_));                                  \
   } while (0)
 static inline float qhsum(qvf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -124,9 +127,8 @@ static inline float qhsum(qvf v) {
                       long n0, long n1) {                                                                        \
     const long nb = K / QB;                                                                                      \
     for (long n = n0; n < n1; n++) {                                                                             \
-      qvf acc[R][NV];                                                                                            \
-      _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                        \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[r][v] = QZERO();                                  \
+      qvf acc[R][2]; /* two chains (even / odd blocks), each block's sum scaled once into one of them */         \
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = QZERO();                       \
       const uint8_t *qn = (const uint8_t *)q + n * nb * (BPB);                                                   \
       const uint16_t *sn = s + n * nb;                                                                           \
       for (long j = 0; j < nb; j++) {                                                                            \
@@ -134,15 +136,15 @@ static inline float qhsum(qvf v) {
         const qvf d = QSET1(H2F(sn[j]));                                                                         \
         qvf w[NV];                                                                                               \
         LOADW(qn + j * (BPB), w);                                                                                \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = QMUL(w[v], d);                               \
         const float *xj = x + j * QB;                                                                            \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                     \
-          acc[r][v] = QFMA(w[v], QLD(xj + r * K + v * QVW), acc[r][v]);                                          \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                    \
+          qvf t = QMUL(w[0], QLD(xj + r * K));                                                                   \
+          _Pragma("GCC unroll 8") for (int v = 1; v < NV; v++) t = QFMA(w[v], QLD(xj + r * K + v * QVW), t);     \
+          acc[r][j & 1] = QFMA(d, t, acc[r][j & 1]);                                                             \
+        }                                                                                                        \
       }                                                                                                          \
       _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                      \
-        qvf t = acc[r][0];                                                                                       \
-        for (int v = 1; v < NV; v++) t = QADD(t, acc[r][v]);                                                     \
+        const qvf t = QADD(acc[r][0], acc[r][1]);                                                                \
         const float sum = qhsum(t);                                                                              \
         y[r * N + n] = b ? sum + b[n] : sum;                                                                     \
       }                                                                                                          \
