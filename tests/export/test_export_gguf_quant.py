@@ -51,9 +51,18 @@ def test_quantised_gguf_holds_mptkits_blocks(tmp_path, make_tokenizer, dtype):
             np.testing.assert_array_equal(blocks[..., 2:].reshape(w.shape[0], -1),
                                           q.view(torch.uint8).numpy().reshape(w.shape[0], -1))
             seen += 1
+        elif t.name == "output.weight":  # the tied head's q8_0 copy (mptkit's --quant head policy)
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            w = sd["transformer.wte.weight"]
+            q, s = quantize_weight(w, "q8_0")
+            blocks = np.asarray(t.data).reshape(w.shape[0], w.shape[1] // 32, -1)
+            np.testing.assert_array_equal(blocks[..., :2].copy().view(np.uint16)[..., 0], s.numpy().view(np.uint16))
+            np.testing.assert_array_equal(blocks[..., 2:].reshape(w.shape[0], -1),
+                                          q.view(torch.uint8).numpy().reshape(w.shape[0], -1))
+            seen += 1
         else:  # embeddings, norms, biases: f32, as mptkit's --quant keeps them
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
-    assert seen == 4 * model.config.n_layers
+    assert seen == 4 * model.config.n_layers + 1
     assert res.n_bytes < sum(v.numel() * 4 for v in sd.values())
 
 

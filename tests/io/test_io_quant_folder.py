@@ -40,13 +40,15 @@ def test_saved_and_loaded_back_exactly(tmp_path):
     quantize_model(m)
     m.save_pretrained(tmp_path / "q")
     entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
-    assert entry["version"] == 1 and entry["type"] == "int8" and len(entry["quantized"]) == 8
+    assert entry["version"] == 2 and entry["type"] == "int8" and len(entry["quantized"]) == 8
+    assert entry["head"] == "q8_0"  # the tied LM head's q8_0 copy, the embedding kept fp32 for the lookup
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
         assert f.get_tensor("transformer.blocks.0.attn.Wqkv.weight_q").dtype == torch.int8
         assert f.get_tensor("transformer.blocks.0.attn.Wqkv.scales").dtype == torch.float16
         assert f.get_tensor("transformer.blocks.0.attn.Wqkv.bias").dtype == torch.float32
     assert "transformer.blocks.0.attn.Wqkv.weight" not in names and "transformer.wte.weight" in names
+    assert {"quant_head.weight_q", "quant_head.scales"} <= names
     back = MPTForCausalLM.from_pretrained(tmp_path / "q")  # default dtype fp32: the scales stay fp16
     assert type(back.transformer.blocks[1].ffn.down_proj) is QuantLinear
     assert _equal_state(m, back)
@@ -56,6 +58,37 @@ def test_saved_and_loaded_back_exactly(tmp_path):
     # loading it asking for its own type is fine; a quantised folder re-saved is the same folder
     again = MPTForCausalLM.from_pretrained(tmp_path / "q", quant="int8")
     assert _equal_state(m, again)
+
+
+def test_the_tied_head_is_a_q8_0_copy_and_version_1_folders_still_load(tmp_path):
+    """--quant int8 / q4: the tied LM head's logits come from a q8_0 copy of wte (llama.cpp's q8_0 files quantise
+    token_embd as q8_0 too), the lookup from the fp32 embedding; ``head=False`` keeps the head fp32. A version-1
+    folder (written before the head was quantised: no ``head`` key, no quant_head tensors) loads as it was."""
+    from mptkit.model.quant import dequantize_weight, quantize_weight
+
+    for quant in ("int8", "q4"):
+        m, _ = _fp32(tmp_path, no_bias=False)
+        wte = m.transformer.wte.weight.detach().clone()
+        quantize_model(m, quant)
+        q, s = quantize_weight(wte, "q8_0")
+        assert torch.equal(m.quant_head.weight_q, q) and torch.equal(m.quant_head.scales, s)
+        assert torch.equal(m.transformer.wte.weight, wte)  # the lookup's table unchanged
+        with torch.no_grad():
+            h = m.transformer(X, slopes=m.slopes)
+            torch.testing.assert_close(m(X).logits, h @ dequantize_weight(q, s, "q8_0").t(), rtol=1e-5, atol=1e-5)
+            assert m.num_params() == MPTForCausalLM(tiny_cfg(no_bias=False)).num_params()  # a copy, not params
+    kept, _ = _fp32(tmp_path)
+    rep = quantize_model(kept, "int8", head=False)
+    assert rep.head is None and getattr(kept, "quant_head", None) is None
+    kept.save_pretrained(tmp_path / "v1")
+    cfg = json.loads((tmp_path / "v1" / "config.json").read_text())
+    cfg["quantization"]["version"] = 1
+    del cfg["quantization"]["head"]  # what a version-1 writer wrote
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
+    back = MPTForCausalLM.from_pretrained(tmp_path / "v1")
+    assert getattr(back, "quant_head", None) is None and _equal_state(kept, back)
+    with torch.no_grad():
+        assert torch.equal(back(X).logits, kept(X).logits)
 
 
 def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path):
@@ -79,10 +112,10 @@ def _quantised_folder(tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"version": 2}, r"format version 2, this mptkit reads version 1 \(a newer mptkit wrote it: upgrade"),
+        ({"version": 3}, r"format version 3, this mptkit reads versions 1, 2 \(a newer mptkit wrote it: upgrade"),
         (
             {"version": 0},
-            r"format version 0, this mptkit reads version 1 \(re-quantise it from the fp32 model",
+            r"format version 0, this mptkit reads versions 1, 2 \(re-quantise it from the fp32 model",
         ),
         ({"format": "gptq"}, "has format 'gptq'"),
         ({"block_size": 64}, "block_size 64 is not one this mptkit reads"),

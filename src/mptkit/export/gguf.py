@@ -134,7 +134,7 @@ def _ordered_names(cfg, store: TensorStore) -> list[str]:
     return first + blocks + last
 
 
-def _tensor_plan(cfg, store: TensorStore) -> list[tuple[str, str, tuple[int, ...]]]:
+def _tensor_plan(cfg, store: TensorStore, dtype: str = "f32") -> list[tuple[str, str, tuple[int, ...]]]:
     """(GGUF name, source name, shape) of every tensor written, in order, without reading any data."""
     names = tensor_name_map(cfg)
     plan = []
@@ -145,7 +145,21 @@ def _tensor_plan(cfg, store: TensorStore) -> list[tuple[str, str, tuple[int, ...
     if cfg.logit_scale_value is not None:
         src = "transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         plan.append(("output.weight", src, store.shape(src)))
+    elif dtype in QUANT_DTYPES and cfg.tie_word_embeddings and cfg.d_model % 32 == 0:
+        # mptkit's --quant head policy (model/quant.py): the tied head as a q8_0 copy, the embedding kept f32
+        plan.append(("output.weight", "transformer.wte.weight", store.shape("transformer.wte.weight")))
     return plan
+
+
+def _tensor_dtype(cfg, gguf_name: str, dtype: str, shape) -> str | None:
+    """The block format a tensor is written in (None: f32 / f16 as ``dtype`` says): the block Linears in
+    ``dtype``'s blocks, and a quantised file's tied output head in q8_0 (mptkit's ``--quant`` head policy)."""
+    if _quantised(gguf_name, dtype, shape):
+        return dtype
+    if (gguf_name == "output.weight" and dtype in QUANT_DTYPES and cfg.tie_word_embeddings
+            and cfg.logit_scale_value is None and len(shape) == 2 and shape[1] % 32 == 0):
+        return "q8_0"
+    return None
 
 
 def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> np.ndarray:
@@ -156,8 +170,9 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
         t[: cfg.d_model] *= r
     if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
         t = t * cfg.logit_scale_value
-    if _quantised(gguf_name, dtype, t.shape):
-        return _ggml_blocks(t, dtype)
+    qt = _tensor_dtype(cfg, gguf_name, dtype, t.shape)
+    if qt is not None:
+        return _ggml_blocks(t, qt)
     a = t.contiguous().numpy()
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
@@ -391,7 +406,7 @@ def export_gguf(
                               "tokenizer: pass --tokenizer DIR")
         tok = read_tokenizer(tok_folder, cfg.vocab_size)
         store = open_store(folder, cfg)
-        plan = _tensor_plan(cfg, store)
+        plan = _tensor_plan(cfg, store, dtype)
 
         folded = []
         if _softmax_fold(cfg) != 1.0:
@@ -438,10 +453,11 @@ def export_gguf(
                     w.add_chat_template(tok.chat_template)
                 # Tensor infos first (shapes only), then the data, one tensor at a time.
                 for gname, _src, shape in plan:
-                    if _quantised(gname, dtype, shape):  # the byte shape; the writer turns it into elements
-                        row = shape[1] // 32 * _block_bytes(dtype)
+                    qt = _tensor_dtype(cfg, gname, dtype, shape)
+                    if qt is not None:  # the byte shape; the writer turns it into elements
+                        row = shape[1] // 32 * _block_bytes(qt)
                         w.add_tensor_info(gname, (shape[0], row), np.dtype(np.uint8), shape[0] * row,
-                                          raw_dtype=gguf.GGMLQuantizationType[dtype.upper()])
+                                          raw_dtype=gguf.GGMLQuantizationType[qt.upper()])
                         n_bytes += shape[0] * row
                         continue
                     if dtype in QUANT_DTYPES and gname.endswith(_QUANTISED_TENSORS):

@@ -192,7 +192,7 @@ class FastDecoder:
             small = build_kernels()
         self.small = small  # the small-M linear kernel in use, or None (torch.mm)
         q8 = None
-        if any(type(m) is QuantLinear for m in t.modules()):
+        if any(type(m) is QuantLinear for m in model.modules()):
             if use_kernels and self.wte.device.type == "cpu":
                 from mptkit.infer.quant_kernels import q8_kernels
 
@@ -204,7 +204,12 @@ class FastDecoder:
                          "matmul", "switched off" if not use_kernels else f"weights on {self.wte.device}")
         self.q8 = q8  # the q8_0 linear kernel in use for quantised layers, or None
         rows = options.small_rows
-        self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small, rows)
+        qh = getattr(model, "quant_head", None)  # the tied head's q8_0 copy: read through the q8 kernel
+        if qh is not None:
+            self.head = _module_linear(qh, small, q8, rows)
+        else:
+            self.head = _linear_fn(t.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight, None, small,
+                                   rows)
         self.logit_scale = cfg.logit_scale_value
         self.emb_frac = cfg.embedding_fraction
         self.layers = [_Layer(b, c, small, rows, q8) for b, c in zip(t.blocks, cov.blocks)]

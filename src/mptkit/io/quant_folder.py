@@ -39,7 +39,10 @@ from mptkit.model.quant import (
     CONFIG_KEY,
     FORMAT_NAME,
     FORMAT_VERSION,
+    HEAD_BLOCK,
+    HEAD_MODULE,
     QUANT_TYPES,
+    READ_VERSIONS,
     QuantLinear,
     check_quant_type,
     plan_quantization,
@@ -137,9 +140,10 @@ def check_entry(entry, source: str) -> dict:
             f"{FORMAT_NAME!r} only ({fix})"
         )
     v = entry.get("version")
-    if v != FORMAT_VERSION:
+    if v not in READ_VERSIONS:
         raise CheckpointError(
-            f"{source}: quantised with format version {v!r}, this mptkit reads version {FORMAT_VERSION} "
+            f"{source}: quantised with format version {v!r}, this mptkit reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))} "
             f"({'a newer mptkit wrote it: upgrade mptkit, or ' if isinstance(v, int) and v > FORMAT_VERSION else ''}"
             f"{fix})"
         )
@@ -149,6 +153,11 @@ def check_entry(entry, source: str) -> dict:
             f"{source}: quantisation type {t!r} / block {entry.get('block')!r} / block_size "
             f"{entry.get('block_size')!r} is not one this mptkit reads (int8 = q8_0, q4 = q4_0 blocks of "
             f"{BLOCK_SIZE}; {fix})"
+        )
+    if entry.get("head") not in (None, HEAD_BLOCK):
+        raise CheckpointError(
+            f"{source}: config.json 'quantization.head' is {entry.get('head')!r}; this mptkit reads {HEAD_BLOCK!r} "
+            f"or null (the tied LM head kept fp32) ({fix})"
         )
     names = entry.get("quantized")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -183,13 +192,26 @@ def _swap_in(model: nn.Module, names: Iterable[str], source: str, block: str) ->
     return done
 
 
+def _swap_in_head(model: nn.Module, head: str | None) -> None:
+    """An empty ``head``-block copy of the tied LM head (``quant_head``) on the (meta) model, when ``head``."""
+    if head is None:
+        return
+    w = model.transformer.wte.weight
+    setattr(model, HEAD_MODULE, QuantLinear(w.shape[1], w.shape[0], bias=False, device=w.device, block=head))
+
+
 def _quantizing(
-    tensors: Iterable[tuple[str, torch.Tensor]], weights: set[str], normalise, block: str
+    tensors: Iterable[tuple[str, torch.Tensor]], weights: set[str], normalise, block: str, head: str | None = None
 ) -> Iterator:
     """The folder's tensors, each ``<module>.weight`` of ``weights`` turned into its ``weight_q`` and
-    ``scales`` as it is read (the fp32 tensor is dropped at once)."""
+    ``scales`` as it is read (the fp32 tensor is dropped at once); ``head``: the tied embedding is also
+    quantised into ``quant_head`` (the fp32 embedding kept for the lookup)."""
     for k, t in tensors:
         name = normalise(k)
+        if head is not None and name == "transformer.wte.weight":
+            q, s = quantize_weight(t, head)
+            yield f"{HEAD_MODULE}.weight_q", q
+            yield f"{HEAD_MODULE}.scales", s
         if name in weights:
             mod = name[: -len(".weight")]
             if t.dim() != 2 or t.shape[1] % BLOCK_SIZE:
@@ -227,11 +249,13 @@ def prepare_for_loading(
                 f"{source} is already quantised ({entry['type']}); --quant {quant} cannot re-quantise it"
             )
         _swap_in(model, entry["quantized"], source, entry["block"])
+        _swap_in_head(model, entry.get("head"))
         return tensors
     if quant is None:
         return tensors
     rep = plan_quantization(model, quant)
     _swap_in(model, rep.quantized, source, QUANT_TYPES[quant])
+    _swap_in_head(model, rep.head)
     for name, why in rep.kept.items():
         log.info("quantisation: %s stays fp32 (%s)", name, why)
     set_quantization_entry(model, rep.config_entry())
@@ -240,6 +264,7 @@ def prepare_for_loading(
         {f"{n}.weight" for n in rep.quantized},
         normalise,
         QUANT_TYPES[quant],
+        rep.head,
     )
 
 
@@ -268,6 +293,7 @@ def random_quantized_model(cfg, quant: str = "int8", *, seed: int = 0, std: floa
     model = MPTForCausalLM(cfg, init=False, device="meta")
     rep = plan_quantization(model, quant)
     _swap_in(model, rep.quantized, "random init", QUANT_TYPES[quant])
+    _swap_in_head(model, rep.head)
     set_quantization_entry(model, rep.config_entry())
     g = torch.Generator().manual_seed(seed)
     shapes = expected_shapes(cfg)
@@ -285,7 +311,7 @@ def random_quantized_model(cfg, quant: str = "int8", *, seed: int = 0, std: floa
     weights = {f"{n}.weight" for n in rep.quantized}
     load_state_into(
         model,
-        _quantizing(drawn(), weights, lambda k: k, QUANT_TYPES[quant]),
+        _quantizing(drawn(), weights, lambda k: k, QUANT_TYPES[quant], rep.head),
         source="random init",
         dtype=torch.float32,
         device="cpu",

@@ -235,6 +235,10 @@ def model_coverage(model: nn.Module) -> ModelCoverage:
         around.append(("transformer.wpe", t.wpe, nn.Embedding))
     if hasattr(model, "lm_head"):
         around.append(("lm_head", model.lm_head, nn.Linear))
+    if getattr(model, "quant_head", None) is not None:  # the tied head's q8_0 copy (model/quant.py)
+        from mptkit.model.quant import QuantLinear
+
+        around.append(("quant_head", model.quant_head, QuantLinear))
     for name, m, types in around:
         r = plain_reason(m, types)
         if r is not None:

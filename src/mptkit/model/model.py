@@ -229,12 +229,16 @@ class MPTForCausalLM(nn.Module):
         """Whether the LM head's logits may be computed from its weight (tied: the embedding's; untied: an exact
         ``nn.Linear`` with no hooks, ``model/fastpath.py``'s predicate); a wrapped head (an adapter) is called as
         a module instead."""
+        if getattr(self, "quant_head", None) is not None:  # the tied head's q8_0 copy (model/quant.py)
+            return False
         return self.config.tie_word_embeddings or plain_reason(self.lm_head, nn.Linear) is None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self._plain_head():
             w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
             out = F.linear(h, w)
+        elif getattr(self, "quant_head", None) is not None:
+            out = self.quant_head(h)
         else:
             out = self.lm_head(h)
         s = self.config.logit_scale_value
@@ -246,7 +250,8 @@ class MPTForCausalLM(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         # QuantLinear weights: one per int8 value (q8_0), two per packed byte (q4_0)
-        n += sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "weight_q"))
+        qh = getattr(self, "quant_head", None)  # a copy of the tied wte: not parameters of its own
+        n += sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "weight_q") and m is not qh)
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
             if hasattr(self.transformer, "wpe"):

@@ -45,7 +45,10 @@ from mptkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tied LM head's q8_0 copy (``quant_head``, the entry's ``head``); 1 is still read
+READ_VERSIONS = (1, 2)
+HEAD_MODULE = "quant_head"  # the model attribute holding the tied LM head's quantised copy
+HEAD_BLOCK = "q8_0"  # its blocks, for every --quant type (llama.cpp: q8_0 in q8_0 files, q6_K in q4_0 ones)
 QUANT_TYPES = {"int8": "q8_0", "q4": "q4_0"}  # the names --quant accepts -> the block format
 QUANT_ALIASES = {"q8_0": "int8", "q4_0": "q4"}  # also accepted: the block formats' own names
 BLOCK_TYPES = tuple(QUANT_TYPES.values())
@@ -230,6 +233,15 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
+    def from_weight(cls, w: torch.Tensor, block: str = "q8_0") -> QuantLinear:
+        """A bias-free ``block`` linear of the (out, in) weight ``w`` (e.g. the tied LM head from ``wte``)."""
+        m = cls(w.shape[1], w.shape[0], bias=False, device="meta", block=block)
+        q, s = quantize_weight(w.detach(), block)
+        m.weight_q = q.to(w.device)
+        m.scales = s.to(w.device)
+        return m
+
+    @classmethod
     def from_linear(cls, lin: nn.Linear, block: str = "q8_0") -> QuantLinear:
         """The ``block`` form of ``lin`` (its bias copied as fp32), on ``lin``'s device."""
         w = lin.weight
@@ -287,6 +299,7 @@ class QuantReport:
     quant: str
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
+    head: str | None = None  # the tied LM head's block format (its q8_0 copy in ``quant_head``), or None
 
     def config_entry(self) -> dict:
         """The ``quantization`` entry of config.json."""
@@ -298,13 +311,21 @@ class QuantReport:
             "block_size": BLOCK_SIZE,
             "quantized": list(self.quantized),
             "kept": dict(self.kept),
+            "head": self.head,
         }
 
 
-def plan_quantization(model: nn.Module, quant: str = "int8") -> QuantReport:
+def plan_quantization(model: nn.Module, quant: str = "int8", *, head: bool = True) -> QuantReport:
     """Which block Linears :func:`quantize_model` would quantise as ``quant`` and which it keeps fp32 (and
-    why)."""
+    why); ``head``: also the tied LM head (a q8_0 copy of ``wte``, the embedding itself kept fp32)."""
     rep = QuantReport(check_quant_type(quant))
+    cfg = model.config
+    if head and cfg.tie_word_embeddings and cfg.d_model % BLOCK_SIZE == 0:
+        rep.head = HEAD_BLOCK
+    elif head and cfg.tie_word_embeddings:
+        rep.kept["lm_head"] = f"the tied head (transformer.wte): d_model {cfg.d_model} is not a multiple of {BLOCK_SIZE}"
+    elif head:
+        rep.kept["lm_head"] = "an untied LM head stays fp32 (only the tied head, MPT's, is quantised)"
     for i, blk in enumerate(model.transformer.blocks):
         for name, m in blk.named_modules():
             full = f"transformer.blocks.{i}.{name}"
@@ -336,7 +357,7 @@ def set_quantization_entry(model: nn.Module, entry: dict) -> None:
         m.__dict__["_config"] = cfg
 
 
-def quantize_model(model: nn.Module, quant: str = "int8") -> QuantReport:
+def quantize_model(model: nn.Module, quant: str = "int8", *, head: bool = True) -> QuantReport:
     """Replace the block Linears of ``model`` (an ``MPTForCausalLM``) by :class:`QuantLinear` s of ``quant``'s
     blocks (``int8``: q8_0, ``q4``: q4_0) in place, one
     tensor at a time (each fp32 weight is freed as its quantised form takes its place); returns the report,
@@ -345,7 +366,11 @@ def quantize_model(model: nn.Module, quant: str = "int8") -> QuantReport:
     again changes nothing."""
     quant = check_quant_type(quant)
     block = QUANT_TYPES[quant]
-    rep = plan_quantization(model, quant)
+    rep = plan_quantization(model, quant, head=head)
+    if rep.head is not None and getattr(model, HEAD_MODULE, None) is None:
+        setattr(model, HEAD_MODULE, QuantLinear.from_weight(model.transformer.wte.weight, rep.head))
+    elif rep.head is None and getattr(model, HEAD_MODULE, None) is not None:
+        rep.head = getattr(model, HEAD_MODULE).block  # quantised before: the copy stays
     for name in rep.quantized:
         m = model.get_submodule(name)
         if type(m) is QuantLinear and m.block != block:
@@ -364,7 +389,7 @@ def quant_buffer_names(model: nn.Module) -> set[str]:
     """The state-dict names of every QuantLinear's ``weight_q`` / ``scales`` (their dtype is the format's:
     a loader must not cast them)."""
     out = set()
-    for name, m in model.named_modules():
+    for name, m in model.named_modules():  # (quant_head included: a module of the model)
         if type(m) is QuantLinear:
             out.update((f"{name}.weight_q", f"{name}.scales"))
     return out
@@ -375,6 +400,8 @@ __all__ = [
     "BLOCK_TYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "HEAD_BLOCK",
+    "HEAD_MODULE",
     "QUANT_ALIASES",
     "QUANT_TYPES",
     "QuantLinear",
