@@ -14,6 +14,7 @@ Prints tokens/s, weight bytes streamed per second against the measured read band
 agreement with mptkit fp32 / int8.
 
 Run: flock /tmp/mptkit-bench.lock python bench/bench_quant_decode.py [--threads N] [--vocab 8192] [--rounds 3]
+     [--shape 25m|1b]  (1b: the mpt-1b recipe's shape, random init; e.g. --vocab 50368 --prompt 32 --new 64)
 """
 
 from __future__ import annotations
@@ -34,9 +35,26 @@ from mptkit.model import MPTForCausalLM
 
 
 def tensor_bytes(model) -> int:
-    """Bytes of the model's stored tensors (its state dict; the tied head counted once)."""
-    ts = {t.data_ptr(): t for t in model.state_dict().values()}
+    """Weight bytes a decode step streams: the model's stored tensors (the tied head counted once), less the
+    embedding tables a step reads one row of (``wte`` when the head is its own tensor: the quantised models'
+    q8_0 ``quant_head``; ``wpe``)."""
+    sd = model.state_dict()
+    skip = {"transformer.wpe.weight"}
+    if getattr(model, "quant_head", None) is not None or not model.config.tie_word_embeddings:
+        skip.add("transformer.wte.weight")
+    ts = {t.data_ptr(): t for k, t in sd.items() if k not in skip}
     return sum(t.numel() * t.element_size() for t in ts.values())
+
+
+def gguf_bytes(path: Path) -> int:
+    """The same for a GGUF file: its tensors' bytes, less ``token_embd`` when an ``output`` head is there."""
+    import gguf
+
+    ts = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    if "output.weight" in ts:
+        ts.pop("token_embd.weight", None)
+    ts.pop("position_embd.weight", None)
+    return sum(ts.values())
 
 
 def llama_quantize(src: Path, out: Path, *, embd_f32: bool, threads: int, ftype: str = "q8_0") -> Path:
@@ -62,19 +80,17 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--shape", choices=("25m", "1b"), default="25m")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
-    cfg = {
-        "d_model": 512,
-        "n_heads": 8,
-        "n_layers": 8,
-        "max_seq_len": 2048,
-        "vocab_size": args.vocab,
-        "attn_config": {"alibi": True},
+    shapes = {  # the ~25M bench shape, and the mpt-1b recipe's (configs/pretrain/mpt-1b.yaml: 1.3B parameters)
+        "25m": {"d_model": 512, "n_heads": 8, "n_layers": 8},
+        "1b": {"d_model": 2048, "n_heads": 16, "n_layers": 24},
     }
+    cfg = {**shapes[args.shape], "max_seq_len": 2048, "vocab_size": args.vocab, "attn_config": {"alibi": True}}
     model = MPTForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(2, min(400, args.vocab), (args.prompt,), generator=g).tolist()
@@ -135,7 +151,7 @@ def main() -> None:
                 )
                 run_llama(llm, prompt[:16], 4)  # warm-up
                 llamas[name] = llm
-                sizes[name] = path.stat().st_size  # tensors + metadata (the tokenizer: ~10 KB)
+                sizes[name] = gguf_bytes(path)
         except Exception as e:  # noqa: BLE001 - an optional engine
             note = f"{type(e).__name__}: {e}"
     for gen in engines.values():
