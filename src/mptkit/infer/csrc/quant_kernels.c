@@ -80,6 +80,7 @@ typedef __m512 qvf;
     w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(b_, m_), o_)));                    \
     w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b_, 4), m_), o_))); \
   } while (0)
+#define Q4CORR(t, r, j) (t) /* the offset subtracted per weight in Q4LOAD */
 static inline float qhsum(qvf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QVW 8
@@ -92,19 +93,24 @@ typedef __m256 qvf;
 #define QMUL(a, b) _mm256_mul_ps(a, b)
 #define QADD(a, b) _mm256_add_ps(a, b)
 #define QCVT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-/* one q4_0 block's 16 bytes -> 4 vectors of (value - 8) as fp32: values 0..7, 8..15 (low nibbles), 16..31.
- * Each 8 bytes are zero-extended to 8 int32 straight from memory (one load + one shuffle); the low nibble is
- * the lane & 15, the high one the lane >> 4 (the byte was zero-extended: nothing above it). */
+/* one q4_0 block's 16 bytes -> 4 vectors of the stored values (0..15) as fp32: values 0..7, 8..15 (low
+ * nibbles), 16..31. Each 8 bytes are zero-extended to 8 int32 straight from memory (one load + one shuffle); the
+ * low nibble is the lane & 15, the high one the lane >> 4 (the byte was zero-extended: nothing above it). The
+ * offset of 8 is not subtracted per weight: sum((v - 8) x) = sum(v x) - 8 sum(x), and Q4CORR takes 8 sum(x) of
+ * the block (computed once per call for each row of x, XS_SCALE = 8 / 8 lanes per lane) off the block's sum. */
 #define Q4LOAD(p, w)                                                                                             \
   do {                                                                                                           \
     const __m256i a_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)));                             \
     const __m256i b_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)(p) + 8)));      \
-    const __m256i m_ = _mm256_set1_epi32(15), o_ = _mm256_set1_epi32(8);                                        \
-    w[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(a_, m_), o_));                                  \
-    w[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b_, m_), o_));                                  \
-    w[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(a_, 4), o_));                                  \
-    w[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b_, 4), o_));                                  \
+    const __m256i m_ = _mm256_set1_epi32(15);                                                                   \
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a_, m_));                                                        \
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b_, m_));                                                        \
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a_, 4));                                                        \
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b_, 4));                                                        \
   } while (0)
+#define Q4_XS 1            /* q4_rows read xs: per row of x and block, XS_SCALE * sum of the block's x */
+#define XS_SCALE 1.0f      /* 8 (the offset) / 8 lanes */
+#define Q4CORR(t, r, j) _mm256_sub_ps(t, _mm256_set1_ps(xs[(r) * nb + (j)]))
 static inline float qhsum(qvf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -122,10 +128,12 @@ static inline float qhsum(qvf v) {
 
 /* output rows n0..n1 for R rows of x (R a compile-time constant <= RB, so the accumulators stay in registers);
  * BPB bytes of q per block, LOADW(p, w) turns one block's bytes into NV vectors of unscaled fp32 values */
-#define QROWS(NAME, R, BPB, LOADW)                                                                               \
+#define NOCORR(t, r, j) (t)
+#define QROWS(NAME, R, BPB, LOADW, CORR)                                                                         \
   static void NAME##R(const float *x, const void *q, const uint16_t *s, const float *b, float *y, long N, long K, \
-                      long n0, long n1) {                                                                        \
+                      long n0, long n1, const float *xs) {                                                       \
     const long nb = K / QB;                                                                                      \
+    (void)xs;                                                                                                    \
     for (long n = n0; n < n1; n++) {                                                                             \
       qvf acc[R][2]; /* two chains (even / odd blocks), each block's sum scaled once into one of them */         \
       _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = QZERO();                       \
@@ -140,7 +148,7 @@ static inline float qhsum(qvf v) {
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                    \
           qvf t = QMUL(w[0], QLD(xj + r * K));                                                                   \
           _Pragma("GCC unroll 8") for (int v = 1; v < NV; v++) t = QFMA(w[v], QLD(xj + r * K + v * QVW), t);     \
-          acc[r][j & 1] = QFMA(d, t, acc[r][j & 1]);                                                             \
+          acc[r][j & 1] = QFMA(d, CORR(t, r, j), acc[r][j & 1]);                                                 \
         }                                                                                                        \
       }                                                                                                          \
       _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                      \
@@ -152,29 +160,31 @@ static inline float qhsum(qvf v) {
   }
 
 typedef void (*q_rows_fn)(const float *, const void *, const uint16_t *, const float *, float *, long, long, long,
-                          long);
+                          long, const float *);
 #if RB == 2
-QROWS(q8_rows, 1, QB, Q8LOAD) QROWS(q8_rows, 2, QB, Q8LOAD)
-QROWS(q4_rows, 1, QB / 2, Q4LOAD) QROWS(q4_rows, 2, QB / 2, Q4LOAD)
+QROWS(q8_rows, 1, QB, Q8LOAD, NOCORR) QROWS(q8_rows, 2, QB, Q8LOAD, NOCORR)
+QROWS(q4_rows, 1, QB / 2, Q4LOAD, Q4CORR) QROWS(q4_rows, 2, QB / 2, Q4LOAD, Q4CORR)
 static const q_rows_fn Q_ROWS[2][RB + 1] = {{0, q8_rows1, q8_rows2}, {0, q4_rows1, q4_rows2}};
 #else
-QROWS(q8_rows, 1, QB, Q8LOAD) QROWS(q8_rows, 2, QB, Q8LOAD) QROWS(q8_rows, 3, QB, Q8LOAD) QROWS(q8_rows, 4, QB, Q8LOAD)
-QROWS(q4_rows, 1, QB / 2, Q4LOAD) QROWS(q4_rows, 2, QB / 2, Q4LOAD) QROWS(q4_rows, 3, QB / 2, Q4LOAD)
-QROWS(q4_rows, 4, QB / 2, Q4LOAD)
+QROWS(q8_rows, 1, QB, Q8LOAD, NOCORR) QROWS(q8_rows, 2, QB, Q8LOAD, NOCORR) QROWS(q8_rows, 3, QB, Q8LOAD, NOCORR)
+QROWS(q8_rows, 4, QB, Q8LOAD, NOCORR)
+QROWS(q4_rows, 1, QB / 2, Q4LOAD, Q4CORR) QROWS(q4_rows, 2, QB / 2, Q4LOAD, Q4CORR)
+QROWS(q4_rows, 3, QB / 2, Q4LOAD, Q4CORR) QROWS(q4_rows, 4, QB / 2, Q4LOAD, Q4CORR)
 static const q_rows_fn Q_ROWS[2][RB + 1] = {{0, q8_rows1, q8_rows2, q8_rows3, q8_rows4},
                                             {0, q4_rows1, q4_rows2, q4_rows3, q4_rows4}};
 #endif
 static void q_rows(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y, long N,
-                   long K, long n0, long n1, int R) {
-  Q_ROWS[kind][R](x, q, s, b, y, N, K, n0, n1);
+                   long K, long n0, long n1, int R, const float *xs) {
+  Q_ROWS[kind][R](x, q, s, b, y, N, K, n0, n1, xs);
 }
 #else
 #define RB 1
 /* plain C: the same blocks, dequantised then summed in order */
 static void q_rows(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y, long N,
-                   long K, long n0, long n1, int R) {
+                   long K, long n0, long n1, int R, const float *xs) {
   const long nb = K / QB;
   (void)R;
+  (void)xs;
   (void)N;
   for (long n = n0; n < n1; n++) {
     float acc = 0.f;
@@ -201,15 +211,30 @@ static int q_linear(int kind, const float *x, const void *q, const uint16_t *s, 
                     long N, long K, int nthreads) {
   if (M < 1 || N < 1 || K < QB || K % QB) return -1;
   const long block = 64; /* rows of W per task: 64 x K bytes stay in L2 while every pass of x runs */
-  const long tasks = (N + block - 1) / block;
+  const long tasks = (N + block - 1) / block, nb = K / QB;
+  float xs_stack[2048], *xs = NULL;
+#ifdef Q4_XS
+  if (kind == 1) { /* per row of x and block: XS_SCALE * the block's sum, for Q4CORR */
+    xs = M * nb <= 2048 ? xs_stack : (float *)malloc((size_t)(M * nb) * sizeof(float));
+    if (!xs) return -2;
+    for (long i = 0; i < M * nb; i++) {
+      const float *v = x + i * QB;
+      float t = 0.f;
+      for (int e = 0; e < QB; e++) t += v[e];
+      xs[i] = XS_SCALE * t;
+    }
+  }
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
   for (long t = 0; t < tasks; t++) {
     const long n0 = t * block, n1 = n0 + block < N ? n0 + block : N;
     for (long m0 = 0; m0 < M; m0 += RB) {
       const int r = (int)(M - m0 < RB ? M - m0 : RB);
-      q_rows(kind, x + m0 * K, q, s, b, y + m0 * N, N, K, n0, n1, r);
+      q_rows(kind, x + m0 * K, q, s, b, y + m0 * N, N, K, n0, n1, r, xs ? xs + m0 * nb : NULL);
     }
   }
+  if (xs && xs != xs_stack) free(xs);
+  (void)xs_stack;
   return 0;
 }
 
