@@ -324,18 +324,60 @@ static inline float hsum8(__m256 v) {
     }                                                                                                            \
   }
 IROWS(1) IROWS(2) IROWS(3) IROWS(4)
+/* q4_0 weights: the stored values v (0..15) are already unsigned, so _mm256_maddubs_epi16 takes them as they are
+ * against x's int8 values (no sign tricks; |pair| <= 2 * 15 * 127, no saturation); the offset is taken off in
+ * integers: sum((v - 8) x) = sum(v x) - 8 sum(x), each of the 8 int32 lanes less sum(x) of the block (xsum). */
+#define IROWS4(R)                                                                                                 \
+  static void irows_q4_##R(const int8_t *xq, const float *xd, const int32_t *xsum, const uint8_t *q,             \
+                           const uint16_t *s, const float *b, float *y, long N, long K, long n0, long n1) {      \
+    const long nb = K / QB;                                                                                      \
+    const __m256i ones = _mm256_set1_epi16(1);                                                                   \
+    const __m128i m4 = _mm_set1_epi8(0x0f);                                                                      \
+    for (long n = n0; n < n1; n++) {                                                                             \
+      __m256 acc[R][2];                                                                                          \
+      for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                   \
+      const uint8_t *qn = q + n * nb * (QB / 2);                                                                 \
+      const uint16_t *sn = s + n * nb;                                                                           \
+      for (long j = 0; j < nb; j++) {                                                                            \
+        _mm_prefetch((const char *)(qn + j * (QB / 2) + QPF), _MM_HINT_T0);                                      \
+        const __m128i bq = _mm_loadu_si128((const __m128i *)(qn + j * (QB / 2)));                               \
+        const __m256i wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bq, 4), m4), _mm_and_si128(bq, m4));    \
+        const float dw = H2F(sn[j]);                                                                             \
+        for (int r = 0; r < R; r++) {                                                                            \
+          const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + j * QB));                         \
+          __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);                                     \
+          p = _mm256_sub_epi32(p, _mm256_set1_epi32(xsum[r * nb + j]));                                          \
+          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + j]), _mm256_cvtepi32_ps(p),             \
+                                          acc[r][j & 1]);                                                        \
+        }                                                                                                        \
+      }                                                                                                          \
+      for (int r = 0; r < R; r++) {                                                                              \
+        const float sum = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));                                            \
+        y[r * N + n] = b ? sum + b[n] : sum;                                                                     \
+      }                                                                                                          \
+    }                                                                                                            \
+  }
+IROWS4(1) IROWS4(2) IROWS4(3) IROWS4(4)
 typedef void (*irows_fn)(int, const int8_t *, const float *, const uint8_t *, const uint16_t *, const float *,
                          float *, long, long, long, long);
+typedef void (*irows4_fn)(const int8_t *, const float *, const int32_t *, const uint8_t *, const uint16_t *,
+                          const float *, float *, long, long, long, long);
 static const irows_fn IROWS_FN[IRB + 1] = {0, irows1, irows2, irows3, irows4};
-static void irows(int kind, const int8_t *xq, const float *xd, const uint8_t *q, const uint16_t *s, const float *b,
-                  float *y, long N, long K, long n0, long n1, int R) {
-  IROWS_FN[R](kind, xq, xd, q, s, b, y, N, K, n0, n1);
+static const irows4_fn IROWS4_FN[IRB + 1] = {0, irows_q4_1, irows_q4_2, irows_q4_3, irows_q4_4};
+#define QI_XSUM 1 /* the q4_0 rows read the blocks' sums of x */
+static void irows(int kind, const int8_t *xq, const float *xd, const int32_t *xsum, const uint8_t *q,
+                  const uint16_t *s, const float *b, float *y, long N, long K, long n0, long n1, int R) {
+  if (kind == 1)
+    IROWS4_FN[R](xq, xd, xsum, q, s, b, y, N, K, n0, n1);
+  else
+    IROWS_FN[R](kind, xq, xd, q, s, b, y, N, K, n0, n1);
 }
 #define QI_VECTOR 1
 #else
-static void irows(int kind, const int8_t *xq, const float *xd, const uint8_t *q, const uint16_t *s, const float *b,
-                  float *y, long N, long K, long n0, long n1, int R) {
+static void irows(int kind, const int8_t *xq, const float *xd, const int32_t *xsum, const uint8_t *q,
+                  const uint16_t *s, const float *b, float *y, long N, long K, long n0, long n1, int R) {
   const long nb = K / QB;
+  (void)xsum;
   for (long n = n0; n < n1; n++) {
     for (int r = 0; r < R; r++) {
       float acc = 0.f;
@@ -366,14 +408,28 @@ int mptkit_qi_linear(int kind, const float *x, const uint8_t *q, const uint16_t 
   const long block = 64;
   const long tasks = (N + block - 1) / block;
   const long nb = K / QB;
+  int32_t xsum_stack[2048], *xsum = NULL;
+#ifdef QI_XSUM
+  if (kind == 1) { /* per row of x and block: the sum of its int8 values (exact) */
+    xsum = M * nb <= 2048 ? xsum_stack : (int32_t *)malloc((size_t)(M * nb) * sizeof(int32_t));
+    if (!xsum) return -2;
+    for (long i = 0; i < M * nb; i++) {
+      int32_t t = 0;
+      for (int e = 0; e < QB; e++) t += xq[i * QB + e];
+      xsum[i] = t;
+    }
+  }
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
   for (long t = 0; t < tasks; t++) {
     const long n0 = t * block, n1 = n0 + block < N ? n0 + block : N;
     for (long m0 = 0; m0 < M; m0 += IRB) {
       const int r = (int)(M - m0 < IRB ? M - m0 : IRB);
-      irows(kind, xq + m0 * K, xd + m0 * nb, q, s, b, y + m0 * N, N, K, n0, n1, r);
+      irows(kind, xq + m0 * K, xd + m0 * nb, xsum ? xsum + m0 * nb : NULL, q, s, b, y + m0 * N, N, K, n0, n1, r);
     }
   }
+  if (xsum && xsum != xsum_stack) free(xsum);
+  (void)xsum_stack;
   return 0;
 }
 
