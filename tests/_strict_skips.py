@@ -27,11 +27,6 @@ class Allowed:
 ALLOWED: tuple[Allowed, ...] = (
     # CUDA-only tests skip with a reason that says so ("needs CUDA", "requires a GPU")
     Allowed(r"(?i)\b(needs?|requires?)\b.*\b(cuda|gpus?)\b", "CUDA-only: the CI machine has no GPU"),
-    Allowed(r"could not import 'streaming'",
-            "mosaicml-streaming cannot go beside the CPU torch 2.13.0: it needs torchvision, whose PyPI wheels are "
-            "CUDA builds (_C.so links libtorch_cuda.so, so `import streaming` fails), unpinned it moves torch to "
-            "2.14.1 + CUDA 13, and it pins transformers<5 and numpy<2.2 (.ci/run)",
-            nodeid="tests/data/test_data_mds.py::test_same_as_mosaicml_streaming_when_installed"),
 )
 
 def _mode() -> str:

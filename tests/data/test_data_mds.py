@@ -1,15 +1,43 @@
 """Reading llm-foundry MDS datasets (mptkit.data.mds): natively for uncompressed shards, through the
-optional mosaicml-streaming package for compressed ones (with a clear message when it is absent)."""
+optional mosaicml-streaming package for compressed ones (with a clear message when it is absent). The MDS
+folders of the comparison tests are written by mosaicml-streaming's own MDSWriter, run in a child process
+(streaming_child.py) from the --no-deps install .ci/run makes."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mptkit.data.mds import MDSTokenDataset, open_token_dataset
 from mptkit.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[2]
+# mosaicml-streaming installed with --no-deps (.ci/run): its own MDSWriter runs in streaming_child.py
+STREAMING_DIR = Path(os.environ.get("MPTKIT_STREAMING_DIR") or ROOT / ".cache" / "mosaicml-streaming")
+
+
+def _run_streaming(tmp_path, writes, read=()) -> dict:
+    """Write each (folder, int32 rows, size_limit) with mosaicml-streaming's MDSWriter and read each folder in
+    ``read`` with its StreamingDataset (to ``folder.read.npy``), in one child process; its report."""
+    if not (STREAMING_DIR / "streaming" / "base" / "format" / "mds" / "writer.py").is_file():
+        pytest.skip(f"mosaicml-streaming's own MDSWriter is not installed in {STREAMING_DIR}: .ci/run installs it "
+                    "(pip install --no-deps --target .cache/mosaicml-streaming mosaicml-streaming zstd brotli "
+                    "python-snappy cramjam catalogue), or set MPTKIT_STREAMING_DIR")
+    job = {"write": [], "read": [str(f) for f in read]}
+    for k, (folder, rows, size_limit) in enumerate(writes):
+        np.save(tmp_path / f"rows{k}.npy", np.asarray(rows, dtype=np.int32))
+        job["write"].append({"out": str(folder), "rows": str(tmp_path / f"rows{k}.npy"), "size_limit": size_limit})
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("streaming_child.py")), str(STREAMING_DIR),
+                        str(tmp_path / "job.json")], check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _ndarray_dynamic(arr: np.ndarray) -> bytes:
@@ -97,18 +125,21 @@ def test_refusals_are_clear(tmp_path):
         open_token_dataset(tmp_path / "nothing")
 
 
-def test_same_as_mosaicml_streaming_when_installed(tmp_path):
-    """Where mosaicml-streaming is installed: what its MDSWriter writes (as llm-foundry does) reads back the
-    same natively, and the test writer's files read the same through StreamingDataset."""
-    streaming = pytest.importorskip("streaming")
-    with streaming.MDSWriter(out=str(tmp_path / "s"), columns={"tokens": "ndarray:int32"}) as w:
-        for r in ROWS:
-            w.write({"tokens": r})
-    ds = MDSTokenDataset(tmp_path / "s")
-    assert ds._native is not None and [ds[i]["input_ids"].tolist() for i in range(7)] == ROWS.tolist()
+def test_mosaicml_streaming_writer_and_reader_agree_with_mptkit(tmp_path):
+    """mosaicml-streaming's own MDSWriter (run in a child process: streaming_child.py) writes ROWS as
+    llm-foundry's convert_dataset_hf.py does, with a small size_limit so the rows spread over many shards;
+    mptkit's native reader reads them back exactly, and streaming's
+    own StreamingDataset reads this file's spec writer's folder as it does its own."""
     _write_mds(tmp_path / "m", [{"tokens": _ndarray_dynamic(r)} for r in ROWS], {"tokens": ("ndarray:int32", None)})
-    sd = streaming.StreamingDataset(local=str(tmp_path / "m"), shuffle=False)
-    assert [sd[i]["tokens"].tolist() for i in range(7)] == ROWS.tolist()
+    report = _run_streaming(tmp_path, [(tmp_path / "s", ROWS, 100)], read=[tmp_path / "m", tmp_path / "s"])
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert len(index["shards"]) > 2 and {s["column_encodings"][0] for s in index["shards"]} == {"ndarray:int32"}
+    ds = MDSTokenDataset(tmp_path / "s")
+    assert ds._native is not None and len(ds) == 7
+    assert [ds[i]["input_ids"].tolist() for i in range(7)] == ROWS.tolist()
+    for name in ("m", "s"):
+        assert np.load(tmp_path / f"{name}.read.npy").tolist() == ROWS.tolist()
+    assert report["writer_file"].endswith("streaming/base/format/mds/writer.py")
 
 
 def test_training_on_an_mds_folder(tmp_path):
@@ -126,8 +157,7 @@ def test_training_on_an_mds_folder(tmp_path):
 
 def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, make_tokenizer, capsys):
     """`mptkit train` reads an MDS folder (index.json) where a prepared folder (manifest.json) goes: the same
-    tokens written as llm-foundry MDS (this file's writer, built from mosaicml-streaming's documented format:
-    mosaicml-streaming cannot be imported beside the CPU torch here) give exactly the prepared folder's batches
+    tokens written as llm-foundry MDS by mosaicml-streaming's own MDSWriter give exactly the prepared folder's batches
     (input_ids and sequence_id, over an epoch and into the next), the same trained weights, and evaluate to the
     same perplexity with `mptkit eval perplexity`; `mptkit data inspect` summarizes it."""
     import json as _json
@@ -148,11 +178,14 @@ def test_mptkit_train_on_mds_gives_the_batches_of_the_prepared_folder(tmp_path, 
     src = tmp_path / "c.jsonl"
     src.write_text("".join(_json.dumps({"text": f"doc {i}: " + "word " * (i % 9 + 2)}) + "\n" for i in range(120)))
     prepare_dataset([str(src)], tok, tmp_path / "prep", 16, val_fraction=0.2, progress=False)
-    for split in ("train", "val"):
+    # the same token rows written by mosaicml-streaming's own MDSWriter, into llm-foundry's split folders
+    # (convert_dataset_hf.py: train/, val_small/), a few samples per shard
+    writes = []
+    for split, folder in (("train", "train"), ("val", "val_small")):
         ds = TokenDataset(tmp_path / "prep", split)
-        _write_mds(tmp_path / "mds" / split, [{"tokens": _ndarray_dynamic(ds.row(i).astype(np.int32))}
-                                              for i in range(len(ds))],
-                   {"tokens": ("ndarray:int32", None)}, per_shard=7)
+        writes.append((tmp_path / "mds" / folder, np.stack([ds.row(i) for i in range(len(ds))]), 400))
+    _run_streaming(tmp_path, writes)
+    assert len(json.loads((tmp_path / "mds" / "train" / "index.json").read_text())["shards"]) > 2
 
     def recipe(local, name: str) -> dict:
         return {"max_seq_len": 16, "tokenizer": {"name": str(tok)},
