@@ -56,6 +56,10 @@ class ChatFormat:
             return
         self.template = str(tokenizer.chat_template)
         self._render = render
+        try:  # the spellings the tokenizer reads as its added/special tokens (a message must not spell them)
+            self._specials = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+        except (AttributeError, TypeError):
+            self._specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
         try:
             prompt, full = render(_PROBE[:1], True), render(_PROBE, False)
         except Exception as e:  # noqa: BLE001 - the template's own errors
@@ -75,11 +79,18 @@ class ChatFormat:
     def name(self) -> str:
         return "ChatML" if self.template is None else _template_name(self.template)
 
-    def encode(self, messages: list[dict], *, default_system: str | None = None) -> list[int]:
+    def encode(self, messages: list[dict], *, default_system: str | None = None,
+               parse_special_tokens: bool = False) -> list[int]:
         """The prompt ids of ``messages`` with the generation prompt (``default_system``: ChatML's system message
-        for a conversation without one; the tokenizer's own template gets the messages as they are)."""
+        for a conversation without one; the tokenizer's own template gets the messages as they are).
+
+        Message content is text: with ChatML its special tokens' spellings are tokenized as characters; the
+        tokenizer's own template is tokenized whole (its markers are special tokens), so a message that
+        spells one of the tokenizer's special tokens is refused (it would open or close a turn), unless
+        ``parse_special_tokens`` (trusted input)."""
         if self._render is None:
-            return encode_chatml(self.tokenizer, messages, default_system=default_system)
+            return encode_chatml(self.tokenizer, messages, default_system=default_system,
+                                 parse_special_tokens=parse_special_tokens)
         from mptkit.data.tokenizer import encode_batch
         from mptkit.prompts import ROLES, message_text
 
@@ -87,7 +98,14 @@ class ChatFormat:
         for i, m in enumerate(messages):
             if m.get("role") not in ROLES:
                 raise InferenceError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
-            msgs.append({"role": m["role"], "content": message_text(m.get("content"), f"messages[{i}]")})
+            text = message_text(m.get("content"), f"messages[{i}]")
+            forged = None if parse_special_tokens else next((t for t in self._specials if t in text), None)
+            if forged is not None:
+                raise InferenceError(
+                    f"messages[{i}].content spells the tokenizer's special token {forged!r}: with the model's own "
+                    "chat_template it would be read as that token (a message could open or close a turn), so "
+                    "it is refused")
+            msgs.append({"role": m["role"], "content": text})
         try:
             text = self._render(msgs, True)
         except Exception as e:  # noqa: BLE001 - the template's own errors (a role order it refuses, ...)
