@@ -278,7 +278,7 @@ def test_chat_logprobs_equal_mptkit_eval_scoring(server):  # noqa: F811
     msgs = [{"role": "user", "content": "def dumps(obj):"}]
     ids = srv.chat_ids(msgs)
     gen: list[int] = []
-    stops = {srv.tok.eos_token_id, srv.im_end_id}
+    stops = {srv.tok.eos_token_id, *srv.chat_format.stop_ids}
     while len(gen) < 6 and (not gen or gen[-1] not in stops):
         gen.append(int(torch.argmax(_forward_logprobs(srv, ids + gen)[-1])))
     full = torch.tensor([ids + gen])

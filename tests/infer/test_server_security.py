@@ -302,10 +302,10 @@ def test_large_prompts_are_tokenized_off_the_event_loop(served, monkeypatch):
     this machine tokenizes)."""
     import mptkit.infer.server.serving as server_mod
 
-    base, _ = served
+    base, srv = served
     text = "def load(fp, *, cls=None): return json.loads(fp.read())\n" * 18000  # ~1 MB
     started = threading.Semaphore(0)
-    real_encode, real_chatml = server_mod.encode_batch, server_mod.encode_chatml
+    real_encode, real_chat = server_mod.encode_batch, srv.chat_format.encode
 
     def slow(real):
         def call(*a, **k):
@@ -315,7 +315,7 @@ def test_large_prompts_are_tokenized_off_the_event_loop(served, monkeypatch):
         return call
 
     monkeypatch.setattr(server_mod, "encode_batch", slow(real_encode))
-    monkeypatch.setattr(server_mod, "encode_chatml", slow(real_chatml))
+    monkeypatch.setattr(srv.chat_format, "encode", slow(real_chat))
     done: list[float] = []
 
     def post(path, body):

@@ -139,10 +139,13 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from mptkit.infer.chat import ChatSession
+    from mptkit.prompts import DEFAULT_SYSTEM_PROMPT
 
     gen = _load(args)
     system = None if args.no_system else args.system
     session = ChatSession(gen, system_prompt=system, params=_params(args))
+    if system is None and not args.no_system and session.format.template is None:
+        session.system_prompt = DEFAULT_SYSTEM_PROMPT  # ChatML's default; a model's own template decides its own
     print(f"mptkit chat ({args.model}, context {gen.max_context} tokens). /reset clears, /quit or Ctrl-D exits.",
           file=sys.stderr)
     while True:
@@ -245,11 +248,10 @@ def register(sub) -> None:
     _add_sampling_args(p, temperature=0.0, max_new=64)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat in the terminal (ChatML, as MPT-7B-Chat)")
+    p = sub.add_parser("chat", help="chat in the terminal (the tokenizer's own chat_template, else ChatML as MPT-7B-Chat)")
     _add_model_args(p)
-    from mptkit.prompts import DEFAULT_SYSTEM_PROMPT
-
-    p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt")
+    p.add_argument("--system", default=None, help="system prompt (default: ChatML's default system message; none "
+                   "with the tokenizer's own chat_template)")
     p.add_argument("--no-system", action="store_true", help="no system message")
     _add_sampling_args(p, temperature=0.7, max_new=256)
     p.set_defaults(func=cmd_chat)

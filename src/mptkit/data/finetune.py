@@ -357,8 +357,11 @@ def chat_template_renderer(tokenizer) -> Callable[..., str] | None:
                 _PROBE[:2], True) == render_chatml(_PROBE[:2]):
             return None
     except Exception as e:  # noqa: BLE001 - a template that cannot render a plain conversation
-        raise DataError(f"the tokenizer's chat_template cannot render a system/user/assistant conversation "
-                        f"({type(e).__name__}: {e})") from None
+        try:  # templates that refuse a system role (Mistral's, Gemma's) render user/assistant turns
+            render(_PROBE[1:])
+        except Exception:  # noqa: BLE001
+            raise DataError(f"the tokenizer's chat_template cannot render a system/user/assistant conversation "
+                            f"({type(e).__name__}: {e})") from None
     return render
 
 

@@ -1,12 +1,116 @@
-"""Chat: a multi-turn session over the ChatML template (:mod:`mptkit.prompts`), keeping its KV cache across
-turns, and history trimming to the context window. Generation stops at ``<|im_end|>`` (as a stop string, and as
-a stop token when the tokenizer has it)."""
+"""Chat: a multi-turn session keeping its KV cache across turns, and history trimming to the context window.
+
+A conversation is rendered by :class:`ChatFormat`: with the model's tokenizer's own ``chat_template`` when it
+has one (the renderer finetuning uses, :func:`mptkit.data.finetune.chat_template_renderer`, so a model is
+prompted as it was trained), else with ChatML (:mod:`mptkit.prompts`; generation stops at ``<|im_end|>``, as a
+stop string, and as a stop token when the tokenizer has it). ``mptkit chat`` and the server's chat endpoint
+both use it."""
 
 from __future__ import annotations
 
-from mptkit.errors import InferenceError
+from mptkit.errors import DataError, InferenceError
 from mptkit.infer.generate import reusable_prefix
 from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, IM_END, encode_chatml, im_end_token_id
+
+_PROBE = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+
+
+def _template_name(template: str) -> str:
+    """How an error names a template: its start (the template itself, not where it came from)."""
+    first = " ".join(template.split())
+    return "the tokenizer's chat_template " + repr(first[:60] + ("..." if len(first) > 60 else ""))
+
+
+class ChatFormat:
+    """How a conversation becomes prompt ids, and where a reply ends, for one tokenizer.
+
+    * The tokenizer's own ``chat_template`` (unless it renders ChatML as mptkit does): the prompt is the
+      template's text with the generation prompt, tokenized whole as ``tokenizer.apply_chat_template(...,
+      add_generation_prompt=True)`` tokenizes it (the template's markers are its special tokens). No default
+      system message is added (the template decides). A reply ends at the tokenizer's EOS (the generator's
+      own stop) and at the template's end-of-turn text (what it renders after an assistant message's
+      content: ``</s>``, ``<|eot_id|>``), as a stop string and, when it is one token, a stop id.
+    * Otherwise ChatML (:func:`mptkit.prompts.encode_chatml`: markers as control tokens, content as text),
+      the default system message added when the conversation has none; a reply ends at ``<|im_end|>``.
+
+    ``template`` is the template used (None: ChatML). A template that fails on a plain conversation is an
+    :class:`InferenceError` naming it, at construction; one that fails on a request's conversation, at
+    :meth:`encode`."""
+
+    def __init__(self, tokenizer):
+        from mptkit.data.finetune import chat_template_renderer
+
+        self.tokenizer = tokenizer
+        self.template: str | None = None
+        self._render = None
+        self.stop: list[str] = [IM_END]
+        im_end = im_end_token_id(tokenizer)
+        self.stop_ids: list[int] = [im_end] if im_end is not None else []
+        if tokenizer is None:
+            return
+        try:
+            render = chat_template_renderer(tokenizer)
+        except DataError as e:
+            raise InferenceError(f"{_template_name(tokenizer.chat_template)} cannot be used: {e}") from None
+        if render is None:
+            return
+        self.template = str(tokenizer.chat_template)
+        self._render = render
+        try:  # the spellings the tokenizer reads as its added/special tokens (a message must not spell them)
+            self._specials = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+        except (AttributeError, TypeError):
+            self._specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        try:
+            prompt, full = render(_PROBE[:1], True), render(_PROBE, False)
+        except Exception as e:  # noqa: BLE001 - the template's own errors
+            raise InferenceError(f"{_template_name(self.template)} cannot render a user/assistant conversation "
+                                 f"({type(e).__name__}: {e})") from None
+        reply = full[len(prompt):] if full.startswith(prompt) else ""
+        end = reply[reply.find("A") + 1:].strip() if "A" in reply else ""
+        self.stop, self.stop_ids = ([end] if end else []), []
+        if end:
+            from mptkit.prompts import marker_id
+
+            mid = marker_id(tokenizer, end)
+            if mid is not None:
+                self.stop_ids.append(mid)
+
+    @property
+    def name(self) -> str:
+        return "ChatML" if self.template is None else _template_name(self.template)
+
+    def encode(self, messages: list[dict], *, default_system: str | None = None,
+               parse_special_tokens: bool = False) -> list[int]:
+        """The prompt ids of ``messages`` with the generation prompt (``default_system``: ChatML's system message
+        for a conversation without one; the tokenizer's own template gets the messages as they are).
+
+        Message content is text: with ChatML its special tokens' spellings are tokenized as characters; the
+        tokenizer's own template is tokenized whole (its markers are special tokens), so a message that
+        spells one of the tokenizer's special tokens is refused (it would open or close a turn), unless
+        ``parse_special_tokens`` (trusted input)."""
+        if self._render is None:
+            return encode_chatml(self.tokenizer, messages, default_system=default_system,
+                                 parse_special_tokens=parse_special_tokens)
+        from mptkit.data.tokenizer import encode_batch
+        from mptkit.prompts import ROLES, message_text
+
+        msgs = []
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES:
+                raise InferenceError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+            text = message_text(m.get("content"), f"messages[{i}]")
+            forged = None if parse_special_tokens else next((t for t in self._specials if t in text), None)
+            if forged is not None:
+                raise InferenceError(
+                    f"messages[{i}].content spells the tokenizer's special token {forged!r}: with the model's own "
+                    "chat_template it would be read as that token (a message could open or close a turn), so "
+                    "it is refused")
+            msgs.append({"role": m["role"], "content": text})
+        try:
+            text = self._render(msgs, True)
+        except Exception as e:  # noqa: BLE001 - the template's own errors (a role order it refuses, ...)
+            raise InferenceError(f"{self.name} cannot render this conversation ({type(e).__name__}: {e})") from None
+        return encode_batch(self.tokenizer, [text], parse_special_tokens=True)[0]
 
 
 def trim_history(messages: list[dict], count_tokens, budget: int) -> list[dict]:
@@ -40,6 +144,7 @@ class ChatSession:
         from mptkit.infer.sampling import SamplingParams
 
         self.gen = generator
+        self.format = ChatFormat(generator.tokenizer)
         self.system_prompt = system_prompt
         self.params = params or SamplingParams(max_tokens=256, temperature=0.7, top_p=0.95)
         self.history: list[dict] = []
@@ -52,16 +157,15 @@ class ChatSession:
         return sys_msgs + self.history
 
     def prompt_ids(self) -> list[int]:
-        tok = self.gen.tokenizer
         budget = self.gen.max_context - max(1, min(self.params.max_tokens, self.gen.max_context // 2))
 
         def count(msgs):
-            return len(encode_chatml(tok, msgs))
+            return len(self.format.encode(msgs))
 
         msgs = trim_history(self.messages(), count, budget)
         kept = len(msgs) - (1 if self.system_prompt else 0)
         self.history = self.history[len(self.history) - kept :]
-        return encode_chatml(tok, msgs)
+        return self.format.encode(msgs)
 
     def send(self, user_text: str):
         """Yield the reply's text deltas; the full reply is appended to the history at the end."""
@@ -69,12 +173,9 @@ class ChatSession:
 
         self.history.append({"role": "user", "content": user_text})
         ids = self.prompt_ids()
-        stop_ids = list(self.params.stop_token_ids)
-        im_end = im_end_token_id(self.gen.tokenizer)
-        if im_end is not None:
-            stop_ids.append(im_end)
         params = dataclasses.replace(
-            self.params, stop=list(self.params.stop) + [IM_END], stop_token_ids=stop_ids,
+            self.params, stop=list(self.params.stop) + self.format.stop,
+            stop_token_ids=list(self.params.stop_token_ids) + self.format.stop_ids,
             max_tokens=min(self.params.max_tokens, self.gen.max_context - len(ids)),
         )
         reply = []

@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: a ChatML conversation answered by the assistant, plain or streamed over SSE."""
+"""``POST /v1/chat/completions``: a conversation (the tokenizer's own chat_template, else ChatML) answered by
+the assistant, plain or streamed over SSE."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from mptkit.infer.server._deps import Request, run_in_threadpool
 from mptkit.infer.server.protocol import SSE_DONE, APIError, ChatRequest, sse_event, usage
-from mptkit.prompts import IM_END
 
 if TYPE_CHECKING:
     from mptkit.infer.engine import Event
@@ -49,8 +49,8 @@ async def create_chat_completion(srv: Server, req: ChatRequest, request: Request
         default_max=srv.limits.default_chat_max_tokens,
         prompt_len=len(ids),
         logprobs=k,
-        extra_stop=[IM_END],
-        extra_stop_ids=[srv.im_end_id] if srv.im_end_id is not None else [],
+        extra_stop=srv.chat_format.stop,
+        extra_stop_ids=srv.chat_format.stop_ids,
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

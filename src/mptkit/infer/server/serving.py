@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from mptkit.data.tokenizer import encode_batch
 from mptkit.errors import InferenceError
+from mptkit.infer.chat import ChatFormat
 from mptkit.infer.engine import Engine, EngineOverloaded, EngineStopped, Event
 from mptkit.infer.sampling import SamplingParams
 from mptkit.infer.server._deps import AVAILABLE, StreamingResponse
 from mptkit.infer.server.middleware import Metrics, check_api_key
 from mptkit.infer.server.protocol import SEED_LIMIT, APIError, SamplingRequest, ServerLimits
 from mptkit.infer.server.relay import CLIENT_GONE, Inbox, LoopRelays, await_disconnect
-from mptkit.prompts import DEFAULT_SYSTEM_PROMPT, encode_chatml, im_end_token_id
+from mptkit.prompts import DEFAULT_SYSTEM_PROMPT
 
 if TYPE_CHECKING:
     from mptkit.infer.server._deps import Request
@@ -52,7 +53,7 @@ class Server:
         self.limits = limits or ServerLimits()
         self.metrics = Metrics()
         self.created = int(time.time())
-        self.im_end_id = im_end_token_id(self.tok)
+        self.chat_format = ChatFormat(self.tok)  # the tokenizer's own chat_template, else ChatML
         self._token_strs: dict[int, str] = {}  # token_str's (at most the vocabulary's size)
         self._relays = LoopRelays(engine)
 
@@ -96,12 +97,14 @@ class Server:
         return ids
 
     def chat_ids(self, msgs: list[dict]) -> list[int]:
-        """The chat prompt's ids: ChatML markers as control tokens, message content as text (a message cannot
-        forge a turn). Blocking: call it through ``run_in_threadpool``."""
+        """The chat prompt's ids (:class:`~mptkit.infer.chat.ChatFormat`): the tokenizer's own chat_template when it
+        has one, as ``apply_chat_template(..., add_generation_prompt=True)`` tokenizes it; else ChatML, markers as
+        control tokens, message content as text (a message cannot forge a turn), the default system message
+        added. Blocking: call it through ``run_in_threadpool``."""
         if self.tok is None:
             raise APIError(400, "this model has no tokenizer; chat needs one", param="messages")
         try:
-            return encode_chatml(self.tok, msgs, default_system=DEFAULT_SYSTEM_PROMPT)
+            return self.chat_format.encode(msgs, default_system=DEFAULT_SYSTEM_PROMPT)
         except InferenceError as e:
             raise APIError(400, str(e), param="messages") from None
 

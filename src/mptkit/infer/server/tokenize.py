@@ -6,18 +6,19 @@ through them (``tokenizer_backend=remote``).
 * ``/tokenize`` ``{"prompt": str}`` or ``{"messages": [...]}`` -> ``{"tokens", "count", "max_model_len"}``:
   a prompt's ids exactly as ``/v1/completions`` would tokenize it (special tokens' spellings are text unless
   the server parses them or the request sets ``parse_special_tokens``), or a conversation's as
-  ``/v1/chat/completions`` would (ChatML). ``add_special_tokens`` is accepted and adds nothing: mptkit's
-  tokenizers add no BOS/EOS to a prompt.
+  ``/v1/chat/completions`` would (the tokenizer's own chat_template, else ChatML). ``add_special_tokens`` is
+  accepted and adds nothing: mptkit's tokenizers add no BOS/EOS to a prompt.
 * ``/detokenize`` ``{"tokens": [int, ...]}`` -> ``{"prompt": str}``; ids outside the vocabulary are a 400.
 * ``/tokenizer_info`` -> the tokenizer's class, special tokens (``eos_token``, ``bos_token``, ``pad_token``),
-  ``model_max_length`` (the server's context) and ``chat_template`` (None: the server's chat endpoint applies
-  ChatML itself).
+  ``model_max_length`` (the server's context) and ``chat_template``: the template the chat endpoint renders
+  with (the tokenizer's own; mptkit's ChatML template when it has none or its own renders ChatML).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mptkit.data.tokenizer import CHATML_TEMPLATE
 from mptkit.infer.server._deps import Request, run_in_threadpool
 from mptkit.infer.server.protocol import APIError, DetokenizeRequest, TokenizeRequest
 
@@ -75,5 +76,5 @@ def register(app: FastAPI, srv: Server) -> None:
             "unk_token": getattr(tok, "unk_token", None),
             "model_max_length": srv.max_context,
             "vocab_size": srv.gen.config.vocab_size,
-            "chat_template": None,
+            "chat_template": srv.chat_format.template or CHATML_TEMPLATE,
         }
