@@ -53,8 +53,14 @@ from mptkit.utils.outputs import check_output, write_errors
 log = logging.getLogger(__name__)
 
 ARCH = "mpt"
-GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
-QUANT_DTYPES = ("q8_0", "q4_0")  # written with mptkit's own blocks (mptkit.model.quant), byte for byte ggml's
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k")
+QUANT_DTYPES = ("q8_0", "q4_0", "q4_k")  # written with mptkit's own blocks (mptkit.model.quant), byte for byte ggml's
+# per block type: (weights per block, bytes per block) — ggml's block_q8_0 / block_q4_0 / block_q4_K
+_BLOCKS = {"q8_0": (32, 2 + 32), "q4_0": (32, 2 + 16), "q4_k": (256, 144)}
+# what a --dtype falls back to, in order, for a matrix whose rows are not whole blocks of its type (llama.cpp's
+# llama-quantize takes q5_0 for a Q4_K tensor that does not fit; mptkit has no q5_0, so q4_0 — the same bits
+# per weight as q4_k within 0.5 — then f32)
+_FALLBACK = {"q4_k": ("q4_0",), "q8_0": (), "q4_0": ()}
 # the tensors a quantised file quantises: the block Linears, as mptkit's --quant does (embeddings, the output
 # head, norms and biases stay f32; a matrix whose rows are not whole blocks too)
 _QUANTISED_TENSORS = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
@@ -156,8 +162,9 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
         t[: cfg.d_model] *= r
     if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
         t = t * cfg.logit_scale_value
-    if _quantised(gguf_name, dtype, t.shape):
-        return _ggml_blocks(t, dtype)
+    block = _tensor_type(gguf_name, dtype, t.shape)
+    if block is not None:
+        return _ggml_blocks(t, block)
     a = t.contiguous().numpy()
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
@@ -169,19 +176,25 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
     return a
 
 
-def _quantised(gguf_name: str, dtype: str, shape) -> bool:
-    """Whether this tensor is written as ``dtype``'s blocks (a block Linear whose rows are whole blocks)."""
-    from mptkit.model.quant import BLOCK_SIZE
-
-    return (dtype in QUANT_DTYPES and gguf_name.endswith(_QUANTISED_TENSORS) and len(shape) == 2
-            and shape[1] % BLOCK_SIZE == 0)
+def _tensor_type(gguf_name: str, dtype: str, shape) -> str | None:
+    """The block type this tensor is written as (a block Linear: ``dtype`` when its rows are whole blocks of
+    it, else the first of ``dtype``'s fallbacks they fit), or None for a float tensor (f32 / f16)."""
+    if dtype not in QUANT_DTYPES or not gguf_name.endswith(_QUANTISED_TENSORS) or len(shape) != 2:
+        return None
+    for block in (dtype, *_FALLBACK[dtype]):
+        if shape[1] % _BLOCKS[block][0] == 0:
+            return block
+    return None
 
 
 def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
     """``t`` (N, K) as ggml's block array: per row K/32 blocks of (fp16 scale, then 32 int8 values for q8_0 or
-    16 packed bytes for q4_0), as uint8 (N, K/32 * bytes per block): ``block_q8_0`` / ``block_q4_0``."""
-    from mptkit.model.quant import quantize_weight
+    16 packed bytes for q4_0), as uint8 (N, K/32 * bytes per block): ``block_q8_0`` / ``block_q4_0``; for
+    q4_k, K/256 ``block_q4_K`` s of 144 bytes."""
+    from mptkit.model.quant import quantize_q4_k, quantize_weight
 
+    if dtype == "q4_k":
+        return quantize_q4_k(t).numpy()
     q, sc = quantize_weight(t, dtype)
     n, nb = sc.shape
     qb = q.contiguous().view(torch.uint8).numpy().reshape(n, nb, -1)
@@ -189,8 +202,9 @@ def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
     return np.concatenate([sb, qb], axis=-1).reshape(n, -1)
 
 
-def _block_bytes(dtype: str) -> int:
-    return {"q8_0": 2 + 32, "q4_0": 2 + 16}[dtype]
+def _row_bytes(block: str, n_cols: int) -> int:
+    per, nbytes = _BLOCKS[block]
+    return n_cols // per * nbytes
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -407,6 +421,7 @@ def export_gguf(
                         "longer context", cfg.max_seq_len)
 
         n_bytes = 0
+        notes = list(tok.notes)
         with write_errors(out, ExportError), atomic_path(out) as tmp:  # a full disk: one line naming OUT
             w = gguf.GGUFWriter(str(tmp), ARCH)
             try:
@@ -422,7 +437,9 @@ def export_gguf(
                 if cfg.attn_config["clip_qkv"] is not None:
                     w.add_clamp_kqv(float(cfg.attn_config["clip_qkv"]))
                 w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(dtype, gguf.LlamaFileType.ALL_F32))
+                                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                                 # the closest of llama.cpp's names (its mixes differ; the file's tensors say)
+                                 "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}.get(dtype, gguf.LlamaFileType.ALL_F32))
                 w.add_tokenizer_model("gpt2")
                 w.add_tokenizer_pre(tok.pre)
                 w.add_token_list(tok.tokens)
@@ -438,15 +455,23 @@ def export_gguf(
                     w.add_chat_template(tok.chat_template)
                 # Tensor infos first (shapes only), then the data, one tensor at a time.
                 for gname, _src, shape in plan:
-                    if _quantised(gname, dtype, shape):  # the byte shape; the writer turns it into elements
-                        row = shape[1] // 32 * _block_bytes(dtype)
+                    block = _tensor_type(gname, dtype, shape)
+                    if block is not None and block != dtype:
+                        note = (f"{gname} is {block} ({shape[1]} columns is not a multiple of {dtype}'s "
+                                f"{_BLOCKS[dtype][0]})")
+                        log.info("%s", note)
+                        notes.append(note)
+                    if block is not None:  # the byte shape; the writer turns it into elements
+                        row = _row_bytes(block, shape[1])
                         w.add_tensor_info(gname, (shape[0], row), np.dtype(np.uint8), shape[0] * row,
-                                          raw_dtype=gguf.GGMLQuantizationType[dtype.upper()])
+                                          raw_dtype=gguf.GGMLQuantizationType[block.upper()])
                         n_bytes += shape[0] * row
                         continue
                     if dtype in QUANT_DTYPES and gname.endswith(_QUANTISED_TENSORS):
-                        log.info("%s stays f32 (%d columns is not a multiple of the block size 32)", gname,
-                                 shape[1])
+                        note = (f"{gname} stays f32 ({shape[1]} columns is not a multiple of the block size "
+                                f"{min(_BLOCKS[b][0] for b in (dtype, *_FALLBACK[dtype]))})")
+                        log.info("%s", note)
+                        notes.append(note)
                     is_f16 = dtype == "f16" and len(shape) >= 2
                     np_dtype = np.dtype(np.float16 if is_f16 else np.float32)
                     nbytes = int(np.prod(shape)) * np_dtype.itemsize
@@ -463,7 +488,7 @@ def export_gguf(
         log.info("wrote %s: %d tensors, %.1f MB of %s weights, %d tokens (%d padding)", out, len(plan), n_bytes / 1e6,
                  dtype, len(tok.tokens), tok.padded)
         return GGUFExportResult(path=out, source=folder, dtype=dtype, n_tensors=len(plan), n_bytes=n_bytes,
-                                tokenizer_from=tok_folder, folded=folded, notes=tok.notes)
+                                tokenizer_from=tok_folder, folded=folded, notes=notes)
 
 
 __all__ = ["GGUFExportResult", "export_gguf", "llama_cpp_incompatibilities", "read_tokenizer", "tensor_name_map"]
