@@ -23,7 +23,11 @@ What llama.cpp's MPT graph computes (``src/models/mpt.cpp`` in llama.cpp), and s
 blocks (:mod:`mptkit.model.quant`: ggml's reference quantisers, byte for byte), so the file holds the very
 weights ``mptkit ... --quant int8|q4`` runs; the embeddings, the output head, norms and biases stay f32 — the
 policy of mptkit's ``--quant`` (llama.cpp's own ``llama-quantize`` would also quantise ``token_embd``), and a
-matrix whose rows are not whole blocks of 32 stays f32 too (named in the log).
+matrix whose rows are not whole blocks of 32 stays f32 too (named in the log). ``--dtype q4_k`` writes ggml's
+Q4_K super-blocks of 256 (:func:`mptkit.model.quant.quantize_q4_k`, byte for byte ``quantize_row_q4_K_ref``) for
+those matrices, q4_0 for one whose rows are not whole super-blocks (llama.cpp would take q5_0, which mptkit
+does not write) and f32 below that, each fallback named in the log and the result's ``notes``; embeddings and
+the output head stay f32 here too.
 
 Refused, naming the key: ``norm_type`` rmsnorm (llama.cpp's MPT uses LayerNorm), ``ffn_type: mptglu``,
 ``qk_ln``, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
