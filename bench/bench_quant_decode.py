@@ -61,7 +61,8 @@ def llama_quantize(src: Path, out: Path, *, embd_f32: bool, threads: int, ftype:
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[ftype]
+    p.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+               "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[ftype]
     p.nthread = threads
     if embd_f32:
         p.token_embedding_type = llama_cpp.GGML_TYPE_F32

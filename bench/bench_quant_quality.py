@@ -5,7 +5,9 @@ Both runtimes again on one set of windows (the text's tokens cut into non-overla
 tokens, every token after the first of a window scored): mptkit fp32 / int8 / q4 by the model's forward, and
 llama.cpp (llama-cpp-python) on mptkit's GGUF exports ``f32``, ``q8_0``, ``q4_0`` (the same blocks mptkit runs,
 embeddings f32) and on llama.cpp's own ``llama_model_quantize`` q8_0 / q4_0 of the f32 file (its default
-policy: the token embedding / tied head quantised too). Each runtime's delta is against its own f32.
+policy: the token embedding / tied head quantised too). q4_k: llama.cpp on mptkit's ``--dtype q4_k`` file and on
+its own Q4_K_M, and mptkit fp32 on the dequantised q4_k weights (mptkit does not run q4_k blocks). Each
+runtime's delta is against its own f32.
 
 Run: flock /tmp/mptkit-bench.lock python bench/bench_quant_quality.py MODEL --data FILE_OR_DIR [--ctx 128]
 """
@@ -75,6 +77,17 @@ def llama_ppl(path: Path, wins, ctx: int, threads: int) -> float:
     return math.exp(nll / n)
 
 
+def q4k_weights(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as ``export gguf --dtype q4_k`` writes it, dequantised: q4_k, else q4_0, else unchanged."""
+    from mptkit.model.quant import dequantize_q4_k, dequantize_weight, quantize_q4_k, quantize_weight
+
+    if w.shape[1] % 256 == 0:
+        return dequantize_q4_k(quantize_q4_k(w))
+    if w.shape[1] % 32 == 0:
+        return dequantize_weight(*quantize_weight(w, "q4_0"), "q4_0")
+    return w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -104,6 +117,12 @@ def main() -> None:
     for q in (None, "int8", "q4"):
         m = MPTForCausalLM.from_pretrained(a.model, quant=q).eval()
         rows[f"mptkit {q or 'fp32'} (same windows)"] = mptkit_ppl(m, wins)
+    m = MPTForCausalLM.from_pretrained(a.model).eval()
+    with torch.no_grad():  # the block matrices that fit as their q4_k weights (the others as mptkit's file: q4_0)
+        for name, mod in m.named_modules():
+            if type(mod) is torch.nn.Linear and name.startswith("transformer.blocks."):
+                mod.weight.copy_(q4k_weights(mod.weight))
+    rows["mptkit fp32 on q4_k weights (same windows)"] = mptkit_ppl(m, wins)
     try:
         f32 = export_gguf(a.model, tmp / "f32.gguf", dtype="f32").path
         files = {"llama.cpp f32": f32}
@@ -111,6 +130,9 @@ def main() -> None:
             files[f"llama.cpp {t} mptkit-file"] = export_gguf(a.model, tmp / f"{t}.gguf", dtype=t).path
             files[f"llama.cpp {t} llama-quantize"] = llama_quantize(f32, tmp / f"lq-{t}.gguf", embd_f32=False,
                                                                     threads=a.threads, ftype=t)
+        files["llama.cpp q4_k mptkit-file"] = export_gguf(a.model, tmp / "q4_k.gguf", dtype="q4_k").path
+        files["llama.cpp q4_k_m llama-quantize"] = llama_quantize(f32, tmp / "lq-q4_k_m.gguf", embd_f32=False,
+                                                                  threads=a.threads, ftype="q4_k_m")
         for name, path in files.items():
             rows[name] = llama_ppl(path, wins, a.ctx, a.threads)
     except ImportError as e:

@@ -21,9 +21,13 @@ What llama.cpp's MPT graph computes (``src/models/mpt.cpp`` in llama.cpp), and s
 
 ``--dtype q8_0|q4_0`` quantises the block Linears (QKV, attention output, FFN up and down) with mptkit's own
 blocks (:mod:`mptkit.model.quant`: ggml's reference quantisers, byte for byte), so the file holds the very
-weights ``mptkit ... --quant int8|q4`` runs; the embeddings, the output head, norms and biases stay f32 — the
-policy of mptkit's ``--quant`` (llama.cpp's own ``llama-quantize`` would also quantise ``token_embd``), and a
-matrix whose rows are not whole blocks of 32 stays f32 too (named in the log).
+weights ``mptkit ... --quant int8|q4`` runs: the tied head as its own ``output.weight`` in q8_0 (the policy of
+mptkit's ``--quant``: a q8_0 copy of ``wte``), the embeddings (the lookup), norms and biases f32, and a matrix
+whose rows are not whole blocks of 32 f32 too (named in the log). ``--dtype q4_k`` writes ggml's
+Q4_K super-blocks of 256 (:func:`mptkit.model.quant.quantize_q4_k`, byte for byte ``quantize_row_q4_K_ref``) for
+those matrices, q4_0 for one whose rows are not whole super-blocks (llama.cpp would take q5_0, which mptkit
+does not write) and f32 below that, each fallback named in the log and the result's ``notes``; embeddings and
+the tied output head stay f32 there (mptkit does not run q4_k weights: no head policy to match).
 
 Refused, naming the key: ``norm_type`` rmsnorm (llama.cpp's MPT uses LayerNorm), ``ffn_type: mptglu``,
 ``qk_ln``, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
@@ -53,8 +57,15 @@ from mptkit.utils.outputs import check_output, write_errors
 log = logging.getLogger(__name__)
 
 ARCH = "mpt"
-GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
-QUANT_DTYPES = ("q8_0", "q4_0")  # written with mptkit's own blocks (mptkit.model.quant), byte for byte ggml's
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k")
+HEAD_Q8_DTYPES = ("q8_0", "q4_0")  # the types mptkit runs (--quant int8|q4): their file's tied head is a q8_0 copy
+QUANT_DTYPES = ("q8_0", "q4_0", "q4_k")  # written with mptkit's own blocks (mptkit.model.quant), byte for byte ggml's
+# per block type: (weights per block, bytes per block) — ggml's block_q8_0 / block_q4_0 / block_q4_K
+_BLOCKS = {"q8_0": (32, 2 + 32), "q4_0": (32, 2 + 16), "q4_k": (256, 144)}
+# what a --dtype falls back to, in order, for a matrix whose rows are not whole blocks of its type (llama.cpp's
+# llama-quantize takes q5_0 for a Q4_K tensor that does not fit; mptkit has no q5_0, so q4_0 — the same bits
+# per weight as q4_k within 0.5 — then f32)
+_FALLBACK = {"q4_k": ("q4_0",), "q8_0": (), "q4_0": ()}
 # the tensors a quantised file quantises: the block Linears, as mptkit's --quant does (embeddings, the output
 # head, norms and biases stay f32; a matrix whose rows are not whole blocks too)
 _QUANTISED_TENSORS = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
@@ -145,7 +156,7 @@ def _tensor_plan(cfg, store: TensorStore, dtype: str = "f32") -> list[tuple[str,
     if cfg.logit_scale_value is not None:
         src = "transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         plan.append(("output.weight", src, store.shape(src)))
-    elif dtype in QUANT_DTYPES and cfg.tie_word_embeddings and cfg.d_model % 32 == 0:
+    elif dtype in HEAD_Q8_DTYPES and cfg.tie_word_embeddings and cfg.d_model % 32 == 0:
         # mptkit's --quant head policy (model/quant.py): the tied head as a q8_0 copy, the embedding kept f32
         plan.append(("output.weight", "transformer.wte.weight", store.shape("transformer.wte.weight")))
     return plan
@@ -154,9 +165,10 @@ def _tensor_plan(cfg, store: TensorStore, dtype: str = "f32") -> list[tuple[str,
 def _tensor_dtype(cfg, gguf_name: str, dtype: str, shape) -> str | None:
     """The block format a tensor is written in (None: f32 / f16 as ``dtype`` says): the block Linears in
     ``dtype``'s blocks, and a quantised file's tied output head in q8_0 (mptkit's ``--quant`` head policy)."""
-    if _quantised(gguf_name, dtype, shape):
-        return dtype
-    if (gguf_name == "output.weight" and dtype in QUANT_DTYPES and cfg.tie_word_embeddings
+    block = _tensor_type(gguf_name, dtype, shape)
+    if block is not None:
+        return block
+    if (gguf_name == "output.weight" and dtype in HEAD_Q8_DTYPES and cfg.tie_word_embeddings
             and cfg.logit_scale_value is None and len(shape) == 2 and shape[1] % 32 == 0):
         return "q8_0"
     return None
@@ -170,9 +182,9 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
         t[: cfg.d_model] *= r
     if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
         t = t * cfg.logit_scale_value
-    qt = _tensor_dtype(cfg, gguf_name, dtype, t.shape)
-    if qt is not None:
-        return _ggml_blocks(t, qt)
+    block = _tensor_dtype(cfg, gguf_name, dtype, t.shape)
+    if block is not None:
+        return _ggml_blocks(t, block)
     a = t.contiguous().numpy()
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
@@ -184,19 +196,25 @@ def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> n
     return a
 
 
-def _quantised(gguf_name: str, dtype: str, shape) -> bool:
-    """Whether this tensor is written as ``dtype``'s blocks (a block Linear whose rows are whole blocks)."""
-    from mptkit.model.quant import BLOCK_SIZE
-
-    return (dtype in QUANT_DTYPES and gguf_name.endswith(_QUANTISED_TENSORS) and len(shape) == 2
-            and shape[1] % BLOCK_SIZE == 0)
+def _tensor_type(gguf_name: str, dtype: str, shape) -> str | None:
+    """The block type this tensor is written as (a block Linear: ``dtype`` when its rows are whole blocks of
+    it, else the first of ``dtype``'s fallbacks they fit), or None for a float tensor (f32 / f16)."""
+    if dtype not in QUANT_DTYPES or not gguf_name.endswith(_QUANTISED_TENSORS) or len(shape) != 2:
+        return None
+    for block in (dtype, *_FALLBACK[dtype]):
+        if shape[1] % _BLOCKS[block][0] == 0:
+            return block
+    return None
 
 
 def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
     """``t`` (N, K) as ggml's block array: per row K/32 blocks of (fp16 scale, then 32 int8 values for q8_0 or
-    16 packed bytes for q4_0), as uint8 (N, K/32 * bytes per block): ``block_q8_0`` / ``block_q4_0``."""
-    from mptkit.model.quant import quantize_weight
+    16 packed bytes for q4_0), as uint8 (N, K/32 * bytes per block): ``block_q8_0`` / ``block_q4_0``; for
+    q4_k, K/256 ``block_q4_K`` s of 144 bytes."""
+    from mptkit.model.quant import quantize_q4_k, quantize_weight
 
+    if dtype == "q4_k":
+        return quantize_q4_k(t).numpy()
     q, sc = quantize_weight(t, dtype)
     n, nb = sc.shape
     qb = q.contiguous().view(torch.uint8).numpy().reshape(n, nb, -1)
@@ -204,8 +222,9 @@ def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
     return np.concatenate([sb, qb], axis=-1).reshape(n, -1)
 
 
-def _block_bytes(dtype: str) -> int:
-    return {"q8_0": 2 + 32, "q4_0": 2 + 16}[dtype]
+def _row_bytes(block: str, n_cols: int) -> int:
+    per, nbytes = _BLOCKS[block]
+    return n_cols // per * nbytes
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -422,6 +441,7 @@ def export_gguf(
                         "longer context", cfg.max_seq_len)
 
         n_bytes = 0
+        notes = list(tok.notes)
         with write_errors(out, ExportError), atomic_path(out) as tmp:  # a full disk: one line naming OUT
             w = gguf.GGUFWriter(str(tmp), ARCH)
             try:
@@ -437,7 +457,9 @@ def export_gguf(
                 if cfg.attn_config["clip_qkv"] is not None:
                     w.add_clamp_kqv(float(cfg.attn_config["clip_qkv"]))
                 w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(dtype, gguf.LlamaFileType.ALL_F32))
+                                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                                 # the closest of llama.cpp's names (its mixes differ; the file's tensors say)
+                                 "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}.get(dtype, gguf.LlamaFileType.ALL_F32))
                 w.add_tokenizer_model("gpt2")
                 w.add_tokenizer_pre(tok.pre)
                 w.add_token_list(tok.tokens)
@@ -453,16 +475,23 @@ def export_gguf(
                     w.add_chat_template(tok.chat_template)
                 # Tensor infos first (shapes only), then the data, one tensor at a time.
                 for gname, _src, shape in plan:
-                    qt = _tensor_dtype(cfg, gname, dtype, shape)
-                    if qt is not None:  # the byte shape; the writer turns it into elements
-                        row = shape[1] // 32 * _block_bytes(qt)
+                    block = _tensor_dtype(cfg, gname, dtype, shape)
+                    if block is not None and block != dtype and gname != "output.weight":
+                        note = (f"{gname} is {block} ({shape[1]} columns is not a multiple of {dtype}'s "
+                                f"{_BLOCKS[dtype][0]})")
+                        log.info("%s", note)
+                        notes.append(note)
+                    if block is not None:  # the byte shape; the writer turns it into elements
+                        row = _row_bytes(block, shape[1])
                         w.add_tensor_info(gname, (shape[0], row), np.dtype(np.uint8), shape[0] * row,
-                                          raw_dtype=gguf.GGMLQuantizationType[qt.upper()])
+                                          raw_dtype=gguf.GGMLQuantizationType[block.upper()])
                         n_bytes += shape[0] * row
                         continue
                     if dtype in QUANT_DTYPES and gname.endswith(_QUANTISED_TENSORS):
-                        log.info("%s stays f32 (%d columns is not a multiple of the block size 32)", gname,
-                                 shape[1])
+                        note = (f"{gname} stays f32 ({shape[1]} columns is not a multiple of the block size "
+                                f"{min(_BLOCKS[b][0] for b in (dtype, *_FALLBACK[dtype]))})")
+                        log.info("%s", note)
+                        notes.append(note)
                     is_f16 = dtype == "f16" and len(shape) >= 2
                     np_dtype = np.dtype(np.float16 if is_f16 else np.float32)
                     nbytes = int(np.prod(shape)) * np_dtype.itemsize
@@ -479,7 +508,7 @@ def export_gguf(
         log.info("wrote %s: %d tensors, %.1f MB of %s weights, %d tokens (%d padding)", out, len(plan), n_bytes / 1e6,
                  dtype, len(tok.tokens), tok.padded)
         return GGUFExportResult(path=out, source=folder, dtype=dtype, n_tensors=len(plan), n_bytes=n_bytes,
-                                tokenizer_from=tok_folder, folded=folded, notes=tok.notes)
+                                tokenizer_from=tok_folder, folded=folded, notes=notes)
 
 
 __all__ = ["GGUFExportResult", "export_gguf", "llama_cpp_incompatibilities", "read_tokenizer", "tensor_name_map"]

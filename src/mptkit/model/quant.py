@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,6 +163,158 @@ def dequantize_q4_0(
     w[..., BLOCK_SIZE // 2 :] = b >> 4
     w.sub_(8).mul_(scales.to(torch.float32).unsqueeze(-1))
     return w.reshape(n, -1).to(dtype)
+
+
+# ----------------------------------------------------------------------------- q4_k (GGUF export)
+
+QK_K = 256  # weights per q4_k super-block (8 sub-blocks of 32)
+Q4_K_BLOCK_BYTES = 144  # fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of nibbles
+_F = np.float32
+
+
+def _seq_sum(terms) -> np.ndarray:
+    """The fp32 sum of ``terms`` (an iterable of same-shaped fp32 arrays) added left to right, one rounding
+    per addition: the order of ggml's scalar C loops (a pairwise or vectorised sum would round differently)."""
+    it = iter(terms)
+    acc = np.array(next(it), dtype=_F, copy=True)
+    for t in it:
+        acc += t
+    return acc
+
+
+def _round_clip(v: np.ndarray, hi: int) -> np.ndarray:
+    """ggml's ``MAX(0, MIN(hi, nearest_int(v)))``: round half to even in fp32, then clamped (fp32 values)."""
+    return np.clip(np.rint(v), 0, hi).astype(_F)
+
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's ``make_qkx2_quants(32, 15, x, w, L, &the_min, Laux, -1, 0.1, 20, false)`` for every column of
+    ``x`` / ``w`` ((32, M) fp32: one sub-block per column) at once -> (scale (M,), the_min (M,), L (32, M)).
+
+    A weighted least-squares fit of ``x ≈ scale * L + min`` (min ≤ 0, L in 0..15): the first guess from the
+    range, then 21 trial inverse scales ``(-1 + 0.1 * is + 15) / (max - min)``, each refit in closed form and
+    kept when its weighted squared error is strictly smaller (and its min used by the later trials, as C
+    updates ``min`` in place). All arithmetic in fp32 in C's order."""
+    n = x.shape[0]
+    mn = np.minimum(x.min(axis=0), _F(0))
+    mx = x.max(axis=0)
+    sum_w = _seq_sum(w[i] for i in range(n))
+    sum_x = _seq_sum(w[i] * x[i] for i in range(n))
+    flat = mx == mn
+    rng = np.where(flat, _F(1), mx - mn)
+    xm = x - mn
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = _F(15) / rng
+        scale = _F(1) / iscale
+        lq = _round_clip(iscale * xm, 15)
+        best = _seq_sum(w[i] * np.square(scale * lq[i] + mn - x[i]) for i in range(n))
+        mn = mn.copy()
+        for step in range(21):  # C updates `min` as it goes: later steps use the best fit's min so far
+            isc = (_F(-1) + _F(0.1) * _F(step) + _F(15)) / np.where(flat, _F(1), mx - mn)
+            la = _round_clip(isc * (x - mn), 15)
+            wl = w * la
+            sum_l = _seq_sum(wl[i] for i in range(n))
+            sum_l2 = _seq_sum(wl[i] * la[i] for i in range(n))
+            sum_xl = _seq_sum(wl[i] * x[i] for i in range(n))
+            det = sum_w * sum_l2 - sum_l * sum_l
+            ok = (det > 0) & ~flat
+            dd = np.where(ok, det, _F(1))
+            t_scale = (sum_w * sum_xl - sum_x * sum_l) / dd
+            t_min = (sum_l2 * sum_x - sum_l * sum_xl) / dd
+            pos = t_min > 0
+            t_scale = np.where(pos, sum_xl / np.where(ok, sum_l2, _F(1)), t_scale)
+            t_min = np.where(pos, _F(0), t_min)
+            mad = _seq_sum(w[i] * np.square(t_scale * la[i] + t_min - x[i]) for i in range(n))
+            better = ok & (mad < best)
+            lq = np.where(better, la, lq)
+            best = np.where(better, mad, best)
+            scale = np.where(better, t_scale, scale)
+            mn = np.where(better, t_min, mn)
+    scale = np.where(flat, _F(0), scale).astype(_F)
+    lq = np.where(flat, _F(0), lq)
+    return scale, (-mn).astype(_F), lq
+
+
+def _q4_k_superblocks(x: np.ndarray) -> np.ndarray:
+    """``x`` (S, 256) fp32 -> (S, 144) uint8: ggml's ``quantize_row_q4_K_ref``, one super-block per row."""
+    s = x.shape[0]
+    sub = np.ascontiguousarray(x.reshape(s * 8, 32).T)  # (32, M): one sub-block per column
+    with np.errstate(over="ignore", invalid="ignore"):
+        av = np.sqrt(_seq_sum(sub[i] * sub[i] for i in range(32)) / _F(32))
+        wts = av + np.abs(sub)
+        scales, mins, lq = _make_qkx2_quants(sub, wts)
+        scales, mins = scales.reshape(s, 8), mins.reshape(s, 8)
+        lq = lq.T.reshape(s, 8, 32)
+        max_scale = np.maximum(scales.max(axis=1), _F(0))
+        max_min = np.maximum(mins.max(axis=1), _F(0))
+        inv_s = np.where(max_scale > 0, _F(63) / np.where(max_scale > 0, max_scale, _F(1)), _F(0))
+        inv_m = np.where(max_min > 0, _F(63) / np.where(max_min > 0, max_min, _F(1)), _F(0))
+        # uint8_t ls = nearest_int(...): a negative value wraps, then MIN(63, ls)
+        ls = np.minimum(np.rint(inv_s[:, None] * scales).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+        lm = np.minimum(np.rint(inv_m[:, None] * mins).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+        d16 = (max_scale / _F(63)).astype(np.float16)
+        m16 = (max_min / _F(63)).astype(np.float16)
+        d = d16.astype(_F)[:, None] * ls.astype(_F)  # (S, 8): exact
+        dm = m16.astype(_F)[:, None] * lm.astype(_F)
+        live = d != 0  # a sub-block whose scale is 0 keeps make_qkx2_quants' values (ggml's `continue`)
+        v = (x.reshape(s, 8, 32) + dm[..., None]) / np.where(live, d, _F(1))[..., None]
+        lq = np.where(live[..., None], _round_clip(v, 15), lq).astype(np.uint8).reshape(s, 4, 2, 32)
+    packed = np.empty((s, 12), dtype=np.uint8)
+    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    qs = (lq[:, :, 0, :] | (lq[:, :, 1, :] << 4)).reshape(s, 128)
+    return np.concatenate(
+        [d16.reshape(s, 1).view(np.uint8), m16.reshape(s, 1).view(np.uint8), packed, qs], axis=1
+    )
+
+
+def quantize_q4_k(w: torch.Tensor, *, rows_per_chunk: int = 256) -> torch.Tensor:
+    """``w`` (N, K) floating, K a multiple of 256 -> (N, K/256 * 144) uint8: each row as ggml's ``block_q4_K``
+    s, byte for byte ``quantize_row_q4_K_ref`` (no importance matrix).
+
+    Per super-block of 256 weights, 8 sub-blocks of 32: each sub-block is fitted as ``scale * L - min``
+    (L in 0..15) by ggml's ``make_qkx2_quants`` with weights ``sqrt(mean(x²)) + |x|``; the 8 scales and 8 mins
+    are quantised to 6 bits against ``d = max scale / 63`` and ``dmin = max min / 63`` (stored fp16), and the
+    values requantised with those: ``L = clamp(round((x + dmin * m) / (d * sc)), 0, 15)``. Layout of the 144
+    bytes: ``d``, ``dmin`` (fp16), ``scales[12]`` (sub-blocks 0..3: scale and min in the low 6 bits of bytes
+    j and j + 4; 4..7: low nibbles in byte j + 4 (scale low, min high), top 2 bits in bytes j - 4 and j), then
+    ``qs[128]``: for each 64 weights, 32 bytes holding weight l (low nibble) and l + 32 (high nibble). Rows
+    are done ``rows_per_chunk`` at a time (numpy, fp32 in ggml's order of operations)."""
+    if w.dim() != 2 or w.shape[1] % QK_K:
+        raise ConfigError(f"q4_k needs a 2-D weight with in_features a multiple of {QK_K}, got {tuple(w.shape)}")
+    n, k = w.shape
+    out = np.empty((n, k // QK_K * Q4_K_BLOCK_BYTES), dtype=np.uint8)
+    for r0 in range(0, n, rows_per_chunk):
+        x = w[r0 : r0 + rows_per_chunk].detach().to(device="cpu", dtype=torch.float32).numpy()
+        rows = x.shape[0]
+        out[r0 : r0 + rows] = _q4_k_superblocks(x.reshape(-1, QK_K)).reshape(rows, -1)
+    return torch.from_numpy(out)
+
+
+def q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 packed bytes of each super-block (..., 12) uint8 -> (sc, m) (..., 8): ggml's ``get_scale_min_k4``
+    for j = 0..7."""
+    lo, mid, hi = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = torch.cat((lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)), dim=-1)
+    m = torch.cat((mid & 63, (hi >> 4) | ((mid >> 6) << 4)), dim=-1)
+    return sc, m
+
+
+def dequantize_q4_k(blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K/256 * 144) uint8 ``block_q4_K`` rows -> (N, K) weights, ``d * sc * L - dmin * m`` in fp32 (the
+    products are exact, one rounding for the difference, as ggml's ``dequantize_row_q4_K``), cast to
+    ``dtype``."""
+    n = blocks.shape[0]
+    b = blocks.reshape(-1, Q4_K_BLOCK_BYTES)
+    d = b[:, 0:2].contiguous().view(torch.float16).to(torch.float32)  # (S, 1)
+    dmin = b[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
+    sc, m = q4_k_scale_min(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32)
+    lq = torch.cat((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32).to(torch.float32)
+    scale = (d * sc.to(torch.float32)).unsqueeze(-1)
+    low = (dmin * m.to(torch.float32)).unsqueeze(-1)
+    return (scale * lq - low).reshape(n, -1).to(dtype)
 
 
 _QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
@@ -402,18 +555,23 @@ __all__ = [
     "FORMAT_VERSION",
     "HEAD_BLOCK",
     "HEAD_MODULE",
+    "Q4_K_BLOCK_BYTES",
+    "QK_K",
     "QUANT_ALIASES",
     "QUANT_TYPES",
     "QuantLinear",
     "QuantReport",
     "check_quant_type",
     "dequantize_q4_0",
+    "dequantize_q4_k",
     "dequantize_q8_0",
     "dequantize_weight",
     "plan_quantization",
+    "q4_k_scale_min",
     "quant_buffer_names",
     "quantize_model",
     "quantize_q4_0",
+    "quantize_q4_k",
     "quantize_q8_0",
     "quantize_weight",
     "unpack_q4_0",
