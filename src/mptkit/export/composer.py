@@ -1,7 +1,8 @@
 """`mptkit convert composer CKPT.pt OUT`: an llm-foundry / Composer MPT checkpoint -> an HF folder.
 
-The checkpoint is read through :mod:`mptkit.io.composer`'s allow-list unpickler (no code from the pickle
-runs); ``state.model``'s ``model.transformer.*`` tensors are checked against the model's config (from the
+``ckpt`` is a ``.pt`` file or a sharded (DCP) checkpoint folder (``fsdp_config.state_dict_type: sharded``,
+read in this one process by :func:`mptkit.io.composer.load_composer_sharded`). The checkpoint is read through
+:mod:`mptkit.io.composer`'s allow-list unpickler (no code from the pickle runs); ``state.model``'s ``model.transformer.*`` tensors are checked against the model's config (from the
 checkpoint's HF metadata, or ``config=``) and written with the tokenizer the checkpoint carries (or
 ``tokenizer=``) as the same HF folder ``mptkit export hf`` writes, atomically: ``OUT`` appears complete or
 not at all.
@@ -42,6 +43,7 @@ def convert_composer(
         composer_hf_config,
         composer_model_tensors,
         load_composer_checkpoint,
+        load_composer_sharded,
         write_composer_tokenizer,
     )
     from mptkit.io.hf_folder import load_state_into, save_pretrained
@@ -54,10 +56,10 @@ def convert_composer(
     if layout not in ("transformers", "mosaicml"):
         raise ExportError(f"--layout {layout}: expected transformers or mosaicml")
     ckpt, out = Path(ckpt), Path(out)
-    check_output(out, kind="folder", inputs=[ckpt], replaceable=lambda p: (p / "config.json").exists(),
+    check_output(out, kind="folder", inputs=[] if ckpt.is_dir() else [ckpt], sources=[ckpt] if ckpt.is_dir() else [], replaceable=lambda p: (p / "config.json").exists(),
                  earlier="an earlier export (config.json)", overwrite=overwrite, error=ExportError)
     try:
-        state = load_composer_checkpoint(ckpt)
+        state = load_composer_sharded(ckpt) if ckpt.is_dir() else load_composer_checkpoint(ckpt)
         tensors = composer_model_tensors(state, str(ckpt))
         if config is not None:
             cfg = load_model_config(str(config))
