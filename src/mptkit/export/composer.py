@@ -82,6 +82,11 @@ def convert_composer(
         tok_folder = Path(tokenizer) if tokenizer is not None else None
         if tok_folder is None and write_composer_tokenizer(state, tok_tmp):
             tok_folder = Path(tok_tmp)
+            if ckpt.is_dir() and not _tokenizer_loads(tok_folder):
+                log.warning("%s: the tokenizer saved in this sharded checkpoint does not load back (DCP's "
+                            "flattening drops empty containers of its tokenizer.json); the folder has none "
+                            "(pass --tokenizer DIR)", ckpt)
+                tok_folder = None
         if tok_folder is None:
             log.warning("%s: the checkpoint carries no tokenizer; the folder has none (pass --tokenizer DIR)", ckpt)
         torch_dtype = getattr(torch, DTYPES[dtype])
@@ -90,6 +95,19 @@ def convert_composer(
             publish_permissions(tmp)
     log.info("converted %s (%d tensors) -> %s (%s, %s layout)", ckpt, len(tensors), out, dtype, layout)
     return out
+
+
+def _tokenizer_loads(folder: Path) -> bool:
+    """Whether ``folder``'s tokenizer.json (if any) is one the tokenizers library reads."""
+    if not (folder / "tokenizer.json").is_file():
+        return True
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - the Rust parser raises plain Exception
+        return False
+    return True
 
 
 __all__ = ["convert_composer"]

@@ -209,7 +209,18 @@ def load_composer_sharded(folder: str | os.PathLike) -> dict:
         else:
             node[path[-1]] = state[fqn]
     log.info("%s: read %d model tensors from %d shard files", p, len(model), len(list(p.glob("*.distcp"))))
-    return {"state": {"model": model, "integrations": integrations}}
+    return {"state": {"model": model, "integrations": _relist(integrations)}}
+
+
+def _relist(node):
+    """DCP flattens the lists that hold dicts by index (``added_tokens.0.id``): a dict keyed 0..n-1 by ints is
+    the list it was."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _relist(v) for k, v in node.items()}
+    if node and all(type(k) is int for k in node) and sorted(node) == list(range(len(node))):
+        return [node[i] for i in range(len(node))]
+    return node
 
 
 def _strip_wrappers(name: str) -> str:
