@@ -1,4 +1,4 @@
-"""`mptkit convert composer CKPT.pt OUT`: a thin wrapper over mptkit.export.composer."""
+"""`mptkit convert composer CKPT.pt|DIR OUT`: a thin wrapper over mptkit.export.composer."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Convert a checkpoint written by another training tool into an HF folder.")
     cv = p.add_subparsers(dest="convert_format", metavar="FORMAT")
     cv.required = True
-    c = cv.add_parser("composer", help="an llm-foundry / Composer MPT checkpoint (.pt) -> an HF folder",
+    c = cv.add_parser("composer", help="an llm-foundry / Composer MPT checkpoint (.pt or sharded folder) -> an HF folder",
                       description="Write the MPT model of an llm-foundry / Composer checkpoint CKPT.pt (state.model "
                                   "with model.transformer.* tensors) as an HF folder OUT (config.json + "
-                                  "safetensors + tokenizer) that mptkit and transformers load. The pickle is "
+                                  "safetensors + tokenizer) that mptkit and transformers load. CKPT may also be the "
+                                  "folder of a sharded (FSDP, torch.distributed.checkpoint) checkpoint (.metadata + "
+                                  "__*_0.distcp), read in this one process. The pickle is "
                                   "read through an allow-list: anything but tensors, containers, numpy arrays "
                                   "and Composer's own state is refused, and nothing in it runs. Written "
                                   "atomically.")
-    c.add_argument("ckpt", metavar="CKPT.pt", help="the Composer checkpoint file")
+    c.add_argument("ckpt", metavar="CKPT.pt", help="the Composer checkpoint file, or a sharded checkpoint's folder")
     c.add_argument("out", metavar="OUT", help="the folder to write")
     c.add_argument("--config", default=None, metavar="CONFIG",
                    help="config.json, model folder or model YAML (when the checkpoint carries no HF config)")

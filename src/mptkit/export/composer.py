@@ -1,7 +1,8 @@
 """`mptkit convert composer CKPT.pt OUT`: an llm-foundry / Composer MPT checkpoint -> an HF folder.
 
-The checkpoint is read through :mod:`mptkit.io.composer`'s allow-list unpickler (no code from the pickle
-runs); ``state.model``'s ``model.transformer.*`` tensors are checked against the model's config (from the
+``ckpt`` is a ``.pt`` file or a sharded (DCP) checkpoint folder (``fsdp_config.state_dict_type: sharded``,
+read in this one process by :func:`mptkit.io.composer.load_composer_sharded`). The checkpoint is read through
+:mod:`mptkit.io.composer`'s allow-list unpickler (no code from the pickle runs); ``state.model``'s ``model.transformer.*`` tensors are checked against the model's config (from the
 checkpoint's HF metadata, or ``config=``) and written with the tokenizer the checkpoint carries (or
 ``tokenizer=``) as the same HF folder ``mptkit export hf`` writes, atomically: ``OUT`` appears complete or
 not at all.
@@ -42,6 +43,7 @@ def convert_composer(
         composer_hf_config,
         composer_model_tensors,
         load_composer_checkpoint,
+        load_composer_sharded,
         write_composer_tokenizer,
     )
     from mptkit.io.hf_folder import load_state_into, save_pretrained
@@ -54,10 +56,10 @@ def convert_composer(
     if layout not in ("transformers", "mosaicml"):
         raise ExportError(f"--layout {layout}: expected transformers or mosaicml")
     ckpt, out = Path(ckpt), Path(out)
-    check_output(out, kind="folder", inputs=[ckpt], replaceable=lambda p: (p / "config.json").exists(),
+    check_output(out, kind="folder", inputs=[] if ckpt.is_dir() else [ckpt], sources=[ckpt] if ckpt.is_dir() else [], replaceable=lambda p: (p / "config.json").exists(),
                  earlier="an earlier export (config.json)", overwrite=overwrite, error=ExportError)
     try:
-        state = load_composer_checkpoint(ckpt)
+        state = load_composer_sharded(ckpt) if ckpt.is_dir() else load_composer_checkpoint(ckpt)
         tensors = composer_model_tensors(state, str(ckpt))
         if config is not None:
             cfg = load_model_config(str(config))
@@ -80,6 +82,11 @@ def convert_composer(
         tok_folder = Path(tokenizer) if tokenizer is not None else None
         if tok_folder is None and write_composer_tokenizer(state, tok_tmp):
             tok_folder = Path(tok_tmp)
+            if ckpt.is_dir() and not _tokenizer_loads(tok_folder):
+                log.warning("%s: the tokenizer saved in this sharded checkpoint does not load back (DCP's "
+                            "flattening drops empty containers of its tokenizer.json); the folder has none "
+                            "(pass --tokenizer DIR)", ckpt)
+                tok_folder = None
         if tok_folder is None:
             log.warning("%s: the checkpoint carries no tokenizer; the folder has none (pass --tokenizer DIR)", ckpt)
         torch_dtype = getattr(torch, DTYPES[dtype])
@@ -88,6 +95,19 @@ def convert_composer(
             publish_permissions(tmp)
     log.info("converted %s (%d tensors) -> %s (%s, %s layout)", ckpt, len(tensors), out, dtype, layout)
     return out
+
+
+def _tokenizer_loads(folder: Path) -> bool:
+    """Whether ``folder``'s tokenizer.json (if any) is one the tokenizers library reads."""
+    if not (folder / "tokenizer.json").is_file():
+        return True
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - the Rust parser raises plain Exception
+        return False
+    return True
 
 
 __all__ = ["convert_composer"]

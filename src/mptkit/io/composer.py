@@ -16,6 +16,13 @@ this module unpickles through an allow-list (:class:`_AllowListUnpickler`):
   ``Timestamp``, a metric's state, an enum) become inert :class:`InertObject` records: the class name and the
   arguments and state they were pickled with, kept as data — none of their code is imported or run;
 * anything else is refused: a :class:`~mptkit.errors.CheckpointError` naming the global, before it is called.
+
+An FSDP run with ``fsdp_config.state_dict_type: sharded`` saves a folder instead (``ep0-ba100/``): a
+``torch.distributed.checkpoint`` (DCP) checkpoint of the same dict, flattened (``state.model.model.transformer.*``),
+with a ``.metadata`` pickle and one ``__<rank>_0.distcp`` file per rank. :func:`load_composer_sharded` reads it in
+one process without a process group through :mod:`mptkit.io.dcp`'s allow-listed metadata reader: only the
+model's tensors and the HF metadata's plain values (``torch.load(weights_only=True)``) are read; the other
+pickled items (timestamps, RNG states, optimizer state) are never unpickled.
 """
 
 from __future__ import annotations
@@ -151,6 +158,71 @@ def load_composer_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
+_SHARDED_MODEL = "state.model."
+_SHARDED_HF = "state.integrations.huggingface."
+
+
+def load_composer_sharded(folder: str | os.PathLike) -> dict:
+    """A Composer / llm-foundry sharded (DCP) checkpoint folder as the dict :func:`load_composer_checkpoint`
+    returns, holding only what conversion needs: ``state.model``'s tensors (every shard read and assembled,
+    in this one process) and ``state.integrations.huggingface`` (the model config and tokenizer files) when
+    the run saved it. A :class:`CheckpointError` for a folder without ``.metadata``, metadata that names
+    anything outside DCP's own types, one with no ``state.model.*`` tensors, or unreadable shard files."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    from mptkit.io.dcp import read_dcp, read_dcp_metadata
+
+    p = Path(folder)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such sharded checkpoint folder")
+    if not (p / ".metadata").is_file():
+        found = sorted(x.name for x in p.iterdir())[:6]
+        raise CheckpointError(f"{p}: not a sharded (torch.distributed.checkpoint) checkpoint: it has no .metadata "
+                              f"file (found {found or 'nothing'}); pass the folder Composer saved (e.g. ep0-ba100/) "
+                              "or a .pt file")
+    md = read_dcp_metadata(p)
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, object] = {}
+    for fqn, item in md.state_dict_metadata.items():
+        if fqn.startswith(_SHARDED_MODEL) and isinstance(item, TensorStorageMetadata):
+            tensors[fqn] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        elif fqn.startswith(_SHARDED_HF) and isinstance(item, BytesStorageMetadata):
+            plain[fqn] = None
+    if not tensors:
+        some = sorted(md.state_dict_metadata)[:6]
+        raise CheckpointError(f"{p}: not a Composer checkpoint: no {_SHARDED_MODEL}* tensors in its .metadata "
+                              f"(found {some or 'no keys'})")
+    state = {**tensors, **plain}
+    read_dcp(state, p)  # refused metadata, unreadable or truncated shards -> CheckpointError naming the folder
+    model = {fqn[len(_SHARDED_MODEL):]: state[fqn] for fqn in tensors}
+    integrations: dict = {}
+    paths = getattr(md, "planner_data", None) or {}
+    for fqn in plain:
+        path = paths.get(fqn)  # the nested keys Composer's dict had (DCP's flattening mapping)
+        if not isinstance(path, (tuple, list)) or len(path) < 3 or tuple(path[:2]) != ("state", "integrations"):
+            path = ("state", "integrations", *fqn[len("state.integrations."):].split("."))
+        node = integrations
+        for key in path[2:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = state[fqn]
+    log.info("%s: read %d model tensors from %d shard files", p, len(model), len(list(p.glob("*.distcp"))))
+    return {"state": {"model": model, "integrations": _relist(integrations)}}
+
+
+def _relist(node):
+    """DCP flattens the lists that hold dicts by index (``added_tokens.0.id``): a dict keyed 0..n-1 by ints is
+    the list it was."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _relist(v) for k, v in node.items()}
+    if node and all(type(k) is int for k in node) and sorted(node) == list(range(len(node))):
+        return [node[i] for i in range(len(node))]
+    return node
+
+
 def _strip_wrappers(name: str) -> str:
     """A tensor name without FSDP / activation-checkpointing / torch.compile wrapper segments."""
     for seg in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
@@ -214,4 +286,5 @@ def write_composer_tokenizer(ckpt: dict, folder: str | os.PathLike) -> list[str]
 
 
 __all__ = ["InertObject", "composer_hf_config", "composer_model_tensors", "load_composer_checkpoint",
+           "load_composer_sharded",
            "write_composer_tokenizer"]

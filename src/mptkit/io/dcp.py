@@ -162,7 +162,8 @@ def read_dcp(state: dict, folder: Path) -> None:
                 raise own from None
             first = errs[0] if errs else e
             raise CheckpointError(
-                f"{folder}: {type(first).__name__}: {str(first).splitlines()[0][:300]}"
+                f"{folder}: unreadable sharded checkpoint (a shard file truncated or corrupt?): "
+                f"{type(first).__name__}: {(str(first).splitlines() or ['no message'])[0][:300]}"
             ) from None
 
 
