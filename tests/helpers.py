@@ -247,3 +247,56 @@ def kill_after_checkpoint(proc, save_folder, step: int, *, timeout: float = 240,
             os.kill(proc.pid, signal.SIGKILL)
             return
         time.sleep(poll)
+
+
+def assert_decode_logits_agree(a, b, prompts, *, steps: int = 12, batched_steps: int = 6, atol: float = 2e-5):
+    """Two generators (``a`` the one under test, ``b`` its reference) give the same logits step by step: at
+    batch 1 (``prompts[0]`` prefilled, ``steps`` greedy steps on ``b``'s argmax) and in a batched step of three
+    slots of different lengths, the middle one idle every other step. Each generator gets its own cache."""
+    with torch.inference_mode():
+        for g in (a, b):
+            g.c = g.new_cache(capacity=8)  # grows during the steps
+        la, lb = a.prefill(a.c, 0, prompts[0]), b.prefill(b.c, 0, prompts[0])
+        for _ in range(steps):
+            t = int(lb.argmax())
+            la, lb = a.decode(a.c, [t])[0], b.decode(b.c, [t])[0]
+            torch.testing.assert_close(la, lb, atol=atol, rtol=atol)
+        for g in (a, b):
+            g.c = g.new_cache(slots=3, capacity=16)
+            for i, p in enumerate(prompts[:3]):
+                g.prefill(g.c, i, p)
+        toks = [1, 2, 3]
+        for step in range(batched_steps):
+            active = [True, step % 2 == 0, True]
+            la, lb = a.decode(a.c, toks, active), b.decode(b.c, toks, active)
+            for i in range(3):
+                if active[i]:
+                    torch.testing.assert_close(la[i], lb[i], atol=atol, rtol=atol)
+            toks = [int(x) for x in lb.argmax(-1)]
+        assert a.c.lengths == b.c.lengths
+
+
+def llama_cpp_greedy_run(llm, prompt: list[int], n: int):
+    """Greedy decoding in llama.cpp (a ``llama_cpp.Llama`` made with ``logits_all=True``) one token at a time
+    through its KV cache: (prompt + the ``n`` new tokens, the logits of every evaluated position as an array)."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    got = list(prompt)
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        got.append(nxt)
+        llm.eval([nxt])
+    return got, np.array(llm.scores[: llm.n_tokens])
+
+
+def llama_cpp_greedy(gguf_path, prompt: list[int], n: int):
+    """:func:`llama_cpp_greedy_run` on the GGUF file (one thread, f32 KV cache): (prompt + the new tokens, the
+    logits of every position but the last)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True,
+                          verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    got, scores = llama_cpp_greedy_run(llm, prompt, n)
+    return got, scores[: len(got) - 1]

@@ -85,13 +85,13 @@ def test_chat_is_chatml_and_targets_last_or_all_responses(tmp_path, tok):
     # /v1/chat/completions (Server.chat_ids) and `mptkit chat` (ChatSession) feed the model for the
     # conversation so far, with its own system message or with the default one both add
     from mptkit.infer import Generator
-    from mptkit.infer.chat import ChatSession
+    from mptkit.infer.chat import ChatFormat, ChatSession
     from mptkit.infer.server import Server
     from mptkit.model import MPTForCausalLM
     from tests.helpers import tiny_cfg
 
     gen = Generator(MPTForCausalLM(tiny_cfg(vocab_size=len(tok), max_seq_len=512)).eval(), tok)
-    server = types.SimpleNamespace(tok=tok)  # chat_ids needs only the server's tokenizer
+    server = types.SimpleNamespace(tok=tok, chat_format=ChatFormat(tok))  # what chat_ids reads of the server
     for ds, msgs, system in ((last, CHAT["messages"], "Be brief."), (dflt, convo["messages"], None)):
         served = Server.chat_ids(server, msgs[:-1])
         session = ChatSession(gen) if system is None else ChatSession(gen, system_prompt=system)

@@ -16,7 +16,7 @@ from mptkit.cli import main
 from mptkit.export.gguf import export_gguf
 from mptkit.model import MPTForCausalLM
 from mptkit.model.quant import dequantize_q4_k, quantize_q4_k, quantize_weight
-from tests.helpers import saved_model
+from tests.helpers import llama_cpp_greedy, saved_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -105,7 +105,7 @@ def test_llama_cpps_own_q4_k_quantiser_writes_the_same_bytes(tmp_path, make_toke
 # mptkit's logits 15 from fp32's
 @pytest.mark.slow
 def test_llama_cpp_greedy_tokens_equal_mptkit_on_the_dequantised_q4_k_weights(tmp_path, make_tokenizer):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from mptkit.infer import Generator, SamplingParams
 
     saved_model(tmp_path / "m", make_tokenizer(), d_model=256)  # every block matrix has 256 or 512 columns
@@ -120,21 +120,13 @@ def test_llama_cpp_greedy_tokens_equal_mptkit_on_the_dequantised_q4_k_weights(tm
                 mod.weight.copy_(dequantize_q4_k(quantize_q4_k(mod.weight)))
                 n_replaced += 1
     assert n_replaced == 4 * model.config.n_layers
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True,
-                          verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llm.reset()
-    llm.eval(prompt)
-    got = list(prompt)
-    for _ in range(24):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        got.append(nxt)
-        llm.eval([nxt])
+    got, scores = llama_cpp_greedy(tmp_path / "m.gguf", prompt, 24)
     out = Generator(model, None).generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
     assert got == prompt + list(out)
     with torch.no_grad():
         ref = model(torch.tensor([got])).logits[0].numpy()
     n = len(got) - 1
-    err = float(np.abs(np.array(llm.scores[:n]) - ref[:n]).max())
+    err = float(np.abs(scores - ref[:n]).max())
     assert ref.std() > 1.0
     assert err <= 2.5, f"max |logit diff| {err:.4g} > 2.5"
     # the bound tells the weights apart: the fp32 model's logits are far further from these

@@ -19,7 +19,7 @@ from mptkit.errors import ExportError
 from mptkit.export.gguf import export_gguf
 from mptkit.model import MPTForCausalLM
 from mptkit.model.quant import quantize_weight
-from tests.helpers import saved_model
+from tests.helpers import llama_cpp_greedy, saved_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -84,27 +84,19 @@ def test_cli_quantised_gguf_and_a_matrix_that_does_not_fit_stays_f32(tmp_path, m
 @pytest.mark.slow
 @pytest.mark.parametrize(("quant", "dtype", "tol"), [("int8", "q8_0", 0.6), ("q4", "q4_0", 0.6)])
 def test_llama_cpp_greedy_tokens_equal_mptkits_quantised_model(tmp_path, make_tokenizer, quant, dtype, tol):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from mptkit.infer import Generator, SamplingParams
 
     saved_model(tmp_path / "m", make_tokenizer())
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype=dtype)
     model = MPTForCausalLM.from_pretrained(tmp_path / "m", quant=quant).eval()
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True,
-                          verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     prompt = torch.randint(2, 400, (16,), generator=torch.Generator().manual_seed(3)).tolist()
-    llm.reset()
-    llm.eval(prompt)
-    got = list(prompt)
-    for _ in range(24):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        got.append(nxt)
-        llm.eval([nxt])
+    got, scores = llama_cpp_greedy(tmp_path / "m.gguf", prompt, 24)
     out = Generator(model, None).generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
     assert got == prompt + list(out)  # mptkit's fast decoder (the quantised kernel) on the same weights
     with torch.no_grad():
         ref = model(torch.tensor([got])).logits[0].numpy()
     n = len(got) - 1
-    err = float(np.abs(np.array(llm.scores[:n]) - ref[:n]).max())
+    err = float(np.abs(scores - ref[:n]).max())
     assert ref.std() > 1.0
     assert err <= tol, f"max |logit diff| {err:.4g} > {tol}"

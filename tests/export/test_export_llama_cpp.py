@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # about a minute in all on a busy 2-core machine
 pytest.importorskip("gguf")
 
 from mptkit.export.gguf import export_gguf
-from tests.helpers import saved_model
+from tests.helpers import llama_cpp_greedy_run, saved_model
 
 N_NEW = 24
 TEXT = "def load(fp, *, cls=None):\n    return json.loads(fp.read())  # naïve\n\tx = [1, 22, 333]  'quoted'\n"
@@ -46,18 +46,6 @@ def _llama(path, dtype):
     return llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False, seed=0, **kv)
 
 
-def _llama_greedy(llm, prompt, n):
-    """Greedy decoding in llama.cpp one token at a time (its KV cache); returns tokens and all logits."""
-    llm.reset()
-    llm.eval(prompt)
-    seq = list(prompt)
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        seq.append(nxt)
-        llm.eval([nxt])
-    return seq, np.array(llm.scores[: llm.n_tokens])
-
-
 def _mptkit_greedy(model, prompt, n):
     seq = list(prompt)
     with torch.no_grad():
@@ -71,7 +59,7 @@ def _check(tmp_path, make_tokenizer, over, dtype, tol):
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype=dtype)
     llm = _llama(tmp_path / "m.gguf", dtype)
     prompt = torch.randint(2, 400, (16,), generator=torch.Generator().manual_seed(3)).tolist()
-    got, lc_logits = _llama_greedy(llm, prompt, N_NEW)
+    got, lc_logits = llama_cpp_greedy_run(llm, prompt, N_NEW)
     want = _mptkit_greedy(model, prompt, N_NEW)
     assert got == want
     with torch.no_grad():

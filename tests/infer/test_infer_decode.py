@@ -11,7 +11,7 @@ import torch
 from mptkit.errors import InferenceError
 from mptkit.infer import Generator, SamplingParams
 from mptkit.model import MPTForCausalLM
-from tests.helpers import MATRICES, tiny_cfg, tiny_model
+from tests.helpers import MATRICES, assert_decode_logits_agree, tiny_cfg, tiny_model
 
 # MATRICES: larger weights than the init, so that attention and the bias matter
 CONFIGS = {
@@ -41,30 +41,8 @@ def test_fast_decode_equals_model_forward(name):
         assert (fast.fast.stack is not None) == standard  # and then all of them in one call per step
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (7, 3, 12)]
-    # batch 1, step by step, logits against the generic forward on an identical cache
-    for gen_ in (fast, slow):
-        gen_.c = gen_.new_cache(capacity=8)  # grows during the test
-    with torch.inference_mode():
-        la = fast.prefill(fast.c, 0, prompts[0])
-        lb = slow.prefill(slow.c, 0, prompts[0])
-        for _ in range(12):
-            t = int(lb.argmax())
-            la, lb = fast.decode(fast.c, [t])[0], slow.decode(slow.c, [t])[0]
-            torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
-        # batched step: three slots of different lengths, the middle one idle in some steps
-        for gen_ in (fast, slow):
-            gen_.c = gen_.new_cache(slots=3, capacity=16)
-            for i, p in enumerate(prompts):
-                gen_.prefill(gen_.c, i, p)
-        toks = [1, 2, 3]
-        for step in range(6):
-            active = [True, step % 2 == 0, True]
-            la, lb = fast.decode(fast.c, toks, active), slow.decode(slow.c, toks, active)
-            for i in range(3):
-                if active[i]:
-                    torch.testing.assert_close(la[i], lb[i], atol=2e-5, rtol=2e-5)
-            toks = [int(x) for x in lb.argmax(-1)]
-        assert fast.c.lengths == slow.c.lengths
+    # batch 1 step by step and batched slots: logits against the generic forward on an identical cache
+    assert_decode_logits_agree(fast, slow, prompts)
     # greedy generation equals full recompute
     out = fast.generate([prompts[2]], SamplingParams(max_tokens=15))[0].token_ids
     seq = list(prompts[2])

@@ -23,7 +23,7 @@ from mptkit.model.quant import (
     quantize_q8_0,
     quantize_weight,
 )
-from tests.helpers import tiny_cfg
+from tests.helpers import assert_decode_logits_agree, tiny_cfg
 
 PLAIN_C = tuple(f for f in FLAGS if f != "-march=native")  # no AVX: the scalar path
 
@@ -192,26 +192,7 @@ def test_whole_block_kernel_equals_the_per_linear_path(quant, int_dot):
     assert fast.fast.stack is not None and ref.fast.stack is None
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (7, 3, 12)]
-    with torch.inference_mode():
-        for gen_ in (fast, ref):
-            gen_.c = gen_.new_cache(capacity=8)
-        la, lb = fast.prefill(fast.c, 0, prompts[0]), ref.prefill(ref.c, 0, prompts[0])
-        for _ in range(10):
-            t = int(lb.argmax())
-            la, lb = fast.decode(fast.c, [t])[0], ref.decode(ref.c, [t])[0]
-            torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
-        for gen_ in (fast, ref):
-            gen_.c = gen_.new_cache(slots=3, capacity=16)
-            for i, p in enumerate(prompts):
-                gen_.prefill(gen_.c, i, p)
-        toks = [1, 2, 3]
-        for step in range(5):
-            active = [True, step % 2 == 0, True]
-            la, lb = fast.decode(fast.c, toks, active), ref.decode(ref.c, toks, active)
-            for i in range(3):
-                if active[i]:
-                    torch.testing.assert_close(la[i], lb[i], atol=2e-5, rtol=2e-5)
-            toks = [int(x) for x in lb.argmax(-1)]
+    assert_decode_logits_agree(fast, ref, prompts, steps=10, batched_steps=5)
 
 
 @pytest.mark.parametrize(
