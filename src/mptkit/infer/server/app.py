@@ -174,14 +174,18 @@ def build_server(
     gen = Generator(model, tok, max_context=max_context, compile=compile, kv_dtype=kv_dtype)
     engine = Engine(gen, max_batch=limits.max_batch, max_queue=limits.max_queue).start()
     name = model_name or Path(model_path).resolve().name
-    return Server(
-        engine,
-        model_name=name,
-        api_key=api_key,
-        limits=limits,
-        public_metrics=public_metrics,
-        parse_special_tokens=parse_special_tokens,
-    )
+    try:
+        return Server(
+            engine,
+            model_name=name,
+            api_key=api_key,
+            limits=limits,
+            public_metrics=public_metrics,
+            parse_special_tokens=parse_special_tokens,
+        )
+    except BaseException:  # a model the server refuses (its chat template): no engine thread left behind
+        engine.stop()
+        raise
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
