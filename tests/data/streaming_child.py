@@ -11,9 +11,10 @@ child checks they were loaded from DIR).
 
     python streaming_child.py DIR JOB.json  ->  prints a JSON report
 
-JOB.json: ``{"write": [{"out": folder, "rows": file.npy, "size_limit": int}], "read": [folder, ...]}``; each
+JOB.json: ``{"write": [{"out": folder, "rows": file.npy, "size_limit": int, "compression": str | null}],
+"read": [folder, ...]}``; each
 write puts one sample ``{"tokens": row}`` per int32 row, with llm-foundry's ``convert_dataset_hf.py``
-columns (``{"tokens": "ndarray:int32"}``, no compression); each read dumps ``StreamingDataset(local=folder,
+columns (``{"tokens": "ndarray:int32"}``, no compression unless the job names one: e.g. ``zstd``); each read dumps ``StreamingDataset(local=folder,
 shuffle=False)``'s tokens to ``folder + ".read.npy"``.
 """
 
@@ -53,7 +54,7 @@ def main(target: str, job_path: str) -> None:
         with base.MDSWriter(
             out=w["out"],
             columns={"tokens": "ndarray:int32"},
-            compression=None,
+            compression=w.get("compression"),
             size_limit=w.get("size_limit", 1 << 26),
         ) as out:
             for r in rows:

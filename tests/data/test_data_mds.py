@@ -1,5 +1,6 @@
-"""Reading llm-foundry MDS datasets (mptkit.data.mds): natively for uncompressed shards, through the
-optional mosaicml-streaming package for compressed ones (with a clear message when it is absent). The MDS
+"""Reading llm-foundry MDS datasets (mptkit.data.mds): natively for uncompressed shards and for zstd / gz / bz2
+ones (decompressed into mptkit's cache), through the optional mosaicml-streaming package for brotli / snappy
+(with a clear message when it is absent). The MDS
 folders of the comparison tests are written by mosaicml-streaming's own MDSWriter, run in a child process
 (streaming_child.py) from the --no-deps install .ci/run makes."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +32,10 @@ def _run_streaming(tmp_path, writes, read=()) -> dict:
                     "(pip install --no-deps --target .cache/mosaicml-streaming mosaicml-streaming zstd brotli "
                     "python-snappy cramjam catalogue), or set MPTKIT_STREAMING_DIR")
     job = {"write": [], "read": [str(f) for f in read]}
-    for k, (folder, rows, size_limit) in enumerate(writes):
+    for k, (folder, rows, size_limit, *compression) in enumerate(writes):
         np.save(tmp_path / f"rows{k}.npy", np.asarray(rows, dtype=np.int32))
-        job["write"].append({"out": str(folder), "rows": str(tmp_path / f"rows{k}.npy"), "size_limit": size_limit})
+        job["write"].append({"out": str(folder), "rows": str(tmp_path / f"rows{k}.npy"), "size_limit": size_limit,
+                             "compression": compression[0] if compression else None})
     (tmp_path / "job.json").write_text(json.dumps(job))
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("streaming_child.py")), str(STREAMING_DIR),
                         str(tmp_path / "job.json")], check=False, capture_output=True, text=True, timeout=300)
@@ -98,7 +101,8 @@ def test_native_reader_ndarray_and_bytes_columns(tmp_path):
 
 
 def test_refusals_are_clear(tmp_path):
-    """Compressed shards without mosaicml-streaming name the extra; a pickled tokens column is refused (never
+    """A shard compressed with a codec mptkit does not decompress (brotli) names mosaicml-streaming; an index
+    naming a compressed shard whose file is absent names the file; a pickled tokens column is refused (never
     unpickled); a missing tokens column, a truncated shard and a non-MDS folder are DataErrors."""
     try:
         import streaming  # noqa: F401
@@ -106,10 +110,14 @@ def test_refusals_are_clear(tmp_path):
     except ImportError:
         have_streaming = False
     if not have_streaming:
-        _write_mds(tmp_path / "z", [{"tokens": r.tobytes()} for r in ROWS], {"tokens": ("bytes", None)},
-                   compression="zstd:7")
-        with pytest.raises(DataError, match="mosaicml-streaming"):
-            MDSTokenDataset(tmp_path / "z")
+        _write_mds(tmp_path / "b", [{"tokens": r.tobytes()} for r in ROWS], {"tokens": ("bytes", None)},
+                   compression="br:7")
+        with pytest.raises(DataError, match="'br:7'.*mosaicml-streaming"):
+            MDSTokenDataset(tmp_path / "b")
+    _write_mds(tmp_path / "z", [{"tokens": r.tobytes()} for r in ROWS], {"tokens": ("bytes", None)},
+               compression="zstd:7")
+    with pytest.raises(DataError, match="compressed shard file .* is missing"):
+        MDSTokenDataset(tmp_path / "z")
     _write_mds(tmp_path / "p", [{"tokens": b"\x80\x04N."} for _ in range(2)], {"tokens": ("pkl", None)})
     with pytest.raises(DataError, match="never pickles"):
         MDSTokenDataset(tmp_path / "p")[0]
@@ -140,6 +148,39 @@ def test_mosaicml_streaming_writer_and_reader_agree_with_mptkit(tmp_path):
     for name in ("m", "s"):
         assert np.load(tmp_path / f"{name}.read.npy").tolist() == ROWS.tolist()
     assert report["writer_file"].endswith("streaming/base/format/mds/writer.py")
+
+
+def test_compressed_shards_from_mosaicml_streamings_writer_are_read_without_it(tmp_path, monkeypatch):
+    """llm-foundry's converters take --compression (zstd is the common choice): shards written by streaming's own
+    MDSWriter with zstd, gz and bz2 are decompressed by mptkit itself (zstd through the zstandard package)
+    into its cache, never into the user's folder, and read as the same rows; a second open reuses the cache;
+    brotli is refused naming the codec; a damaged compressed shard names its file."""
+    monkeypatch.setenv("MPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    writes = [(tmp_path / c, ROWS, 100, c) for c in ("zstd", "gz", "bz2", "br")]
+    _run_streaming(tmp_path, writes)
+    for c in ("zstd", "gz", "bz2"):
+        folder = tmp_path / c
+        index = json.loads((folder / "index.json").read_text())
+        assert len(index["shards"]) > 2 and all(s["compression"].split(":")[0] == c for s in index["shards"])
+        before = sorted(p.name for p in folder.iterdir())
+        assert not any(p.endswith(".mds") for p in before)  # only the compressed shards are there
+        ds = MDSTokenDataset(folder)
+        assert ds._native is not None and [ds[i]["input_ids"].tolist() for i in range(len(ds))] == ROWS.tolist()
+        assert sorted(p.name for p in folder.iterdir()) == before  # nothing written beside the user's data
+        cached = sorted((tmp_path / "cache" / "mds").rglob("*.mds"))
+        stamps = [p.stat().st_mtime_ns for p in cached]
+        again = MDSTokenDataset(folder)
+        assert [again[i]["input_ids"].tolist() for i in range(len(again))] == ROWS.tolist()
+        assert [p.stat().st_mtime_ns for p in cached] == stamps  # read from the cache, not decompressed again
+    with pytest.raises(DataError, match=r"'br:?\d*'.*mptkit reads zstd, gz, bz2|mosaicml-streaming"):
+        MDSTokenDataset(tmp_path / "br")
+    bad = tmp_path / "zstd_bad"
+    shutil.copytree(tmp_path / "zstd", bad)
+    first = json.loads((bad / "index.json").read_text())["shards"][0]
+    zfile = bad / first["zip_data"]["basename"]
+    zfile.write_bytes(b"\0" * zfile.stat().st_size)  # same size, not zstd
+    with pytest.raises(DataError, match=r"cannot decompress as zstd"):
+        MDSTokenDataset(bad)
 
 
 def test_training_on_an_mds_folder(tmp_path):

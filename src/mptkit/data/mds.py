@@ -6,8 +6,10 @@ shard file is ``[num_samples: u32][offsets: (num_samples + 1) x u32][config][sam
 holds one u32 size per variable-size column followed by the column values. The ``tokens`` column may be
 ``ndarray:<dtype>`` (current llm-foundry: int32, shape stored per sample), ``ndarray:<dtype>:<shape>``,
 ``ndarray`` (dtype and shape per sample) or ``bytes`` (older llm-foundry: raw int64). Compressed shards
-(``compression: zstd`` ...) need the optional package ``mosaicml-streaming``; without it the error says
-so. Pickled columns are never read.
+(``compression: zstd`` / ``gz`` / ``bz2``, as mosaicml-streaming writes them) are decompressed once into mptkit's
+cache (:func:`decompressed_shard`; zstd needs the ``zstandard`` package, the ``mds`` extra) and then read the
+same way; brotli / snappy shards need the optional package ``mosaicml-streaming``. Pickled columns are never
+read.
 
 ``MDSTokenDataset`` gives the same items as :class:`mptkit.data.shards.TokenDataset` (``input_ids``,
 ``sequence_id``), so the trainer and :class:`ResumableSampler` use either. :func:`open_token_dataset`
@@ -24,10 +26,11 @@ import numpy as np
 import torch
 
 from mptkit.errors import DataError
+from mptkit.utils.fs import atomic_write_bytes, cache_dir
 
-INSTALL_HINT = ("reading compressed MDS shards needs the optional package mosaicml-streaming: "
-                "pip install 'mptkit[mds]' (or pip install mosaicml-streaming); or write the MDS without "
-                "compression (llm-foundry: --compression omitted)")
+INSTALL_HINT = ("reading brotli / snappy compressed MDS shards needs the optional package mosaicml-streaming "
+                "(pip install mosaicml-streaming); or write the MDS with zstd, gz, bz2 or no compression "
+                "(llm-foundry: --compression zstd, or omitted)")
 
 # value dtype codes of MDS's ndarray encoding
 _VALUE_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16", 32: "uint32", 33: "int32",
@@ -92,6 +95,60 @@ def _decode_tokens(encoding: str, data: memoryview, bytes_dtype: np.dtype, where
     return arr.reshape(-1)
 
 
+class _NeedsStreaming(DataError):
+    """A shard only mosaicml-streaming can read (brotli, snappy): MDSTokenDataset then tries it."""
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    try:
+        import zstandard
+    except ImportError:
+        raise DataError("zstd-compressed MDS shards need the zstandard package: pip install 'mptkit[mds]' "
+                        "(or zstandard)") from None
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+# mosaicml-streaming's compression families (streaming/base/compression.py) mptkit decompresses itself
+_CODECS = {"zstd": _zstd_decompress, "gz": lambda b: __import__("gzip").decompress(b),
+           "bz2": lambda b: __import__("bz2").decompress(b)}
+
+
+def decompressed_shard(folder: Path, shard: dict, where: str) -> Path:
+    """The raw form of a compressed MDS shard (``zip_data``: zstd, gz or bz2, as mosaicml-streaming writes them),
+    decompressed once into mptkit's cache (``$MPTKIT_CACHE_DIR/mds/<key>/<raw basename>``, the key from the
+    compressed file's path, size and mtime; written atomically, its size checked against ``raw_data.bytes``): the
+    user's folder is never written. Other codecs (brotli, snappy): a DataError naming them."""
+    comp = str(shard.get("compression"))
+    family = comp.split(":")[0]
+    if family not in _CODECS:
+        raise _NeedsStreaming(f"{where}: shard compression {comp!r}: mptkit reads {', '.join(_CODECS)} "
+                        f"(re-convert with one of them or none); {INSTALL_HINT}")
+    zd, raw = shard.get("zip_data") or {}, shard.get("raw_data") or {}
+    zpath = folder / str(zd.get("basename", ""))
+    if not zd.get("basename") or not zpath.is_file():
+        raise DataError(f"{where}: compressed shard file {zpath} is missing")
+    st = zpath.stat()
+    if zd.get("bytes") is not None and st.st_size != zd["bytes"]:
+        raise DataError(f"{zpath}: {st.st_size} bytes, index.json says {zd['bytes']} (truncated?)")
+    import hashlib
+
+    key = hashlib.sha256(f"{zpath.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    out = cache_dir("mds") / key / str(raw.get("basename") or zpath.name + ".raw")
+    if out.is_file() and (raw.get("bytes") is None or out.stat().st_size == raw["bytes"]):
+        return out
+    try:
+        data = _CODECS[family](zpath.read_bytes())
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each codec raises its own types
+        raise DataError(f"{zpath}: cannot decompress as {family} ({type(e).__name__}: {e})") from None
+    if raw.get("bytes") is not None and len(data) != raw["bytes"]:
+        raise DataError(f"{zpath}: decompresses to {len(data)} bytes, index.json says {raw['bytes']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, data)
+    return out
+
+
 class _NativeMDS:
     """Random access to the ``tokens`` column of an uncompressed local MDS folder."""
 
@@ -114,9 +171,9 @@ class _NativeMDS:
                                 "--concat_tokens")
             raw = s.get("raw_data") or {}
             path = folder / str(raw.get("basename", ""))
+            if not path.is_file() and s.get("compression"):
+                path = decompressed_shard(folder, s, where)
             if not path.is_file():
-                if s.get("compression"):
-                    raise DataError(f"{where}: shard is compressed ({s['compression']}); {INSTALL_HINT}")
                 raise DataError(f"{where}: shard file {path} is missing")
             if raw.get("bytes") is not None and path.stat().st_size != raw["bytes"]:
                 raise DataError(f"{path}: {path.stat().st_size} bytes, index.json says {raw['bytes']} (truncated?)")
@@ -176,10 +233,8 @@ class MDSTokenDataset(torch.utils.data.Dataset):
         self._native = self._streaming = None
         try:
             self._native = _NativeMDS(folder)
-        except DataError as e:
-            if "compressed" not in str(e):
-                raise
-            self._streaming = self._open_streaming(local, split)
+        except _NeedsStreaming as e:
+            self._streaming = self._open_streaming(local, split, why=str(e))
         self.eos_token_id, self.bos_token_id = eos_token_id, bos_token_id
         self.max_seq_len = max_seq_len
         self.bytes_dtype = np.dtype(bytes_dtype).newbyteorder("<")
@@ -193,11 +248,11 @@ class MDSTokenDataset(torch.utils.data.Dataset):
                          "index_sha256": hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()}
 
     @staticmethod
-    def _open_streaming(local: Path, split: str | None):
+    def _open_streaming(local: Path, split: str | None, why: str = ""):
         try:
             from streaming import StreamingDataset
         except ImportError:
-            raise DataError(f"{local}: {INSTALL_HINT}") from None
+            raise DataError(why or f"{local}: {INSTALL_HINT}") from None
         try:
             return StreamingDataset(local=str(local), split=split, shuffle=False)
         except Exception as e:  # noqa: BLE001 - streaming raises many types

@@ -140,3 +140,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def cache_dir(sub: str) -> Path:
+    """``$MPTKIT_CACHE_DIR/<sub>`` (default ``$XDG_CACHE_HOME/mptkit`` or ``~/.cache/mptkit``): files mptkit
+    derives and may rebuild at any time (compiled kernels, decompressed MDS shards)."""
+    base = os.environ.get("MPTKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mptkit")
+    return Path(base) / sub
