@@ -168,9 +168,11 @@ def _tensor_dtype(cfg, gguf_name: str, dtype: str, shape) -> str | None:
     block = _tensor_type(gguf_name, dtype, shape)
     if block is not None:
         return block
+    from mptkit.model.quant import BLOCK_SIZE, HEAD_BLOCK
+
     if (gguf_name == "output.weight" and dtype in HEAD_Q8_DTYPES and cfg.tie_word_embeddings
-            and cfg.logit_scale_value is None and len(shape) == 2 and shape[1] % 32 == 0):
-        return "q8_0"
+            and cfg.logit_scale_value is None and len(shape) == 2 and shape[1] % BLOCK_SIZE == 0):
+        return HEAD_BLOCK  # model/quant.py's head block: the file holds what --quant runs
     return None
 
 

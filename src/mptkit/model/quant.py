@@ -18,9 +18,9 @@ dequantising is exact, and the same weights quantise to the same bytes here and 
 (``mptkit export gguf --dtype q8_0|q4_0`` writes these very blocks). Biases stay fp32.
 
 Policy (:func:`quantize_model`): every plain ``nn.Linear`` inside the transformer blocks (``attn.Wqkv``,
-``attn.out_proj``, ``ffn.up_proj``, ``ffn.down_proj``, a GLU's ``gate_proj``) is quantised; the token / position
-embeddings, the LM head (tied to ``wte`` in MPT), the norms and every bias stay fp32: the embedding is read one
-row per token (its size costs no decode time), and the tied head shares that tensor. A Linear whose
+``attn.out_proj``, ``ffn.up_proj``, ``ffn.down_proj``, a GLU's ``gate_proj``) is quantised; the tied LM head gets a
+q8_0 copy of ``wte`` (``quant_head``: a decode step streams the head every token), while the token / position
+embeddings themselves (read one row per token), an untied head, the norms and every bias stay fp32. A Linear whose
 ``in_features`` is not a multiple of 32 stays fp32 (logged with its name), as does any module that is not
 exactly ``nn.Linear`` (a wrapped or subclassed one: its own forward stays in charge). The model's config records
 what was done under the ``quantization`` key (:data:`FORMAT_VERSION`, the type, the quantised and kept module
@@ -514,7 +514,8 @@ def quantize_model(model: nn.Module, quant: str = "int8", *, head: bool = True) 
     """Replace the block Linears of ``model`` (an ``MPTForCausalLM``) by :class:`QuantLinear` s of ``quant``'s
     blocks (``int8``: q8_0, ``q4``: q4_0) in place, one
     tensor at a time (each fp32 weight is freed as its quantised form takes its place); returns the report,
-    also recorded in ``model.config`` under ``quantization``. Embeddings / LM head / norms / biases stay fp32;
+    also recorded in ``model.config`` under ``quantization``. ``head``: the tied LM head as a q8_0 copy of ``wte``
+(``quant_head``); embeddings / an untied head / norms / biases stay fp32;
     Linears that do not fit the block size stay fp32, each named in a log line. Quantising a quantised model
     again changes nothing."""
     quant = check_quant_type(quant)

@@ -212,10 +212,10 @@ static int q_linear(int kind, const float *x, const void *q, const uint16_t *s, 
   if (M < 1 || N < 1 || K < QB || K % QB) return -1;
   const long block = 64; /* rows of W per task: 64 x K bytes stay in L2 while every pass of x runs */
   const long tasks = (N + block - 1) / block, nb = K / QB;
-  float xs_stack[2048], *xs = NULL;
+  float *xs = NULL;
 #ifdef Q4_XS
   if (kind == 1) { /* per row of x and block: XS_SCALE * the block's sum, for Q4CORR */
-    xs = M * nb <= 2048 ? xs_stack : (float *)malloc((size_t)(M * nb) * sizeof(float));
+    xs = (float *)malloc((size_t)(M * nb) * sizeof(float));
     if (!xs) return -2;
     for (long i = 0; i < M * nb; i++) {
       const float *v = x + i * QB;
@@ -233,8 +233,7 @@ static int q_linear(int kind, const float *x, const void *q, const uint16_t *s, 
       q_rows(kind, x + m0 * K, q, s, b, y + m0 * N, N, K, n0, n1, r, xs ? xs + m0 * nb : NULL);
     }
   }
-  if (xs && xs != xs_stack) free(xs);
-  (void)xs_stack;
+  free(xs);
   return 0;
 }
 
@@ -408,10 +407,10 @@ int mptkit_qi_linear(int kind, const float *x, const uint8_t *q, const uint16_t 
   const long block = 64;
   const long tasks = (N + block - 1) / block;
   const long nb = K / QB;
-  int32_t xsum_stack[2048], *xsum = NULL;
+  int32_t *xsum = NULL;
 #ifdef QI_XSUM
   if (kind == 1) { /* per row of x and block: the sum of its int8 values (exact) */
-    xsum = M * nb <= 2048 ? xsum_stack : (int32_t *)malloc((size_t)(M * nb) * sizeof(int32_t));
+    xsum = (int32_t *)malloc((size_t)(M * nb) * sizeof(int32_t));
     if (!xsum) return -2;
     for (long i = 0; i < M * nb; i++) {
       int32_t t = 0;
@@ -428,24 +427,16 @@ int mptkit_qi_linear(int kind, const float *x, const uint8_t *q, const uint16_t 
       irows(kind, xq + m0 * K, xd + m0 * nb, xsum ? xsum + m0 * nb : NULL, q, s, b, y + m0 * N, N, K, n0, n1, r);
     }
   }
-  if (xsum && xsum != xsum_stack) free(xsum);
-  (void)xsum_stack;
+  free(xsum);
   return 0;
 }
 
 /* The integer path with the fp32 path's signature (csrc/cpu_kernels.c's mptkit_qlinear: the whole-block decode
- * kernel calls either through one pointer): the activations' q8_0 buffers on the stack up to 16 KiB of x, else
- * malloc'd for the call. -2 when that allocation fails. */
+ * kernel calls either through one pointer): the activations' q8_0 buffers malloc'd for the call (a few KB at
+ * decode sizes; negligible beside the linear). -2 when that allocation fails. */
 static int qi_linear_buffered(int kind, const float *x, const void *q, const uint16_t *s, const float *b, float *y,
                               long M, long N, long K, int nthreads) {
   if (M < 1 || K < QB || K % QB) return -1;
-  const long need = M * K + (M * K / QB) * (long)sizeof(float);
-  if (need <= 20480) {
-    float xd[512];
-    int8_t xq[16384];
-    if (M * K <= 16384 && M * K / QB <= 512)
-      return mptkit_qi_linear(kind, x, (const uint8_t *)q, s, b, y, xq, xd, M, N, K, nthreads);
-  }
   int8_t *xq = (int8_t *)malloc((size_t)(M * K));
   float *xd = (float *)malloc((size_t)(M * K / QB) * sizeof(float));
   int rc = -2;
