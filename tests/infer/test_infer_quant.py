@@ -13,12 +13,20 @@ from torch import nn
 
 from mptkit.infer import DecodeOptions, Generator, SamplingParams
 from mptkit.infer.kernels import FLAGS
-from mptkit.infer.quant_kernels import int_dot_reference, q8_kernels, q8_linear_fn, torch_q8_linear
+from mptkit.infer.quant_kernels import (
+    int_dot_reference,
+    module_kernel,
+    q8_kernels,
+    q8_linear_fn,
+    round_activations_q8,
+    torch_q8_linear,
+)
 from mptkit.model import MPTForCausalLM
 from mptkit.model.fastpath import block_coverage, model_coverage
 from mptkit.model.quant import (
     QuantLinear,
     dequantize_weight,
+    linear_kernel,
     quantize_model,
     quantize_q8_0,
     quantize_weight,
@@ -70,7 +78,7 @@ def test_integer_path_equals_rounded_activations_times_the_dequantised_weight(fl
     within ~1% of the exact path on these random matrices."""
     k = _kernel(flags)
     g = torch.Generator().manual_seed(1)
-    for n, kk in ((1, 32), (67, 96), (130, 512)):
+    for n, kk in ((1, 32), (67, 96), (130, 512), (70, 352)):  # q4: groups of 8 rows + the rest, full + partial tiles
         w = torch.randn(n, kk, generator=g) * 0.2
         w[0, :32] = 0
         q, s = quantize_weight(w, block)
@@ -84,6 +92,9 @@ def test_integer_path_equals_rounded_activations_times_the_dequantised_weight(fl
                 torch.testing.assert_close(got, int_dot_reference(x, deq, bias), rtol=1e-5, atol=1e-5 * kk**0.5)
             exact = x @ deq.t()
             assert (k.int_linear(x, q, s) - exact).abs().max() <= 0.03 * exact.abs().max()
+        full = k.int_linear(x, q, s)  # a row's result does not depend on the other rows of the batch
+        for m in (1, 3, 4, 7):
+            assert torch.equal(k.int_linear(x[:m], q, s), full[:m])
     lin = QuantLinear.from_linear(nn.Linear(64, 40), block)
     fn = q8_linear_fn(lin, k.integer_variant(), 16)
     x = torch.randn(3, 64, generator=g)
@@ -91,11 +102,39 @@ def test_integer_path_equals_rounded_activations_times_the_dequantised_weight(fl
     torch.testing.assert_close(fn(x), fn(x))  # the second call takes the unchecked fast path
 
 
+def test_prompt_forward_takes_the_decode_kernels_in_scope():
+    """model/quant.py's linear_kernel scope with infer's module_kernel: a QuantLinear's forward (any leading
+    shape, any number of rows: a prompt) runs the integer path; with gradients on, or outside the scope, its
+    exact torch forward; the exact kernels take up to small_rows rows and leave longer inputs to torch."""
+    k = _kernel(FLAGS)
+    torch.manual_seed(4)
+    lin = QuantLinear.from_linear(nn.Linear(96, 40), "q4_0")
+    x = torch.randn(2, 37, 96)  # 74 rows: more than small_rows
+    exact = torch.nn.functional.linear(x, lin.dequantize(), lin.bias)
+    want = int_dot_reference(x.reshape(-1, 96), lin.dequantize(), lin.bias).reshape(2, 37, 40)
+    with torch.inference_mode(), linear_kernel(module_kernel(k.integer_variant(), 16)):
+        got = lin(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert (got - exact).abs().max() > 1e-4  # not the exact arithmetic: the activations were rounded
+    with linear_kernel(module_kernel(k.integer_variant(), 16)):
+        xg = x.clone().requires_grad_(True)
+        out = lin(xg)  # gradients on: the exact forward, differentiable
+    torch.testing.assert_close(out.detach(), exact, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert xg.grad is not None
+    with torch.inference_mode(), linear_kernel(module_kernel(k, 16)):  # the exact kernels
+        torch.testing.assert_close(lin(x[0, :16]), exact[0, :16], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin(x), exact, rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), exact, rtol=1e-6, atol=1e-6)  # the scope is gone
+
+
 def test_decoder_with_integer_dot_products(tmp_path):
     m = _int8_model("q4")
     gen = Generator(m, None, decode_options=DecodeOptions(quant_int_dot=True))
     assert gen.fast.q8 is not None and gen.fast.q8.int_dot
-    assert Generator(m, None).fast.q8.int_dot is False  # the exact path by default
+    assert Generator(m, None).fast.q8.int_dot  # llama.cpp's arithmetic by default
+    assert Generator(m, None, decode_options=DecodeOptions(quant_int_dot=False)).fast.q8.int_dot is False
     out = gen.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
     assert len(out) == 8
 
@@ -204,33 +243,55 @@ def test_whole_block_kernel_equals_the_per_linear_path(quant, int_dot):
     ],
     ids=["mha", "bias_clip", "gqa"],
 )
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
-def test_fast_decoder_on_int8_equals_the_int8_models_own_forward(over, kernels):
-    _fast_decoder_equals_own_forward("int8", over, kernels)
+@pytest.mark.parametrize("path", ["int_dot", "exact", "torch"])
+def test_fast_decoder_on_int8_equals_the_int8_models_own_forward(over, path):
+    _fast_decoder_equals_own_forward("int8", over, path)
 
 
 @pytest.mark.parametrize("over", [{}, {"no_bias": False}], ids=["mha", "bias"])
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
-def test_fast_decoder_on_q4_equals_the_q4_models_own_forward(over, kernels):
+@pytest.mark.parametrize("path", ["int_dot", "exact", "torch"])
+def test_fast_decoder_on_q4_equals_the_q4_models_own_forward(over, path):
     """The q4_0 kernel (batch 1 and the engine's small batches) and the fallback: the q4 model's own tokens."""
-    _fast_decoder_equals_own_forward("q4", over, kernels)
+    _fast_decoder_equals_own_forward("q4", over, path)
 
 
-def _fast_decoder_equals_own_forward(quant, over, kernels):
+def _round_quant_inputs(model):
+    """Forward pre-hooks rounding every QuantLinear's input rows to q8_0 blocks (the integer path's view of
+    the activations): the model's own forward then computes what the integer path computes, up to fp32
+    summation order. Returns the hooks' handles."""
+    def hook(_mod, args):
+        x = args[0]
+        return (round_activations_q8(x.reshape(-1, x.shape[-1])).reshape(x.shape),)
+
+    return [mod.register_forward_pre_hook(hook) for mod in model.modules() if isinstance(mod, QuantLinear)]
+
+
+def _fast_decoder_equals_own_forward(quant, over, path):
+    """``path``: int_dot (the default: the kernels with activations rounded to q8_0 blocks, against the model's
+    forward with the same rounding before every quantised linear), exact (``quant_int_dot=False``: the
+    dequantise-then-matmul kernels against the plain forward), torch (no compiled kernels: the fallback)."""
     m = _int8_model(quant, **over)
     assert type(m.transformer.blocks[0].attn.Wqkv) is QuantLinear
     assert m.transformer.blocks[0].attn.Wqkv.block == {"int8": "q8_0", "q4": "q4_0"}[quant]
-    gen = Generator(m, None, decode_options=DecodeOptions(cpu_kernels=kernels))
+    kernels = path != "torch"
+    opts = DecodeOptions(cpu_kernels=kernels) if path != "exact" else DecodeOptions(quant_int_dot=False)
+    gen = Generator(m, None, decode_options=opts)
     assert gen.fast is not None and (gen.fast.q8 is not None) == kernels
+    assert kernels is False or gen.fast.q8.int_dot == (path == "int_dot")
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (5, 11, 2)]
     for p in prompts:  # batch 1, greedy, token for token against a full recompute
         out = gen.generate([p], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
         seq = list(p)
-        with torch.inference_mode():
-            for t in out:
-                assert int(m(torch.tensor([seq])).logits[0, -1].argmax()) == t
-                seq.append(t)
+        hooks = _round_quant_inputs(m) if path == "int_dot" else []
+        try:
+            with torch.inference_mode():
+                for t in out:
+                    assert int(m(torch.tensor([seq])).logits[0, -1].argmax()) == t
+                    seq.append(t)
+        finally:
+            for h in hooks:
+                h.remove()
     batched = gen.generate(
         prompts, SamplingParams(max_tokens=10, ignore_eos=True)
     )  # the engine's small batches

@@ -7,6 +7,8 @@ precomputed ramp, logits only for the last position (``logits_to_keep=1``), no T
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -22,6 +24,7 @@ from mptkit.infer.cache import KVCache, context_limit
 from mptkit.infer.decode import FastDecoder
 from mptkit.infer.options import DecodeOptions
 from mptkit.infer.sampling import SamplingParams, SequenceSampler, token_logprobs
+from mptkit.model.quant import linear_kernel
 from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -265,6 +268,18 @@ class StreamEvent:
 KV_DTYPE_NAMES = {n: torch_dtype(n) for n in WEIGHT_DTYPES}  # fp32/float32, bf16/bfloat16, fp16/float16
 
 
+def _prompt_scope(fn):
+    """A :class:`Generator` method that runs the model's forward on a prompt: inside the generator's
+    :meth:`~Generator._prompt_arithmetic`."""
+
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        with self._prompt_arithmetic():
+            return fn(self, *args, **kwargs)
+
+    return run
+
+
 def kv_cache_dtype(kv_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's storage type: ``None``/"auto" = the model's dtype; "fp16" halves an fp32 model's cache
     (K/V rounded to fp16 when stored, attention still computed in the model's dtype — llama.cpp's default)."""
@@ -318,6 +333,16 @@ class Generator:
         if compile:
             self._decode_fn = torch.compile(self._forward_last, dynamic=True)
             self.fast = None
+        self._quant_fn = None  # the quantised linears' kernel for the prompt's forward: the decode step's
+        if self.fast is not None and self.fast.q8 is not None:
+            from mptkit.infer.quant_kernels import module_kernel
+
+            self._quant_fn = module_kernel(self.fast.q8, self.decode_options.small_rows)
+
+    def _prompt_arithmetic(self):
+        """The context the prompt's forward runs in: a quantised model's linears through the decode step's
+        kernels (the integer path: the same rounding of the activations at every position, prompt or not)."""
+        return linear_kernel(self._quant_fn) if self._quant_fn is not None else contextlib.nullcontext()
 
     # -------------------------------------------------------------- helpers
     @property
@@ -353,6 +378,7 @@ class Generator:
         return self.model(ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
 
     # -------------------------------------------------------------- model steps
+    @_prompt_scope
     @torch.inference_mode()
     def prefill(self, cache: KVCache, slot: int, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` into ``slot`` (in chunks); return the last position's logits (V,)."""
@@ -364,6 +390,7 @@ class Generator:
             logits = self._forward_last(chunk, cache, None)
         return logits[0]
 
+    @_prompt_scope
     @torch.inference_mode()
     def prefill_packed(self, cache: KVCache, segments: list[tuple[int, list[int]]]) -> torch.Tensor:
         """Feed prompt chunks of several slots — ``segments`` = [(slot, ids), ...], distinct slots, each chunk
@@ -384,6 +411,7 @@ class Generator:
         ends = torch.tensor(list(itertools.accumulate(len(ids) for _, ids in segments)), device=self.device) - 1
         return self.model.logits(out.hidden_states[0, ends])
 
+    @_prompt_scope
     @torch.inference_mode()
     def prefill_packed_scored(
         self,

@@ -24,13 +24,14 @@ class DecodeOptions:
     does not hand back the starting thread's OpenMP workers (default from ``MPTKIT_KEEP_OPENMP_POOL``, unset:
     off; for comparisons). ``quant_int_dot``: quantised linears (``--quant``) round each decode row's activations
     to q8_0 blocks and take integer dot products, as llama.cpp does (faster; not the exact dequantise-then-matmul
-    arithmetic: the activations' rounding is added; default from ``MPTKIT_QUANT_INT_DOT``, unset: off)."""
+    arithmetic: the activations' rounding is added; False: the exact path; default from ``MPTKIT_QUANT_INT_DOT``,
+    unset: on)."""
 
     cpu_kernels: bool = field(default_factory=lambda: env_flag("MPTKIT_CPU_KERNELS", True))
     small_rows: int = 16
     skip_min_past: int = 2048
     keep_openmp_pool: bool = field(default_factory=lambda: env_flag("MPTKIT_KEEP_OPENMP_POOL", False))
-    quant_int_dot: bool = field(default_factory=lambda: env_flag("MPTKIT_QUANT_INT_DOT", False))
+    quant_int_dot: bool = field(default_factory=lambda: env_flag("MPTKIT_QUANT_INT_DOT", True))
 
     def __post_init__(self) -> None:
         for name in ("small_rows", "skip_min_past"):

@@ -208,7 +208,7 @@ def q8_linear_fn(
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if rows > small_rows:
+        if rows > small_rows and not int_dot:  # (the integer path: its kernel for any number of rows)
             return fallback(x)
         q, sc, b = bufs["weight_q"], bufs["scales"], params["bias"]
         ptrs = (q.data_ptr(), sc.data_ptr(), 0 if b is None else b.data_ptr())
@@ -226,6 +226,27 @@ def q8_linear_fn(
         if rows and fn(x.data_ptr(), ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), rows, n, k, nthreads()) != 0:
             raise RuntimeError(f"{m.block} linear failed for x {tuple(x.shape)}, q ({n}, {k})")
         return y
+
+    return run
+
+
+def module_kernel(
+    kernels: Q8Kernels, small_rows: int
+) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor | None]:
+    """The function :func:`mptkit.model.quant.linear_kernel` takes: a QuantLinear's input rows through
+    ``kernels`` — the integer path (``int_dot``) for any number of rows (llama.cpp rounds a prompt's
+    activations too, and the kernel's cost per row falls with more rows), the exact fp32 path up to
+    ``small_rows`` rows (beyond, torch's dequantise-then-matmul is the faster exact one) — else None: gradients
+    on, not fp32 CPU rows, or a module the kernel cannot read (its own forward then)."""
+
+    def run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or not x.is_cpu or not kernels.supports(m):
+            return None
+        if kernels.int_dot:
+            return kernels.int_linear(x, m.weight_q, m.scales, m.bias)
+        if x.shape[0] <= small_rows:
+            return kernels.linear(x, m.weight_q, m.scales, m.bias)
+        return None
 
     return run
 
@@ -291,4 +312,4 @@ def q8_kernels(
                        cache=_cached, lock=_lock, flags=flags, cc=cc)
 
 
-__all__ = ["Q8Kernels", "q8_kernels", "q8_linear_fn", "torch_q8_linear"]
+__all__ = ["Q8Kernels", "module_kernel", "q8_kernels", "q8_linear_fn", "torch_q8_linear"]

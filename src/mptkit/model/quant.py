@@ -33,7 +33,10 @@ values and scales directly (``mptkit.infer.quant_kernels``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -342,6 +345,22 @@ def weight_q_shape(block: str, out_features: int, in_features: int) -> tuple[tup
 # ----------------------------------------------------------------------------- the module
 
 
+_LINEAR_KERNEL: contextvars.ContextVar = contextvars.ContextVar("mptkit_quant_linear_kernel", default=None)
+
+
+@contextlib.contextmanager
+def linear_kernel(fn: Callable[[QuantLinear, torch.Tensor], torch.Tensor | None] | None) -> Iterator[None]:
+    """Within this context (this thread / task), every :class:`QuantLinear`'s forward first offers its input,
+    as 2-D rows, to ``fn(module, x)``: a tensor (rows, out_features) is the output, None leaves it to the torch
+    dequantise-then-matmul. ``mptkit.infer``'s prefill runs under the decode step's kernels this way, so a
+    prompt and the tokens after it see the same arithmetic (``fn`` None: no change)."""
+    token = _LINEAR_KERNEL.set(fn)
+    try:
+        yield
+    finally:
+        _LINEAR_KERNEL.reset(token)
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` held as ``q8_0`` or ``q4_0`` blocks (``block``): buffers ``weight_q``
     ((out, in) int8 for q8_0, (out, in/2) uint8 packed nibbles for q4_0) and ``scales`` (out, in/32) fp16,
@@ -421,6 +440,11 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.weight_q, self.scales, self.block, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _LINEAR_KERNEL.get()
+        if kernel is not None:
+            y = kernel(self, x.reshape(-1, self.in_features))
+            if y is not None:
+                return y.reshape(*x.shape[:-1], self.out_features)
         dt = x.dtype if x.is_floating_point() else torch.float32
         rows = max(1, _CHUNK_ELEMS // max(1, self.in_features))
         n = self.out_features
@@ -567,6 +591,7 @@ __all__ = [
     "dequantize_q4_k",
     "dequantize_q8_0",
     "dequantize_weight",
+    "linear_kernel",
     "plan_quantization",
     "q4_k_scale_min",
     "quant_buffer_names",

@@ -357,18 +357,116 @@ IROWS(1) IROWS(2) IROWS(3) IROWS(4)
     }                                                                                                            \
   }
 IROWS4(1) IROWS4(2) IROWS4(3) IROWS4(4)
+/* Eight rows of W at a time (q4_0 as stored, no repacking): each pair of rows (p, p + 4) shares one vector (row
+ * p's 16 bytes of the block in the low half, row p + 4's in the high half) against x's block broadcast to both
+ * halves (values 0..15 against the low nibbles, 16..31 against the high ones), so one load + unpack serves two
+ * rows and the activation block is read once for eight; three horizontal adds leave the eight rows' block sums
+ * in the eight lanes of one vector (rows in order), which one FMA scales by the eight rows' fp16 scales (read
+ * 8 blocks x 8 rows at a time and transposed in registers) times x's scale. One accumulator chain per row of
+ * x: the FMA's latency is hidden by the eight rows' work per block. */
+static inline void scales8x8(const uint16_t *s, long nb, __m256 d[8]) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i * nb)));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; i++) {
+    d[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    d[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+/* the next group's bytes, in order (one stream, which the hardware prefetchers follow; eight rows' streams
+ * rb bytes apart stall this CPU's loads): 2 lines of q per block (8 rows x 16 bytes), 2 of the scales per tile
+ * of 8 blocks; none past the matrix's last group (nq / ns NULL) */
+#define PF8(nq, ns, j, t, j0)                                                                                     \
+  do {                                                                                                           \
+    if (nq) {                                                                                                    \
+      _mm_prefetch((const char *)(nq) + (j) * 128, _MM_HINT_T0);                                                 \
+      _mm_prefetch((const char *)(nq) + (j) * 128 + 64, _MM_HINT_T0);                                            \
+      if ((t) == 0) {                                                                                            \
+        _mm_prefetch((const char *)((ns) + (j0) * 8), _MM_HINT_T0);                                              \
+        _mm_prefetch((const char *)((ns) + (j0) * 8) + 64, _MM_HINT_T0);                                         \
+      }                                                                                                          \
+    }                                                                                                            \
+  } while (0)
+#define IROWS4X8(R)                                                                                               \
+  static void irows_q4x8_##R(const int8_t *xq, const float *xd, const int32_t *xsum, const uint8_t *q,           \
+                             const uint16_t *s, const float *b, float *y, long N, long K, long n0, long n1) {    \
+    const long nb = K / QB, rb = nb * (QB / 2);                                                                  \
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);                                      \
+    for (long n = n0; n + 8 <= n1; n += 8) {                                                                     \
+      const uint8_t *qn = q + n * rb;                                                                            \
+      const uint16_t *sn = s + n * nb;                                                                           \
+      const uint8_t *nq = n + 16 <= N ? qn + 8 * rb : NULL;                                                      \
+      const uint16_t *ns = n + 16 <= N ? sn + 8 * nb : NULL;                                                     \
+      __m256 acc[R];                                                                                             \
+      for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                                  \
+      for (long j0 = 0; j0 < nb; j0 += 8) {                                                                      \
+        const int nbk = nb - j0 < 8 ? (int)(nb - j0) : 8;                                                        \
+        __m256 d8[8];                                                                                            \
+        if (nbk == 8) {                                                                                          \
+          scales8x8(sn + j0, nb, d8);                                                                            \
+        } else {                                                                                                 \
+          for (int t = 0; t < nbk; t++) {                                                                        \
+            float v[8];                                                                                          \
+            for (int i = 0; i < 8; i++) v[i] = H2F(sn[i * nb + j0 + t]);                                         \
+            d8[t] = _mm256_loadu_ps(v);                                                                          \
+          }                                                                                                      \
+        }                                                                                                        \
+        for (int t = 0; t < nbk; t++) {                                                                          \
+          const long j = j0 + t;                                                                                 \
+          const uint8_t *qj = qn + j * (QB / 2);                                                                 \
+          PF8(nq, ns, j, t, j0);                                                                                 \
+          __m256i lo[4], hi[4];                                                                                  \
+          for (int p = 0; p < 4; p++) {                                                                          \
+            const __m256i v = _mm256_inserti128_si256(                                                           \
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(qj + p * rb))),                         \
+                _mm_loadu_si128((const __m128i *)(qj + (p + 4) * rb)), 1);                                       \
+            lo[p] = _mm256_and_si256(v, m4);                                                                     \
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                               \
+          }                                                                                                      \
+          for (int r = 0; r < R; r++) {                                                                          \
+            const int8_t *xj = xq + r * K + j * QB;                                                              \
+            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xj));                \
+            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xj + 16)));         \
+            __m256i P[4];                                                                                        \
+            for (int p = 0; p < 4; p++)                                                                          \
+              P[p] = _mm256_madd_epi16(                                                                          \
+                  _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], xl), _mm256_maddubs_epi16(hi[p], xh)), ones);     \
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(P[0], P[1]), _mm256_hadd_epi32(P[2], P[3]));         \
+            h = _mm256_sub_epi32(h, _mm256_set1_epi32(8 * xsum[r * nb + j]));                                    \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d8[t], _mm256_set1_ps(xd[r * nb + j])), \
+                                     acc[r]);                                                                    \
+          }                                                                                                      \
+        }                                                                                                        \
+      }                                                                                                          \
+      for (int r = 0; r < R; r++)                                                                                \
+        _mm256_storeu_ps(y + r * N + n, b ? _mm256_add_ps(acc[r], _mm256_loadu_ps(b + n)) : acc[r]);             \
+    }                                                                                                            \
+  }
+IROWS4X8(1) IROWS4X8(2) IROWS4X8(3) IROWS4X8(4)
 typedef void (*irows_fn)(int, const int8_t *, const float *, const uint8_t *, const uint16_t *, const float *,
                          float *, long, long, long, long);
 typedef void (*irows4_fn)(const int8_t *, const float *, const int32_t *, const uint8_t *, const uint16_t *,
                           const float *, float *, long, long, long, long);
 static const irows_fn IROWS_FN[IRB + 1] = {0, irows1, irows2, irows3, irows4};
 static const irows4_fn IROWS4_FN[IRB + 1] = {0, irows_q4_1, irows_q4_2, irows_q4_3, irows_q4_4};
+static const irows4_fn IROWS4X8_FN[IRB + 1] = {0, irows_q4x8_1, irows_q4x8_2, irows_q4x8_3, irows_q4x8_4};
 #define QI_XSUM 1 /* the q4_0 rows read the blocks' sums of x */
 static void irows(int kind, const int8_t *xq, const float *xd, const int32_t *xsum, const uint8_t *q,
                   const uint16_t *s, const float *b, float *y, long N, long K, long n0, long n1, int R) {
-  if (kind == 1)
-    IROWS4_FN[R](xq, xd, xsum, q, s, b, y, N, K, n0, n1);
-  else
+  if (kind == 1) {
+    const long n8 = n0 + (n1 - n0) / 8 * 8; /* groups of eight rows, then the rest one by one */
+    if (n8 > n0) IROWS4X8_FN[R](xq, xd, xsum, q, s, b, y, N, K, n0, n8);
+    if (n1 > n8) IROWS4_FN[R](xq, xd, xsum, q, s, b, y, N, K, n8, n1);
+  } else
     IROWS_FN[R](kind, xq, xd, q, s, b, y, N, K, n0, n1);
 }
 #define QI_VECTOR 1
