@@ -110,11 +110,14 @@ def main() -> None:
 
     from mptkit.infer import DecodeOptions
 
-    int_dot = DecodeOptions(quant_int_dot=True)  # llama.cpp's arithmetic: activations rounded to q8_0 blocks
+    # the default: llama.cpp's arithmetic (activations rounded to q8_0 blocks, integer dot products); "exact":
+    # quant_int_dot=False, the dequantise-then-matmul arithmetic
+    exact = DecodeOptions(quant_int_dot=False)
     engines = {"mptkit fp32": Generator(model, None), "mptkit int8": Generator(q8, None),
-               "mptkit q4": Generator(q4, None), "mptkit int8 int-dot": Generator(q8, None, decode_options=int_dot),
-               "mptkit q4 int-dot": Generator(q4, None, decode_options=int_dot)}
-    sizes["mptkit int8 int-dot"], sizes["mptkit q4 int-dot"] = sizes["mptkit int8"], sizes["mptkit q4"]
+               "mptkit q4": Generator(q4, None), "mptkit int8 exact": Generator(q8, None, decode_options=exact),
+               "mptkit q4 exact": Generator(q4, None, decode_options=exact)}
+    assert engines["mptkit q4"].fast.q8 is None or engines["mptkit q4"].fast.q8.int_dot
+    sizes["mptkit int8 exact"], sizes["mptkit q4 exact"] = sizes["mptkit int8"], sizes["mptkit q4"]
     print(
         f"mptkit int8 decode: q8 kernel {'on' if engines['mptkit int8'].fast.q8 is not None else 'OFF (torch)'}"
         + (
@@ -190,7 +193,7 @@ def main() -> None:
     print(f"ratio mptkit int8 / mptkit fp32 = {r8 / best['mptkit fp32'][0]:.2f}x, "
           f"mptkit q4 / mptkit fp32 = {r4 / best['mptkit fp32'][0]:.2f}x")
     for name in llamas:
-        for mine in (("mptkit q4", "mptkit q4 int-dot") if "q4_0" in name else ("mptkit int8", "mptkit int8 int-dot")):
+        for mine in (("mptkit q4", "mptkit q4 exact") if "q4_0" in name else ("mptkit int8", "mptkit int8 exact")):
             print(f"ratio {mine} / {name} = {best[mine][0] / best[name][0]:.2f}x (target >= 1.0x)")
     td.cleanup()
 

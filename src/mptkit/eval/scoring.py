@@ -19,6 +19,7 @@ import os
 import torch
 
 from mptkit.errors import EvalError
+from mptkit.infer.quant_kernels import decode_arithmetic
 from mptkit.utils.dtypes import WEIGHT_DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ def next_token_logprobs(model, input_ids: torch.Tensor, select: torch.Tensor | N
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise EvalError(f"scoring needs (batch, tokens >= 2) input ids, got shape {tuple(input_ids.shape)}")
+    with decode_arithmetic(model):  # a quantised model: the arithmetic its generation runs
+        return _next_token_logprobs(model, input_ids, select, greedy, chunk_elems)
+
+
+def _next_token_logprobs(model, input_ids, select, greedy, chunk_elems):
     out = model(input_ids, return_logits=False, return_hidden=True)
     h = out.hidden_states[:, :-1]
     targets = input_ids[:, 1:]

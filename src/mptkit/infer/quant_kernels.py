@@ -251,6 +251,26 @@ def module_kernel(
     return run
 
 
+def decode_arithmetic(model, options=None):
+    """The context in which ``model``'s own forward computes what its generation computes: a quantised model's
+    linears through the decode step's kernels (``options``: a :class:`~mptkit.infer.options.DecodeOptions`,
+    default the environment's — the integer path unless ``MPTKIT_QUANT_INT_DOT=0``). Evaluation scores a
+    quantised model under it, so its perplexity is that of the arithmetic ``generate`` / ``serve`` run. A
+    model without QuantLinears, kernels switched off or not built: no change (the exact torch forward)."""
+    import contextlib
+
+    from mptkit.infer.options import DecodeOptions
+    from mptkit.model.quant import linear_kernel
+
+    if not any(type(m) is QuantLinear for m in model.modules()):
+        return contextlib.nullcontext()
+    options = options or DecodeOptions()
+    k = q8_kernels(enabled=options.cpu_kernels)
+    if k is None:
+        return contextlib.nullcontext()
+    return linear_kernel(module_kernel(k.integer_variant() if options.quant_int_dot else k, options.small_rows))
+
+
 def round_activations_q8(x: torch.Tensor) -> torch.Tensor:
     """``x``'s rows as the integer path sees them: per block of 32, ``d = max|x| / 127`` (fp32), values
     ``roundf(x * (1/d))`` (ties away from zero), times ``d``."""
@@ -312,4 +332,4 @@ def q8_kernels(
                        cache=_cached, lock=_lock, flags=flags, cc=cc)
 
 
-__all__ = ["Q8Kernels", "module_kernel", "q8_kernels", "q8_linear_fn", "torch_q8_linear"]
+__all__ = ["Q8Kernels", "decode_arithmetic", "module_kernel", "q8_kernels", "q8_linear_fn", "torch_q8_linear"]
