@@ -114,9 +114,14 @@ def main() -> None:
     tok = load_tokenizer(a.model)
     ids = tok(read_text(a.data), add_special_tokens=False)["input_ids"]
     wins = windows(ids, a.ctx, a.max_tokens)
+    from mptkit.infer.quant_kernels import decode_arithmetic
+
     for q in (None, "int8", "q4"):
         m = MPTForCausalLM.from_pretrained(a.model, quant=q).eval()
-        rows[f"mptkit {q or 'fp32'} (same windows)"] = mptkit_ppl(m, wins)
+        with decode_arithmetic(m):  # what generate / serve run (the integer path by default)
+            rows[f"mptkit {q or 'fp32'} (same windows)"] = mptkit_ppl(m, wins)
+        if q is not None:  # the exact dequantise-then-matmul arithmetic (quant_int_dot=False)
+            rows[f"mptkit {q} exact (same windows)"] = mptkit_ppl(m, wins)
     m = MPTForCausalLM.from_pretrained(a.model).eval()
     with torch.no_grad():  # the block matrices that fit as their q4_k weights (the others as mptkit's file: q4_0)
         for name, mod in m.named_modules():
