@@ -300,3 +300,17 @@ def llama_cpp_greedy(gguf_path, prompt: list[int], n: int):
                           verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     got, scores = llama_cpp_greedy_run(llm, prompt, n)
     return got, scores[: len(got) - 1]
+
+
+def round_quant_inputs(model):
+    """Forward pre-hooks rounding every QuantLinear's input rows to q8_0 blocks (the integer path's view of
+    the activations): the model's own forward then computes what the integer path computes, up to fp32
+    summation order. Returns the hooks' handles (``.remove()`` each)."""
+    from mptkit.infer.quant_kernels import round_activations_q8
+    from mptkit.model.quant import QuantLinear
+
+    def hook(_mod, args):
+        x = args[0]
+        return (round_activations_q8(x.reshape(-1, x.shape[-1])).reshape(x.shape),)
+
+    return [mod.register_forward_pre_hook(hook) for mod in model.modules() if isinstance(mod, QuantLinear)]

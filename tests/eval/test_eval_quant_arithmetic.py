@@ -8,18 +8,10 @@ import pytest
 import torch
 
 from mptkit.eval.perplexity import perplexity
-from mptkit.infer.quant_kernels import q8_kernels, round_activations_q8
+from mptkit.infer.quant_kernels import q8_kernels
 from mptkit.model import MPTForCausalLM
-from mptkit.model.quant import QuantLinear, quantize_model
-from tests.helpers import tiny_cfg
-
-
-def _rounding_hooks(model):
-    def hook(_mod, args):
-        x = args[0]
-        return (round_activations_q8(x.reshape(-1, x.shape[-1])).reshape(x.shape),)
-
-    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+from mptkit.model.quant import quantize_model
+from tests.helpers import round_quant_inputs, tiny_cfg
 
 
 @pytest.mark.parametrize("quant", ["int8", "q4"])
@@ -34,7 +26,7 @@ def test_perplexity_of_a_quantised_model_is_that_of_its_decode_arithmetic(quant,
     quantize_model(m, quant)
     ids = torch.randint(0, m.config.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
     got = perplexity(m, ids, max_seq_len=64, stride=32).loss
-    hooks = _rounding_hooks(m)
+    hooks = round_quant_inputs(m)
     try:
         want = perplexity(m, ids, max_seq_len=64, stride=32).loss  # outside any kernel: torch + the rounding
     finally:

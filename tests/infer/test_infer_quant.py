@@ -18,7 +18,6 @@ from mptkit.infer.quant_kernels import (
     module_kernel,
     q8_kernels,
     q8_linear_fn,
-    round_activations_q8,
     torch_q8_linear,
 )
 from mptkit.model import MPTForCausalLM
@@ -31,7 +30,7 @@ from mptkit.model.quant import (
     quantize_q8_0,
     quantize_weight,
 )
-from tests.helpers import assert_decode_logits_agree, tiny_cfg
+from tests.helpers import assert_decode_logits_agree, round_quant_inputs, tiny_cfg
 
 PLAIN_C = tuple(f for f in FLAGS if f != "-march=native")  # no AVX: the scalar path
 
@@ -255,17 +254,6 @@ def test_fast_decoder_on_q4_equals_the_q4_models_own_forward(over, path):
     _fast_decoder_equals_own_forward("q4", over, path)
 
 
-def _round_quant_inputs(model):
-    """Forward pre-hooks rounding every QuantLinear's input rows to q8_0 blocks (the integer path's view of
-    the activations): the model's own forward then computes what the integer path computes, up to fp32
-    summation order. Returns the hooks' handles."""
-    def hook(_mod, args):
-        x = args[0]
-        return (round_activations_q8(x.reshape(-1, x.shape[-1])).reshape(x.shape),)
-
-    return [mod.register_forward_pre_hook(hook) for mod in model.modules() if isinstance(mod, QuantLinear)]
-
-
 def _fast_decoder_equals_own_forward(quant, over, path):
     """``path``: int_dot (the default: the kernels with activations rounded to q8_0 blocks, against the model's
     forward with the same rounding before every quantised linear), exact (``quant_int_dot=False``: the
@@ -283,7 +271,7 @@ def _fast_decoder_equals_own_forward(quant, over, path):
     for p in prompts:  # batch 1, greedy, token for token against a full recompute
         out = gen.generate([p], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
         seq = list(p)
-        hooks = _round_quant_inputs(m) if path == "int_dot" else []
+        hooks = round_quant_inputs(m) if path == "int_dot" else []
         try:
             with torch.inference_mode():
                 for t in out:
