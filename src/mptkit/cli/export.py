@@ -61,15 +61,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = ex.add_parser("gguf", help="a GGUF file for llama.cpp (architecture mpt)",
                       description="Write MODEL (a model folder, a training run or a checkpoint) as one GGUF file "
-                                  "in llama.cpp's mpt architecture, tokenizer embedded. Settings llama.cpp "
-                                  "cannot compute are refused with the key named.")
+                                  "in llama.cpp's mpt architecture, tokenizer embedded; MODEL may also be a "
+                                  "quantised folder (written in its own q8_0 / q4_0 blocks, streaming). "
+                                  "Settings llama.cpp cannot compute are refused with the key named.")
     g.add_argument("model", metavar="MODEL", help="model folder, training run or checkpoint folder")
     g.add_argument("out", metavar="OUT.gguf", help="the file to write")
-    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0", "q4_k"],
+    g.add_argument("--dtype", default=None, choices=["f32", "f16", "q8_0", "q4_0", "q4_k"],
                    help="type of the weight matrices (norms and biases stay f32); q8_0 / q4_0 quantise the "
                         "block Linears with mptkit's blocks (the weights `--quant int8|q4` runs), q4_k with "
                         "ggml's Q4_K super-blocks of 256 (a matrix whose rows are not whole super-blocks: "
-                        "q4_0, named in the log), embeddings and output head stay f32; default f32")
+                        "q4_0, named in the log), embeddings and output head stay f32; default f32. A "
+                        "quantised folder (`mptkit export quant`'s) is written in its own blocks as they are "
+                        "(int8: q8_0, q4: q4_0; the default for it, the only type it takes)")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder to embed, when the model folder / run has none")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier GGUF file at OUT.gguf")

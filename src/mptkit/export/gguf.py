@@ -47,9 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mptkit.errors import ExportError
+from mptkit.errors import CheckpointError, ExportError
 from mptkit.export.source import load_config, open_source, open_store
 from mptkit.io.hf_folder import TensorStore, is_model_folder
+from mptkit.io.quant_folder import quantized_shapes
 from mptkit.io.source import expected_shapes
 from mptkit.utils.fs import atomic_path, publish_permissions
 from mptkit.utils.outputs import check_output, write_errors
@@ -145,20 +146,63 @@ def _ordered_names(cfg, store: TensorStore) -> list[str]:
     return first + blocks + last
 
 
-def _tensor_plan(cfg, store: TensorStore, dtype: str = "f32") -> list[tuple[str, str, tuple[int, ...]]]:
-    """(GGUF name, source name, shape) of every tensor written, in order, without reading any data."""
+@dataclass(frozen=True)
+class _QuantFolder:
+    """What a quantised source folder (``mptkit export quant``'s) holds: its modules' block format, the modules
+    quantised, those it kept fp32 (name -> why) and its tied head's block (None: the head is ``wte`` itself)."""
+
+    block: str
+    modules: frozenset[str]
+    kept: dict
+    head: str | None
+    shapes: dict  # the tensors it holds: name -> shape (mptkit.io.quant_folder.quantized_shapes)
+
+
+class _Planned(tuple):
+    """One tensor to write: (GGUF name, source tensor name, shape as (out, in) for a matrix, block format or
+    None for f32 / f16)."""
+
+    __slots__ = ()
+
+    def __new__(cls, gname: str, src: str, shape: tuple[int, ...], block: str | None):
+        return super().__new__(cls, (gname, src, tuple(shape), block))
+
+    gname = property(lambda self: self[0])
+    src = property(lambda self: self[1])
+    shape = property(lambda self: self[2])
+    block = property(lambda self: self[3])
+
+
+def _module_of(src: str) -> str:
+    return src[: -len(".weight")]
+
+
+def _tensor_plan(cfg, store: TensorStore, dtype: str = "f32", qf: _QuantFolder | None = None) -> list[_Planned]:
+    """Every tensor written, in order, without reading any data. ``qf``: the source is a quantised folder, whose
+    modules are written in its own blocks (and its head's copy as ``output.weight``)."""
     names = tensor_name_map(cfg)
+    shapes = expected_shapes(cfg)  # the logical (fp32) shapes; an fp32 store has been checked against them
     plan = []
+
+    def block_of(gname: str, src: str, shape) -> str | None:
+        if qf is None:
+            return _tensor_dtype(cfg, gname, dtype, shape)
+        if gname == "output.weight":
+            return qf.head if cfg.logit_scale_value is None else None  # a scaled head is written f32
+        return qf.block if src.endswith(".weight") and _module_of(src) in qf.modules else None
+
     for src in _ordered_names(cfg, store):
         if cfg.logit_scale_value is not None and src == "lm_head.weight":
             continue  # replaced by the scaled output below
-        plan.append((names[src], src, store.shape(src)))
+        plan.append(_Planned(names[src], src, shapes[src], block_of(names[src], src, shapes[src])))
+    wte = "transformer.wte.weight"
     if cfg.logit_scale_value is not None:
-        src = "transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        plan.append(("output.weight", src, store.shape(src)))
-    elif dtype in HEAD_Q8_DTYPES and cfg.tie_word_embeddings and cfg.d_model % 32 == 0:
+        src = wte if cfg.tie_word_embeddings else "lm_head.weight"
+        plan.append(_Planned("output.weight", src, shapes[src], None))
+    elif (qf.head is not None if qf is not None else
+          dtype in HEAD_Q8_DTYPES and cfg.tie_word_embeddings and cfg.d_model % 32 == 0):
         # mptkit's --quant head policy (model/quant.py): the tied head as a q8_0 copy, the embedding kept f32
-        plan.append(("output.weight", "transformer.wte.weight", store.shape("transformer.wte.weight")))
+        plan.append(_Planned("output.weight", wte, shapes[wte], block_of("output.weight", wte, shapes[wte])))
     return plan
 
 
@@ -176,26 +220,45 @@ def _tensor_dtype(cfg, gguf_name: str, dtype: str, shape) -> str | None:
     return None
 
 
-def _prepare(cfg, store: TensorStore, gguf_name: str, src: str, dtype: str) -> np.ndarray:
-    t = store.get(src).to(torch.float32)
+def _prepare(cfg, store: TensorStore, p: _Planned, dtype: str, qf: _QuantFolder | None = None) -> np.ndarray:
+    """The data of the planned tensor ``p``, as the writer takes it."""
+    if qf is not None:
+        return _prepare_quantised(cfg, store, p, qf)
+    t = store.get(p.src).to(torch.float32)
     r = _softmax_fold(cfg)
-    if r != 1.0 and ".attn.Wqkv." in src:  # weight rows and bias entries of Q
+    if r != 1.0 and ".attn.Wqkv." in p.src:  # weight rows and bias entries of Q
         t = t.clone()
         t[: cfg.d_model] *= r
-    if gguf_name == "output.weight" and cfg.logit_scale_value is not None:
+    if p.gname == "output.weight" and cfg.logit_scale_value is not None:
         t = t * cfg.logit_scale_value
-    block = _tensor_dtype(cfg, gguf_name, dtype, t.shape)
-    if block is not None:
-        return _ggml_blocks(t, block)
+    if p.block is not None:
+        return _ggml_blocks(t, p.block)
     a = t.contiguous().numpy()
     # llama.cpp keeps 1-D tensors (norms, biases) in f32; matrices take the requested type.
     if dtype == "f16" and a.ndim >= 2:
         with np.errstate(over="ignore"):
             a = a.astype(np.float16)
         if not np.isfinite(a).all() and np.isfinite(t.numpy()).all():
-            raise ExportError(f"{src}: values beyond f16's range (max |x| = {float(t.abs().max()):.4g} > 65504); "
+            raise ExportError(f"{p.src}: values beyond f16's range (max |x| = {float(t.abs().max()):.4g} > 65504); "
                               "export with --dtype f32")
     return a
+
+
+def _prepare_quantised(cfg, store: TensorStore, p: _Planned, qf: _QuantFolder) -> np.ndarray:
+    """A quantised folder's tensor: a quantised module's (or the head copy's) stored blocks as they are, the
+    rest f32 as stored; a scaled head (``logit_scale``) as its dequantised copy times the scale."""
+    from mptkit.model.quant import HEAD_MODULE, dequantize_weight
+
+    mod = HEAD_MODULE if p.gname == "output.weight" and qf.head is not None else _module_of(p.src)
+    if p.block is not None:
+        return _stored_blocks(store.get(f"{mod}.weight_q"), store.get(f"{mod}.scales"), p.block)
+    if p.gname == "output.weight" and cfg.logit_scale_value is not None:
+        if qf.head is not None:  # what mptkit computes: the q8_0 copy's logits times the scale
+            w = dequantize_weight(store.get(f"{mod}.weight_q"), store.get(f"{mod}.scales"), qf.head)
+        else:
+            w = store.get(p.src).to(torch.float32)
+        return (w * cfg.logit_scale_value).contiguous().numpy()
+    return store.get(p.src).to(torch.float32).contiguous().numpy()
 
 
 def _tensor_type(gguf_name: str, dtype: str, shape) -> str | None:
@@ -218,6 +281,16 @@ def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "q4_k":
         return quantize_q4_k(t).numpy()
     q, sc = quantize_weight(t, dtype)
+    return _stored_blocks(q, sc, dtype)
+
+
+def _stored_blocks(q: torch.Tensor, sc: torch.Tensor, block: str) -> np.ndarray:
+    """A QuantLinear's ``weight_q`` / ``scales`` (:mod:`mptkit.model.quant`'s layout) as ggml's block array:
+    the same bytes, each block's fp16 scale put in front of its values."""
+    want = {"q8_0": torch.int8, "q4_0": torch.uint8}[block]
+    if q.dtype != want or sc.dtype != torch.float16 or q.dim() != 2 or sc.shape[0] != q.shape[0]:
+        raise ExportError(f"{block} blocks: expected weight_q {want} and scales float16 of one row each, got "
+                          f"{q.dtype} {tuple(q.shape)} / {sc.dtype} {tuple(sc.shape)}")
     n, nb = sc.shape
     qb = q.contiguous().view(torch.uint8).numpy().reshape(n, nb, -1)
     sb = sc.contiguous().numpy().view(np.uint8).reshape(n, nb, 2)
@@ -383,6 +456,37 @@ def _check_out(src: Path, model_folder: Path | None, out: Path, overwrite: bool)
                  replaceable=_is_gguf, earlier="a GGUF file", overwrite=overwrite, error=ExportError)
 
 
+def _quant_folder(cfg, folder: Path, dtype: str | None) -> _QuantFolder | None:
+    """What a quantised source folder holds (None for an fp32 one), refusing what cannot be written from it:
+    another type than its own, and a ``softmax_scale`` fold (its Q rows are blocks already; scaling their
+    fp16 scales would change the weights)."""
+    from mptkit.io.quant_folder import check_entry, quantization_entry
+
+    entry = quantization_entry(cfg)
+    if entry is None:
+        return None
+    try:
+        entry = check_entry(entry, str(folder))
+        shapes = quantized_shapes(cfg, str(folder))
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    block, kind = entry["block"], entry["type"]
+    if dtype is not None and dtype != block:
+        raise ExportError(
+            f"--dtype {dtype}: {folder} is a quantised folder ({kind}: {block} blocks), written in its own blocks "
+            f"only: use --dtype {block} (or leave --dtype out); for another type export the fp32 model it was "
+            "quantised from"
+        )
+    if _softmax_fold(cfg) != 1.0:
+        raise ExportError(
+            f"{folder}: attn_config.softmax_scale={cfg.attn_config['softmax_scale']} must be folded into the Q rows "
+            f"of the fused QKV projection for llama.cpp, which are {block} blocks in this quantised folder (the fold "
+            "would change its weights); export the fp32 model it was quantised from"
+        )
+    return _QuantFolder(block=block, modules=frozenset(entry["quantized"]), kept=dict(entry.get("kept") or {}),
+                        head=entry.get("head"), shapes=shapes)
+
+
 @dataclass
 class GGUFExportResult:
     path: Path
@@ -399,15 +503,20 @@ def export_gguf(
     src: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    dtype: str = "f32",
+    dtype: str | None = None,
     tokenizer: str | os.PathLike | None = None,
     name: str | None = None,
     overwrite: bool = False,
 ) -> GGUFExportResult:
     """Write ``src`` (a model folder, run or checkpoint — a sharded FSDP one is consolidated first) as a GGUF
     file for llama.cpp at ``out``. An existing ``out`` is replaced only when it is a GGUF file and
-    ``overwrite`` is set; an ``out`` inside the model folder is refused."""
-    if dtype not in GGUF_DTYPES:  # the arguments first: a sharded source is consolidated below
+    ``overwrite`` is set; an ``out`` inside the model folder is refused.
+
+    ``dtype`` (None: f32, or a quantised folder's own type): the type of the weight matrices. A quantised
+    folder (``mptkit export quant``'s) is written in its own blocks, byte for byte, read one tensor at a time
+    (no fp32 copy of the model: a 7B int8 folder exports in about its own size of memory-mapped reads); it
+    takes only its own type (int8: ``q8_0``, q4: ``q4_0``)."""
+    if dtype is not None and dtype not in GGUF_DTYPES:  # the arguments first: a sharded source is consolidated below
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
     gguf = _gguf()
     src, out = Path(src), Path(out)
@@ -415,19 +524,22 @@ def export_gguf(
     with open_source(src, tokenizer) as source:
         folder = source.folder
         _check_out(src, folder, out, overwrite)
-        cfg = load_config(folder)
+        cfg = load_config(folder, allow_quantized=True)
         problems = llama_cpp_incompatibilities(cfg)
         if problems:
             raise ExportError(
                 f"{folder}: llama.cpp's mpt architecture cannot express " + "; ".join(problems)
             )
+        qf = _quant_folder(cfg, folder, dtype)
+        if dtype is None:
+            dtype = qf.block if qf is not None else "f32"
         tok_folder = source.tokenizer_folder
         if tok_folder is None:
             raise ExportError(f"{src}: no tokenizer files found beside the model or the run; a GGUF file embeds the "
                               "tokenizer: pass --tokenizer DIR")
         tok = read_tokenizer(tok_folder, cfg.vocab_size)
-        store = open_store(folder, cfg)
-        plan = _tensor_plan(cfg, store, dtype)
+        store = open_store(folder, cfg, qf.shapes if qf is not None else None)
+        plan = _tensor_plan(cfg, store, dtype, qf)
 
         folded = []
         if _softmax_fold(cfg) != 1.0:
@@ -476,8 +588,7 @@ def export_gguf(
                 if tok.chat_template:
                     w.add_chat_template(tok.chat_template)
                 # Tensor infos first (shapes only), then the data, one tensor at a time.
-                for gname, _src, shape in plan:
-                    block = _tensor_dtype(cfg, gname, dtype, shape)
+                for gname, src_name, shape, block in plan:
                     if block is not None and block != dtype and gname != "output.weight":
                         note = (f"{gname} is {block} ({shape[1]} columns is not a multiple of {dtype}'s "
                                 f"{_BLOCKS[dtype][0]})")
@@ -489,7 +600,12 @@ def export_gguf(
                                           raw_dtype=gguf.GGMLQuantizationType[block.upper()])
                         n_bytes += shape[0] * row
                         continue
-                    if dtype in QUANT_DTYPES and gname.endswith(_QUANTISED_TENSORS):
+                    if qf is not None and gname.endswith(_QUANTISED_TENSORS):
+                        mod = _module_of(src_name)
+                        note = f"{gname} stays f32 (the quantised folder keeps {mod} fp32: {qf.kept.get(mod, 'not quantised')})"
+                        log.info("%s", note)
+                        notes.append(note)
+                    elif dtype in QUANT_DTYPES and gname.endswith(_QUANTISED_TENSORS):
                         note = (f"{gname} stays f32 ({shape[1]} columns is not a multiple of the block size "
                                 f"{min(_BLOCKS[b][0] for b in (dtype, *_FALLBACK[dtype]))})")
                         log.info("%s", note)
@@ -502,8 +618,8 @@ def export_gguf(
                 w.write_header_to_file(tmp)
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-                for gname, src_name, _shape in plan:
-                    w.write_tensor_data(_prepare(cfg, store, gname, src_name, dtype))
+                for p in plan:
+                    w.write_tensor_data(_prepare(cfg, store, p, dtype, qf))
             finally:
                 w.close()
             publish_permissions(tmp)

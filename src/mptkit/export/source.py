@@ -48,11 +48,12 @@ def load_config(folder: Path, *, allow_quantized: bool = False):
     return cfg
 
 
-def open_store(folder: Path, cfg) -> TensorStore:
-    """The folder's tensors, checked against ``cfg`` (missing or mis-shaped ones are refused, named)."""
+def open_store(folder: Path, cfg, shapes: dict[str, tuple[int, ...]] | None = None) -> TensorStore:
+    """The folder's tensors, checked against ``shapes`` (default: what ``cfg`` describes for an fp32 folder;
+    missing or mis-shaped ones are refused, named)."""
     try:
         store = TensorStore(folder)
-        store.check_against(expected_shapes(cfg))
+        store.check_against(expected_shapes(cfg) if shapes is None else shapes)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     return store

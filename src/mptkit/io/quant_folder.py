@@ -268,6 +268,23 @@ def prepare_for_loading(
     )
 
 
+def quantized_shapes(cfg, source: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a quantised folder of ``cfg`` holds (its ``quantization`` entry checked,
+    :func:`check_entry`): each quantised module's ``weight_q`` / ``scales`` instead of its ``weight``, the
+    head's copy (``quant_head.*``) when the entry has one, every other tensor as in an fp32 folder. Built on the
+    meta device: no memory."""
+    from mptkit.model.model import MPTForCausalLM
+
+    entry = check_entry(quantization_entry(cfg), source)
+    model = MPTForCausalLM(cfg, init=False, device="meta")
+    _swap_in(model, entry["quantized"], source, entry["block"])
+    _swap_in_head(model, entry.get("head"))
+    out = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
 def save_quantized(model: nn.Module, out, *, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
     """Write a quantised ``model`` (``quantize_model`` or loaded with ``quant=``) as a quantised folder."""
     entry = quantization_entry(model.config)
@@ -326,6 +343,7 @@ __all__ = [
     "check_entry",
     "prepare_for_loading",
     "quantization_entry",
+    "quantized_shapes",
     "random_quantized_model",
     "save_quantized",
 ]
