@@ -29,6 +29,11 @@ those matrices, q4_0 for one whose rows are not whole super-blocks (llama.cpp wo
 does not write) and f32 below that, each fallback named in the log and the result's ``notes``; embeddings and
 the tied output head stay f32 there (mptkit does not run q4_k weights: no head policy to match).
 
+A quantised folder (``mptkit export quant``'s) is written in its own blocks, as they are: its ``weight_q`` /
+``scales`` as the Q8_0 / Q4_0 tensors, its head copy (``quant_head``) as ``output.weight``, its fp32 tensors f32,
+read one tensor at a time (no fp32 weights: a 7B int8 folder exports without its 26.6 GB source). The file is
+the one its fp32 source exports with ``--dtype q8_0|q4_0``, byte for byte; ``dtype`` must be the folder's own.
+
 Refused, naming the key: ``norm_type`` rmsnorm (llama.cpp's MPT uses LayerNorm), ``ffn_type: mptglu``,
 ``qk_ln``, ``softmax_scale`` together with ``clip_qkv`` (not foldable), a
 tokenizer that is not byte-level BPE or has more tokens than ``vocab_size``.
