@@ -47,7 +47,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -163,19 +163,13 @@ class _QuantFolder:
     shapes: dict  # the tensors it holds: name -> shape (mptkit.io.quant_folder.quantized_shapes)
 
 
-class _Planned(tuple):
-    """One tensor to write: (GGUF name, source tensor name, shape as (out, in) for a matrix, block format or
-    None for f32 / f16)."""
+class _Planned(NamedTuple):
+    """One tensor to write."""
 
-    __slots__ = ()
-
-    def __new__(cls, gname: str, src: str, shape: tuple[int, ...], block: str | None):
-        return super().__new__(cls, (gname, src, tuple(shape), block))
-
-    gname = property(lambda self: self[0])
-    src = property(lambda self: self[1])
-    shape = property(lambda self: self[2])
-    block = property(lambda self: self[3])
+    gname: str  # its GGUF name
+    src: str  # the source tensor (a quantised module's logical ``<module>.weight``)
+    shape: tuple[int, ...]  # (out, in) for a matrix
+    block: str | None  # its block format, or None for f32 / f16
 
 
 def _module_of(src: str) -> str:
@@ -199,15 +193,15 @@ def _tensor_plan(cfg, store: TensorStore, dtype: str = "f32", qf: _QuantFolder |
     for src in _ordered_names(cfg, store):
         if cfg.logit_scale_value is not None and src == "lm_head.weight":
             continue  # replaced by the scaled output below
-        plan.append(_Planned(names[src], src, shapes[src], block_of(names[src], src, shapes[src])))
+        plan.append(_Planned(names[src], src, tuple(shapes[src]), block_of(names[src], src, shapes[src])))
     wte = "transformer.wte.weight"
     if cfg.logit_scale_value is not None:
         src = wte if cfg.tie_word_embeddings else "lm_head.weight"
-        plan.append(_Planned("output.weight", src, shapes[src], None))
+        plan.append(_Planned("output.weight", src, tuple(shapes[src]), None))
     elif (qf.head is not None if qf is not None else
           dtype in HEAD_Q8_DTYPES and cfg.tie_word_embeddings and cfg.d_model % 32 == 0):
         # mptkit's --quant head policy (model/quant.py): the tied head as a q8_0 copy, the embedding kept f32
-        plan.append(_Planned("output.weight", wte, shapes[wte], block_of("output.weight", wte, shapes[wte])))
+        plan.append(_Planned("output.weight", wte, tuple(shapes[wte]), block_of("output.weight", wte, shapes[wte])))
     return plan
 
 
