@@ -146,12 +146,11 @@ def main() -> None:
             results[step] = res
             print(json.dumps(res), flush=True)
         if "llama.cpp" in results:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from bench_decode import leading_match
+
             m, lc = results["decode"], results["llama.cpp"]
-            same = 0
-            for x, y in zip(m["tokens"], lc["tokens"]):
-                if x != y:
-                    break
-                same += 1
+            same = leading_match(m["tokens"], lc["tokens"])
             print(f"decode tok/s: mptkit {m['decode_tok_s']:.2f} vs llama.cpp {lc['decode_tok_s']:.2f} "
                   f"({m['decode_tok_s'] / lc['decode_tok_s']:.2f}x); peak RSS {m['peak_rss_gb']:.2f} vs "
                   f"{lc['peak_rss_gb']:.2f} GB; greedy tokens equal for the first {same} of {len(m['tokens'])}")

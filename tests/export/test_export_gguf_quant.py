@@ -198,4 +198,14 @@ def test_a_quantised_folder_refuses_another_type_and_a_softmax_fold(tmp_path, ma
     export_quant(tmp_path / "s", tmp_path / "sq", quant="int8")
     with pytest.raises(ExportError, match="softmax_scale=0.5 must be folded into the Q rows"):
         export_gguf(tmp_path / "sq", tmp_path / "z.gguf")
-    assert not (tmp_path / "y.gguf").exists() and not (tmp_path / "z.gguf").exists()
+    # a folder whose blocks are not of its type (an int16 weight_q, the right shape): named, nothing written
+    from safetensors.torch import load_file, save_file
+
+    export_quant(tmp_path / "m", tmp_path / "q2", quant="int8")
+    sd = load_file(tmp_path / "q2" / "model.safetensors")
+    name = "transformer.blocks.1.ffn.up_proj.weight_q"
+    sd[name] = sd[name].to(torch.int16)
+    save_file(sd, tmp_path / "q2" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"ffn.up_proj: q8_0 blocks: expected weight_q torch.int8 .* got torch.int16"):
+        export_gguf(tmp_path / "q2", tmp_path / "w.gguf")
+    assert not any((tmp_path / n).exists() for n in ("y.gguf", "z.gguf", "w.gguf"))

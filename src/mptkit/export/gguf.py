@@ -250,7 +250,8 @@ def _prepare_quantised(cfg, store: TensorStore, p: _Planned, qf: _QuantFolder) -
 
     mod = HEAD_MODULE if p.gname == "output.weight" and qf.head is not None else _module_of(p.src)
     if p.block is not None:
-        return _stored_blocks(store.get(f"{mod}.weight_q"), store.get(f"{mod}.scales"), p.block)
+        return _stored_blocks(store.get(f"{mod}.weight_q"), store.get(f"{mod}.scales"), p.block,
+                              f"{store.folder}: {mod}")
     if p.gname == "output.weight" and cfg.logit_scale_value is not None:
         if qf.head is not None:  # what mptkit computes: the q8_0 copy's logits times the scale
             w = dequantize_weight(store.get(f"{mod}.weight_q"), store.get(f"{mod}.scales"), qf.head)
@@ -283,12 +284,12 @@ def _ggml_blocks(t: torch.Tensor, dtype: str) -> np.ndarray:
     return _stored_blocks(q, sc, dtype)
 
 
-def _stored_blocks(q: torch.Tensor, sc: torch.Tensor, block: str) -> np.ndarray:
+def _stored_blocks(q: torch.Tensor, sc: torch.Tensor, block: str, name: str = "") -> np.ndarray:
     """A QuantLinear's ``weight_q`` / ``scales`` (:mod:`mptkit.model.quant`'s layout) as ggml's block array:
     the same bytes, each block's fp16 scale put in front of its values."""
     want = {"q8_0": torch.int8, "q4_0": torch.uint8}[block]
     if q.dtype != want or sc.dtype != torch.float16 or q.dim() != 2 or sc.shape[0] != q.shape[0]:
-        raise ExportError(f"{block} blocks: expected weight_q {want} and scales float16 of one row each, got "
+        raise ExportError(f"{name or 'a matrix'}: {block} blocks: expected weight_q {want} and scales float16 of one row each, got "
                           f"{q.dtype} {tuple(q.shape)} / {sc.dtype} {tuple(sc.shape)}")
     n, nb = sc.shape
     qb = q.contiguous().view(torch.uint8).numpy().reshape(n, nb, -1)
